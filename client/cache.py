@@ -1,0 +1,303 @@
+"""``teacher-farm cache``: a JSONL corpus in, Parquet shards of teacher top-k out, resumably.
+
+The input is split into fixed ranges of ``rows_per_shard`` lines; shard j holds lines
+``[j*R, (j+1)*R)``. Requests of a few lines each stay in flight (``concurrency``), and one writer
+takes their answers in input order, so memory is bounded by the requests in flight and one row
+group. A shard is renamed into place when complete and only then named in the manifest: a rerun
+skips named shards and redoes the rest, so every good line lands exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from client.manifest import Manifest, ShardRecord, check_identity, load_manifest
+from client.reader import Line, Reject, read_corpus
+from client.shards import ShardWriter
+from client.transport import Teacher
+from schemas import __version__
+from schemas.arrow import cache_metadata, cache_schema, cast_logprobs
+from schemas.errors import InputError, ServerRejected
+
+log = logging.getLogger(__name__)
+
+REJECTS = "rejects.jsonl"
+
+
+@dataclass
+class CacheOptions:
+    """Everything ``teacher-farm cache`` is told; see ``client.cli`` for the flags."""
+
+    input: str
+    out_dir: Path
+    k: int = 16
+    max_length: int | None = 8192
+    text_field: str = "text"
+    id_field: str = "id"
+    concurrency: int = 8
+    rows_per_shard: int = 4096
+    batch_lines: int = 32
+    batch_chars: int = 200_000
+    logprob_dtype: str = "float32"
+
+
+@dataclass
+class Batch:
+    """Consecutive lines of one shard, sent as one request."""
+
+    shard: int
+    lines: list[Line] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    chars: int = 0
+    last_line: int = -1
+    closes_shard: bool = False
+
+
+@dataclass
+class Summary:
+    """What a run did, printed at its end."""
+
+    out_dir: Path
+    shards: int
+    rows: int
+    rejects: int
+    tokens: int
+    bytes: int
+    seconds: float
+    new_tokens: int
+    skipped_shards: int
+
+    def render(self) -> str:
+        bpt = self.bytes / self.tokens if self.tokens else 0.0
+        rate = self.new_tokens / self.seconds if self.seconds else 0.0
+        return (
+            f"cache in {self.out_dir}: {self.rows} rows, {self.tokens} tokens in {self.shards} shards "
+            f"({self.bytes / 2**20:.1f} MiB, {bpt:.1f} bytes/token); {self.rejects} lines rejected"
+            + (f" (see {self.out_dir / REJECTS})" if self.rejects else "")
+            + f"; this run: {self.new_tokens} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s)"
+            + (f", {self.skipped_shards} shards already done" if self.skipped_shards else "")
+        )
+
+
+def input_fingerprint(path: str) -> dict[str, object]:
+    """Identify the input cheaply: its size and the hash of its first MiB."""
+    if path == "-":
+        return {"path": "-"}
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return {"name": p.name, "size": p.stat().st_size, "head_sha256": head}
+
+
+def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterator[Batch]:
+    """Group records into requests that never cross a shard boundary; mark each shard's last."""
+    cur: Batch | None = None
+    for rec in records:
+        shard = rec.line // opts.rows_per_shard
+        if cur is not None and shard != cur.shard:
+            cur.closes_shard = True
+            yield cur
+            cur = None
+        elif cur is not None and (len(cur.lines) >= opts.batch_lines or cur.chars >= opts.batch_chars):
+            yield cur
+            cur = None
+        if cur is None:
+            cur = Batch(shard)
+        if isinstance(rec, Line):
+            cur.lines.append(rec)
+            cur.chars += len(rec.text)
+        else:
+            cur.rejects.append(rec)
+        cur.last_line = rec.line
+    if cur is not None:
+        cur.closes_shard = True
+        yield cur
+
+
+async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int) -> tuple[pa.Table | None, list[Reject]]:
+    """The batch's result rows (with ``line``), and the lines the server refused as bad."""
+    if not batch.lines:
+        return None, []
+    try:
+        table = await teacher.topk(batch.lines, opts.k, max_length)
+    except ServerRejected as exc:
+        if len(batch.lines) == 1:
+            line = batch.lines[0]
+            return None, [Reject(line.line, f"refused by the server: {exc}", line.id)]
+        # Find the bad lines: each line alone, so the good ones still land.
+        parts = await asyncio.gather(
+            *(score_batch(teacher, Batch(batch.shard, [x]), opts, max_length) for x in batch.lines)
+        )
+        tables = [t for t, _ in parts if t is not None]
+        rejects = [r for _, rs in parts for r in rs]
+        return (pa.concat_tables(tables) if tables else None), rejects
+    if table.num_rows != len(batch.lines):
+        raise InputError(f"{teacher.name} answered {table.num_rows} rows for {len(batch.lines)} inputs")
+    lines = pa.array([x.line for x in batch.lines], type=pa.int64())
+    table = table.add_column(1, "line", lines)
+    return cast_logprobs(table, opts.logprob_dtype), []
+
+
+class CacheRun:
+    """One invocation of the cache job against one teacher."""
+
+    def __init__(self, opts: CacheOptions, teacher: Teacher) -> None:
+        self.opts = opts
+        self.teacher = teacher
+        self.out = Path(opts.out_dir)
+
+    async def prepare(self) -> tuple[Manifest, int, pa.Schema]:
+        """Check the job against the teacher and the output directory; return what the run needs."""
+        opts, info = self.opts, await self.teacher.info()
+        if opts.k > info.k_max:
+            raise InputError(f"--k {opts.k} is over the server's k_max={info.k_max}; start it with --k-max {opts.k}")
+        max_length = min(opts.max_length or info.max_input_tokens, info.max_input_tokens)
+        if opts.max_length and opts.max_length > info.max_input_tokens:
+            log.warning(
+                "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
+                opts.max_length, info.max_model_len, max_length,
+            )
+        identity = {
+            "model_fingerprint": info.model_fingerprint,
+            "tokenizer_fingerprint": info.tokenizer_fingerprint,
+            "vocab_size": info.vocab_size,
+            "k": opts.k,
+            "max_length": max_length,
+            "logprob_dtype": opts.logprob_dtype,
+            "text_field": opts.text_field,
+            "id_field": opts.id_field,
+            "rows_per_shard": opts.rows_per_shard,
+            "input": input_fingerprint(opts.input),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest = load_manifest(self.out)
+        if manifest is None:
+            manifest = Manifest(
+                identity=identity,
+                provenance={
+                    "input_path": os.path.abspath(opts.input) if opts.input != "-" else "-",
+                    "model": info.model,
+                    "teacher": self.teacher.name,
+                    "versions": info.versions.model_dump(),
+                    "client_version": __version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+            )
+            manifest.save(self.out)
+        else:
+            check_identity(manifest, identity, self.out)
+        schema = cache_schema(opts.logprob_dtype).with_metadata(
+            cache_metadata(
+                model=info.model, model_fingerprint=info.model_fingerprint,
+                tokenizer_fingerprint=info.tokenizer_fingerprint, vocab_size=info.vocab_size,
+                k=opts.k, logprob_dtype=opts.logprob_dtype,
+            )
+        )
+        return manifest, max_length, schema
+
+    async def run(self) -> Summary:
+        """Cache every line not cached yet; returns what the directory now holds."""
+        started = time.monotonic()
+        manifest, max_length, schema = await self.prepare()
+        done = set(manifest.shards)
+        rejects_file = self.out / REJECTS
+        # Whatever lies past the committed length was written by a run that died before its commit.
+        with open(rejects_file, "ab") as f:
+            f.truncate(manifest.rejects_bytes)
+        new_tokens = 0
+        if not manifest.complete:
+            R = self.opts.rows_per_shard
+            records = read_corpus(
+                self.opts.input, text_field=self.opts.text_field, id_field=self.opts.id_field,
+                skip=lambda n: n // R in done,
+            )
+            new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
+            manifest.complete = True
+            manifest.save(self.out)
+        return Summary(
+            out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
+            tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
+            seconds=time.monotonic() - started, new_tokens=new_tokens, skipped_shards=len(done),
+        )
+
+    async def _pipeline(self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
+        """Keep ``concurrency`` requests in flight; write answers in input order."""
+        slots = asyncio.Semaphore(self.opts.concurrency)
+        queue: asyncio.Queue = asyncio.Queue()
+        writer = asyncio.create_task(self._write_in_order(queue, slots, manifest, schema))
+        in_flight: set[asyncio.Task] = set()
+        try:
+            for batch in batches:
+                acquire = asyncio.ensure_future(slots.acquire())
+                await asyncio.wait({acquire, writer}, return_when=asyncio.FIRST_COMPLETED)
+                if writer.done():
+                    acquire.cancel()
+                    break
+                task = asyncio.create_task(score_batch(self.teacher, batch, self.opts, max_length))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                queue.put_nowait((batch, task))
+            queue.put_nowait(None)
+            return await writer
+        finally:
+            for task in (*in_flight, writer):
+                task.cancel()
+
+    async def _write_in_order(self, queue: asyncio.Queue, slots: asyncio.Semaphore, manifest: Manifest, schema: pa.Schema) -> int:
+        shard: ShardWriter | None = None
+        rejects: list[Reject] = []
+        first_line = None
+        tokens = 0
+        while (item := await queue.get()) is not None:
+            batch, task = item
+            table, refused = await task
+            slots.release()
+            if shard is None:
+                shard = ShardWriter(self.out, batch.shard, schema)
+                first_line = batch.shard * self.opts.rows_per_shard
+            if table is not None:
+                await asyncio.to_thread(shard.write, table.select(schema.names).cast(schema))
+            rejects += batch.rejects + refused
+            if batch.closes_shard:
+                stats = await asyncio.to_thread(shard.commit)
+                rejects.sort(key=lambda r: r.line)
+                manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
+                manifest.shards[batch.shard] = ShardRecord(
+                    index=batch.shard, file=stats.file, first_line=first_line, end_line=batch.last_line + 1,
+                    rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
+                )
+                manifest.save(self.out)
+                tokens += stats.tokens
+                log.info("shard %d: %d rows, %d tokens, %d rejected", batch.shard, stats.rows, stats.tokens, len(rejects))
+                shard, rejects = None, []
+        return tokens
+
+    def _append_rejects(self, rejects: list[Reject], committed: int) -> int:
+        """Append a shard's rejects durably; returns the new committed length."""
+        if not rejects:
+            return committed
+        with open(self.out / REJECTS, "r+b") as f:
+            f.seek(committed)
+            f.truncate()
+            f.write(b"".join(r.to_json() for r in rejects))
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
+
+
+async def run_cache(opts: CacheOptions, teacher: Teacher) -> Summary:
+    """Run the cache job, closing the teacher afterwards."""
+    try:
+        return await CacheRun(opts, teacher).run()
+    finally:
+        await teacher.aclose()

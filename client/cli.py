@@ -1,0 +1,147 @@
+"""The ``teacher-farm`` command: ``serve``, ``cache``, ``make-tiny-model``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from schemas import __version__
+from schemas.errors import TeacherFarmError
+
+USAGE = """teacher-farm {serve,cache,inspect,make-tiny-model} ...
+
+  serve             host a teacher with vLLM and answer top-k requests over HTTP
+  cache             cache a JSONL corpus's teacher top-k as Parquet (via --server or --model)
+  inspect           summarize a cache directory and check it is whole
+  make-tiny-model   write a tiny random Llama and tokenizer (demo and tests)
+
+Run 'teacher-farm COMMAND --help' for a command's flags.
+"""
+
+
+def cache_parser() -> argparse.ArgumentParser:
+    """Flags of ``teacher-farm cache``; the seed script's spellings are accepted too."""
+    p = argparse.ArgumentParser(
+        prog="teacher-farm cache",
+        description="Cache a teacher's top-k next-token distributions for every line of a JSONL corpus.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", help="URL of a running 'teacher-farm serve'")
+    src.add_argument("--model", help="run the teacher in this process instead (no server)")
+    p.add_argument("--input", "--input_jsonl", dest="input", required=True, help="JSONL file, .gz/.zst, or - for stdin")
+    p.add_argument("--out", "--out_dir", dest="out", required=True, help="output directory (resumed if it exists)")
+    p.add_argument("--k", type=int, default=16, help="top-k tokens per position (default 16)")
+    p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=8192,
+                   help="truncate lines to this many tokens (default 8192)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    p.add_argument("--rows-per-shard", type=int, default=4096, help="input lines per Parquet shard")
+    p.add_argument("--batch-lines", type=int, default=32, help="lines per request (default 32)")
+    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
+                   help="bearer token of the server (or TEACHER_FARM_API_KEY)")
+    p.add_argument("--retry-for", type=float, default=600.0,
+                   help="give up on a request after retrying this many seconds (default 600)")
+    engine = p.add_argument_group("in-process engine (with --model)")
+    engine.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--gpu-memory-utilization", type=float, default=None)
+    engine.add_argument("--tensor-parallel-size", type=int, default=None)
+    engine.add_argument("--enforce-eager", action="store_true", default=None)
+    p.add_argument("--batch_size", type=int, default=None, help=argparse.SUPPRESS)  # the seed's; batching is automatic
+    return p
+
+
+def cache_main(argv: list[str]) -> int:
+    """Run ``teacher-farm cache``."""
+    from client.cache import CacheOptions, run_cache
+    from client.transport import HttpTeacher, LocalTeacher
+
+    a = cache_parser().parse_args(argv)
+    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.input != "-" and not Path(a.input).is_file():
+        cache_parser().error(f"--input {a.input}: no such file")
+    opts = CacheOptions(
+        input=a.input, out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
+        id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
+        batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype,
+    )
+
+    async def go():
+        if a.server:
+            teacher = HttpTeacher(a.server, api_key=a.api_key, retry_for_s=a.retry_for)
+        else:
+            engine_args = {
+                "model": a.model, "dtype": a.dtype, "max_model_len": a.max_model_len,
+                "gpu_memory_utilization": a.gpu_memory_utilization,
+                "tensor_parallel_size": a.tensor_parallel_size, "enforce_eager": a.enforce_eager,
+            }
+            teacher = LocalTeacher(engine_args, k_max=max(64, a.k))
+        return await run_cache(opts, teacher)
+
+    summary = asyncio.run(go())
+    print(summary.render())
+    return 0
+
+
+def inspect_main(argv: list[str]) -> int:
+    """Run ``teacher-farm inspect``: exit 1 when the cache is not whole."""
+    from client.inspect import inspect_cache
+
+    p = argparse.ArgumentParser(prog="teacher-farm inspect", description="Summarize a cache directory.")
+    p.add_argument("dir")
+    p.add_argument("--checksums", action="store_true", help="also re-hash every shard against the manifest")
+    a = p.parse_args(argv)
+    report, problems = inspect_cache(Path(a.dir), a.checksums)
+    print(report)
+    for problem in problems:
+        print(f"problem:    {problem}")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``teacher-farm`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"teacher-farm {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        if command == "serve":
+            from server.cli import main as serve_main
+
+            serve_main(rest)
+            return 0
+        if command == "cache":
+            return cache_main(rest)
+        if command == "inspect":
+            return inspect_main(rest)
+        if command == "make-tiny-model":
+            from server.tinymodel import main as tiny_main
+
+            tiny_main(rest)
+            return 0
+    except TeacherFarmError as exc:
+        print(f"teacher-farm {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"teacher-farm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``teacher-farm inspect DIR``: what a cache directory holds, and whether it is whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from client.fsutil import sha256_file
+from client.manifest import load_manifest
+from schemas.arrow import read_metadata
+from schemas.errors import InputError
+
+
+def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str]]:
+    """A human summary of ``out_dir`` and the problems found (empty when the cache is whole)."""
+    manifest = load_manifest(out_dir)
+    if manifest is None:
+        raise InputError(f"{out_dir} has no manifest.json: not a teacher-farm cache (or nothing finished yet)")
+    problems = []
+    for rec in manifest.shards.values():
+        path = out_dir / rec.file
+        if not path.exists():
+            problems.append(f"{rec.file}: missing")
+        elif path.stat().st_size != rec.bytes:
+            problems.append(f"{rec.file}: {path.stat().st_size} bytes, manifest says {rec.bytes}")
+        elif checksums and sha256_file(path) != rec.sha256:
+            problems.append(f"{rec.file}: checksum differs from the manifest")
+    if not manifest.complete:
+        problems.append("incomplete: the run has not finished; run the same cache command again")
+    first = next(iter(sorted(manifest.shards.values(), key=lambda r: r.index)), None)
+    meta, schema = {}, ""
+    if first is not None and (out_dir / first.file).exists():
+        arrow_schema = pq.read_schema(out_dir / first.file)
+        meta = read_metadata(arrow_schema)
+        schema = ", ".join(f"{f.name}: {f.type}" for f in arrow_schema)
+    nbytes = sum(r.bytes for r in manifest.shards.values())
+    ident = manifest.identity
+    lines = [
+        f"cache:      {out_dir}",
+        f"status:     {'complete' if not problems else 'NOT OK'}",
+        f"model:      {manifest.provenance.get('model')} (fingerprint {ident.get('model_fingerprint')})",
+        f"tokenizer:  fingerprint {ident.get('tokenizer_fingerprint')}, vocab {ident.get('vocab_size')}",
+        f"k:          {ident.get('k')}, logprobs {ident.get('logprob_dtype')}, max length {ident.get('max_length')}",
+        f"rows:       {manifest.rows} in {len(manifest.shards)} shards, {manifest.rejects} lines rejected",
+        f"tokens:     {manifest.tokens}",
+        f"bytes:      {nbytes / 2**20:.1f} MiB, {nbytes / manifest.tokens if manifest.tokens else 0:.1f} bytes/token",
+        f"schema:     v{meta.get('schema_version', manifest.schema_version)}: {schema}",
+    ]
+    return "\n".join(lines), problems

@@ -1,0 +1,92 @@
+"""``manifest.json``: the commit point of an output directory.
+
+It names every complete shard (its input line range, rows, tokens, checksum) and the run's
+provenance. It is rewritten atomically only after the shards it names are durable, so whatever a
+crash leaves behind, the manifest describes finished work only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from client.fsutil import atomic_write
+from schemas import SCHEMA_VERSION
+from schemas.errors import CacheMismatch
+
+MANIFEST = "manifest.json"
+
+
+class ShardRecord(BaseModel):
+    """One complete shard: input lines ``[first_line, end_line)``."""
+
+    index: int
+    file: str
+    first_line: int
+    end_line: int
+    rows: int
+    rejects: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """What an output directory holds and how it was made."""
+
+    schema_version: int = SCHEMA_VERSION
+    #: What makes the cache what it is: a rerun must match every entry.
+    identity: dict[str, Any]
+    #: Where it came from, for people (servers, versions, times); not compared.
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    shards: dict[int, ShardRecord] = Field(default_factory=dict)
+    #: Length of the committed part of the rejects file.
+    rejects_bytes: int = 0
+    complete: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards.values())
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards.values())
+
+    @property
+    def rejects(self) -> int:
+        return sum(s.rejects for s in self.shards.values())
+
+    def save(self, out_dir: Path, name: str = MANIFEST) -> None:
+        """Atomically replace the manifest on disk."""
+        atomic_write(out_dir / name, self.model_dump_json(indent=2).encode() + b"\n")
+
+
+def load_manifest(out_dir: Path, name: str = MANIFEST) -> Manifest | None:
+    """The manifest of ``out_dir``, or None for a new directory."""
+    path = out_dir / name
+    if not path.exists():
+        return None
+    return Manifest.model_validate_json(path.read_bytes())
+
+
+def check_identity(existing: Manifest, identity: dict[str, Any], out_dir: Path) -> None:
+    """Refuse to resume into a directory made with a different model, tokenizer, k or option."""
+    if existing.schema_version != SCHEMA_VERSION:
+        raise CacheMismatch(
+            f"{out_dir} holds a cache of schema version {existing.schema_version}; this teacher-farm "
+            f"writes version {SCHEMA_VERSION}. Use a new --out directory."
+        )
+    keys = sorted(set(existing.identity) | set(identity))
+    diffs = [
+        f"{key}: {existing.identity.get(key)!r} there, {identity.get(key)!r} now"
+        for key in keys
+        if existing.identity.get(key) != identity.get(key)
+    ]
+    if diffs:
+        raise CacheMismatch(
+            f"{out_dir} was made with other settings, so this run cannot resume it:\n  "
+            + "\n  ".join(diffs)
+            + "\nRun the original command again, or choose a new --out directory."
+        )

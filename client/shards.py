@@ -1,0 +1,85 @@
+"""Parquet shard files: written under a temporary name, renamed into place only when complete.
+
+A shard holds the rows of one fixed range of input lines, so a rerun knows exactly what is done.
+Rows are buffered and flushed as whole row groups; a renamed shard is always a readable file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from client.fsutil import fsync_dir, sha256_file
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``: zero-padded so they sort in line order."""
+    return f"part-{index:06d}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """What a committed shard holds."""
+
+    file: str
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+class ShardWriter:
+    """Writes one shard; ``commit`` makes it visible, anything else leaves only a temporary file."""
+
+    def __init__(
+        self, out_dir: Path, index: int, schema: pa.Schema, *,
+        compression_level: int = 3, row_group_bytes: int = 64 << 20,
+    ) -> None:
+        self.path = out_dir / shard_name(index)
+        self.tmp = out_dir / f".{shard_name(index)}.tmp"
+        self.schema = schema
+        self.row_group_bytes = row_group_bytes
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self.rows = 0
+        self.tokens = 0
+        self._writer = pq.ParquetWriter(
+            self.tmp, schema,
+            compression="zstd", compression_level=compression_level,
+            # Token ids and logprobs are near-random: dictionaries only cost time. Splitting float
+            # bytes into streams lets zstd find the shared sign and exponent bytes.
+            use_dictionary=["id"],
+            use_byte_stream_split=["topk_logprobs.list.element.list.element", "target_logprobs.list.element"],
+            write_statistics=["line"],
+        )
+
+    def write(self, table: pa.Table) -> None:
+        """Add cache rows (``table`` must match the shard's schema)."""
+        table = table.replace_schema_metadata(self.schema.metadata)
+        self._buffer.append(table)
+        self._buffered += table.nbytes
+        self.rows += table.num_rows
+        self.tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        if self._buffered >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.concat_tables(self._buffer), row_group_size=1 << 30)
+            self._buffer, self._buffered = [], 0
+
+    def commit(self) -> ShardStats:
+        """Flush, fsync, rename into place; the shard is complete once this returns."""
+        self._flush()
+        self._writer.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(self.tmp)
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        return ShardStats(self.path.name, self.rows, self.tokens, self.path.stat().st_size, digest)

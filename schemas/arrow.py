@@ -1,0 +1,164 @@
+"""The cache's Arrow schema, and building it from numpy arrays without a loop per token.
+
+One row per scored sequence. With ``n = len(input_ids)``:
+
+- ``topk_ids`` / ``topk_logprobs``: n lists of k, position i = the teacher's k most likely next
+  tokens after reading ``input_ids[0..i]``, most likely first;
+- ``target_logprobs`` / ``target_ranks``: n-1 values, the logprob and rank (1 = argmax) of
+  ``input_ids[i+1]`` at position i.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from schemas import SCHEMA_VERSION, __version__
+
+LOGPROB_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+METADATA_PREFIX = "teacher_farm."
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """The teacher's answer for one input, as numpy arrays."""
+
+    id: str | None
+    input_ids: np.ndarray  # (n,) int32
+    topk_ids: np.ndarray  # (n, k) int32
+    topk_logprobs: np.ndarray  # (n, k) float32
+    target_logprobs: np.ndarray  # (n - 1,) float32
+    target_ranks: np.ndarray  # (n - 1,) int32
+
+
+def result_schema(logprob_dtype: str = "float32") -> pa.Schema:
+    """Schema of the results the server sends (the cache row without ``line``)."""
+    lp = LOGPROB_DTYPES[logprob_dtype]
+    return pa.schema(
+        [
+            pa.field("id", pa.string()),
+            pa.field("input_ids", pa.list_(pa.int32())),
+            pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),
+            pa.field("topk_logprobs", pa.list_(pa.list_(lp))),
+            pa.field("target_logprobs", pa.list_(lp)),
+            pa.field("target_ranks", pa.list_(pa.int32())),
+        ]
+    )
+
+
+def cache_schema(logprob_dtype: str = "float32") -> pa.Schema:
+    """Schema of one cache row: ``id``, ``line``, then the result columns."""
+    fields = list(result_schema(logprob_dtype))
+    return pa.schema([fields[0], pa.field("line", pa.int64()), *fields[1:]])
+
+
+def _offsets(lengths: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.array(offsets)
+
+
+def _list(lengths: np.ndarray, values: pa.Array) -> pa.Array:
+    return pa.ListArray.from_arrays(_offsets(lengths), values)
+
+
+def _nested(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
+    inner_offsets = pa.array(np.arange(0, flat.size + 1, k, dtype=np.int32))
+    return _list(lengths, pa.ListArray.from_arrays(inner_offsets, pa.array(flat)))
+
+
+def results_to_table(results: Sequence[ScoredSequence], k: int) -> pa.Table:
+    """Build the result table for ``results`` with one concatenation per column."""
+    if not results:
+        return result_schema().empty_table()
+    n = np.fromiter((len(r.input_ids) for r in results), dtype=np.int64, count=len(results))
+    cat = np.concatenate
+    columns = [
+        pa.array([r.id for r in results], type=pa.string()),
+        _list(n, pa.array(cat([r.input_ids for r in results]).astype(np.int32, copy=False))),
+        _nested(n, k, cat([r.topk_ids.reshape(-1) for r in results]).astype(np.int32, copy=False)),
+        _nested(n, k, cat([r.topk_logprobs.reshape(-1) for r in results]).astype(np.float32, copy=False)),
+        _list(n - 1, pa.array(cat([r.target_logprobs for r in results]).astype(np.float32, copy=False))),
+        _list(n - 1, pa.array(cat([r.target_ranks for r in results]).astype(np.int32, copy=False))),
+    ]
+    return pa.Table.from_arrays(columns, schema=result_schema())
+
+
+def table_to_results(table: pa.Table) -> list[ScoredSequence]:
+    """Split a result table back into per-sequence numpy arrays (for tests and verification)."""
+    out = []
+    for row in range(table.num_rows):
+        t = table.slice(row, 1)
+
+        def flat(name: str) -> np.ndarray:
+            arr = t.column(name).combine_chunks()
+            values = arr.flatten()
+            while pa.types.is_list(values.type):
+                values = values.flatten()
+            return values.to_numpy(zero_copy_only=False)
+
+        n = len(flat("input_ids"))
+        out.append(
+            ScoredSequence(
+                id=t.column("id")[0].as_py(),
+                input_ids=flat("input_ids"),
+                topk_ids=flat("topk_ids").reshape(n, -1),
+                topk_logprobs=flat("topk_logprobs").astype(np.float32).reshape(n, -1),
+                target_logprobs=flat("target_logprobs").astype(np.float32),
+                target_ranks=flat("target_ranks"),
+            )
+        )
+    return out
+
+
+def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
+    """Cast the logprob columns of a result or cache table to ``logprob_dtype``."""
+    lp = LOGPROB_DTYPES[logprob_dtype]
+    if table.schema.field("target_logprobs").type.value_type == lp:
+        return table
+    target = pa.schema(
+        [
+            f.with_type(pa.list_(pa.list_(lp)) if f.name == "topk_logprobs" else pa.list_(lp))
+            if f.name in ("topk_logprobs", "target_logprobs")
+            else f
+            for f in table.schema
+        ]
+    )
+    return table.cast(target)
+
+
+def cache_metadata(
+    *, model: str, model_fingerprint: str, tokenizer_fingerprint: str, vocab_size: int, k: int,
+    logprob_dtype: str, extra: Mapping[str, object] | None = None,
+) -> dict[bytes, bytes]:
+    """Parquet key-value metadata that makes a shard self-describing."""
+    values: dict[str, object] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "model_fingerprint": model_fingerprint,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "vocab_size": vocab_size,
+        "k": k,
+        "logprob_dtype": logprob_dtype,
+        "package_version": __version__,
+        **(extra or {}),
+    }
+    return {
+        (METADATA_PREFIX + key).encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
+        for key, v in values.items()
+    }
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, str]:
+    """The teacher-farm key-value metadata of a shard's schema, keys without the prefix."""
+    raw = schema.metadata or {}
+    return {
+        k.decode()[len(METADATA_PREFIX):]: v.decode()
+        for k, v in raw.items()
+        if k.decode().startswith(METADATA_PREFIX)
+    }

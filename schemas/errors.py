@@ -1,0 +1,69 @@
+"""The one exception hierarchy of teacher-farm.
+
+    TeacherFarmError
+    ├── InputError            a request or input line is invalid (never retried)
+    │   ├── MalformedBody     the body is not JSON at all
+    │   └── RequestTooLarge   over a size or token limit
+    ├── AuthError             missing or wrong API key
+    ├── ServerBusy            the server's queue is full (retry after ``retry_after`` s)
+    ├── EngineNotReady        the engine is still loading (retry)
+    ├── TransportError        a server could not be reached or answered 5xx (retry)
+    ├── ServerRejected        the server answered 4xx: the inputs it names are bad
+    └── CacheMismatch         a resumed output directory was made with other settings
+
+Only ``ServerBusy``, ``EngineNotReady`` and ``TransportError`` are retryable.
+"""
+
+from __future__ import annotations
+
+
+class TeacherFarmError(Exception):
+    """Base class of every error teacher-farm raises on purpose."""
+
+
+class InputError(TeacherFarmError):
+    """A request or an input line is malformed; the message says what to fix."""
+
+
+class MalformedBody(InputError):
+    """A request body that is not valid JSON."""
+
+
+class RequestTooLarge(InputError):
+    """A request exceeds the body size, input count or token limits."""
+
+
+class AuthError(TeacherFarmError):
+    """The API key is missing or wrong."""
+
+
+class RetryableError(TeacherFarmError):
+    """A transient failure: the same request may succeed later."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServerBusy(RetryableError):
+    """The server's queue is full."""
+
+
+class EngineNotReady(RetryableError):
+    """The engine is still loading."""
+
+
+class TransportError(RetryableError):
+    """Connection refused or reset, timeout, or a 5xx answer."""
+
+
+class ServerRejected(TeacherFarmError):
+    """The server refused a request as bad (4xx other than 401/429)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CacheMismatch(TeacherFarmError):
+    """An existing output directory was made with a different model, tokenizer, k or option."""

@@ -1,0 +1,86 @@
+"""Request and response models of the HTTP API (pydantic)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+
+class TopkInput(BaseModel):
+    """One sequence to score: raw ``text`` (tokenized by the teacher) or ``token_ids``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr | None = None
+    text: StrictStr | None = None
+    token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> TopkInput:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of 'text' or 'token_ids'")
+        if self.text is not None and not self.text:
+            raise ValueError("'text' is empty")
+        if self.token_ids is not None and not self.token_ids:
+            raise ValueError("'token_ids' is empty")
+        return self
+
+
+class TopkRequest(BaseModel):
+    """Body of ``POST /v1/topk``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(16, ge=1, description="how many most likely next tokens to return per position")
+    inputs: list[TopkInput] = Field(min_length=1)
+    max_length: int | None = Field(
+        None, ge=1, description="truncate each input to this many tokens (after special tokens)"
+    )
+
+
+class TopkResult(BaseModel):
+    """The teacher's top-k distribution at every position of one input."""
+
+    id: str | None
+    input_ids: list[int]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    target_logprobs: list[float]
+    target_ranks: list[int]
+
+
+class TopkResponse(BaseModel):
+    """JSON answer of ``POST /v1/topk``."""
+
+    model: str
+    k: int
+    results: list[TopkResult]
+
+
+class Versions(BaseModel):
+    teacher_farm: str
+    schema_version: int
+    vllm: str
+
+
+class Info(BaseModel):
+    """Answer of ``GET /v1/info``: what a client must know to trust and resume a cache."""
+
+    model: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    k_max: int
+    max_model_len: int
+    max_input_tokens: int
+    max_inputs_per_request: int
+    adds_bos: bool
+    versions: Versions
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a message a person can act on."""
+
+    error: str
+    detail: object | None = None

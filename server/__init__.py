@@ -1,0 +1,1 @@
+"""The teacher-farm server: a vLLM teacher in process behind a small FastAPI app."""

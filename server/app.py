@@ -1,0 +1,216 @@
+"""The HTTP service: ``POST /v1/topk``, ``GET /v1/info``, ``GET /health``, ``GET /metrics``.
+
+The engine starts in the background when the app starts, so ``/health`` can answer 503 while it
+loads. Domain errors become JSON answers in one place (``_error_response``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from schemas import ARROW_STREAM
+from schemas.arrow import results_to_table
+from schemas.errors import (
+    AuthError, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
+)
+from schemas.wire import TopkRequest
+from server import metrics
+from server.settings import ServerSettings, get_settings
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class Admission:
+    """A bound on tokens admitted but not yet answered: overload degrades into 429s, not OOM."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.queued = 0
+
+    def acquire(self, tokens: int, retry_after: int) -> None:
+        # An idle server takes any single request that passed the per-request limits.
+        if self.queued and self.queued + tokens > self.limit:
+            raise ServerBusy(
+                f"server busy: {self.queued} tokens queued (limit {self.limit}); retry later",
+                retry_after=retry_after,
+            )
+        self.queued += tokens
+        metrics.QUEUED_TOKENS.set(self.queued)
+
+    def release(self, tokens: int) -> None:
+        self.queued -= tokens
+        metrics.QUEUED_TOKENS.set(self.queued)
+
+
+def teacher(request: Request) -> Any:
+    """The loaded teacher, or 503 while it is still loading."""
+    state = request.app.state
+    if state.teacher is None:
+        if state.load_error is not None:
+            raise TeacherFarmError(f"the engine failed to start: {state.load_error}")
+        raise EngineNotReady("the teacher model is still loading", retry_after=get_settings().retry_after_s)
+    if state.draining:
+        raise EngineNotReady("the server is shutting down", retry_after=get_settings().retry_after_s)
+    return state.teacher
+
+
+def require_key(request: Request, settings: ServerSettings = Depends(get_settings)) -> None:
+    """Bearer-token check in constant time, when a key is configured."""
+    if settings.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = settings.api_key.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected):
+        raise AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing anything over ``limit`` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(body: bytes) -> TopkRequest:
+    """Validate a ``/v1/topk`` body into a request, with messages that point at the bad field."""
+    try:
+        return TopkRequest.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise MalformedBody(f"the body is not valid JSON: {exc.errors()[0]['msg']}") from exc
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:10]
+        )
+        raise InputError(f"invalid request: {problems}") from exc
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 when the engine is ready to score, 503 while loading or shutting down."""
+    state = request.app.state
+    if state.teacher is not None and not state.draining:
+        return JSONResponse({"status": "ok"})
+    status = "failed" if state.load_error else ("draining" if state.draining else "loading")
+    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "2"})
+
+
+@router.get("/v1/info", dependencies=[Depends(require_key)])
+async def info(t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)) -> Response:
+    """What a client must know to trust and resume a cache."""
+    return JSONResponse(t.info.to_wire(settings.max_inputs_per_request).model_dump())
+
+
+@router.post("/v1/topk", dependencies=[Depends(require_key)])
+async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)) -> Response:
+    """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``."""
+    req = parse_request(await read_body(request, settings.max_body_bytes))
+    if len(req.inputs) > settings.max_inputs_per_request:
+        raise RequestTooLarge(
+            f"{len(req.inputs)} inputs in one request; the limit is {settings.max_inputs_per_request}"
+        )
+    token_ids = await asyncio.to_thread(t.prepare, req)
+    total = sum(len(ids) for ids in token_ids)
+    if total > settings.max_tokens_per_request:
+        raise RequestTooLarge(
+            f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: send fewer inputs"
+        )
+
+    admission: Admission = request.app.state.admission
+    admission.acquire(total, settings.retry_after_s)
+    try:
+        with metrics.REQUEST_LATENCY.time():
+            results = await t.score([i.id for i in req.inputs], token_ids, req.k)
+    finally:
+        admission.release(total)
+    metrics.TOKENS_SCORED.inc(total)
+    metrics.SEQUENCES_SCORED.inc(len(results))
+
+    if ARROW_STREAM in request.headers.get("accept", ""):
+        payload = await asyncio.to_thread(_arrow_payload, results, req.k)
+        return Response(payload, media_type=ARROW_STREAM)
+    body = {"model": t.info.model, "k": req.k, "results": [r.__dict__ for r in results]}
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+
+def _arrow_payload(results: list, k: int) -> bytes:
+    table = results_to_table(results, k)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+_STATUS: list[tuple[type[Exception], int]] = [
+    (AuthError, 401),
+    (RequestTooLarge, 413),
+    (MalformedBody, 400),
+    (InputError, 422),
+    (ServerBusy, 429),
+    (EngineNotReady, 503),
+    (TeacherFarmError, 500),
+]
+
+
+def _error_response(request: Request, exc: Exception) -> Response:
+    status = next(code for cls, code in _STATUS if isinstance(exc, cls))
+    metrics.ERRORS.labels(kind=type(exc).__name__).inc()
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(int(retry_after))
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 500:
+        log.error("request failed: %s", exc)
+    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+
+def create_app(load_teacher: Callable[[], Any]) -> FastAPI:
+    """The ASGI app; ``load_teacher`` runs in a thread at start-up and returns a ``Teacher``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = app.state
+        state.teacher, state.load_error, state.draining = None, None, False
+        state.admission = Admission(get_settings().max_queued_tokens)
+
+        async def load() -> None:
+            try:
+                state.teacher = await asyncio.to_thread(load_teacher)
+                log.info("teacher ready: %s", state.teacher.info)
+            except Exception as exc:  # noqa: BLE001 - reported on /health and every request
+                log.exception("the engine failed to start")
+                state.load_error = f"{type(exc).__name__}: {exc}"
+
+        loader = asyncio.create_task(load())
+        yield
+        state.draining = True
+        await loader
+        if state.teacher is not None:
+            state.teacher.shutdown()
+
+    app = FastAPI(title="teacher-farm", lifespan=lifespan)
+    app.include_router(router)
+    app.add_exception_handler(TeacherFarmError, _error_response)
+    app.mount("/metrics", metrics.asgi_app())
+    return app

@@ -1,0 +1,57 @@
+"""``teacher-farm serve``: vLLM's own engine flags, plus the service's."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from server.settings import ServerSettings, configure
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every vLLM engine flag (defaults left to the engine), then the service's flags."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="teacher-farm serve",
+        description="Serve a teacher model's top-k next-token distributions over HTTP.",
+    )
+    AsyncEngineArgs.add_cli_args(parser)
+    # Only flags the user gives reach the engine; our scoring defaults fill in the rest.
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+    ours = parser.add_argument_group("teacher-farm")
+    ours.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0)")
+    ours.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
+    ours.add_argument("--k-max", type=int, default=None, help="largest k a request may ask for (default 64)")
+    ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
+    ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")
+    ours.add_argument("--uvicorn-log-level", default="info", help="log level of the HTTP server")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish)."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine import Teacher
+
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if "model" not in args:
+        parser.error("--model is required (a local checkpoint directory or a model name)")
+    ours = {name: args.pop(name) for name in ("host", "port", "k_max", "api_key", "max_queued_tokens")}
+    log_level = args.pop("uvicorn_log_level")
+    # Flags win over TEACHER_FARM_* variables, which win over the defaults.
+    settings = ServerSettings(**{k: v for k, v in ours.items() if v is not None}, engine_args=args)
+    configure(settings)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    app = create_app(lambda: Teacher.load(settings.engine_args, settings.k_max))
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=log_level,
+        timeout_graceful_shutdown=300, access_log=False,
+    )

@@ -1,0 +1,34 @@
+"""Compare a cached row against the fp32 transformers reference, tolerant of exact ties only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from schemas.arrow import ScoredSequence
+
+ATOL = 1e-4
+
+
+def assert_matches_reference(row: ScoredSequence, reference, k: int, atol: float = ATOL) -> None:
+    ids = row.input_ids.tolist()
+    ref_ids, ref_lps, full = reference.topk(ids, k)
+    n = len(ids)
+    assert row.topk_ids.shape == (n, k) and row.topk_logprobs.shape == (n, k)
+    # The logprobs, position by position, most likely first.
+    np.testing.assert_allclose(row.topk_logprobs, ref_lps, atol=atol, rtol=0)
+    # Each returned id really has the logprob returned for it in the reference.
+    np.testing.assert_allclose(np.take_along_axis(full, row.topk_ids.astype(np.int64), axis=1), row.topk_logprobs, atol=atol, rtol=0)
+    # The ids equal the reference's, except where two candidates are tied within atol.
+    differ = row.topk_ids != ref_ids
+    if differ.any():
+        rows, cols = np.nonzero(differ)
+        gaps_before = np.where(cols > 0, np.abs(ref_lps[rows, cols] - ref_lps[rows, np.maximum(cols - 1, 0)]), np.inf)
+        gaps_after = np.where(cols < k - 1, np.abs(ref_lps[rows, cols] - ref_lps[rows, np.minimum(cols + 1, k - 1)]), np.inf)
+        assert (np.minimum(gaps_before, gaps_after) < atol).all(), f"top-k ids differ at {list(zip(rows, cols))[:5]}"
+    # The actual next token's logprob and rank.
+    assert row.target_logprobs.shape == (n - 1,) and row.target_ranks.shape == (n - 1,)
+    target = full[np.arange(n - 1), np.asarray(ids[1:])]
+    np.testing.assert_allclose(row.target_logprobs, target, atol=atol, rtol=0)
+    lo = 1 + (full[: n - 1] > target[:, None] + atol).sum(axis=1)
+    hi = (full[: n - 1] >= target[:, None] - atol).sum(axis=1)
+    assert ((row.target_ranks >= lo) & (row.target_ranks <= hi)).all(), "target ranks differ"
