@@ -60,7 +60,6 @@ class ShardWriter:
 
     def write(self, table: pa.Table) -> None:
         """Add cache rows (``table`` must match the shard's schema)."""
-        table = table.replace_schema_metadata(self.schema.metadata)
         self._buffer.append(table)
         self._buffered += table.nbytes
         self.rows += table.num_rows

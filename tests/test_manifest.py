@@ -1,0 +1,94 @@
+"""The manifest: saved atomically, loaded back identical, and a guard against resuming the wrong cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from client.manifest import MANIFEST, Manifest, ShardRecord, check_identity, load_manifest
+from schemas import SCHEMA_VERSION
+from schemas.errors import CacheMismatch
+
+IDENTITY = {
+    "model_fingerprint": "abc123",
+    "tokenizer_fingerprint": "tok456",
+    "vocab_size": 32000,
+    "k": 16,
+    "max_length": 8192,
+    "logprob_dtype": "float32",
+    "input": {"name": "corpus.jsonl", "size": 1234, "head_sha256": "ffee"},
+}
+
+
+def shard(index: int, rows: int, tokens: int, rejects: int = 0) -> ShardRecord:
+    return ShardRecord(
+        index=index, file=f"part-{index:06d}.parquet", first_line=index * 100, end_line=index * 100 + 100,
+        rows=rows, rejects=rejects, tokens=tokens, bytes=1000 + index, sha256=f"{index:064x}",
+    )
+
+
+def manifest() -> Manifest:
+    return Manifest(
+        identity=IDENTITY, provenance={"teacher": "http://x:8000", "created": "2024-01-01T00:00:00Z"},
+        shards={0: shard(0, 98, 5000, 2), 3: shard(3, 100, 7000)}, rejects_bytes=77, complete=True,
+    )
+
+
+def test_save_then_load_gives_the_same_manifest(tmp_path):
+    m = manifest()
+    m.save(tmp_path)
+    loaded = load_manifest(tmp_path)
+    assert loaded == m
+    assert set(loaded.shards) == {0, 3}  # keys come back as ints, not JSON strings
+    assert (loaded.rows, loaded.tokens, loaded.rejects) == (198, 12000, 2)
+
+
+def test_save_leaves_only_the_manifest(tmp_path):
+    m = manifest()
+    m.save(tmp_path)
+    m.shards[4] = shard(4, 1, 1)
+    m.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST]
+    assert set(load_manifest(tmp_path).shards) == {0, 3, 4}
+    assert json.loads((tmp_path / MANIFEST).read_text())["schema_version"] == SCHEMA_VERSION
+
+
+def test_a_new_directory_has_no_manifest(tmp_path):
+    assert load_manifest(tmp_path) is None
+
+
+def test_same_identity_resumes(tmp_path):
+    manifest().save(tmp_path)
+    check_identity(load_manifest(tmp_path), json.loads(json.dumps(IDENTITY)), tmp_path)
+
+
+def test_different_identity_names_every_difference(tmp_path):
+    now = {**IDENTITY, "k": 32, "model_fingerprint": "zzz999", "rows_per_shard": 4096}
+    del now["max_length"]
+    with pytest.raises(CacheMismatch) as info:
+        check_identity(manifest(), now, tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message
+    assert "k: 16 there, 32 now" in message
+    assert "model_fingerprint: 'abc123' there, 'zzz999' now" in message
+    assert "max_length: 8192 there, None now" in message
+    assert "rows_per_shard: None there, 4096 now" in message
+    for same in ("tokenizer_fingerprint", "vocab_size", "logprob_dtype", "input"):
+        assert f"{same}:" not in message
+
+
+def test_a_nested_difference_is_reported(tmp_path):
+    now = {**IDENTITY, "input": {**IDENTITY["input"], "size": 9999}}
+    with pytest.raises(CacheMismatch, match="input: .*1234.* there, .*9999.* now"):
+        check_identity(manifest(), now, tmp_path)
+
+
+def test_other_schema_version_refuses_to_resume(tmp_path):
+    path = tmp_path / MANIFEST
+    manifest().save(tmp_path)
+    data = json.loads(path.read_text())
+    data["schema_version"] = SCHEMA_VERSION + 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(CacheMismatch, match=f"schema version {SCHEMA_VERSION + 1}.*writes version {SCHEMA_VERSION}"):
+        check_identity(load_manifest(tmp_path), IDENTITY, tmp_path)

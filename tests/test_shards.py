@@ -1,0 +1,106 @@
+"""Shard files: invisible until committed, then complete, checksummed and self-describing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from client.shards import ShardWriter, shard_name
+from schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata, results_to_table
+
+K = 4
+
+
+def schema_for(dtype: str = "float32") -> pa.Schema:
+    return cache_schema(dtype).with_metadata(
+        cache_metadata(model="m", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=1000, k=K, logprob_dtype=dtype)
+    )
+
+
+def cache_rows(lengths, first_line: int, dtype: str = "float32", seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    results = [
+        ScoredSequence(
+            id=f"d{first_line + i}",
+            input_ids=rng.integers(0, 1000, n).astype(np.int32),
+            topk_ids=rng.integers(0, 1000, (n, K)).astype(np.int32),
+            topk_logprobs=rng.standard_normal((n, K)).astype(np.float32),
+            target_logprobs=rng.standard_normal(n - 1).astype(np.float32),
+            target_ranks=rng.integers(1, 50, n - 1).astype(np.int32),
+        )
+        for i, n in enumerate(lengths)
+    ]
+    table = results_to_table(results, K)
+    table = table.add_column(1, "line", pa.array(range(first_line, first_line + len(lengths)), type=pa.int64()))
+    return cast_logprobs(table, dtype).cast(cache_schema(dtype))
+
+
+def test_shard_name_is_zero_padded_and_sorts_in_order():
+    assert shard_name(0) == "part-000000.parquet"
+    assert shard_name(42) == "part-000042.parquet"
+    indices = [100_000, 2, 10, 999]
+    assert sorted(shard_name(i) for i in indices) == [shard_name(i) for i in sorted(indices)]
+
+
+def test_only_a_hidden_temp_file_exists_before_commit(tmp_path):
+    writer = ShardWriter(tmp_path, 7, schema_for())
+    writer.write(cache_rows([3, 5], first_line=0))
+    assert [p.name for p in tmp_path.iterdir()] == [".part-000007.parquet.tmp"]
+    assert list(tmp_path.glob("part-*.parquet")) == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_commit_renames_into_place_with_right_stats(tmp_path, dtype):
+    schema = schema_for(dtype)
+    first, second = cache_rows([1, 4, 9], 700, dtype, seed=1), cache_rows([2, 6], 703, dtype, seed=2)
+    writer = ShardWriter(tmp_path, 7, schema)
+    writer.write(first)
+    writer.write(second)
+    stats = writer.commit()
+
+    path = tmp_path / "part-000007.parquet"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert stats.file == path.name
+    assert stats.rows == 5
+    assert stats.tokens == 1 + 4 + 9 + 2 + 6
+    assert stats.bytes == path.stat().st_size
+    assert stats.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    back = pq.read_table(path)
+    assert back.schema.equals(cache_schema(dtype))
+    assert back.equals(pa.concat_tables([first, second]))
+    assert back.column("line").to_pylist() == [700, 701, 702, 703, 704]
+    assert read_metadata(back.schema) == read_metadata(schema)
+    assert read_metadata(back.schema)["k"] == str(K)
+
+
+def test_rows_buffer_into_one_row_group_by_default(tmp_path):
+    writer = ShardWriter(tmp_path, 0, schema_for())
+    for i in range(3):
+        writer.write(cache_rows([5, 5], first_line=2 * i, seed=i))
+    writer.commit()
+    assert pq.ParquetFile(tmp_path / shard_name(0)).metadata.num_row_groups == 1
+
+
+def test_tiny_row_group_bytes_flushes_each_write(tmp_path):
+    writer = ShardWriter(tmp_path, 0, schema_for(), row_group_bytes=1)
+    for i in range(3):
+        writer.write(cache_rows([5, 5], first_line=2 * i, seed=i))
+    stats = writer.commit()
+    meta = pq.ParquetFile(tmp_path / shard_name(0)).metadata
+    assert meta.num_row_groups == 3
+    assert [meta.row_group(i).num_rows for i in range(3)] == [2, 2, 2]
+    assert stats.rows == meta.num_rows == 6
+
+
+def test_line_column_has_statistics(tmp_path):
+    writer = ShardWriter(tmp_path, 0, schema_for())
+    writer.write(cache_rows([2, 3, 4], first_line=40))
+    writer.commit()
+    meta = pq.ParquetFile(tmp_path / shard_name(0)).metadata.row_group(0)
+    line = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "line")
+    assert (line.statistics.min, line.statistics.max) == (40, 42)
