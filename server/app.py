@@ -66,15 +66,28 @@ def teacher(request: Request) -> Any:
     return state.teacher
 
 
-def require_key(request: Request, settings: ServerSettings = Depends(get_settings)) -> None:
-    """Bearer-token check in constant time, when a key is configured."""
-    if settings.api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    expected = settings.api_key.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected):
-        raise AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+class RequireKey:
+    """ASGI middleware: every path but ``/health`` needs the bearer key, compared in constant time.
+
+    A middleware rather than a route dependency, so mounted apps (``/metrics``) and the OpenAPI
+    pages are covered too.
+    """
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        key = get_settings().api_key
+        if scope["type"] != "http" or key is None or scope["path"] in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token, key.get_secret_value().encode()):
+            return await self.app(scope, receive, send)
+        response = _error_response(None, AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'"))
+        await response(scope, receive, send)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -114,13 +127,20 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "2"})
 
 
-@router.get("/v1/info", dependencies=[Depends(require_key)])
+@router.get("/metrics")
+async def prometheus() -> Response:
+    """Prometheus exposition of the ``teacher_farm_*`` series."""
+    body, media_type = metrics.exposition()
+    return Response(body, media_type=media_type)
+
+
+@router.get("/v1/info")
 async def info(t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)) -> Response:
     """What a client must know to trust and resume a cache."""
     return JSONResponse(t.info.to_wire(settings.max_inputs_per_request).model_dump())
 
 
-@router.post("/v1/topk", dependencies=[Depends(require_key)])
+@router.post("/v1/topk")
 async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)) -> Response:
     """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``."""
     req = parse_request(await read_body(request, settings.max_body_bytes))
@@ -171,7 +191,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
-def _error_response(request: Request, exc: Exception) -> Response:
+def _error_response(request: Request | None, exc: Exception) -> Response:
     status = next(code for cls, code in _STATUS if isinstance(exc, cls))
     metrics.ERRORS.labels(kind=type(exc).__name__).inc()
     headers = {}
@@ -183,6 +203,12 @@ def _error_response(request: Request, exc: Exception) -> Response:
     if status == 500:
         log.error("request failed: %s", exc)
     return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+
+def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error", exc_info=exc)
+    metrics.ERRORS.labels(kind="internal").inc()
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
 def create_app(load_teacher: Callable[[], Any]) -> FastAPI:
@@ -212,5 +238,6 @@ def create_app(load_teacher: Callable[[], Any]) -> FastAPI:
     app = FastAPI(title="teacher-farm", lifespan=lifespan)
     app.include_router(router)
     app.add_exception_handler(TeacherFarmError, _error_response)
-    app.mount("/metrics", metrics.asgi_app())
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(RequireKey)
     return app

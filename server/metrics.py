@@ -1,6 +1,6 @@
 """Prometheus series of the service, all named ``teacher_farm_*``."""
 
-from prometheus_client import Counter, Gauge, Histogram, make_asgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 TOKENS_SCORED = Counter("teacher_farm_tokens_scored", "Tokens whose top-k distribution was returned")
 SEQUENCES_SCORED = Counter("teacher_farm_sequences_scored", "Input sequences scored")
@@ -12,6 +12,6 @@ QUEUED_TOKENS = Gauge("teacher_farm_queued_tokens", "Tokens admitted and not yet
 ERRORS = Counter("teacher_farm_errors", "Requests answered with an error", ["kind"])
 
 
-def asgi_app():
-    """The ``/metrics`` endpoint."""
-    return make_asgi_app()
+def exposition() -> tuple[bytes, str]:
+    """The body and media type of ``/metrics``: our series and whatever else is registered (vLLM's)."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

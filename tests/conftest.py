@@ -55,7 +55,7 @@ class Server:
         self.args = [
             sys.executable, "-m", "client.cli", "serve", "--model", str(model), "--dtype", "float32",
             "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN),
-            "--enforce-eager", *extra,
+            "--enforce-eager", "--gpu-memory-utilization", "0.2", *extra,
         ]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
