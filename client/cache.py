@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from client.manifest import Manifest, ShardRecord, check_identity, load_manifest
+from client.manifest import Manifest, ShardRecord, check_identity, load_manifests, manifest_name
 from client.reader import Line, Reject, read_corpus
 from client.shards import ShardWriter
 from client.transport import Teacher
 from schemas import __version__
 from schemas.arrow import cache_metadata, cache_schema, cast_logprobs
-from schemas.errors import InputError, ServerRejected
+from schemas.errors import CacheMismatch, InputError, ServerRejected
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,14 @@ class CacheOptions:
     batch_lines: int = 32
     batch_chars: int = 200_000
     logprob_dtype: str = "float32"
+    #: Split the corpus across client processes: this one caches shards j with j % num_shards == shard_index.
+    num_shards: int = 1
+    shard_index: int = 0
+
+    @property
+    def rejects_name(self) -> str:
+        n, i = self.num_shards, self.shard_index
+        return REJECTS if n == 1 else f"rejects-{i:05d}-of-{n:05d}.jsonl"
 
 
 @dataclass
@@ -77,13 +85,15 @@ class Summary:
     new_tokens: int
     skipped_shards: int
 
+    rejects_file: str = REJECTS
+
     def render(self) -> str:
         bpt = self.bytes / self.tokens if self.tokens else 0.0
         rate = self.new_tokens / self.seconds if self.seconds else 0.0
         return (
             f"cache in {self.out_dir}: {self.rows} rows, {self.tokens} tokens in {self.shards} shards "
             f"({self.bytes / 2**20:.1f} MiB, {bpt:.1f} bytes/token); {self.rejects} lines rejected"
-            + (f" (see {self.out_dir / REJECTS})" if self.rejects else "")
+            + (f" (see {self.out_dir / self.rejects_file})" if self.rejects else "")
             + f"; this run: {self.new_tokens} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s)"
             + (f", {self.skipped_shards} shards already done" if self.skipped_shards else "")
         )
@@ -177,10 +187,20 @@ class CacheRun:
             "text_field": opts.text_field,
             "id_field": opts.id_field,
             "rows_per_shard": opts.rows_per_shard,
+            "num_shards": opts.num_shards,
             "input": input_fingerprint(opts.input),
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        manifest = load_manifest(self.out)
+        name = manifest_name(opts.num_shards, opts.shard_index)
+        others = load_manifests(self.out)
+        for other_name, other in others.items():
+            if manifest_name(opts.num_shards, 0).split("-of-")[-1] != other_name.split("-of-")[-1]:
+                raise CacheMismatch(
+                    f"{self.out} holds {other_name}, from a run split into another number of client "
+                    f"processes than --num-shards {opts.num_shards}; use the original split or a new --out"
+                )
+            check_identity(other, identity, self.out)
+        manifest = others.get(name)
         if manifest is None:
             manifest = Manifest(
                 identity=identity,
@@ -193,9 +213,8 @@ class CacheRun:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 },
             )
-            manifest.save(self.out)
-        else:
-            check_identity(manifest, identity, self.out)
+            manifest.save(self.out, name)
+        self.manifest_name = name
         schema = cache_schema(opts.logprob_dtype).with_metadata(
             cache_metadata(
                 model=info.model, model_fingerprint=info.model_fingerprint,
@@ -210,24 +229,25 @@ class CacheRun:
         started = time.monotonic()
         manifest, max_length, schema = await self.prepare()
         done = set(manifest.shards)
-        rejects_file = self.out / REJECTS
+        rejects_file = self.out / self.opts.rejects_name
         # Whatever lies past the committed length was written by a run that died before its commit.
         with open(rejects_file, "ab") as f:
             f.truncate(manifest.rejects_bytes)
         new_tokens = 0
         if not manifest.complete:
-            R = self.opts.rows_per_shard
+            R, N, I = self.opts.rows_per_shard, self.opts.num_shards, self.opts.shard_index
             records = read_corpus(
                 self.opts.input, text_field=self.opts.text_field, id_field=self.opts.id_field,
-                skip=lambda n: n // R in done,
+                skip=lambda n: (n // R) % N != I or n // R in done,
             )
             new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
             manifest.complete = True
-            manifest.save(self.out)
+            manifest.save(self.out, self.manifest_name)
         return Summary(
             out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
             tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
             seconds=time.monotonic() - started, new_tokens=new_tokens, skipped_shards=len(done),
+            rejects_file=self.opts.rejects_name,
         )
 
     async def _pipeline(self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
@@ -276,7 +296,7 @@ class CacheRun:
                     index=batch.shard, file=stats.file, first_line=first_line, end_line=batch.last_line + 1,
                     rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
                 )
-                manifest.save(self.out)
+                manifest.save(self.out, self.manifest_name)
                 tokens += stats.tokens
                 log.info("shard %d: %d rows, %d tokens, %d rejected", batch.shard, stats.rows, stats.tokens, len(rejects))
                 shard, rejects = None, []
@@ -286,7 +306,7 @@ class CacheRun:
         """Append a shard's rejects durably; returns the new committed length."""
         if not rejects:
             return committed
-        with open(self.out / REJECTS, "r+b") as f:
+        with open(self.out / self.opts.rejects_name, "r+b") as f:
             f.seek(committed)
             f.truncate()
             f.write(b"".join(r.to_json() for r in rejects))

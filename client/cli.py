@@ -30,7 +30,8 @@ def cache_parser() -> argparse.ArgumentParser:
         description="Cache a teacher's top-k next-token distributions for every line of a JSONL corpus.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--server", help="URL of a running 'teacher-farm serve'")
+    src.add_argument("--server", action="append",
+                     help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several")
     src.add_argument("--model", help="run the teacher in this process instead (no server)")
     p.add_argument("--input", "--input_jsonl", dest="input", required=True, help="JSONL file, .gz/.zst, or - for stdin")
     p.add_argument("--out", "--out_dir", dest="out", required=True, help="output directory (resumed if it exists)")
@@ -42,6 +43,9 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="input lines per Parquet shard")
     p.add_argument("--batch-lines", type=int, default=32, help="lines per request (default 32)")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="split the corpus across this many client processes (e.g. a SLURM array)")
+    p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
     p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
@@ -60,23 +64,27 @@ def cache_parser() -> argparse.ArgumentParser:
 def cache_main(argv: list[str]) -> int:
     """Run ``teacher-farm cache``."""
     from client.cache import CacheOptions, run_cache
-    from client.transport import HttpTeacher, LocalTeacher
+    from client.transport import HttpTeacher, LocalTeacher, TeacherPool
 
     a = cache_parser().parse_args(argv)
     for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= a.shard_index < a.num_shards:
+        cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
     if a.input != "-" and not Path(a.input).is_file():
         cache_parser().error(f"--input {a.input}: no such file")
     opts = CacheOptions(
         input=a.input, out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
         batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype,
+        num_shards=a.num_shards, shard_index=a.shard_index,
     )
 
     async def go():
         if a.server:
-            teacher = HttpTeacher(a.server, api_key=a.api_key, retry_for_s=a.retry_for)
+            urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
+            teacher = TeacherPool([HttpTeacher(u, api_key=a.api_key) for u in urls], retry_for_s=a.retry_for)
         else:
             engine_args = {
                 "model": a.model, "dtype": a.dtype, "max_model_len": a.max_model_len,

@@ -7,17 +7,25 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from client.fsutil import sha256_file
-from client.manifest import load_manifest
+from client.manifest import Manifest, load_manifests
 from schemas.arrow import read_metadata
 from schemas.errors import InputError
 
 
+def merge(manifests: dict[str, Manifest]) -> Manifest:
+    """One view of a cache written by one or several client processes."""
+    first = next(iter(manifests.values()))
+    shards = {i: rec for m in manifests.values() for i, rec in m.shards.items()}
+    return first.model_copy(update={"shards": shards, "complete": all(m.complete for m in manifests.values())})
+
+
 def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str]]:
     """A human summary of ``out_dir`` and the problems found (empty when the cache is whole)."""
-    manifest = load_manifest(out_dir)
-    if manifest is None:
-        raise InputError(f"{out_dir} has no manifest.json: not a teacher-farm cache (or nothing finished yet)")
+    manifests = load_manifests(out_dir)
+    if not manifests:
+        raise InputError(f"{out_dir} has no manifest.json: not a teacher-farm cache (or nothing started yet)")
     problems = []
+    manifest = merge(manifests)
     for rec in manifest.shards.values():
         path = out_dir / rec.file
         if not path.exists():
@@ -26,8 +34,9 @@ def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str
             problems.append(f"{rec.file}: {path.stat().st_size} bytes, manifest says {rec.bytes}")
         elif checksums and sha256_file(path) != rec.sha256:
             problems.append(f"{rec.file}: checksum differs from the manifest")
-    if not manifest.complete:
-        problems.append("incomplete: the run has not finished; run the same cache command again")
+    for name, m in manifests.items():
+        if not m.complete:
+            problems.append(f"{name}: incomplete; run the same cache command again to finish it")
     first = next(iter(sorted(manifest.shards.values(), key=lambda r: r.index)), None)
     meta, schema = {}, ""
     if first is not None and (out_dir / first.file).exists():

@@ -63,6 +63,16 @@ class Manifest(BaseModel):
         atomic_write(out_dir / name, self.model_dump_json(indent=2).encode() + b"\n")
 
 
+def manifest_name(num_shards: int = 1, shard_index: int = 0) -> str:
+    """``manifest.json``, or one per client process when a corpus is split across several."""
+    return MANIFEST if num_shards == 1 else f"manifest-{shard_index:05d}-of-{num_shards:05d}.json"
+
+
+def load_manifests(out_dir: Path) -> dict[str, Manifest]:
+    """Every manifest in ``out_dir`` by file name: the cache is the union of their shards."""
+    return {p.name: Manifest.model_validate_json(p.read_bytes()) for p in sorted(out_dir.glob("manifest*.json"))}
+
+
 def load_manifest(out_dir: Path, name: str = MANIFEST) -> Manifest | None:
     """The manifest of ``out_dir``, or None for a new directory."""
     path = out_dir / name

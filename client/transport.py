@@ -1,12 +1,17 @@
-"""How the client reaches a teacher: over HTTP (``HttpTeacher``) or in process (``LocalTeacher``).
+"""How the client reaches a teacher: HTTP servers (``TeacherPool`` of ``HttpTeacher``) or in process.
 
-Both answer ``info()`` and ``topk(lines, k, max_length)`` with a result table (see
-``schemas.arrow.result_schema``). HTTP failures are mapped onto ``schemas.errors``; retryable
-ones are retried with exponential backoff and jitter, honouring the server's Retry-After.
+All answer ``info()`` and ``topk(lines, k, max_length)`` with a result table (see
+``schemas.arrow.result_schema``). HTTP failures are mapped onto ``schemas.errors``; a
+``TeacherPool`` spreads requests over servers and retries the retryable failures with exponential
+backoff and jitter, honouring the server's Retry-After.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -16,11 +21,13 @@ import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from client.reader import Line
-from schemas import ARROW_STREAM
+from schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from schemas.errors import (
-    AuthError, EngineNotReady, RetryableError, ServerBusy, ServerRejected, TransportError,
+    AuthError, CacheMismatch, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected, TransportError,
 )
 from schemas.wire import Info
+
+log = logging.getLogger(__name__)
 
 
 class Teacher(Protocol):
@@ -77,11 +84,11 @@ class _WaitRetryAfter(wait_exponential_jitter):
 
 
 class HttpTeacher:
-    """A teacher-farm server at ``url``."""
+    """One teacher-farm server at ``url``; every call is a single attempt (``TeacherPool`` retries)."""
 
     def __init__(
         self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
-        retry_for_s: float = 600.0, transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -90,7 +97,8 @@ class HttpTeacher:
             timeout=httpx.Timeout(timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
-        self.retry_for_s = retry_for_s
+        #: Set once the pool knows the teacher; every answer must come from that teacher.
+        self.expected_fingerprint: str | None = None
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -100,7 +108,128 @@ class HttpTeacher:
         raise_for_answer(response)
         return response
 
-    async def _retrying(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def info(self) -> Info:
+        """The server's model facts."""
+        return Info.model_validate_json((await self._call("GET", "/v1/info")).content)
+
+    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
+        """Score ``lines``; the answer comes back as an Arrow IPC stream."""
+        body = orjson.dumps(
+            {"k": k, "max_length": max_length, "inputs": [{"id": x.id, "text": x.text} for x in lines]}
+        )
+        response = await self._call(
+            "POST", "/v1/topk", content=body,
+            headers={"Content-Type": "application/json", "Accept": ARROW_STREAM},
+        )
+        served = response.headers.get(FINGERPRINT_HEADER)
+        if self.expected_fingerprint and served != self.expected_fingerprint:
+            raise CacheMismatch(
+                f"{self.name} now serves teacher {served}, not {self.expected_fingerprint} as when this run "
+                "started; its answers would mix teachers in one cache"
+            )
+        try:
+            return pa.ipc.open_stream(response.content).read_all()
+        except pa.ArrowInvalid as exc:  # a truncated answer: the connection broke mid-body
+            raise TransportError(f"{self.name}: unreadable Arrow answer: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class _Member:
+    """A server in a pool: its outstanding work and when it may be tried again."""
+
+    def __init__(self, teacher: HttpTeacher) -> None:
+        self.teacher = teacher
+        self.outstanding = 0
+        self.failures = 0
+        self.down_until = 0.0
+
+    def usable(self, now: float) -> bool:
+        return self.down_until <= now
+
+
+class TeacherPool:
+    """Several servers of one teacher: least outstanding work first, failed ones probed back in.
+
+    A retryable failure takes the server out for an exponentially growing while (or its
+    Retry-After); the request moves to another server at once, or waits when all are out.
+    Requests are given up only after ``retry_for_s`` seconds of failures.
+    """
+
+    def __init__(self, teachers: Sequence[HttpTeacher], *, retry_for_s: float = 600.0) -> None:
+        if not teachers:
+            raise ValueError("a pool needs at least one server")
+        self.members = [_Member(t) for t in teachers]
+        self.retry_for_s = retry_for_s
+        self.name = ",".join(t.name for t in teachers)
+
+    def _pick(self) -> _Member:
+        now = time.monotonic()
+        usable = [m for m in self.members if m.usable(now)]
+        if usable:
+            return min(usable, key=lambda m: m.outstanding)
+        return min(self.members, key=lambda m: m.down_until)
+
+    async def _attempt(self, call: Any, cost: int) -> Any:
+        """Run ``call(teacher)`` on the best server, retrying retryable failures on any server."""
+        deadline = time.monotonic() + self.retry_for_s
+        while True:
+            member = self._pick()
+            wait = member.down_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            member.outstanding += cost
+            try:
+                result = await call(member.teacher)
+            except RetryableError as exc:
+                member.failures += 1
+                backoff = min(30.0, 0.5 * 2 ** (member.failures - 1)) * random.uniform(0.5, 1.0)
+                member.down_until = time.monotonic() + max(backoff, exc.retry_after or 0.0)
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("%s; retrying", exc)
+                continue
+            finally:
+                member.outstanding -= cost
+            member.failures = 0
+            return result
+
+    async def info(self, grace_s: float = 10.0) -> Info:
+        """The teacher's facts from the first server that answers (waiting while engines load).
+
+        Servers that answer within ``grace_s`` more must serve the same teacher; every later answer
+        is checked too, through the fingerprint header each ``/v1/topk`` answer carries.
+        """
+        tasks = {asyncio.create_task(self._attempt_on(m, lambda t: t.info())): m for m in self.members}
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        while not any(t.exception() is None for t in done):
+            if not pending:
+                raise next(iter(done)).exception()
+            more, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done |= more
+        if pending:
+            more, pending = await asyncio.wait(pending, timeout=grace_s)
+            done |= more
+        for t in pending:
+            t.cancel()
+        infos = [(tasks[t], t.result()) for t in done if t.exception() is None]
+        first = infos[0][1]
+        for member, other in infos[1:]:
+            if other.fingerprint != first.fingerprint:
+                raise InputError(
+                    f"{member.teacher.name} serves another teacher ({other.fingerprint}) than "
+                    f"{infos[0][0].teacher.name} ({first.fingerprint}); give servers of one model"
+                )
+        for m in self.members:
+            m.teacher.expected_fingerprint = first.fingerprint
+        return first.model_copy(update={
+            "k_max": min(i.k_max for _, i in infos),
+            "max_input_tokens": min(i.max_input_tokens for _, i in infos),
+            "max_model_len": min(i.max_model_len for _, i in infos),
+        })
+
+    async def _attempt_on(self, member: _Member, call: Any) -> Any:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
             wait=_WaitRetryAfter(initial=0.5, max=30.0),
@@ -108,26 +237,16 @@ class HttpTeacher:
             reraise=True,
         ):
             with attempt:
-                return await self._call(method, path, **kwargs)
+                return await call(member.teacher)
         raise AssertionError("unreachable")
 
-    async def info(self) -> Info:
-        """The server's model facts; waits (with retries) while its engine loads."""
-        return Info.model_validate_json((await self._retrying("GET", "/v1/info")).content)
-
     async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
-        """Score ``lines``; the answer comes back as an Arrow IPC stream."""
-        body = orjson.dumps(
-            {"k": k, "max_length": max_length, "inputs": [{"id": x.id, "text": x.text} for x in lines]}
-        )
-        response = await self._retrying(
-            "POST", "/v1/topk", content=body,
-            headers={"Content-Type": "application/json", "Accept": ARROW_STREAM},
-        )
-        return pa.ipc.open_stream(response.content).read_all()
+        cost = sum(len(x.text) for x in lines)
+        return await self._attempt(lambda t: t.topk(lines, k, max_length), cost)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for m in self.members:
+            await m.teacher.aclose()
 
 
 class LocalTeacher:

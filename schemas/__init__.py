@@ -7,3 +7,6 @@ SCHEMA_VERSION = 1
 
 #: Media type of an Arrow IPC stream, the compact answer of ``POST /v1/topk``.
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+#: Header on every ``/v1/topk`` answer: the teacher's ``model_fingerprint/tokenizer_fingerprint``.
+FINGERPRINT_HEADER = "X-Teacher-Fingerprint"

@@ -78,6 +78,11 @@ class Info(BaseModel):
     adds_bos: bool
     versions: Versions
 
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the teacher's answers: model and tokenizer."""
+        return f"{self.model_fingerprint}/{self.tokenizer_fingerprint}"
+
 
 class ErrorBody(BaseModel):
     """Every error answer: a message a person can act on."""

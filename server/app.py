@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from schemas import ARROW_STREAM
+from schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from schemas.arrow import results_to_table
 from schemas.errors import (
     AuthError, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
@@ -165,11 +165,12 @@ async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSett
     metrics.TOKENS_SCORED.inc(total)
     metrics.SEQUENCES_SCORED.inc(len(results))
 
+    headers = {FINGERPRINT_HEADER: f"{t.info.model_fingerprint}/{t.info.tokenizer_fingerprint}"}
     if ARROW_STREAM in request.headers.get("accept", ""):
         payload = await asyncio.to_thread(_arrow_payload, results, req.k)
-        return Response(payload, media_type=ARROW_STREAM)
+        return Response(payload, media_type=ARROW_STREAM, headers=headers)
     body = {"model": t.info.model, "k": req.k, "results": [r.__dict__ for r in results]}
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)
 
 
 def _arrow_payload(results: list, k: int) -> bytes:
