@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,12 @@ class ServerSettings(BaseSettings):
     )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM AsyncEngineArgs")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: Any) -> Any:
+        # An empty TEACHER_FARM_API_KEY would otherwise demand "Bearer " with nothing after it.
+        return None if value == "" else value
 
 
 _settings: ServerSettings | None = None
