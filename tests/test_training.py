@@ -1,0 +1,421 @@
+"""The training reader: a hand-built cache streamed back exactly, padded, and turned into a KD loss."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from client.manifest import Manifest, ShardRecord  # noqa: E402
+from client.shards import ShardWriter  # noqa: E402
+from client.training import (  # noqa: E402
+    TAIL_FLOOR, TopkDataset, assert_same_tokenizer, cache_metadata_of, check_alignment, collate_topk, kd_loss,
+    shard_paths,
+)
+from schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, results_to_table  # noqa: E402
+from schemas.errors import CacheMismatch, InputError  # noqa: E402
+from server.engine import tokenizer_fingerprint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, K, ROWS_PER_SHARD = 50, 5, 8
+
+
+class FakeTokenizer:
+    """Enough of a tokenizer for the fingerprint: a vocabulary and the special ids."""
+
+    def __init__(self, vocab: int = VOCAB, bos: int = 1) -> None:
+        self.vocab, self.bos_token_id, self.eos_token_id = vocab, bos, 2
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"t{i}": i for i in range(self.vocab)}
+
+
+class Cache:
+    """A cache directory written with the project's own writer, and the full distributions behind it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.full: dict[int, np.ndarray] = {}  # line -> (n, VOCAB) float32 teacher log-softmax
+        self.rows: dict[int, ScoredSequence] = {}
+
+
+def scored(rng: np.random.Generator, line: int, n: int) -> tuple[ScoredSequence, np.ndarray]:
+    logits = torch.from_numpy(rng.standard_normal((n, VOCAB)).astype(np.float32) * 2.5)
+    full = torch.log_softmax(logits, dim=-1)
+    values, ids = torch.topk(full, K, dim=-1)
+    input_ids = rng.integers(0, VOCAB, n)
+    target = full[torch.arange(n - 1), torch.from_numpy(input_ids[1:])]
+    ranks = 1 + (full[: n - 1] > target[:, None]).sum(-1)
+    seq = ScoredSequence(
+        id=f"doc-{line}", input_ids=input_ids.astype(np.int32), topk_ids=ids.numpy().astype(np.int32),
+        topk_logprobs=values.numpy(), target_logprobs=target.numpy(), target_ranks=ranks.numpy().astype(np.int32),
+    )
+    return seq, full.numpy()
+
+
+def write_cache(
+    out: Path, shards: dict[int, list[int]], *, dtype: str = "float32", manifests: dict[str, list[int]] | None = None,
+    fingerprint: str | None = None, seed: int = 0,
+) -> Cache:
+    """Shard j holds lines [j*R, (j+1)*R) (its last line rejected) with the given token counts,
+    several rows per row group; ``manifests`` splits the shard records over several manifest files."""
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Cache(out)
+    rng = np.random.default_rng(seed)
+    schema = cache_schema(dtype).with_metadata(
+        cache_metadata(
+            model="teacher", model_fingerprint="mf", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
+            vocab_size=VOCAB, k=K, logprob_dtype=dtype,
+        )
+    )
+    records = {}
+    for j, lengths in shards.items():
+        assert len(lengths) < ROWS_PER_SHARD
+        lines = [j * ROWS_PER_SHARD + i for i in range(len(lengths))]
+        results = []
+        for line, n in zip(lines, lengths):
+            seq, full = scored(rng, line, n)
+            results.append(seq)
+            cache.rows[line], cache.full[line] = seq, full
+        writer = ShardWriter(out, j, schema, row_group_bytes=1)  # every write is one row group
+        for i in range(0, len(results), 3):
+            table = results_to_table(results[i:i + 3], K)
+            table = table.add_column(1, "line", pa.array(lines[i:i + 3], type=pa.int64()))
+            writer.write(cast_logprobs(table, dtype).cast(schema))
+        stats = writer.commit()
+        records[j] = ShardRecord(
+            index=j, file=stats.file, first_line=j * ROWS_PER_SHARD, end_line=(j + 1) * ROWS_PER_SHARD,
+            rows=stats.rows, rejects=ROWS_PER_SHARD - len(lengths), tokens=stats.tokens, bytes=stats.bytes,
+            sha256=stats.sha256,
+        )
+    identity = {
+        "model_fingerprint": "mf", "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(FakeTokenizer()),
+        "vocab_size": VOCAB, "k": K, "logprob_dtype": dtype, "rows_per_shard": ROWS_PER_SHARD,
+    }
+    for name, indices in (manifests or {"manifest.json": list(shards)}).items():
+        Manifest(identity=identity, shards={j: records[j] for j in indices}, complete=True).save(out, name)
+    return cache
+
+
+SHARDS = {2: [3, 1, 9, 4], 0: [5, 2, 7, 1, 6], 1: [4, 8, 3]}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Cache:
+    return write_cache(tmp_path_factory.mktemp("cache"), SHARDS)
+
+
+def items(ds) -> dict[int, dict[str, torch.Tensor]]:
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for item in ds:
+        line = int(item["line"])
+        assert line not in out, f"line {line} yielded twice"
+        out[line] = item
+    return out
+
+
+def true_tail(full: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
+    p = np.exp(full.astype(np.float64))
+    np.put_along_axis(p, topk_ids.astype(np.int64), 0.0, axis=1)
+    return np.log(p.sum(axis=1))
+
+
+# ------------------------------------------------------------------------------------ shard_paths
+
+
+def test_shard_paths_are_the_manifests_shards_in_line_order(cache, tmp_path):
+    assert [p.name for p in shard_paths(cache.path)] == [f"part-{j:06d}.parquet" for j in (0, 1, 2)]
+    # Files the manifest does not name (unfinished, stray) are not part of the cache.
+    copy = tmp_path / "c"
+    shutil.copytree(cache.path, copy)
+    shutil.copy(copy / "part-000000.parquet", copy / "part-000009.parquet")
+    (copy / ".part-000003.parquet.tmp").write_bytes(b"partial")
+    assert [p.name for p in shard_paths(copy)] == [f"part-{j:06d}.parquet" for j in (0, 1, 2)]
+
+
+def test_shard_paths_union_split_manifests(tmp_path):
+    write_cache(tmp_path, SHARDS, manifests={"manifest-00000-of-00002.json": [0, 2], "manifest-00001-of-00002.json": [1]})
+    assert [p.name for p in shard_paths(tmp_path)] == [f"part-{j:06d}.parquet" for j in (0, 1, 2)]
+
+
+def test_shard_paths_refuse_a_directory_without_manifest_or_with_a_missing_shard(tmp_path, cache):
+    with pytest.raises(InputError, match="no manifest"):
+        shard_paths(tmp_path)
+    copy = tmp_path / "c"
+    shutil.copytree(cache.path, copy)
+    (copy / "part-000001.parquet").unlink()
+    with pytest.raises(InputError, match="missing"):
+        shard_paths(copy)
+
+
+def test_shard_paths_refuse_manifests_of_different_teachers(tmp_path):
+    write_cache(tmp_path, {0: [3]}, manifests={"manifest-a.json": [0]})
+    other = Manifest.model_validate_json((tmp_path / "manifest-a.json").read_bytes())
+    other.identity["tokenizer_fingerprint"] = "someone-else"
+    other.shards = {}
+    other.save(tmp_path, "manifest-b.json")
+    with pytest.raises(InputError, match="tokenizer_fingerprint"):
+        shard_paths(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ the dataset
+
+
+def test_dataset_yields_every_row_once_with_exact_values(cache):
+    ds = TopkDataset(cache.path)
+    assert ds.num_rows == len(cache.rows)
+    assert len(ds.units) > len(SHARDS)  # several row groups per shard
+    got = items(ds)
+    assert sorted(got) == sorted(cache.rows)
+    assert list(got) == sorted(got)  # unshuffled: line order
+    for line, item in got.items():
+        seq, n = cache.rows[line], len(cache.rows[line].input_ids)
+        assert item["input_ids"].dtype == torch.long and item["input_ids"].shape == (n,)
+        assert item["topk_ids"].dtype == torch.long and item["topk_ids"].shape == (n, K)
+        assert item["topk_logprobs"].dtype == torch.float32 and item["topk_logprobs"].shape == (n, K)
+        assert item["tail_logprob"].dtype == torch.float32 and item["tail_logprob"].shape == (n,)
+        assert item["target_logprobs"].dtype == torch.float32 and item["target_logprobs"].shape == (n - 1,)
+        np.testing.assert_array_equal(item["input_ids"].numpy(), seq.input_ids)
+        np.testing.assert_array_equal(item["topk_ids"].numpy(), seq.topk_ids)
+        np.testing.assert_array_equal(item["topk_logprobs"].numpy(), seq.topk_logprobs)
+        np.testing.assert_array_equal(item["target_logprobs"].numpy(), seq.target_logprobs)
+
+
+def test_tail_logprob_is_the_log_of_the_mass_outside_the_topk(cache):
+    for line, item in items(TopkDataset(cache.path)).items():
+        want = true_tail(cache.full[line], cache.rows[line].topk_ids)
+        assert (want > np.log(0.05)).all()  # a real tail, not the floor
+        np.testing.assert_allclose(item["tail_logprob"].numpy(), want, atol=2e-5)
+
+
+def test_renormalize_gives_a_distribution_over_the_topk(cache):
+    raw = items(TopkDataset(cache.path))
+    for line, item in items(TopkDataset(cache.path, renormalize=True)).items():
+        lp = item["topk_logprobs"]
+        torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(lp.shape[0], dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(lp, torch.log_softmax(raw[line]["topk_logprobs"], dim=-1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(item["tail_logprob"], raw[line]["tail_logprob"])
+        torch.testing.assert_close(item["topk_ids"], raw[line]["topk_ids"])
+
+
+def test_max_length_truncates_every_array(cache):
+    for line, item in items(TopkDataset(cache.path, max_length=4)).items():
+        seq = cache.rows[line]
+        n = min(len(seq.input_ids), 4)
+        np.testing.assert_array_equal(item["input_ids"].numpy(), seq.input_ids[:n])
+        np.testing.assert_array_equal(item["topk_logprobs"].numpy(), seq.topk_logprobs[:n])
+        np.testing.assert_array_equal(item["target_logprobs"].numpy(), seq.target_logprobs[: n - 1])
+        assert item["tail_logprob"].shape == (n,)
+
+
+def test_two_dataloader_workers_read_every_row_exactly_once(cache):
+    from torch.utils.data import DataLoader
+
+    lines = []
+    loader = DataLoader(TopkDataset(cache.path), batch_size=3, num_workers=2, collate_fn=collate_topk)
+    for batch in loader:
+        lines += batch["line"].tolist()
+    assert sorted(lines) == sorted(cache.rows)
+
+
+def test_ranks_and_shuffle_split_the_rows_without_overlap(cache):
+    per_rank = [items(TopkDataset(cache.path, rank=r, world_size=2, shuffle_shards=True, seed=3)) for r in (0, 1)]
+    assert per_rank[0] and per_rank[1]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted([*per_rank[0], *per_rank[1]]) == sorted(cache.rows)
+    ds = TopkDataset(cache.path, shuffle_shards=True, seed=3)
+    orders = []
+    for epoch in (0, 0, 1):
+        ds.set_epoch(epoch)
+        orders.append([int(x["line"]) for x in ds])
+    assert orders[0] == orders[1] and sorted(orders[0]) == sorted(orders[2]) == sorted(cache.rows)
+    assert orders[0] != sorted(orders[0]) or orders[2] != sorted(orders[2])
+
+
+def test_dataset_survives_pickling_for_spawned_workers(cache):
+    ds = pickle.loads(pickle.dumps(TopkDataset(cache.path, renormalize=True)))
+    assert type(ds) is TopkDataset and ds.renormalize
+    assert sorted(items(ds)) == sorted(cache.rows)
+
+
+def test_float16_shards_read_back_as_float32(tmp_path):
+    cache = write_cache(tmp_path, {0: [4, 6], 1: [3]}, dtype="float16")
+    assert cache_metadata_of(tmp_path)["logprob_dtype"] == "float16"
+    for line, item in items(TopkDataset(tmp_path)).items():
+        seq = cache.rows[line]
+        assert item["topk_logprobs"].dtype == item["target_logprobs"].dtype == item["tail_logprob"].dtype == torch.float32
+        np.testing.assert_array_equal(item["topk_logprobs"].numpy(), seq.topk_logprobs.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(item["target_logprobs"].numpy(), seq.target_logprobs.astype(np.float16).astype(np.float32))
+        np.testing.assert_allclose(item["tail_logprob"].numpy(), true_tail(cache.full[line], seq.topk_ids), atol=5e-3)
+
+
+# ------------------------------------------------------------------------------------ collate
+
+
+def test_collate_pads_and_masks(cache):
+    got = items(TopkDataset(cache.path))
+    seqs = [got[line] for line in (0, 1, 2)]  # 5, 2 and 7 tokens
+    lengths = [len(s["input_ids"]) for s in seqs]
+    batch = collate_topk(seqs, pad_id=-7)
+    T = max(lengths)
+    assert batch["input_ids"].shape == (3, T) and batch["topk_ids"].shape == (3, T, K)
+    assert batch["lengths"].tolist() == lengths and batch["line"].tolist() == [0, 1, 2]
+    for b, (s, n) in enumerate(zip(seqs, lengths)):
+        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (T - n)
+        assert batch["target_mask"][b].tolist() == [True] * (n - 1) + [False] * (T - n + 1)
+        assert batch["input_ids"][b].tolist() == s["input_ids"].tolist() + [-7] * (T - n)
+        assert batch["labels"][b].tolist() == s["input_ids"].tolist() + [-100] * (T - n)
+        torch.testing.assert_close(batch["topk_logprobs"][b, :n], s["topk_logprobs"])
+        torch.testing.assert_close(batch["topk_ids"][b, :n], s["topk_ids"])
+        torch.testing.assert_close(batch["tail_logprob"][b, :n], s["tail_logprob"])
+        torch.testing.assert_close(batch["target_logprobs"][b, : n - 1], s["target_logprobs"])
+        assert (batch["target_logprobs"][b, n - 1:] == 0).all()
+        assert torch.isfinite(batch["topk_logprobs"][b]).all() and torch.isfinite(batch["tail_logprob"][b]).all()
+    assert collate_topk(seqs, pad_to_multiple_of=8)["input_ids"].shape == (3, 8)
+
+
+# ------------------------------------------------------------------------------------ kd_loss
+
+
+def teacher_logits(cache: Cache, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's full log-softmax at every position of the batch (zeros on padding)."""
+    B, T = batch["input_ids"].shape
+    out = torch.zeros(B, T, VOCAB)
+    for b, (line, n) in enumerate(zip(batch["line"].tolist(), batch["lengths"].tolist())):
+        out[b, :n] = torch.from_numpy(cache.full[line])
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(cache) -> dict[str, torch.Tensor]:
+    got = items(TopkDataset(cache.path))
+    return collate_topk([got[line] for line in sorted(got)])
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_loss_is_zero_for_the_teacher_itself(cache, batch, tail, temperature):
+    logits = teacher_logits(cache, batch) + 3.0  # a shift of the logits is the same distribution
+    assert abs(kd_loss(logits, batch, temperature=temperature, tail=tail).item()) < 1e-5
+
+
+def test_kd_loss_ignores_padding_and_is_zero_on_renormalized_rows(cache, batch):
+    logits = teacher_logits(cache, batch)
+    logits[batch["attention_mask"] == 0] = torch.randn(int((batch["attention_mask"] == 0).sum()), VOCAB) * 50
+    assert abs(kd_loss(logits, batch).item()) < 1e-5
+    got = items(TopkDataset(cache.path, renormalize=True))
+    renorm = collate_topk([got[line] for line in sorted(got)])
+    assert abs(kd_loss(teacher_logits(cache, renorm), renorm).item()) < 1e-5
+
+
+def test_kd_loss_is_the_bucket_kl_and_its_gradient_flows(cache, batch):
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, VOCAB, requires_grad=True)
+    loss = kd_loss(logits, batch)
+    assert loss.item() > 0.1
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    mask = batch["attention_mask"].bool()
+    assert logits.grad[mask].abs().sum() > 0 and (logits.grad[~mask] == 0).all()
+    # The same number by brute force over the k + 1 buckets, in float64 from the full distributions.
+    total, count = 0.0, 0
+    q_all = torch.log_softmax(logits.detach().double(), dim=-1)
+    for b, (line, n) in enumerate(zip(batch["line"].tolist(), batch["lengths"].tolist())):
+        p_full, ids = cache.full[line].astype(np.float64), cache.rows[line].topk_ids.astype(np.int64)
+        q_full = q_all[b, :n].numpy()
+        p_top, q_top = np.take_along_axis(p_full, ids, 1), np.take_along_axis(q_full, ids, 1)
+        p_tail = true_tail(p_full, ids)
+        q = np.exp(q_full)
+        np.put_along_axis(q, ids, 0.0, axis=1)
+        q_tail = np.log(q.sum(1))
+        total += (np.exp(p_top) * (p_top - q_top)).sum() + (np.exp(p_tail) * (p_tail - q_tail)).sum()
+        count += n
+    assert loss.item() == pytest.approx(total / count, rel=1e-4)
+    assert kd_loss(logits.detach(), batch, tail=False).item() > 0
+
+
+def test_kd_loss_stays_finite_when_the_teacher_rules_a_token_out(batch):
+    ruled_out = {**batch, "topk_logprobs": batch["topk_logprobs"].clone()}
+    ruled_out["topk_logprobs"][:, :, -1] = float("-inf")
+    logits = torch.randn(*batch["input_ids"].shape, VOCAB, requires_grad=True)
+    loss = kd_loss(logits, ruled_out, temperature=2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_kd_loss_refuses_logits_that_do_not_cover_the_batch(batch):
+    with pytest.raises(ValueError, match="positions"):
+        kd_loss(torch.zeros(1, 3, VOCAB), batch)
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+
+def test_assert_same_tokenizer(cache):
+    assert assert_same_tokenizer(cache.path, FakeTokenizer()) == tokenizer_fingerprint(FakeTokenizer())
+    with pytest.raises(CacheMismatch, match="same tokenizer"):
+        assert_same_tokenizer(cache.path, FakeTokenizer(vocab=VOCAB + 1))
+    with pytest.raises(CacheMismatch):
+        assert_same_tokenizer(cache.path, FakeTokenizer(bos=3))
+
+
+def test_check_alignment(cache):
+    ids = cache.rows[0].input_ids
+    check_alignment(list(ids), torch.from_numpy(ids.astype(np.int64)))
+    check_alignment([*ids, 4], ids, allow_truncation=True)
+    with pytest.raises(InputError, match="token 1 differs"):
+        check_alignment([ids[0], (ids[1] + 1) % VOCAB, *ids[2:]], ids)
+    with pytest.raises(InputError, match="tokens"):
+        check_alignment([*ids, 4], ids)
+
+
+# ------------------------------------------------------------------------------------ no torch
+
+
+def test_module_imports_without_torch(cache):
+    code = f"""
+import sys
+sys.modules["torch"] = None
+sys.modules["vllm"] = None
+import client.training as t
+assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+assert [p.name for p in t.shard_paths({str(cache.path)!r})][0] == "part-000000.parquet"
+class Tok:
+    bos_token_id, eos_token_id = 1, 2
+    def get_vocab(self):
+        return {{f"t{{i}}": i for i in range({VOCAB})}}
+t.assert_same_tokenizer({str(cache.path)!r}, Tok())
+try:
+    t.TopkDataset
+except ImportError as exc:
+    assert "torch" in str(exc)
+else:
+    raise AssertionError("TopkDataset without torch")
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_tail_floor_is_what_a_full_topk_reports(tmp_path):
+    # With k equal to the whole vocabulary nothing is left out: the tail sits at the floor.
+    from client.training import row_group_arrays
+
+    full = torch.log_softmax(torch.randn(3, 4), dim=-1)
+    values, ids = torch.topk(full, 4, dim=-1)
+    seq = ScoredSequence("x", np.arange(3, dtype=np.int32), ids.numpy().astype(np.int32), values.numpy(),
+                         np.zeros(2, np.float32), np.ones(2, np.int32))
+    table = results_to_table([seq], 4).add_column(1, "line", pa.array([0], type=pa.int64()))
+    arrays = row_group_arrays(table)
+    assert np.all(arrays.tail_logprob <= np.log(1e-6)) and np.all(arrays.tail_logprob >= np.float32(np.log(TAIL_FLOOR)))
