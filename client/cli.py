@@ -12,11 +12,12 @@ from pathlib import Path
 from schemas import __version__
 from schemas.errors import TeacherFarmError
 
-USAGE = """teacher-farm {serve,cache,inspect,make-tiny-model} ...
+USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
   serve             host a teacher with vLLM and answer top-k requests over HTTP
   cache             cache a JSONL corpus's teacher top-k as Parquet (via --server or --model)
   inspect           summarize a cache directory and check it is whole
+  verify            re-score a random sample of cached rows against a server and compare
   make-tiny-model   write a tiny random Llama and tokenizer (demo and tests)
 
 Run 'teacher-farm COMMAND --help' for a command's flags.
@@ -84,7 +85,9 @@ def cache_main(argv: list[str]) -> int:
     async def go():
         if a.server:
             urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
-            teacher = TeacherPool([HttpTeacher(u, api_key=a.api_key) for u in urls], retry_for_s=a.retry_for)
+            teacher = TeacherPool(
+                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=a.logprob_dtype) for u in urls], retry_for_s=a.retry_for
+            )
         else:
             engine_args = {
                 "model": a.model, "dtype": a.dtype, "max_model_len": a.max_model_len,
@@ -114,6 +117,38 @@ def inspect_main(argv: list[str]) -> int:
     return 1 if problems else 0
 
 
+def verify_main(argv: list[str]) -> int:
+    """Run ``teacher-farm verify``: exit 1 on any mismatch, a changed shard or a different teacher."""
+    from client.verify import VerifyOptions, run_verify
+
+    p = argparse.ArgumentParser(
+        prog="teacher-farm verify",
+        description="Re-score a random sample of cached rows with the teacher and fail on any mismatch.",
+    )
+    p.add_argument("dir")
+    p.add_argument("--server", action="append", required=True,
+                   help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several")
+    p.add_argument("--sample", type=int, required=True, help="rows to re-score (all of them if fewer)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sample (default: random, printed)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="logprob tolerance (default 1e-3 for float32 caches, 1e-2 for float16)")
+    p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
+                   help="bearer token of the server (or TEACHER_FARM_API_KEY)")
+    a = p.parse_args(argv)
+    if a.sample < 1:
+        p.error("--sample must be at least 1")
+    if a.atol is not None and not a.atol >= 0:
+        p.error("--atol must be a non-negative number")
+    if not Path(a.dir).is_dir():
+        p.error(f"{a.dir}: no such directory")
+    urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
+    report = run_verify(VerifyOptions(
+        out_dir=Path(a.dir), servers=urls, sample=a.sample, seed=a.seed, atol=a.atol, api_key=a.api_key,
+    ))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``teacher-farm`` console script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -136,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return cache_main(rest)
         if command == "inspect":
             return inspect_main(rest)
+        if command == "verify":
+            return verify_main(rest)
         if command == "make-tiny-model":
             from server.tinymodel import main as tiny_main
 

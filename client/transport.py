@@ -88,7 +88,7 @@ class HttpTeacher:
 
     def __init__(
         self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        logprob_dtype: str = "float32", transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.name = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -99,6 +99,10 @@ class HttpTeacher:
         )
         #: Set once the pool knows the teacher; every answer must come from that teacher.
         self.expected_fingerprint: str | None = None
+        #: Precision of logprobs on the wire: float16 when the cache stores no more than that.
+        self.logprob_dtype = logprob_dtype
+        #: Bytes of scoring answers received (the wire cost of the cache).
+        self.bytes_received = 0
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -113,14 +117,26 @@ class HttpTeacher:
         return Info.model_validate_json((await self._call("GET", "/v1/info")).content)
 
     async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
-        """Score ``lines``; the answer comes back as an Arrow IPC stream."""
+        """Score ``lines`` (text, tokenized by the teacher)."""
+        return await self._score([{"id": x.id, "text": x.text} for x in lines], k, max_length)
+
+    async def topk_ids(
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+    ) -> pa.Table:
+        """Score exact token sequences, ``(id, token_ids)`` pairs (ints or numpy arrays)."""
+        return await self._score([{"id": i, "token_ids": t} for i, t in ids_and_tokens], k, max_length)
+
+    async def _score(self, inputs: list[dict], k: int, max_length: int | None) -> pa.Table:
+        """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {"k": k, "max_length": max_length, "inputs": [{"id": x.id, "text": x.text} for x in lines]}
+            {"k": k, "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
+            option=orjson.OPT_SERIALIZE_NUMPY,
         )
         response = await self._call(
             "POST", "/v1/topk", content=body,
             headers={"Content-Type": "application/json", "Accept": ARROW_STREAM},
         )
+        self.bytes_received += len(response.content)
         served = response.headers.get(FINGERPRINT_HEADER)
         if self.expected_fingerprint and served != self.expected_fingerprint:
             raise CacheMismatch(
@@ -239,6 +255,10 @@ class TeacherPool:
             with attempt:
                 return await call(member.teacher)
         raise AssertionError("unreachable")
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(m.teacher.bytes_received for m in self.members)
 
     async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
         cost = sum(len(x.text) for x in lines)

@@ -1,0 +1,494 @@
+"""``teacher-farm verify DIR``: re-score a random sample of cached rows and compare.
+
+Silent corruption of a shard, or a teacher that changed since the cache was made, shows up here:
+
+1. the server's ``/v1/info`` must name the teacher of the manifests (model and tokenizer
+   fingerprints, vocabulary size), else nothing is re-scored;
+2. N rows are drawn uniformly (seeded) across all shards the manifests name, and only the row
+   groups holding them are read;
+3. every shard a sampled row lies in is re-hashed against the manifest's sha256 and size;
+4. the rows' cached ``input_ids`` are sent back as ``token_ids`` (so tokenization cannot differ)
+   with k+1 candidates where the server allows it, the extra one showing ties at the k-th place;
+5. per row, with numpy: ``input_ids`` equal; ``topk_logprobs`` and ``target_logprobs`` within
+   ``atol`` (plus one unit in the last place of the cache's logprob dtype, the fresh values being
+   rounded to that dtype first); ``topk_ids`` equal except swaps between candidates tied within
+   that tolerance; ``target_ranks`` equal except where ties make the rank ambiguous.
+
+A target ranked beyond the visible candidates cannot have its ties seen, so there a rank may
+differ by ``max(2, rank // 100)``, as float noise between two runs can reorder a tail of near-equal
+logprobs; anything more is a mismatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from client.fsutil import sha256_file
+from client.inspect import merge
+from client.manifest import ShardRecord, load_manifests
+from client.transport import HttpTeacher, TeacherPool
+from schemas.errors import InputError
+from schemas.wire import Info
+
+#: Default tolerance of logprobs, by the cache's logprob dtype.
+DEFAULT_ATOL = {"float32": 1e-3, "float16": 1e-2}
+
+CACHE_COLUMNS = ["id", "line", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs", "target_ranks"]
+
+#: Lines of mismatches printed in the report (all are counted).
+REPORT_MISMATCHES = 50
+#: Positions named per kind of difference in one row.
+POSITIONS_SHOWN = 3
+
+
+@dataclass
+class VerifyOptions:
+    """What ``teacher-farm verify`` is told; see ``client.cli`` for the flags."""
+
+    out_dir: Path
+    servers: list[str]
+    sample: int
+    seed: int | None = None
+    atol: float | None = None
+    api_key: str | None = None
+    concurrency: int = 4
+    batch_rows: int = 16
+    batch_tokens: int = 65_536
+    retry_for_s: float = 600.0
+
+
+@dataclass
+class Mismatch:
+    """One disagreement: a row's (``line`` set) or a whole shard's (``line`` None)."""
+
+    file: str
+    line: int | None
+    id: str | None
+    what: str
+
+    def render(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.what}"
+        return f"{self.file} line {self.line} (id {self.id}): {self.what}"
+
+
+@dataclass
+class VerifyReport:
+    """What a verification found; ``ok`` only when every check agreed."""
+
+    out_dir: Path
+    teacher: str = ""
+    teacher_problem: str | None = None
+    total_rows: int = 0
+    total_shards: int = 0
+    sampled_rows: int = 0
+    sampled_shards: int = 0
+    seed: int = 0
+    atol: float = 0.0
+    logprob_dtype: str = "float32"
+    k: int = 0
+    rows_checked: int = 0
+    positions_checked: int = 0
+    max_abs_diff: float = 0.0
+    shards_hashed: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    bad_rows: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return self.teacher_problem is None and not self.mismatches
+
+    def add(self, m: Mismatch) -> None:
+        self.mismatches.append(m)
+        if m.line is not None:
+            self.bad_rows.add((m.file, m.line))
+
+    def render(self) -> str:
+        lines = [f"verify:     {self.out_dir}", f"teacher:    {self.teacher}"]
+        if self.teacher_problem is not None:
+            lines += [f"status:     FAILED: {self.teacher_problem}"]
+            return "\n".join(lines)
+        every = " (all)" if self.sampled_rows == self.total_rows else ""
+        shard_problems = len({m.file for m in self.mismatches if m.line is None})
+        lines += [
+            f"sample:     {self.sampled_rows} of {self.total_rows} rows{every} from {self.sampled_shards} of "
+            f"{self.total_shards} shards, seed {self.seed}",
+            f"shards:     {self.shards_hashed} re-hashed, {shard_problems} differ from the manifest",
+            f"rows:       {self.rows_checked} rows checked ({self.positions_checked} positions, k {self.k}), "
+            f"{len(self.bad_rows)} disagree",
+            f"max |diff|: {self.max_abs_diff:.3g} (atol {self.atol:g}, {self.logprob_dtype} logprobs)",
+            "status:     " + ("OK" if self.ok else "FAILED: " + _count(len(self.mismatches), "mismatch")),
+        ]
+        shown = sorted(self.mismatches, key=lambda m: (m.file, -1 if m.line is None else m.line))
+        lines += [f"mismatch:   {m.render()}" for m in shown[:REPORT_MISMATCHES]]
+        if len(shown) > REPORT_MISMATCHES:
+            lines.append(f"            ... and {len(shown) - REPORT_MISMATCHES} more")
+        return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("h") else "s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows as numpy arrays
+
+
+def _lengths_and_values(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Per-row list lengths (a null list counts 0) and the flattened values of a list array."""
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lengths, pc.list_flatten(arr)
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def table_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Each row of a cache or result table as numpy arrays; a ragged top-k row gets None."""
+    rows: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
+    if not rows:
+        return rows
+    for name in ("id", "line"):
+        if name in table.column_names:
+            for row, value in zip(rows, table.column(name).to_pylist()):
+                row[name] = value
+    for name in ("input_ids", "target_logprobs", "target_ranks"):
+        lengths, flat = _lengths_and_values(table.column(name).combine_chunks())
+        values, off = flat.to_numpy(zero_copy_only=False), _offsets(lengths)
+        for i, row in enumerate(rows):
+            row[name] = values[off[i]:off[i + 1]]
+    for name in ("topk_ids", "topk_logprobs"):
+        outer, inner = _lengths_and_values(table.column(name).combine_chunks())
+        widths, flat = _lengths_and_values(inner)
+        values, off, inner_off = flat.to_numpy(zero_copy_only=False), _offsets(outer), _offsets(widths)
+        for i, row in enumerate(rows):
+            a, b = off[i], off[i + 1]
+            w = widths[a:b]
+            if b == a:
+                row[name] = values[:0].reshape(0, 0)
+            elif (w == w[0]).all():
+                row[name] = values[inner_off[a]:inner_off[b]].reshape(b - a, int(w[0]))
+            else:
+                row[name] = None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing one row
+
+
+def _ulp(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """One unit in the last place of ``x`` in ``dtype``, as float32."""
+    return np.spacing(np.abs(x.astype(dtype))).astype(np.float32)
+
+
+def _where(positions: np.ndarray, describe) -> str:
+    shown = ", ".join(describe(*p) for p in positions[:POSITIONS_SHOWN])
+    more = f" and {len(positions) - POSITIONS_SHOWN} more" if len(positions) > POSITIONS_SHOWN else ""
+    return shown + more
+
+
+def compare_row(
+    cached: dict[str, Any], fresh: dict[str, Any], *, k: int, atol: float, logprob_dtype: str = "float32",
+) -> tuple[list[str], float]:
+    """What differs between a cached row and its re-scoring (empty when they agree), and max |diff|.
+
+    ``fresh`` may hold more candidates than ``k`` (the extra ones only settle ties at the k-th).
+    """
+    dtype = np.dtype(logprob_dtype)
+    ci = np.asarray(cached["input_ids"])
+    fi = np.asarray(fresh["input_ids"])
+    if len(ci) != len(fi):
+        return [f"input_ids: the teacher scored {len(fi)} tokens of the {len(ci)} sent"], 0.0
+    if not np.array_equal(ci, fi):
+        return [f"input_ids differ from position {int(np.flatnonzero(ci != fi)[0])}"], 0.0
+    n = len(ci)
+    c_ids, c_lp = cached["topk_ids"], cached["topk_logprobs"]
+    c_t, c_r = np.asarray(cached["target_logprobs"]), np.asarray(cached["target_ranks"])
+    shape_problems = []
+    for name, arr in (("topk_ids", c_ids), ("topk_logprobs", c_lp)):
+        if arr is None or arr.shape != (n, k):
+            got = "ragged" if arr is None else "×".join(map(str, arr.shape))
+            shape_problems.append(f"cached {name} is {got}, not {n}×{k}")
+    for name, arr in (("target_logprobs", c_t), ("target_ranks", c_r)):
+        if arr.shape != (n - 1,):
+            shape_problems.append(f"cached {name} has {len(arr)} values, not {n - 1}")
+    if shape_problems:
+        return shape_problems, 0.0
+    f_ids, f_lp = fresh["topk_ids"], fresh["topk_logprobs"]
+    if (
+        f_ids is None or f_lp is None or f_ids.shape != f_lp.shape or f_ids.shape[0] != n or f_ids.shape[1] < k
+        or len(fresh["target_logprobs"]) != n - 1 or len(fresh["target_ranks"]) != n - 1
+    ):
+        return [f"the teacher's answer does not have {n} positions of at least {k} candidates"], 0.0
+    kf = f_ids.shape[1]
+    problems: list[str] = []
+
+    # Logprobs: fresh values rounded to the cache's dtype; tolerance atol + one ulp of that dtype.
+    cl = c_lp.astype(np.float32)
+    fl = f_lp.astype(dtype).astype(np.float32)
+    ct = c_t.astype(np.float32)
+    ft = np.asarray(fresh["target_logprobs"]).astype(dtype).astype(np.float32)
+    tol_c = atol + _ulp(cl, dtype)
+    tol_f = atol + _ulp(fl, dtype)
+    d_topk = np.abs(cl - fl[:, :k])
+    d_target = np.abs(ct - ft)
+    diffs = np.concatenate([d_topk.ravel(), d_target])
+    max_diff = float("inf") if np.isnan(diffs).any() else float(diffs.max(initial=0.0))
+    bad = np.argwhere(~(d_topk <= np.maximum(tol_c, tol_f[:, :k])))
+    if len(bad):
+        problems.append(
+            f"topk_logprobs differ at {len(bad)} of {n * k} entries: "
+            + _where(bad, lambda p, c: f"position {p} candidate {c + 1}: cached {cl[p, c]:.6g}, teacher {fl[p, c]:.6g}")
+        )
+    bad = np.flatnonzero(~(d_target <= atol + np.maximum(_ulp(ct, dtype), _ulp(ft, dtype))))
+    if len(bad):
+        problems.append(
+            f"target_logprobs differ at {len(bad)} of {n - 1} positions: "
+            + _where(bad[:, None], lambda p: f"position {p}: cached {ct[p]:.6g}, teacher {ft[p]:.6g}")
+        )
+
+    # Candidate ids: equal, except a swap between candidates tied within the tolerance. A candidate
+    # that moved must appear on the other side with the same logprob, or (just past the last
+    # visible place) tie with the other side's last candidate.
+    rows, cols = np.nonzero(c_ids != f_ids[:, :k])
+    if len(rows):
+        want, want_lp, want_tol = c_ids[rows, cols], cl[rows, cols], tol_c[rows, cols]
+        eq = f_ids[rows] == want[:, None]
+        found = (eq & (np.abs(fl[rows] - want_lp[:, None]) <= want_tol[:, None])).any(axis=1)
+        edge = ~eq.any(axis=1) & (np.abs(fl[rows, kf - 1] - want_lp) <= want_tol)
+        ok = found | edge
+        got, got_lp, got_tol = f_ids[rows, cols], fl[rows, cols], tol_f[rows, cols]
+        eq = c_ids[rows] == got[:, None]
+        found = (eq & (np.abs(cl[rows] - got_lp[:, None]) <= got_tol[:, None])).any(axis=1)
+        edge = ~eq.any(axis=1) & (np.abs(cl[rows, k - 1] - got_lp) <= got_tol)
+        ok &= found | edge
+        bad = np.flatnonzero(~ok)
+        if len(bad):
+            problems.append(
+                f"topk_ids differ beyond ties at {len(bad)} of {n * k} entries: "
+                + _where(bad[:, None], lambda j: f"position {rows[j]} candidate {cols[j] + 1}: cached "
+                         f"{c_ids[rows[j], cols[j]]}, teacher {f_ids[rows[j], cols[j]]}")
+            )
+
+    # Target ranks: equal, or within the range the fresh candidates' ties allow.
+    f_r = np.asarray(fresh["target_ranks"])
+    pos = np.flatnonzero(c_r != f_r)
+    if len(pos):
+        lps, t = fl[pos], ft[pos]
+        tol = (atol + _ulp(t, dtype))[:, None]
+        lo = 1 + (lps > t[:, None] + tol).sum(axis=1)
+        hi = (lps >= t[:, None] - tol).sum(axis=1)
+        rc, rf = c_r[pos].astype(np.int64), f_r[pos].astype(np.int64)
+        visible = lo <= kf
+        ok = np.where(
+            visible & (hi < kf), (rc >= lo) & (rc <= hi),
+            np.where(visible, rc >= lo, (rc > kf) & (np.abs(rc - rf) <= np.maximum(2, rf // 100))),
+        )
+        bad = np.flatnonzero(~ok)
+        if len(bad):
+            problems.append(
+                f"target_ranks differ beyond ties at {len(bad)} of {n - 1} positions: "
+                + _where(bad[:, None], lambda j: f"position {pos[j]}: cached {rc[j]}, teacher {rf[j]}")
+            )
+    return problems, max_diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and reading
+
+
+def sample_positions(records: Sequence[ShardRecord], n: int, seed: int) -> dict[int, np.ndarray]:
+    """``n`` rows drawn uniformly without replacement: shard index -> sorted rows in that shard."""
+    counts = np.array([r.rows for r in records], dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return {}
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    starts = _offsets(counts)
+    which = np.searchsorted(starts, picks, side="right") - 1
+    return {
+        records[s].index: picks[which == s] - starts[s]
+        for s in np.unique(which)
+    }
+
+
+def read_rows(path: Path, rows: np.ndarray) -> tuple[pa.Table, list[str]]:
+    """The given rows of a shard, reading only the row groups that hold them; and any problems."""
+    pf = pq.ParquetFile(path)
+    meta = pf.metadata
+    problems = []
+    if (missing := rows[rows >= meta.num_rows]).size:
+        problems.append(f"{meta.num_rows} rows in the file, fewer than the manifest says; rows {missing[:5].tolist()} absent")
+        rows = rows[rows < meta.num_rows]
+    group_starts = _offsets(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64))
+    groups = np.searchsorted(group_starts, rows, side="right") - 1
+    parts = []
+    for g in np.unique(groups):
+        table = pf.read_row_group(int(g), columns=CACHE_COLUMNS)
+        parts.append(table.take(pa.array(rows[groups == g] - group_starts[g])))
+    if not parts:
+        return pa.Table.from_pylist([]), problems
+    return pa.concat_tables(parts), problems
+
+
+def batches(rows: list[dict[str, Any]], max_rows: int, max_tokens: int) -> Iterator[list[dict[str, Any]]]:
+    """Group rows into requests of at most ``max_rows`` rows and about ``max_tokens`` tokens."""
+    cur: list[dict[str, Any]] = []
+    tokens = 0
+    for row in rows:
+        n = len(row["input_ids"])
+        if cur and (len(cur) >= max_rows or tokens + n > max_tokens):
+            yield cur
+            cur, tokens = [], 0
+        cur.append(row)
+        tokens += n
+    if cur:
+        yield cur
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def teacher_problem(info: Info, identity: dict[str, Any]) -> str | None:
+    """Why ``info`` is not the teacher that made a cache of ``identity``, or None."""
+    diffs = [
+        f"{key} {identity.get(key)!r} in the cache, {getattr(info, key)!r} served"
+        for key in ("model_fingerprint", "tokenizer_fingerprint", "vocab_size")
+        if identity.get(key) != getattr(info, key)
+    ]
+    if not diffs:
+        return None
+    return "the server runs a different teacher than the one that made this cache: " + "; ".join(diffs)
+
+
+async def _score(teacher: Any, batch: list[dict[str, Any]], k: int) -> pa.Table:
+    items = [(row["id"], np.ascontiguousarray(row["input_ids"], dtype=np.int64)) for row in batch]
+    if isinstance(teacher, TeacherPool):
+        # The pool's retry and spreading over servers; its public ``topk`` takes text only.
+        cost = sum(len(row["input_ids"]) for row in batch)
+        return await teacher._attempt(lambda t: t.topk_ids(items, k), cost)
+    return await teacher.topk_ids(items, k)
+
+
+async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
+    """Check a sample of ``opts.out_dir`` against ``teacher`` (a ``TeacherPool`` or ``HttpTeacher``)."""
+    out = Path(opts.out_dir)
+    manifests = load_manifests(out)
+    if not manifests:
+        raise InputError(f"{out} has no manifest.json: not a teacher-farm cache")
+    manifest = merge(manifests)
+    identity = manifest.identity
+    dtype = str(identity.get("logprob_dtype", "float32"))
+    k = int(identity["k"])
+    report = VerifyReport(
+        out_dir=out, seed=opts.seed if opts.seed is not None else secrets.randbits(32),
+        atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2), logprob_dtype=dtype, k=k,
+    )
+
+    info = await teacher.info()
+    report.teacher = f"{teacher.name} (model {info.model}, fingerprint {info.fingerprint})"
+    for name, m in manifests.items():
+        if (problem := teacher_problem(info, m.identity)) is not None:
+            report.teacher_problem = problem + (f" ({name})" if len(manifests) > 1 else "")
+            return report
+    if k > info.k_max:
+        report.teacher_problem = f"the cache's k={k} is over the server's k_max={info.k_max}"
+        return report
+    k_fresh = min(k + 1, info.k_max)
+
+    records = sorted(manifest.shards.values(), key=lambda r: r.index)
+    report.total_rows, report.total_shards = sum(r.rows for r in records), len(records)
+    picks = sample_positions(records, opts.sample, report.seed)
+    report.sampled_rows = int(sum(len(v) for v in picks.values()))
+    report.sampled_shards = len(picks)
+
+    sem = asyncio.Semaphore(opts.concurrency)
+    tasks: list[asyncio.Task] = []
+
+    async def check(batch: list[dict[str, Any]], file: str) -> None:
+        try:
+            fresh = table_rows(await _score(teacher, batch, k_fresh))
+        finally:
+            sem.release()
+        if len(fresh) != len(batch):
+            for row in batch:
+                report.add(Mismatch(file, row["line"], row["id"], f"the teacher answered {len(fresh)} rows for {len(batch)}"))
+            return
+        for row, answer in zip(batch, fresh):
+            problems, diff = compare_row(row, answer, k=k, atol=report.atol, logprob_dtype=dtype)
+            report.rows_checked += 1
+            report.positions_checked += len(row["input_ids"])
+            report.max_abs_diff = max(report.max_abs_diff, diff)
+            for what in problems:
+                report.add(Mismatch(file, row["line"], row["id"], what))
+
+    by_index = {r.index: r for r in records}
+    try:
+        for index, local in sorted(picks.items()):
+            rec = by_index[index]
+            path = out / rec.file
+            if not path.exists():
+                report.add(Mismatch(rec.file, None, None, f"missing; {len(local)} sampled rows not checked"))
+                continue
+            size = path.stat().st_size
+            digest = await asyncio.to_thread(sha256_file, path)
+            report.shards_hashed += 1
+            if size != rec.bytes:
+                report.add(Mismatch(rec.file, None, None, f"{size} bytes, the manifest says {rec.bytes}"))
+            if digest != rec.sha256:
+                report.add(Mismatch(rec.file, None, None, "sha256 checksum differs from the manifest's"))
+            try:
+                table, problems = await asyncio.to_thread(read_rows, path, local)
+            except (OSError, pa.ArrowException) as exc:
+                report.add(Mismatch(rec.file, None, None, f"unreadable: {exc}"))
+                continue
+            for what in problems:
+                report.add(Mismatch(rec.file, None, None, what))
+            rows = []
+            for row in table_rows(table):
+                n = len(row["input_ids"])
+                if n == 0:
+                    report.add(Mismatch(rec.file, row["line"], row["id"], "empty input_ids"))
+                elif n > info.max_input_tokens:
+                    report.add(Mismatch(rec.file, row["line"], row["id"],
+                                        f"{n} tokens, more than the server holds ({info.max_input_tokens}); not re-scored"))
+                else:
+                    rows.append(row)
+            for batch in batches(rows, min(opts.batch_rows, info.max_inputs_per_request), opts.batch_tokens):
+                await sem.acquire()
+                tasks.append(asyncio.create_task(check(batch, rec.file)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return report
+
+
+def run_verify(opts: VerifyOptions) -> VerifyReport:
+    """Verify with a pool of ``opts.servers``, closing it afterwards."""
+    if opts.sample < 1:
+        raise InputError("--sample must be at least 1")
+
+    async def go() -> VerifyReport:
+        pool = TeacherPool([HttpTeacher(u, api_key=opts.api_key) for u in opts.servers], retry_for_s=opts.retry_for_s)
+        try:
+            return await verify_cache(opts, pool)
+        finally:
+            await pool.aclose()
+
+    return asyncio.run(go())
