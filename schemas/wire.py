@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
@@ -36,6 +36,9 @@ class TopkRequest(BaseModel):
     inputs: list[TopkInput] = Field(min_length=1)
     max_length: int | None = Field(
         None, ge=1, description="truncate each input to this many tokens (after special tokens)"
+    )
+    logprob_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="logprob precision of an Arrow answer (float16 halves its logprob bytes)"
     )
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from schemas import ARROW_STREAM, FINGERPRINT_HEADER
-from schemas.arrow import results_to_table
+from schemas.arrow import cast_logprobs, results_to_table
 from schemas.errors import (
     AuthError, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
 )
@@ -167,14 +167,14 @@ async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSett
 
     headers = {FINGERPRINT_HEADER: f"{t.info.model_fingerprint}/{t.info.tokenizer_fingerprint}"}
     if ARROW_STREAM in request.headers.get("accept", ""):
-        payload = await asyncio.to_thread(_arrow_payload, results, req.k)
+        payload = await asyncio.to_thread(_arrow_payload, results, req.k, req.logprob_dtype)
         return Response(payload, media_type=ARROW_STREAM, headers=headers)
     body = {"model": t.info.model, "k": req.k, "results": [r.__dict__ for r in results]}
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)
 
 
-def _arrow_payload(results: list, k: int) -> bytes:
-    table = results_to_table(results, k)
+def _arrow_payload(results: list, k: int, logprob_dtype: str) -> bytes:
+    table = cast_logprobs(results_to_table(results, k), logprob_dtype)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(table)
@@ -238,6 +238,8 @@ def create_app(load_teacher: Callable[[], Any]) -> FastAPI:
 
     app = FastAPI(title="teacher-farm", lifespan=lifespan)
     app.include_router(router)
+    from server.openai_compat import router as openai_router  # imports this module: not at the top
+    app.include_router(openai_router)
     app.add_exception_handler(TeacherFarmError, _error_response)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(RequireKey)

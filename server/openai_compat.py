@@ -1,0 +1,359 @@
+"""OpenAI-compatible endpoints, so lm-evaluation-harness can score against the farm.
+
+``lm_eval --model local-completions --model_args base_url=http://host:8000/v1/completions,...``
+sends loglikelihood requests as ``POST /v1/completions`` with ``echo=true``, ``max_tokens`` 0 or 1,
+``logprobs`` N and ``temperature`` 0, and reads ``token_logprobs`` / ``top_logprobs`` of the prompt.
+Those are exactly ``/v1/topk``'s ``target_logprobs`` and top-k rows, so this module only reshapes
+one ``Teacher.prepare`` / ``Teacher.score`` answer into the completions format. It scores prompts
+only: anything that asks for more than one generated token gets a 422.
+
+``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` are shaped like vLLM's own,
+so lm-eval's ``tokenizer_backend=remote`` works too.
+
+This is the ad-hoc compatibility path, not the hot path: per-token dicts are built here and only
+here, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from schemas.arrow import ScoredSequence
+from schemas.errors import InputError, MalformedBody, RequestTooLarge
+from schemas.wire import TopkInput, TopkRequest
+from server import metrics
+from server.app import read_body, teacher
+from server.settings import ServerSettings, get_settings
+
+router = APIRouter()
+
+#: What OpenAI and vLLM send instead of ``-inf`` (JSON has no infinities).
+MIN_LOGPROB = -9999.0
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class CompletionRequest(BaseModel):
+    """The fields of an OpenAI completions request that matter for scoring a prompt.
+
+    Other sampling fields (``seed``, ``top_p``, ``stop``, ``user``, ...) are accepted and ignored:
+    prompt logprobs do not depend on them, and the one optional generated token is greedy.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = 16  # OpenAI's default: a request that leaves it out asks to generate
+    echo: bool = False
+    logprobs: int | None = None
+    temperature: float | None = None
+    n: int = 1
+    best_of: int | None = None
+    stream: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: tokens as "token_id:<id>"
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``TokenizeCompletionRequest``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: StrictStr
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``DetokenizeRequest``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
+def _validate(model: type[Model], body: bytes) -> Model:
+    """Parse a JSON body into ``model``, with messages that point at the bad field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise MalformedBody(f"the body is not valid JSON: {exc.errors()[0]['msg']}") from exc
+        problems, prompt_is_bad = [], False
+        for e in exc.errors():
+            if e["loc"][:1] == ("prompt",) and len(e["loc"]) > 1:  # one line for the whole union
+                if not prompt_is_bad:
+                    problems.append(
+                        "prompt: must be a string, a list of strings, a list of token ids or a list of "
+                        "token-id lists"
+                    )
+                prompt_is_bad = True
+            else:
+                problems.append(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}")
+        raise InputError(f"invalid request: {'; '.join(problems[:10])}") from exc
+
+
+def check_completion(req: CompletionRequest, k_max: int) -> None:
+    """Refuse what this server cannot answer faithfully, saying what to send instead."""
+    if req.max_tokens is None or req.max_tokens not in (0, 1):
+        given = f"max_tokens={req.max_tokens}" if "max_tokens" in req.model_fields_set else (
+            "max_tokens is not set (OpenAI's default is 16)"
+        )
+        raise InputError(
+            f"{given}: this server scores prompts only; send max_tokens=0 or 1 "
+            "with echo=true and logprobs=N (as lm-eval's loglikelihood requests do)"
+        )
+    if req.max_tokens == 0 and not req.echo:
+        raise InputError(
+            "echo=false with max_tokens=0 asks for nothing: this server scores prompts only; "
+            "send echo=true to get the prompt's logprobs"
+        )
+    if req.max_tokens == 1 and req.temperature not in (None, 0):
+        raise InputError(
+            f"temperature={req.temperature}: the one generated token is greedy; send temperature=0"
+        )
+    if req.stream:
+        raise InputError("stream=true is not supported: this server scores prompts only")
+    if req.n != 1 or req.best_of not in (None, 1):
+        raise InputError("n and best_of must be 1: this server scores prompts only")
+    if req.logprobs is not None and req.logprobs < 0:
+        raise InputError(f"logprobs={req.logprobs} must be 0 or more")
+    if req.logprobs is not None and req.logprobs > k_max:
+        raise InputError(f"logprobs={req.logprobs} is over this server's k_max={k_max}")
+
+
+def _prompts(req: CompletionRequest) -> tuple[list[str] | None, list[list[int]] | None]:
+    """The prompts as texts or as token-id lists (exactly one of the two is set)."""
+    p = req.prompt
+    if isinstance(p, str):
+        p = [p]
+    if not p:
+        raise InputError("prompt is empty")
+    if isinstance(p[0], str):
+        for i, text in enumerate(p):
+            if not text:
+                raise InputError(f"prompt.{i} is an empty string")
+        return p, None
+    if isinstance(p[0], int):
+        p = [p]
+    for i, ids in enumerate(p):
+        if not ids:
+            raise InputError(f"prompt.{i} is an empty list of token ids")
+    return None, p
+
+
+def _check_token_ids(token_ids: list[list[int]], vocab: int, limit: int) -> None:
+    for i, ids in enumerate(token_ids):
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.min() < 0 or arr.max() >= vocab:
+            bad = int(arr[(arr < 0) | (arr >= vocab)][0])
+            raise InputError(f"prompt.{i}: token id {bad} is outside the vocabulary (size {vocab})")
+        if arr.size > limit:
+            raise InputError(
+                f"prompt.{i} has {arr.size} tokens; this server scores at most {limit} per prompt "
+                f"(max_model_len {limit + 1}, one slot kept for the next token): send shorter prompts, "
+                f"e.g. lm-eval's max_length={limit + 1}"
+            )
+
+
+class _Strings:
+    """Token strings for ids, decoded once per distinct id of a request."""
+
+    def __init__(self, tokenizer: Any, ids: np.ndarray, as_token_ids: bool) -> None:
+        self.uniq = np.unique(ids)
+        if as_token_ids:
+            strs = [f"token_id:{i}" for i in self.uniq.tolist()]
+        else:
+            strs = tokenizer.batch_decode(self.uniq[:, None].tolist(), skip_special_tokens=False)
+        self.table = np.asarray(strs, dtype=object)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.table[np.searchsorted(self.uniq, ids)]
+
+
+def _top_dicts(keys: np.ndarray, lps: list[list[float]]) -> list[dict[str, float]]:
+    """One ``{token: logprob}`` per row, most likely first; a key two ids decode to keeps its best."""
+    out = []
+    for row_keys, row_lps in zip(keys.tolist(), lps):
+        d = dict(zip(row_keys, row_lps))
+        if len(d) < len(row_keys):  # e.g. byte tokens that each decode to "�"
+            d = {}
+            for key, lp in zip(row_keys, row_lps):
+                d.setdefault(key, lp)
+        out.append(d)
+    return out
+
+
+def completion_choices(
+    req: CompletionRequest, tokenizer: Any, texts: list[str] | None, scored: list[ScoredSequence]
+) -> list[dict[str, Any]]:
+    """The ``choices`` of a completions answer, one per prompt."""
+    n_top = req.logprobs or 0
+    gen = req.max_tokens == 1
+    parts = [s.input_ids for s in scored] + [s.topk_ids[:, :n_top].reshape(-1) for s in scored]
+    parts += [s.topk_ids[-1:, 0] for s in scored]
+    strings = _Strings(tokenizer, np.concatenate(parts), req.return_tokens_as_token_ids)
+
+    choices = []
+    for index, s in enumerate(scored):
+        n = len(s.input_ids)
+        # Position i predicts token i + 1: rows 0..n-2 carry the prompt's tokens 1..n-1, row n-1
+        # the greedy next token.
+        rows = slice(0, n - 1 + gen) if req.echo else slice(n - 1, n - 1 + gen)
+        top_ids = s.topk_ids[rows, :n_top]
+        top_lps = np.maximum(s.topk_logprobs[rows, :n_top], MIN_LOGPROB).tolist()
+        token_ids = s.input_ids.tolist() if req.echo else []
+        token_lps: list[float | None] = (
+            [None, *np.maximum(s.target_logprobs, MIN_LOGPROB).tolist()] if req.echo else []
+        )
+        tops: list[dict[str, float] | None] = _top_dicts(strings(top_ids), top_lps)
+        if req.echo:
+            tops.insert(0, None)
+        text = ""
+        if req.echo:
+            text = texts[index] if texts is not None else tokenizer.decode(token_ids, skip_special_tokens=False)
+        if gen:
+            next_id = int(s.topk_ids[-1, 0])
+            token_ids.append(next_id)
+            token_lps.append(max(float(s.topk_logprobs[-1, 0]), MIN_LOGPROB))
+            text += tokenizer.decode([next_id], skip_special_tokens=False)
+
+        tokens = strings(np.asarray(token_ids, dtype=np.int64)).tolist() if token_ids else []
+        offsets = np.zeros(len(tokens), dtype=np.int64)
+        if tokens:
+            np.cumsum([len(t) for t in tokens[:-1]], out=offsets[1:])
+        choices.append({
+            "index": index,
+            "text": text,
+            "logprobs": None if req.logprobs is None else {
+                "tokens": tokens,
+                "token_logprobs": token_lps,
+                "top_logprobs": tops,
+                "text_offset": offsets.tolist(),
+            },
+            "finish_reason": "length",
+            "stop_reason": None,
+        })
+    return choices
+
+
+@router.post("/v1/completions")
+async def completions(
+    request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
+) -> Response:
+    """OpenAI completions for scoring: the prompt's logprobs (``echo``) and at most one greedy token."""
+    req = _validate(CompletionRequest, await read_body(request, settings.max_body_bytes))
+    check_completion(req, t.info.k_max)
+    texts, token_ids = _prompts(req)
+    count = len(texts if texts is not None else token_ids)
+    if count > settings.max_inputs_per_request:
+        raise RequestTooLarge(f"{count} prompts in one request; the limit is {settings.max_inputs_per_request}")
+    if texts is not None:
+        token_ids = await asyncio.to_thread(t.tokenize, texts, None)
+    _check_token_ids(token_ids, t.info.vocab_size, t.info.max_input_tokens)
+
+    # The one scoring path: the same request model, validation and engine call as /v1/topk.
+    topk_req = TopkRequest(
+        k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids]
+    )
+    token_ids = await asyncio.to_thread(t.prepare, topk_req)
+    total = sum(len(ids) for ids in token_ids)
+    if total > settings.max_tokens_per_request:
+        raise RequestTooLarge(
+            f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: send fewer prompts"
+        )
+    admission = request.app.state.admission
+    admission.acquire(total, settings.retry_after_s)
+    try:
+        with metrics.REQUEST_LATENCY.time():
+            scored = await t.score([None] * len(token_ids), token_ids, topk_req.k)
+    finally:
+        admission.release(total)
+    metrics.TOKENS_SCORED.inc(total)
+    metrics.SEQUENCES_SCORED.inc(len(scored))
+
+    choices = await asyncio.to_thread(completion_choices, req, t.tokenizer, texts, scored)
+    generated = len(scored) if req.max_tokens == 1 else 0
+    body = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": t.info.model,
+        "choices": choices,
+        "usage": {"prompt_tokens": total, "completion_tokens": generated, "total_tokens": total + generated},
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@router.post("/tokenize")
+async def tokenize(
+    request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
+) -> Response:
+    """vLLM's ``/tokenize`` for a completion prompt: ``{"tokens", "count", "max_model_len"}``."""
+    req = _validate(TokenizeRequest, await read_body(request, settings.max_body_bytes))
+    ids = await asyncio.to_thread(
+        lambda: t.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+    )
+    body: dict[str, Any] = {"count": len(ids), "max_model_len": t.info.max_model_len, "tokens": ids}
+    body["token_strs"] = t.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return JSONResponse(body)
+
+
+@router.post("/detokenize")
+async def detokenize(
+    request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
+) -> Response:
+    """vLLM's ``/detokenize``: ``{"prompt": text}``."""
+    req = _validate(DetokenizeRequest, await read_body(request, settings.max_body_bytes))
+    if req.tokens and max(req.tokens) >= t.info.vocab_size:
+        raise InputError(f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {t.info.vocab_size})")
+    return JSONResponse({"prompt": t.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+
+
+def _jsonable(obj: Any) -> Any:
+    """``AddedToken`` and friends as plain JSON, as vLLM's ``TokenizerInfo`` does."""
+    if hasattr(obj, "content"):
+        return obj.content
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def tokenizer_info(tokenizer: Any, max_model_len: int) -> dict[str, Any]:
+    """vLLM's ``/tokenizer_info`` (the tokenizer's ``init_kwargs``, less file paths), plus the ids."""
+    config = dict(getattr(tokenizer, "init_kwargs", None) or {})
+    for path_field in ("vocab_file", "merges_file", "tokenizer_file", "name_or_path"):
+        config.pop(path_field, None)
+    config = _jsonable(config)
+    config["tokenizer_class"] = type(tokenizer).__name__
+    for name in ("bos", "eos", "pad", "unk"):
+        config[f"{name}_token"] = getattr(tokenizer, f"{name}_token", None)
+        config[f"{name}_token_id"] = getattr(tokenizer, f"{name}_token_id", None)
+    config["vocab_size"] = len(tokenizer)
+    config["model_max_length"] = _jsonable(getattr(tokenizer, "model_max_length", None))
+    config["max_model_len"] = max_model_len
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        config["chat_template"] = template
+    return config
+
+
+@router.get("/tokenizer_info")
+async def get_tokenizer_info(t: Any = Depends(teacher)) -> Response:
+    """What a remote-tokenizer client (lm-eval's ``tokenizer_backend=remote``) needs."""
+    return JSONResponse(tokenizer_info(t.tokenizer, t.info.max_model_len))
