@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import orjson
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -176,29 +177,34 @@ def test_server_killed_and_restarted_mid_run(fault_server, corpus, expected, tmp
 
 
 def test_sigterm_lets_requests_in_flight_finish(fault_server):
-    body = {"k": 4, "inputs": [{"token_ids": [(7 * i) % 2000 + 3 for i in range(700)]}]}
-    results = []
+    raw = orjson.dumps({"k": 4, "inputs": [{"token_ids": [(7 * i) % 2000 + 3 for i in range(300)]}]})
+    started, results = threading.Event(), []
+
+    def slow_body():
+        # The request is surely in flight when the signal comes: its body is still arriving.
+        yield raw[:20]
+        started.set()
+        time.sleep(1.5)
+        yield raw[20:]
 
     def call():
-        results.append(httpx.post(fault_server.url + "/v1/topk", json=body, timeout=120,
-                                  headers={"Authorization": f"Bearer {FAULT_KEY}"}))
+        results.append(httpx.post(fault_server.url + "/v1/topk", content=slow_body(), timeout=120,
+                                  headers={"Authorization": f"Bearer {FAULT_KEY}", "Content-Type": "application/json"}))
 
-    callers = [threading.Thread(target=call) for _ in range(2)]
-    for c in callers:
-        c.start()
-    # Both requests admitted (700 tokens each), then the signal.
-    wait_until(lambda: _metric(fault_server, "teacher_farm_queued_tokens") >= 1400 or not any(c.is_alive() for c in callers), 60)
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert started.wait(30)
+    time.sleep(0.3)
     fault_server.proc.send_signal(signal.SIGTERM)
-    assert any(c.is_alive() for c in callers), "the requests finished before the signal: nothing was in flight"
-    for c in callers:
-        c.join(120)
-    assert [r.status_code for r in results] == [200, 200]
-    assert all(len(r.json()["results"][0]["topk_ids"]) == 700 for r in results)
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):  # new connections are refused at once
+        httpx.get(fault_server.url + "/health", timeout=2)
+    caller.join(120)
+    assert results[0].status_code == 200, results[0].text
+    assert len(results[0].json()["results"][0]["topk_ids"]) == 300
     # uvicorn re-raises the signal once its graceful shutdown is done.
     assert fault_server.proc.wait(120) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in fault_server.tail()
-    with pytest.raises(httpx.TransportError):
-        httpx.get(fault_server.url + "/health", timeout=2)
 
 
 def _metric(server, series: str) -> float:
