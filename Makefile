@@ -29,5 +29,9 @@ demo: setup $(MODEL)/config.json
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Throughput of the ways to build a cache, on this machine (a few minutes on a CPU).
+bench: setup
+	$(BIN)/python benchmarks/harness.py $(BENCH_ARGS)
+
 clean-demo:
 	rm -rf $(OUT)

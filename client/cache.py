@@ -86,6 +86,7 @@ class Summary:
     skipped_shards: int
 
     rejects_file: str = REJECTS
+    wire_bytes: int | None = None
 
     def render(self) -> str:
         bpt = self.bytes / self.tokens if self.tokens else 0.0
@@ -96,6 +97,8 @@ class Summary:
             + (f" (see {self.out_dir / self.rejects_file})" if self.rejects else "")
             + f"; this run: {self.new_tokens} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s)"
             + (f", {self.skipped_shards} shards already done" if self.skipped_shards else "")
+            + (f"; {self.wire_bytes:,} wire bytes ({self.wire_bytes / self.new_tokens:.1f}/token)"
+               if self.wire_bytes and self.new_tokens else "")
         )
 
 
@@ -247,7 +250,7 @@ class CacheRun:
             out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
             tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
             seconds=time.monotonic() - started, new_tokens=new_tokens, skipped_shards=len(done),
-            rejects_file=self.opts.rejects_name,
+            rejects_file=self.opts.rejects_name, wire_bytes=getattr(self.teacher, "bytes_received", None),
         )
 
     async def _pipeline(self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
