@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from client.manifest import Manifest, ShardRecord, check_identity, load_manifests, manifest_name
+from client.progress import Progress
 from client.reader import Line, Reject, read_corpus
 from client.shards import ShardWriter
 from client.transport import Teacher
@@ -68,6 +69,7 @@ class Batch:
     rejects: list[Reject] = field(default_factory=list)
     chars: int = 0
     last_line: int = -1
+    end_offset: int = 0
     closes_shard: bool = False
 
 
@@ -102,6 +104,13 @@ class Summary:
         )
 
 
+def input_size(path: str) -> int | None:
+    """Bytes a run reads from ``path`` when known up front (a plain file), for the progress ETA."""
+    if path == "-" or Path(path).suffix in (".gz", ".zst", ".zstd"):
+        return None
+    return Path(path).stat().st_size
+
+
 def input_fingerprint(path: str) -> dict[str, object]:
     """Identify the input cheaply: its size and the hash of its first MiB."""
     if path == "-":
@@ -132,6 +141,7 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
         else:
             cur.rejects.append(rec)
         cur.last_line = rec.line
+        cur.end_offset = rec.end
     if cur is not None:
         cur.closes_shard = True
         yield cur
@@ -243,7 +253,11 @@ class CacheRun:
                 self.opts.input, text_field=self.opts.text_field, id_field=self.opts.id_field,
                 skip=lambda n: (n // R) % N != I or n // R in done,
             )
-            new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
+            self.progress = Progress(input_size(self.opts.input))
+            try:
+                new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
+            finally:
+                self.progress.close()
             manifest.complete = True
             manifest.save(self.out, self.manifest_name)
         return Summary(
@@ -288,8 +302,10 @@ class CacheRun:
             if shard is None:
                 shard = ShardWriter(self.out, batch.shard, schema)
                 first_line = batch.shard * self.opts.rows_per_shard
+            written = 0
             if table is not None:
-                await asyncio.to_thread(shard.write, table.select(schema.names).cast(schema))
+                written = await asyncio.to_thread(shard.write, table.select(schema.names).cast(schema))
+            self.progress.advance(0 if table is None else table.num_rows, written, batch.end_offset)
             rejects += batch.rejects + refused
             if batch.closes_shard:
                 stats = await asyncio.to_thread(shard.commit)

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from client.progress import setup_logging
 from schemas import __version__
 from schemas.errors import TeacherFarmError
 
@@ -159,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher-farm {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging()
     try:
         if command == "serve":
             from server.cli import main as serve_main

@@ -5,8 +5,9 @@ from __future__ import annotations
 import gzip
 import io
 import sys
+from dataclasses import replace
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,6 +21,8 @@ class Line:
     line: int
     id: str
     text: str
+    #: Byte offset just past this line in the (uncompressed) input: how far a run has read.
+    end: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Reject:
     line: int
     reason: str
     id: str | None = None
+    end: int = field(default=0, compare=False)
 
     def to_json(self) -> bytes:
         return orjson.dumps({"line": self.line, "id": self.id, "reason": self.reason}) + b"\n"
@@ -82,8 +86,10 @@ def read_corpus(
 
     ``skip(line_number)`` lets a resumed run pass over lines already cached without parsing them.
     """
+    offset = 0
     with open_input(path) as f:
         for number, raw in enumerate(f):
+            offset += len(raw)
             if skip is not None and skip(number):
                 continue
-            yield parse_line(number, raw, text_field, id_field)
+            yield replace(parse_line(number, raw, text_field, id_field), end=offset)

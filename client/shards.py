@@ -58,14 +58,16 @@ class ShardWriter:
             write_statistics=["line"],
         )
 
-    def write(self, table: pa.Table) -> None:
-        """Add cache rows (``table`` must match the shard's schema)."""
+    def write(self, table: pa.Table) -> int:
+        """Add cache rows (``table`` must match the shard's schema); returns their token count."""
+        tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
         self._buffer.append(table)
         self._buffered += table.nbytes
         self.rows += table.num_rows
-        self.tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        self.tokens += tokens
         if self._buffered >= self.row_group_bytes:
             self._flush()
+        return tokens
 
     def _flush(self) -> None:
         if self._buffer:
