@@ -17,7 +17,6 @@ import orjson
 import pyarrow as pa
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
 from schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from schemas.arrow import cast_logprobs, results_to_table
@@ -26,44 +25,12 @@ from schemas.errors import (
 )
 from schemas.wire import TopkRequest
 from server import metrics
+from server.intake import Admission, parse_body, read_body, score_admitted, teacher
+from server.openai_compat import router as openai_router
 from server.settings import ServerSettings, get_settings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-
-class Admission:
-    """A bound on tokens admitted but not yet answered: overload degrades into 429s, not OOM."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.queued = 0
-
-    def acquire(self, tokens: int, retry_after: int) -> None:
-        # An idle server takes any single request that passed the per-request limits.
-        if self.queued and self.queued + tokens > self.limit:
-            raise ServerBusy(
-                f"server busy: {self.queued} tokens queued (limit {self.limit}); retry later",
-                retry_after=retry_after,
-            )
-        self.queued += tokens
-        metrics.QUEUED_TOKENS.set(self.queued)
-
-    def release(self, tokens: int) -> None:
-        self.queued -= tokens
-        metrics.QUEUED_TOKENS.set(self.queued)
-
-
-def teacher(request: Request) -> Any:
-    """The loaded teacher, or 503 while it is still loading."""
-    state = request.app.state
-    if state.teacher is None:
-        if state.load_error is not None:
-            raise TeacherFarmError(f"the engine failed to start: {state.load_error}")
-        raise EngineNotReady("the teacher model is still loading", retry_after=get_settings().retry_after_s)
-    if state.draining:
-        raise EngineNotReady("the server is shutting down", retry_after=get_settings().retry_after_s)
-    return state.teacher
 
 
 class RequireKey:
@@ -88,33 +55,6 @@ class RequireKey:
             return await self.app(scope, receive, send)
         response = _error_response(None, AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'"))
         await response(scope, receive, send)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing anything over ``limit`` bytes before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_request(body: bytes) -> TopkRequest:
-    """Validate a ``/v1/topk`` body into a request, with messages that point at the bad field."""
-    try:
-        return TopkRequest.model_validate_json(body)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise MalformedBody(f"the body is not valid JSON: {exc.errors()[0]['msg']}") from exc
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:10]
-        )
-        raise InputError(f"invalid request: {problems}") from exc
 
 
 @router.get("/health")
@@ -143,28 +83,8 @@ async def info(t: Any = Depends(teacher), settings: ServerSettings = Depends(get
 @router.post("/v1/topk")
 async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)) -> Response:
     """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``."""
-    req = parse_request(await read_body(request, settings.max_body_bytes))
-    if len(req.inputs) > settings.max_inputs_per_request:
-        raise RequestTooLarge(
-            f"{len(req.inputs)} inputs in one request; the limit is {settings.max_inputs_per_request}"
-        )
-    token_ids = await asyncio.to_thread(t.prepare, req)
-    total = sum(len(ids) for ids in token_ids)
-    if total > settings.max_tokens_per_request:
-        raise RequestTooLarge(
-            f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: send fewer inputs"
-        )
-
-    admission: Admission = request.app.state.admission
-    admission.acquire(total, settings.retry_after_s)
-    try:
-        with metrics.REQUEST_LATENCY.time():
-            results = await t.score([i.id for i in req.inputs], token_ids, req.k)
-    finally:
-        admission.release(total)
-    metrics.TOKENS_SCORED.inc(total)
-    metrics.SEQUENCES_SCORED.inc(len(results))
-
+    req = parse_body(TopkRequest, await read_body(request, settings.max_body_bytes))
+    results, _ = await score_admitted(request, t, req, settings)
     headers = {FINGERPRINT_HEADER: f"{t.info.model_fingerprint}/{t.info.tokenizer_fingerprint}"}
     if ARROW_STREAM in request.headers.get("accept", ""):
         payload = await asyncio.to_thread(_arrow_payload, results, req.k, req.logprob_dtype)
@@ -238,7 +158,6 @@ def create_app(load_teacher: Callable[[], Any]) -> FastAPI:
 
     app = FastAPI(title="teacher-farm", lifespan=lifespan)
     app.include_router(router)
-    from server.openai_compat import router as openai_router  # imports this module: not at the top
     app.include_router(openai_router)
     app.add_exception_handler(TeacherFarmError, _error_response)
     app.add_exception_handler(Exception, _internal_error)

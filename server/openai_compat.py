@@ -19,28 +19,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from schemas.arrow import ScoredSequence
-from schemas.errors import InputError, MalformedBody, RequestTooLarge
+from schemas.errors import InputError, RequestTooLarge
 from schemas.wire import TopkInput, TopkRequest
-from server import metrics
-from server.app import read_body, teacher
+from server.intake import parse_body, read_body, score_admitted, teacher
 from server.settings import ServerSettings, get_settings
 
 router = APIRouter()
 
 #: What OpenAI and vLLM send instead of ``-inf`` (JSON has no infinities).
 MIN_LOGPROB = -9999.0
-
-Model = TypeVar("Model", bound=BaseModel)
-
 
 class CompletionRequest(BaseModel):
     """The fields of an OpenAI completions request that matter for scoring a prompt.
@@ -83,25 +79,19 @@ class DetokenizeRequest(BaseModel):
     tokens: list[Annotated[StrictInt, Field(ge=0)]]
 
 
-def _validate(model: type[Model], body: bytes) -> Model:
-    """Parse a JSON body into ``model``, with messages that point at the bad field."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise MalformedBody(f"the body is not valid JSON: {exc.errors()[0]['msg']}") from exc
-        problems, prompt_is_bad = [], False
-        for e in exc.errors():
-            if e["loc"][:1] == ("prompt",) and len(e["loc"]) > 1:  # one line for the whole union
-                if not prompt_is_bad:
-                    problems.append(
-                        "prompt: must be a string, a list of strings, a list of token ids or a list of "
-                        "token-id lists"
-                    )
-                prompt_is_bad = True
-            else:
-                problems.append(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}")
-        raise InputError(f"invalid request: {'; '.join(problems[:10])}") from exc
+def _completion_problems(errors: list[dict]) -> list[str]:
+    """Field-by-field messages, with one line for the whole ``prompt`` union."""
+    problems, prompt_is_bad = [], False
+    for e in errors:
+        if e["loc"][:1] == ("prompt",) and len(e["loc"]) > 1:
+            if not prompt_is_bad:
+                problems.append(
+                    "prompt: must be a string, a list of strings, a list of token ids or a list of token-id lists"
+                )
+            prompt_is_bad = True
+        else:
+            problems.append(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}")
+    return problems
 
 
 def check_completion(req: CompletionRequest, k_max: int) -> None:
@@ -253,7 +243,7 @@ async def completions(
     request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
     """OpenAI completions for scoring: the prompt's logprobs (``echo``) and at most one greedy token."""
-    req = _validate(CompletionRequest, await read_body(request, settings.max_body_bytes))
+    req = parse_body(CompletionRequest, await read_body(request, settings.max_body_bytes), _completion_problems)
     check_completion(req, t.info.k_max)
     texts, token_ids = _prompts(req)
     count = len(texts if texts is not None else token_ids)
@@ -263,25 +253,9 @@ async def completions(
         token_ids = await asyncio.to_thread(t.tokenize, texts, None)
     _check_token_ids(token_ids, t.info.vocab_size, t.info.max_input_tokens)
 
-    # The one scoring path: the same request model, validation and engine call as /v1/topk.
-    topk_req = TopkRequest(
-        k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids]
-    )
-    token_ids = await asyncio.to_thread(t.prepare, topk_req)
-    total = sum(len(ids) for ids in token_ids)
-    if total > settings.max_tokens_per_request:
-        raise RequestTooLarge(
-            f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: send fewer prompts"
-        )
-    admission = request.app.state.admission
-    admission.acquire(total, settings.retry_after_s)
-    try:
-        with metrics.REQUEST_LATENCY.time():
-            scored = await t.score([None] * len(token_ids), token_ids, topk_req.k)
-    finally:
-        admission.release(total)
-    metrics.TOKENS_SCORED.inc(total)
-    metrics.SEQUENCES_SCORED.inc(len(scored))
+    # The one scoring path: the same request model, limits, admission and engine call as /v1/topk.
+    topk_req = TopkRequest(k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids])
+    scored, total = await score_admitted(request, t, topk_req, settings)
 
     choices = await asyncio.to_thread(completion_choices, req, t.tokenizer, texts, scored)
     generated = len(scored) if req.max_tokens == 1 else 0
@@ -301,7 +275,7 @@ async def tokenize(
     request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
     """vLLM's ``/tokenize`` for a completion prompt: ``{"tokens", "count", "max_model_len"}``."""
-    req = _validate(TokenizeRequest, await read_body(request, settings.max_body_bytes))
+    req = parse_body(TokenizeRequest, await read_body(request, settings.max_body_bytes))
     ids = await asyncio.to_thread(
         lambda: t.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
     )
@@ -315,7 +289,7 @@ async def detokenize(
     request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
     """vLLM's ``/detokenize``: ``{"prompt": text}``."""
-    req = _validate(DetokenizeRequest, await read_body(request, settings.max_body_bytes))
+    req = parse_body(DetokenizeRequest, await read_body(request, settings.max_body_bytes))
     if req.tokens and max(req.tokens) >= t.info.vocab_size:
         raise InputError(f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {t.info.vocab_size})")
     return JSONResponse({"prompt": t.tokenizer.decode(req.tokens, skip_special_tokens=False)})
