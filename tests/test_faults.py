@@ -169,6 +169,19 @@ def test_server_killed_and_restarted_mid_run(fault_server, corpus, expected, tmp
     time.sleep(2)
     assert client.poll() is None, "the client must wait for the server, not give up"
     fault_server.start()
+    # While the engine loads, the server already answers: 503 with Retry-After, not a hang.
+    loading = None
+    for _ in range(600):
+        try:
+            loading = httpx.get(fault_server.url + "/health", timeout=2)
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    assert loading is not None and loading.status_code == 503 and loading.json() == {"status": "loading"}
+    assert loading.headers["retry-after"]
+    busy = httpx.post(fault_server.url + "/v1/topk", json={"k": 1, "inputs": [{"text": "x"}]},
+                      headers={"Authorization": f"Bearer {FAULT_KEY}"})
+    assert busy.status_code == 503 and "loading" in busy.json()["error"] and busy.headers["retry-after"]
     fault_server.wait_ready()
     _, err = client.communicate(timeout=600)
     assert client.returncode == 0, err[-3000:]
