@@ -137,7 +137,7 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
             cur = Batch(shard)
         if isinstance(rec, Line):
             cur.lines.append(rec)
-            cur.chars += len(rec.text)
+            cur.chars += len(rec.text) if rec.text is not None else sum(len(m["content"]) for m in rec.messages)
         else:
             cur.rejects.append(rec)
         cur.last_line = rec.line

@@ -20,7 +20,9 @@ class Line:
 
     line: int
     id: str
-    text: str
+    text: str | None
+    #: A chat record (``[{"role", "content"}, ...]``), rendered by the teacher's chat template.
+    messages: list[dict] | None = field(default=None, compare=False)
     #: Byte offset just past this line in the (uncompressed) input: how far a run has read.
     end: int = field(default=0, compare=False)
 
@@ -69,6 +71,8 @@ def parse_line(number: int, raw: bytes, text_field: str, id_field: str) -> Line 
         seq_id = str(raw_id)
     else:
         return Reject(number, f"field '{id_field}' must be a string or an integer, got {type(raw_id).__name__}")
+    if text_field not in record and "messages" in record:
+        return _chat_line(number, seq_id, record["messages"])
     if text_field not in record:
         return Reject(number, f"no field '{text_field}'", seq_id)
     text = record[text_field]
@@ -77,6 +81,17 @@ def parse_line(number: int, raw: bytes, text_field: str, id_field: str) -> Line 
     if not text:
         return Reject(number, f"field '{text_field}' is empty", seq_id)
     return Line(number, seq_id, text)
+
+
+def _chat_line(number: int, seq_id: str, messages: object) -> Line | Reject:
+    ok = (
+        isinstance(messages, list) and messages
+        and all(isinstance(m, dict) and set(m) == {"role", "content"}
+                and isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages)
+    )
+    if not ok:
+        return Reject(number, "field 'messages' must be a non-empty list of {\"role\": str, \"content\": str}", seq_id)
+    return Line(number, seq_id, None, messages=messages)
 
 
 def read_corpus(

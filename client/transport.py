@@ -74,6 +74,13 @@ def raise_for_answer(response: httpx.Response) -> None:
     raise ServerRejected(msg, status)
 
 
+def _wire_input(line: Line) -> dict:
+    """A corpus line as a ``/v1/topk`` input: its text, or its chat messages."""
+    if line.messages is not None:
+        return {"id": line.id, "messages": line.messages}
+    return {"id": line.id, "text": line.text}
+
+
 class _WaitRetryAfter(wait_exponential_jitter):
     """Exponential backoff with jitter, but never sooner than the server asked."""
 
@@ -118,7 +125,7 @@ class HttpTeacher:
 
     async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
-        return await self._score([{"id": x.id, "text": x.text} for x in lines], k, max_length)
+        return await self._score([_wire_input(x) for x in lines], k, max_length)
 
     async def topk_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
@@ -261,7 +268,7 @@ class TeacherPool:
         return sum(m.teacher.bytes_received for m in self.members)
 
     async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
-        cost = sum(len(x.text) for x in lines)
+        cost = sum(len(orjson.dumps(_wire_input(x))) for x in lines)
         return await self._attempt(lambda t: t.topk(lines, k, max_length), cost)
 
     async def aclose(self) -> None:
@@ -287,7 +294,7 @@ class LocalTeacher:
         from schemas.arrow import results_to_table
         from schemas.wire import TopkInput, TopkRequest
 
-        req = TopkRequest(k=k, max_length=max_length, inputs=[TopkInput(id=x.id, text=x.text) for x in lines])
+        req = TopkRequest(k=k, max_length=max_length, inputs=[TopkInput(**_wire_input(x)) for x in lines])
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
         results = await self._engine.score([x.id for x in lines], token_ids, k)
         return await asyncio.to_thread(results_to_table, results, k)

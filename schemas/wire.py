@@ -7,23 +7,35 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 
+class ChatMessage(BaseModel):
+    """One turn of a chat record."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: StrictStr
+    content: StrictStr
+
+
 class TopkInput(BaseModel):
-    """One sequence to score: raw ``text`` (tokenized by the teacher) or ``token_ids``."""
+    """One sequence to score: ``text`` or chat ``messages`` (tokenized by the teacher), or ``token_ids``."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: StrictStr | None = None
     text: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
     token_ids: list[Annotated[int, Field(ge=0)]] | None = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> TopkInput:
-        if (self.text is None) == (self.token_ids is None):
-            raise ValueError("give exactly one of 'text' or 'token_ids'")
+        if sum(x is not None for x in (self.text, self.messages, self.token_ids)) != 1:
+            raise ValueError("give exactly one of 'text', 'messages' or 'token_ids'")
         if self.text is not None and not self.text:
             raise ValueError("'text' is empty")
         if self.token_ids is not None and not self.token_ids:
             raise ValueError("'token_ids' is empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' is empty")
         return self
 
 

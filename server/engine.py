@@ -207,10 +207,15 @@ class Teacher:
         out: list[list[int]] = []
         texts = [x.text for x in req.inputs if x.text is not None]
         encoded = iter(self.tokenize(texts, max_length) if texts else [])
+        chats = [[m.model_dump() for m in x.messages] for x in req.inputs if x.messages is not None]
+        rendered = iter(self.render_chats(chats, max_length) if chats else [])
         vocab = self.info.vocab_size
         for i, x in enumerate(req.inputs):
-            if x.token_ids is None:
+            if x.text is not None:
                 out.append(next(encoded))
+                continue
+            if x.messages is not None:
+                out.append(next(rendered))
                 continue
             if max(x.token_ids) >= vocab:
                 raise InputError(
@@ -218,6 +223,13 @@ class Teacher:
                 )
             out.append(x.token_ids[:max_length])
         return out
+
+    def render_chats(self, chats: list[list[dict]], max_length: int) -> list[list[int]]:
+        """Token ids of chat records through the teacher's chat template, cut to ``max_length``."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InputError("the teacher's tokenizer has no chat template: send 'text' instead of 'messages'")
+        ids = self.tokenizer.apply_chat_template(chats, tokenize=True, add_generation_prompt=False, return_dict=False)
+        return [list(x[:max_length]) for x in ids]
 
     async def score_one(self, seq_id: str | None, input_ids: list[int], k: int) -> ScoredSequence:
         """The top-k distribution at every position of ``input_ids``."""

@@ -12,6 +12,13 @@ from pathlib import Path
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
+#: Llama-3's layout, so chat records render as they would for a Llama teacher.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
 
 def _texts(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
     for path in paths:
@@ -68,6 +75,7 @@ def make_tiny_model(
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, model_max_length=max_position_embeddings
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
     head_dim = 64  # vLLM's CPU attention does not support smaller heads

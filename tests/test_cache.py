@@ -118,3 +118,20 @@ def test_wrong_api_key_fails_with_advice(server, tmp_path):
     inp.write_text(read_lines(SAMPLE, 1)[0] + "\n", encoding="utf-8")
     proc = teacher_farm("cache", "--server", server.url, "--api-key", "wrong", "--input", str(inp), "--out", str(tmp_path / "o"))
     assert proc.returncode == 1 and "--api-key" in proc.stderr
+
+
+def test_chat_records_render_with_the_teachers_chat_template(server, reference, tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wie geht's? 🧪"},
+            {"role": "assistant", "content": "Gut, danke."}]
+    docs = [{"id": "chat", "messages": chat}, {"id": "bad", "messages": [{"role": "user"}]}, {"id": "plain", "text": "plain text"}]
+    inp = tmp_path / "chat.jsonl"
+    inp.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs) + "\n", encoding="utf-8")
+    proc = cache(server, inp, tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    got = rows(tmp_path / "o")
+    assert [r["id"] for r in got] == ["chat", "plain"]
+    expected = reference.tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=False, return_dict=False)
+    assert got[0]["input_ids"] == expected and expected.count(reference.tokenizer.bos_token_id) == 1
+    assert len(got[0]["topk_ids"]) == len(expected)
+    (rej,) = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert rej["id"] == "bad" and "messages" in rej["reason"]

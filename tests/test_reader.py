@@ -125,3 +125,12 @@ def test_read_corpus_with_custom_fields(tmp_path):
     path.write_bytes(b'{"key": "k0", "body": "b0"}\n{"key": "k1", "text": "t1"}\n')
     got = list(read_corpus(path, text_field="body", id_field="key"))
     assert got == [Line(0, "k0", "b0"), Reject(1, "no field 'body'", "k1")]
+
+
+def test_chat_records_are_lines_with_messages_and_bad_ones_are_rejected():
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    line = parse_line(4, json.dumps({"id": "c", "messages": chat}).encode(), "text", "id")
+    assert isinstance(line, Line) and line.messages == chat and line.text is None and line.id == "c"
+    for bad in ([], [{"role": "user"}], [{"role": "user", "content": 3}], "hi", [{"role": "u", "content": "x", "extra": 1}]):
+        rec = parse_line(5, json.dumps({"messages": bad}).encode(), "text", "id")
+        assert isinstance(rec, Reject) and "messages" in rec.reason
