@@ -250,4 +250,7 @@ class Teacher:
         return list(await asyncio.gather(*(self.score_one(i, t, k) for i, t in zip(ids, token_ids))))
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
