@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
