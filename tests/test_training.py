@@ -190,6 +190,18 @@ def test_dataset_yields_every_row_once_with_exact_values(cache):
         np.testing.assert_array_equal(item["target_logprobs"].numpy(), seq.target_logprobs)
 
 
+def test_hugging_face_datasets_reads_the_same_rows(cache, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset(
+        "parquet", data_files=[str(p) for p in shard_paths(cache.path)], split="train", cache_dir=str(tmp_path)
+    )
+    assert ds.num_rows == len(cache.rows)
+    for row in ds:
+        seq = cache.rows[row["line"]]
+        assert row["input_ids"] == seq.input_ids.tolist() and row["topk_ids"] == seq.topk_ids.tolist()
+        np.testing.assert_array_equal(np.array(row["topk_logprobs"], np.float32), seq.topk_logprobs)
+
+
 def test_tail_logprob_is_the_log_of_the_mass_outside_the_topk(cache):
     for line, item in items(TopkDataset(cache.path)).items():
         want = true_tail(cache.full[line], cache.rows[line].topk_ids)
