@@ -271,6 +271,11 @@ class TeacherPool:
         cost = sum(len(orjson.dumps(_wire_input(x))) for x in lines)
         return await self._attempt(lambda t: t.topk(lines, k, max_length), cost)
 
+    async def topk_ids(self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int) -> pa.Table:
+        """Score exact token sequences on the best server, with the pool's retries."""
+        cost = sum(len(tokens) for _, tokens in ids_and_tokens)
+        return await self._attempt(lambda t: t.topk_ids(ids_and_tokens, k), cost)
+
     async def aclose(self) -> None:
         for m in self.members:
             await m.teacher.aclose()

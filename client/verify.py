@@ -378,10 +378,6 @@ def teacher_problem(info: Info, identity: dict[str, Any]) -> str | None:
 
 async def _score(teacher: Any, batch: list[dict[str, Any]], k: int) -> pa.Table:
     items = [(row["id"], np.ascontiguousarray(row["input_ids"], dtype=np.int64)) for row in batch]
-    if isinstance(teacher, TeacherPool):
-        # The pool's retry and spreading over servers; its public ``topk`` takes text only.
-        cost = sum(len(row["input_ids"]) for row in batch)
-        return await teacher._attempt(lambda t: t.topk_ids(items, k), cost)
     return await teacher.topk_ids(items, k)
 
 
