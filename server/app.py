@@ -36,8 +36,8 @@ router = APIRouter()
 class RequireKey:
     """ASGI middleware: every path but ``/health`` needs the bearer key, compared in constant time.
 
-    A middleware rather than a route dependency, so mounted apps (``/metrics``) and the OpenAPI
-    pages are covered too.
+    A middleware rather than a route dependency, so the OpenAPI pages and every router's routes are
+    covered without each remembering to ask.
     """
 
     OPEN_PATHS = ("/health",)
@@ -85,7 +85,7 @@ async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSett
     """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``."""
     req = parse_body(TopkRequest, await read_body(request, settings.max_body_bytes))
     results, _ = await score_admitted(request, t, req, settings)
-    headers = {FINGERPRINT_HEADER: f"{t.info.model_fingerprint}/{t.info.tokenizer_fingerprint}"}
+    headers = {FINGERPRINT_HEADER: t.info.fingerprint}
     if ARROW_STREAM in request.headers.get("accept", ""):
         payload = await asyncio.to_thread(_arrow_payload, results, req.k, req.logprob_dtype)
         return Response(payload, media_type=ARROW_STREAM, headers=headers)

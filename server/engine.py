@@ -96,6 +96,11 @@ class TeacherInfo:
     adds_bos: bool
 
     @property
+    def fingerprint(self) -> str:
+        """Model and tokenizer, as the ``X-Teacher-Fingerprint`` header and ``Info.fingerprint`` say it."""
+        return f"{self.model_fingerprint}/{self.tokenizer_fingerprint}"
+
+    @property
     def max_input_tokens(self) -> int:
         # One slot stays free for the sampled token that carries the last position's distribution.
         return self.max_model_len - 1
