@@ -26,7 +26,7 @@ from client.reader import Line, Reject, read_corpus
 from client.shards import ShardWriter
 from client.transport import Teacher
 from schemas import __version__
-from schemas.arrow import cache_metadata, cache_schema, cast_logprobs
+from schemas.arrow import cache_metadata, cache_schema
 from schemas.errors import CacheMismatch, InputError, ServerRejected
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
         raise InputError(f"{teacher.name} answered {table.num_rows} rows for {len(batch.lines)} inputs")
     lines = pa.array([x.line for x in batch.lines], type=pa.int64())
     table = table.add_column(1, "line", lines)
-    return cast_logprobs(table, opts.logprob_dtype), []
+    # The writer casts to the cache schema (logprob dtype included) once, for every batch.
+    return table, []
 
 
 class CacheRun:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from client.fsutil import atomic_write
 from schemas import SCHEMA_VERSION
-from schemas.errors import CacheMismatch
+from schemas.errors import CacheMismatch, InputError
 
 MANIFEST = "manifest.json"
 
@@ -68,9 +68,17 @@ def manifest_name(num_shards: int = 1, shard_index: int = 0) -> str:
     return MANIFEST if num_shards == 1 else f"manifest-{shard_index:05d}-of-{num_shards:05d}.json"
 
 
+def _parse(path: Path) -> Manifest:
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValueError as exc:
+        raise InputError(f"{path} is not a valid teacher-farm manifest: {exc}") from exc
+
+
 def load_manifests(out_dir: Path) -> dict[str, Manifest]:
-    """Every manifest in ``out_dir`` by file name: the cache is the union of their shards."""
-    return {p.name: Manifest.model_validate_json(p.read_bytes()) for p in sorted(out_dir.glob("manifest*.json"))}
+    """Every manifest in ``out_dir`` by file name (``manifest.json`` first): the cache is the union of their shards."""
+    paths = sorted(out_dir.glob("manifest*.json"), key=lambda p: (p.name != MANIFEST, p.name))
+    return {p.name: _parse(p) for p in paths}
 
 
 def load_manifest(out_dir: Path, name: str = MANIFEST) -> Manifest | None:
@@ -78,7 +86,7 @@ def load_manifest(out_dir: Path, name: str = MANIFEST) -> Manifest | None:
     path = out_dir / name
     if not path.exists():
         return None
-    return Manifest.model_validate_json(path.read_bytes())
+    return _parse(path)
 
 
 def check_identity(existing: Manifest, identity: dict[str, Any], out_dir: Path) -> None:

@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from client.manifest import MANIFEST, Manifest, ShardRecord
+from client.manifest import Manifest, ShardRecord, load_manifests
 from schemas.arrow import read_metadata
 from schemas.errors import CacheMismatch, InputError
 
@@ -89,19 +89,13 @@ def _manifests(cache_dir: Path) -> list[tuple[Path, Manifest]]:
     """Every ``manifest*.json`` of ``cache_dir`` (``manifest.json`` first), parsed."""
     if not cache_dir.is_dir():
         raise InputError(f"{cache_dir} is not a directory")
-    paths = sorted(cache_dir.glob("manifest*.json"), key=lambda p: (p.name != MANIFEST, p.name))
-    if not paths:
+    found = load_manifests(cache_dir)
+    if not found:
         raise InputError(
             f"{cache_dir} has no manifest.json (nor manifest*.json): not a teacher-farm cache, "
             "or no shard has been finished yet"
         )
-    out = []
-    for path in paths:
-        try:
-            out.append((path, Manifest.model_validate_json(path.read_bytes())))
-        except ValueError as exc:
-            raise InputError(f"{path} is not a valid teacher-farm manifest: {exc}") from exc
-    return out
+    return [(cache_dir / name, manifest) for name, manifest in found.items()]
 
 
 def _shard_records(cache_dir: Path) -> list[ShardRecord]:
