@@ -24,9 +24,9 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.cache import CacheOptions, CacheRun  # noqa: E402
-from schemas.arrow import ScoredSequence, results_to_table  # noqa: E402
-from schemas.wire import Info, Versions  # noqa: E402
+from teacher_farm.client.cache import CacheOptions, CacheRun  # noqa: E402
+from teacher_farm.schemas.arrow import ScoredSequence, results_to_table  # noqa: E402
+from teacher_farm.schemas.wire import Info, Versions  # noqa: E402
 
 
 class InstantTeacher:

@@ -99,7 +99,7 @@ def run_ours(a, model: Path, corpus: Path, work: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     log = open(work / "ours-server.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+        [sys.executable, "-m", "teacher_farm.client.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
          "--port", str(port), "--k-max", str(max(64, a.k)), *engine_flags(a)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -108,7 +108,7 @@ def run_ours(a, model: Path, corpus: Path, work: Path) -> dict:
         out = work / "ours-cache"
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "client.cli", "cache", "--server", url, "--input", str(corpus), "--out", str(out),
+            [sys.executable, "-m", "teacher_farm.client.cli", "cache", "--server", url, "--input", str(corpus), "--out", str(out),
              "--k", str(a.k), "--logprob-dtype", a.logprob_dtype, "--concurrency", str(a.concurrency)],
             cwd=ROOT, capture_output=True, text=True,
         )
@@ -302,7 +302,7 @@ def main() -> None:
     a.work.mkdir(parents=True)
     model = a.model
     if model is None:
-        from server.tinymodel import make_tiny_model
+        from teacher_farm.server.tinymodel import make_tiny_model
 
         model = make_tiny_model(a.work / "model", [ROOT / "examples" / "sample.jsonl"], vocab_size=a.vocab,
                                 hidden_size=a.hidden, num_layers=a.layers, num_heads=a.hidden // 64)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from client.manifest import Manifest, ShardRecord, check_identity, load_manifests, manifest_name
-from client.progress import Progress
-from client.reader import Line, Reject, read_corpus
-from client.shards import ShardWriter
-from client.transport import Teacher
-from schemas import __version__
-from schemas.arrow import cache_metadata, cache_schema
-from schemas.errors import CacheMismatch, InputError, ServerRejected
+from teacher_farm.client.manifest import Manifest, ShardRecord, check_identity, load_manifests, manifest_name
+from teacher_farm.client.progress import Progress
+from teacher_farm.client.reader import Line, Reject, read_corpus
+from teacher_farm.client.shards import ShardWriter
+from teacher_farm.client.transport import Teacher
+from teacher_farm.schemas import __version__
+from teacher_farm.schemas.arrow import cache_metadata, cache_schema
+from teacher_farm.schemas.errors import CacheMismatch, InputError, ServerRejected
 
 log = logging.getLogger(__name__)
 

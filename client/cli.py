@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from client.progress import setup_logging
-from schemas import __version__
-from schemas.errors import TeacherFarmError
+from teacher_farm.client.progress import setup_logging
+from teacher_farm.schemas import __version__
+from teacher_farm.schemas.errors import TeacherFarmError
 
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
@@ -64,8 +64,8 @@ def cache_parser() -> argparse.ArgumentParser:
 
 def cache_main(argv: list[str]) -> int:
     """Run ``teacher-farm cache``."""
-    from client.cache import CacheOptions, run_cache
-    from client.transport import HttpTeacher, LocalTeacher, TeacherPool
+    from teacher_farm.client.cache import CacheOptions, run_cache
+    from teacher_farm.client.transport import HttpTeacher, LocalTeacher, TeacherPool
 
     a = cache_parser().parse_args(argv)
     for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length"):
@@ -104,7 +104,7 @@ def cache_main(argv: list[str]) -> int:
 
 def inspect_main(argv: list[str]) -> int:
     """Run ``teacher-farm inspect``: exit 1 when the cache is not whole."""
-    from client.inspect import inspect_cache
+    from teacher_farm.client.inspect import inspect_cache
 
     p = argparse.ArgumentParser(prog="teacher-farm inspect", description="Summarize a cache directory.")
     p.add_argument("dir")
@@ -119,7 +119,7 @@ def inspect_main(argv: list[str]) -> int:
 
 def verify_main(argv: list[str]) -> int:
     """Run ``teacher-farm verify``: exit 1 on any mismatch, a changed shard or a different teacher."""
-    from client.verify import VerifyOptions, run_verify
+    from teacher_farm.client.verify import VerifyOptions, run_verify
 
     p = argparse.ArgumentParser(
         prog="teacher-farm verify",
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         if command == "serve":
-            from server.cli import main as serve_main
+            from teacher_farm.server.cli import main as serve_main
 
             serve_main(rest)
             return 0
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "verify":
             return verify_main(rest)
         if command == "make-tiny-model":
-            from server.tinymodel import main as tiny_main
+            from teacher_farm.server.tinymodel import main as tiny_main
 
             tiny_main(rest)
             return 0

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from client.fsutil import sha256_file
-from client.manifest import Manifest, load_manifests
-from schemas.arrow import read_metadata
-from schemas.errors import InputError
+from teacher_farm.client.fsutil import sha256_file
+from teacher_farm.client.manifest import Manifest, load_manifests
+from teacher_farm.schemas.arrow import read_metadata
+from teacher_farm.schemas.errors import InputError
 
 
 def merge(manifests: dict[str, Manifest]) -> Manifest:

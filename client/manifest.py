@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from client.fsutil import atomic_write
-from schemas import SCHEMA_VERSION
-from schemas.errors import CacheMismatch, InputError
+from teacher_farm.client.fsutil import atomic_write
+from teacher_farm.schemas import SCHEMA_VERSION
+from teacher_farm.schemas.errors import CacheMismatch, InputError
 
 MANIFEST = "manifest.json"
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from client.fsutil import fsync_dir, sha256_file
+from teacher_farm.client.fsutil import fsync_dir, sha256_file
 
 
 def shard_name(index: int) -> str:

@@ -6,7 +6,7 @@ ever loading the whole cache, one row group at a time, and turns every row into 
 operations over the whole row group (no loop per token)::
 
     from torch.utils.data import DataLoader
-    from client.training import TopkDataset, collate_topk, kd_loss
+    from teacher_farm.training import TopkDataset, collate_topk, kd_loss
 
     ds = TopkDataset("cache/", shuffle_shards=True, seed=0, max_length=2048)
     loader = DataLoader(ds, batch_size=8, num_workers=4, collate_fn=collate_topk)
@@ -26,7 +26,7 @@ tokenizer fingerprint the teacher wrote into every shard with the student's toke
 **Without torch, through Hugging Face ``datasets``.** The shards are plain Parquet, so::
 
     import datasets
-    from client.training import shard_paths
+    from teacher_farm.training import shard_paths
 
     ds = datasets.load_dataset(
         "parquet", data_files=[str(p) for p in shard_paths("cache/")], split="train", streaming=True
@@ -52,9 +52,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from client.manifest import Manifest, ShardRecord, load_manifests
-from schemas.arrow import read_metadata
-from schemas.errors import CacheMismatch, InputError
+from teacher_farm.client.manifest import Manifest, ShardRecord, load_manifests
+from teacher_farm.schemas.arrow import read_metadata
+from teacher_farm.schemas.errors import CacheMismatch, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -162,11 +162,11 @@ def cache_metadata_of(cache_dir: str | Path) -> dict[str, str]:
 def assert_same_tokenizer(cache_dir: str | Path, tokenizer: Any) -> str:
     """Raise ``CacheMismatch`` unless ``tokenizer`` is the one the teacher used; returns its fingerprint.
 
-    The fingerprint is ``server.engine.tokenizer_fingerprint`` (which needs no vLLM or torch), and
+    The fingerprint is ``teacher_farm.server.engine.tokenizer_fingerprint`` (which needs no vLLM or torch), and
     it is compared with ``teacher_farm.tokenizer_fingerprint`` in every shard's metadata and with
     the manifests' identity.
     """
-    from server.engine import tokenizer_fingerprint  # numpy/pydantic only; vLLM is imported lazily there
+    from teacher_farm.server.engine import tokenizer_fingerprint  # numpy/pydantic only; vLLM is imported lazily there
 
     cache_dir = Path(cache_dir)
     found: dict[str, str] = {}
@@ -343,7 +343,7 @@ def _make_dataset_class() -> type:
         import torch
         from torch.utils.data import IterableDataset, get_worker_info
     except ImportError as exc:  # pragma: no cover - exercised in a torch-free subprocess
-        raise ImportError("client.training.TopkDataset needs PyTorch (pip install torch)") from exc
+        raise ImportError("teacher_farm.training.TopkDataset needs PyTorch (pip install torch)") from exc
 
     class TopkDataset(IterableDataset):
         """One dict of tensors per cached sequence, streamed one Parquet row group at a time.

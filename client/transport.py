@@ -1,7 +1,7 @@
 """How the client reaches a teacher: HTTP servers (``TeacherPool`` of ``HttpTeacher``) or in process.
 
 All answer ``info()`` and ``topk(lines, k, max_length)`` with a result table (see
-``schemas.arrow.result_schema``). HTTP failures are mapped onto ``schemas.errors``; a
+``schemas.arrow.result_schema``). HTTP failures are mapped onto ``teacher_farm.schemas.errors``; a
 ``TeacherPool`` spreads requests over servers and retries the retryable failures with exponential
 backoff and jitter, honouring the server's Retry-After.
 """
@@ -20,12 +20,12 @@ import orjson
 import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from client.reader import Line
-from schemas import ARROW_STREAM, FINGERPRINT_HEADER
-from schemas.errors import (
+from teacher_farm.client.reader import Line
+from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
+from teacher_farm.schemas.errors import (
     AuthError, CacheMismatch, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected, TransportError,
 )
-from schemas.wire import Info
+from teacher_farm.schemas.wire import Info
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class LocalTeacher:
     """The same job with an in-process engine and no HTTP (one machine, no server)."""
 
     def __init__(self, engine_args: dict[str, Any], k_max: int = 64) -> None:
-        from server.engine import Teacher as Engine
+        from teacher_farm.server.engine import Teacher as Engine
 
         self._engine = Engine.load(engine_args, k_max)
         self.name = f"in-process:{self._engine.info.model}"
@@ -296,8 +296,8 @@ class LocalTeacher:
     async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
         import asyncio
 
-        from schemas.arrow import results_to_table
-        from schemas.wire import TopkInput, TopkRequest
+        from teacher_farm.schemas.arrow import results_to_table
+        from teacher_farm.schemas.wire import TopkInput, TopkRequest
 
         req = TopkRequest(k=k, max_length=max_length, inputs=[TopkInput(**_wire_input(x)) for x in lines])
         token_ids = await asyncio.to_thread(self._engine.prepare, req)

@@ -33,12 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from client.fsutil import sha256_file
-from client.inspect import merge
-from client.manifest import ShardRecord, load_manifests
-from client.transport import HttpTeacher, TeacherPool
-from schemas.errors import InputError
-from schemas.wire import Info
+from teacher_farm.client.fsutil import sha256_file
+from teacher_farm.client.inspect import merge
+from teacher_farm.client.manifest import ShardRecord, load_manifests
+from teacher_farm.client.transport import HttpTeacher, TeacherPool
+from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.wire import Info
 
 #: Default tolerance of logprobs, by the cache's logprob dtype.
 DEFAULT_ATOL = {"float32": 1e-3, "float16": 1e-2}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from schemas import SCHEMA_VERSION, __version__
+from teacher_farm.schemas import SCHEMA_VERSION, __version__
 
 LOGPROB_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 

@@ -18,16 +18,16 @@ import pyarrow as pa
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from schemas import ARROW_STREAM, FINGERPRINT_HEADER
-from schemas.arrow import cast_logprobs, results_to_table
-from schemas.errors import (
+from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
+from teacher_farm.schemas.arrow import cast_logprobs, results_to_table
+from teacher_farm.schemas.errors import (
     AuthError, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
 )
-from schemas.wire import TopkRequest
-from server import metrics
-from server.intake import Admission, parse_body, read_body, score_admitted, teacher
-from server.openai_compat import router as openai_router
-from server.settings import ServerSettings, get_settings
+from teacher_farm.schemas.wire import TopkRequest
+from teacher_farm.server import metrics
+from teacher_farm.server.intake import Admission, parse_body, read_body, score_admitted, teacher
+from teacher_farm.server.openai_compat import router as openai_router
+from teacher_farm.server.settings import ServerSettings, get_settings
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from server.settings import ServerSettings, configure
+from teacher_farm.server.settings import ServerSettings, configure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish)."""
     import uvicorn
 
-    from server.app import create_app
-    from server.engine import Teacher
+    from teacher_farm.server.app import create_app
+    from teacher_farm.server.engine import Teacher
 
     parser = build_parser()
     args = vars(parser.parse_args(argv))

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from schemas import SCHEMA_VERSION, __version__
-from schemas.arrow import ScoredSequence
-from schemas.errors import InputError, TeacherFarmError
-from schemas.wire import Info, TopkRequest, Versions
+from teacher_farm.schemas import SCHEMA_VERSION, __version__
+from teacher_farm.schemas.arrow import ScoredSequence
+from teacher_farm.schemas.errors import InputError, TeacherFarmError
+from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 
 log = logging.getLogger(__name__)
 

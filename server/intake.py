@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from schemas.arrow import ScoredSequence
-from schemas.errors import EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError
-from schemas.wire import TopkRequest
-from server import metrics
-from server.settings import ServerSettings, get_settings
+from teacher_farm.schemas.arrow import ScoredSequence
+from teacher_farm.schemas.errors import EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError
+from teacher_farm.schemas.wire import TopkRequest
+from teacher_farm.server import metrics
+from teacher_farm.server.settings import ServerSettings, get_settings
 
 Model = TypeVar("Model", bound=BaseModel)
 

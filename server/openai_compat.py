@@ -27,11 +27,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from schemas.arrow import ScoredSequence
-from schemas.errors import InputError, RequestTooLarge
-from schemas.wire import TopkInput, TopkRequest
-from server.intake import parse_body, read_body, score_admitted, teacher
-from server.settings import ServerSettings, get_settings
+from teacher_farm.schemas.arrow import ScoredSequence
+from teacher_farm.schemas.errors import InputError, RequestTooLarge
+from teacher_farm.schemas.wire import TopkInput, TopkRequest
+from teacher_farm.server.intake import parse_body, read_body, score_admitted, teacher
+from teacher_farm.server.settings import ServerSettings, get_settings
 
 router = APIRouter()
 

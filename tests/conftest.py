@@ -32,7 +32,7 @@ def free_port() -> int:
 def teacher_farm(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a child process."""
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "teacher_farm.client.cli", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=kwargs.pop("timeout", 900), **kwargs,
     )
 
@@ -40,7 +40,7 @@ def teacher_farm(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random Llama (head_dim 64) with a BPE tokenizer trained on the sample corpus."""
-    from server.tinymodel import make_tiny_model
+    from teacher_farm.server.tinymodel import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny", [SAMPLE], vocab_size=2048, hidden_size=128, num_layers=2, num_heads=2)
 
@@ -53,7 +53,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.args = [
-            sys.executable, "-m", "client.cli", "serve", "--model", str(model), "--dtype", "float32",
+            sys.executable, "-m", "teacher_farm.client.cli", "serve", "--model", str(model), "--dtype", "float32",
             "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN),
             "--enforce-eager", "--gpu-memory-utilization", "0.2", *extra,
         ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.arrow import ScoredSequence
+from teacher_farm.schemas.arrow import ScoredSequence
 
 ATOL = 1e-4
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from schemas import SCHEMA_VERSION, __version__
-from schemas.arrow import (
+from teacher_farm.schemas import SCHEMA_VERSION, __version__
+from teacher_farm.schemas.arrow import (
     METADATA_PREFIX, ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata,
     result_schema, results_to_table, table_to_results,
 )

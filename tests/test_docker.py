@@ -154,7 +154,7 @@ class StubHealth:
 def serve_parser():
     """``teacher-farm serve``'s real parser: every vLLM engine flag plus the service's."""
     pytest.importorskip("vllm", reason="vLLM is not installed: the serve flags cannot be checked")
-    from server.cli import build_parser
+    from teacher_farm.server.cli import build_parser
 
     return build_parser()
 
@@ -215,9 +215,11 @@ def test_dockerfile_installs_every_package_of_the_project(flavour):
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: no such path in the repository"
                 copied.add(source.rstrip("/"))
-    # [tool.setuptools.packages.find] include = ["client*", ...] (no tomllib: Python 3.10 is supported)
-    include = re.search(r"^include\s*=\s*\[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
-    packages = {p.rstrip("*") for p in re.findall(r'"([^"]+)"', include[1])}
+    # [tool.setuptools] packages = [...] and [tool.setuptools.package-dir] (no tomllib: Python 3.10 is supported)
+    text = (ROOT / "pyproject.toml").read_text()
+    listed = re.search(r"^packages\s*=\s*\[(.*?)\]", text, re.M | re.S)
+    mapped = dict(re.findall(r'^"([^"]+)"\s*=\s*"([^"]+)"', text, re.M))
+    packages = {mapped.get(p, p.replace(".", "/")) for p in re.findall(r'"([^"]+)"', listed[1])}
     assert packages, "no packages found in pyproject.toml"
     assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
     assert {"pyproject.toml", "README.md"} <= copied  # the build reads both (readme = README.md)
@@ -478,7 +480,7 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
     assert pairs["--k"] == "32" and pairs["--concurrency"] == "32"
 
     # The real client must accept that command line.
-    from client.cli import cache_parser
+    from teacher_farm.client.cli import cache_parser
 
     parser = cache_parser()
     if "--num-shards" not in parser._option_string_actions:

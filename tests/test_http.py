@@ -8,8 +8,8 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from schemas import ARROW_STREAM
-from schemas.arrow import result_schema, table_to_results
+from teacher_farm.schemas import ARROW_STREAM
+from teacher_farm.schemas.arrow import result_schema, table_to_results
 from tests.conftest import API_KEY, MAX_MODEL_LEN
 
 pytestmark = pytest.mark.engine

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from client.manifest import MANIFEST, Manifest, ShardRecord, check_identity, load_manifest
-from schemas import SCHEMA_VERSION
-from schemas.errors import CacheMismatch
+from teacher_farm.client.manifest import MANIFEST, Manifest, ShardRecord, check_identity, load_manifest
+from teacher_farm.schemas import SCHEMA_VERSION
+from teacher_farm.schemas.errors import CacheMismatch
 
 IDENTITY = {
     "model_fingerprint": "abc123",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from client.progress import JsonFormatter, Progress
-from client.reader import Line, read_corpus
+from teacher_farm.client.progress import JsonFormatter, Progress
+from teacher_farm.client.reader import Line, read_corpus
 
 
 def test_json_log_lines_carry_the_message_and_fields():

@@ -8,7 +8,7 @@ import json
 import pytest
 import zstandard
 
-from client.reader import Line, Reject, parse_line, read_corpus
+from teacher_farm.client.reader import Line, Reject, parse_line, read_corpus
 
 
 def parse(raw: bytes, number: int = 5, text_field: str = "text", id_field: str = "id"):

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.arrow import read_metadata, table_to_results
+from teacher_farm.schemas.arrow import read_metadata, table_to_results
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
 from tests.reference_check import assert_matches_reference
 

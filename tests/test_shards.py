@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from client.shards import ShardWriter, shard_name
-from schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata, results_to_table
+from teacher_farm.client.shards import ShardWriter, shard_name
+from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata, results_to_table
 
 K = 4
 

@@ -15,15 +15,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from client.manifest import Manifest, ShardRecord  # noqa: E402
-from client.shards import ShardWriter  # noqa: E402
-from client.training import (  # noqa: E402
+from teacher_farm.client.manifest import Manifest, ShardRecord  # noqa: E402
+from teacher_farm.client.shards import ShardWriter  # noqa: E402
+from teacher_farm.client.training import (  # noqa: E402
     TAIL_FLOOR, TopkDataset, assert_same_tokenizer, cache_metadata_of, check_alignment, collate_topk, kd_loss,
     shard_paths,
 )
-from schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, results_to_table  # noqa: E402
-from schemas.errors import CacheMismatch, InputError  # noqa: E402
-from server.engine import tokenizer_fingerprint  # noqa: E402
+from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, results_to_table  # noqa: E402
+from teacher_farm.schemas.errors import CacheMismatch, InputError  # noqa: E402
+from teacher_farm.server.engine import tokenizer_fingerprint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, K, ROWS_PER_SHARD = 50, 5, 8
@@ -398,7 +398,7 @@ def test_module_imports_without_torch(cache):
 import sys
 sys.modules["torch"] = None
 sys.modules["vllm"] = None
-import client.training as t
+import teacher_farm.client.training as t
 assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
 assert [p.name for p in t.shard_paths({str(cache.path)!r})][0] == "part-000000.parquet"
 class Tok:
@@ -422,7 +422,7 @@ print("ok")
 
 def test_tail_floor_is_what_a_full_topk_reports(tmp_path):
     # With k equal to the whole vocabulary nothing is left out: the tail sits at the floor.
-    from client.training import row_group_arrays
+    from teacher_farm.client.training import row_group_arrays
 
     full = torch.log_softmax(torch.randn(3, 4), dim=-1)
     values, ids = torch.topk(full, 4, dim=-1)

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from client.fsutil import sha256_file
-from client.manifest import ShardRecord, load_manifest
-from client.verify import CACHE_COLUMNS, compare_row, read_rows, sample_positions, table_rows
+from teacher_farm.client.fsutil import sha256_file
+from teacher_farm.client.manifest import ShardRecord, load_manifest
+from teacher_farm.client.verify import CACHE_COLUMNS, compare_row, read_rows, sample_positions, table_rows
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
 
 pytestmark = pytest.mark.engine
