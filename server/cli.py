@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pooled: reduce logits inside the vLLM worker (temperature, sampled targets, any k); "
                       "prompt-logprobs: vLLM's API; auto (default): pooled where the architecture allows")
     ours.add_argument("--slice-rows", type=int, default=None,
-                      help="positions reduced at once in the worker (pooled; default 1024): peak ~ rows x vocab x 15 B")
+                      help="positions reduced at once in the worker (pooled; default 1024 on a GPU, 256 on a CPU): "
+                      "peak ~ rows x vocab x 15 B")
     ours.add_argument("--max-samples", type=int, default=None, help="largest 'samples' a request may ask for (default 256)")
     ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
     ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")

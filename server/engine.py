@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 #: CPU builds of vLLM read ``gpu_memory_utilization`` as a share of the NUMA node's RAM.
 CPU_MEMORY_UTILIZATION = 0.4
 
+#: Positions the pooled backend reduces at once. A GPU wants large slices; a CPU wants the slice's
+#: logits to stay in its caches (measured with vocabulary 4096: 256 rows ran 1.5x faster than 4096).
+SLICE_ROWS = {"gpu": 1024, "cpu": 256}
+
 SCORING_BACKENDS = ("auto", "pooled", "prompt-logprobs")
 
 
@@ -78,7 +82,7 @@ def choose_backend(requested: str, model: str, trust_remote_code: bool = False, 
 
 def engine_defaults(
     engine_args: dict[str, Any], k_max: int, backend: Backend | None = None, *,
-    slice_rows: int = 1024, max_samples: int = 0,
+    slice_rows: int | None = None, max_samples: int = 0,
 ) -> dict[str, Any]:
     """vLLM engine arguments for scoring: ours first, then what the user passed wins."""
     from vllm.platforms import current_platform
@@ -94,6 +98,8 @@ def engine_defaults(
     if current_platform.is_cpu():
         args["gpu_memory_utilization"] = CPU_MEMORY_UTILIZATION
     args.update({k: v for k, v in engine_args.items() if v is not None})
+    if slice_rows is None:
+        slice_rows = SLICE_ROWS["cpu" if current_platform.is_cpu() else "gpu"]
     if backend.name == "pooled":
         user = args.get("hf_overrides")
         if user is not None and not isinstance(user, dict):
@@ -278,7 +284,7 @@ class Teacher:
 
     @classmethod
     def load(
-        cls, engine_args: dict[str, Any], k_max: int, *, scoring: str = "auto", slice_rows: int = 1024,
+        cls, engine_args: dict[str, Any], k_max: int, *, scoring: str = "auto", slice_rows: int | None = None,
         max_samples: int = 256,
     ) -> Teacher:
         """Start vLLM (blocking: tens of seconds to minutes) and read the model's facts."""

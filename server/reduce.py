@@ -13,6 +13,8 @@ or chunks the work.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -37,27 +39,36 @@ def uniforms(seeds: torch.Tensor, positions: torch.Tensor, samples: int) -> torc
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row, how many entries of ``x`` (rows × vocabulary) are >= ``values`` (rows × 1)."""
+    return (x >= values).sum(dim=-1)
+
+
 def reduce_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    inv_temperature: torch.Tensor,
+    inv_temperature: torch.Tensor | None,
     k: int,
     samples: int = 0,
     seeds: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_at_least,
 ) -> torch.Tensor:
     """Packed int32 rows (``server/packed.py``) for ``logits`` (rows × vocabulary).
 
     ``targets`` holds each row's next token (any valid id where there is none: its columns are then
-    ignored); ``inv_temperature`` is 1/T per row; ``seeds`` and ``positions`` key the draws.
+    ignored); ``inv_temperature`` is 1/T per row (None: T = 1 everywhere, saving a pass);
+    ``seeds`` and ``positions`` key the draws. ``count`` is ``count_at_least`` or a fused kernel of
+    it (the worker passes vLLM's compiled one, which never materializes the comparison).
     """
     lp = logits.float()
-    lp = lp * inv_temperature[:, None]
+    if inv_temperature is not None:
+        lp = lp * inv_temperature[:, None]
     lp = torch.log_softmax(lp, dim=-1)
     top_lp, top_ids = lp.topk(k, dim=-1)
     target_lp = lp.gather(1, targets.to(torch.int64)[:, None])
-    # Rank 1 is the argmax: one more than the number of tokens strictly more likely.
-    target_rank = (lp > target_lp).sum(dim=-1, keepdim=True, dtype=torch.int32) + 1
+    # Rank 1 is the argmax; ties rank together, as vLLM's prompt logprobs count them.
+    target_rank = count(lp, target_lp).to(torch.int32)[:, None]
     parts = [top_ids.to(torch.int32), top_lp.view(torch.int32), target_lp.view(torch.int32), target_rank]
     if samples:
         assert seeds is not None and positions is not None

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.pooler import PoolingParamsUpdate
 from vllm.model_executor.layers.pooler.abstract import Pooler
+from vllm.v1.sample.ops.logprobs import batched_count_greater_than
 
 from teacher_farm.server.packed import packed_width
 from teacher_farm.server.reduce import reduce_rows
@@ -135,13 +136,16 @@ class ReductionPooler(Pooler):
         token_ids = pooling_metadata.prompt_token_ids_cpu
         next_pos = torch.minimum(positions + 1, prompt_lens[row_req] - 1).clamp_(max=token_ids.shape[1] - 1)
         targets = token_ids[row_req, next_pos]
-        inv_t = torch.tensor([1.0 / float(s.get("temperature", 1.0)) for s in settings])[row_req]
+        temperatures = [float(s.get("temperature", 1.0)) for s in settings]
+        inv_t = torch.tensor([1.0 / t for t in temperatures])[row_req]
         seeds = torch.tensor([int(s.get("seed", 0)) for s in settings], dtype=torch.int64)[row_req]
 
         device = hidden_states.device
         targets, inv_t, seeds, positions_d = (
             t.to(device, non_blocking=True) for t in (targets, inv_t, seeds, positions)
         )
+        if all(t == 1.0 for t in temperatures):
+            inv_t = None
         rows = hidden_states.shape[0]
         out = torch.empty((rows, packed_width(k, n)), dtype=torch.int32, device=device)
         for a in range(0, rows, self.slice_rows):
@@ -151,7 +155,8 @@ class ReductionPooler(Pooler):
                 out[a:b].zero_()
                 continue
             out[a:b] = reduce_rows(
-                logits, targets[a:b], inv_t[a:b], k, n, seeds[a:b], positions_d[a:b]
+                logits, targets[a:b], None if inv_t is None else inv_t[a:b], k, n, seeds[a:b], positions_d[a:b],
+                count=_count_at_least,
             )
             del logits
 
@@ -171,6 +176,13 @@ class ReductionPooler(Pooler):
             else:
                 results.append(None)
         return results
+
+
+def _count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """vLLM's compiled rank kernel, with a symbolic row count (as its sampler marks it): one compile."""
+    torch._dynamo.decorators.mark_unbacked(x, 0)
+    torch._dynamo.decorators.mark_unbacked(values, 0)
+    return batched_count_greater_than(x, values)
 
 
 def _columns(k: int, n: int, req_k: int, req_n: int, device: Any) -> torch.Tensor:

@@ -21,9 +21,9 @@ class ServerSettings(BaseSettings):
         "auto", description="pooled: the reduction inside the vLLM worker (where the architecture can be "
         "wrapped, which auto prefers); prompt-logprobs: vLLM's API (top-k at temperature 1 only)",
     )
-    slice_rows: int = Field(
-        1024, ge=1, description="positions whose fp32 logits the worker holds at once (pooled): the peak is "
-        "about slice_rows x vocabulary x 15 bytes",
+    slice_rows: int | None = Field(
+        None, ge=1, description="positions whose fp32 logits the worker holds at once (pooled; default 1024 on "
+        "a GPU, 256 on a CPU): the peak is about slice_rows x vocabulary x 15 bytes",
     )
     max_samples: int = Field(256, ge=1, le=4096, description="largest 'samples' a request may ask for (pooled)")
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="larger request bodies get 413")
