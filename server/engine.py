@@ -24,6 +24,7 @@ from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
+from teacher_farm.server.lifecycle import mark_engine_owner
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class Teacher:
 
         args = engine_defaults(engine_args, k_max)
         log.info("starting vLLM engine: %s", args)
+        mark_engine_owner()  # the engine's processes end with this one (server/lifecycle.py)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         mc = llm.model_config
         tokenizer = AutoTokenizer.from_pretrained(
