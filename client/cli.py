@@ -47,7 +47,8 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1,
                    help="split the corpus across this many client processes (e.g. a SLURM array)")
     p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
-    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float16",
+                   help="precision of stored logprobs (default float16: see the README)")
     p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
     p.add_argument("--retry-for", type=float, default=600.0,
