@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
+from teacher_farm.client.exits import Terminated, quiet_engine, release_engine, stop_on_sigterm
 from teacher_farm.client.progress import setup_logging
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.errors import TeacherFarmError
@@ -60,6 +62,7 @@ def cache_parser() -> argparse.ArgumentParser:
     engine.add_argument("--tensor-parallel-size", type=int, default=None)
     engine.add_argument("--enforce-eager", action="store_true", default=None)
     p.add_argument("--batch_size", type=int, default=None, help=argparse.SUPPRESS)  # the seed's; batching is automatic
+    p.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own INFO logs")
     return p
 
 
@@ -160,32 +163,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher-farm {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    quiet_engine(verbose=bool({"-v", "--verbose"} & set(rest)))
     setup_logging()
     try:
-        if command == "serve":
-            from teacher_farm.server.cli import main as serve_main
+        with stop_on_sigterm():
+            if command == "serve":
+                from teacher_farm.server.cli import main as serve_main
 
-            serve_main(rest)
-            return 0
-        if command == "cache":
-            return cache_main(rest)
-        if command == "inspect":
-            return inspect_main(rest)
-        if command == "verify":
-            return verify_main(rest)
-        if command == "make-tiny-model":
-            from teacher_farm.server.tinymodel import main as tiny_main
+                serve_main(rest)
+                return 0
+            if command == "cache":
+                return cache_main(rest)
+            if command == "inspect":
+                return inspect_main(rest)
+            if command == "verify":
+                return verify_main(rest)
+            if command == "make-tiny-model":
+                from teacher_farm.server.tinymodel import main as tiny_main
 
-            tiny_main(rest)
-            return 0
+                tiny_main(rest)
+                return 0
     except TeacherFarmError as exc:
         print(f"teacher-farm {command}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(_stopped_line(command, "terminated"), file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        print(_stopped_line(command, "interrupted"), file=sys.stderr)
         return 130
+    finally:
+        release_engine()
     print(f"teacher-farm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _stopped_line(command: str, how: str) -> str:
+    if command == "cache":
+        return f"{how}; the cache is resumable: run the same command again to go on where it stopped"
+    return how
 
 
 if __name__ == "__main__":

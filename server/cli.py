@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
     ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")
     ours.add_argument("--uvicorn-log-level", default="info", help="log level of the HTTP server")
+    ours.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own INFO logs")
     return parser
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--model is required (a local checkpoint directory or a model name)")
     ours = {name: args.pop(name) for name in ("host", "port", "k_max", "api_key", "max_queued_tokens")}
     log_level = args.pop("uvicorn_log_level")
+    args.pop("verbose")  # read before vLLM was imported (client.exits.quiet_engine)
     # Flags win over TEACHER_FARM_* variables, which win over the defaults.
     settings = ServerSettings(**{k: v for k, v in ours.items() if v is not None}, engine_args=args)
     configure(settings)

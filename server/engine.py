@@ -24,7 +24,7 @@ from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
-from teacher_farm.server.lifecycle import mark_engine_owner
+from teacher_farm.server.lifecycle import ENGINE_STOP_S, mark_engine_owner
 
 log = logging.getLogger(__name__)
 
@@ -259,5 +259,5 @@ class Teacher:
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""
         if self.llm is not None:
-            self.llm.shutdown()
+            self.llm.shutdown(timeout=ENGINE_STOP_S)
             self.llm = None

@@ -14,6 +14,10 @@ it asks the process to stop as vLLM itself would (SIGTERM, which also stops its 
 if it is still there a few seconds later, kills its children and itself. A Worker watches its
 EngineCore the same way, so the whole tree goes down from the top.
 
+Each engine process also leaves its owner's process group: Ctrl-C on a terminal, or a supervisor's
+SIGTERM to the group, then reaches the owner alone, which stops the engine in order (the EngineCore
+first, which stops its Workers and frees their shared memory) instead of every process at once.
+
 A polling thread rather than ``prctl(PR_SET_PDEATHSIG)``: the death signal fires when the *thread*
 that started the child exits, and ``serve`` starts the engine from a worker thread of asyncio.
 """
@@ -27,6 +31,9 @@ import time
 
 #: Set (to its own pid) by the process that owns an engine; its engine's processes inherit it.
 OWNER_ENV = "TEACHER_FARM_ENGINE_OWNER"
+#: How long the engine's processes get to stop in order (and free their shared memory) before vLLM
+#: kills them; its own default, 5 s, is too short for a busy machine.
+ENGINE_STOP_S = 30.0
 #: How often a child checks that its parent is still there.
 POLL_S = 0.5
 #: How long a child may take to stop by itself before it is killed.
@@ -48,6 +55,10 @@ def register() -> None:
     if _watching or not owner or owner == str(os.getpid()):
         return
     _watching = True
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # already a group or session leader: signals to the owner's group miss it anyway
+        pass
     parent = os.getppid()
     threading.Thread(target=_watch, args=(parent,), name="teacher-farm-parent-watch", daemon=True).start()
 
