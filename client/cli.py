@@ -12,7 +12,7 @@ from pathlib import Path
 from teacher_farm.client.exits import Terminated, quiet_engine, release_engine, stop_on_sigterm
 from teacher_farm.client.progress import setup_logging
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.errors import TeacherFarmError
+from teacher_farm.schemas.errors import InputError, TeacherFarmError
 
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
@@ -78,7 +78,11 @@ def cache_main(argv: list[str]) -> int:
     if not 0 <= a.shard_index < a.num_shards:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
     if a.input != "-" and not Path(a.input).is_file():
-        cache_parser().error(f"--input {a.input}: no such file")
+        raise InputError(f"--input {a.input}: no such file")
+    if a.model:
+        from teacher_farm.server.preflight import check_model
+
+        check_model(a.model)
     opts = CacheOptions(
         input=a.input, out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
@@ -98,12 +102,23 @@ def cache_main(argv: list[str]) -> int:
                 "gpu_memory_utilization": a.gpu_memory_utilization,
                 "tensor_parallel_size": a.tensor_parallel_size, "enforce_eager": a.enforce_eager,
             }
-            teacher = LocalTeacher(engine_args, k_max=max(64, a.k))
+            teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(64, a.k))
         return await run_cache(opts, teacher)
 
     summary = asyncio.run(go())
     print(summary.render())
     return 0
+
+
+def start_local_teacher(factory, engine_args: dict, k_max: int):
+    """The in-process engine; a failure to start is one line (``-v`` shows vLLM's account of it)."""
+    try:
+        return factory(engine_args, k_max=k_max)
+    except TeacherFarmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever vLLM raises, the person needs one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherFarmError(f"--model {engine_args['model']}: the engine failed to start: {reason}") from exc
 
 
 def inspect_main(argv: list[str]) -> int:

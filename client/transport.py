@@ -19,15 +19,21 @@ import httpx
 import orjson
 import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity.stop import stop_base
 
 from teacher_farm.client.reader import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.errors import (
-    AuthError, CacheMismatch, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected, TransportError,
+    AuthError, CacheMismatch, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected, ServerUnreachable,
+    TeacherFarmError, TransportError,
 )
 from teacher_farm.schemas.wire import Info
 
 log = logging.getLogger(__name__)
+
+#: At the start of a run, a server that refuses every connection this long is reported, not waited for:
+#: a ``serve`` just started listens well within it (and then answers 503 while its model loads).
+START_REFUSED_S = 60.0
 
 
 class Teacher(Protocol):
@@ -90,6 +96,26 @@ class _WaitRetryAfter(wait_exponential_jitter):
         return max(base, getattr(exc, "retry_after", None) or 0.0)
 
 
+def connect_error(url: str, exc: httpx.ConnectError) -> TeacherFarmError:
+    """What a failed connection means to a person: no server there (yet)."""
+    return ServerUnreachable(
+        f"cannot connect to {url} ({str(exc) or type(exc).__name__}): is 'teacher-farm serve' running there? "
+        "It may still be starting (it listens within a minute, then answers 503 while the model loads); "
+        "check the URL and port"
+    )
+
+
+class _StopRefused(stop_base):
+    """Stop once a server has refused every connection for ``seconds`` (a 503 while loading resets nothing)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, retry_state: Any) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        return isinstance(exc, ServerUnreachable) and retry_state.seconds_since_start >= self.seconds
+
+
 class HttpTeacher:
     """One teacher-farm server at ``url``; every call is a single attempt (``TeacherPool`` retries)."""
 
@@ -114,6 +140,8 @@ class HttpTeacher:
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise connect_error(self.name, exc) from exc
         except httpx.TransportError as exc:
             raise TransportError(f"{self.name}{path}: {type(exc).__name__}: {exc}") from exc
         raise_for_answer(response)
@@ -224,7 +252,10 @@ class TeacherPool:
         Servers that answer within ``grace_s`` more must serve the same teacher; every later answer
         is checked too, through the fingerprint header each ``/v1/topk`` answer carries.
         """
-        tasks = {asyncio.create_task(self._attempt_on(m, lambda t: t.info())): m for m in self.members}
+        tasks = {
+            asyncio.create_task(self._attempt_on(m, lambda t: t.info(), refused_for_s=START_REFUSED_S)): m
+            for m in self.members
+        }
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         while not any(t.exception() is None for t in done):
             if not pending:
@@ -252,11 +283,15 @@ class TeacherPool:
             "max_model_len": min(i.max_model_len for _, i in infos),
         })
 
-    async def _attempt_on(self, member: _Member, call: Any) -> Any:
+    async def _attempt_on(self, member: _Member, call: Any, refused_for_s: float | None = None) -> Any:
+        stop = stop_after_delay(self.retry_for_s)
+        if refused_for_s is not None:
+            # Nobody listening at all is most likely a wrong URL: say so soon, not after --retry-for.
+            stop = stop | _StopRefused(refused_for_s)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
             wait=_WaitRetryAfter(initial=0.5, max=30.0),
-            stop=stop_after_delay(self.retry_for_s),
+            stop=stop,
             reraise=True,
         ):
             with attempt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from teacher_farm.server.preflight import check_model
 from teacher_farm.server.settings import ServerSettings, configure
 
 
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish)."""
+    # A missing model is one line, before vLLM is even imported (which takes seconds).
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--model")
+    if (model := early.parse_known_args(argv)[0].model) is not None:
+        check_model(model)
+
     import uvicorn
 
     from teacher_farm.server.app import create_app
