@@ -55,6 +55,8 @@ def cache_parser() -> argparse.ArgumentParser:
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
     p.add_argument("--retry-for", type=float, default=600.0,
                    help="give up on a request after retrying this many seconds (default 600)")
+    p.add_argument("--ca-bundle", default=None,
+                   help="trust https:// servers whose certificate this CA file (PEM) signed")
     engine = p.add_argument_group("in-process engine (with --model)")
     engine.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     engine.add_argument("--max-model-len", type=int, default=None)
@@ -79,6 +81,8 @@ def cache_main(argv: list[str]) -> int:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
     if a.input != "-" and not Path(a.input).is_file():
         raise InputError(f"--input {a.input}: no such file")
+    if a.ca_bundle is not None and not Path(a.ca_bundle).is_file():
+        raise InputError(f"--ca-bundle {a.ca_bundle}: no such file")
     if a.model:
         from teacher_farm.server.preflight import check_model
 
@@ -94,7 +98,8 @@ def cache_main(argv: list[str]) -> int:
         if a.server:
             urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
             teacher = TeacherPool(
-                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=a.logprob_dtype) for u in urls], retry_for_s=a.retry_for
+                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=a.logprob_dtype, ca_bundle=a.ca_bundle) for u in urls],
+                retry_for_s=a.retry_for,
             )
         else:
             engine_args = {
@@ -153,6 +158,8 @@ def verify_main(argv: list[str]) -> int:
                    help="logprob tolerance (default 1e-3 for float32 caches, 1e-2 for float16)")
     p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
+    p.add_argument("--ca-bundle", default=None,
+                   help="trust https:// servers whose certificate this CA file (PEM) signed")
     a = p.parse_args(argv)
     if a.sample < 1:
         p.error("--sample must be at least 1")
@@ -163,6 +170,7 @@ def verify_main(argv: list[str]) -> int:
     urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
     report = run_verify(VerifyOptions(
         out_dir=Path(a.dir), servers=urls, sample=a.sample, seed=a.seed, atol=a.atol, api_key=a.api_key,
+        ca_bundle=a.ca_bundle,
     ))
     print(report.render())
     return 0 if report.ok else 1

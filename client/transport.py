@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -97,7 +98,15 @@ class _WaitRetryAfter(wait_exponential_jitter):
 
 
 def connect_error(url: str, exc: httpx.ConnectError) -> TeacherFarmError:
-    """What a failed connection means to a person: no server there (yet)."""
+    """What a failed connection means to a person: an untrusted certificate, or no server there."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return InputError(
+            f"{url}: the TLS handshake failed ({getattr(cause, 'verify_message', None) or cause}); "
+            "if the server's certificate is signed by your own CA, pass it with --ca-bundle FILE"
+        )
     return ServerUnreachable(
         f"cannot connect to {url} ({str(exc) or type(exc).__name__}): is 'teacher-farm serve' running there? "
         "It may still be starting (it listens within a minute, then answers 503 while the model loads); "
@@ -122,11 +131,14 @@ class HttpTeacher:
     def __init__(
         self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
         logprob_dtype: str = "float32", transport: httpx.AsyncBaseTransport | None = None,
+        ca_bundle: str | None = None,
     ) -> None:
         self.name = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # https:// servers are checked against the system's CAs, or only those of ``ca_bundle``.
+        verify = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
         self._http = httpx.AsyncClient(
-            base_url=self.name, headers=headers, transport=transport,
+            base_url=self.name, headers=headers, transport=transport, verify=verify,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )

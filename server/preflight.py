@@ -5,6 +5,7 @@ No vLLM import here: these run in a second, before the minute an engine takes to
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from teacher_farm.schemas.errors import InputError
@@ -32,3 +33,19 @@ def check_model(model: str) -> None:
         raise InputError(f"--model {model}: this is a file, not a model; give the checkpoint's directory")
     if _looks_like_a_path(model):
         raise InputError(f"--model {model}: no such directory")
+
+
+def exposure_warning(host: str, has_key: bool) -> str | None:
+    """The one line ``serve`` prints when anyone on the network can use the teacher, else None."""
+    if has_key:
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    return (
+        f"serving on {host} without an API key: anyone on the network can use this teacher; "
+        "set one with --api-key KEY or TEACHER_FARM_API_KEY"
+    )

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from teacher_farm.schemas import __version__
+from teacher_farm.server.preflight import exposure_warning
 from tests.conftest import SAMPLE, free_port, teacher_farm
 
 
@@ -58,3 +61,14 @@ def test_a_server_that_refuses_connections_is_named_with_advice(tmp_path):
     line = one_line_error(proc)
     assert url in line and "teacher-farm serve" in line and "starting" in line
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("host, has_key, warns", [
+    ("0.0.0.0", False, True), ("10.1.2.3", False, True), ("::", False, True),
+    ("127.0.0.1", False, False), ("localhost", False, False), ("::1", False, False), ("0.0.0.0", True, False),
+])
+def test_serve_warns_when_anyone_on_the_network_can_use_the_teacher(host, has_key, warns):
+    warning = exposure_warning(host, has_key)
+    assert (warning is not None) == warns
+    if warns:
+        assert "\n" not in warning and "anyone on the network" in warning and "--api-key" in warning
