@@ -115,10 +115,10 @@ def cache_main(argv: list[str]) -> int:
     return 0
 
 
-def start_local_teacher(factory, engine_args: dict, k_max: int):
+def start_local_teacher(factory, engine_args: dict, **options):
     """The in-process engine; a failure to start is one line (``-v`` shows vLLM's account of it)."""
     try:
-        return factory(engine_args, k_max=k_max)
+        return factory(engine_args, **options)
     except TeacherFarmError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever vLLM raises, the person needs one line

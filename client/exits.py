@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import signal
 import sys
@@ -28,6 +29,8 @@ def quiet_engine(verbose: bool) -> None:
         os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
     else:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # What vLLM logs while it is imported, before it sets up its own handler, comes through ours.
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
 
 
 @contextlib.contextmanager
