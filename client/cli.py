@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
+from teacher_farm.client.exits import Terminated, quiet_engine, release_engine, stop_on_sigterm
 from teacher_farm.client.progress import setup_logging
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.errors import TeacherFarmError
+from teacher_farm.schemas.errors import InputError, TeacherFarmError
 
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
@@ -47,7 +49,8 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1,
                    help="split the corpus across this many client processes (e.g. a SLURM array)")
     p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
-    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float16",
+                   help="precision of stored logprobs (default float16: see the README)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="store log softmax(logits / T) (default 1; needs the pooled scoring backend otherwise)")
     p.add_argument("--targets", choices=["topk", "sampled", "both"], default="topk",
@@ -58,6 +61,8 @@ def cache_parser() -> argparse.ArgumentParser:
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
     p.add_argument("--retry-for", type=float, default=600.0,
                    help="give up on a request after retrying this many seconds (default 600)")
+    p.add_argument("--ca-bundle", default=None,
+                   help="trust https:// servers whose certificate this CA file (PEM) signed")
     engine = p.add_argument_group("in-process engine (with --model)")
     engine.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     engine.add_argument("--max-model-len", type=int, default=None)
@@ -69,6 +74,7 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=float, default=10.0,
                    help="seconds between progress log lines when stderr is not a terminal (default 10)")
     p.add_argument("--batch_size", type=int, default=None, help=argparse.SUPPRESS)  # the seed's; batching is automatic
+    p.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own INFO logs")
     return p
 
 
@@ -88,7 +94,13 @@ def cache_main(argv: list[str]) -> int:
     if not 0 <= a.shard_index < a.num_shards:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
     if a.input != "-" and not Path(a.input).is_file():
-        cache_parser().error(f"--input {a.input}: no such file")
+        raise InputError(f"--input {a.input}: no such file")
+    if a.ca_bundle is not None and not Path(a.ca_bundle).is_file():
+        raise InputError(f"--ca-bundle {a.ca_bundle}: no such file")
+    if a.model:
+        from teacher_farm.server.preflight import check_model
+
+        check_model(a.model)
     opts = CacheOptions(
         input=a.input, out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
@@ -102,7 +114,8 @@ def cache_main(argv: list[str]) -> int:
         if a.server:
             urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
             teacher = TeacherPool(
-                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=a.logprob_dtype) for u in urls], retry_for_s=a.retry_for
+                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=a.logprob_dtype, ca_bundle=a.ca_bundle) for u in urls],
+                retry_for_s=a.retry_for,
             )
         else:
             engine_args = {
@@ -110,12 +123,23 @@ def cache_main(argv: list[str]) -> int:
                 "gpu_memory_utilization": a.gpu_memory_utilization,
                 "tensor_parallel_size": a.tensor_parallel_size, "enforce_eager": a.enforce_eager,
             }
-            teacher = LocalTeacher(engine_args, k_max=max(256, a.k), scoring=a.scoring)
+            teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(256, a.k), scoring=a.scoring)
         return await run_cache(opts, teacher)
 
     summary = asyncio.run(go())
     print(summary.render())
     return 0
+
+
+def start_local_teacher(factory, engine_args: dict, **options):
+    """The in-process engine; a failure to start is one line (``-v`` shows vLLM's account of it)."""
+    try:
+        return factory(engine_args, **options)
+    except TeacherFarmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever vLLM raises, the person needs one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherFarmError(f"--model {engine_args['model']}: the engine failed to start: {reason}") from exc
 
 
 def inspect_main(argv: list[str]) -> int:
@@ -150,6 +174,8 @@ def verify_main(argv: list[str]) -> int:
                    help="logprob tolerance (default 1e-3 for float32 caches, 1e-2 for float16)")
     p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
+    p.add_argument("--ca-bundle", default=None,
+                   help="trust https:// servers whose certificate this CA file (PEM) signed")
     a = p.parse_args(argv)
     if a.sample < 1:
         p.error("--sample must be at least 1")
@@ -160,6 +186,7 @@ def verify_main(argv: list[str]) -> int:
     urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
     report = run_verify(VerifyOptions(
         out_dir=Path(a.dir), servers=urls, sample=a.sample, seed=a.seed, atol=a.atol, api_key=a.api_key,
+        ca_bundle=a.ca_bundle,
     ))
     print(report.render())
     return 0 if report.ok else 1
@@ -175,32 +202,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"teacher-farm {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    quiet_engine(verbose=bool({"-v", "--verbose"} & set(rest)))
     setup_logging()
     try:
-        if command == "serve":
-            from teacher_farm.server.cli import main as serve_main
+        with stop_on_sigterm():
+            if command == "serve":
+                from teacher_farm.server.cli import main as serve_main
 
-            serve_main(rest)
-            return 0
-        if command == "cache":
-            return cache_main(rest)
-        if command == "inspect":
-            return inspect_main(rest)
-        if command == "verify":
-            return verify_main(rest)
-        if command == "make-tiny-model":
-            from teacher_farm.server.tinymodel import main as tiny_main
+                serve_main(rest)
+                return 0
+            if command == "cache":
+                return cache_main(rest)
+            if command == "inspect":
+                return inspect_main(rest)
+            if command == "verify":
+                return verify_main(rest)
+            if command == "make-tiny-model":
+                from teacher_farm.server.tinymodel import main as tiny_main
 
-            tiny_main(rest)
-            return 0
+                tiny_main(rest)
+                return 0
     except TeacherFarmError as exc:
         print(f"teacher-farm {command}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(_stopped_line(command, "terminated"), file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        print(_stopped_line(command, "interrupted"), file=sys.stderr)
         return 130
+    finally:
+        release_engine()
     print(f"teacher-farm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _stopped_line(command: str, how: str) -> str:
+    if command == "cache":
+        return f"{how}; the cache is resumable: run the same command again to go on where it stopped"
+    return how
 
 
 if __name__ == "__main__":

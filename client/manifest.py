@@ -104,7 +104,7 @@ def check_identity(existing: Manifest, identity: dict[str, Any], out_dir: Path) 
     ]
     if diffs:
         raise CacheMismatch(
-            f"{out_dir} was made with other settings, so this run cannot resume it:\n  "
-            + "\n  ".join(diffs)
-            + "\nRun the original command again, or choose a new --out directory."
+            f"{out_dir} belongs to another cache, made with other settings ("
+            + "; ".join(diffs)
+            + "): run the original command again to resume it, or choose a new --out directory"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -20,15 +21,21 @@ import httpx
 import orjson
 import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity.stop import stop_base
 
 from teacher_farm.client.reader import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.errors import (
-    AuthError, CacheMismatch, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected, TransportError,
+    AuthError, CacheMismatch, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected, ServerUnreachable,
+    TeacherFarmError, TransportError,
 )
 from teacher_farm.schemas.wire import Info
 
 log = logging.getLogger(__name__)
+
+#: At the start of a run, a server that refuses every connection this long is reported, not waited for:
+#: a ``serve`` just started listens well within it (and then answers 503 while its model loads).
+START_REFUSED_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -105,17 +112,48 @@ class _WaitRetryAfter(wait_exponential_jitter):
         return max(base, getattr(exc, "retry_after", None) or 0.0)
 
 
+def connect_error(url: str, exc: httpx.ConnectError) -> TeacherFarmError:
+    """What a failed connection means to a person: an untrusted certificate, or no server there."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return InputError(
+            f"{url}: the TLS handshake failed ({getattr(cause, 'verify_message', None) or cause}); "
+            "if the server's certificate is signed by your own CA, pass it with --ca-bundle FILE"
+        )
+    return ServerUnreachable(
+        f"cannot connect to {url} ({str(exc) or type(exc).__name__}): is 'teacher-farm serve' running there? "
+        "It may still be starting (it listens within a minute, then answers 503 while the model loads); "
+        "check the URL and port"
+    )
+
+
+class _StopRefused(stop_base):
+    """Stop once a server has refused every connection for ``seconds`` (a 503 while loading resets nothing)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, retry_state: Any) -> bool:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        return isinstance(exc, ServerUnreachable) and retry_state.seconds_since_start >= self.seconds
+
+
 class HttpTeacher:
     """One teacher-farm server at ``url``; every call is a single attempt (``TeacherPool`` retries)."""
 
     def __init__(
         self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
         logprob_dtype: str = "float32", transport: httpx.AsyncBaseTransport | None = None,
+        ca_bundle: str | None = None,
     ) -> None:
         self.name = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # https:// servers are checked against the system's CAs, or only those of ``ca_bundle``.
+        verify = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
         self._http = httpx.AsyncClient(
-            base_url=self.name, headers=headers, transport=transport,
+            base_url=self.name, headers=headers, transport=transport, verify=verify,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
@@ -129,6 +167,8 @@ class HttpTeacher:
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise connect_error(self.name, exc) from exc
         except httpx.TransportError as exc:
             raise TransportError(f"{self.name}{path}: {type(exc).__name__}: {exc}") from exc
         raise_for_answer(response)
@@ -243,7 +283,10 @@ class TeacherPool:
         Servers that answer within ``grace_s`` more must serve the same teacher; every later answer
         is checked too, through the fingerprint header each ``/v1/topk`` answer carries.
         """
-        tasks = {asyncio.create_task(self._attempt_on(m, lambda t: t.info())): m for m in self.members}
+        tasks = {
+            asyncio.create_task(self._attempt_on(m, lambda t: t.info(), refused_for_s=START_REFUSED_S)): m
+            for m in self.members
+        }
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         while not any(t.exception() is None for t in done):
             if not pending:
@@ -271,11 +314,15 @@ class TeacherPool:
             "max_model_len": min(i.max_model_len for _, i in infos),
         })
 
-    async def _attempt_on(self, member: _Member, call: Any) -> Any:
+    async def _attempt_on(self, member: _Member, call: Any, refused_for_s: float | None = None) -> Any:
+        stop = stop_after_delay(self.retry_for_s)
+        if refused_for_s is not None:
+            # Nobody listening at all is most likely a wrong URL: say so soon, not after --retry-for.
+            stop = stop | _StopRefused(refused_for_s)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
             wait=_WaitRetryAfter(initial=0.5, max=30.0),
-            stop=stop_after_delay(self.retry_for_s),
+            stop=stop,
             reraise=True,
         ):
             with attempt:

@@ -65,6 +65,7 @@ class VerifyOptions:
     batch_rows: int = 16
     batch_tokens: int = 65_536
     retry_for_s: float = 600.0
+    ca_bundle: str | None = None
 
 
 @dataclass
@@ -485,7 +486,7 @@ def run_verify(opts: VerifyOptions) -> VerifyReport:
         raise InputError("--sample must be at least 1")
 
     async def go() -> VerifyReport:
-        pool = TeacherPool([HttpTeacher(u, api_key=opts.api_key) for u in opts.servers], retry_for_s=opts.retry_for_s)
+        pool = TeacherPool([HttpTeacher(u, api_key=opts.api_key, ca_bundle=opts.ca_bundle) for u in opts.servers], retry_for_s=opts.retry_for_s)
         try:
             return await verify_cache(opts, pool)
         finally:

@@ -8,10 +8,11 @@
     ├── ServerBusy            the server's queue is full (retry after ``retry_after`` s)
     ├── EngineNotReady        the engine is still loading (retry)
     ├── TransportError        a server could not be reached or answered 5xx (retry)
+    │   └── ServerUnreachable nothing listens at the URL: connection refused (retry, briefly at start)
     ├── ServerRejected        the server answered 4xx: the inputs it names are bad
     └── CacheMismatch         a resumed output directory was made with other settings
 
-Only ``ServerBusy``, ``EngineNotReady`` and ``TransportError`` are retryable.
+Only ``ServerBusy``, ``EngineNotReady`` and ``TransportError`` (with ``ServerUnreachable``) are retryable.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class EngineNotReady(RetryableError):
 
 class TransportError(RetryableError):
     """Connection refused or reset, timeout, or a 5xx answer."""
+
+
+class ServerUnreachable(TransportError):
+    """The connection was refused: no server (yet) at that address."""
 
 
 class ServerRejected(TeacherFarmError):

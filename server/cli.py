@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from teacher_farm.server.preflight import check_model, exposure_warning
 from teacher_farm.server.settings import ServerSettings, configure
 
 
@@ -36,11 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
     ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")
     ours.add_argument("--uvicorn-log-level", default="info", help="log level of the HTTP server")
+    ours.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    ours.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    ours.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own INFO logs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish)."""
+    # A missing model is one line, before vLLM is even imported (which takes seconds).
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--model")
+    if (model := early.parse_known_args(argv)[0].model) is not None:
+        check_model(model)
+
     import uvicorn
 
     from teacher_farm.server.app import create_app
@@ -54,10 +64,16 @@ def main(argv: list[str] | None = None) -> None:
         "host", "port", "k_max", "api_key", "max_queued_tokens", "scoring", "slice_rows", "max_samples",
     )}
     log_level = args.pop("uvicorn_log_level")
+    args.pop("verbose")  # read before vLLM was imported (client.exits.quiet_engine)
+    tls = {"ssl_certfile": args.pop("ssl_certfile"), "ssl_keyfile": args.pop("ssl_keyfile")}
+    if bool(tls["ssl_certfile"]) != bool(tls["ssl_keyfile"]):
+        parser.error("--ssl-certfile and --ssl-keyfile go together")
     # Flags win over TEACHER_FARM_* variables, which win over the defaults.
     settings = ServerSettings(**{k: v for k, v in ours.items() if v is not None}, engine_args=args)
     configure(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if warning := exposure_warning(settings.host, settings.api_key is not None):
+        logging.getLogger(__name__).warning(warning)
 
     app = create_app(lambda: Teacher.load(
         settings.engine_args, settings.k_max, scoring=settings.scoring,
@@ -65,5 +81,5 @@ def main(argv: list[str] | None = None) -> None:
     ))
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=300, access_log=False,
+        timeout_graceful_shutdown=300, access_log=False, **tls,
     )

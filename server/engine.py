@@ -32,6 +32,7 @@ from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.server.packed import compact_samples, unpack
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
+from teacher_farm.server.lifecycle import ENGINE_STOP_S, mark_engine_owner
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,7 @@ class Teacher:
         pooled = backend.name == "pooled"
         args = engine_defaults(engine_args, k_max, backend, slice_rows=slice_rows, max_samples=max_samples if pooled else 0)
         log.info("starting vLLM engine: %s", args)
+        mark_engine_owner()  # the engine's processes end with this one (server/lifecycle.py)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         mc = llm.model_config
         tokenizer = AutoTokenizer.from_pretrained(
@@ -418,5 +420,5 @@ class Teacher:
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""
         if self.llm is not None:
-            self.llm.shutdown()
+            self.llm.shutdown(timeout=ENGINE_STOP_S)
             self.llm = None

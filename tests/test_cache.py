@@ -16,7 +16,8 @@ pytestmark = pytest.mark.engine
 
 
 def cache(server, inp, out, *extra, **kwargs):
-    return teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out), "--k", "4", *extra, **kwargs)
+    return teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out), "--k", "4",
+                        "--logprob-dtype", "float32", *extra, **kwargs)
 
 
 def rows(out):

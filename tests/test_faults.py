@@ -34,7 +34,7 @@ def rejects(out, name="rejects.jsonl"):
 
 def cache_args(url, inp, out, key=API_KEY, *extra):
     return ["cache", "--server", url, "--api-key", key, "--input", str(inp), "--out", str(out), "--k", "4",
-            "--rows-per-shard", "6", "--batch-lines", "2", "--concurrency", "2", *extra]
+            "--rows-per-shard", "6", "--batch-lines", "2", "--concurrency", "2", "--logprob-dtype", "float32", *extra]
 
 
 def start_client(*args) -> subprocess.Popen:

@@ -17,11 +17,13 @@ def test_in_process_engine_writes_the_same_cache_as_the_server(server, tiny_mode
     local = teacher_farm(
         "cache", "--model", str(tiny_model), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
         "--gpu-memory-utilization", "0.2", "--input", str(inp), "--out", str(tmp_path / "local"), "--k", "6",
+        "--logprob-dtype", "float32",
     )
     assert local.returncode == 0, local.stderr[-3000:]
     assert "6 rows" in local.stdout and "1 lines rejected" in local.stdout
     remote = teacher_farm(
         "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(tmp_path / "remote"), "--k", "6",
+        "--logprob-dtype", "float32",
     )
     assert remote.returncode == 0, remote.stderr
     a = pq.read_table(sorted((tmp_path / "local").glob("part-*.parquet"))).to_pylist()

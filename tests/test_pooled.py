@@ -53,7 +53,8 @@ def test_both_backends_make_the_same_cache(server, logprobs_server, tmp_path):
     tables = []
     for name, srv in (("pooled", server), ("logprobs", logprobs_server)):
         out = tmp_path / name
-        proc = teacher_farm("cache", "--server", srv.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out), "--k", "8")
+        proc = teacher_farm("cache", "--server", srv.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out), "--k", "8",
+                            "--logprob-dtype", "float32")
         assert proc.returncode == 0, proc.stderr
         tables.append(pq.read_table(sorted(out.glob("part-*.parquet"))))
         manifest = json.loads((out / "manifest.json").read_text())

@@ -30,7 +30,7 @@ def test_cache_matches_transformers_reference(any_server, reference, corpus, tmp
     out = tmp_path / "cache"
     proc = teacher_farm(
         "cache", "--server", any_server.url, "--api-key", API_KEY, "--input", str(corpus),
-        "--out", str(out), "--k", str(k), "--rows-per-shard", "10",
+        "--out", str(out), "--k", str(k), "--rows-per-shard", "10", "--logprob-dtype", "float32",
     )
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
@@ -49,7 +49,8 @@ def test_cache_matches_transformers_reference(any_server, reference, corpus, tmp
 def test_reference_check_catches_a_wrong_answer(server, reference, corpus, tmp_path):
     """The comparison itself must fail on a corrupted row, or it proves nothing."""
     out = tmp_path / "cache"
-    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out), "--k", "4")
+    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out), "--k", "4",
+                        "--logprob-dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     row = table_to_results(pq.read_table(sorted(out.glob("part-*.parquet"))).slice(0, 1))[0]
     shifted = row.__class__(**{**row.__dict__, "topk_ids": np.roll(row.topk_ids, 1, axis=0)})

@@ -29,7 +29,7 @@ def cached(server, tmp_path_factory):
     out = root / "cache"
     proc = teacher_farm(
         "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out),
-        "--k", str(K), "--rows-per-shard", "3", "--max-length", "96",
+        "--k", str(K), "--rows-per-shard", "3", "--max-length", "96", "--logprob-dtype", "float32",
     )
     assert proc.returncode == 0, proc.stderr
     return out
