@@ -34,13 +34,23 @@ def cache_parser() -> argparse.ArgumentParser:
     src.add_argument("--server", action="append",
                      help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several")
     src.add_argument("--model", help="run the teacher in this process instead (no server)")
-    p.add_argument("--input", "--input_jsonl", dest="input", required=True, help="JSONL file, .gz/.zst, or - for stdin")
+    p.add_argument("--input", "--input_jsonl", dest="input", required=True, action="append",
+                   help="JSONL (.jsonl, .gz, .zst) or Parquet file, a directory of them or a glob; repeat for "
+                        "more (all are read in sorted order); - for stdin")
     p.add_argument("--out", "--out_dir", dest="out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--k", type=int, default=16, help="top-k tokens per position (default 16)")
     p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=8192,
                    help="truncate lines to this many tokens (default 8192)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
+    p.add_argument("--ids-field", default="input_ids",
+                   help="field (JSONL) or list column (Parquet) of pre-tokenized records, scored on exactly "
+                        "those ids (default input_ids)")
+    p.add_argument("--long-lines", choices=["truncate", "window"], default="truncate",
+                   help="a line over --max-length tokens: keep its first tokens (truncate, the default) or "
+                        "score every token in overlapping windows (window)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="with --long-lines window: tokens between window starts (default: half --max-length)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="input lines per Parquet shard")
     p.add_argument("--batch-lines", type=int, default=32, help="lines per request (default 32)")
@@ -68,19 +78,24 @@ def cache_main(argv: list[str]) -> int:
     from teacher_farm.client.transport import HttpTeacher, LocalTeacher, TeacherPool
 
     a = cache_parser().parse_args(argv)
-    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length"):
+    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length", "stride"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= a.shard_index < a.num_shards:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
-    if a.input != "-" and not Path(a.input).is_file():
-        cache_parser().error(f"--input {a.input}: no such file")
+    if a.stride is not None and a.long_lines != "window":
+        cache_parser().error("--stride applies to --long-lines window only")
     opts = CacheOptions(
-        input=a.input, out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
+        input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
         batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype,
         num_shards=a.num_shards, shard_index=a.shard_index,
+        ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
     )
+    # Bad inputs are refused before a teacher is reached (or an engine loaded).
+    from teacher_farm.client.inputs import check_parquet_columns, discover
+
+    check_parquet_columns(discover(opts.inputs), opts.text_field, opts.id_field, opts.ids_field)
 
     async def go():
         if a.server:
