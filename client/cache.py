@@ -159,11 +159,14 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
 
 
 async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int) -> tuple[pa.Table | None, list[Reject]]:
-    """The batch's result rows (with ``line``), and the lines the server refused as bad."""
+    """The batch's result rows (with ``line``, ``source``, ``offset``), and the lines the server refused as bad."""
     if not batch.lines:
         return None, []
     try:
         table = await teacher.topk(batch.lines, opts.k, max_length)
+        if table.num_rows == len(batch.lines) and opts.long_lines == "window":
+            # A refused tokenization or window rejects its line, like a refused line.
+            return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
     except ServerRejected as exc:
         if len(batch.lines) == 1:
             line = batch.lines[0]
@@ -177,8 +180,6 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
         return (pa.concat_tables(tables) if tables else None), rejects
     if table.num_rows != len(batch.lines):
         raise InputError(f"{teacher.name} answered {table.num_rows} rows for {len(batch.lines)} inputs")
-    if opts.long_lines == "window":
-        return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
     table = with_source_columns(table, [x.line for x in batch.lines], [x.source for x in batch.lines])
     # The writer casts to the cache schema (logprob dtype included) once, for every batch.
     return table, []
@@ -287,7 +288,8 @@ class CacheRun:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 },
             )
-            manifest.save(self.out, name)
+            with self._writing(self.out / name):
+                manifest.save(self.out, name)
         self.manifest_name = name
         schema = cache_schema(opts.logprob_dtype).with_metadata(
             cache_metadata(
@@ -325,8 +327,7 @@ class CacheRun:
 
     async def _run(self) -> Summary:
         started = time.monotonic()
-        with self._writing(self.out / manifest_name(self.opts.num_shards, self.opts.shard_index)):
-            manifest, max_length, schema = await self.prepare()
+        manifest, max_length, schema = await self.prepare()
         done = set(manifest.shards)
         rejects_file = self.out / self.opts.rejects_name
         # Whatever lies past the committed length was written by a run that died before its commit.

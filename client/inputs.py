@@ -43,8 +43,8 @@ class InputFile:
 
     @property
     def plain_size(self) -> int | None:
-        """Bytes read from it when known up front (plain JSONL), for the progress ETA."""
-        if self.source == "-" or self.kind != "jsonl" or self.source.endswith(_COMPRESSED):
+        """Bytes read from it when known up front (plain JSONL; Parquet by its file size), for the progress ETA."""
+        if self.source == "-" or self.source.endswith(_COMPRESSED):
             return None
         return self.path.stat().st_size
 

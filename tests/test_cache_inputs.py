@@ -223,3 +223,21 @@ def test_joined_targets_come_from_the_earliest_window_holding_both_tokens():
     assert j.input_ids.tolist() == [0, 1, 2, 3, 4, 5, 104, 105, 204, 205]
     # targets 0-4 from window 0; 5 (token 6) from window 1 (local 3); 6 from window 1; 7, 8 from window 2
     assert j.target_logprobs.tolist() == [0, 1, 2, 3, 4, 103, 104, 203, 204]
+
+
+def test_a_long_line_the_server_will_not_tokenize_is_a_reject_and_the_run_goes_on(tmp_path):
+    from teacher_farm.schemas.errors import ServerRejected
+
+    class Picky(StandInTeacher):
+        async def tokenize(self, text):
+            if text.startswith("huge"):
+                raise ServerRejected("body too large", 413)
+            return await super().tokenize(text)
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(
+        ["huge " + LONG, LONG, "short"])) + "\n")
+    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=Picky(VOCAB), max_length=100, long_lines="window")
+    assert summary.rejects == 1
+    assert sorted({r["id"] for r in rows(tmp_path / "out")}) == ["1", "2"]
+    (rej,) = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert rej["id"] == "0" and "body too large" in rej["reason"]
