@@ -12,6 +12,8 @@ ATOL = 1e-4
 def assert_matches_reference(row: ScoredSequence, reference, k: int, atol: float = ATOL) -> None:
     ids = row.input_ids.tolist()
     ref_ids, ref_lps, full = reference.topk(ids, k)
+    # The (k+1)-th: a tie between the k-th and the next candidate makes either a correct k-th id.
+    next_lp = np.sort(full, axis=1)[:, -k - 1] if full.shape[1] > k else np.full(len(ids), -np.inf)
     n = len(ids)
     assert row.topk_ids.shape == (n, k) and row.topk_logprobs.shape == (n, k)
     # The logprobs, position by position, most likely first.
@@ -23,7 +25,8 @@ def assert_matches_reference(row: ScoredSequence, reference, k: int, atol: float
     if differ.any():
         rows, cols = np.nonzero(differ)
         gaps_before = np.where(cols > 0, np.abs(ref_lps[rows, cols] - ref_lps[rows, np.maximum(cols - 1, 0)]), np.inf)
-        gaps_after = np.where(cols < k - 1, np.abs(ref_lps[rows, cols] - ref_lps[rows, np.minimum(cols + 1, k - 1)]), np.inf)
+        gaps_after = np.where(cols < k - 1, np.abs(ref_lps[rows, cols] - ref_lps[rows, np.minimum(cols + 1, k - 1)]),
+                              np.abs(ref_lps[rows, cols] - next_lp[rows]))
         assert (np.minimum(gaps_before, gaps_after) < atol).all(), f"top-k ids differ at {list(zip(rows, cols))[:5]}"
     # The actual next token's logprob and rank.
     assert row.target_logprobs.shape == (n - 1,) and row.target_ranks.shape == (n - 1,)
