@@ -129,13 +129,13 @@ def main() -> None:
 
     from teacher_farm.client.cli import cache_main
 
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []
     stop = threading.Event()
 
     def sample() -> None:
         t0 = time.monotonic()
         while not stop.wait(0.5):
-            samples.append((time.monotonic() - t0, rss_mib()))
+            samples.append((time.monotonic() - t0, rss_mib(), pa.total_allocated_bytes() / 2**20))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -156,7 +156,7 @@ def main() -> None:
     tokens = sum(s["tokens"] for s in manifest["shards"].values())
     parquet = sum(s["bytes"] for s in manifest["shards"].values())
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-    rss = [r for _, r in samples]
+    rss = [r for _, r, _ in samples]
     result = {
         "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
         "client_cpu_s": round(cpu, 1), "parquet_bytes_per_token": round(parquet / tokens, 1),
@@ -171,7 +171,8 @@ def main() -> None:
     print(out.getvalue().strip())
     print(f"client: {tokens:,} tokens in {seconds:.1f} s = {tokens / seconds:,.0f} tokens/s "
           f"(CPU {cpu:.1f} s; {parquet / tokens:.1f} Parquet bytes/token)")
-    print("RSS over the run (s -> MiB): " + ", ".join(f"{t:.0f}->{r:.0f}" for t, r in samples[:: max(1, len(samples) // 12)]))
+    print("RSS over the run (s -> MiB, of which Arrow): "
+          + ", ".join(f"{t:.0f}->{r:.0f} ({a:.0f})" for t, r, a in samples[:: max(1, len(samples) // 16)]))
 
 
 if __name__ == "__main__":
