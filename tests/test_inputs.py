@@ -145,3 +145,15 @@ def test_parquet_is_read_one_row_group_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read the whole file"))
     got = list(inputs.read_inputs(discover([str(tmp_path)])))
     assert len(got) == n and got[-1].text == f"line {n - 1}" and sizes == [1000] * 5
+
+
+def test_the_cli_refuses_a_missing_input_or_a_stray_stride_before_reaching_a_server(tmp_path):
+    from tests.conftest import teacher_farm
+
+    base = ["cache", "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "o")]
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    missing = teacher_farm(*base, "--input", str(tmp_path / "a.jsonl"), "--input", str(tmp_path / "nope"), timeout=120)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1] == f"teacher-farm cache: error: --input {tmp_path / 'nope'}: no such file or directory"
+    stray = teacher_farm(*base, "--input", str(tmp_path / "a.jsonl"), "--stride", "8", timeout=120)
+    assert stray.returncode == 2 and "--stride applies to --long-lines window only" in stray.stderr
