@@ -27,9 +27,9 @@ from teacher_farm.client.lock import OutputLock
 from teacher_farm.client.manifest import Manifest, ShardRecord, check_identity, load_manifests, manifest_name
 from teacher_farm.client.progress import Progress
 from teacher_farm.client.reader import Line, Reject
-from teacher_farm.client.windows import default_stride, window_starts
 from teacher_farm.client.shards import ShardWriter, shard_name
-from teacher_farm.client.transport import Teacher
+from teacher_farm.client.transport import Scoring, Teacher
+from teacher_farm.client.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import cache_metadata, cache_schema, with_source_columns
 from teacher_farm.schemas.errors import CacheMismatch, InputError, ServerRejected, TeacherFarmError
@@ -55,6 +55,10 @@ class CacheOptions:
     batch_lines: int = 32
     batch_chars: int = 200_000
     logprob_dtype: str = "float32"
+    #: Seconds between progress log lines when stderr is not a terminal.
+    log_every_s: float = 10.0
+    #: Temperature and sampled targets (see ``client.transport.Scoring``).
+    scoring: Scoring = field(default_factory=Scoring)
     #: Split the corpus across client processes: this one caches shards j with j % num_shards == shard_index.
     num_shards: int = 1
     shard_index: int = 0
@@ -163,7 +167,7 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
     if not batch.lines:
         return None, []
     try:
-        table = await teacher.topk(batch.lines, opts.k, max_length)
+        table = await teacher.topk(batch.lines, opts.k, max_length, opts.scoring)
         if table.num_rows == len(batch.lines) and opts.long_lines == "window":
             # A refused tokenization or window rejects its line, like a refused line.
             return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
@@ -206,7 +210,9 @@ async def split_long_lines(
         if len(full) <= max_length:
             continue
         starts = window_starts(len(full), max_length, stride)
-        windows = await teacher.topk_ids([(line.id, full[s:s + max_length]) for s in starts], opts.k, max_length)
+        windows = await teacher.topk_ids(
+            [(line.id, full[s:s + max_length]) for s in starts], opts.k, max_length, scoring=opts.scoring,
+        )
         if windows.num_rows != len(starts):
             raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts)} windows")
         pieces += [table.slice(done, i - done), windows.select(table.column_names).cast(table.schema)]
@@ -240,8 +246,16 @@ class CacheRun:
     async def prepare(self) -> tuple[Manifest, int, pa.Schema]:
         """Check the job against the teacher and the output directory; return what the run needs."""
         opts, info = self.opts, await self.teacher.info()
-        if opts.k > info.k_max:
+        scoring = opts.scoring
+        if scoring.targets != "sampled" and opts.k > info.k_max:
             raise InputError(f"--k {opts.k} is over the server's k_max={info.k_max}; start it with --k-max {opts.k}")
+        if info.scoring != "pooled" and (scoring.temperature != 1.0 or scoring.targets != "topk"):
+            raise InputError(
+                "--temperature and --targets sampled/both need a server with the pooled scoring backend; "
+                f"{self.teacher.name} scores through vLLM's prompt logprobs (start it with --scoring pooled)"
+            )
+        if scoring.targets != "topk" and scoring.samples > info.max_samples:
+            raise InputError(f"--samples {scoring.samples} is over the server's max_samples={info.max_samples}")
         max_length = min(opts.max_length or info.max_input_tokens, info.max_input_tokens)
         if opts.max_length and opts.max_length > info.max_input_tokens:
             log.warning(
@@ -253,6 +267,9 @@ class CacheRun:
             "tokenizer_fingerprint": info.tokenizer_fingerprint,
             "vocab_size": info.vocab_size,
             "k": opts.k,
+            "temperature": scoring.temperature,
+            "targets": scoring.targets,
+            **({"samples": scoring.samples, "seed": scoring.seed} if scoring.targets != "topk" else {}),
             "max_length": max_length,
             "logprob_dtype": opts.logprob_dtype,
             "text_field": opts.text_field,
@@ -291,11 +308,12 @@ class CacheRun:
             with self._writing(self.out / name):
                 manifest.save(self.out, name)
         self.manifest_name = name
-        schema = cache_schema(opts.logprob_dtype).with_metadata(
+        schema = cache_schema(opts.logprob_dtype, scoring.targets).with_metadata(
             cache_metadata(
                 model=info.model, model_fingerprint=info.model_fingerprint,
                 tokenizer_fingerprint=info.tokenizer_fingerprint, vocab_size=info.vocab_size,
-                k=opts.k, logprob_dtype=opts.logprob_dtype,
+                k=opts.k, logprob_dtype=opts.logprob_dtype, temperature=scoring.temperature,
+                targets=scoring.targets, samples=scoring.samples, seed=scoring.seed,
             )
         )
         return manifest, max_length, schema
@@ -340,7 +358,7 @@ class CacheRun:
                 self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
                 ids_field=self.opts.ids_field, skip=lambda n: (n // R) % N != I or n // R in done,
             )
-            self.progress = Progress(input_size(self.files))
+            self.progress = Progress(input_size(self.files), every_s=self.opts.log_every_s)
             try:
                 new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
             finally:

@@ -58,6 +58,12 @@ def cache_parser() -> argparse.ArgumentParser:
                    help="split the corpus across this many client processes (e.g. a SLURM array)")
     p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
     p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="store log softmax(logits / T) (default 1; needs the pooled scoring backend otherwise)")
+    p.add_argument("--targets", choices=["topk", "sampled", "both"], default="topk",
+                   help="top-k per position, tokens sampled from the teacher (unbiased; Random-Sampling KD), or both")
+    p.add_argument("--samples", type=int, default=64, help="draws per position with sampled targets (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws: same seed and input, same draws (default 0)")
     p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
     p.add_argument("--retry-for", type=float, default=600.0,
@@ -68,6 +74,10 @@ def cache_parser() -> argparse.ArgumentParser:
     engine.add_argument("--gpu-memory-utilization", type=float, default=None)
     engine.add_argument("--tensor-parallel-size", type=int, default=None)
     engine.add_argument("--enforce-eager", action="store_true", default=None)
+    engine.add_argument("--scoring", choices=["auto", "pooled", "prompt-logprobs"], default="auto",
+                        help="how the engine scores (see 'teacher-farm serve --help'; default auto)")
+    p.add_argument("--log-every", type=float, default=10.0,
+                   help="seconds between progress log lines when stderr is not a terminal (default 10)")
     p.add_argument("--batch_size", type=int, default=None, help=argparse.SUPPRESS)  # the seed's; batching is automatic
     return p
 
@@ -75,12 +85,16 @@ def cache_parser() -> argparse.ArgumentParser:
 def cache_main(argv: list[str]) -> int:
     """Run ``teacher-farm cache``."""
     from teacher_farm.client.cache import CacheOptions, run_cache
-    from teacher_farm.client.transport import HttpTeacher, LocalTeacher, TeacherPool
+    from teacher_farm.client.transport import HttpTeacher, LocalTeacher, Scoring, TeacherPool
 
     a = cache_parser().parse_args(argv)
-    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length", "stride"):
+    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length", "samples", "stride"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    if not a.temperature > 0:
+        cache_parser().error("--temperature must be above 0")
+    if not 0 <= a.seed < 2**32:
+        cache_parser().error("--seed must be in 0..2**32-1")
     if not 0 <= a.shard_index < a.num_shards:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
     if a.stride is not None and a.long_lines != "window":
@@ -89,6 +103,8 @@ def cache_main(argv: list[str]) -> int:
         input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
         batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype,
+        log_every_s=a.log_every,
+        scoring=Scoring(temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed),
         num_shards=a.num_shards, shard_index=a.shard_index,
         ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
     )
@@ -112,7 +128,7 @@ def cache_main(argv: list[str]) -> int:
                 "gpu_memory_utilization": a.gpu_memory_utilization,
                 "tensor_parallel_size": a.tensor_parallel_size, "enforce_eager": a.enforce_eager,
             }
-            teacher = LocalTeacher(engine_args, k_max=max(64, a.k))
+            teacher = LocalTeacher(engine_args, k_max=max(256, a.k), scoring=a.scoring)
         return await run_cache(opts, teacher)
 
     summary = asyncio.run(go())

@@ -70,7 +70,10 @@ class Progress:
             self._bar.update(self._task, completed=self.offset, lines=self.lines, tokens=self.tokens, rate=rate)
         elif now - self._last_log >= self.every_s:
             self._last_log = now
-            fields = {"lines": self.lines, "tokens": self.tokens, "tokens_per_s": round(rate), "bytes_read": self.offset}
+            fields = {
+                "lines": self.lines, "tokens": self.tokens, "tokens_per_s": round(rate), "bytes_read": self.offset,
+                "elapsed_s": round(now - self.started, 3),
+            }
             if self.total:
                 fields["percent"] = round(100 * self.offset / self.total, 1)
                 if self.offset:

@@ -62,7 +62,13 @@ class ShardWriter:
             # Token ids and logprobs are near-random: dictionaries only cost time. Splitting float
             # bytes into streams lets zstd find the shared sign and exponent bytes.
             use_dictionary=["id", "source"],
-            use_byte_stream_split=["topk_logprobs.list.element.list.element", "target_logprobs.list.element"],
+            use_byte_stream_split=[
+                path for name, path in (
+                    ("topk_logprobs", "topk_logprobs.list.element.list.element"),
+                    ("target_logprobs", "target_logprobs.list.element"),
+                    ("sample_logprobs", "sample_logprobs.list.element.list.element"),
+                ) if name in schema.names
+            ],
             write_statistics=["line"],
         )
 

@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import httpx
@@ -31,6 +32,20 @@ from teacher_farm.schemas.wire import Info
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What a cache asks for beside k: the temperature, and sampled targets (N draws, seeded)."""
+
+    temperature: float = 1.0
+    targets: str = "topk"
+    samples: int = 64
+    seed: int = 0
+
+    def request_fields(self) -> dict[str, Any]:
+        """The ``/v1/topk`` body fields."""
+        return asdict(self)
+
+
 class Teacher(Protocol):
     """What the cache pipeline needs from a teacher."""
 
@@ -38,10 +53,11 @@ class Teacher(Protocol):
 
     async def info(self) -> Info: ...
 
-    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table: ...
+    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring()) -> pa.Table: ...
 
     async def topk_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+        scoring: Scoring = Scoring(),
     ) -> pa.Table: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
@@ -141,25 +157,29 @@ class HttpTeacher:
         """The server's model facts."""
         return Info.model_validate_json((await self._call("GET", "/v1/info")).content)
 
-    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
+    async def topk(
+        self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring(),
+    ) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
-        return await self._score([_wire_input(x) for x in lines], k, max_length)
+        return await self._score([_wire_input(x) for x in lines], k, max_length, scoring)
 
     async def topk_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+        scoring: Scoring = Scoring(),
     ) -> pa.Table:
         """Score exact token sequences, ``(id, token_ids)`` pairs (ints or numpy arrays)."""
-        return await self._score([{"id": i, "token_ids": t} for i, t in ids_and_tokens], k, max_length)
+        return await self._score([{"id": i, "token_ids": t} for i, t in ids_and_tokens], k, max_length, scoring)
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full (special tokens included, no truncation)."""
         response = await self._call("POST", "/tokenize", json={"prompt": text, "add_special_tokens": True})
         return response.json()["tokens"]
 
-    async def _score(self, inputs: list[dict], k: int, max_length: int | None) -> pa.Table:
+    async def _score(self, inputs: list[dict], k: int, max_length: int | None, scoring: Scoring) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {"k": k, "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
+            {"k": k, "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs,
+             **scoring.request_fields()},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         response = await self._call(
@@ -290,16 +310,19 @@ class TeacherPool:
     def bytes_received(self) -> int:
         return sum(m.teacher.bytes_received for m in self.members)
 
-    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
+    async def topk(
+        self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring(),
+    ) -> pa.Table:
         cost = sum(_cost(x) for x in lines)
-        return await self._attempt(lambda t: t.topk(lines, k, max_length), cost)
+        return await self._attempt(lambda t: t.topk(lines, k, max_length, scoring), cost)
 
     async def topk_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+        scoring: Scoring = Scoring(),
     ) -> pa.Table:
         """Score exact token sequences on the best server, with the pool's retries."""
         cost = sum(len(tokens) for _, tokens in ids_and_tokens)
-        return await self._attempt(lambda t: t.topk_ids(ids_and_tokens, k, max_length), cost)
+        return await self._attempt(lambda t: t.topk_ids(ids_and_tokens, k, max_length, scoring=scoring), cost)
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full, with the pool's retries."""
@@ -313,34 +336,35 @@ class TeacherPool:
 class LocalTeacher:
     """The same job with an in-process engine and no HTTP (one machine, no server)."""
 
-    def __init__(self, engine_args: dict[str, Any], k_max: int = 64) -> None:
+    def __init__(self, engine_args: dict[str, Any], k_max: int = 256, scoring: str = "auto") -> None:
         from teacher_farm.server.engine import Teacher as Engine
 
-        self._engine = Engine.load(engine_args, k_max)
+        self._engine = Engine.load(engine_args, k_max, scoring=scoring)
         self.name = f"in-process:{self._engine.info.model}"
 
     async def info(self) -> Info:
         return self._engine.info.to_wire(max_inputs_per_request=1 << 30)
 
-    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> pa.Table:
-        import asyncio
-
+    async def topk(
+        self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring(),
+    ) -> pa.Table:
         from teacher_farm.schemas.arrow import results_to_table
         from teacher_farm.schemas.wire import TopkInput, TopkRequest
 
         inputs = [TopkInput(**{**_wire_input(x), **({"token_ids": x.input_ids.tolist()} if x.input_ids is not None else {})})
                   for x in lines]
-        req = TopkRequest(k=k, max_length=max_length, inputs=inputs)
+        req = TopkRequest(k=k, max_length=max_length, inputs=inputs, **scoring.request_fields())
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
-        results = await self._engine.score([x.id for x in lines], token_ids, k)
-        return await asyncio.to_thread(results_to_table, results, k)
+        results = await self._engine.score([x.id for x in lines], token_ids, k, **scoring.request_fields())
+        return await asyncio.to_thread(results_to_table, results, k, scoring.targets)
 
     async def topk_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+        scoring: Scoring = Scoring(),
     ) -> pa.Table:
         """Score exact token sequences in process."""
         lines = [Line(-1, i or "", None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
-        return await self.topk(lines, k, max_length)
+        return await self.topk(lines, k, max_length, scoring)
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full."""

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.inspect import merge
 from teacher_farm.client.manifest import ShardRecord, load_manifests
-from teacher_farm.client.transport import HttpTeacher, TeacherPool
+from teacher_farm.client.transport import HttpTeacher, Scoring, TeacherPool
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.wire import Info
 
@@ -376,9 +376,9 @@ def teacher_problem(info: Info, identity: dict[str, Any]) -> str | None:
     return "the server runs a different teacher than the one that made this cache: " + "; ".join(diffs)
 
 
-async def _score(teacher: Any, batch: list[dict[str, Any]], k: int) -> pa.Table:
+async def _score(teacher: Any, batch: list[dict[str, Any]], k: int, scoring: Scoring) -> pa.Table:
     items = [(row["id"], np.ascontiguousarray(row["input_ids"], dtype=np.int64)) for row in batch]
-    return await teacher.topk_ids(items, k)
+    return await teacher.topk_ids(items, k, scoring=scoring)
 
 
 async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
@@ -391,6 +391,10 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     identity = manifest.identity
     dtype = str(identity.get("logprob_dtype", "float32"))
     k = int(identity["k"])
+    if identity.get("targets", "topk") == "sampled":
+        raise InputError(f"{out} holds sampled targets only; verify re-scores the top-k of a cache")
+    # The top-k at the cache's temperature; draws are not re-made.
+    scoring = Scoring(temperature=float(identity.get("temperature", 1.0)))
     report = VerifyReport(
         out_dir=out, seed=opts.seed if opts.seed is not None else secrets.randbits(32),
         atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2), logprob_dtype=dtype, k=k,
@@ -418,7 +422,7 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
 
     async def check(batch: list[dict[str, Any]], file: str) -> None:
         try:
-            fresh = table_rows(await _score(teacher, batch, k_fresh))
+            fresh = table_rows(await _score(teacher, batch, k_fresh, scoring))
         finally:
             sem.release()
         if len(fresh) != len(batch):

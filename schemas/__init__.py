@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 #: Version of the cache row layout and its metadata; bumped on any incompatible change.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Media type of an Arrow IPC stream, the compact answer of ``POST /v1/topk``.
 ARROW_STREAM = "application/vnd.apache.arrow.stream"

@@ -5,7 +5,12 @@ One row per scored sequence. With ``n = len(input_ids)``:
 - ``topk_ids`` / ``topk_logprobs``: n lists of k, position i = the teacher's k most likely next
   tokens after reading ``input_ids[0..i]``, most likely first;
 - ``target_logprobs`` / ``target_ranks``: n-1 values, the logprob and rank (1 = argmax) of
-  ``input_ids[i+1]`` at position i.
+  ``input_ids[i+1]`` at position i;
+- with sampled targets: ``sample_ids`` / ``sample_counts`` / ``sample_logprobs``, n lists each, the
+  distinct tokens among N draws from the teacher at position i, how often each was drawn (summing
+  to N) and their logprobs. ``targets="sampled"`` leaves the top-k columns out.
+
+Logprobs are those of ``softmax(logits / T)`` at the cache's temperature T.
 """
 
 from __future__ import annotations
@@ -16,10 +21,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 
 LOGPROB_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+#: What a cache stores per position: the top-k, tokens sampled from the teacher, or both.
+TARGET_KINDS = ("topk", "sampled", "both")
+
+#: Columns that hold logprobs (cast together to the cache's logprob dtype).
+LOGPROB_COLUMNS = ("topk_logprobs", "target_logprobs", "sample_logprobs")
 
 METADATA_PREFIX = "teacher_farm."
 
@@ -34,21 +46,42 @@ class ScoredSequence:
     topk_logprobs: np.ndarray  # (n, k) float32
     target_logprobs: np.ndarray  # (n - 1,) float32
     target_ranks: np.ndarray  # (n - 1,) int32
+    #: Sampled targets, flat over positions: ``sample_lengths[i]`` distinct tokens at position i.
+    sample_lengths: np.ndarray | None = None  # (n,) int32
+    sample_ids: np.ndarray | None = None  # (sum,) int32, ascending within a position
+    sample_counts: np.ndarray | None = None  # (sum,) int16, summing to N per position
+    sample_logprobs: np.ndarray | None = None  # (sum,) float32
+
+    def sample_lists(self) -> dict[str, list[np.ndarray]]:
+        """The sampled targets as n arrays per column (for JSON answers)."""
+        if self.sample_lengths is None:
+            return {}
+        cuts = np.cumsum(self.sample_lengths)[:-1]
+        return {
+            name: np.split(getattr(self, name), cuts)
+            for name in ("sample_ids", "sample_counts", "sample_logprobs")
+        }
 
 
-def result_schema(logprob_dtype: str = "float32") -> pa.Schema:
+def result_schema(logprob_dtype: str = "float32", targets: str = "topk") -> pa.Schema:
     """Schema of the results the server sends (the cache row without ``line``)."""
+    if targets not in TARGET_KINDS:
+        raise ValueError(f"targets must be one of {TARGET_KINDS}, not {targets!r}")
     lp = LOGPROB_DTYPES[logprob_dtype]
-    return pa.schema(
-        [
-            pa.field("id", pa.string()),
-            pa.field("input_ids", pa.list_(pa.int32())),
+    fields = [pa.field("id", pa.string()), pa.field("input_ids", pa.list_(pa.int32()))]
+    if targets != "sampled":
+        fields += [
             pa.field("topk_ids", pa.list_(pa.list_(pa.int32()))),
             pa.field("topk_logprobs", pa.list_(pa.list_(lp))),
-            pa.field("target_logprobs", pa.list_(lp)),
-            pa.field("target_ranks", pa.list_(pa.int32())),
         ]
-    )
+    fields += [pa.field("target_logprobs", pa.list_(lp)), pa.field("target_ranks", pa.list_(pa.int32()))]
+    if targets != "topk":
+        fields += [
+            pa.field("sample_ids", pa.list_(pa.list_(pa.int32()))),
+            pa.field("sample_counts", pa.list_(pa.list_(pa.int16()))),
+            pa.field("sample_logprobs", pa.list_(pa.list_(lp))),
+        ]
+    return pa.schema(fields)
 
 
 #: Columns the client adds to the server's results: where each row comes from in the input.
@@ -57,9 +90,9 @@ def result_schema(logprob_dtype: str = "float32") -> pa.Schema:
 SOURCE_FIELDS = [pa.field("line", pa.int64()), pa.field("source", pa.string()), pa.field("offset", pa.int64())]
 
 
-def cache_schema(logprob_dtype: str = "float32") -> pa.Schema:
+def cache_schema(logprob_dtype: str = "float32", targets: str = "topk") -> pa.Schema:
     """Schema of one cache row: ``id``, ``line``, ``source``, ``offset``, then the result columns."""
-    fields = list(result_schema(logprob_dtype))
+    fields = list(result_schema(logprob_dtype, targets))
     return pa.schema([fields[0], *SOURCE_FIELDS, *fields[1:]])
 
 
@@ -94,21 +127,36 @@ def _nested(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
     return _list(lengths, pa.ListArray.from_arrays(inner_offsets, pa.array(flat)))
 
 
-def results_to_table(results: Sequence[ScoredSequence], k: int) -> pa.Table:
+def _ragged(n: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> pa.Array:
+    """n lists per row, position i holding ``lengths[i]`` values of ``flat``."""
+    return _list(n, pa.ListArray.from_arrays(_offsets(lengths), pa.array(flat)))
+
+
+def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "topk") -> pa.Table:
     """Build the result table for ``results`` with one concatenation per column."""
+    schema = result_schema(targets=targets)
     if not results:
-        return result_schema().empty_table()
+        return schema.empty_table()
     n = np.fromiter((len(r.input_ids) for r in results), dtype=np.int64, count=len(results))
-    cat = np.concatenate
-    columns = [
-        pa.array([r.id for r in results], type=pa.string()),
-        _list(n, pa.array(cat([r.input_ids for r in results]).astype(np.int32, copy=False))),
-        _nested(n, k, cat([r.topk_ids.reshape(-1) for r in results]).astype(np.int32, copy=False)),
-        _nested(n, k, cat([r.topk_logprobs.reshape(-1) for r in results]).astype(np.float32, copy=False)),
-        _list(n - 1, pa.array(cat([r.target_logprobs for r in results]).astype(np.float32, copy=False))),
-        _list(n - 1, pa.array(cat([r.target_ranks for r in results]).astype(np.int32, copy=False))),
-    ]
-    return pa.Table.from_arrays(columns, schema=result_schema())
+
+    def cat(name: str, dtype: type) -> np.ndarray:
+        return np.concatenate([getattr(r, name).reshape(-1) for r in results]).astype(dtype, copy=False)
+
+    columns = {
+        "id": pa.array([r.id for r in results], type=pa.string()),
+        "input_ids": _list(n, pa.array(cat("input_ids", np.int32))),
+        "target_logprobs": _list(n - 1, pa.array(cat("target_logprobs", np.float32))),
+        "target_ranks": _list(n - 1, pa.array(cat("target_ranks", np.int32))),
+    }
+    if targets != "sampled":
+        columns["topk_ids"] = _nested(n, k, cat("topk_ids", np.int32))
+        columns["topk_logprobs"] = _nested(n, k, cat("topk_logprobs", np.float32))
+    if targets != "topk":
+        lengths = cat("sample_lengths", np.int32)
+        columns["sample_ids"] = _ragged(n, lengths, cat("sample_ids", np.int32))
+        columns["sample_counts"] = _ragged(n, lengths, cat("sample_counts", np.int16))
+        columns["sample_logprobs"] = _ragged(n, lengths, cat("sample_logprobs", np.float32))
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
 def table_to_results(table: pa.Table) -> list[ScoredSequence]:
@@ -125,14 +173,26 @@ def table_to_results(table: pa.Table) -> list[ScoredSequence]:
             return values.to_numpy(zero_copy_only=False)
 
         n = len(flat("input_ids"))
+        has_topk = "topk_ids" in t.column_names
+        samples = {}
+        if "sample_ids" in t.column_names:
+            samples = {
+                "sample_lengths": pc.list_value_length(t.column("sample_ids").combine_chunks().flatten())
+                .to_numpy(zero_copy_only=False).astype(np.int32),
+                "sample_ids": flat("sample_ids"),
+                "sample_counts": flat("sample_counts"),
+                "sample_logprobs": flat("sample_logprobs").astype(np.float32),
+            }
         out.append(
             ScoredSequence(
                 id=t.column("id")[0].as_py(),
                 input_ids=flat("input_ids"),
-                topk_ids=flat("topk_ids").reshape(n, -1),
-                topk_logprobs=flat("topk_logprobs").astype(np.float32).reshape(n, -1),
+                topk_ids=flat("topk_ids").reshape(n, -1) if has_topk else np.empty((n, 0), np.int32),
+                topk_logprobs=flat("topk_logprobs").astype(np.float32).reshape(n, -1)
+                if has_topk else np.empty((n, 0), np.float32),
                 target_logprobs=flat("target_logprobs").astype(np.float32),
                 target_ranks=flat("target_ranks"),
+                **samples,
             )
         )
     return out
@@ -145,8 +205,8 @@ def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
         return table
     target = pa.schema(
         [
-            f.with_type(pa.list_(pa.list_(lp)) if f.name == "topk_logprobs" else pa.list_(lp))
-            if f.name in ("topk_logprobs", "target_logprobs")
+            f.with_type(pa.list_(lp) if f.name == "target_logprobs" else pa.list_(pa.list_(lp)))
+            if f.name in LOGPROB_COLUMNS
             else f
             for f in table.schema
         ]
@@ -156,9 +216,10 @@ def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
 
 def cache_metadata(
     *, model: str, model_fingerprint: str, tokenizer_fingerprint: str, vocab_size: int, k: int,
-    logprob_dtype: str, extra: Mapping[str, object] | None = None,
+    logprob_dtype: str, temperature: float = 1.0, targets: str = "topk", samples: int | None = None,
+    seed: int | None = None, extra: Mapping[str, object] | None = None,
 ) -> dict[bytes, bytes]:
-    """Parquet key-value metadata that makes a shard self-describing."""
+    """Parquet key-value metadata that makes a shard self-describing (N and seed with sampled targets)."""
     values: dict[str, object] = {
         "schema_version": SCHEMA_VERSION,
         "model": model,
@@ -166,6 +227,9 @@ def cache_metadata(
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "vocab_size": vocab_size,
         "k": k,
+        "temperature": temperature,
+        "targets": targets,
+        **({"samples": samples, "seed": seed} if targets != "topk" else {}),
         "logprob_dtype": logprob_dtype,
         "package_version": __version__,
         **(extra or {}),

@@ -52,6 +52,14 @@ class TopkRequest(BaseModel):
     logprob_dtype: Literal["float32", "float16"] = Field(
         "float32", description="logprob precision of an Arrow answer (float16 halves its logprob bytes)"
     )
+    temperature: float = Field(
+        1.0, gt=0, le=1000, description="logprobs (and draws) are those of softmax(logits / temperature)"
+    )
+    targets: Literal["topk", "sampled", "both"] = Field(
+        "topk", description="the top-k per position, tokens sampled from the teacher, or both"
+    )
+    samples: int = Field(64, ge=1, le=4096, description="draws per position, with sampled targets")
+    seed: int = Field(0, ge=0, lt=2**32, description="same seed and input, same draws")
 
 
 class TopkResult(BaseModel):
@@ -59,10 +67,13 @@ class TopkResult(BaseModel):
 
     id: str | None
     input_ids: list[int]
-    topk_ids: list[list[int]]
-    topk_logprobs: list[list[float]]
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
     target_logprobs: list[float]
     target_ranks: list[int]
+    sample_ids: list[list[int]] | None = None
+    sample_counts: list[list[int]] | None = None
+    sample_logprobs: list[list[float]] | None = None
 
 
 class TopkResponse(BaseModel):
@@ -92,6 +103,11 @@ class Info(BaseModel):
     max_inputs_per_request: int
     adds_bos: bool
     versions: Versions
+    #: How the server computes the answers: "pooled" (reduced in the vLLM worker: any k up to
+    #: k_max, temperature, sampled targets) or "prompt-logprobs" (vLLM's API: top-k at T=1 only).
+    scoring: Literal["pooled", "prompt-logprobs"] = "prompt-logprobs"
+    #: Largest ``samples`` a request may ask for (0: no sampled targets).
+    max_samples: int = 0
 
     @property
     def fingerprint(self) -> str:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
-from teacher_farm.schemas.arrow import cast_logprobs, results_to_table
+from teacher_farm.schemas.arrow import ScoredSequence, cast_logprobs, results_to_table
 from teacher_farm.schemas.errors import (
     AuthError, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
 )
@@ -87,14 +87,23 @@ async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSett
     results, _ = await score_admitted(request, t, req, settings)
     headers = {FINGERPRINT_HEADER: t.info.fingerprint}
     if ARROW_STREAM in request.headers.get("accept", ""):
-        payload = await asyncio.to_thread(_arrow_payload, results, req.k, req.logprob_dtype)
+        payload = await asyncio.to_thread(_arrow_payload, results, req)
         return Response(payload, media_type=ARROW_STREAM, headers=headers)
-    body = {"model": t.info.model, "k": req.k, "results": [r.__dict__ for r in results]}
+    body = {"model": t.info.model, "k": req.k, "results": [_json_result(r, req.targets) for r in results]}
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)
 
 
-def _arrow_payload(results: list, k: int, logprob_dtype: str) -> bytes:
-    table = cast_logprobs(results_to_table(results, k), logprob_dtype)
+def _json_result(r: ScoredSequence, targets: str) -> dict[str, Any]:
+    """One result for a JSON answer: numpy arrays (orjson writes them), one array per position at most."""
+    out: dict[str, Any] = {"id": r.id, "input_ids": r.input_ids}
+    if targets != "sampled":
+        out |= {"topk_ids": r.topk_ids, "topk_logprobs": r.topk_logprobs}
+    out |= {"target_logprobs": r.target_logprobs, "target_ranks": r.target_ranks}
+    return out | r.sample_lists()
+
+
+def _arrow_payload(results: list[ScoredSequence], req: TopkRequest) -> bytes:
+    table = cast_logprobs(results_to_table(results, req.k, req.targets), req.logprob_dtype)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(table)

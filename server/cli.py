@@ -25,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("teacher-farm")
     ours.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0)")
     ours.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
-    ours.add_argument("--k-max", type=int, default=None, help="largest k a request may ask for (default 64)")
+    ours.add_argument("--k-max", type=int, default=None, help="largest k a request may ask for (default 256)")
+    ours.add_argument("--scoring", choices=["auto", "pooled", "prompt-logprobs"], default=None,
+                      help="pooled: reduce logits inside the vLLM worker (temperature, sampled targets, any k); "
+                      "prompt-logprobs: vLLM's API; auto (default): pooled where the architecture allows")
+    ours.add_argument("--slice-rows", type=int, default=None,
+                      help="positions reduced at once in the worker (pooled; default 1024): peak ~ rows x vocab x 15 B")
+    ours.add_argument("--max-samples", type=int, default=None, help="largest 'samples' a request may ask for (default 256)")
     ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
     ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")
     ours.add_argument("--uvicorn-log-level", default="info", help="log level of the HTTP server")
@@ -43,14 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     if "model" not in args:
         parser.error("--model is required (a local checkpoint directory or a model name)")
-    ours = {name: args.pop(name) for name in ("host", "port", "k_max", "api_key", "max_queued_tokens")}
+    ours = {name: args.pop(name) for name in (
+        "host", "port", "k_max", "api_key", "max_queued_tokens", "scoring", "slice_rows", "max_samples",
+    )}
     log_level = args.pop("uvicorn_log_level")
     # Flags win over TEACHER_FARM_* variables, which win over the defaults.
     settings = ServerSettings(**{k: v for k, v in ours.items() if v is not None}, engine_args=args)
     configure(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    app = create_app(lambda: Teacher.load(settings.engine_args, settings.k_max))
+    app = create_app(lambda: Teacher.load(
+        settings.engine_args, settings.k_max, scoring=settings.scoring,
+        slice_rows=settings.slice_rows, max_samples=settings.max_samples,
+    ))
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=log_level,
         timeout_graceful_shutdown=300, access_log=False,

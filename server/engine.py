@@ -1,4 +1,10 @@
-"""The teacher: vLLM's ``AsyncLLM`` in process, answering top-k prompt-logprob requests as numpy.
+"""The teacher: vLLM's ``AsyncLLM`` in process, answering scoring requests as numpy.
+
+Two backends compute the answers. ``pooled`` (the default where the architecture allows) runs the
+teacher as a pooling model whose pooler reduces the logits inside the vLLM worker
+(``server/scoring_model.py``, ``server/reduce.py``): any k, a temperature, sampled targets, every
+position including the last, handed back as one packed tensor per sequence. ``prompt-logprobs``
+is vLLM's own API, for architectures that cannot be wrapped: top-k at temperature 1 only.
 
 vLLM's flat prompt logprobs hold, for every position after the first, k+1 entries: the actual next
 token first, then the top-k by rank. So one ``reshape(n - 1, k + 1)`` per array gives the top-k
@@ -13,6 +19,7 @@ import hashlib
 import itertools
 import json
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +29,7 @@ import numpy as np
 
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
+from teacher_farm.server.packed import compact_samples, unpack
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 
@@ -30,23 +38,90 @@ log = logging.getLogger(__name__)
 #: CPU builds of vLLM read ``gpu_memory_utilization`` as a share of the NUMA node's RAM.
 CPU_MEMORY_UTILIZATION = 0.4
 
+SCORING_BACKENDS = ("auto", "pooled", "prompt-logprobs")
 
-def engine_defaults(engine_args: dict[str, Any], k_max: int) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Backend:
+    """How this server scores: ``pooled`` with the wrapped architecture, or ``prompt-logprobs``."""
+
+    name: str
+    arch: str | None = None
+    #: Why it was chosen, for the log.
+    reason: str = ""
+
+
+def choose_backend(requested: str, model: str, trust_remote_code: bool = False, hf_overrides: Any = None) -> Backend:
+    """``auto``: pooled where the checkpoint's causal-LM architecture can be wrapped, else prompt-logprobs."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from teacher_farm.server.scoring_model import CAUSAL_SUFFIX, register, scoring_arch
+
+    if requested not in SCORING_BACKENDS:
+        raise InputError(f"--scoring must be one of {', '.join(SCORING_BACKENDS)}, not {requested!r}")
+    if requested == "prompt-logprobs":
+        return Backend("prompt-logprobs", reason="asked for")
+    register()  # this process may not have loaded vLLM's plugins yet
+    archs = list(getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "architectures", None) or [])
+    if isinstance(hf_overrides, dict) and hf_overrides.get("architectures"):
+        archs = list(hf_overrides["architectures"])
+    known = set(ModelRegistry.get_supported_archs())
+    wrappable = [a for a in archs if a.endswith(CAUSAL_SUFFIX) and scoring_arch(a) in known]
+    if wrappable:
+        return Backend("pooled", scoring_arch(wrappable[0]), f"{wrappable[0]} is wrapped as {scoring_arch(wrappable[0])}")
+    why = f"architectures {archs or '(none)'} have no vLLM causal-LM class to wrap"
+    if requested == "pooled":
+        raise InputError(f"--scoring pooled: {why}; use --scoring prompt-logprobs")
+    return Backend("prompt-logprobs", reason=why)
+
+
+def engine_defaults(
+    engine_args: dict[str, Any], k_max: int, backend: Backend | None = None, *,
+    slice_rows: int = 1024, max_samples: int = 0,
+) -> dict[str, Any]:
     """vLLM engine arguments for scoring: ours first, then what the user passed wins."""
     from vllm.platforms import current_platform
 
+    backend = backend or Backend("prompt-logprobs")
     args: dict[str, Any] = {
-        "max_logprobs": k_max,
-        # Prompt-logprob requests skip the prefix cache anyway; don't pay for its bookkeeping.
+        # Every position is scored: a cached prefix would skip some. Don't pay for its bookkeeping.
         "enable_prefix_caching": False,
         "disable_log_stats": True,
     }
+    if backend.name == "prompt-logprobs":
+        args["max_logprobs"] = k_max
     if current_platform.is_cpu():
         args["gpu_memory_utilization"] = CPU_MEMORY_UTILIZATION
     args.update({k: v for k, v in engine_args.items() if v is not None})
-    if args["max_logprobs"] < k_max:
+    if backend.name == "pooled":
+        user = args.get("hf_overrides")
+        if user is not None and not isinstance(user, dict):
+            raise InputError("--hf-overrides must be a JSON object with the pooled scoring backend")
+        args["runner"] = "pooling"
+        args["hf_overrides"] = {
+            **(user or {}), "architectures": [backend.arch], "teacher_farm_slice_rows": slice_rows,
+            "teacher_farm_k_max": k_max, "teacher_farm_max_samples": max_samples,
+        }
+    elif args["max_logprobs"] < k_max:
         raise TeacherFarmError(f"max_logprobs={args['max_logprobs']} is below k_max={k_max}")
     return args
+
+
+def checkpoint_config_json(hf_config: Any) -> str:
+    """The model's config as its checkpoint states it, without the pooled backend's overrides.
+
+    Keeps the model fingerprint (and so a cache's identity) the same whichever backend scores.
+    """
+    from teacher_farm.server.scoring_model import SCORING_SUFFIX, causal_arch
+
+    text = hf_config.to_json_string()
+    config = json.loads(text)
+    if not any(key.startswith("teacher_farm_") for key in config):
+        return text
+    config = {k: v for k, v in config.items() if not k.startswith("teacher_farm_")}
+    config["architectures"] = [causal_arch(a) if a.endswith(SCORING_SUFFIX) else a for a in config.get("architectures") or []]
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def _sha256_file_sample(path: Path, h: "hashlib._Hash", chunk: int = 1 << 20) -> None:
@@ -94,6 +169,8 @@ class TeacherInfo:
     k_max: int
     max_model_len: int
     adds_bos: bool
+    scoring: str = "prompt-logprobs"
+    max_samples: int = 0
 
     @property
     def fingerprint(self) -> str:
@@ -102,7 +179,9 @@ class TeacherInfo:
 
     @property
     def max_input_tokens(self) -> int:
-        # One slot stays free for the sampled token that carries the last position's distribution.
+        # One slot stays free for the sampled token that carries the last position's distribution
+        # under prompt-logprobs; the pooled backend keeps the same limit, so that both backends
+        # make the same cache (its identity records the effective max length).
         return self.max_model_len - 1
 
     def to_wire(self, max_inputs_per_request: int) -> Info:
@@ -118,6 +197,8 @@ class TeacherInfo:
             max_input_tokens=self.max_input_tokens,
             max_inputs_per_request=max_inputs_per_request,
             adds_bos=self.adds_bos,
+            scoring=self.scoring,
+            max_samples=self.max_samples,
             versions=Versions(teacher_farm=__version__, schema_version=SCHEMA_VERSION, vllm=vllm.__version__),
         )
 
@@ -133,6 +214,35 @@ def _flat_arrays(flat: Any, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, 
     lps = np.asarray(flat.logprobs, dtype=np.float32)
     ranks = np.asarray(flat.ranks, dtype=np.int32)
     return ids.reshape(rows, k + 1), lps.reshape(rows, k + 1), ranks.reshape(rows, k + 1)
+
+
+def from_packed(seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray, k: int, samples: int) -> ScoredSequence:
+    """Turn the pooled backend's packed rows for one sequence into numpy arrays (no loop per position)."""
+    n = len(input_ids)
+    if packed.shape[0] != n:
+        raise TeacherFarmError(f"the engine returned {packed.shape[0]} rows for {n} tokens")
+    u = unpack(packed, k, samples)
+    sampled = {}
+    if samples:
+        lengths, ids, counts, lps = compact_samples(u.sample_ids, u.sample_logprobs)
+        sampled = {"sample_lengths": lengths, "sample_ids": ids, "sample_counts": counts, "sample_logprobs": lps}
+    return ScoredSequence(
+        id=seq_id,
+        input_ids=np.asarray(input_ids, dtype=np.int32),
+        topk_ids=np.ascontiguousarray(u.topk_ids),
+        topk_logprobs=np.ascontiguousarray(u.topk_logprobs),
+        target_logprobs=np.ascontiguousarray(u.target_logprobs),
+        target_ranks=np.ascontiguousarray(u.target_ranks),
+        **sampled,
+    )
+
+
+def draw_seed(seed: int, input_ids: Sequence[int]) -> int:
+    """The seed of one sequence's draws: the request's seed and the sequence's own tokens.
+
+    Same seed and input, same draws; two different sequences in one request draw independently.
+    """
+    return (seed * 0x9E3779B1 ^ zlib.crc32(np.asarray(input_ids, dtype=np.int32).tobytes())) & 0xFFFFFFFF
 
 
 def to_scored(seq_id: str | None, input_ids: Sequence[int], output: Any, k: int) -> ScoredSequence:
@@ -167,13 +277,21 @@ class Teacher:
         self._ids = itertools.count()
 
     @classmethod
-    def load(cls, engine_args: dict[str, Any], k_max: int) -> Teacher:
+    def load(
+        cls, engine_args: dict[str, Any], k_max: int, *, scoring: str = "auto", slice_rows: int = 1024,
+        max_samples: int = 256,
+    ) -> Teacher:
         """Start vLLM (blocking: tens of seconds to minutes) and read the model's facts."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from transformers import AutoTokenizer
 
-        args = engine_defaults(engine_args, k_max)
+        backend = choose_backend(
+            scoring, engine_args["model"], bool(engine_args.get("trust_remote_code")), engine_args.get("hf_overrides")
+        )
+        log.info("scoring backend: %s (%s)", backend.name, backend.reason)
+        pooled = backend.name == "pooled"
+        args = engine_defaults(engine_args, k_max, backend, slice_rows=slice_rows, max_samples=max_samples if pooled else 0)
         log.info("starting vLLM engine: %s", args)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         mc = llm.model_config
@@ -183,12 +301,14 @@ class Teacher:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         info = TeacherInfo(
             model=args.get("served_model_name") or args["model"],
-            model_fingerprint=model_fingerprint(args["model"], mc.hf_config.to_json_string()),
+            model_fingerprint=model_fingerprint(args["model"], checkpoint_config_json(mc.hf_config)),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             vocab_size=mc.get_vocab_size(),
-            k_max=args["max_logprobs"],
+            k_max=k_max if pooled else args["max_logprobs"],
             max_model_len=mc.max_model_len,
             adds_bos=tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
+            scoring=backend.name,
+            max_samples=max_samples if pooled else 0,
         )
         return cls(llm, tokenizer, info)
 
@@ -199,14 +319,26 @@ class Teacher:
         )
         return enc["input_ids"]
 
+    def check_options(self, req: TopkRequest) -> None:
+        """Refuse what this teacher cannot answer, with what to do instead."""
+        info = self.info
+        if req.targets != "sampled" and req.k > info.k_max:
+            raise InputError(f"k={req.k} is over this server's k_max={info.k_max}")
+        if info.scoring != "pooled" and (req.temperature != 1.0 or req.targets != "topk"):
+            raise InputError(
+                "temperature and sampled targets need the pooled scoring backend; this server scores "
+                "through vLLM's prompt logprobs (top-k at temperature 1 only)"
+            )
+        if req.targets != "topk" and req.samples > info.max_samples:
+            raise InputError(f"samples={req.samples} is over this server's max_samples={info.max_samples}")
+
     def prepare(self, req: TopkRequest) -> list[list[int]]:
         """Validate a request against this teacher and return every input's token ids.
 
         Text goes through the teacher's tokenizer (special tokens included); everything is cut to
         ``max_length``, and to what the engine can hold.
         """
-        if req.k > self.info.k_max:
-            raise InputError(f"k={req.k} is over this server's k_max={self.info.k_max}")
+        self.check_options(req)
         limit = self.info.max_input_tokens
         max_length = min(req.max_length or limit, limit)
         out: list[list[int]] = []
@@ -236,23 +368,46 @@ class Teacher:
         ids = self.tokenizer.apply_chat_template(chats, tokenize=True, add_generation_prompt=False, return_dict=False)
         return [list(x[:max_length]) for x in ids]
 
-    async def score_one(self, seq_id: str | None, input_ids: list[int], k: int) -> ScoredSequence:
-        """The top-k distribution at every position of ``input_ids``."""
-        from vllm import SamplingParams
+    async def score_one(
+        self, seq_id: str | None, input_ids: list[int], k: int, *, temperature: float = 1.0,
+        targets: str = "topk", samples: int = 64, seed: int = 0,
+    ) -> ScoredSequence:
+        """The teacher's distribution at every position of ``input_ids``, reduced as asked."""
         from vllm.inputs import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=input_ids)
+        request_id = f"tf-{next(self._ids)}"
+        if self.info.scoring == "pooled":
+            from vllm import PoolingParams
+
+            from teacher_farm.server.scoring_model import TASK
+
+            k_eff = 0 if targets == "sampled" else k
+            n = 0 if targets == "topk" else samples
+            params = PoolingParams(task=TASK, extra_kwargs={
+                "k": k_eff, "temperature": temperature, "samples": n, "seed": draw_seed(seed, input_ids),
+            })
+            final = None
+            async for final in self.llm.encode(prompt, params, request_id):
+                pass
+            return from_packed(seq_id, input_ids, final.outputs.data.numpy(), k_eff, n)
+
+        from vllm import SamplingParams
 
         params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k,
             detokenize=False, flat_logprobs=True,
         )
         final = None
-        async for final in self.llm.generate(TokensPrompt(prompt_token_ids=input_ids), params, f"tf-{next(self._ids)}"):
+        async for final in self.llm.generate(prompt, params, request_id):
             pass
         return to_scored(seq_id, input_ids, final, k)
 
-    async def score(self, ids: Sequence[str | None], token_ids: Sequence[list[int]], k: int) -> list[ScoredSequence]:
-        """Score many sequences at once; the engine batches them."""
-        return list(await asyncio.gather(*(self.score_one(i, t, k) for i, t in zip(ids, token_ids))))
+    async def score(
+        self, ids: Sequence[str | None], token_ids: Sequence[list[int]], k: int, **options: Any
+    ) -> list[ScoredSequence]:
+        """Score many sequences at once; the engine batches them. ``options`` as ``score_one``'s."""
+        return list(await asyncio.gather(*(self.score_one(i, t, k, **options) for i, t in zip(ids, token_ids))))
 
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""

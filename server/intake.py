@@ -103,7 +103,10 @@ async def score_admitted(
     admission.acquire(total, settings.retry_after_s)
     try:
         with metrics.REQUEST_LATENCY.time():
-            results = await t.score([i.id for i in req.inputs], token_ids, req.k)
+            results = await t.score(
+                [i.id for i in req.inputs], token_ids, req.k,
+                temperature=req.temperature, targets=req.targets, samples=req.samples, seed=req.seed,
+            )
     finally:
         admission.release(total)
     metrics.TOKENS_SCORED.inc(total)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,7 +16,16 @@ class ServerSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: SecretStr | None = Field(None, description="bearer token required on all but /health")
-    k_max: int = Field(64, ge=1, description="largest k a request may ask for (vLLM max_logprobs)")
+    k_max: int = Field(256, ge=1, le=4096, description="largest k a request may ask for")
+    scoring: Literal["auto", "pooled", "prompt-logprobs"] = Field(
+        "auto", description="pooled: the reduction inside the vLLM worker (where the architecture can be "
+        "wrapped, which auto prefers); prompt-logprobs: vLLM's API (top-k at temperature 1 only)",
+    )
+    slice_rows: int = Field(
+        1024, ge=1, description="positions whose fp32 logits the worker holds at once (pooled): the peak is "
+        "about slice_rows x vocabulary x 15 bytes",
+    )
+    max_samples: int = Field(256, ge=1, le=4096, description="largest 'samples' a request may ask for (pooled)")
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(1024, ge=1)
     max_tokens_per_request: int = Field(262_144, ge=1, description="after truncation; larger gets 413")

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.jsonl"
 API_KEY = "test-secret-key"
 MAX_MODEL_LEN = 1024
+#: Tokens the engine schedules per step: prompts longer than this are scored in chunks.
+MAX_BATCHED_TOKENS = 256
 SERVER_START_TIMEOUT_S = 600
 
 
@@ -96,6 +98,7 @@ def server(tiny_model, tmp_path_factory) -> Server:
     """The shared server: API key required, small body limit so 413 is testable."""
     srv = Server(
         tiny_model, tmp_path_factory.mktemp("logs") / "server.log", "--api-key", API_KEY,
+        "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
         env={"TEACHER_FARM_MAX_BODY_BYTES": str(2 << 20), "TEACHER_FARM_MAX_INPUTS_PER_REQUEST": "256"},
     )
     srv.start()
@@ -104,6 +107,27 @@ def server(tiny_model, tmp_path_factory) -> Server:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def logprobs_server(tiny_model, tmp_path_factory) -> Server:
+    """A server on vLLM's prompt-logprobs backend (the fallback): it must make the same caches."""
+    srv = Server(
+        tiny_model, tmp_path_factory.mktemp("logs") / "logprobs-server.log", "--api-key", API_KEY,
+        "--scoring", "prompt-logprobs", "--k-max", "64",
+    )
+    srv.start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(params=["pooled", "prompt-logprobs"])
+def any_server(request) -> Server:
+    """Each scoring backend in turn."""
+    return request.getfixturevalue("server" if request.param == "pooled" else "logprobs_server")
 
 
 @pytest.fixture(scope="session")
@@ -126,12 +150,12 @@ class Reference:
     def tokenize(self, text: str, max_length: int | None = None) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)["input_ids"]
 
-    def topk(self, input_ids: list[int], k: int):
-        """(topk_ids, topk_logprobs, full logprobs) as numpy, positions × k."""
+    def topk(self, input_ids: list[int], k: int, temperature: float = 1.0):
+        """(topk_ids, topk_logprobs, full logprobs) as numpy, positions × k, at ``temperature``."""
         torch = self.torch
         with torch.no_grad():
             logits = self.model(torch.tensor([input_ids])).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)
         values, ids = torch.topk(logprobs, k, dim=-1)
         return ids.numpy(), values.numpy(), logprobs.numpy()
 

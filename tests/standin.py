@@ -58,11 +58,11 @@ class StandInTeacher:
             raise ServerRejected(f"token id {ids.max()} is outside the vocabulary (size {self.vocab})", 422)
         return ids[:max_length]
 
-    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None) -> "pa.Table":  # noqa: F821
+    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None, scoring=None) -> "pa.Table":  # noqa: F821
         self.requests += 1
         return results_to_table([score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines], k)
 
-    async def topk_ids(self, ids_and_tokens, k: int, max_length: int | None = None):
+    async def topk_ids(self, ids_and_tokens, k: int, max_length: int | None = None, scoring=None):
         lines = [Line(-1, i, None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
         return await self.topk(lines, k, max_length)
 

@@ -119,6 +119,8 @@ def test_metadata_round_trip():
         "tokenizer_fingerprint": "t" * 16,
         "vocab_size": "151936",
         "k": "16",
+        "temperature": "1.0",
+        "targets": "topk",
         "logprob_dtype": "float16",
         "package_version": __version__,
         "note": "x",

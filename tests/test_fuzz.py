@@ -28,6 +28,10 @@ bodies = st.fixed_dictionaries(
         "inputs": st.lists(inputs, max_size=4) | json_values,
         "max_length": st.integers(-2, 40) | json_scalars,
         "logprob_dtype": st.sampled_from(["float32", "float16", "float64", ""]) | json_scalars,
+        "temperature": st.floats(-1, 5, allow_nan=False) | json_scalars,
+        "targets": st.sampled_from(["topk", "sampled", "both", "all"]) | json_scalars,
+        "samples": st.integers(-2, 300) | json_scalars,
+        "seed": st.integers(-2, 2**33) | json_scalars,
     },
 ) | json_values
 
@@ -41,7 +45,11 @@ def test_random_bodies_get_an_answer_or_a_clear_4xx(http, body):
         results = r.json()["results"]
         assert len(results) == len(body["inputs"])
         for res in results:
-            assert len(res["topk_ids"]) == len(res["input_ids"]) and all(len(row) == body["k"] for row in res["topk_ids"])
+            n = len(res["input_ids"])
+            if body.get("targets", "topk") != "sampled":
+                assert len(res["topk_ids"]) == n and all(len(row) == body.get("k", 16) for row in res["topk_ids"])
+            if body.get("targets", "topk") != "topk":
+                assert [sum(c) for c in res["sample_counts"]] == [body.get("samples", 64)] * n
     else:
         assert r.json()["error"]
 

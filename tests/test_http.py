@@ -8,7 +8,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from teacher_farm.schemas import ARROW_STREAM
+from teacher_farm.schemas import ARROW_STREAM, SCHEMA_VERSION
 from teacher_farm.schemas.arrow import result_schema, table_to_results
 from tests.conftest import API_KEY, MAX_MODEL_LEN
 
@@ -22,10 +22,11 @@ def topk(http, body, **headers):
 def test_health_is_open_and_info_describes_the_teacher(server, http, tiny_model):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     info = http.get("/v1/info").json()
-    assert info["vocab_size"] == 2048 and info["k_max"] == 64
+    assert info["vocab_size"] == 2048 and info["k_max"] == 256
     assert info["max_model_len"] == MAX_MODEL_LEN and info["max_input_tokens"] == MAX_MODEL_LEN - 1
+    assert info["scoring"] == "pooled" and info["max_samples"] == 256
     assert info["adds_bos"] is True and len(info["tokenizer_fingerprint"]) == 16
-    assert info["model"] == str(tiny_model) and info["versions"]["schema_version"] == 1
+    assert info["model"] == str(tiny_model) and info["versions"]["schema_version"] == SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("path", ["/v1/info", "/metrics", "/openapi.json"])
@@ -83,7 +84,7 @@ def test_max_length_truncates_and_single_token_input_works(http):
 @pytest.mark.parametrize(
     "body, status, words",
     [
-        ({"k": 65, "inputs": [{"text": "x"}]}, 422, "k_max=64"),
+        ({"k": 257, "inputs": [{"text": "x"}]}, 422, "k_max=256"),
         ({"k": 0, "inputs": [{"text": "x"}]}, 422, "k"),
         ({"k": 2, "inputs": []}, 422, "inputs"),
         ({"k": 2, "inputs": [{"text": ""}]}, 422, "empty"),
@@ -92,7 +93,11 @@ def test_max_length_truncates_and_single_token_input_works(http):
         ({"k": 2, "inputs": [{}]}, 422, "exactly one"),
         ({"k": 2, "inputs": [{"token_ids": [1, 2048]}]}, 422, "outside the vocabulary"),
         ({"k": 2, "inputs": [{"token_ids": [-1]}]}, 422, "token_ids"),
-        ({"k": 2, "inputs": [{"text": "x"}], "temperature": 1}, 422, "temperature"),
+        ({"k": 2, "inputs": [{"text": "x"}], "top_p": 1}, 422, "top_p"),
+        ({"k": 2, "inputs": [{"text": "x"}], "temperature": 0}, 422, "temperature"),
+        ({"k": 2, "inputs": [{"text": "x"}], "targets": "all"}, 422, "targets"),
+        ({"k": 2, "inputs": [{"text": "x"}], "targets": "sampled", "samples": 257}, 422, "max_samples=256"),
+        ({"k": 2, "inputs": [{"text": "x"}], "seed": -1}, 422, "seed"),
         ({"k": 2, "inputs": [{"text": "x"}], "max_length": 0}, 422, "max_length"),
         ({"k": 2, "inputs": [{"text": "x"}] * 257}, 413, "limit is 256"),
     ],

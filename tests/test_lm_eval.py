@@ -218,7 +218,7 @@ def test_compat_endpoints_need_the_key(server, path):
         ({"prompt": [[1, 2]], "max_tokens": 5, "echo": True, "logprobs": 1}, "scores prompts only"),
         ({"prompt": [[1, 2]], "echo": True, "logprobs": 1}, "max_tokens is not set"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": False, "logprobs": 1}, "echo=true"),
-        ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "logprobs": 65}, "k_max=64"),
+        ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "logprobs": 257}, "k_max=256"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "logprobs": -1}, "logprobs=-1"),
         ({"prompt": [[1, 2]], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0.7}, "temperature=0"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "stream": True}, "stream"),

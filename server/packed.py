@@ -1,0 +1,73 @@
+"""The packed rows the worker's reduction hands back, read with numpy (no torch needed).
+
+One int32 row per position of a sequence; float columns hold float32 bits, so nothing is rounded:
+
+    [ topk_ids (k) | topk_logprobs (k) | target_logprob | target_rank
+      | sample_ids (N, ascending) | sample_logprobs (N) ]
+
+``server/reduce.py`` writes them inside the vLLM worker; the server turns them into a
+``ScoredSequence`` here, with whole-array operations only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def packed_width(k: int, samples: int) -> int:
+    """Columns of a packed row."""
+    return 2 * k + 2 + 2 * samples
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """One request's packed rows as numpy arrays (n positions)."""
+
+    topk_ids: np.ndarray  # (n, k) int32
+    topk_logprobs: np.ndarray  # (n, k) float32
+    target_logprobs: np.ndarray  # (n - 1,) float32
+    target_ranks: np.ndarray  # (n - 1,) int32
+    sample_ids: np.ndarray | None = None  # (n, N) int32, ascending per row
+    sample_logprobs: np.ndarray | None = None  # (n, N) float32
+
+
+def unpack(packed: np.ndarray, k: int, samples: int) -> Unpacked:
+    """Split packed int32 rows back into arrays (views where possible, no copy per position)."""
+    n = packed.shape[0]
+    if packed.shape[1] != packed_width(k, samples):
+        raise ValueError(f"packed rows have {packed.shape[1]} columns; k={k}, samples={samples} make {packed_width(k, samples)}")
+    floats = packed.view(np.float32)
+    out = Unpacked(
+        topk_ids=packed[:, :k],
+        topk_logprobs=floats[:, k:2 * k],
+        target_logprobs=floats[: n - 1, 2 * k],
+        target_ranks=packed[: n - 1, 2 * k + 1],
+    )
+    if samples:
+        base = 2 * k + 2
+        out = Unpacked(
+            **{**out.__dict__, "sample_ids": packed[:, base:base + samples],
+               "sample_logprobs": floats[:, base + samples:base + 2 * samples]},
+        )
+    return out
+
+
+def compact_samples(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct drawn tokens per row, vectorized: (per-row distinct counts, ids, counts, logprobs).
+
+    ``ids`` (rows × N) must be ascending within each row (as ``reduce_rows`` returns them); the flat
+    outputs hold every row's distinct tokens in order, ``counts`` summing to N per row.
+    """
+    rows, n = ids.shape
+    if rows == 0:
+        empty = np.empty(0, np.int32)
+        return empty, empty, empty.astype(np.int16), empty.astype(np.float32)
+    first = np.ones_like(ids, dtype=bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    flat_first = first.reshape(-1)
+    starts = np.flatnonzero(flat_first)
+    counts = np.diff(np.append(starts, rows * n)).astype(np.int16)
+    per_row = first.sum(axis=1, dtype=np.int32)
+    return per_row, ids.reshape(-1)[starts], counts, logprobs.reshape(-1)[starts]

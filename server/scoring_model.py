@@ -1,0 +1,182 @@
+"""The teacher's own causal LM as a vLLM pooling model whose pooler is the cache's reduction.
+
+vLLM turns a causal LM into an embedding or classification model by subclassing it and adding a
+pooler (``vllm/model_executor/models/adapters.py``). We do the same, with two differences: the LM
+head stays (the pooler calls the model's own ``compute_logits``, so a vocabulary-sharded,
+tensor-parallel head and any logit scaling keep working), and the pooler reduces every scheduled
+chunk as it comes (``server/reduce.py``) instead of caching hidden states until the prompt ends.
+Only small packed rows cross from the worker to the engine, for every position including the last.
+
+``register`` is a ``vllm.general_plugins`` entry point, so every vLLM process (engine core and
+workers alike) knows ``<Name>ForTeacherScoring`` for each ``<Name>ForCausalLM`` it supports; the
+classes are made on first use. Per-request settings (k, temperature, samples, seed) travel in
+``PoolingParams.extra_kwargs``; worker-wide settings (``teacher_farm_slice_rows``, and the largest
+k and sample count a request may ask for) in the model config, set through ``hf_overrides``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.pooler import PoolingParamsUpdate
+from vllm.model_executor.layers.pooler.abstract import Pooler
+
+from teacher_farm.server.packed import packed_width
+from teacher_farm.server.reduce import reduce_rows
+
+CAUSAL_SUFFIX = "ForCausalLM"
+SCORING_SUFFIX = "ForTeacherScoring"
+
+#: Rows whose fp32 logits exist at once in the worker: the reduction's memory bound.
+DEFAULT_SLICE_ROWS = 1024
+
+#: The pooling task our requests name (a token-wise task: one output row per prompt position).
+TASK = "token_classify"
+
+
+def scoring_arch(causal_arch: str) -> str:
+    """``LlamaForCausalLM`` -> ``LlamaForTeacherScoring``."""
+    return causal_arch.removesuffix(CAUSAL_SUFFIX) + SCORING_SUFFIX
+
+
+def causal_arch(scoring: str) -> str:
+    """``LlamaForTeacherScoring`` -> ``LlamaForCausalLM``."""
+    return scoring.removesuffix(SCORING_SUFFIX) + CAUSAL_SUFFIX
+
+
+def register() -> None:
+    """Register a scoring architecture beside every causal LM vLLM supports (lazily imported)."""
+    from vllm import ModelRegistry
+
+    known = set(ModelRegistry.get_supported_archs())
+    for arch in sorted(known):
+        if arch.endswith(CAUSAL_SUFFIX) and scoring_arch(arch) not in known:
+            ModelRegistry.register_model(scoring_arch(arch), f"{__name__}:{scoring_arch(arch)}")
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM imports "teacher_farm.server.scoring_model:<Name>ForTeacherScoring" on demand.
+    if not name.endswith(SCORING_SUFFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from vllm import ModelRegistry
+
+    arch = causal_arch(name)
+    if arch not in ModelRegistry.get_supported_archs():
+        raise AttributeError(f"vLLM has no causal LM {arch!r} to score with")
+    cls = as_scoring_model(ModelRegistry.models[arch].load_model_cls())
+    globals()[name] = cls
+    return cls
+
+
+def as_scoring_model(cls: type) -> type:
+    """Subclass a vLLM causal LM: same layers and weights, plus the reduction as its pooler."""
+    from vllm.model_executor.models.interfaces_base import VllmModelForPooling
+
+    class ModelForTeacherScoring(cls, VllmModelForPooling):  # type: ignore[misc, valid-type]
+        is_pooling_model = True
+        default_tok_pooling_type = "ALL"
+
+        def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            hf_config = vllm_config.model_config.hf_config
+            self.pooler = ReductionPooler(
+                self.compute_logits,
+                slice_rows=int(getattr(hf_config, "teacher_farm_slice_rows", DEFAULT_SLICE_ROWS)),
+                worst_case={
+                    "k": int(getattr(hf_config, "teacher_farm_k_max", 64)),
+                    "samples": int(getattr(hf_config, "teacher_farm_max_samples", 0)),
+                },
+            )
+
+    ModelForTeacherScoring.__name__ = ModelForTeacherScoring.__qualname__ = scoring_arch(cls.__name__)
+    return ModelForTeacherScoring
+
+
+class ReductionPooler(Pooler):
+    """Reduces each scheduled chunk to packed rows; hands a request its rows when its prompt ends."""
+
+    def __init__(self, compute_logits: Any, slice_rows: int, worst_case: dict[str, int]) -> None:
+        super().__init__()
+        # A bound method, not the model: a module holding its parent would form a cycle.
+        self._compute_logits = compute_logits
+        self.slice_rows = slice_rows
+        # vLLM's start-up profiling runs the pooler with requests that carry no settings: make them
+        # the largest a request may ask for, so the profile counts the reduction's peak memory.
+        self.worst_case = worst_case
+
+    def extra_repr(self) -> str:
+        return f"slice_rows={self.slice_rows}"
+
+    def get_supported_tasks(self) -> Set[str]:
+        return {TASK}
+
+    def get_pooling_updates(self, task: str) -> PoolingParamsUpdate:
+        # The prompt's token ids give every position its target (the next token).
+        return PoolingParamsUpdate(requires_token_ids=True)
+
+    def forward(self, hidden_states: torch.Tensor, pooling_metadata: Any) -> list[torch.Tensor | None]:
+        cursor = pooling_metadata.get_pooling_cursor()
+        sizes = cursor.num_scheduled_tokens_cpu.to(torch.int64)
+        requests = len(sizes)
+        settings = [p.extra_kwargs or self.worst_case for p in pooling_metadata.pooling_params]
+        ks = [int(s.get("k", 1)) for s in settings]
+        ns = [int(s.get("samples", 0)) for s in settings]
+        k, n = max(ks), max(ns)
+
+        # Per row (one scheduled position): its request, its position in the prompt, its target.
+        row_req = torch.repeat_interleave(torch.arange(requests), sizes)
+        first_row = torch.cumsum(sizes, 0) - sizes
+        chunk_start = cursor.seq_lens_cpu.to(torch.int64) - sizes
+        positions = chunk_start[row_req] + torch.arange(len(row_req)) - first_row[row_req]
+        prompt_lens = cursor.prompt_lens_cpu.to(torch.int64)
+        # The last position has no next token: any id will do, its target columns are dropped.
+        token_ids = pooling_metadata.prompt_token_ids_cpu
+        next_pos = torch.minimum(positions + 1, prompt_lens[row_req] - 1).clamp_(max=token_ids.shape[1] - 1)
+        targets = token_ids[row_req, next_pos]
+        inv_t = torch.tensor([1.0 / float(s.get("temperature", 1.0)) for s in settings])[row_req]
+        seeds = torch.tensor([int(s.get("seed", 0)) for s in settings], dtype=torch.int64)[row_req]
+
+        device = hidden_states.device
+        targets, inv_t, seeds, positions_d = (
+            t.to(device, non_blocking=True) for t in (targets, inv_t, seeds, positions)
+        )
+        rows = hidden_states.shape[0]
+        out = torch.empty((rows, packed_width(k, n)), dtype=torch.int32, device=device)
+        for a in range(0, rows, self.slice_rows):
+            b = min(a + self.slice_rows, rows)
+            logits = self._compute_logits(hidden_states[a:b])
+            if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
+                out[a:b].zero_()
+                continue
+            out[a:b] = reduce_rows(
+                logits, targets[a:b], inv_t[a:b], k, n, seeds[a:b], positions_d[a:b]
+            )
+            del logits
+
+        finished = cursor.is_finished().tolist()
+        results: list[Any] = []
+        for chunk, state, req_k, req_n, done in zip(
+            torch.split(out, sizes.tolist()), pooling_metadata.pooling_states, ks, ns, finished
+        ):
+            if (req_k, req_n) != (k, n):
+                chunk = chunk[:, _columns(k, n, req_k, req_n, device)]
+            # Reduced chunks are small; keep them until the prompt's last chunk is done.
+            state.hidden_states_cache.append(chunk)
+            if done:
+                parts = state.hidden_states_cache
+                results.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+                state.clean()
+            else:
+                results.append(None)
+        return results
+
+
+def _columns(k: int, n: int, req_k: int, req_n: int, device: Any) -> torch.Tensor:
+    """Column indices that turn rows packed at (k, n) into rows packed at (req_k, req_n)."""
+
+    cols = [*range(req_k), *range(k, k + req_k), 2 * k, 2 * k + 1]
+    base = 2 * k + 2
+    cols += [*range(base, base + req_n), *range(base + n, base + n + req_n)]
+    return torch.tensor(cols, dtype=torch.int64, device=device)

@@ -1,0 +1,141 @@
+"""The pooled backend against the fp32 reference: temperature, every k, long chunked prompts, sampled targets."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from teacher_farm.schemas import ARROW_STREAM
+from teacher_farm.schemas.arrow import read_metadata, table_to_results
+from tests.conftest import API_KEY, MAX_BATCHED_TOKENS, SAMPLE, read_lines, teacher_farm
+from tests.reference_check import assert_matches_reference, assert_same_rows
+
+pytestmark = pytest.mark.engine
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def score(url: str, body: dict) -> list:
+    """``POST /v1/topk`` with an Arrow answer, as numpy rows."""
+    r = httpx.post(url + "/v1/topk", json=body, headers={**AUTH, "Accept": ARROW_STREAM}, timeout=300)
+    assert r.status_code == 200, r.text
+    return table_to_results(pa.ipc.open_stream(r.content).read_all())
+
+
+@pytest.fixture(scope="module")
+def prompts(reference) -> list[list[int]]:
+    texts = read_lines(SAMPLE)
+    return [reference.tokenize(json.loads(t)["text"]) for t in texts[:6]]
+
+
+@pytest.mark.parametrize("temperature, k", [(2.0, 8), (0.5, 3), (1.0, 256)])
+def test_temperature_and_k_match_the_reference(server, reference, prompts, temperature, k):
+    rows = score(server.url, {"k": k, "temperature": temperature, "inputs": [{"token_ids": p} for p in prompts]})
+    for row in rows:
+        assert_matches_reference(row, _AtTemperature(reference, temperature), k)
+
+
+def test_long_prompt_is_scored_in_chunks_and_matches_at_every_position(server, reference):
+    ids = (np.random.default_rng(5).integers(3, 2048, size=4 * MAX_BATCHED_TOKENS - 30)).tolist()
+    (row,) = score(server.url, {"k": 6, "temperature": 1.0, "inputs": [{"token_ids": ids}]})
+    assert len(row.input_ids) > MAX_BATCHED_TOKENS
+    assert_matches_reference(row, reference, 6)  # the last position included
+
+
+def test_both_backends_make_the_same_cache(server, logprobs_server, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(read_lines(SAMPLE, 24)) + "\n", encoding="utf-8")
+    tables = []
+    for name, srv in (("pooled", server), ("logprobs", logprobs_server)):
+        out = tmp_path / name
+        proc = teacher_farm("cache", "--server", srv.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out), "--k", "8")
+        assert proc.returncode == 0, proc.stderr
+        tables.append(pq.read_table(sorted(out.glob("part-*.parquet"))))
+        manifest = json.loads((out / "manifest.json").read_text())
+        tables[-1] = (tables[-1], manifest["identity"])
+    (a, ident_a), (b, ident_b) = tables
+    assert ident_a == ident_b  # same teacher fingerprint, same cache identity
+    assert_same_rows(a.to_pylist(), b.to_pylist())
+
+
+def test_prompt_logprobs_backend_refuses_what_it_cannot_compute(logprobs_server):
+    for extra in ({"temperature": 2.0}, {"targets": "sampled"}):
+        r = httpx.post(logprobs_server.url + "/v1/topk", json={"k": 2, "inputs": [{"text": "hi"}], **extra}, headers=AUTH)
+        assert r.status_code == 422 and "pooled scoring backend" in r.json()["error"]
+    assert httpx.get(logprobs_server.url + "/v1/info", headers=AUTH).json()["scoring"] == "prompt-logprobs"
+
+
+def sampled(server, prompts, seed: int, temperature: float = 0.7, samples: int = 256) -> list:
+    body = {"k": 4, "targets": "both", "samples": samples, "seed": seed, "temperature": temperature,
+            "inputs": [{"token_ids": p} for p in prompts]}
+    return score(server.url, body)
+
+
+def test_sampled_targets_are_unbiased_draws_with_the_reference_logprobs(server, reference, prompts):
+    temperature, draws = 0.7, 256
+    rows = sampled(server, prompts, seed=1, temperature=temperature, samples=draws)
+    hits, expected, variance = 0.0, 0.0, 0.0
+    for row in rows:
+        n = len(row.input_ids)
+        _, _, full = reference.topk(row.input_ids.tolist(), 1, temperature)
+        assert row.sample_lengths.shape == (n,)
+        which = np.repeat(np.arange(n), row.sample_lengths)
+        # Counts sum to N at every position; tokens are distinct and ascending within a position.
+        assert (np.bincount(which, weights=row.sample_counts, minlength=n) == draws).all()
+        assert (np.diff(row.sample_ids)[np.diff(which) == 0] > 0).all()
+        np.testing.assert_allclose(row.sample_logprobs, full[which, row.sample_ids], atol=1e-4)
+        # Unbiased: draws landing in each position's 8 likeliest tokens match their probability mass.
+        probs = np.exp(full)
+        top = np.argsort(-probs, axis=1)[:, :8]
+        mass = np.take_along_axis(probs, top, 1).sum(axis=1)
+        in_top = (row.sample_ids[:, None] == top[which]).any(axis=1)
+        hits += row.sample_counts[in_top].sum()
+        expected += draws * mass.sum()
+        variance += (draws * mass * (1 - mass)).sum()
+    assert abs(hits - expected) / np.sqrt(variance) < 4, (hits, expected)
+
+
+def test_same_seed_same_draws_whatever_the_batch(server, prompts):
+    a = sampled(server, prompts, seed=9)
+    b = sampled(server, list(reversed(prompts)), seed=9)[::-1]  # batched and ordered differently
+    c = sampled(server, prompts, seed=10)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.sample_ids, y.sample_ids)
+        np.testing.assert_array_equal(x.sample_counts, y.sample_counts)
+    assert any(not np.array_equal(x.sample_ids, z.sample_ids) for x, z in zip(a, c))
+
+
+def test_cache_with_sampled_targets_and_temperature(server, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(read_lines(SAMPLE, 12)) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    args = ("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out),
+            "--targets", "sampled", "--samples", "32", "--seed", "4", "--temperature", "2")
+    proc = teacher_farm(*args)
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    assert "topk_ids" not in table.column_names
+    assert table.schema.field("sample_counts").type == pa.list_(pa.list_(pa.int16()))
+    meta = read_metadata(table.schema)
+    assert (meta["targets"], meta["samples"], meta["seed"], meta["temperature"]) == ("sampled", "32", "4", "2.0")
+    first = table.slice(0, 1).to_pylist()[0]
+    assert [sum(c) for c in first["sample_counts"]] == [32] * len(first["input_ids"])
+    # The same command resumes (nothing to do); another temperature is refused.
+    assert teacher_farm(*args).returncode == 0
+    other = teacher_farm(*args[:-1], "1.5")
+    assert other.returncode != 0 and "temperature" in other.stderr
+
+
+class _AtTemperature:
+    """The reference at a temperature, with the interface ``assert_matches_reference`` expects."""
+
+    def __init__(self, reference, temperature: float) -> None:
+        self.reference, self.temperature = reference, temperature
+
+    def topk(self, input_ids, k):
+        return self.reference.topk(input_ids, k, self.temperature)

@@ -1,0 +1,123 @@
+"""The worker's reduction (torch) and the server's reading of its packed rows (numpy), against dense math."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from teacher_farm.server.packed import compact_samples, packed_width, unpack
+from teacher_farm.server.reduce import reduce_rows, uniforms
+
+V = 512
+
+
+def dense_logprobs(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def reduce(logits: np.ndarray, targets: np.ndarray, temperature: float, k: int, samples: int = 0, seed: int = 0):
+    rows = logits.shape[0]
+    packed = reduce_rows(
+        torch.from_numpy(logits), torch.from_numpy(targets), torch.full((rows,), 1.0 / temperature), k, samples,
+        torch.full((rows,), seed, dtype=torch.int64), torch.arange(rows),
+    ).numpy()
+    assert packed.shape == (rows, packed_width(k, samples)) and packed.dtype == np.int32
+    # Every row has a target here: pretend one more position follows, so unpack keeps them all.
+    return unpack(np.concatenate([packed, packed[-1:]]), k, samples)
+
+
+@pytest.fixture
+def logits() -> np.ndarray:
+    return np.random.default_rng(0).normal(0, 3, size=(64, V)).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("k", [1, 16, 256])
+def test_topk_target_and_rank_equal_dense_math(logits, temperature, k):
+    targets = np.random.default_rng(1).integers(0, V, size=len(logits))
+    u = reduce(logits, targets, temperature, k)
+    ref = dense_logprobs(logits, temperature)
+    order = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(u.topk_ids[:-1], order)
+    np.testing.assert_allclose(u.topk_logprobs[:-1], np.take_along_axis(ref, order, 1), atol=1e-5)
+    target_lp = ref[np.arange(len(ref)), targets]
+    np.testing.assert_allclose(u.target_logprobs, target_lp, atol=1e-5)
+    np.testing.assert_array_equal(u.target_ranks, 1 + (ref > target_lp[:, None]).sum(axis=1))
+
+
+def test_bfloat16_logits_are_reduced_in_float32(logits):
+    bf16 = torch.from_numpy(logits).to(torch.bfloat16)
+    packed = reduce_rows(bf16, torch.zeros(64, dtype=torch.int64), torch.ones(64), 4).numpy()
+    lps = unpack(packed, 4, 0).topk_logprobs
+    ref = dense_logprobs(bf16.float().numpy(), 1.0)
+    np.testing.assert_allclose(lps, np.sort(ref, axis=1)[:, ::-1][:, :4], atol=1e-5)
+
+
+def test_uniforms_are_a_pure_function_of_seed_position_and_draw():
+    a = uniforms(torch.tensor([7, 7, 8]), torch.tensor([0, 1, 0]), 1000)
+    assert ((a > 0) & (a < 1)).all()
+    again = uniforms(torch.tensor([8, 7]), torch.tensor([0, 1]), 1000)
+    assert torch.equal(a[2], again[0]) and torch.equal(a[1], again[1])
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    # Uniform on (0, 1): mean 1/2, variance 1/12, no bucket far off.
+    flat = uniforms(torch.arange(200), torch.arange(200), 500).numpy().reshape(-1)
+    assert abs(flat.mean() - 0.5) < 0.005 and abs(flat.var() - 1 / 12) < 0.002
+    assert np.abs(np.histogram(flat, bins=20, range=(0, 1))[0] / flat.size - 0.05).max() < 0.003
+
+
+def z_score_of_draws(ids: np.ndarray, probs: np.ndarray) -> float:
+    """How far the draws' counts of each row's 8 likeliest tokens are from their expectation, in sigmas."""
+    draws = ids.shape[1]
+    top = np.argsort(-probs, axis=1)[:, :8]
+    mass = np.take_along_axis(probs, top, 1).sum(axis=1)
+    hits = (ids[:, :, None] == top[:, None, :]).any(axis=2).sum(axis=1)
+    return float((hits.sum() - draws * mass.sum()) / np.sqrt((draws * mass * (1 - mass)).sum()))
+
+
+def test_draws_are_unbiased_and_the_check_catches_a_biased_sampler(logits):
+    temperature, draws = 1.5, 256
+    u = reduce(logits, np.zeros(len(logits), np.int64), temperature, 4, samples=draws, seed=3)
+    ids, lps = u.sample_ids[:-1], u.sample_logprobs[:-1]
+    probs = np.exp(dense_logprobs(logits, temperature))
+    assert abs(z_score_of_draws(ids, probs)) < 4
+    # Each draw's logprob is its token's, at the temperature.
+    np.testing.assert_allclose(lps, np.log(np.take_along_axis(probs, ids.astype(np.int64), 1)), atol=1e-5)
+    # Ascending within a row, as the compaction needs.
+    assert (np.diff(ids, axis=1) >= 0).all()
+    # The same statistic rejects draws from the top-32 renormalized (what a top-k cache implies).
+    rng = np.random.default_rng(0)
+    top = np.argsort(-probs, axis=1)[:, :32]
+    p_top = np.take_along_axis(probs, top, 1)
+    p_top /= p_top.sum(axis=1, keepdims=True)
+    biased = np.stack([rng.choice(top[i], size=draws, p=p_top[i]) for i in range(len(probs))])
+    assert abs(z_score_of_draws(biased, probs)) > 8
+
+
+def test_same_seed_same_draws_other_seed_other_draws(logits):
+    targets = np.zeros(len(logits), np.int64)
+    a = reduce(logits, targets, 1.0, 2, samples=64, seed=11)
+    b = reduce(logits, targets, 1.0, 2, samples=64, seed=11)
+    c = reduce(logits, targets, 1.0, 2, samples=64, seed=12)
+    np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+    assert (a.sample_ids != c.sample_ids).any()
+
+
+def test_compact_samples_counts_distinct_tokens_per_position():
+    ids = np.array([[3, 3, 5, 9], [1, 1, 1, 1], [0, 2, 4, 6]], np.int32)
+    lps = -ids.astype(np.float32)
+    per_row, flat_ids, counts, flat_lps = compact_samples(ids, lps)
+    assert per_row.tolist() == [3, 1, 4]
+    assert flat_ids.tolist() == [3, 5, 9, 1, 0, 2, 4, 6]
+    assert counts.tolist() == [2, 1, 1, 4, 1, 1, 1, 1] and counts.dtype == np.int16
+    assert flat_lps.tolist() == [-3, -5, -9, -1, 0, -2, -4, -6]
+    # A new row starts a new run even when its first id equals the previous row's last.
+    per_row, flat_ids, counts, _ = compact_samples(np.array([[1, 2], [2, 2]], np.int32), np.zeros((2, 2), np.float32))
+    assert per_row.tolist() == [2, 1] and flat_ids.tolist() == [1, 2, 2] and counts.tolist() == [1, 1, 2]
+
+
+def test_unpack_refuses_rows_of_another_shape():
+    with pytest.raises(ValueError, match="columns"):
+        unpack(np.zeros((3, 10), np.int32), 4, 1)
