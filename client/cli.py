@@ -15,7 +15,7 @@ from teacher_farm.schemas.errors import TeacherFarmError
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
   serve             host a teacher with vLLM and answer top-k requests over HTTP
-  cache             cache a JSONL corpus's teacher top-k as Parquet (via --server or --model)
+  cache             cache a corpus's teacher top-k (JSONL, Parquet) as Parquet (via --server or --model)
   inspect           summarize a cache directory and check it is whole
   verify            re-score a random sample of cached rows against a server and compare
   make-tiny-model   write a tiny random Llama and tokenizer (demo and tests)
@@ -28,7 +28,7 @@ def cache_parser() -> argparse.ArgumentParser:
     """Flags of ``teacher-farm cache``; the seed script's spellings are accepted too."""
     p = argparse.ArgumentParser(
         prog="teacher-farm cache",
-        description="Cache a teacher's top-k next-token distributions for every line of a JSONL corpus.",
+        description="Cache a teacher's top-k next-token distributions for every line of a corpus (JSONL and Parquet files).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", action="append",
