@@ -44,7 +44,7 @@ class InstantTeacher:
                     k_max=64, max_model_len=8192, max_input_tokens=8191, max_inputs_per_request=1024, adds_bos=True,
                     versions=Versions(teacher_farm="-", schema_version=1, vllm="-"))
 
-    async def topk(self, lines, k, max_length):
+    async def topk(self, lines, k, max_length, scoring=None):
         self.lines += len(lines)
         if self.lines // 20_000 > len(self.samples):
             self.samples.append((self.lines, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))

@@ -1,7 +1,7 @@
-"""``teacher-farm cache``: a JSONL corpus in, Parquet shards of teacher top-k out, resumably.
+"""``teacher-farm cache``: a corpus (JSONL and Parquet files) in, Parquet shards of teacher top-k out, resumably.
 
-The input is split into fixed ranges of ``rows_per_shard`` lines; shard j holds lines
-``[j*R, (j+1)*R)``. Requests of a few lines each stay in flight (``concurrency``), and one writer
+The input (every file, in sorted order, as one stream of lines) is split into fixed ranges of
+``rows_per_shard`` lines; shard j holds lines ``[j*R, (j+1)*R)`` of that stream. Requests of a few lines each stay in flight (``concurrency``), and one writer
 takes their answers in input order, so memory is bounded by the requests in flight and one row
 group. A shard is renamed into place when complete and only then named in the manifest: a rerun
 skips named shards and redoes the rest, so every good line lands exactly once.
@@ -10,7 +10,7 @@ skips named shards and redoes the rest, so every good line lands exactly once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import logging
 import os
 import time
@@ -18,16 +18,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from teacher_farm.client.inputs import InputFile, check_parquet_columns, discover, read_inputs
+from teacher_farm.client.lock import OutputLock
 from teacher_farm.client.manifest import Manifest, ShardRecord, check_identity, load_manifests, manifest_name
 from teacher_farm.client.progress import Progress
-from teacher_farm.client.reader import Line, Reject, read_corpus
-from teacher_farm.client.shards import ShardWriter
+from teacher_farm.client.reader import Line, Reject
+from teacher_farm.client.shards import ShardWriter, shard_name
 from teacher_farm.client.transport import Scoring, Teacher
+from teacher_farm.client.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.arrow import cache_metadata, cache_schema
-from teacher_farm.schemas.errors import CacheMismatch, InputError, ServerRejected
+from teacher_farm.schemas.arrow import cache_metadata, cache_schema, with_source_columns
+from teacher_farm.schemas.errors import CacheMismatch, InputError, ServerRejected, TeacherFarmError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,8 @@ REJECTS = "rejects.jsonl"
 class CacheOptions:
     """Everything ``teacher-farm cache`` is told; see ``client.cli`` for the flags."""
 
-    input: str
+    #: Files, directories or globs ('-' for stdin); see ``client.inputs``.
+    input: str | list[str]
     out_dir: Path
     k: int = 16
     max_length: int | None = 8192
@@ -56,6 +62,17 @@ class CacheOptions:
     #: Split the corpus across client processes: this one caches shards j with j % num_shards == shard_index.
     num_shards: int = 1
     shard_index: int = 0
+    # --- many inputs, pre-tokenized records, long lines ---
+    #: Field (JSONL) or list column (Parquet) of a pre-tokenized record's token ids.
+    ids_field: str = "input_ids"
+    #: "truncate" (keep the first max_length tokens) or "window" (every token, in overlapping windows).
+    long_lines: str = "truncate"
+    #: Tokens between window starts with long_lines="window"; None: half the max length.
+    stride: int | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
     @property
     def rejects_name(self) -> str:
@@ -71,6 +88,7 @@ class Batch:
     lines: list[Line] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     chars: int = 0
+    #: Position of the batch's last line in the run's whole input (see ``Line.record``).
     last_line: int = -1
     end_offset: int = 0
     closes_shard: bool = False
@@ -107,28 +125,21 @@ class Summary:
         )
 
 
-def input_size(path: str) -> int | None:
-    """Bytes a run reads from ``path`` when known up front (a plain file), for the progress ETA."""
-    if path == "-" or Path(path).suffix in (".gz", ".zst", ".zstd"):
-        return None
-    return Path(path).stat().st_size
+def input_size(files: list[InputFile]) -> int | None:
+    """Bytes a run reads when known up front (plain files only), for the progress ETA."""
+    sizes = [f.plain_size for f in files]
+    return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
 
 
-def input_fingerprint(path: str) -> dict[str, object]:
-    """Identify the input cheaply: its size and the hash of its first MiB."""
-    if path == "-":
-        return {"path": "-"}
-    p = Path(path)
-    with open(p, "rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
-    return {"name": p.name, "size": p.stat().st_size, "head_sha256": head}
+class OutputWriteError(TeacherFarmError):
+    """The output could not be written (a full disk, a read-only directory): the run stops cleanly."""
 
 
 def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterator[Batch]:
     """Group records into requests that never cross a shard boundary; mark each shard's last."""
     cur: Batch | None = None
     for rec in records:
-        shard = rec.line // opts.rows_per_shard
+        shard = rec.record // opts.rows_per_shard
         if cur is not None and shard != cur.shard:
             cur.closes_shard = True
             yield cur
@@ -140,10 +151,11 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
             cur = Batch(shard)
         if isinstance(rec, Line):
             cur.lines.append(rec)
-            cur.chars += len(rec.text) if rec.text is not None else sum(len(m["content"]) for m in rec.messages)
+            cur.chars += (len(rec.text) if rec.text is not None else 4 * len(rec.input_ids) if rec.input_ids is not None
+                          else sum(len(m["content"]) for m in rec.messages))
         else:
             cur.rejects.append(rec)
-        cur.last_line = rec.line
+        cur.last_line = rec.record
         cur.end_offset = rec.end
     if cur is not None:
         cur.closes_shard = True
@@ -151,15 +163,18 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
 
 
 async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int) -> tuple[pa.Table | None, list[Reject]]:
-    """The batch's result rows (with ``line``), and the lines the server refused as bad."""
+    """The batch's result rows (with ``line``, ``source``, ``offset``), and the lines the server refused as bad."""
     if not batch.lines:
         return None, []
     try:
         table = await teacher.topk(batch.lines, opts.k, max_length, opts.scoring)
+        if table.num_rows == len(batch.lines) and opts.long_lines == "window":
+            # A refused tokenization or window rejects its line, like a refused line.
+            return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
     except ServerRejected as exc:
         if len(batch.lines) == 1:
             line = batch.lines[0]
-            return None, [Reject(line.line, f"refused by the server: {exc}", line.id)]
+            return None, [Reject(line.line, f"refused by the server: {exc}", line.id, source=line.source, index=line.record)]
         # Find the bad lines: each line alone, so the good ones still land.
         parts = await asyncio.gather(
             *(score_batch(teacher, Batch(batch.shard, [x]), opts, max_length) for x in batch.lines)
@@ -169,10 +184,49 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
         return (pa.concat_tables(tables) if tables else None), rejects
     if table.num_rows != len(batch.lines):
         raise InputError(f"{teacher.name} answered {table.num_rows} rows for {len(batch.lines)} inputs")
-    lines = pa.array([x.line for x in batch.lines], type=pa.int64())
-    table = table.add_column(1, "line", lines)
+    table = with_source_columns(table, [x.line for x in batch.lines], [x.source for x in batch.lines])
     # The writer casts to the cache schema (logprob dtype included) once, for every batch.
     return table, []
+
+
+async def split_long_lines(
+    teacher: Teacher, lines: list[Line], table: pa.Table, opts: CacheOptions, max_length: int,
+) -> pa.Table:
+    """Replace every row cut at ``max_length`` by windows over the line's full token sequence.
+
+    A row shorter than ``max_length`` was not cut and stays as it is. A text line of exactly that
+    length may have been: its full tokens come from the teacher's tokenizer; a pre-tokenized line's
+    are its own. Chat records are truncated (their tokens come from the chat template on the server).
+    """
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    stride = opts.stride or default_stride(max_length)
+    pieces, line_no, sources, offsets = [], [], [], []
+    done = 0
+    for i in np.flatnonzero(lengths >= max_length):
+        line = lines[i]
+        if line.messages is not None:
+            continue
+        full = line.input_ids if line.input_ids is not None else np.asarray(await teacher.tokenize(line.text), np.int32)
+        if len(full) <= max_length:
+            continue
+        starts = window_starts(len(full), max_length, stride)
+        windows = await teacher.topk_ids(
+            [(line.id, full[s:s + max_length]) for s in starts], opts.k, max_length, scoring=opts.scoring,
+        )
+        if windows.num_rows != len(starts):
+            raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts)} windows")
+        pieces += [table.slice(done, i - done), windows.select(table.column_names).cast(table.schema)]
+        line_no += [x.line for x in lines[done:i]] + [line.line] * len(starts)
+        sources += [x.source for x in lines[done:i]] + [line.source] * len(starts)
+        offsets += [0] * (i - done) + starts.tolist()
+        done = i + 1
+    if not pieces:
+        return with_source_columns(table, [x.line for x in lines], [x.source for x in lines])
+    pieces.append(table.slice(done))
+    line_no += [x.line for x in lines[done:]]
+    sources += [x.source for x in lines[done:]]
+    offsets += [0] * (len(lines) - done)
+    return with_source_columns(pa.concat_tables(pieces), line_no, sources, offsets)
 
 
 class CacheRun:
@@ -182,6 +236,12 @@ class CacheRun:
         self.opts = opts
         self.teacher = teacher
         self.out = Path(opts.out_dir)
+        self.files = discover(opts.inputs)
+        check_parquet_columns(self.files, opts.text_field, opts.id_field, opts.ids_field)
+        if opts.long_lines not in ("truncate", "window"):
+            raise InputError(f"--long-lines {opts.long_lines}: choose truncate or window")
+        #: Bytes of shards this run committed, for the message when the output cannot be written.
+        self.bytes_written = 0
 
     async def prepare(self) -> tuple[Manifest, int, pa.Schema]:
         """Check the job against the teacher and the output directory; return what the run needs."""
@@ -216,9 +276,13 @@ class CacheRun:
             "id_field": opts.id_field,
             "rows_per_shard": opts.rows_per_shard,
             "num_shards": opts.num_shards,
-            "input": input_fingerprint(opts.input),
+            "ids_field": opts.ids_field,
+            "long_lines": opts.long_lines,
+            "stride": (opts.stride or default_stride(max_length)) if opts.long_lines == "window" else None,
+            "inputs": [f.fingerprint() for f in self.files],
         }
-        self.out.mkdir(parents=True, exist_ok=True)
+        if opts.long_lines == "window" and not 1 <= identity["stride"] < max_length:
+            raise InputError(f"--stride {opts.stride} must be in 1..{max_length - 1} (below the max length, {max_length})")
         name = manifest_name(opts.num_shards, opts.shard_index)
         others = load_manifests(self.out)
         for other_name, other in others.items():
@@ -233,7 +297,7 @@ class CacheRun:
             manifest = Manifest(
                 identity=identity,
                 provenance={
-                    "input_path": os.path.abspath(opts.input) if opts.input != "-" else "-",
+                    "input_paths": [os.path.abspath(f.source) if f.source != "-" else "-" for f in self.files],
                     "model": info.model,
                     "teacher": self.teacher.name,
                     "versions": info.versions.model_dump(),
@@ -241,7 +305,8 @@ class CacheRun:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 },
             )
-            manifest.save(self.out, name)
+            with self._writing(self.out / name):
+                manifest.save(self.out, name)
         self.manifest_name = name
         schema = cache_schema(opts.logprob_dtype, scoring.targets).with_metadata(
             cache_metadata(
@@ -254,28 +319,53 @@ class CacheRun:
         return manifest, max_length, schema
 
     async def run(self) -> Summary:
-        """Cache every line not cached yet; returns what the directory now holds."""
+        """Cache every line not cached yet, as the only writer of the output; returns what it now holds."""
+        name = manifest_name(self.opts.num_shards, self.opts.shard_index)
+        with self._writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(self.out / f"{name}.lock")
+            lock.acquire()
+        try:
+            return await self._run()
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """Turn a failed write (full disk, read-only directory) into one message that says what to do."""
+        try:
+            yield
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise OutputWriteError(
+                f"cannot write {path}: {why}; this run had written {self.bytes_written:,} bytes of finished "
+                f"shards before it stopped, all named in the manifest (nothing unfinished is). Free space (or "
+                f"make {self.out} writable) and run the same command again: it resumes where this one stopped"
+            ) from exc
+
+    async def _run(self) -> Summary:
         started = time.monotonic()
         manifest, max_length, schema = await self.prepare()
         done = set(manifest.shards)
         rejects_file = self.out / self.opts.rejects_name
         # Whatever lies past the committed length was written by a run that died before its commit.
-        with open(rejects_file, "ab") as f:
+        with self._writing(rejects_file), open(rejects_file, "ab") as f:
             f.truncate(manifest.rejects_bytes)
         new_tokens = 0
         if not manifest.complete:
             R, N, I = self.opts.rows_per_shard, self.opts.num_shards, self.opts.shard_index
-            records = read_corpus(
-                self.opts.input, text_field=self.opts.text_field, id_field=self.opts.id_field,
-                skip=lambda n: (n // R) % N != I or n // R in done,
+            records = read_inputs(
+                self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
+                ids_field=self.opts.ids_field, skip=lambda n: (n // R) % N != I or n // R in done,
             )
-            self.progress = Progress(input_size(self.opts.input), every_s=self.opts.log_every_s)
+            self.progress = Progress(input_size(self.files), every_s=self.opts.log_every_s)
             try:
                 new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
             finally:
                 self.progress.close()
             manifest.complete = True
-            manifest.save(self.out, self.manifest_name)
+            with self._writing(self.out / self.manifest_name):
+                manifest.save(self.out, self.manifest_name)
         return Summary(
             out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
             tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
@@ -316,22 +406,28 @@ class CacheRun:
             table, refused = await task
             slots.release()
             if shard is None:
-                shard = ShardWriter(self.out, batch.shard, schema)
+                with self._writing(self.out / shard_name(batch.shard)):
+                    shard = ShardWriter(self.out, batch.shard, schema)
                 first_line = batch.shard * self.opts.rows_per_shard
             written = 0
             if table is not None:
-                written = await asyncio.to_thread(shard.write, table.select(schema.names).cast(schema))
+                with self._writing(shard.tmp), shard.discard_on_error():
+                    written = await asyncio.to_thread(shard.write, table.select(schema.names).cast(schema))
             self.progress.advance(0 if table is None else table.num_rows, written, batch.end_offset)
             rejects += batch.rejects + refused
             if batch.closes_shard:
-                stats = await asyncio.to_thread(shard.commit)
-                rejects.sort(key=lambda r: r.line)
-                manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
+                with self._writing(shard.tmp), shard.discard_on_error():
+                    stats = await asyncio.to_thread(shard.commit)
+                rejects.sort(key=lambda r: r.record)
+                with self._writing(self.out / self.opts.rejects_name):
+                    manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
                 manifest.shards[batch.shard] = ShardRecord(
                     index=batch.shard, file=stats.file, first_line=first_line, end_line=batch.last_line + 1,
                     rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
                 )
-                manifest.save(self.out, self.manifest_name)
+                with self._writing(self.out / self.manifest_name):
+                    manifest.save(self.out, self.manifest_name)
+                self.bytes_written += stats.bytes
                 tokens += stats.tokens
                 log.info("shard %d: %d rows, %d tokens, %d rejected", batch.shard, stats.rows, stats.tokens, len(rejects))
                 shard, rejects = None, []

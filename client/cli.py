@@ -17,7 +17,7 @@ from teacher_farm.schemas.errors import InputError, TeacherFarmError
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
   serve             host a teacher with vLLM and answer top-k requests over HTTP
-  cache             cache a JSONL corpus's teacher top-k as Parquet (via --server or --model)
+  cache             cache a corpus's teacher top-k (JSONL, Parquet) as Parquet (via --server or --model)
   inspect           summarize a cache directory and check it is whole
   verify            re-score a random sample of cached rows against a server and compare
   make-tiny-model   write a tiny random Llama and tokenizer (demo and tests)
@@ -30,19 +30,29 @@ def cache_parser() -> argparse.ArgumentParser:
     """Flags of ``teacher-farm cache``; the seed script's spellings are accepted too."""
     p = argparse.ArgumentParser(
         prog="teacher-farm cache",
-        description="Cache a teacher's top-k next-token distributions for every line of a JSONL corpus.",
+        description="Cache a teacher's top-k next-token distributions for every line of a corpus (JSONL and Parquet files).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", action="append",
                      help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several")
     src.add_argument("--model", help="run the teacher in this process instead (no server)")
-    p.add_argument("--input", "--input_jsonl", dest="input", required=True, help="JSONL file, .gz/.zst, or - for stdin")
+    p.add_argument("--input", "--input_jsonl", dest="input", required=True, action="append",
+                   help="JSONL (.jsonl, .gz, .zst) or Parquet file, a directory of them or a glob; repeat for "
+                        "more (all are read in sorted order); - for stdin")
     p.add_argument("--out", "--out_dir", dest="out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--k", type=int, default=16, help="top-k tokens per position (default 16)")
     p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=8192,
                    help="truncate lines to this many tokens (default 8192)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
+    p.add_argument("--ids-field", default="input_ids",
+                   help="field (JSONL) or list column (Parquet) of pre-tokenized records, scored on exactly "
+                        "those ids (default input_ids)")
+    p.add_argument("--long-lines", choices=["truncate", "window"], default="truncate",
+                   help="a line over --max-length tokens: keep its first tokens (truncate, the default) or "
+                        "score every token in overlapping windows (window)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="with --long-lines window: tokens between window starts (default: half --max-length)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="input lines per Parquet shard")
     p.add_argument("--batch-lines", type=int, default=32, help="lines per request (default 32)")
@@ -84,7 +94,7 @@ def cache_main(argv: list[str]) -> int:
     from teacher_farm.client.transport import HttpTeacher, LocalTeacher, Scoring, TeacherPool
 
     a = cache_parser().parse_args(argv)
-    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length", "samples"):
+    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length", "samples", "stride"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
     if not a.temperature > 0:
@@ -93,8 +103,8 @@ def cache_main(argv: list[str]) -> int:
         cache_parser().error("--seed must be in 0..2**32-1")
     if not 0 <= a.shard_index < a.num_shards:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
-    if a.input != "-" and not Path(a.input).is_file():
-        raise InputError(f"--input {a.input}: no such file")
+    if a.stride is not None and a.long_lines != "window":
+        cache_parser().error("--stride applies to --long-lines window only")
     if a.ca_bundle is not None and not Path(a.ca_bundle).is_file():
         raise InputError(f"--ca-bundle {a.ca_bundle}: no such file")
     if a.model:
@@ -102,13 +112,21 @@ def cache_main(argv: list[str]) -> int:
 
         check_model(a.model)
     opts = CacheOptions(
-        input=a.input, out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
+        input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
         batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype,
         log_every_s=a.log_every,
         scoring=Scoring(temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed),
         num_shards=a.num_shards, shard_index=a.shard_index,
+        ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
     )
+    # Bad inputs are refused before a teacher is reached (or an engine loaded).
+    from teacher_farm.client.inputs import check_parquet_columns, discover
+    from teacher_farm.client.memory import pin_mmap_threshold
+
+    pin_mmap_threshold()  # flat memory over a long run (see client/memory.py)
+
+    check_parquet_columns(discover(opts.inputs), opts.text_field, opts.id_field, opts.ids_field)
 
     async def go():
         if a.server:

@@ -1,4 +1,8 @@
-"""Stream a JSONL corpus line by line; every line becomes a ``Line`` to score or a ``Reject``."""
+"""Stream a JSONL corpus line by line; every line becomes a ``Line`` to score or a ``Reject``.
+
+A line holds ``text``, chat ``messages`` or pre-tokenized ``input_ids`` (scored on exactly those
+ids). Several files and Parquet input are read by ``client.inputs``.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import orjson
 
 
 @dataclass(frozen=True)
 class Line:
-    """A good input line: 0-based line number, its id, its text."""
+    """A good input line: 0-based line number (in its file), its id, its text (or messages or token ids)."""
 
     line: int
     id: str
@@ -25,6 +30,17 @@ class Line:
     messages: list[dict] | None = field(default=None, compare=False)
     #: Byte offset just past this line in the (uncompressed) input: how far a run has read.
     end: int = field(default=0, compare=False)
+    #: A pre-tokenized record: exactly these ids are scored (int32), no tokenizer, no BOS added.
+    input_ids: np.ndarray | None = field(default=None, compare=False)
+    #: The input file the line comes from (as the run found it), and its position in the run's
+    #: whole input (the lines of every file, in order): what shards are cut by.
+    source: str | None = field(default=None, compare=False)
+    index: int = field(default=-1, compare=False)
+
+    @property
+    def record(self) -> int:
+        """Position in the run's whole input (the line number when the run reads one file)."""
+        return self.index if self.index >= 0 else self.line
 
 
 @dataclass(frozen=True)
@@ -35,9 +51,18 @@ class Reject:
     reason: str
     id: str | None = None
     end: int = field(default=0, compare=False)
+    source: str | None = field(default=None, compare=False)
+    index: int = field(default=-1, compare=False)
+
+    @property
+    def record(self) -> int:
+        return self.index if self.index >= 0 else self.line
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"line": self.line, "id": self.id, "reason": self.reason}) + b"\n"
+        out = {"line": self.line, "id": self.id, "reason": self.reason}
+        if self.source is not None:
+            out["source"] = self.source
+        return orjson.dumps(out) + b"\n"
 
 
 def open_input(path: str | Path) -> BinaryIO:
@@ -54,7 +79,7 @@ def open_input(path: str | Path) -> BinaryIO:
     return open(p, "rb")
 
 
-def parse_line(number: int, raw: bytes, text_field: str, id_field: str) -> Line | Reject:
+def parse_line(number: int, raw: bytes, text_field: str, id_field: str, ids_field: str = "input_ids") -> Line | Reject:
     """Validate one raw line; the reason of a reject says what is wrong with it."""
     if not raw.strip():
         return Reject(number, "blank line")
@@ -71,6 +96,8 @@ def parse_line(number: int, raw: bytes, text_field: str, id_field: str) -> Line 
         seq_id = str(raw_id)
     else:
         return Reject(number, f"field '{id_field}' must be a string or an integer, got {type(raw_id).__name__}")
+    if ids_field in record:
+        return token_ids_line(number, seq_id, record[ids_field], ids_field)
     if text_field not in record and "messages" in record:
         return _chat_line(number, seq_id, record["messages"])
     if text_field not in record:
@@ -81,6 +108,16 @@ def parse_line(number: int, raw: bytes, text_field: str, id_field: str) -> Line 
     if not text:
         return Reject(number, f"field '{text_field}' is empty", seq_id)
     return Line(number, seq_id, text)
+
+
+def token_ids_line(number: int, seq_id: str, ids: object, ids_field: str) -> Line | Reject:
+    """A pre-tokenized record; its ids must be a non-empty list of non-negative integers."""
+    arr = np.asarray(ids) if isinstance(ids, (list, np.ndarray)) else None
+    if arr is None or arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+        return Reject(number, f"field '{ids_field}' must be a non-empty list of token ids (integers)", seq_id)
+    if arr.min() < 0 or arr.max() >= 2**31:
+        return Reject(number, f"field '{ids_field}' holds a token id outside 0..2**31-1", seq_id)
+    return Line(number, seq_id, None, input_ids=arr.astype(np.int32, copy=False))
 
 
 def _chat_line(number: int, seq_id: str, messages: object) -> Line | Reject:
@@ -95,7 +132,8 @@ def _chat_line(number: int, seq_id: str, messages: object) -> Line | Reject:
 
 
 def read_corpus(
-    path: str | Path, *, text_field: str = "text", id_field: str = "id", skip: Callable[[int], bool] | None = None
+    path: str | Path, *, text_field: str = "text", id_field: str = "id", skip: Callable[[int], bool] | None = None,
+    ids_field: str = "input_ids",
 ) -> Iterator[Line | Reject]:
     """Every line of the corpus in order, without loading it whole.
 
@@ -107,4 +145,4 @@ def read_corpus(
             offset += len(raw)
             if skip is not None and skip(number):
                 continue
-            yield replace(parse_line(number, raw, text_field, id_field), end=offset)
+            yield replace(parse_line(number, raw, text_field, id_field, ids_field), end=offset)

@@ -6,7 +6,9 @@ Rows are buffered and flushed as whole row groups; a renamed shard is always a r
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,11 @@ from teacher_farm.client.fsutil import fsync_dir, sha256_file
 def shard_name(index: int) -> str:
     """File name of shard ``index``: zero-padded so they sort in line order."""
     return f"part-{index:06d}.parquet"
+
+
+def open_sink(path: Path) -> pa.NativeFile:
+    """The file a shard is written to (a seam: tests put a disk that fills up here)."""
+    return pa.OSFile(str(path), "wb")
 
 
 @dataclass(frozen=True)
@@ -48,12 +55,13 @@ class ShardWriter:
         self._buffered = 0
         self.rows = 0
         self.tokens = 0
+        self._sink = open_sink(self.tmp)
         self._writer = pq.ParquetWriter(
-            self.tmp, schema,
+            self._sink, schema,
             compression="zstd", compression_level=compression_level,
             # Token ids and logprobs are near-random: dictionaries only cost time. Splitting float
             # bytes into streams lets zstd find the shared sign and exponent bytes.
-            use_dictionary=["id"],
+            use_dictionary=["id", "source"],
             use_byte_stream_split=[
                 path for name, path in (
                     ("topk_logprobs", "topk_logprobs.list.element.list.element"),
@@ -84,9 +92,27 @@ class ShardWriter:
         """Flush, fsync, rename into place; the shard is complete once this returns."""
         self._flush()
         self._writer.close()
+        self._sink.close()
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
         digest = sha256_file(self.tmp)
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
         return ShardStats(self.path.name, self.rows, self.tokens, self.path.stat().st_size, digest)
+
+    @contextlib.contextmanager
+    def discard_on_error(self) -> Iterator[None]:
+        """On a failed write, remove the unfinished temporary file (it frees the space it took)."""
+        try:
+            yield
+        except Exception:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Drop the unfinished shard: never renamed, never named in a manifest."""
+        for close in (self._writer.close, self._sink.close):
+            with contextlib.suppress(Exception):
+                close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()

@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from teacher_farm.client.manifest import Manifest, ShardRecord, load_manifests
+from teacher_farm.client.windows import owned_positions, ranges
 from teacher_farm.schemas.arrow import read_metadata
 from teacher_farm.schemas.errors import CacheMismatch, InputError
 
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TAIL_FLOOR", "RowGroupArrays", "TopkDataset", "assert_same_tokenizer", "cache_metadata_of",
-    "check_alignment", "collate_topk", "kd_loss", "row_group_arrays", "shard_paths",
+    "check_alignment", "collate_topk", "join_windows", "kd_loss", "row_group_arrays", "shard_paths",
 ]
 
 #: The smallest probability mass ``tail_logprob`` reports: log(TAIL_FLOOR) when the top-k hold
@@ -309,6 +310,39 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupA
     )
 
 
+def join_windows(a: RowGroupArrays, offset: np.ndarray) -> RowGroupArrays:
+    """One non-overlapping stream per line from a window-mode cache's rows (``offset`` per row).
+
+    Each position is taken from the earliest window that holds it, where it has the most context:
+    window 0 gives positions [0, L), every later window its positions past the end of the one
+    before (its last S tokens). ``target_logprobs[p]`` (of token p+1) comes from the earliest window
+    holding both p and p+1: the same window except at the last position of a window that is not
+    the line's last, which takes it from the next window. Lines that were not split pass unchanged.
+    Rows of one line must be consecutive (as the cache writes them: a line's windows never span
+    row groups).
+    """
+    offset = np.asarray(offset, np.int64)
+    if a.rows == 0 or not offset.any():
+        return a
+    n = np.diff(a.offsets)
+    tn = np.diff(a.target_offsets)
+    first = np.flatnonzero(offset == 0)
+    if len(first) == 0 or first[0] != 0:
+        raise InputError("cannot join windows: a row group starts inside a line (its first row has offset > 0)")
+    try:
+        pos_lo, target_lo = owned_positions(offset, n)
+    except ValueError as exc:
+        raise InputError(f"cannot join windows: {exc}") from exc
+    take = ranges(a.offsets[:-1] + pos_lo, a.offsets[1:])
+    take_t = ranges(a.target_offsets[:-1] + np.minimum(target_lo, tn), a.target_offsets[1:])
+    lengths = np.add.reduceat(n - pos_lo, first)
+    return RowGroupArrays(
+        line=a.line[first], offsets=_offsets(lengths), input_ids=a.input_ids[take], topk_ids=a.topk_ids[take],
+        topk_logprobs=a.topk_logprobs[take], tail_logprob=a.tail_logprob[take],
+        target_logprobs=a.target_logprobs[take_t], target_offsets=_offsets(np.maximum(lengths - 1, 0)),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The dataset (torch imported on first access)
 # --------------------------------------------------------------------------------------------
@@ -360,12 +394,15 @@ def _make_dataset_class() -> type:
         must not wait. ``shuffle_shards`` shuffles the row group order, the same on every reader,
         from ``seed`` and the epoch set with :meth:`set_epoch` (not with ``persistent_workers``,
         whose workers keep their own copy). ``max_length`` truncates longer sequences.
+        ``join_windows`` turns the windows of a line cached with ``--long-lines window`` into one
+        stream per line, each position from the window where it has the most context
+        (:func:`join_windows`); without it every window is an item of its own.
         """
 
         def __init__(
             self, cache_dir: str | Path, *, renormalize: bool = False, shuffle_shards: bool = False,
             seed: int = 0, max_length: int | None = None,
-            rank: int | None = None, world_size: int | None = None,
+            rank: int | None = None, world_size: int | None = None, join_windows: bool = False,
         ) -> None:
             super().__init__()
             if max_length is not None and max_length < 1:
@@ -378,6 +415,7 @@ def _make_dataset_class() -> type:
             self.seed = seed
             self.max_length = max_length
             self.rank, self.world_size = rank, world_size
+            self.join_windows = join_windows
             self.epoch = 0
 
         def set_epoch(self, epoch: int) -> None:
@@ -400,8 +438,12 @@ def _make_dataset_class() -> type:
             for shard, rg in self.my_units():
                 if shard != current:
                     current, pf = shard, pq.ParquetFile(self.paths[shard])
-                table = pf.read_row_group(rg, columns=COLUMNS)
-                yield from _rows(row_group_arrays(table, renormalize=self.renormalize), self.max_length)
+                columns = COLUMNS + ["offset"] if self.join_windows else COLUMNS
+                table = pf.read_row_group(rg, columns=columns)
+                arrays = row_group_arrays(table, renormalize=self.renormalize)
+                if self.join_windows:
+                    arrays = join_windows(arrays, table.column("offset").to_numpy())
+                yield from _rows(arrays, self.max_length)
 
     TopkDataset.__module__ = __name__
     TopkDataset.__qualname__ = "TopkDataset"

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import httpx
+import numpy as np
 import orjson
 import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -61,6 +62,13 @@ class Teacher(Protocol):
 
     async def topk(self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring()) -> pa.Table: ...
 
+    async def topk_ids(
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+        scoring: Scoring = Scoring(),
+    ) -> pa.Table: ...
+
+    async def tokenize(self, text: str) -> list[int]: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -97,10 +105,21 @@ def raise_for_answer(response: httpx.Response) -> None:
 
 
 def _wire_input(line: Line) -> dict:
-    """A corpus line as a ``/v1/topk`` input: its text, or its chat messages."""
+    """A corpus line as a ``/v1/topk`` input: its text, its chat messages, or its token ids."""
+    if line.input_ids is not None:
+        return {"id": line.id, "token_ids": line.input_ids}
     if line.messages is not None:
         return {"id": line.id, "messages": line.messages}
     return {"id": line.id, "text": line.text}
+
+
+def _cost(line: Line) -> int:
+    """Roughly a line's request bytes, for least-outstanding-work balancing (without encoding it)."""
+    if line.input_ids is not None:
+        return 5 * len(line.input_ids)
+    if line.messages is not None:
+        return sum(len(m["content"]) for m in line.messages)
+    return len(line.text or "")
 
 
 class _WaitRetryAfter(wait_exponential_jitter):
@@ -190,6 +209,11 @@ class HttpTeacher:
     ) -> pa.Table:
         """Score exact token sequences, ``(id, token_ids)`` pairs (ints or numpy arrays)."""
         return await self._score([{"id": i, "token_ids": t} for i, t in ids_and_tokens], k, max_length, scoring)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The teacher's tokens of ``text`` in full (special tokens included, no truncation)."""
+        response = await self._call("POST", "/tokenize", json={"prompt": text, "add_special_tokens": True})
+        return response.json()["tokens"]
 
     async def _score(self, inputs: list[dict], k: int, max_length: int | None, scoring: Scoring) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
@@ -336,15 +360,20 @@ class TeacherPool:
     async def topk(
         self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring(),
     ) -> pa.Table:
-        cost = sum(len(orjson.dumps(_wire_input(x))) for x in lines)
+        cost = sum(_cost(x) for x in lines)
         return await self._attempt(lambda t: t.topk(lines, k, max_length, scoring), cost)
 
     async def topk_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, scoring: Scoring = Scoring(),
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+        scoring: Scoring = Scoring(),
     ) -> pa.Table:
         """Score exact token sequences on the best server, with the pool's retries."""
         cost = sum(len(tokens) for _, tokens in ids_and_tokens)
-        return await self._attempt(lambda t: t.topk_ids(ids_and_tokens, k, scoring=scoring), cost)
+        return await self._attempt(lambda t: t.topk_ids(ids_and_tokens, k, max_length, scoring=scoring), cost)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The teacher's tokens of ``text`` in full, with the pool's retries."""
+        return await self._attempt(lambda t: t.tokenize(text), len(text))
 
     async def aclose(self) -> None:
         for m in self.members:
@@ -369,12 +398,24 @@ class LocalTeacher:
         from teacher_farm.schemas.arrow import results_to_table
         from teacher_farm.schemas.wire import TopkInput, TopkRequest
 
-        req = TopkRequest(
-            k=k, max_length=max_length, inputs=[TopkInput(**_wire_input(x)) for x in lines], **scoring.request_fields(),
-        )
+        inputs = [TopkInput(**{**_wire_input(x), **({"token_ids": x.input_ids.tolist()} if x.input_ids is not None else {})})
+                  for x in lines]
+        req = TopkRequest(k=k, max_length=max_length, inputs=inputs, **scoring.request_fields())
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
         results = await self._engine.score([x.id for x in lines], token_ids, k, **scoring.request_fields())
         return await asyncio.to_thread(results_to_table, results, k, scoring.targets)
+
+    async def topk_ids(
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
+        scoring: Scoring = Scoring(),
+    ) -> pa.Table:
+        """Score exact token sequences in process."""
+        lines = [Line(-1, i or "", None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
+        return await self.topk(lines, k, max_length, scoring)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The teacher's tokens of ``text`` in full."""
+        return (await asyncio.to_thread(self._engine.tokenize, [text], None))[0]
 
     async def aclose(self) -> None:
         self._engine.shutdown()

@@ -84,10 +84,32 @@ def result_schema(logprob_dtype: str = "float32", targets: str = "topk") -> pa.S
     return pa.schema(fields)
 
 
+#: Columns the client adds to the server's results: where each row comes from in the input.
+#: ``line`` is the 0-based line (or Parquet row) in its file ``source``; ``offset`` is the index, in
+#: the line's full token sequence, of the row's first token (0 unless the line was split into windows).
+SOURCE_FIELDS = [pa.field("line", pa.int64()), pa.field("source", pa.string()), pa.field("offset", pa.int64())]
+
+
 def cache_schema(logprob_dtype: str = "float32", targets: str = "topk") -> pa.Schema:
-    """Schema of one cache row: ``id``, ``line``, then the result columns."""
+    """Schema of one cache row: ``id``, ``line``, ``source``, ``offset``, then the result columns."""
     fields = list(result_schema(logprob_dtype, targets))
-    return pa.schema([fields[0], pa.field("line", pa.int64()), *fields[1:]])
+    return pa.schema([fields[0], *SOURCE_FIELDS, *fields[1:]])
+
+
+def with_source_columns(
+    table: pa.Table, line: Sequence[int] | np.ndarray, source: Sequence[str | None] | pa.Array | None = None,
+    offset: Sequence[int] | np.ndarray | None = None,
+) -> pa.Table:
+    """A result table with the client-side columns ``line``, ``source`` and ``offset`` after ``id``."""
+    n = table.num_rows
+    columns = [
+        pa.array(line, type=pa.int64()),
+        source if isinstance(source, pa.Array) else pa.array([None] * n if source is None else source, type=pa.string()),
+        pa.array(np.zeros(n, np.int64) if offset is None else offset, type=pa.int64()),
+    ]
+    for i, (f, col) in enumerate(zip(SOURCE_FIELDS, columns)):
+        table = table.add_column(1 + i, f, col)
+    return table
 
 
 def _offsets(lengths: np.ndarray) -> pa.Array:

@@ -11,7 +11,7 @@ import pytest
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import (
     METADATA_PREFIX, ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata,
-    result_schema, results_to_table, table_to_results,
+    result_schema, results_to_table, table_to_results, with_source_columns,
 )
 
 LENGTHS = [1, 2, 7, 33]
@@ -78,13 +78,13 @@ def test_cast_to_float16_changes_only_the_logprob_columns():
     k = 16
     results = random_results(k)
     table = results_to_table(results, k)
-    table = table.add_column(1, "line", pa.array(range(10, 10 + table.num_rows), type=pa.int64()))
+    table = with_source_columns(table, range(10, 10 + table.num_rows), ["a.jsonl"] * table.num_rows)
     half = cast_logprobs(table, "float16")
 
     assert half.schema.equals(cache_schema("float16"))
-    for name in ("id", "line", "input_ids", "topk_ids", "target_ranks"):
+    for name in ("id", "line", "source", "offset", "input_ids", "topk_ids", "target_ranks"):
         assert half.column(name).equals(table.column(name)), name
-    for want, got in zip(results, table_to_results(half.drop_columns(["line"]))):
+    for want, got in zip(results, table_to_results(half.drop_columns(["line", "source", "offset"]))):
         np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
         np.testing.assert_array_equal(got.topk_logprobs, want.topk_logprobs.astype(np.float16).astype(np.float32))
         np.testing.assert_array_equal(got.target_logprobs, want.target_logprobs.astype(np.float16).astype(np.float32))
@@ -95,12 +95,13 @@ def test_cast_to_the_dtype_it_already_has_keeps_the_table():
     assert cast_logprobs(table, "float32").equals(table)
 
 
-def test_cache_schema_puts_line_second():
+def test_cache_schema_puts_where_a_row_comes_from_after_its_id():
     for dtype in ("float32", "float16"):
         schema = cache_schema(dtype)
-        assert schema.names[:2] == ["id", "line"]
-        assert schema.field("line").type == pa.int64()
-        rest = pa.schema([f for f in schema if f.name != "line"])
+        assert schema.names[:4] == ["id", "line", "source", "offset"]
+        assert schema.field("line").type == pa.int64() and schema.field("offset").type == pa.int64()
+        assert schema.field("source").type == pa.string()
+        rest = pa.schema([f for f in schema if f.name not in ("line", "source", "offset")])
         assert rest.equals(result_schema(dtype))
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.shards import ShardWriter, shard_name
-from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata, results_to_table
+from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata, results_to_table, with_source_columns
 
 K = 4
 
@@ -35,7 +35,7 @@ def cache_rows(lengths, first_line: int, dtype: str = "float32", seed: int = 0) 
         for i, n in enumerate(lengths)
     ]
     table = results_to_table(results, K)
-    table = table.add_column(1, "line", pa.array(range(first_line, first_line + len(lengths)), type=pa.int64()))
+    table = with_source_columns(table, range(first_line, first_line + len(lengths)), ["corpus.jsonl"] * len(lengths))
     return cast_logprobs(table, dtype).cast(cache_schema(dtype))
 
 

@@ -21,7 +21,7 @@ from teacher_farm.client.training import (  # noqa: E402
     TAIL_FLOOR, TopkDataset, assert_same_tokenizer, cache_metadata_of, check_alignment, collate_topk, kd_loss,
     shard_paths,
 )
-from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, results_to_table  # noqa: E402
+from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, results_to_table, with_source_columns  # noqa: E402
 from teacher_farm.schemas.errors import CacheMismatch, InputError  # noqa: E402
 from teacher_farm.server.engine import tokenizer_fingerprint  # noqa: E402
 
@@ -89,7 +89,7 @@ def write_cache(
         writer = ShardWriter(out, j, schema, row_group_bytes=1)  # every write is one row group
         for i in range(0, len(results), 3):
             table = results_to_table(results[i:i + 3], K)
-            table = table.add_column(1, "line", pa.array(lines[i:i + 3], type=pa.int64()))
+            table = with_source_columns(table, lines[i:i + 3])
             writer.write(cast_logprobs(table, dtype).cast(schema))
         stats = writer.commit()
         records[j] = ShardRecord(

@@ -1,0 +1,208 @@
+"""A run's inputs: files, directories and globs, JSONL and Parquet, read as one stream of lines.
+
+``--input`` repeats; each value is a file, a directory (every corpus file under it, recursively) or
+a glob. The files are taken in sorted order, each once, so every run of the same command sees the
+same lines in the same order: shards are cut by a line's position in that whole stream
+(``Line.index``), while the row records the file (``source``) and its line in that file (``line``).
+
+JSONL (plain, ``.gz``, ``.zst``) is read line by line; Parquet one row group at a time, with
+``--text-field``, ``--ids-field`` and ``--id-field`` naming its columns.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from teacher_farm.client.reader import Line, Reject, open_input, parse_line
+from teacher_farm.schemas.errors import InputError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz",
+                  ".jsonl.zst", ".json.zst", ".ndjson.zst", ".jsonl.zstd", ".gz", ".zst", ".zstd")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+_COMPRESSED = (".gz", ".zst", ".zstd")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: ``source`` is its path as the run found it ('-' for stdin)."""
+
+    source: str
+    kind: str  # "jsonl" or "parquet"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.source)
+
+    @property
+    def plain_size(self) -> int | None:
+        """Bytes read from it when known up front (plain JSONL; Parquet by its file size), for the progress ETA."""
+        if self.source == "-" or self.source.endswith(_COMPRESSED):
+            return None
+        return self.path.stat().st_size
+
+    def fingerprint(self) -> dict[str, object]:
+        """Name, size and the hash of the first MiB: cheap, and catches a changed or swapped file."""
+        if self.source == "-":
+            return {"name": "-"}
+        with open(self.path, "rb") as f:
+            head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+        return {"name": self.path.name, "size": self.path.stat().st_size, "head_sha256": head}
+
+
+def _kind(path: str) -> str | None:
+    name = path.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return None
+
+
+def discover(specs: Sequence[str]) -> list[InputFile]:
+    """Expand ``--input`` values into files: sorted, each once; a value that finds nothing is an error."""
+    if "-" in specs:
+        if len(specs) > 1:
+            raise InputError("--input - (stdin) cannot be combined with other inputs")
+        return [InputFile("-", "jsonl")]
+    found: set[str] = set()
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            files = [str(f) for f in p.rglob("*") if f.is_file() and _kind(f.name)
+                     and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            if not files:
+                raise InputError(f"--input {spec}: no .jsonl, .jsonl.gz, .jsonl.zst or .parquet file under it")
+        elif p.is_file():
+            files = [spec]
+        elif glob.has_magic(spec):
+            files = [f for f in glob.glob(spec, recursive=True) if Path(f).is_file()]
+            if not files:
+                raise InputError(f"--input {spec}: the pattern matches no file")
+        else:
+            raise InputError(f"--input {spec}: no such file or directory")
+        found.update(files)
+    out = []
+    for f in sorted(found):
+        kind = _kind(f) or "jsonl"  # a file named explicitly is JSONL unless it says Parquet
+        out.append(InputFile(f, kind))
+    return out
+
+
+def check_parquet_columns(files: Sequence[InputFile], text_field: str, id_field: str, ids_field: str) -> None:
+    """Refuse, before any work, a Parquet file without a text or ids column or with one of the wrong type."""
+    for f in files:
+        if f.kind != "parquet":
+            continue
+        try:
+            schema = pq.read_schema(f.path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{f.source}: not a readable Parquet file: {exc}") from exc
+        names = schema.names
+        if text_field not in names and ids_field not in names:
+            raise InputError(
+                f"{f.source} has no column '{text_field}' nor '{ids_field}' (its columns: {', '.join(names)}); "
+                "name the text column with --text-field or the token ids column with --ids-field"
+            )
+        if text_field in names and not (pa.types.is_string(t := schema.field(text_field).type) or pa.types.is_large_string(t)):
+            raise InputError(f"{f.source}: column '{text_field}' is {t}, not a string column; name the text column with --text-field")
+        if ids_field in names:
+            t = schema.field(ids_field).type
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+                raise InputError(f"{f.source}: column '{ids_field}' is {t}, not a list of integers; name the token ids column with --ids-field")
+        if id_field in names:
+            t = schema.field(id_field).type
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
+                raise InputError(f"{f.source}: column '{id_field}' is {t}, not strings or integers; name the id column with --id-field")
+
+
+def read_parquet(
+    f: InputFile, *, text_field: str, id_field: str, ids_field: str, skip: Callable[[int], bool] | None = None,
+) -> Generator[Line | Reject, None, int]:
+    """Every row of a Parquet file, one row group in memory at a time; returns the row count.
+
+    ``skip`` sees the row number; a row group whose rows are all skipped is not read at all.
+    """
+    pf = pq.ParquetFile(f.path)
+    names = pf.schema_arrow.names
+    columns = [c for c in dict.fromkeys((text_field, ids_field, id_field)) if c in names]
+    size, meta = f.path.stat().st_size, pf.metadata
+    row = 0
+    for rg in range(pf.num_row_groups):
+        n = meta.row_group(rg).num_rows
+        first, row = row, row + n
+        end = size * row // max(meta.num_rows, 1)
+        if skip is not None and all(skip(first + i) for i in range(n)):
+            continue
+        table = pf.read_row_group(rg, columns=columns)
+        texts = table.column(text_field).to_pylist() if text_field in names else None
+        ids = table.column(id_field).to_pylist() if id_field in names else None
+        tok_offsets = tok_values = tok_valid = None
+        if ids_field in names:
+            arr = table.column(ids_field).combine_chunks()
+            tok_offsets = np.asarray(arr.offsets)
+            tok_values = arr.values.to_numpy(zero_copy_only=False)
+            tok_valid = ~np.asarray(arr.is_null())
+        for i in range(n):
+            number = first + i
+            if skip is not None and skip(number):
+                continue
+            seq_id = str(number) if ids is None or ids[i] is None else str(ids[i])
+            if tok_valid is not None and tok_valid[i] and tok_offsets[i + 1] > tok_offsets[i]:
+                seg = tok_values[tok_offsets[i]:tok_offsets[i + 1]]
+                if seg.min() < 0 or seg.max() >= 2**31:
+                    yield Reject(number, f"field '{ids_field}' holds a token id outside 0..2**31-1", seq_id, end)
+                else:
+                    yield Line(number, seq_id, None, end=end, input_ids=seg.astype(np.int32))
+            elif texts is not None and texts[i]:
+                yield Line(number, seq_id, texts[i], end=end)
+            elif texts is not None:
+                what = "is empty" if texts[i] == "" else "is null"
+                yield Reject(number, f"field '{text_field}' {what}", seq_id, end)
+            else:
+                yield Reject(number, f"field '{ids_field}' is null or empty", seq_id, end)
+    return row
+
+
+def read_jsonl(
+    f: InputFile, *, text_field: str, id_field: str, ids_field: str, skip: Callable[[int], bool] | None = None,
+) -> Generator[Line | Reject, None, int]:
+    """Every line of a JSONL file (plain, .gz, .zst or stdin), without loading it whole; returns the line count."""
+    offset, number = 0, -1
+    with open_input(f.source) as stream:
+        for number, raw in enumerate(stream):
+            offset += len(raw)
+            if skip is not None and skip(number):
+                continue
+            yield replace(parse_line(number, raw, text_field, id_field, ids_field), end=offset)
+        return number + 1
+
+
+def read_inputs(
+    files: Sequence[InputFile], *, text_field: str = "text", id_field: str = "id", ids_field: str = "input_ids",
+    skip: Callable[[int], bool] | None = None,
+) -> Iterator[Line | Reject]:
+    """The lines of every file in order; ``Line.index`` counts across files and ``skip`` sees it.
+
+    ``end`` counts bytes across files too (the compressed size for Parquet), for the progress bar.
+    """
+    base, bytes_before = 0, 0
+    for f in files:
+        local_skip = None if skip is None else (lambda n, b=base: skip(b + n))
+        read = read_parquet if f.kind == "parquet" else read_jsonl
+        records = read(f, text_field=text_field, id_field=id_field, ids_field=ids_field, skip=local_skip)
+        while True:
+            try:
+                rec = next(records)
+            except StopIteration as stop:
+                base += stop.value  # every line of the file, skipped ones too
+                break
+            yield replace(rec, source=f.source, index=base + rec.line, end=bytes_before + rec.end)
+        bytes_before += f.path.stat().st_size if f.source != "-" else 0

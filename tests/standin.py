@@ -1,0 +1,73 @@
+"""A stand-in teacher in process: deterministic, instant, checkable by hand.
+
+Text becomes BOS then one token per character; the top-k at position i of a scored sequence are
+``(sum of its tokens 0..i + j) % vocab`` for j < k, so an answer depends on exactly the tokens the
+teacher was given (a window's answer differs from the full line's past its first position).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from teacher_farm.client.reader import Line
+from teacher_farm.schemas.arrow import ScoredSequence, results_to_table
+from teacher_farm.schemas.errors import ServerRejected
+from teacher_farm.schemas.wire import Info, Versions
+
+BOS = 1
+
+
+def tokens(text: str, vocab: int) -> np.ndarray:
+    """The stand-in tokenizer: BOS, then one token per character."""
+    return np.array([BOS] + [2 + ord(c) % (vocab - 2) for c in text], np.int32)
+
+
+def expected_topk(ids: np.ndarray, k: int, vocab: int) -> np.ndarray:
+    """The stand-in's top-k ids for exactly ``ids``: (n, k)."""
+    return ((np.cumsum(ids.astype(np.int64))[:, None] + np.arange(k)) % vocab).astype(np.int32)
+
+
+def score(seq_id: str | None, ids: np.ndarray, k: int, vocab: int) -> ScoredSequence:
+    n = len(ids)
+    lps = -np.log(np.arange(2, k + 2, dtype=np.float32))[None, :].repeat(n, 0)
+    return ScoredSequence(seq_id, ids.astype(np.int32), expected_topk(ids, k, vocab), lps,
+                          np.full(n - 1, -3.0, np.float32), np.full(n - 1, 7, np.int32))
+
+
+class StandInTeacher:
+    """Answers like a teacher-farm server, at once; refuses ids outside its vocabulary as a server does."""
+
+    name = "stand-in"
+
+    def __init__(self, vocab: int = 1000, max_model_len: int = 16384) -> None:
+        self.vocab = vocab
+        self.max_model_len = max_model_len
+        self.requests = 0
+
+    async def info(self) -> Info:
+        return Info(model="stand-in", model_fingerprint="f" * 16, tokenizer_fingerprint="t" * 16, vocab_size=self.vocab,
+                    k_max=64, max_model_len=self.max_model_len, max_input_tokens=self.max_model_len - 1,
+                    max_inputs_per_request=1024, adds_bos=True,
+                    versions=Versions(teacher_farm="-", schema_version=1, vllm="-"))
+
+    def _ids(self, line: Line, max_length: int | None) -> np.ndarray:
+        ids = line.input_ids if line.input_ids is not None else tokens(line.text, self.vocab)
+        if ids.max() >= self.vocab:
+            raise ServerRejected(f"token id {ids.max()} is outside the vocabulary (size {self.vocab})", 422)
+        return ids[:max_length]
+
+    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None, scoring=None) -> "pa.Table":  # noqa: F821
+        self.requests += 1
+        return results_to_table([score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines], k)
+
+    async def topk_ids(self, ids_and_tokens, k: int, max_length: int | None = None, scoring=None):
+        lines = [Line(-1, i, None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
+        return await self.topk(lines, k, max_length)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return tokens(text, self.vocab).tolist()
+
+    async def aclose(self) -> None:
+        pass

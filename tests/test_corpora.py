@@ -1,0 +1,75 @@
+"""A real corpus layout against the real server: a directory of JSONL, .jsonl.gz and Parquet files with
+text records, pre-tokenized records and a document several times the max length, in one command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from teacher_farm.client.manifest import load_manifest
+from teacher_farm.client.windows import window_starts
+from teacher_farm.schemas.arrow import table_to_results
+from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
+from tests.reference_check import assert_matches_reference
+
+pytestmark = pytest.mark.engine
+
+L, S, K = 64, 24, 4
+
+
+def test_a_mixed_directory_caches_in_one_command_and_windows_match_the_reference(server, reference, tmp_path):
+    texts = [json.loads(x)["text"] for x in read_lines(SAMPLE)]
+    book = " ".join(texts[:12])
+    pretok = reference.tokenizer(texts[20], add_special_tokens=False)["input_ids"][:50]
+    root = tmp_path / "corpus"
+    (root / "part").mkdir(parents=True)
+    (root / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "t0", "text": texts[0]},
+        {"id": "ids", "input_ids": pretok},
+        {"id": "oov", "input_ids": [5, 10**6]},
+    ]) + "\n")
+    with gzip.open(root / "part" / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"id": "book", "text": book}) + "\n")
+    pq.write_table(pa.table({"id": ["p0", "p1"], "text": [texts[30], None],
+                             "input_ids": pa.array([None, pretok[:10]], pa.list_(pa.int32()))}),
+                   root / "part" / "c.parquet")
+    out = tmp_path / "out"
+    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(root), "--out", str(out),
+                        "--k", str(K), "--max-length", str(L), "--long-lines", "window", "--stride", str(S), "--logprob-dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    rows = table.to_pylist()
+    scored = table_to_results(table.drop_columns(["line", "source", "offset"]))
+    # Every row, windows included, is the teacher's distribution on that row's own tokens.
+    for row in scored:
+        assert_matches_reference(row, reference, K)
+    by_id = {}
+    for r, s in zip(rows, scored):
+        by_id.setdefault(r["id"], []).append((r, s))
+    assert list(by_id) == ["t0", "ids", "book", "p0", "p1"]  # a.jsonl, part/b.jsonl.gz, part/c.parquet
+    # Pre-tokenized: exactly those ids, no BOS added.
+    assert by_id["ids"][0][0]["input_ids"] == pretok and pretok[0] != reference.tokenizer.bos_token_id
+    assert by_id["p1"][0][0]["input_ids"] == pretok[:10]
+    # Text: windows over the line's full token sequence cover every token (one row when it fits).
+    assert len(reference.tokenize(book)) > 4 * L
+    for seq_id, text in (("t0", texts[0]), ("book", book), ("p0", texts[30])):
+        full = reference.tokenize(text)
+        windows = [r for r, _ in by_id[seq_id]]
+        assert [w["offset"] for w in windows] == window_starts(len(full), L, S).tolist()
+        covered = np.zeros(len(full), bool)
+        for w in windows:
+            assert w["input_ids"] == full[w["offset"]:w["offset"] + L]
+            covered[w["offset"]:w["offset"] + len(w["input_ids"])] = True
+        assert covered.all(), seq_id
+    assert {(r["source"].removeprefix(str(root) + "/"), r["line"]) for r in rows} == {
+        ("a.jsonl", 0), ("a.jsonl", 1), ("part/b.jsonl.gz", 0), ("part/c.parquet", 0), ("part/c.parquet", 1)}
+    (rej,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert rej["id"] == "oov" and rej["source"] == str(root / "a.jsonl") and "vocabulary" in rej["reason"]
+    manifest = load_manifest(out)
+    assert [f["name"] for f in manifest.identity["inputs"]] == ["a.jsonl", "b.jsonl.gz", "c.parquet"]
+    assert manifest.identity["long_lines"] == "window" and manifest.identity["stride"] == S
