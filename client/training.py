@@ -16,6 +16,12 @@ operations over the whole row group (no loop per token)::
             logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = kd_loss(logits, batch)
 
+**Losses and online targets.** One loss class per formula lives in ``client/losses.py`` (top-k
+KL with the tail term, top-k renormalised, sampled targets; a chunked wrapper), all at the cache's
+temperature; ``client/online.py``'s :class:`OnlineTeacher` yields the same batches as this module's
+dataset and collate function, with the targets fetched from running servers. Both are served from
+here (and from ``teacher_farm.training``) on first access.
+
 **Same tokenizer.** The cache stores the teacher's token ids: ``input_ids`` as the teacher tokenized
 each line, and the top-k as ids of the teacher's vocabulary. Distilling on top-k ids is only
 meaningful when the student uses the very same tokenizer (same vocabulary, same ids), so the student
