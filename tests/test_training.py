@@ -509,3 +509,15 @@ def test_a_dataset_refuses_shards_cached_at_different_temperatures(tmp_path):
     shutil.copy(tmp_path / "b" / "manifest-b.json", tmp_path / "a")
     with pytest.raises(InputError, match="temperature"):
         TopkDataset(tmp_path / "a")
+
+
+def test_a_dataset_checks_each_shards_own_metadata(tmp_path):
+    # Manifests that agree do not hide a shard written at another temperature.
+    write_cache(tmp_path / "a", {0: [3]}, manifests={"manifest-a.json": [0]})
+    write_cache(tmp_path / "b", {1: [3]}, manifests={"manifest-b.json": [1]}, temperature=2.0)
+    shutil.copy(tmp_path / "b" / "part-000001.parquet", tmp_path / "a")
+    other = Manifest.model_validate_json((tmp_path / "b" / "manifest-b.json").read_bytes())
+    other.identity["temperature"] = 1.0
+    other.save(tmp_path / "a", "manifest-b.json")
+    with pytest.raises(InputError, match="part-000001.parquet was cached with temperature=2.0"):
+        TopkDataset(tmp_path / "a")
