@@ -16,6 +16,12 @@ operations over the whole row group (no loop per token)::
             logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = kd_loss(logits, batch)
 
+**Losses and online targets.** One loss class per formula lives in ``client/losses.py`` (top-k
+KL with the tail term, top-k renormalised, sampled targets; a chunked wrapper), all at the cache's
+temperature; ``client/online.py``'s :class:`OnlineTeacher` yields the same batches as this module's
+dataset and collate function, with the targets fetched from running servers. Both are served from
+here (and from ``teacher_farm.training``) on first access.
+
 **Same tokenizer.** The cache stores the teacher's token ids: ``input_ids`` as the teacher tokenized
 each line, and the top-k as ids of the teacher's vocabulary. Distilling on top-k ids is only
 meaningful when the student uses the very same tokenizer (same vocabulary, same ids), so the student
@@ -63,19 +69,34 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TAIL_FLOOR", "RowGroupArrays", "TopkDataset", "assert_same_tokenizer", "cache_metadata_of",
-    "check_alignment", "collate_topk", "join_windows", "kd_loss", "row_group_arrays", "shard_paths",
+    "TAIL_FLOOR", "ChunkedKDLoss", "OnlineTeacher", "RowGroupArrays", "SampledKDLoss", "TopkDataset",
+    "TopkRenormKLLoss", "TopkTailKLLoss", "assert_same_tokenizer", "cache_metadata_of", "check_alignment",
+    "collate_topk", "join_windows", "kd_loss", "row_group_arrays", "sampled_kd_loss", "shard_paths",
 ]
+
+#: Names served lazily (they need torch): the losses (``client/losses.py``) and the online teacher.
+_LAZY = {
+    "ChunkedKDLoss": "losses", "SampledKDLoss": "losses", "TopkRenormKLLoss": "losses",
+    "TopkTailKLLoss": "losses", "OnlineTeacher": "online",
+}
 
 #: The smallest probability mass ``tail_logprob`` reports: log(TAIL_FLOOR) when the top-k hold
 #: (almost) everything, or when float16 rounding makes them sum to a little over 1.
 TAIL_FLOOR = 1e-12
 
 #: Manifest identity entries that every manifest of one cache must share.
-SHARED_IDENTITY = ("model_fingerprint", "tokenizer_fingerprint", "vocab_size", "k")
+SHARED_IDENTITY = (
+    "model_fingerprint", "tokenizer_fingerprint", "vocab_size", "k", "temperature", "targets", "samples", "seed",
+)
 
-#: The columns the dataset reads (``id`` and ``target_ranks`` are left on disk).
-COLUMNS = ["line", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs"]
+#: The columns the dataset reads when a cache has them (``id`` and ``target_ranks`` are left on disk).
+COLUMNS = [
+    "line", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs",
+    "sample_ids", "sample_counts", "sample_logprobs",
+]
+
+#: Sampled-target columns: n lists per row, each of the distinct tokens drawn at that position.
+SAMPLE_COLUMNS = ("sample_ids", "sample_counts", "sample_logprobs")
 
 #: Stand-in for -inf that keeps gradients finite (exp of it is 0 in float32).
 _NEG = -1e30
@@ -226,16 +247,25 @@ def check_alignment(student_input_ids: Any, row_input_ids: Any, *, allow_truncat
 
 @dataclass(frozen=True)
 class RowGroupArrays:
-    """The rows of one row group as flat numpy arrays; row r's positions are ``offsets[r]:offsets[r+1]``."""
+    """The rows of one row group as flat numpy arrays; row r's positions are ``offsets[r]:offsets[r+1]``.
+
+    The top-k arrays are None for a cache of sampled targets only; the sample arrays are None for
+    a top-k cache. Sampled targets are ragged per position (``sample_lengths``) and held padded to
+    the row group's widest position S, with ids, counts and logprobs 0 in the padding.
+    """
 
     line: np.ndarray  # (rows,) int64
     offsets: np.ndarray  # (rows + 1,) int64, into the position arrays
     input_ids: np.ndarray  # (P,) int64
-    topk_ids: np.ndarray  # (P, k) int64
-    topk_logprobs: np.ndarray  # (P, k) float32 (renormalized over the top-k if asked)
-    tail_logprob: np.ndarray  # (P,) float32, log of the teacher's mass outside the top-k
+    topk_ids: np.ndarray | None  # (P, k) int64
+    topk_logprobs: np.ndarray | None  # (P, k) float32 (renormalized over the top-k if asked)
+    tail_logprob: np.ndarray | None  # (P,) float32, log of the teacher's mass outside the top-k
     target_logprobs: np.ndarray  # (P - rows,) float32; row r's at target_offsets[r]:target_offsets[r+1]
     target_offsets: np.ndarray  # (rows + 1,) int64
+    sample_lengths: np.ndarray | None = None  # (P,) int64, distinct tokens drawn at each position
+    sample_ids: np.ndarray | None = None  # (P, S) int64
+    sample_counts: np.ndarray | None = None  # (P, S) int16, summing to N per position
+    sample_logprobs: np.ndarray | None = None  # (P, S) float32
 
     @property
     def rows(self) -> int:
@@ -257,19 +287,8 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupArrays:
-    """Convert cache rows (one row group, or any cache table) to numpy with whole-array operations.
-
-    Logprobs come back as float32 whatever the stored dtype. ``tail_logprob`` is
-    ``log(1 - sum(exp(topk_logprobs)))`` per position, computed in float64 and floored at
-    ``log(TAIL_FLOOR)``. With ``renormalize`` the top-k logprobs are replaced by their log-softmax
-    (the teacher restricted to its top-k); ``tail_logprob`` still reports the mass left out.
-    """
-    lines = _column(table, "line").to_numpy(zero_copy_only=False).astype(np.int64)
-    ids = _column(table, "input_ids")
-    n = _lengths(ids)
-    input_ids = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-
+def _topk_arrays(table: pa.Table, n: np.ndarray, renormalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(topk_ids, topk_logprobs, tail_logprob) of the rows, (P, k), (P, k), (P,)."""
     outer = _column(table, "topk_ids")
     if not np.array_equal(_lengths(outer), n):
         raise InputError("malformed cache rows: topk_ids has not one list per input token")
@@ -287,12 +306,6 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupA
         raise InputError("malformed cache rows: topk_logprobs does not match topk_ids")
     lp = lp_flat.astype(np.float64).reshape(positions, k)
 
-    targets = _column(table, "target_logprobs")
-    tn = _lengths(targets)
-    if not np.array_equal(tn, np.maximum(n - 1, 0)):
-        raise InputError("malformed cache rows: target_logprobs must hold len(input_ids) - 1 values")
-    target_logprobs = targets.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-
     if positions and k:
         top = lp.max(axis=1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
@@ -303,10 +316,67 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupA
             lp = lp - lse[:, None]
     else:
         tail = np.zeros(positions)
+    return topk_ids, lp.astype(np.float32), tail.astype(np.float32)
+
+
+def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
+    """The sampled targets of the rows, padded per position to the widest: (P,) and three (P, S)."""
+    lengths = None
+    out: dict[str, np.ndarray] = {}
+    for name, dtype in (("sample_ids", np.int64), ("sample_counts", np.int16), ("sample_logprobs", np.float32)):
+        outer = _column(table, name)
+        if not np.array_equal(_lengths(outer), n):
+            raise InputError(f"malformed cache rows: {name} has not one list per input token")
+        inner = outer.flatten()
+        mine = _lengths(inner)
+        if lengths is None:
+            lengths = mine
+            P, S = len(lengths), int(lengths.max()) if len(lengths) else 0
+            # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
+            dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - _offsets(lengths)[:-1], lengths)
+        elif not np.array_equal(mine, lengths):
+            raise InputError(f"malformed cache rows: {name} does not match sample_ids")
+        values = inner.flatten().to_numpy(zero_copy_only=False)
+        block = np.zeros(P * S, dtype=dtype)
+        block[dest] = values
+        block = block.reshape(P, S)
+        out[name] = block
+    assert lengths is not None
+    out["sample_lengths"] = lengths
+    return out
+
+
+def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupArrays:
+    """Convert cache rows (one row group, or any cache table) to numpy with whole-array operations.
+
+    Logprobs come back as float32 whatever the stored dtype. ``tail_logprob`` is
+    ``log(1 - sum(exp(topk_logprobs)))`` per position, computed in float64 and floored at
+    ``log(TAIL_FLOOR)``. With ``renormalize`` the top-k logprobs are replaced by their log-softmax
+    (the teacher restricted to its top-k); ``tail_logprob`` still reports the mass left out.
+    Sampled targets, when the table has them, come padded per position (see :class:`RowGroupArrays`).
+    """
+    lines = _column(table, "line").to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = _column(table, "input_ids")
+    n = _lengths(ids)
+    input_ids = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    names = set(table.column_names)
+    if "topk_ids" not in names and "sample_ids" not in names:
+        raise InputError("cache rows with neither top-k (topk_ids) nor sampled (sample_ids) targets")
+
+    topk_ids = topk_logprobs = tail = None
+    if "topk_ids" in names:
+        topk_ids, topk_logprobs, tail = _topk_arrays(table, n, renormalize)
+    samples = _sample_arrays(table, n) if "sample_ids" in names else {}
+
+    targets = _column(table, "target_logprobs")
+    tn = _lengths(targets)
+    if not np.array_equal(tn, np.maximum(n - 1, 0)):
+        raise InputError("malformed cache rows: target_logprobs must hold len(input_ids) - 1 values")
+    target_logprobs = targets.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     return RowGroupArrays(
         line=lines, offsets=_offsets(n), input_ids=input_ids, topk_ids=topk_ids,
-        topk_logprobs=lp.astype(np.float32), tail_logprob=tail.astype(np.float32),
-        target_logprobs=target_logprobs, target_offsets=_offsets(tn),
+        topk_logprobs=topk_logprobs, tail_logprob=tail,
+        target_logprobs=target_logprobs, target_offsets=_offsets(tn), **samples,
     )
 
 
@@ -336,9 +406,13 @@ def join_windows(a: RowGroupArrays, offset: np.ndarray) -> RowGroupArrays:
     take = ranges(a.offsets[:-1] + pos_lo, a.offsets[1:])
     take_t = ranges(a.target_offsets[:-1] + np.minimum(target_lo, tn), a.target_offsets[1:])
     lengths = np.add.reduceat(n - pos_lo, first)
+    per_position = {
+        name: None if getattr(a, name) is None else getattr(a, name)[take]
+        for name in ("topk_ids", "topk_logprobs", "tail_logprob", "sample_lengths", "sample_ids", "sample_counts",
+                     "sample_logprobs")
+    }
     return RowGroupArrays(
-        line=a.line[first], offsets=_offsets(lengths), input_ids=a.input_ids[take], topk_ids=a.topk_ids[take],
-        topk_logprobs=a.topk_logprobs[take], tail_logprob=a.tail_logprob[take],
+        line=a.line[first], offsets=_offsets(lengths), input_ids=a.input_ids[take], **per_position,
         target_logprobs=a.target_logprobs[take_t], target_offsets=_offsets(np.maximum(lengths - 1, 0)),
     )
 
@@ -384,8 +458,12 @@ def _make_dataset_class() -> type:
 
         Each item: ``input_ids`` (n,) long, ``topk_ids`` (n, k) long, ``topk_logprobs`` (n, k)
         float32, ``tail_logprob`` (n,) float32 (log of the teacher's mass outside its top-k),
-        ``target_logprobs`` (n - 1,) float32 and ``line`` (a 0-d long: the input line number).
-        With ``renormalize`` the top-k logprobs are log-softmaxed over the top-k.
+        ``target_logprobs`` (n - 1,) float32, ``line`` (a 0-d long: the input line number) and
+        ``temperature`` (a 0-d float32: the cache's). With ``renormalize`` the top-k logprobs are
+        log-softmaxed over the top-k. A cache with sampled targets adds ``sample_ids`` (n, S) long,
+        ``sample_counts`` (n, S) int16 and ``sample_logprobs`` (n, S) float32, S the widest position
+        of the sequence, padded with 0 (count 0 marks padding); a cache of sampled targets only
+        has no top-k keys.
 
         The row groups of the shards are dealt round-robin to every reader: the DataLoader workers
         (``get_worker_info``) of every distributed rank (``torch.distributed`` when initialized, or
@@ -410,6 +488,11 @@ def _make_dataset_class() -> type:
             self.cache_dir = Path(cache_dir)
             self.paths = shard_paths(self.cache_dir)
             self.units, self.num_rows = _units(self.paths)
+            self.metadata = _shared_metadata(self.paths)
+            self.temperature = float(self.metadata.get("temperature", "1.0"))
+            self.targets = self.metadata.get("targets", "topk")
+            present = set(pq.read_schema(self.paths[0]).names) if self.paths else set(COLUMNS)
+            self.columns = [c for c in COLUMNS if c in present]
             self.renormalize = renormalize
             self.shuffle_shards = shuffle_shards
             self.seed = seed
@@ -438,27 +521,44 @@ def _make_dataset_class() -> type:
             for shard, rg in self.my_units():
                 if shard != current:
                     current, pf = shard, pq.ParquetFile(self.paths[shard])
-                columns = COLUMNS + ["offset"] if self.join_windows else COLUMNS
+                columns = self.columns + ["offset"] if self.join_windows else self.columns
                 table = pf.read_row_group(rg, columns=columns)
                 arrays = row_group_arrays(table, renormalize=self.renormalize)
                 if self.join_windows:
                     arrays = join_windows(arrays, table.column("offset").to_numpy())
-                yield from _rows(arrays, self.max_length)
+                yield from _rows(arrays, self.max_length, self.temperature)
 
     TopkDataset.__module__ = __name__
     TopkDataset.__qualname__ = "TopkDataset"
     return TopkDataset
 
 
-def _rows(a: RowGroupArrays, max_length: int | None) -> Iterator[dict[str, torch.Tensor]]:
+def _shared_metadata(paths: Sequence[Path]) -> dict[str, str]:
+    """The first shard's metadata, after checking every shard was scored the same way."""
+    if not paths:
+        return {}
+    first = read_metadata(pq.read_schema(paths[0]))
+    for path in paths[1:]:
+        meta = read_metadata(pq.read_schema(path))
+        for key in ("temperature", "targets", "k", "samples"):
+            if meta.get(key) != first.get(key):
+                raise InputError(
+                    f"{path.name} was cached with {key}={meta.get(key)} and {paths[0].name} with "
+                    f"{key}={first.get(key)}: one dataset must hold targets of one kind"
+                )
+    return first
+
+
+def _rows(a: RowGroupArrays, max_length: int | None, temperature: float = 1.0) -> Iterator[dict[str, torch.Tensor]]:
     """Slice a converted row group into per-sequence tensors (one loop step per row, none per token)."""
     import torch
 
-    input_ids = torch.from_numpy(a.input_ids)
-    topk_ids = torch.from_numpy(a.topk_ids)
-    topk_logprobs = torch.from_numpy(a.topk_logprobs)
-    tail = torch.from_numpy(a.tail_logprob)
+    per_position = {"input_ids": a.input_ids, "topk_ids": a.topk_ids, "topk_logprobs": a.topk_logprobs,
+                    "tail_logprob": a.tail_logprob}
+    per_position = {k: torch.from_numpy(v) for k, v in per_position.items() if v is not None}
+    samples = {k: torch.from_numpy(getattr(a, k)) for k in SAMPLE_COLUMNS if getattr(a, k) is not None}
     targets = torch.from_numpy(a.target_logprobs)
+    temp = torch.tensor(temperature, dtype=torch.float32)
     for r in range(a.rows):
         start, end = int(a.offsets[r]), int(a.offsets[r + 1])
         if end == start:
@@ -467,14 +567,14 @@ def _rows(a: RowGroupArrays, max_length: int | None) -> Iterator[dict[str, torch
             end = min(end, start + max_length)
         t0 = int(a.target_offsets[r])
         # clone: an item must not keep the whole row group's storage alive (or ship it between processes)
-        yield {
-            "input_ids": input_ids[start:end].clone(),
-            "topk_ids": topk_ids[start:end].clone(),
-            "topk_logprobs": topk_logprobs[start:end].clone(),
-            "tail_logprob": tail[start:end].clone(),
-            "target_logprobs": targets[t0:t0 + end - start - 1].clone(),
-            "line": torch.tensor(int(a.line[r])),
-        }
+        item = {k: v[start:end].clone() for k, v in per_position.items()}
+        if samples:
+            width = int(a.sample_lengths[start:end].max())
+            item.update({k: v[start:end, :width].clone() for k, v in samples.items()})
+        item["target_logprobs"] = targets[t0:t0 + end - start - 1].clone()
+        item["line"] = torch.tensor(int(a.line[r]))
+        item["temperature"] = temp.clone()
+        yield item
 
 
 def __getattr__(name: str) -> Any:
@@ -482,6 +582,12 @@ def __getattr__(name: str) -> Any:
         cls = _make_dataset_class()
         globals()[name] = cls
         return cls
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"teacher_farm.client.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -500,97 +606,100 @@ def collate_topk(
     Hugging Face style (the model shifts them); ``topk_ids`` (B, T, k) long and ``topk_logprobs``
     (B, T, k) float32, padded with 0; ``tail_logprob`` (B, T) padded with log(TAIL_FLOOR);
     ``target_logprobs`` (B, T) aligned with the logits, position i holding the teacher's logprob of
-    token i+1, and ``target_mask`` (B, T) bool, True where there is such a token; ``lengths`` (B,)
-    and ``line`` (B,). Pad values are finite so masked positions never turn a loss into NaN.
+    token i+1, and ``target_mask`` (B, T) bool, True where there is such a token; ``lengths`` (B,),
+    ``line`` (B,) and ``temperature`` (B,). Sampled targets, when the items have them:
+    ``sample_ids`` (B, T, S) long, ``sample_counts`` (B, T, S) int16, ``sample_logprobs`` (B, T, S)
+    float32, padded with 0 to the widest position S of the batch, and ``sample_mask`` (B, T, S) bool,
+    True on a drawn token. Pad values are finite so masked positions never turn a loss into NaN.
     """
     import torch
 
     if not batch:
         raise ValueError("collate_topk got an empty batch")
     lengths = [int(x["input_ids"].shape[0]) for x in batch]
-    ks = {int(x["topk_ids"].shape[1]) for x in batch}
-    if len(ks) != 1:
-        raise ValueError(f"sequences with different k in one batch: {sorted(ks)}")
-    (k,) = ks
     B, T = len(batch), max(lengths)
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     out = {
         "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros((B, T), dtype=torch.long),
-        "topk_ids": torch.zeros((B, T, k), dtype=torch.long),
-        "topk_logprobs": torch.zeros((B, T, k), dtype=torch.float32),
-        "tail_logprob": torch.full((B, T), float(np.log(TAIL_FLOOR)), dtype=torch.float32),
         "target_logprobs": torch.zeros((B, T), dtype=torch.float32),
         "target_mask": torch.zeros((B, T), dtype=torch.bool),
     }
+    has_topk = _same_presence(batch, "topk_ids")
+    if has_topk:
+        ks = {int(x["topk_ids"].shape[1]) for x in batch}
+        if len(ks) != 1:
+            raise ValueError(f"sequences with different k in one batch: {sorted(ks)}")
+        (k,) = ks
+        out["topk_ids"] = torch.zeros((B, T, k), dtype=torch.long)
+        out["topk_logprobs"] = torch.zeros((B, T, k), dtype=torch.float32)
+        out["tail_logprob"] = torch.full((B, T), float(np.log(TAIL_FLOOR)), dtype=torch.float32)
+    has_samples = _same_presence(batch, "sample_ids")
+    if has_samples:
+        S = max(int(x["sample_ids"].shape[1]) for x in batch)
+        out["sample_ids"] = torch.zeros((B, T, S), dtype=torch.long)
+        out["sample_counts"] = torch.zeros((B, T, S), dtype=torch.int16)
+        out["sample_logprobs"] = torch.zeros((B, T, S), dtype=torch.float32)
     for b, (x, n) in enumerate(zip(batch, lengths)):
         out["input_ids"][b, :n] = x["input_ids"]
         out["attention_mask"][b, :n] = 1
-        out["topk_ids"][b, :n] = x["topk_ids"]
-        out["topk_logprobs"][b, :n] = x["topk_logprobs"]
-        out["tail_logprob"][b, :n] = x["tail_logprob"]
         out["target_logprobs"][b, : n - 1] = x["target_logprobs"]
         out["target_mask"][b, : n - 1] = True
+        if has_topk:
+            out["topk_ids"][b, :n] = x["topk_ids"]
+            out["topk_logprobs"][b, :n] = x["topk_logprobs"]
+            out["tail_logprob"][b, :n] = x["tail_logprob"]
+        if has_samples:
+            s = int(x["sample_ids"].shape[1])
+            for key in SAMPLE_COLUMNS:
+                out[key][b, :n, :s] = x[key]
+    if has_samples:
+        out["sample_mask"] = out["sample_counts"] > 0
     out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
     out["lengths"] = torch.tensor(lengths, dtype=torch.long)
-    if all("line" in x for x in batch):
-        out["line"] = torch.stack([torch.as_tensor(x["line"]) for x in batch])
+    for key in ("line", "temperature"):
+        if all(key in x for x in batch):
+            out[key] = torch.stack([torch.as_tensor(x[key]) for x in batch])
     return out
 
 
+def _same_presence(batch: Sequence[dict[str, Any]], key: str) -> bool:
+    have = {key in x for x in batch}
+    if len(have) != 1:
+        raise ValueError(f"some sequences of the batch have {key} and some do not: mixed caches in one batch")
+    return have.pop()
+
+
 def kd_loss(
-    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float = 1.0, tail: bool = True,
+    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float | None = None, tail: bool = True,
 ) -> torch.Tensor:
-    """Forward KL(teacher || student) per token from the cached top-k, mean over the attention mask.
+    """Forward KL(teacher || student) per position from the cached top-k, mean over the attention mask.
 
     ``student_logits`` (B, T, V) are the student's logits at the batch's positions (position i
-    predicts token i+1, like the teacher's top-k). With ``tail`` (the default) the vocabulary is cut
-    into k + 1 buckets, the teacher's top-k tokens and everything else, and the loss is the exact KL
-    of those bucket distributions: the teacher's tail mass ``exp(tail_logprob)`` against the
-    student's mass outside the teacher's top-k. Written as the chain rule of KL::
-
-        KL = KL(Bernoulli(p_topk) || Bernoulli(q_topk))
-             + p_topk * T^2 * KL(teacher top-k shape || student top-k shape)
-
-    where a "shape" is a distribution renormalized over the top-k ids and softened by
-    ``temperature`` (the split between top-k and tail is compared at temperature 1: the tail's shape
-    is not in the cache). At ``temperature`` 1 this is the KL over the k + 1 buckets. Without
-    ``tail`` it is ``T^2 * KL`` of the shapes alone (the usual renormalized top-k KD). Both work on
-    raw and on renormalized (``renormalize=True``) rows. Zero when the student's distribution equals
-    the teacher's. Computed in float32; needs one extra (B, T, V) buffer with ``tail``.
+    predicts token i+1, like the teacher's top-k). With ``tail`` (the default) this is
+    :class:`TopkTailKLLoss`: the exact KL over k + 1 buckets, the teacher's top-k tokens and
+    everything else; without, :class:`TopkRenormKLLoss`: the KL of both distributions renormalised
+    over the teacher's top-k. Both at the cache's temperature T (``temperature`` None, or equal to
+    the cache's: anything else raises ``ValueError``), times T². Zero when the student's
+    distribution is the teacher's.
     """
-    import torch
-    import torch.nn.functional as F
+    from teacher_farm.client.losses import TopkRenormKLLoss, TopkTailKLLoss
 
-    if temperature <= 0:
-        raise ValueError("temperature must be positive")
-    device = student_logits.device
-    topk_ids = batch["topk_ids"].to(device)
-    if student_logits.shape[:2] != topk_ids.shape[:2]:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} do not cover "
-            f"the batch's {tuple(topk_ids.shape[:2])} positions"
-        )
-    mask = batch["attention_mask"].to(device).bool()
-    logits = student_logits.float()
-    # A teacher logprob of -inf (a token it rules out) must give 0 * log 0 = 0, not NaN.
-    t_lp = batch["topk_logprobs"].to(device=device, dtype=torch.float32).clamp_min(-1e4)
-    gathered = logits.gather(-1, topk_ids)  # (B, T, k)
-    T = float(temperature)
-    t_shape = F.log_softmax(t_lp / T, dim=-1)
-    s_shape = F.log_softmax(gathered / T, dim=-1)
-    shape_kl = (t_shape.exp() * (t_shape - s_shape)).sum(-1)
-    if tail:
-        t_tail = batch["tail_logprob"].to(device=device, dtype=torch.float32).clamp(max=0.0)
-        t_top = torch.log1p(-t_tail.exp()).clamp_min(-1e4)  # log of the teacher's top-k mass
-        lse = torch.logsumexp(logits, dim=-1)
-        s_top = torch.logsumexp(gathered, dim=-1) - lse
-        s_tail = (torch.logsumexp(logits.scatter(-1, topk_ids, _NEG), dim=-1) - lse).clamp_min(-1e4)
-        p_top, p_tail = t_top.exp(), t_tail.exp()
-        split = p_top * (t_top - s_top) + p_tail * (t_tail - s_tail)
-        per_token = split + p_top * (T * T) * shape_kl
-    else:
-        per_token = (T * T) * shape_kl
-    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    return per_token.sum() / mask.sum().clamp_min(1)
+    loss = TopkTailKLLoss(temperature) if tail else TopkRenormKLLoss(temperature)
+    return loss(student_logits, batch)
+
+
+def sampled_kd_loss(
+    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float | None = None,
+    entropy: bool = False,
+) -> torch.Tensor:
+    """Random-Sampling KD from cached draws (:class:`SampledKDLoss`), mean over the attention mask.
+
+    The student's cross-entropy against ``sample_counts / N`` at the cache's temperature (times T²),
+    an unbiased estimate of its cross-entropy against the teacher; with ``entropy`` the teacher's
+    entropy estimate is subtracted so the value estimates KL(teacher || student).
+    """
+    from teacher_farm.client.losses import SampledKDLoss
+
+    return SampledKDLoss(temperature, entropy=entropy)(student_logits, batch)

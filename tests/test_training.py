@@ -48,9 +48,27 @@ class Cache:
         self.rows: dict[int, ScoredSequence] = {}
 
 
-def scored(rng: np.random.Generator, line: int, n: int) -> tuple[ScoredSequence, np.ndarray]:
+def draws(rng: np.random.Generator, full: np.ndarray, samples: int) -> dict[str, np.ndarray]:
+    """N draws per position from exp(full), as the server stores them: distinct ids ascending, counts."""
+    lengths, ids, counts, lps = [], [], [], []
+    p = np.exp(full.astype(np.float64))
+    for row, probs in zip(full, p):
+        drawn, count = np.unique(rng.choice(len(probs), size=samples, p=probs / probs.sum()), return_counts=True)
+        lengths.append(len(drawn))
+        ids.append(drawn)
+        counts.append(count)
+        lps.append(row[drawn])
+    return {
+        "sample_lengths": np.array(lengths, np.int32), "sample_ids": np.concatenate(ids).astype(np.int32),
+        "sample_counts": np.concatenate(counts).astype(np.int16), "sample_logprobs": np.concatenate(lps).astype(np.float32),
+    }
+
+
+def scored(
+    rng: np.random.Generator, line: int, n: int, temperature: float = 1.0, targets: str = "topk", samples: int = 16,
+) -> tuple[ScoredSequence, np.ndarray]:
     logits = torch.from_numpy(rng.standard_normal((n, VOCAB)).astype(np.float32) * 2.5)
-    full = torch.log_softmax(logits, dim=-1)
+    full = torch.log_softmax(logits / temperature, dim=-1)
     values, ids = torch.topk(full, K, dim=-1)
     input_ids = rng.integers(0, VOCAB, n)
     target = full[torch.arange(n - 1), torch.from_numpy(input_ids[1:])]
@@ -58,23 +76,24 @@ def scored(rng: np.random.Generator, line: int, n: int) -> tuple[ScoredSequence,
     seq = ScoredSequence(
         id=f"doc-{line}", input_ids=input_ids.astype(np.int32), topk_ids=ids.numpy().astype(np.int32),
         topk_logprobs=values.numpy(), target_logprobs=target.numpy(), target_ranks=ranks.numpy().astype(np.int32),
+        **(draws(rng, full.numpy(), samples) if targets != "topk" else {}),
     )
     return seq, full.numpy()
 
 
 def write_cache(
     out: Path, shards: dict[int, list[int]], *, dtype: str = "float32", manifests: dict[str, list[int]] | None = None,
-    fingerprint: str | None = None, seed: int = 0,
+    fingerprint: str | None = None, seed: int = 0, temperature: float = 1.0, targets: str = "topk", samples: int = 16,
 ) -> Cache:
     """Shard j holds lines [j*R, (j+1)*R) (its last line rejected) with the given token counts,
     several rows per row group; ``manifests`` splits the shard records over several manifest files."""
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out)
     rng = np.random.default_rng(seed)
-    schema = cache_schema(dtype).with_metadata(
+    schema = cache_schema(dtype, targets).with_metadata(
         cache_metadata(
             model="teacher", model_fingerprint="mf", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-            vocab_size=VOCAB, k=K, logprob_dtype=dtype,
+            vocab_size=VOCAB, k=K, logprob_dtype=dtype, temperature=temperature, targets=targets, samples=samples, seed=0,
         )
     )
     records = {}
@@ -83,12 +102,12 @@ def write_cache(
         lines = [j * ROWS_PER_SHARD + i for i in range(len(lengths))]
         results = []
         for line, n in zip(lines, lengths):
-            seq, full = scored(rng, line, n)
+            seq, full = scored(rng, line, n, temperature, targets, samples)
             results.append(seq)
             cache.rows[line], cache.full[line] = seq, full
         writer = ShardWriter(out, j, schema, row_group_bytes=1)  # every write is one row group
         for i in range(0, len(results), 3):
-            table = results_to_table(results[i:i + 3], K)
+            table = results_to_table(results[i:i + 3], K, targets)
             table = with_source_columns(table, lines[i:i + 3])
             writer.write(cast_logprobs(table, dtype).cast(schema))
         stats = writer.commit()
@@ -100,6 +119,7 @@ def write_cache(
     identity = {
         "model_fingerprint": "mf", "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(FakeTokenizer()),
         "vocab_size": VOCAB, "k": K, "logprob_dtype": dtype, "rows_per_shard": ROWS_PER_SHARD,
+        "temperature": temperature, "targets": targets,
     }
     for name, indices in (manifests or {"manifest.json": list(shards)}).items():
         Manifest(identity=identity, shards={j: records[j] for j in indices}, complete=True).save(out, name)
@@ -314,10 +334,16 @@ def batch(cache) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("tail", [True, False])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_kd_loss_is_zero_for_the_teacher_itself(cache, batch, tail, temperature):
+def test_kd_loss_is_zero_for_the_teacher_itself(cache, batch, tail):
     logits = teacher_logits(cache, batch) + 3.0  # a shift of the logits is the same distribution
-    assert abs(kd_loss(logits, batch, temperature=temperature, tail=tail).item()) < 1e-5
+    assert abs(kd_loss(logits, batch, tail=tail).item()) < 1e-5
+    assert abs(kd_loss(logits, batch, temperature=1.0, tail=tail).item()) < 1e-5
+
+
+def test_kd_loss_refuses_a_temperature_other_than_the_caches(batch):
+    assert batch["temperature"].tolist() == [1.0] * len(batch["lengths"])
+    with pytest.raises(ValueError, match="cached at temperature 1 and the loss asks for 2"):
+        kd_loss(torch.zeros(*batch["input_ids"].shape, VOCAB), batch, temperature=2.0)
 
 
 def test_kd_loss_ignores_padding_and_is_zero_on_renormalized_rows(cache, batch):
@@ -359,7 +385,7 @@ def test_kd_loss_stays_finite_when_the_teacher_rules_a_token_out(batch):
     ruled_out = {**batch, "topk_logprobs": batch["topk_logprobs"].clone()}
     ruled_out["topk_logprobs"][:, :, -1] = float("-inf")
     logits = torch.randn(*batch["input_ids"].shape, VOCAB, requires_grad=True)
-    loss = kd_loss(logits, ruled_out, temperature=2.0)
+    loss = kd_loss(logits, ruled_out)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
@@ -431,3 +457,67 @@ def test_tail_floor_is_what_a_full_topk_reports(tmp_path):
     table = results_to_table([seq], 4).add_column(1, "line", pa.array([0], type=pa.int64()))
     arrays = row_group_arrays(table)
     assert np.all(arrays.tail_logprob <= np.log(1e-6)) and np.all(arrays.tail_logprob >= np.float32(np.log(TAIL_FLOOR)))
+
+
+# ------------------------------------------------------------------------------------ sampled targets
+
+
+@pytest.mark.parametrize("targets", ["both", "sampled"])
+def test_sampled_targets_stream_back_padded_per_position(tmp_path, targets):
+    cache = write_cache(tmp_path, SHARDS, targets=targets, temperature=1.5, samples=12)
+    got = items(TopkDataset(tmp_path))
+    assert sorted(got) == sorted(cache.rows)
+    for line, item in got.items():
+        seq, n = cache.rows[line], len(cache.rows[line].input_ids)
+        assert ("topk_ids" in item) == (targets == "both") and ("tail_logprob" in item) == (targets == "both")
+        assert item["temperature"].item() == 1.5
+        cut = np.concatenate([[0], np.cumsum(seq.sample_lengths)])
+        S = int(seq.sample_lengths.max())
+        assert item["sample_ids"].shape == item["sample_counts"].shape == item["sample_logprobs"].shape == (n, S)
+        assert item["sample_ids"].dtype == torch.long and item["sample_counts"].dtype == torch.int16
+        assert item["sample_logprobs"].dtype == torch.float32
+        for i in range(n):
+            m = int(seq.sample_lengths[i])
+            np.testing.assert_array_equal(item["sample_ids"][i, :m].numpy(), seq.sample_ids[cut[i]:cut[i + 1]])
+            np.testing.assert_array_equal(item["sample_counts"][i, :m].numpy(), seq.sample_counts[cut[i]:cut[i + 1]])
+            np.testing.assert_array_equal(item["sample_logprobs"][i, :m].numpy(), seq.sample_logprobs[cut[i]:cut[i + 1]])
+            assert (item["sample_counts"][i, m:] == 0).all() and (item["sample_ids"][i, m:] == 0).all()
+        assert (item["sample_counts"].sum(-1) == 12).all()
+
+
+def test_collate_pads_sampled_targets_with_a_mask(tmp_path):
+    write_cache(tmp_path, SHARDS, targets="sampled", samples=12)
+    got = items(TopkDataset(tmp_path, max_length=4))
+    seqs = [got[line] for line in (0, 1, 2)]
+    batch = collate_topk(seqs)
+    S = max(int(s["sample_ids"].shape[1]) for s in seqs)
+    assert batch["sample_ids"].shape == batch["sample_counts"].shape == batch["sample_mask"].shape == (3, 4, S)
+    assert "topk_ids" not in batch and batch["temperature"].tolist() == [1.0] * 3
+    for b, s in enumerate(seqs):
+        n, w = s["sample_ids"].shape
+        torch.testing.assert_close(batch["sample_ids"][b, :n, :w], s["sample_ids"])
+        torch.testing.assert_close(batch["sample_logprobs"][b, :n, :w], s["sample_logprobs"])
+        assert (batch["sample_mask"][b, :n, :w] == (s["sample_counts"] > 0)).all()
+        assert not batch["sample_mask"][b, n:].any() and not batch["sample_mask"][b, :, w:].any()
+    assert (batch["sample_counts"].sum(-1)[batch["attention_mask"].bool()] == 12).all()
+
+
+def test_a_dataset_refuses_shards_cached_at_different_temperatures(tmp_path):
+    write_cache(tmp_path / "a", {0: [3]}, manifests={"manifest-a.json": [0]})
+    write_cache(tmp_path / "b", {1: [3]}, manifests={"manifest-b.json": [1]}, temperature=2.0)
+    shutil.copy(tmp_path / "b" / "part-000001.parquet", tmp_path / "a")
+    shutil.copy(tmp_path / "b" / "manifest-b.json", tmp_path / "a")
+    with pytest.raises(InputError, match="temperature"):
+        TopkDataset(tmp_path / "a")
+
+
+def test_a_dataset_checks_each_shards_own_metadata(tmp_path):
+    # Manifests that agree do not hide a shard written at another temperature.
+    write_cache(tmp_path / "a", {0: [3]}, manifests={"manifest-a.json": [0]})
+    write_cache(tmp_path / "b", {1: [3]}, manifests={"manifest-b.json": [1]}, temperature=2.0)
+    shutil.copy(tmp_path / "b" / "part-000001.parquet", tmp_path / "a")
+    other = Manifest.model_validate_json((tmp_path / "b" / "manifest-b.json").read_bytes())
+    other.identity["temperature"] = 1.0
+    other.save(tmp_path / "a", "manifest-b.json")
+    with pytest.raises(InputError, match="part-000001.parquet was cached with temperature=2.0"):
+        TopkDataset(tmp_path / "a")

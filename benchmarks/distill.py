@@ -1,0 +1,305 @@
+"""Which targets train a student best? A small, seeded distillation experiment on the CPU.
+
+1. Cut local text (this Python's standard library sources) into documents, train a BPE tokenizer
+   and a tiny Llama teacher on the training part (300 steps, a few minutes: a random-weight teacher
+   is nearly uniform and would hide every difference between targets).
+2. Cache the teacher's targets for the training documents through the real ``teacher-farm cache
+   --model`` path (in-process vLLM engine): top-k (k=16) and sampled (N=64) in one cache.
+3. Train the same tiny student, from the same initialisation and on the same batches, each way: no
+   KD (cross-entropy on the text), full-distribution KD (the teacher run online, every logit: the
+   reference), top-k with the tail term, top-k renormalised, and sampled targets.
+4. On held-out documents print the student's cross-entropy on the text, its KL(teacher || student)
+   over the full vocabulary, its expected calibration error (top-1, 15 bins) and the cache's bytes
+   per token for the targets each way needs.
+
+    python benchmarks/distill.py --out /tmp/distill --seed 0   # about 10 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from teacher_farm.training import (
+    SampledKDLoss, TopkDataset, TopkRenormKLLoss, TopkTailKLLoss, assert_same_tokenizer, collate_topk, shard_paths,
+)
+
+SEQ = 128  # tokens per document (the cache's --max-length)
+PAD = 0
+
+
+def documents(seed: int, train_chars: int, heldout_chars: int) -> tuple[list[str], list[str]]:
+    """Chunks of ~450 characters (about SEQ tokens) of standard-library sources, split by file."""
+    files = sorted(Path(os.__file__).parent.glob("*.py"))
+    np.random.default_rng(seed).shuffle(files)
+    train, heldout = [], []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        chunks, cur = [], ""
+        for line in text.splitlines(keepends=True):
+            cur += line
+            if len(cur) >= 450:
+                chunks.append(cur)
+                cur = ""
+        target = heldout if sum(map(len, heldout)) < heldout_chars else train
+        target.extend(c for c in chunks if c.strip())
+        if sum(map(len, train)) >= train_chars:
+            break
+    return train, heldout
+
+
+def tokenize(tokenizer, docs: list[str]) -> list[torch.Tensor]:
+    enc = tokenizer(docs, add_special_tokens=True, truncation=True, max_length=SEQ)["input_ids"]
+    return [torch.tensor(x, dtype=torch.long) for x in enc if len(x) > 1]
+
+
+def pad(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of position t's logits on token t+1, over real pairs."""
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def train_teacher(model_dir: Path, train: list[str], steps: int, seed: int) -> dict:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    seqs = tokenize(tok, train)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    # A fixed number of steps, not of seconds: the same teacher however busy the machine is.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    t0, losses = time.monotonic(), []
+    while len(losses) < steps:
+        order = rng.permutation(len(seqs))
+        for start in range(0, len(seqs) - 31, 32):
+            if len(losses) == steps:
+                break
+            b = pad([seqs[i] for i in order[start:start + 32]])
+            loss = next_token_ce(model(**b).logits, b["input_ids"], b["attention_mask"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval().save_pretrained(model_dir, safe_serialization=True)
+    return {"steps": steps, "final_train_ce": float(np.mean(losses[-20:])), "seconds": time.monotonic() - t0}
+
+
+def run_cache(model_dir: Path, train: list[str], out: Path, k: int, samples: int, seed: int) -> float:
+    src = out.parent / "train.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(train)))
+    cmd = [
+        sys.executable, "-m", "teacher_farm.client.cli", "cache", "--model", str(model_dir), "--input", str(src),
+        "--out", str(out), "--k", str(k), "--targets", "both", "--samples", str(samples), "--seed", str(seed),
+        "--max-length", str(SEQ), "--logprob-dtype", "float16", "--dtype", "float32", "--enforce-eager",
+        "--gpu-memory-utilization", "0.2", "--max-model-len", "1024",
+    ]
+    t0 = time.monotonic()
+    for attempt in (1, 2):  # an engine start can fail on a busy shared machine (memory); the cache resumes
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return time.monotonic() - t0
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+        print(f"teacher-farm cache failed (attempt {attempt}): {errors[:5]}", flush=True)
+    raise SystemExit(f"teacher-farm cache failed:\n{proc.stderr[-4000:]}")
+
+
+def bytes_per_token(cache: Path) -> dict[str, float]:
+    """Compressed bytes per token of the columns each kind of cache holds (one 'both' cache, split)."""
+    common = {"id", "line", "input_ids", "target_logprobs", "target_ranks"}
+    sizes: dict[str, int] = {}
+    tokens = 0
+    for path in shard_paths(cache):
+        meta = pq.ParquetFile(path).metadata
+        for rg in range(meta.num_row_groups):
+            g = meta.row_group(rg)
+            for c in range(g.num_columns):
+                name = g.column(c).path_in_schema.split(".")[0]
+                sizes[name] = sizes.get(name, 0) + g.column(c).total_compressed_size
+        tokens += sum(len(x) for x in pq.read_table(path, columns=["input_ids"]).column(0).to_pylist())
+    base = sum(v for k, v in sizes.items() if k in common)
+    topk = base + sizes["topk_ids"] + sizes["topk_logprobs"]
+    sampled = base + sizes["sample_ids"] + sizes["sample_counts"] + sizes["sample_logprobs"]
+    return {"topk": topk / tokens, "sampled": sampled / tokens, "text_only": base / tokens}
+
+
+def make_student(vocab: int, bos: int, eos: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=SEQ, bos_token_id=bos, eos_token_id=eos,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).to(torch.float32)
+
+
+def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) over the whole vocabulary at every real position."""
+    p = F.log_softmax(teacher_logits.float(), -1)
+    q = F.log_softmax(student_logits.float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    m = mask.bool()
+    return kl[m].mean()
+
+
+def train_student(method: str, items: list[dict], teacher, args, vocab: int, bos: int, eos: int) -> tuple:
+    student = make_student(vocab, bos, eos, args.seed).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.student_lr, weight_decay=0.01)
+    losses = {"topk_tail": TopkTailKLLoss(), "topk_renorm": TopkRenormKLLoss(), "sampled": SampledKDLoss()}
+    steps_per_epoch = -(-len(items) // args.batch_size)
+    total = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / total))
+    t0 = time.monotonic()
+    for epoch in range(args.epochs):
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(items))
+        for start in range(0, len(items), args.batch_size):
+            batch = collate_topk([items[i] for i in order[start:start + args.batch_size]], PAD)
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if method == "no_kd":
+                loss = next_token_ce(logits, batch["input_ids"], batch["attention_mask"])
+            elif method == "full_kd":
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = full_kl(t_logits, logits, batch["attention_mask"])
+            else:
+                loss = losses[method](logits, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+    return student.eval(), time.monotonic() - t0
+
+
+@torch.no_grad()
+def evaluate(model, teacher, heldout: list[torch.Tensor]) -> dict[str, float]:
+    """Cross-entropy on the text, full-vocabulary KL(teacher || model), top-1 ECE (15 bins)."""
+    ce_sum = kl_sum = 0.0
+    n_ce = n_kl = 0
+    conf, correct = [], []
+    for start in range(0, len(heldout), 32):
+        b = pad(heldout[start:start + 32])
+        ids, mask = b["input_ids"], b["attention_mask"]
+        logits = model(**b).logits.float()
+        t_logits = teacher(**b).logits.float()
+        lq = F.log_softmax(logits, -1)
+        pair = (mask[:, 1:] * mask[:, :-1]).bool()
+        nll = -lq[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        ce_sum += nll[pair].sum().item()
+        n_ce += int(pair.sum())
+        lp = F.log_softmax(t_logits, -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        m = mask.bool()
+        kl_sum += kl[m].sum().item()
+        n_kl += int(m.sum())
+        top_p, top_i = lq[:, :-1].exp().max(-1)
+        conf.append(top_p[pair])
+        correct.append((top_i == ids[:, 1:])[pair].float())
+    conf_t, correct_t = torch.cat(conf), torch.cat(correct)
+    edges = torch.linspace(0, 1, 16)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf_t > lo) & (conf_t <= hi)
+        if sel.any():
+            ece += sel.float().mean().item() * abs(conf_t[sel].mean().item() - correct_t[sel].mean().item())
+    return {"ce": ce_sum / n_ce, "kl": kl_sum / n_kl, "ece": ece}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="working directory (teacher, cache, results.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-chars", type=int, default=700_000)
+    p.add_argument("--heldout-chars", type=int, default=60_000)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--teacher-steps", type=int, default=300, help="teacher training steps of 32 documents")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--student-lr", type=float, default=3e-3)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--methods", default="no_kd,full_kd,topk_tail,topk_renorm,sampled")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from teacher_farm.server.tinymodel import make_tiny_model
+
+    train, heldout = documents(args.seed, args.train_chars, args.heldout_chars)
+    corpus = args.out / "corpus.txt"
+    corpus.write_text("\n".join(train))
+    model_dir = args.out / "teacher"
+    make_tiny_model(model_dir, [corpus], vocab_size=args.vocab, hidden_size=128, num_layers=2, num_heads=2,
+                    max_position_embeddings=1024, seed=args.seed)
+    print(f"{len(train)} training and {len(heldout)} held-out documents; training the teacher "
+          f"for {args.teacher_steps} steps", flush=True)
+    teacher_stats = train_teacher(model_dir, train, args.teacher_steps, args.seed)
+    print(f"teacher: {teacher_stats}", flush=True)
+
+    cache = args.out / "cache"
+    cache_s = run_cache(model_dir, train, cache, args.k, args.samples, args.seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert_same_tokenizer(cache, tok)
+    items = list(TopkDataset(cache))
+    print(f"cache: {len(items)} rows in {cache_s:.0f} s (engine start included)", flush=True)
+
+    teacher = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    held = tokenize(tok, heldout)
+    results = {"teacher": evaluate(teacher, teacher, held)}
+    per_token = bytes_per_token(cache)
+    cost = {"no_kd": None, "full_kd": None, "topk_tail": per_token["topk"], "topk_renorm": per_token["topk"],
+            "sampled": per_token["sampled"]}
+    for method in args.methods.split(","):
+        student, secs = train_student(method, items, teacher, args, len(tok), tok.bos_token_id, tok.eos_token_id)
+        results[method] = {**evaluate(student, teacher, held), "bytes_per_token": cost[method], "train_s": secs}
+        print(f"{method}: {results[method]}", flush=True)
+
+    names = {"teacher": "the teacher itself", "no_kd": "no KD (cross-entropy on the text)",
+             "full_kd": "full-distribution KD, online (reference)", "topk_tail": f"top-k k={args.k}, with tail",
+             "topk_renorm": f"top-k k={args.k}, renormalised", "sampled": f"sampled N={args.samples}"}
+    full_bytes = len(tok) * 2  # the whole vocabulary at float16, were it cached
+    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {args.threads} threads; held-out: {sum(map(len, held))} tokens\n")
+    print("| targets | held-out CE (nats) | KL(teacher ‖ student), full vocab | ECE | cache bytes/token |")
+    print("|---|---|---|---|---|")
+    for key, r in results.items():
+        b = r.get("bytes_per_token")
+        b = f"{b:.1f}" if b is not None else (f"(online; {full_bytes} if cached)" if key == "full_kd" else "-")
+        print(f"| {names[key]} | {r['ce']:.3f} | {r['kl']:.3f} | {r['ece']:.3f} | {b} |")
+    (args.out / "results.json").write_text(json.dumps(
+        {"results": results, "teacher_training": teacher_stats, "bytes_per_token": per_token, "args": vars(args)},
+        default=str, indent=1,
+    ))
+
+
+if __name__ == "__main__":
+    main()
