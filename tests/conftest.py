@@ -93,35 +93,33 @@ class Server:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model, tmp_path_factory) -> Server:
-    """The shared server: API key required, small body limit so 413 is testable."""
-    srv = Server(
-        tiny_model, tmp_path_factory.mktemp("logs") / "server.log", "--api-key", API_KEY,
-        "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
-        env={"TEACHER_FARM_MAX_BODY_BYTES": str(2 << 20), "TEACHER_FARM_MAX_INPUTS_PER_REQUEST": "256"},
-    )
+def running(srv: Server):
+    """Start ``srv``, yield it once healthy, stop it afterwards (for session fixtures)."""
     srv.start()
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory) -> Server:
+    """The shared server: API key required, small body limit so 413 is testable."""
+    yield from running(Server(
+        tiny_model, tmp_path_factory.mktemp("logs") / "server.log", "--api-key", API_KEY,
+        "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
+        env={"TEACHER_FARM_MAX_BODY_BYTES": str(2 << 20), "TEACHER_FARM_MAX_INPUTS_PER_REQUEST": "256"},
+    ))
 
 
 @pytest.fixture(scope="session")
 def logprobs_server(tiny_model, tmp_path_factory) -> Server:
     """A server on vLLM's prompt-logprobs backend (the fallback): it must make the same caches."""
-    srv = Server(
+    yield from running(Server(
         tiny_model, tmp_path_factory.mktemp("logs") / "logprobs-server.log", "--api-key", API_KEY,
         "--scoring", "prompt-logprobs", "--k-max", "64",
-    )
-    srv.start()
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    ))
 
 
 @pytest.fixture(params=["pooled", "prompt-logprobs"])

@@ -142,19 +142,20 @@ def test_server_refusals_name_the_bad_lines_and_the_rest_lands(fault_server, tmp
 
 def test_overload_answers_429_and_every_client_still_finishes(fault_server, tmp_path):
     inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(json.dumps({"text": f"overload line {i} " * 40}) for i in range(60)) + "\n")
+    # Enough lines that the six clients, started one after another, overlap on the server.
+    inp.write_text("\n".join(json.dumps({"text": f"overload line {i} " * 40}) for i in range(240)) + "\n")
     server_proc = psutil.Process(fault_server.proc.pid)
     rss_before = sum(p.memory_info().rss for p in [server_proc, *server_proc.children(recursive=True)])
     busy_before = _metric(fault_server, 'teacher_farm_errors_total{kind="ServerBusy"}')
     clients = [start_client(*cache_args(fault_server.url, inp, tmp_path / f"o{i}", FAULT_KEY, "--concurrency", "8",
-                                        "--batch-lines", "1")) for i in range(6)]
+                                        "--batch-lines", "1", "--logprob-dtype", "float32")) for i in range(6)]
     for c in clients:
         _, err = c.communicate(timeout=600)
         assert c.returncode == 0, err[-2000:]
     assert _metric(fault_server, 'teacher_farm_errors_total{kind="ServerBusy"}') > busy_before
     assert _metric(fault_server, 'teacher_farm_errors_total{kind="internal"}') == 0
     first = rows(tmp_path / "o0")
-    assert [r["line"] for r in first] == list(range(60))
+    assert [r["line"] for r in first] == list(range(240))
     for i in range(1, 6):
         assert_same_rows(rows(tmp_path / f"o{i}"), first)
     rss_after = sum(p.memory_info().rss for p in [server_proc, *server_proc.children(recursive=True)])
