@@ -136,16 +136,15 @@ class ReductionPooler(Pooler):
         token_ids = pooling_metadata.prompt_token_ids_cpu
         next_pos = torch.minimum(positions + 1, prompt_lens[row_req] - 1).clamp_(max=token_ids.shape[1] - 1)
         targets = token_ids[row_req, next_pos]
-        temperatures = [float(s.get("temperature", 1.0)) for s in settings]
-        inv_t = torch.tensor([1.0 / t for t in temperatures])[row_req]
         seeds = torch.tensor([int(s.get("seed", 0)) for s in settings], dtype=torch.int64)[row_req]
+        temperatures = [float(s.get("temperature", 1.0)) for s in settings]
 
         device = hidden_states.device
-        targets, inv_t, seeds, positions_d = (
-            t.to(device, non_blocking=True) for t in (targets, inv_t, seeds, positions)
-        )
-        if all(t == 1.0 for t in temperatures):
-            inv_t = None
+        targets, seeds, positions_d = (t.to(device, non_blocking=True) for t in (targets, seeds, positions))
+        # At T = 1 everywhere (the common case) the division is skipped altogether.
+        inv_t = None
+        if any(t != 1.0 for t in temperatures):
+            inv_t = torch.tensor([1.0 / t for t in temperatures])[row_req].to(device, non_blocking=True)
         rows = hidden_states.shape[0]
         out = torch.empty((rows, packed_width(k, n)), dtype=torch.int32, device=device)
         for a in range(0, rows, self.slice_rows):
