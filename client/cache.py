@@ -33,6 +33,7 @@ from teacher_farm.client.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import cache_metadata, cache_schema, with_source_columns
 from teacher_farm.schemas.errors import CacheMismatch, InputError, ServerRejected, TeacherFarmError
+from teacher_farm.schemas.wire import scoring_refusal
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +248,12 @@ class CacheRun:
         """Check the job against the teacher and the output directory; return what the run needs."""
         opts, info = self.opts, await self.teacher.info()
         scoring = opts.scoring
-        if scoring.targets != "sampled" and opts.k > info.k_max:
-            raise InputError(f"--k {opts.k} is over the server's k_max={info.k_max}; start it with --k-max {opts.k}")
-        if info.scoring != "pooled" and (scoring.temperature != 1.0 or scoring.targets != "topk"):
-            raise InputError(
-                "--temperature and --targets sampled/both need a server with the pooled scoring backend; "
-                f"{self.teacher.name} scores through vLLM's prompt logprobs (start it with --scoring pooled)"
-            )
-        if scoring.targets != "topk" and scoring.samples > info.max_samples:
-            raise InputError(f"--samples {scoring.samples} is over the server's max_samples={info.max_samples}")
+        refusal = scoring_refusal(
+            info, k=opts.k, temperature=scoring.temperature, targets=scoring.targets, samples=scoring.samples,
+        )
+        if refusal is not None:
+            reason, flag = refusal
+            raise InputError(f"{self.teacher.name}: {reason}; start it with {flag}")
         max_length = min(opts.max_length or info.max_input_tokens, info.max_input_tokens)
         if opts.max_length and opts.max_length > info.max_input_tokens:
             log.warning(

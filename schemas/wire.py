@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
@@ -120,3 +120,24 @@ class ErrorBody(BaseModel):
 
     error: str
     detail: object | None = None
+
+
+def scoring_refusal(
+    teacher: Any, *, k: int, temperature: float, targets: str, samples: int,
+) -> tuple[str, str] | None:
+    """Why a teacher cannot answer with these options, and the ``serve`` flag that would allow it; or None.
+
+    ``teacher`` is anything with ``k_max``, ``scoring`` and ``max_samples`` (``Info``, the server's
+    own facts). The server refuses a request with the reason; the client, before a run, adds the flag.
+    """
+    if targets != "sampled" and k > teacher.k_max:
+        return f"k={k} is over the server's k_max={teacher.k_max}", f"--k-max {k}"
+    if teacher.scoring != "pooled" and (temperature != 1.0 or targets != "topk"):
+        return (
+            "temperature and sampled targets need the pooled scoring backend; the server scores through "
+            "vLLM's prompt logprobs (top-k at temperature 1 only)", "--scoring pooled",
+        )
+    if targets != "topk" and samples > teacher.max_samples:
+        return f"samples={samples} is over the server's max_samples={teacher.max_samples}", f"--max-samples {samples}"
+    return None
+

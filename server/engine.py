@@ -31,7 +31,7 @@ from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.server.packed import compact_samples, unpack
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
-from teacher_farm.schemas.wire import Info, TopkRequest, Versions
+from teacher_farm.schemas.wire import Info, TopkRequest, Versions, scoring_refusal
 from teacher_farm.server.lifecycle import ENGINE_STOP_S, mark_engine_owner
 
 log = logging.getLogger(__name__)
@@ -328,17 +328,12 @@ class Teacher:
         return enc["input_ids"]
 
     def check_options(self, req: TopkRequest) -> None:
-        """Refuse what this teacher cannot answer, with what to do instead."""
-        info = self.info
-        if req.targets != "sampled" and req.k > info.k_max:
-            raise InputError(f"k={req.k} is over this server's k_max={info.k_max}")
-        if info.scoring != "pooled" and (req.temperature != 1.0 or req.targets != "topk"):
-            raise InputError(
-                "temperature and sampled targets need the pooled scoring backend; this server scores "
-                "through vLLM's prompt logprobs (top-k at temperature 1 only)"
-            )
-        if req.targets != "topk" and req.samples > info.max_samples:
-            raise InputError(f"samples={req.samples} is over this server's max_samples={info.max_samples}")
+        """Refuse what this teacher cannot answer."""
+        refusal = scoring_refusal(
+            self.info, k=req.k, temperature=req.temperature, targets=req.targets, samples=req.samples,
+        )
+        if refusal is not None:
+            raise InputError(refusal[0])
 
     def prepare(self, req: TopkRequest) -> list[list[int]]:
         """Validate a request against this teacher and return every input's token ids.

@@ -64,11 +64,16 @@ def test_both_backends_make_the_same_cache(server, logprobs_server, tmp_path):
     assert_same_rows(a.to_pylist(), b.to_pylist())
 
 
-def test_prompt_logprobs_backend_refuses_what_it_cannot_compute(logprobs_server):
+def test_prompt_logprobs_backend_refuses_what_it_cannot_compute(logprobs_server, tmp_path):
     for extra in ({"temperature": 2.0}, {"targets": "sampled"}):
         r = httpx.post(logprobs_server.url + "/v1/topk", json={"k": 2, "inputs": [{"text": "hi"}], **extra}, headers=AUTH)
         assert r.status_code == 422 and "pooled scoring backend" in r.json()["error"]
     assert httpx.get(logprobs_server.url + "/v1/info", headers=AUTH).json()["scoring"] == "prompt-logprobs"
+    # The client refuses before it starts, naming the flag that would allow it.
+    proc = teacher_farm("cache", "--server", logprobs_server.url, "--api-key", API_KEY, "--input", str(SAMPLE),
+                        "--out", str(tmp_path / "o"), "--temperature", "2")
+    assert proc.returncode == 1 and "start it with --scoring pooled" in proc.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def sampled(server, prompts, seed: int, temperature: float = 0.7, samples: int = 256) -> list:
