@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from teacher_farm.server.packed import compact_samples, packed_width, unpack
-from teacher_farm.server.reduce import reduce_rows, uniforms
+from teacher_farm.server.reduce import reduce_rows, top_k, uniforms
 
 V = 512
 
@@ -46,6 +46,34 @@ def test_topk_target_and_rank_equal_dense_math(logits, temperature, k):
     target_lp = ref[np.arange(len(ref)), targets]
     np.testing.assert_allclose(u.target_logprobs, target_lp, atol=1e-5)
     np.testing.assert_array_equal(u.target_ranks, (ref >= target_lp[:, None] - 1e-6).sum(axis=1))
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 64, 256, V - 1, V])
+def test_top_k_equals_torch_topk_including_ties_and_infinities(k):
+    rng = np.random.default_rng(k)
+    x = rng.normal(0, 3, size=(33, V)).astype(np.float32)
+    x[1] = 0.5  # a row of ties
+    x[2, ::3] = -np.inf  # masked tokens
+    x[3, :20] = x[3].max() + 1  # ties at the top
+    t = torch.from_numpy(x)
+    values, ids = top_k(t, k)
+    ref_values, _ = t.topk(k, dim=-1)
+    assert ids.dtype == torch.int64 and ids.shape == (33, k)
+    # The values are the k largest, largest first; each id holds its value and no id repeats.
+    assert torch.equal(values, ref_values)
+    assert torch.equal(t.gather(1, ids), values)
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()
+    # Ties aside (rows 1 to 3), the same ids as torch.topk.
+    untied = np.ones(len(x), bool)
+    untied[1:4] = False
+    assert torch.equal(ids[untied], t.topk(k, dim=-1).indices[untied])
+
+
+def test_top_k_of_a_slice_view_reads_the_slice():
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(8, 2 * V)).astype(np.float32))
+    view = x[:, ::2]  # not contiguous
+    values, ids = top_k(view, 5)
+    assert torch.equal(values, view.topk(5, dim=-1).values) and torch.equal(ids, view.topk(5, dim=-1).indices)
 
 
 def test_bfloat16_logits_are_reduced_in_float32(logits):
