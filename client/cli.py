@@ -122,9 +122,9 @@ def cache_main(argv: list[str]) -> int:
     )
     # Bad inputs are refused before a teacher is reached (or an engine loaded).
     from teacher_farm.client.inputs import check_parquet_columns, discover
-    from teacher_farm.client.memory import pin_mmap_threshold
+    from teacher_farm.memory import pin_mmap_threshold
 
-    pin_mmap_threshold()  # flat memory over a long run (see client/memory.py)
+    pin_mmap_threshold()  # flat memory over a long run (see teacher_farm/memory.py)
 
     check_parquet_columns(discover(opts.inputs), opts.text_field, opts.id_field, opts.ids_field)
 

@@ -18,6 +18,10 @@ Each engine process also leaves its owner's process group: Ctrl-C on a terminal,
 SIGTERM to the group, then reaches the owner alone, which stops the engine in order (the EngineCore
 first, which stops its Workers and frees their shared memory) instead of every process at once.
 
+On a CPU, the same hook sets malloc to keep freed memory in these processes
+(``teacher_farm.memory.keep_freed_memory``): the worker reduces logits slice after slice, and
+glibc's defaults would fault every slice's blocks in anew.
+
 A polling thread rather than ``prctl(PR_SET_PDEATHSIG)``: the death signal fires when the *thread*
 that started the child exits, and ``serve`` starts the engine from a worker thread of asyncio.
 """
@@ -28,6 +32,8 @@ import os
 import signal
 import threading
 import time
+
+from teacher_farm.memory import keep_freed_memory
 
 #: Set (to its own pid) by the process that owns an engine; its engine's processes inherit it.
 OWNER_ENV = "TEACHER_FARM_ENGINE_OWNER"
@@ -48,7 +54,8 @@ def mark_engine_owner() -> None:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: watch the parent in an engine's child processes."""
+    """The ``vllm.general_plugins`` entry point: in an engine's child processes, watch the parent
+    (and, on a CPU, keep freed memory)."""
     global _watching
     owner = os.environ.get(OWNER_ENV)
     # Not under teacher-farm, or the owner itself (vLLM loads plugins in the main process too).
@@ -61,6 +68,14 @@ def register() -> None:
         pass
     parent = os.getppid()
     threading.Thread(target=_watch, args=(parent,), name="teacher-farm-parent-watch", daemon=True).start()
+    if _on_cpu():
+        keep_freed_memory()
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _watch(parent: int) -> None:

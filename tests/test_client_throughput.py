@@ -27,7 +27,8 @@ def test_one_client_process_caches_over_400k_tokens_per_cpu_second_against_an_in
 
 def test_the_cache_command_pins_mallocs_mmap_threshold(monkeypatch, tmp_path):
     """Without it glibc's rising mmap threshold lets a long run's resident memory creep up."""
-    from teacher_farm.client import cli, memory
+    from teacher_farm import memory
+    from teacher_farm.client import cli
 
     calls = []
     monkeypatch.setattr(memory, "pin_mmap_threshold", lambda: calls.append(True) or True)
@@ -49,7 +50,7 @@ def test_the_cache_command_pins_mallocs_mmap_threshold(monkeypatch, tmp_path):
 def test_pinning_the_threshold_takes_effect_on_glibc(monkeypatch):
     import platform
 
-    from teacher_farm.client.memory import pin_mmap_threshold
+    from teacher_farm.memory import pin_mmap_threshold
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     if platform.libc_ver()[0] == "glibc":
