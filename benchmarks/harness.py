@@ -12,7 +12,9 @@ Paths, all on the same model, documents and machine:
   (d) seed:     HF transformers, batch 1, full log_softmax + topk, pyarrow (the seed script; on the GPU
                 when there is one)
 
-Paths e, p, a, l and b run at every k of ``--ks``. ``--corpus realistic`` draws log-normal document
+Every timed path is first warmed up, untimed, on the first documents; ``--repeat N`` times each path
+and k N times and reports the median run beside all of them. Paths e, p, a, l and b run at every k
+of ``--ks``. ``--corpus realistic`` draws log-normal document
 lengths (median ~400 tokens, a tail up to the max length) instead of uniform ones. For a and l the
 table also gives the steady-state rate: tokens/s between 10% and 90% of the tokens, from the client's
 progress log. Prints a Markdown table: tokens/s, the ratio to (c), wire and Parquet bytes/token.
@@ -129,8 +131,8 @@ class OursServer:
         stop(self.proc)
 
 
-def run_ours(a, server: OursServer, corpus: Path, work: Path, k: int) -> dict:
-    out = work / f"ours-cache-{server.port}-{k}"
+def run_ours(a, server: OursServer, corpus: Path, work: Path, k: int, tag: str = "cache") -> dict:
+    out = work / f"ours-{tag}-{server.port}-{k}"
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "teacher_farm.client.cli", "cache", "--server", server.url, "--input", str(corpus),
@@ -146,6 +148,12 @@ def run_ours(a, server: OursServer, corpus: Path, work: Path, k: int) -> dict:
     parquet = sum(s["bytes"] for s in manifest["shards"].values())
     return {"tokens": tokens, "seconds": seconds, "parquet": parquet, "wire": _wire_from(proc.stdout),
             "steady": steady_rate(proc.stderr, tokens)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median duration (the lower middle one of an even count), with every duration."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [r["seconds"] for r in runs]}
 
 
 def steady_rate(log: str, total: int, lo: float = 0.1, hi: float = 0.9) -> float | None:
@@ -243,6 +251,9 @@ def run_openai(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -
         stop(server)
 
 
+#: Documents run once at each k, untimed, before every timed path.
+WARM_DOCS = 32
+
 IN_PROCESS = r'''
 import asyncio, json, sys, time
 import numpy as np
@@ -251,7 +262,9 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
-async def main(args, token_ids, ks, pooled):
+WARM_DOCS = %d
+
+async def main(args, token_ids, ks, pooled, repeat):
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
     seconds = {}
     for k in ks:
@@ -277,16 +290,18 @@ async def main(args, token_ids, ks, pooled):
                 np.asarray(pl.token_ids, np.int32).reshape(len(ids) - 1, k + 1)
                 np.asarray(pl.logprobs, np.float32).reshape(len(ids) - 1, k + 1)
                 np.asarray(pl.ranks, np.int32).reshape(len(ids) - 1, k + 1)
-        await one(-1, token_ids[0][:16])  # warm-up
-        started = time.perf_counter()
-        await asyncio.gather(*(one(i, ids) for i, ids in enumerate(token_ids)))
-        seconds[k] = time.perf_counter() - started
+        # Warm-up at this k: compiled kernels, allocator pools and batch shapes settle before timing.
+        await asyncio.gather(*(one(f"w{i}", ids) for i, ids in enumerate(token_ids[:WARM_DOCS])))
+        for r in range(repeat):
+            started = time.perf_counter()
+            await asyncio.gather(*(one(f"{r}-{i}", ids) for i, ids in enumerate(token_ids)))
+            seconds.setdefault(k, []).append(time.perf_counter() - started)
     json.dump(seconds, open(sys.argv[2], "w"))
     llm.shutdown()
 
 if __name__ == "__main__":
     spec = json.load(open(sys.argv[1]))
-    asyncio.run(main(spec["args"], spec["token_ids"], spec["ks"], spec["pooled"]))
+    asyncio.run(main(spec["args"], spec["token_ids"], spec["ks"], spec["pooled"], spec["repeat"]))
 '''
 
 
@@ -301,15 +316,16 @@ def run_in_process(a, model: Path, token_ids: list[list[int]], work: Path, ks: l
         from teacher_farm.server.engine import choose_backend, engine_defaults
 
         args = engine_defaults(args, max(a.ks), choose_backend("pooled", str(model)))
-    (work / "in_process.py").write_text(IN_PROCESS)
-    (work / "in_process.json").write_text(json.dumps({"args": args, "token_ids": token_ids, "ks": ks, "pooled": pooled}))
+    (work / "in_process.py").write_text(IN_PROCESS % WARM_DOCS)
+    (work / "in_process.json").write_text(json.dumps({"args": args, "token_ids": token_ids, "ks": ks, "pooled": pooled, "repeat": a.repeat}))
     proc = subprocess.run([sys.executable, str(work / "in_process.py"), str(work / "in_process.json"), str(work / "in_process.out")],
                           cwd=work, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     seconds = json.loads((work / "in_process.out").read_text())
     tokens = sum(len(x) for x in token_ids)
-    return {int(k): {"tokens": tokens, "seconds": v, "parquet": None, "wire": None} for k, v in seconds.items()}
+    return {int(k): {"tokens": tokens, "seconds": sorted(v)[(len(v) - 1) // 2], "runs": v, "parquet": None, "wire": None}
+            for k, v in seconds.items()}
 
 
 def run_seed(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -> dict:
@@ -361,6 +377,7 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per path and k; the table gives the median run")
     p.add_argument("--paths", default="c,e,p,a,l,b,d", help="which of c,e,p,a,l,b,d to run")
     a = p.parse_args()
     a.ks = [int(k) for k in a.ks.split(",")]
@@ -381,6 +398,8 @@ def main() -> None:
     lengths = doc_lengths(a.corpus, a.docs, a.doc_tokens, a.max_model_len)
     corpus, token_ids = make_corpus(a.work, model, lengths)
     paths = a.paths.split(",")
+    warm_corpus = a.work / "warm.jsonl"
+    warm_corpus.write_text("".join(corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:WARM_DOCS]), encoding="utf-8")
     rows: list[tuple[str, dict]] = []
 
     def run(name: str, fn) -> None:
@@ -402,9 +421,11 @@ def main() -> None:
             continue
         server = OursServer(a, model, a.work, scoring)
         try:
+            # The same warm-up as in process: the first documents once, at the largest k, untimed.
+            run_ours(a, server, warm_corpus, a.work, max(a.ks), tag="warm")
             for k in a.ks:
                 run(f"({key}) teacher-farm serve ({scoring}) + cache into Parquet, k={k}",
-                    lambda: run_ours(a, server, corpus, a.work, k))
+                    lambda: median_run([run_ours(a, server, corpus, a.work, k, tag=f"cache{r}") for r in range(a.repeat)]))
         finally:
             server.close()
     for k in a.ks:
@@ -420,14 +441,15 @@ def main() -> None:
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{len(lengths)} docs, {a.corpus} lengths (median {int(np.median(lengths))}, max {max(lengths)}, "
           f"{sum(lengths):,} tokens); {model_header(model)}; {a.dtype}; {where}; {time.strftime('%Y-%m-%d')}\n")
-    print("| path | tokens/s | vs ceiling | steady tokens/s | wire B/token | Parquet B/token |")
-    print("|---|---|---|---|---|---|")
+    print("| path | tokens/s | vs ceiling | steady tokens/s | runs (tokens/s) | wire B/token | Parquet B/token |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         tps = r["tokens"] / r["seconds"]
         fmt = lambda v: f"{v / r['tokens']:.1f}" if v else "-"
         steady = f"{r['steady']:,.0f}" if r.get("steady") else "-"
         ratio = f"{tps / base:.2f}" if base else "-"
-        print(f"| {name} | {tps:,.0f} | {ratio} | {steady} | {fmt(r['wire'])} | {fmt(r['parquet'])} |")
+        runs = ", ".join(f"{r['tokens'] / x:,.0f}" for x in r.get("runs", [r["seconds"]]))
+        print(f"| {name} | {tps:,.0f} | {ratio} | {steady} | {runs} | {fmt(r['wire'])} | {fmt(r['parquet'])} |")
 
 
 if __name__ == "__main__":
