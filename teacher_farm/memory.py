@@ -11,9 +11,9 @@ Both sides move blocks of megabytes, in opposite patterns, and glibc's defaults 
 - An engine's worker on a CPU reduces the logits slice after slice: the same few blocks of
   megabytes, allocated and freed again for every slice. With the defaults, freed blocks go back to
   the system (munmap, or a trim of the heap's top) and every new one is faulted in page by page:
-  0.7 to 3.7 million page faults per 372k tokens scored (vocabulary 4,096) and about a sixth of the
-  end-to-end time. ``keep_freed_memory`` serves them from the heap and keeps it: no faults after the
-  first slices, at the cost of holding the largest working set reached.
+  0.7 to 3.7 million page faults per 372k tokens scored (vocabulary 4,096), and a sixth to a third
+  of the end-to-end time. ``keep_freed_memory`` serves them from the heap and keeps it: no faults
+  after the first slices, at the cost of holding the largest working set reached.
 """
 
 from __future__ import annotations
