@@ -59,7 +59,8 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = np.argpartition(a, a.shape[1] - k, axis=1)[:, -k:]
     values = np.take_along_axis(a, ids, axis=1)
     order = np.argsort(values, axis=1)[:, ::-1]
-    return torch.from_numpy(np.take_along_axis(values, order, 1)), torch.from_numpy(np.take_along_axis(ids, order, 1))
+    top_values, top_ids = np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)
+    return torch.from_numpy(top_values), torch.from_numpy(top_ids)
 
 
 def reduce_rows(

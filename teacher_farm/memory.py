@@ -59,4 +59,6 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: 
     """Serve blocks below ``mmap_threshold`` from the heap and keep up to ``trim_threshold`` of it
     free (an engine worker's setting on a CPU). Returns whether it took effect; the user's own malloc
     settings in the environment win."""
-    return not _set_by_user() and mallopt(M_MMAP_THRESHOLD, mmap_threshold) and mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    if _set_by_user():
+        return False
+    return mallopt(M_MMAP_THRESHOLD, mmap_threshold) and mallopt(M_TRIM_THRESHOLD, trim_threshold)
