@@ -324,7 +324,7 @@ def run_in_process(a, model: Path, token_ids: list[list[int]], work: Path, ks: l
         raise RuntimeError(proc.stderr[-3000:])
     seconds = json.loads((work / "in_process.out").read_text())
     tokens = sum(len(x) for x in token_ids)
-    return {int(k): {"tokens": tokens, "seconds": sorted(v)[(len(v) - 1) // 2], "runs": v, "parquet": None, "wire": None}
+    return {int(k): median_run([{"tokens": tokens, "seconds": s, "parquet": None, "wire": None} for s in v])
             for k, v in seconds.items()}
 
 

@@ -140,4 +140,3 @@ def scoring_refusal(
     if targets != "topk" and samples > teacher.max_samples:
         return f"samples={samples} is over the server's max_samples={teacher.max_samples}", f"--max-samples {samples}"
     return None
-
