@@ -19,7 +19,6 @@ import hashlib
 import itertools
 import json
 import logging
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
+from teacher_farm.schemas.draws import draw_seed
 from teacher_farm.server.packed import compact_samples, unpack
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions, scoring_refusal
@@ -242,14 +242,6 @@ def from_packed(seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray
         target_ranks=np.ascontiguousarray(u.target_ranks),
         **sampled,
     )
-
-
-def draw_seed(seed: int, input_ids: Sequence[int]) -> int:
-    """The seed of one sequence's draws: the request's seed and the sequence's own tokens.
-
-    Same seed and input, same draws; two different sequences in one request draw independently.
-    """
-    return (seed * 0x9E3779B1 ^ zlib.crc32(np.asarray(input_ids, dtype=np.int32).tobytes())) & 0xFFFFFFFF
 
 
 def to_scored(seq_id: str | None, input_ids: Sequence[int], output: Any, k: int) -> ScoredSequence:

@@ -72,6 +72,7 @@ def reduce_rows(
     seeds: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_at_least,
+    row_samples: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed int32 rows (``server/packed.py``) for ``logits`` (rows × vocabulary).
 
@@ -79,6 +80,8 @@ def reduce_rows(
     ignored); ``inv_temperature`` is 1/T per row (None: T = 1 everywhere, saving a pass);
     ``seeds`` and ``positions`` key the draws. ``count`` is ``count_at_least`` or a fused kernel of
     it (the worker passes vLLM's compiled one, which never materializes the comparison).
+    ``row_samples`` holds each row's own draw count where rows of one batch ask for fewer than
+    ``samples``: a row's own draws then come first, sorted, whatever its neighbours asked for.
     """
     lp = logits.float()
     if inv_temperature is not None:
@@ -96,6 +99,11 @@ def reduce_rows(
         u = uniforms(seeds, positions, samples) * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=lp.shape[1] - 1)
         del cdf
-        drawn = drawn.sort(dim=-1).values
+        if row_samples is not None:
+            # Draws beyond a row's own count sort after its own (and are dropped by the caller).
+            beyond = torch.arange(samples, device=drawn.device)[None, :] >= row_samples[:, None]
+            drawn = drawn.masked_fill_(beyond, lp.shape[1]).sort(dim=-1).values.clamp_(max=lp.shape[1] - 1)
+        else:
+            drawn = drawn.sort(dim=-1).values
         parts += [drawn.to(torch.int32), lp.gather(1, drawn).view(torch.int32)]
     return torch.cat(parts, dim=1)

@@ -145,6 +145,11 @@ class ReductionPooler(Pooler):
         inv_t = None
         if any(t != 1.0 for t in temperatures):
             inv_t = torch.tensor([1.0 / t for t in temperatures])[row_req].to(device, non_blocking=True)
+        # Where requests ask for different sample counts, each row's draws beyond its own are
+        # masked before sorting, so a request's draws never depend on its batch neighbours.
+        row_n = None
+        if n and any(req_n != n for req_n in ns):
+            row_n = torch.tensor(ns, dtype=torch.int64)[row_req].to(device, non_blocking=True)
         rows = hidden_states.shape[0]
         out = torch.empty((rows, packed_width(k, n)), dtype=torch.int32, device=device)
         for a in range(0, rows, self.slice_rows):
@@ -155,7 +160,7 @@ class ReductionPooler(Pooler):
                 continue
             out[a:b] = reduce_rows(
                 logits, targets[a:b], None if inv_t is None else inv_t[a:b], k, n, seeds[a:b], positions_d[a:b],
-                count=_count_at_least,
+                count=_count_at_least, row_samples=None if row_n is None else row_n[a:b],
             )
             del logits
 

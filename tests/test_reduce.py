@@ -133,6 +133,23 @@ def test_same_seed_same_draws_other_seed_other_draws(logits):
     assert (a.sample_ids != c.sample_ids).any()
 
 
+def test_a_rows_draws_do_not_depend_on_what_its_batch_neighbours_ask_for(logits):
+    """Rows asking for 8 draws, reduced beside rows asking for 64, get exactly their draws alone."""
+    rows = len(logits)
+    t = torch.from_numpy(logits)
+    targets, seeds, positions = torch.zeros(rows, dtype=torch.int64), torch.full((rows,), 3), torch.arange(rows)
+    own = torch.where(positions % 2 == 0, 8, 64)
+    mixed = reduce_rows(t, targets, None, 2, 64, seeds, positions, row_samples=own).numpy()
+    alone = reduce_rows(t, targets, None, 2, 8, seeds, positions).numpy()
+    base = packed_width(2, 0)
+    ids, lps = mixed[:, base:base + 64], mixed[:, base + 64:]
+    np.testing.assert_array_equal(ids[::2, :8], alone[::2, base:base + 8])
+    np.testing.assert_array_equal(lps[::2, :8], alone[::2, base + 8:])
+    # Rows that asked for all 64 are untouched by the mask.
+    full = reduce_rows(t, targets, None, 2, 64, seeds, positions).numpy()
+    np.testing.assert_array_equal(mixed[1::2], full[1::2])
+
+
 def test_compact_samples_counts_distinct_tokens_per_position():
     ids = np.array([[3, 3, 5, 9], [1, 1, 1, 1], [0, 2, 4, 6]], np.int32)
     lps = -ids.astype(np.float32)
