@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
 from pathlib import Path
 
-from teacher_farm.client.exits import Terminated, quiet_engine, release_engine, stop_on_sigterm
+from teacher_farm.client.exits import Terminated, quiet_engine, release_engine, run_async, stop_on_sigterm
 from teacher_farm.client.progress import setup_logging
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
@@ -144,7 +143,7 @@ def cache_main(argv: list[str]) -> int:
             teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(256, a.k), scoring=a.scoring)
         return await run_cache(opts, teacher)
 
-    summary = asyncio.run(go())
+    summary = run_async(go())
     print(summary.render())
     return 0
 

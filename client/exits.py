@@ -7,13 +7,17 @@ globals it calls are already gone, and prints a traceback after a run that went 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -44,6 +48,38 @@ def stop_on_sigterm() -> Iterator[None]:
     try:
         yield
     finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, where SIGTERM stops ``main`` as Ctrl-C does: by cancelling it.
+
+    Raising from a signal handler (``stop_on_sigterm``) lands in whichever task happens to run;
+    that task then dies with an exception nobody retrieves, and asyncio prints its traceback.
+    Cancelling the main task lets every ``finally`` and ``async with`` run in order instead.
+    """
+    terminated = False
+
+    async def cancellable() -> T:
+        task = asyncio.current_task()
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+        return await main
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return asyncio.run(cancellable())
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated() from None
+        raise
+    finally:
+        # The loop's close leaves SIGTERM at its default; the command's own handler comes back.
         signal.signal(signal.SIGTERM, previous)
 
 
