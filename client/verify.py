@@ -12,7 +12,10 @@ Silent corruption of a shard, or a teacher that changed since the cache was made
 5. per row, with numpy: ``input_ids`` equal; ``topk_logprobs`` and ``target_logprobs`` within
    ``atol`` (plus one unit in the last place of the cache's logprob dtype, the fresh values being
    rounded to that dtype first); ``topk_ids`` equal except swaps between candidates tied within
-   that tolerance; ``target_ranks`` equal except where ties make the rank ambiguous.
+   that tolerance; ``target_ranks`` equal except where ties make the rank ambiguous;
+6. sampled targets are drawn again with the cache's seed and compared under the draw contract
+   (``schemas/draws.py``): a draw may move to a neighbouring token where its uniform lay on a CDF
+   boundary, and only a boundary's share of all draws may; any other difference is a mismatch.
 
 A target ranked beyond the visible candidates cannot have its ties seen, so there a rank may
 differ by ``max(2, rank // 100)``, as float noise between two runs can reorder a tail of near-equal
@@ -33,10 +36,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from teacher_farm.client.exits import run_async
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.inspect import merge
 from teacher_farm.client.manifest import ShardRecord, load_manifests
 from teacher_farm.client.transport import HttpTeacher, Scoring, TeacherPool
+from teacher_farm.schemas.draws import DrawComparison, expand, moved_draws
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.wire import Info
 
@@ -44,6 +49,7 @@ from teacher_farm.schemas.wire import Info
 DEFAULT_ATOL = {"float32": 1e-3, "float16": 1e-2}
 
 CACHE_COLUMNS = ["id", "line", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs", "target_ranks"]
+SAMPLE_COLUMNS = ["sample_ids", "sample_counts"]
 
 #: Lines of mismatches printed in the report (all are counted).
 REPORT_MISMATCHES = 50
@@ -101,6 +107,8 @@ class VerifyReport:
     rows_checked: int = 0
     positions_checked: int = 0
     max_abs_diff: float = 0.0
+    #: Sampled targets drawn again (None: the cache has none).
+    draws: DrawComparison | None = None
     shards_hashed: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
     bad_rows: set[tuple[str, int]] = field(default_factory=set)
@@ -128,6 +136,7 @@ class VerifyReport:
             f"rows:       {self.rows_checked} rows checked ({self.positions_checked} positions, k {self.k}), "
             f"{len(self.bad_rows)} disagree",
             f"max |diff|: {self.max_abs_diff:.3g} (atol {self.atol:g}, {self.logprob_dtype} logprobs)",
+            *([f"draws:      {self.draws}, {self.draws.allowed} allowed"] if self.draws is not None else []),
             "status:     " + ("OK" if self.ok else "FAILED: " + _count(len(self.mismatches), "mismatch")),
         ]
         shown = sorted(self.mismatches, key=lambda m: (m.file, -1 if m.line is None else m.line))
@@ -171,7 +180,17 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
         values, off = flat.to_numpy(zero_copy_only=False), _offsets(lengths)
         for i, row in enumerate(rows):
             row[name] = values[off[i]:off[i + 1]]
+    if "sample_ids" in table.column_names:
+        for name in SAMPLE_COLUMNS:
+            outer, inner = _lengths_and_values(table.column(name).combine_chunks())
+            per_position, flat = _lengths_and_values(inner)
+            values, off, flat_off = flat.to_numpy(zero_copy_only=False), _offsets(outer), _offsets(per_position)
+            for i, row in enumerate(rows):
+                row["sample_lengths"] = per_position[off[i]:off[i + 1]]
+                row[name] = values[flat_off[off[i]]:flat_off[off[i + 1]]]
     for name in ("topk_ids", "topk_logprobs"):
+        if name not in table.column_names:
+            continue
         outer, inner = _lengths_and_values(table.column(name).combine_chunks())
         widths, flat = _lengths_and_values(inner)
         values, off, inner_off = flat.to_numpy(zero_copy_only=False), _offsets(outer), _offsets(widths)
@@ -308,6 +327,23 @@ def compare_row(
     return problems, max_diff
 
 
+def compare_draws(cached: dict[str, Any], fresh: dict[str, Any], samples: int) -> tuple[list[str], DrawComparison | None]:
+    """A row's cached draws against its fresh ones, under the draw contract (``schemas/draws.py``)."""
+    try:
+        a = expand(cached["sample_lengths"], cached["sample_ids"], cached["sample_counts"], samples)
+        b = expand(fresh["sample_lengths"], fresh["sample_ids"], fresh["sample_counts"], samples)
+    except (KeyError, ValueError) as exc:
+        return [f"sampled targets: {exc}"], None
+    if a.shape != b.shape:
+        return [f"sampled targets at {len(a)} positions, the teacher drew at {len(b)}"], None
+    cmp = moved_draws(a, b)
+    if cmp.jumped:
+        bad = np.argwhere(np.abs(a - b) > 1)
+        return [f"sampled targets differ beyond a neighbouring token at {cmp.jumped} of {cmp.draws} draws: "
+                + _where(bad, lambda p, j: f"position {p}: cached {a[p, j]}, teacher {b[p, j]}")], cmp
+    return [], cmp
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling and reading
 
@@ -327,7 +363,7 @@ def sample_positions(records: Sequence[ShardRecord], n: int, seed: int) -> dict[
     }
 
 
-def read_rows(path: Path, rows: np.ndarray) -> tuple[pa.Table, list[str]]:
+def read_rows(path: Path, rows: np.ndarray, columns: Sequence[str] = CACHE_COLUMNS) -> tuple[pa.Table, list[str]]:
     """The given rows of a shard, reading only the row groups that hold them; and any problems."""
     pf = pq.ParquetFile(path)
     meta = pf.metadata
@@ -339,7 +375,7 @@ def read_rows(path: Path, rows: np.ndarray) -> tuple[pa.Table, list[str]]:
     groups = np.searchsorted(group_starts, rows, side="right") - 1
     parts = []
     for g in np.unique(groups):
-        table = pf.read_row_group(int(g), columns=CACHE_COLUMNS)
+        table = pf.read_row_group(int(g), columns=list(columns))
         parts.append(table.take(pa.array(rows[groups == g] - group_starts[g])))
     if not parts:
         return pa.Table.from_pylist([]), problems
@@ -392,10 +428,15 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     identity = manifest.identity
     dtype = str(identity.get("logprob_dtype", "float32"))
     k = int(identity["k"])
-    if identity.get("targets", "topk") == "sampled":
-        raise InputError(f"{out} holds sampled targets only; verify re-scores the top-k of a cache")
-    # The top-k at the cache's temperature; draws are not re-made.
-    scoring = Scoring(temperature=float(identity.get("temperature", 1.0)))
+    targets = str(identity.get("targets", "topk"))
+    samples = int(identity.get("samples", 0)) if targets != "topk" else 0
+    # The top-k at the cache's temperature, and the draws again with the cache's seed.
+    scoring = Scoring(temperature=float(identity.get("temperature", 1.0)), targets=targets,
+                      samples=samples or Scoring.samples, seed=int(identity.get("seed", 0)))
+    columns = [c for c in CACHE_COLUMNS if targets != "sampled" or not c.startswith("topk_")]
+    columns += SAMPLE_COLUMNS if samples else []
+    if targets == "sampled":
+        k = 0  # no top-k to compare
     report = VerifyReport(
         out_dir=out, seed=opts.seed if opts.seed is not None else secrets.randbits(32),
         atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2), logprob_dtype=dtype, k=k,
@@ -410,7 +451,9 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     if k > info.k_max:
         report.teacher_problem = f"the cache's k={k} is over the server's k_max={info.k_max}"
         return report
-    k_fresh = min(k + 1, info.k_max)
+    k_fresh = min(k + 1, info.k_max) if k else 1
+    if samples:
+        report.draws = DrawComparison(0, 0, 0)
 
     records = sorted(manifest.shards.values(), key=lambda r: r.index)
     report.total_rows, report.total_shards = sum(r.rows for r in records), len(records)
@@ -431,7 +474,17 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
                 report.add(Mismatch(file, row["line"], row["id"], f"the teacher answered {len(fresh)} rows for {len(batch)}"))
             return
         for row, answer in zip(batch, fresh):
-            problems, diff = compare_row(row, answer, k=k, atol=report.atol, logprob_dtype=dtype)
+            if k:
+                problems, diff = compare_row(row, answer, k=k, atol=report.atol, logprob_dtype=dtype)
+            else:
+                problems, diff = compare_row(_without_topk(row), _without_topk(answer), k=0, atol=report.atol,
+                                             logprob_dtype=dtype)
+            if samples:
+                drawn, cmp = compare_draws(row, answer, samples)
+                problems += drawn
+                if cmp is not None:
+                    report.draws = DrawComparison(report.draws.draws + cmp.draws, report.draws.moved + cmp.moved,
+                                                  report.draws.jumped + cmp.jumped)
             report.rows_checked += 1
             report.positions_checked += len(row["input_ids"])
             report.max_abs_diff = max(report.max_abs_diff, diff)
@@ -454,7 +507,7 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
             if digest != rec.sha256:
                 report.add(Mismatch(rec.file, None, None, "sha256 checksum differs from the manifest's"))
             try:
-                table, problems = await asyncio.to_thread(read_rows, path, local)
+                table, problems = await asyncio.to_thread(read_rows, path, local, columns)
             except (OSError, pa.ArrowException) as exc:
                 report.add(Mismatch(rec.file, None, None, f"unreadable: {exc}"))
                 continue
@@ -477,7 +530,16 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     finally:
         for task in tasks:
             task.cancel()
+    if report.draws is not None and report.draws.jumped == 0 and not report.draws.holds:
+        report.add(Mismatch(out.name, None, None, f"sampled targets: {report.draws}, more than the "
+                            f"{report.draws.allowed} a CDF boundary explains"))
     return report
+
+
+def _without_topk(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of a cache with sampled targets only, with empty top-k, so that ``compare_row`` checks the rest."""
+    empty = np.zeros((len(row["input_ids"]), 0), np.float32)
+    return {**row, "topk_ids": empty.astype(np.int32), "topk_logprobs": empty}
 
 
 def run_verify(opts: VerifyOptions) -> VerifyReport:
@@ -492,4 +554,4 @@ def run_verify(opts: VerifyOptions) -> VerifyReport:
         finally:
             await pool.aclose()
 
-    return asyncio.run(go())
+    return run_async(go())

@@ -140,6 +140,36 @@ def test_a_missing_shard_and_bad_flags(server, cache_copy):
     assert teacher_farm("verify", str(cache_copy), "--sample", "1").returncode == 2  # no --server
 
 
+@pytest.mark.parametrize("targets", ["sampled", "both"])
+def test_sampled_targets_are_drawn_again_and_a_moved_draw_is_caught(server, tmp_path, targets):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(read_lines(SAMPLE, 4)) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    proc = teacher_farm(
+        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out), "--k", str(K),
+        "--max-length", "64", "--targets", targets, "--samples", "16", "--seed", "5", "--temperature", "1.5",
+        "--rows-per-shard", "4",
+    )
+    assert proc.returncode == 0, proc.stderr
+    proc = verify(server, out, "--sample", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "status:     OK" in proc.stdout and "draws:      " in proc.stdout and " of 4" in proc.stdout
+    # One draw moved far from where the seed puts it, behind a matching checksum: caught.
+    (path,) = out.glob("part-*.parquet")
+    table = pq.read_table(path)
+    ids = table.column("sample_ids").to_pylist()
+    ids[2][3] = [(ids[2][3][0] + 500) % 2048, *ids[2][3][1:]]
+    index = table.schema.get_field_index("sample_ids")
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(ids, type=table.schema.field(index).type)), path)
+    manifest = load_manifest(out)
+    rec = next(iter(manifest.shards.values()))
+    rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
+    manifest.save(out)
+    proc = verify(server, out, "--sample", "4")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "sampled targets differ beyond a neighbouring token at 1 of" in proc.stdout and "position 3" in proc.stdout
+
+
 # --- the comparison itself, on made-up rows ------------------------------------------------------
 
 
