@@ -27,7 +27,7 @@ demo: setup $(MODEL)/config.json
 	$(BIN)/teacher-farm inspect $(OUT)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Throughput of the ways to build a cache, on this machine (a few minutes on a CPU).
 bench: setup

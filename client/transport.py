@@ -345,7 +345,7 @@ class TeacherPool:
             stop = stop | _StopRefused(refused_for_s)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
-            wait=_WaitRetryAfter(initial=0.5, max=30.0),
+            wait=_WaitRetryAfter(multiplier=0.5, max=30.0),
             stop=stop,
             reraise=True,
         ):

@@ -16,7 +16,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import API_KEY, ROOT, SAMPLE, Server, free_port, read_lines, teacher_farm
+from tests.conftest import (
+    API_KEY, ROOT, SAMPLE, Server, alive, descendants, free_port, kill_all, read_lines, teacher_farm, wait_for,
+)
 from tests.reference_check import assert_same_rows
 
 pytestmark = pytest.mark.engine
@@ -42,7 +44,7 @@ def start_client(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_until(predicate, timeout=120.0, proc=None):
+def wait_until(predicate, timeout=300.0, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -166,8 +168,14 @@ def test_server_killed_and_restarted_mid_run(fault_server, corpus, expected, tmp
     out = tmp_path / "o"
     client = start_client(*cache_args(fault_server.url, corpus, out, FAULT_KEY))
     wait_until(lambda: committed_shards(out) >= 1, proc=client)
-    fault_server.stop(signal.SIGKILL)
-    time.sleep(2)
+    engine = descendants(fault_server.proc.pid)
+    assert len(engine) >= 2  # EngineCore and a Worker at least
+    fault_server.proc.kill()  # the server alone, as the OOM killer would: its children must notice by themselves
+    fault_server.proc.wait()
+    try:
+        wait_for(lambda: alive(engine) == [], 30, "the engine's processes to end after SIGKILL of serve")
+    finally:
+        kill_all(engine)
     assert client.poll() is None, "the client must wait for the server, not give up"
     fault_server.start()
     # While the engine loads, the server already answers: 503 with Retry-After, not a hang.
@@ -190,7 +198,7 @@ def test_server_killed_and_restarted_mid_run(fault_server, corpus, expected, tmp
     audit(out, expected)
 
 
-def test_sigterm_lets_requests_in_flight_finish(fault_server):
+def test_sigterm_lets_requests_in_flight_finish_and_stops_tidily(fault_server):
     raw = orjson.dumps({"k": 4, "inputs": [{"token_ids": [(7 * i) % 2000 + 3 for i in range(300)]}]})
     started, results = threading.Event(), []
 
@@ -209,6 +217,7 @@ def test_sigterm_lets_requests_in_flight_finish(fault_server):
     caller.start()
     assert started.wait(30)
     time.sleep(0.3)
+    engine = descendants(fault_server.proc.pid)
     fault_server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises(httpx.TransportError):  # new connections are refused at once
@@ -218,7 +227,11 @@ def test_sigterm_lets_requests_in_flight_finish(fault_server):
     assert len(results[0].json()["results"][0]["topk_ids"]) == 300
     # uvicorn re-raises the signal once its graceful shutdown is done.
     assert fault_server.proc.wait(120) in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in fault_server.tail()
+    text = fault_server.output_of_this_start()
+    assert "Application shutdown complete" in text
+    assert not [word for word in ("Traceback", "leaked", "Exception ignored") if word in text], text[-3000:]
+    assert ") INFO " not in text, "vLLM's INFO logs should be off without -v"
+    wait_for(lambda: alive(engine) == [], 30, "the engine's processes to end after SIGTERM")
 
 
 def _metric(server, series: str) -> float:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-import time
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import SAMPLE, SERVER_START_TIMEOUT_S, Server, read_lines, teacher_farm
+from tests.conftest import SAMPLE, Server, read_lines, teacher_farm
 from tests.test_first_mistakes import one_line_error
 
 pytestmark = pytest.mark.engine
@@ -54,18 +53,16 @@ def tls_server(tiny_model, tmp_path_factory):
     srv.url = srv.url.replace("http://", "https://")
     srv.cert = cert
     srv.start()
+    context = ssl.create_default_context(cafile=str(cert))
+
+    def healthy_over_tls() -> bool:
+        try:
+            return httpx.get(srv.url + "/health", verify=context, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        context = ssl.create_default_context(cafile=str(cert))
-        while True:
-            assert srv.proc.poll() is None, srv.tail()
-            assert time.monotonic() < deadline, srv.tail()
-            try:
-                if httpx.get(srv.url + "/health", verify=context, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        srv.wait_ready(ready=healthy_over_tls)
         yield srv
     finally:
         srv.stop()
