@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.arrow import ScoredSequence, cast_logprobs, results_to_table
 from teacher_farm.schemas.errors import (
-    AuthError, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
+    AuthError, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
 )
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
@@ -116,6 +116,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (MalformedBody, 400),
     (InputError, 422),
     (ServerBusy, 429),
+    (EngineDead, 503),
     (EngineNotReady, 503),
     (TeacherFarmError, 500),
 ]
@@ -132,7 +133,8 @@ def _error_response(request: Request | None, exc: Exception) -> Response:
         headers["WWW-Authenticate"] = "Bearer"
     if status == 500:
         log.error("request failed: %s", exc)
-    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+    # ``kind`` lets a client tell errors of one status apart (a dead engine from one still loading).
+    return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=status, headers=headers)
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
