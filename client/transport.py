@@ -3,7 +3,8 @@
 All answer ``info()`` and ``topk(lines, k, max_length)`` with a result table (see
 ``schemas.arrow.result_schema``). HTTP failures are mapped onto ``teacher_farm.schemas.errors``; a
 ``TeacherPool`` spreads requests over servers and retries the retryable failures with exponential
-backoff and jitter, honouring the server's Retry-After.
+backoff and jitter, honouring the server's Retry-After. A server whose engine died is left alone for
+``DEAD_SERVER_OUT_S``: it exits, and a supervisor restarts it (it then answers 503 while it loads).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from tenacity.stop import stop_base
 from teacher_farm.client.reader import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.errors import (
-    AuthError, CacheMismatch, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected, ServerUnreachable,
-    TeacherFarmError, TransportError,
+    AuthError, CacheMismatch, EngineDead, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected,
+    ServerUnreachable, TeacherFarmError, TransportError,
 )
 from teacher_farm.schemas.wire import Info
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 #: At the start of a run, a server that refuses every connection this long is reported, not waited for:
 #: a ``serve`` just started listens well within it (and then answers 503 while its model loads).
 START_REFUSED_S = 60.0
+#: A server whose engine died is not tried again for this long (the longest backoff): restarting
+#: and loading a model takes longer, and the work meanwhile goes to the other servers.
+DEAD_SERVER_OUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,14 @@ def _message(response: httpx.Response) -> str:
         return response.text[:500] or response.reason_phrase
 
 
+def _kind(response: httpx.Response) -> str | None:
+    """The error class a teacher-farm server named in its answer's ``kind``."""
+    try:
+        return str(response.json()["kind"])
+    except Exception:  # noqa: BLE001 - another server, a proxy's error page
+        return None
+
+
 def raise_for_answer(response: httpx.Response) -> None:
     """Map a non-2xx answer onto the project's errors."""
     status = response.status_code
@@ -98,7 +110,8 @@ def raise_for_answer(response: httpx.Response) -> None:
     if status == 429:
         raise ServerBusy(msg, retry_after=_retry_after(response))
     if status == 503:
-        raise EngineNotReady(msg, retry_after=_retry_after(response))
+        cls = EngineDead if _kind(response) == EngineDead.__name__ else EngineNotReady
+        raise cls(msg, retry_after=_retry_after(response))
     if status >= 500:
         raise TransportError(msg, retry_after=_retry_after(response))
     raise ServerRejected(msg, status)
@@ -259,8 +272,9 @@ class TeacherPool:
     """Several servers of one teacher: least outstanding work first, failed ones probed back in.
 
     A retryable failure takes the server out for an exponentially growing while (or its
-    Retry-After); the request moves to another server at once, or waits when all are out.
-    Requests are given up only after ``retry_for_s`` seconds of failures.
+    Retry-After), a dead engine for ``DEAD_SERVER_OUT_S`` at once; the request moves to another
+    server at once, or waits when all are out (a lone server restarted by its supervisor comes
+    back). Requests are given up only after ``retry_for_s`` seconds of failures.
     """
 
     def __init__(self, teachers: Sequence[HttpTeacher], *, retry_for_s: float = 600.0) -> None:
@@ -291,6 +305,8 @@ class TeacherPool:
             except RetryableError as exc:
                 member.failures += 1
                 backoff = min(30.0, 0.5 * 2 ** (member.failures - 1)) * random.uniform(0.5, 1.0)
+                if isinstance(exc, EngineDead):
+                    backoff = DEAD_SERVER_OUT_S
                 member.down_until = time.monotonic() + max(backoff, exc.retry_after or 0.0)
                 if time.monotonic() >= deadline:
                     raise

@@ -7,12 +7,15 @@
     ├── AuthError             missing or wrong API key
     ├── ServerBusy            the server's queue is full (retry after ``retry_after`` s)
     ├── EngineNotReady        the engine is still loading (retry)
+    │   └── EngineDead        the engine died; the server exits for its supervisor to restart it
     ├── TransportError        a server could not be reached or answered 5xx (retry)
     │   └── ServerUnreachable nothing listens at the URL: connection refused (retry, briefly at start)
     ├── ServerRejected        the server answered 4xx: the inputs it names are bad
     └── CacheMismatch         a resumed output directory was made with other settings
 
-Only ``ServerBusy``, ``EngineNotReady`` and ``TransportError`` (with ``ServerUnreachable``) are retryable.
+Only ``ServerBusy``, ``EngineNotReady`` (with ``EngineDead``) and ``TransportError`` (with
+``ServerUnreachable``) are retryable. A 503 answer names ``EngineDead`` in its body's ``kind``, so that a
+client tells a dead engine (try another server) from one still loading (wait).
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class ServerBusy(RetryableError):
 
 class EngineNotReady(RetryableError):
     """The engine is still loading."""
+
+
+class EngineDead(EngineNotReady):
+    """The engine died: this server answers nothing more until a supervisor restarts it (loading again)."""
 
 
 class TransportError(RetryableError):

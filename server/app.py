@@ -1,7 +1,11 @@
 """The HTTP service: ``POST /v1/topk``, ``GET /v1/info``, ``GET /health``, ``GET /metrics``.
 
 The engine starts in the background when the app starts, so ``/health`` can answer 503 while it
-loads. Domain errors become JSON answers in one place (``_error_response``).
+loads. Once it runs, a watch task checks that it is alive: a dead engine (its process killed, out of
+memory, a device fault) never comes back in this process, so the server answers 503 ``EngineDead``
+for a few seconds, long enough for clients and health checks to see it, then asks to exit
+(``on_engine_dead``) so that a supervisor restarts it. Domain errors become JSON answers in one place
+(``_error_response``).
 """
 
 from __future__ import annotations
@@ -21,16 +25,21 @@ from fastapi.responses import JSONResponse, Response
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.arrow import ScoredSequence, cast_logprobs, results_to_table
 from teacher_farm.schemas.errors import (
-    AuthError, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
+    AuthError, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
 )
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
-from teacher_farm.server.intake import Admission, parse_body, read_body, score_admitted, teacher
+from teacher_farm.server.intake import Admission, engine_dead, parse_body, read_body, score_admitted, teacher
 from teacher_farm.server.openai_compat import router as openai_router
 from teacher_farm.server.settings import ServerSettings, get_settings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+
+#: How often the watch task checks that the engine is alive.
+WATCH_S = 1.0
+#: How long a server with a dead engine keeps answering 503 before it asks to exit.
+DEAD_LINGER_S = 3.0
 
 
 class RequireKey:
@@ -59,8 +68,10 @@ class RequireKey:
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 when the engine is ready to score, 503 while loading or shutting down."""
+    """200 when the engine is ready to score, 503 while loading, shutting down or once the engine died."""
     state = request.app.state
+    if state.engine_dead:
+        return JSONResponse({"status": "engine dead"}, status_code=503)
     if state.teacher is not None and not state.draining:
         return JSONResponse({"status": "ok"})
     status = "failed" if state.load_error else ("draining" if state.draining else "loading")
@@ -116,6 +127,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (MalformedBody, 400),
     (InputError, 422),
     (ServerBusy, 429),
+    (EngineDead, 503),
     (EngineNotReady, 503),
     (TeacherFarmError, 500),
 ]
@@ -132,7 +144,8 @@ def _error_response(request: Request | None, exc: Exception) -> Response:
         headers["WWW-Authenticate"] = "Bearer"
     if status == 500:
         log.error("request failed: %s", exc)
-    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+    # ``kind`` lets a client tell errors of one status apart (a dead engine from one still loading).
+    return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=status, headers=headers)
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
@@ -141,14 +154,32 @@ def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
-def create_app(load_teacher: Callable[[], Any]) -> FastAPI:
-    """The ASGI app; ``load_teacher`` runs in a thread at start-up and returns a ``Teacher``."""
+async def watch_engine(state: Any, on_engine_dead: Callable[[], None]) -> None:
+    """Wait for the engine to die; then answer 503 for ``DEAD_LINGER_S`` and call ``on_engine_dead``."""
+    while not engine_dead(state.teacher):
+        await asyncio.sleep(WATCH_S)
+    state.engine_dead = True
+    log.error(
+        "the engine died; answering 503 and exiting in %.0f s (run serve under a supervisor that restarts it)",
+        DEAD_LINGER_S,
+    )
+    await asyncio.sleep(DEAD_LINGER_S)
+    on_engine_dead()
+
+
+def create_app(load_teacher: Callable[[], Any], on_engine_dead: Callable[[], None] = lambda: None) -> FastAPI:
+    """The ASGI app; ``load_teacher`` runs in a thread at start-up and returns a ``Teacher``.
+
+    ``on_engine_dead`` is called once the engine died (and the grace to tell clients passed): it
+    should stop the server, which then exits non-zero (``app.state.engine_dead`` stays true).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
-        state.teacher, state.load_error, state.draining = None, None, False
+        state.teacher, state.load_error, state.draining, state.engine_dead = None, None, False, False
         state.admission = Admission(get_settings().max_queued_tokens)
+        watch: list[asyncio.Task] = []
 
         async def load() -> None:
             try:
@@ -157,11 +188,16 @@ def create_app(load_teacher: Callable[[], Any]) -> FastAPI:
             except Exception as exc:  # noqa: BLE001 - reported on /health and every request
                 log.exception("the engine failed to start")
                 state.load_error = f"{type(exc).__name__}: {exc}"
+                return
+            watch.append(asyncio.create_task(watch_engine(state, on_engine_dead)))
 
         loader = asyncio.create_task(load())
         yield
         state.draining = True
         await loader
+        # Stopping the engine below marks it dead too: that is no death to report.
+        for task in watch:
+            task.cancel()
         if state.teacher is not None:
             state.teacher.shutdown()
 

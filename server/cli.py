@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from teacher_farm.server.preflight import check_model, exposure_warning
 from teacher_farm.server.settings import ServerSettings, configure
+
+#: Exit status of ``serve`` when its engine died: non-zero, so that a supervisor restarts it.
+ENGINE_DEAD_EXIT = 4
+#: How long requests in flight get to finish on SIGINT/SIGTERM.
+GRACEFUL_S = 300
+#: The same once the engine died: nothing in flight can succeed any more, so the exit need not wait.
+DEAD_GRACEFUL_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish)."""
+    """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish).
+
+    Exits with :data:`ENGINE_DEAD_EXIT` when the engine died (``server/app.py`` says when).
+    """
     # A missing model is one line, before vLLM is even imported (which takes seconds).
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--model")
@@ -75,11 +86,28 @@ def main(argv: list[str] | None = None) -> None:
     if warning := exposure_warning(settings.host, settings.api_key is not None):
         logging.getLogger(__name__).warning(warning)
 
+    def stop_dead() -> None:
+        # What SIGTERM does, with less grace: the process then exits with ENGINE_DEAD_EXIT.
+        config.timeout_graceful_shutdown = DEAD_GRACEFUL_S
+        server.should_exit = True
+
     app = create_app(lambda: Teacher.load(
         settings.engine_args, settings.k_max, scoring=settings.scoring,
         slice_rows=settings.slice_rows, max_samples=settings.max_samples,
-    ))
-    uvicorn.run(
+    ), on_engine_dead=stop_dead)
+    # uvicorn.run's steps, with the server at hand so that the app can stop it.
+    config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=300, access_log=False, **tls,
+        timeout_graceful_shutdown=GRACEFUL_S, access_log=False, **tls,
     )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if getattr(app.state, "engine_dead", False):
+        sys.exit(ENGINE_DEAD_EXIT)
+    if not server.started:
+        from uvicorn.main import STARTUP_FAILURE
+
+        sys.exit(STARTUP_FAILURE)

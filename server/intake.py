@@ -6,6 +6,7 @@ limits and count the same metrics.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,7 +14,9 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from teacher_farm.schemas.arrow import ScoredSequence
-from teacher_farm.schemas.errors import EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError
+from teacher_farm.schemas.errors import (
+    EngineDead, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
+)
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
 from teacher_farm.server.settings import ServerSettings, get_settings
@@ -43,9 +46,26 @@ class Admission:
         metrics.QUEUED_TOKENS.set(self.queued)
 
 
+ENGINE_DEAD_MESSAGE = "the teacher's engine died; this server exits for its supervisor to restart it"
+
+
+def engine_dead(t: Any) -> bool:
+    """Whether the vLLM engine of teacher ``t`` died (it never recovers in this process)."""
+    llm = getattr(t, "llm", None)
+    return llm is not None and bool(llm.errored)
+
+
+def _engine_dead_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is vLLM's ``EngineDeadError`` (without importing vLLM, which takes seconds)."""
+    module = sys.modules.get("vllm.v1.engine.exceptions")
+    return module is not None and isinstance(exc, module.EngineDeadError)
+
+
 def teacher(request: Request) -> Any:
-    """The loaded teacher (a FastAPI dependency), or 503 while it loads or the server drains."""
+    """The loaded teacher (a FastAPI dependency); 503 while it loads, the server drains, or once its engine died."""
     state = request.app.state
+    if state.engine_dead or engine_dead(state.teacher):
+        raise EngineDead(ENGINE_DEAD_MESSAGE)
     if state.teacher is None:
         if state.load_error is not None:
             raise TeacherFarmError(f"the engine failed to start: {state.load_error}")
@@ -107,6 +127,11 @@ async def score_admitted(
                 [i.id for i in req.inputs], token_ids, req.k,
                 temperature=req.temperature, targets=req.targets, samples=req.samples, seed=req.seed,
             )
+    except Exception as exc:
+        # vLLM's EngineDeadError, or whatever a request in flight meets as its engine dies.
+        if engine_dead(t) or _engine_dead_error(exc):
+            raise EngineDead(ENGINE_DEAD_MESSAGE) from exc
+        raise
     finally:
         admission.release(total)
     metrics.TOKENS_SCORED.inc(total)
