@@ -32,6 +32,7 @@ from teacher_farm.schemas.draws import draw_seed
 from teacher_farm.server.packed import compact_samples, unpack
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions, scoring_refusal
+from teacher_farm.server import vllm_seam
 from teacher_farm.server.lifecycle import ENGINE_STOP_S, mark_engine_owner
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def engine_defaults(
     slice_rows: int | None = None, max_samples: int = 0,
 ) -> dict[str, Any]:
     """vLLM engine arguments for scoring: ours first, then what the user passed wins."""
-    from vllm.platforms import current_platform
-
     backend = backend or Backend("prompt-logprobs")
     args: dict[str, Any] = {
         # Every position is scored: a cached prefix would skip some. Don't pay for its bookkeeping.
@@ -96,16 +95,16 @@ def engine_defaults(
     }
     if backend.name == "prompt-logprobs":
         args["max_logprobs"] = k_max
-    if current_platform.is_cpu():
+    if vllm_seam.on_cpu():
         args["gpu_memory_utilization"] = CPU_MEMORY_UTILIZATION
     args.update({k: v for k, v in engine_args.items() if v is not None})
     if slice_rows is None:
-        slice_rows = SLICE_ROWS["cpu" if current_platform.is_cpu() else "gpu"]
+        slice_rows = SLICE_ROWS["cpu" if vllm_seam.on_cpu() else "gpu"]
     if backend.name == "pooled":
         user = args.get("hf_overrides")
         if user is not None and not isinstance(user, dict):
             raise InputError("--hf-overrides must be a JSON object with the pooled scoring backend")
-        args["runner"] = "pooling"
+        args["runner"] = vllm_seam.RUNNER
         args["hf_overrides"] = {
             **(user or {}), "architectures": [backend.arch], "teacher_farm_slice_rows": slice_rows,
             "teacher_farm_k_max": k_max, "teacher_farm_max_samples": max_samples,
