@@ -141,5 +141,11 @@ def pooling_metadata(
         pooling_params=params, pooling_states=states,
     )
     seq_lens = torch.tensor([c + s for c, s in zip(computed, scheduled)], dtype=torch.int32)
-    metadata.build_pooling_cursor(np.array(scheduled, dtype=np.int32), seq_lens, device=torch.device("cpu"))
+    # The runner passes its query start offsets; without them vLLM allocates pinned memory, which on a
+    # GPU node would start CUDA in this process before the engine does.
+    starts = torch.zeros(len(scheduled) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(scheduled, dtype=torch.int64), 0, out=starts[1:])
+    metadata.build_pooling_cursor(
+        np.array(scheduled, dtype=np.int32), seq_lens, device=torch.device("cpu"), query_start_loc_gpu=starts,
+    )
     return metadata
