@@ -40,7 +40,8 @@ def _is_internal(module: str) -> bool:
 
 def internal_imports(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    return [f"{path.relative_to(ROOT)}:{line}: {module}" for line, module in _imported_modules(tree) if _is_internal(module)]
+    where = path.relative_to(ROOT)
+    return [f"{where}:{line}: {module}" for line, module in _imported_modules(tree) if _is_internal(module)]
 
 
 def test_only_the_seam_imports_vllm_internals():
