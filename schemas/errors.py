@@ -11,7 +11,8 @@
     ├── TransportError        a server could not be reached or answered 5xx (retry)
     │   └── ServerUnreachable nothing listens at the URL: connection refused (retry, briefly at start)
     ├── ServerRejected        the server answered 4xx: the inputs it names are bad
-    └── CacheMismatch         a resumed output directory was made with other settings
+    ├── CacheMismatch         a resumed output directory was made with other settings
+    └── SelfTestFailed        the pooled backend does not work on the installed vLLM
 
 Only ``ServerBusy``, ``EngineNotReady`` (with ``EngineDead``) and ``TransportError`` (with
 ``ServerUnreachable``) are retryable. A 503 answer names ``EngineDead`` in its body's ``kind``, so that a
@@ -79,3 +80,8 @@ class ServerRejected(TeacherFarmError):
 
 class CacheMismatch(TeacherFarmError):
     """An existing output directory was made with a different model, tokenizer, k or option."""
+
+
+class SelfTestFailed(TeacherFarmError):
+    """The pooled backend failed its start-up check on the installed vLLM: its modules do not load, or
+    its pooler, driven through vLLM's own pooling structures, does not give ``reduce_rows``'s rows."""

@@ -106,6 +106,9 @@ class Info(BaseModel):
     #: How the server computes the answers: "pooled" (reduced in the vLLM worker: any k up to
     #: k_max, temperature, sampled targets) or "prompt-logprobs" (vLLM's API: top-k at T=1 only).
     scoring: Literal["pooled", "prompt-logprobs"] = "prompt-logprobs"
+    #: Why: asked for, the architecture, or the pooled backend's failed start-up self-test (with the
+    #: vLLM release) that made ``--scoring auto`` fall back to prompt logprobs.
+    scoring_reason: str = ""
     #: Largest ``samples`` a request may ask for (0: no sampled targets).
     max_samples: int = 0
 

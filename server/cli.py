@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    from teacher_farm.server import vllm_seam
     from teacher_farm.server.app import create_app
-    from teacher_farm.server.engine import Teacher
+    from teacher_farm.server.engine import Teacher, choose_backend
 
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -83,8 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = ServerSettings(**{k: v for k, v in ours.items() if v is not None}, engine_args=args)
     configure(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(__name__)
     if warning := exposure_warning(settings.host, settings.api_key is not None):
-        logging.getLogger(__name__).warning(warning)
+        log.warning(warning)
+    if warning := vllm_seam.check_release():
+        log.warning(warning)
+    if settings.scoring == "pooled":
+        # A pooled backend that cannot run here stops serve now, in one line, not after the app starts.
+        engine_args = settings.engine_args
+        choose_backend("pooled", engine_args["model"], bool(engine_args.get("trust_remote_code")),
+                       engine_args.get("hf_overrides"))
 
     def stop_dead() -> None:
         # What SIGTERM does, with less grace: the process then exits with ENGINE_DEAD_EXIT.

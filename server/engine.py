@@ -15,6 +15,7 @@ sampled token (``logprobs=k``, greedy so its first entry is deterministic), laid
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import json
@@ -30,8 +31,9 @@ from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.draws import draw_seed
 from teacher_farm.server.packed import compact_samples, unpack
-from teacher_farm.schemas.errors import InputError, TeacherFarmError
+from teacher_farm.schemas.errors import InputError, SelfTestFailed, TeacherFarmError
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions, scoring_refusal
+from teacher_farm.server import vllm_seam
 from teacher_farm.server.lifecycle import ENGINE_STOP_S, mark_engine_owner
 
 log = logging.getLogger(__name__)
@@ -52,33 +54,64 @@ class Backend:
 
     name: str
     arch: str | None = None
-    #: Why it was chosen, for the log.
+    #: Why it was chosen, for the log and ``/v1/info``.
     reason: str = ""
 
 
 def choose_backend(requested: str, model: str, trust_remote_code: bool = False, hf_overrides: Any = None) -> Backend:
-    """``auto``: pooled where the checkpoint's causal-LM architecture can be wrapped, else prompt-logprobs."""
+    """``auto``: pooled where the checkpoint's causal-LM architecture can be wrapped and the pooler passes
+    its self-test on the installed vLLM, else prompt-logprobs; ``pooled``: that, or ``SelfTestFailed``."""
     from transformers import AutoConfig
-    from vllm import ModelRegistry
-
-    from teacher_farm.server.scoring_model import CAUSAL_SUFFIX, register, scoring_arch
 
     if requested not in SCORING_BACKENDS:
         raise InputError(f"--scoring must be one of {', '.join(SCORING_BACKENDS)}, not {requested!r}")
     if requested == "prompt-logprobs":
         return Backend("prompt-logprobs", reason="asked for")
-    register()  # this process may not have loaded vLLM's plugins yet
+    try:
+        from teacher_farm.server.scoring_model import CAUSAL_SUFFIX, register, scoring_arch
+
+        register()  # this process may not have loaded vLLM's plugins yet
+    except Exception as exc:  # noqa: BLE001 - a vLLM whose internals moved: the reason is one line
+        from teacher_farm.server.selftest import first_line
+
+        return _without_pooled(requested, SelfTestFailed(
+            f"the pooled scoring model does not load on vLLM {vllm_seam.version_string()}: {first_line(exc)}"
+        ))
     archs = list(getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "architectures", None) or [])
     if isinstance(hf_overrides, dict) and hf_overrides.get("architectures"):
         archs = list(hf_overrides["architectures"])
-    known = set(ModelRegistry.get_supported_archs())
+    known = vllm_seam.supported_archs()
     wrappable = [a for a in archs if a.endswith(CAUSAL_SUFFIX) and scoring_arch(a) in known]
-    if wrappable:
-        return Backend("pooled", scoring_arch(wrappable[0]), f"{wrappable[0]} is wrapped as {scoring_arch(wrappable[0])}")
-    why = f"architectures {archs or '(none)'} have no vLLM causal-LM class to wrap"
+    if not wrappable:
+        why = f"architectures {archs or '(none)'} have no vLLM causal-LM class to wrap"
+        if requested == "pooled":
+            raise InputError(f"--scoring pooled: {why}; use --scoring prompt-logprobs")
+        return Backend("prompt-logprobs", reason=why)
+    failure = pooler_self_test()
+    if failure is not None:
+        return _without_pooled(requested, failure)
+    arch = scoring_arch(wrappable[0])
+    return Backend("pooled", arch, f"{wrappable[0]} is wrapped as {arch}; its pooler passed the self-test")
+
+
+@functools.cache
+def pooler_self_test() -> SelfTestFailed | None:
+    """The pooled backend's start-up self-test (``server/selftest.py``), once per process: its failure or None."""
+    from teacher_farm.server.selftest import check_pooler
+
+    try:
+        check_pooler()
+    except SelfTestFailed as exc:
+        return exc
+    return None
+
+
+def _without_pooled(requested: str, failure: SelfTestFailed) -> Backend:
+    """``auto`` scores with prompt logprobs and says why; ``pooled`` stops, in one line."""
     if requested == "pooled":
-        raise InputError(f"--scoring pooled: {why}; use --scoring prompt-logprobs")
-    return Backend("prompt-logprobs", reason=why)
+        raise SelfTestFailed(f"--scoring pooled: {failure}; use --scoring prompt-logprobs") from failure
+    log.warning("scoring with prompt logprobs, not pooled: %s", failure)
+    return Backend("prompt-logprobs", reason=str(failure))
 
 
 def engine_defaults(
@@ -86,8 +119,6 @@ def engine_defaults(
     slice_rows: int | None = None, max_samples: int = 0,
 ) -> dict[str, Any]:
     """vLLM engine arguments for scoring: ours first, then what the user passed wins."""
-    from vllm.platforms import current_platform
-
     backend = backend or Backend("prompt-logprobs")
     args: dict[str, Any] = {
         # Every position is scored: a cached prefix would skip some. Don't pay for its bookkeeping.
@@ -96,16 +127,16 @@ def engine_defaults(
     }
     if backend.name == "prompt-logprobs":
         args["max_logprobs"] = k_max
-    if current_platform.is_cpu():
+    if vllm_seam.on_cpu():
         args["gpu_memory_utilization"] = CPU_MEMORY_UTILIZATION
     args.update({k: v for k, v in engine_args.items() if v is not None})
     if slice_rows is None:
-        slice_rows = SLICE_ROWS["cpu" if current_platform.is_cpu() else "gpu"]
+        slice_rows = SLICE_ROWS["cpu" if vllm_seam.on_cpu() else "gpu"]
     if backend.name == "pooled":
         user = args.get("hf_overrides")
         if user is not None and not isinstance(user, dict):
             raise InputError("--hf-overrides must be a JSON object with the pooled scoring backend")
-        args["runner"] = "pooling"
+        args["runner"] = vllm_seam.RUNNER
         args["hf_overrides"] = {
             **(user or {}), "architectures": [backend.arch], "teacher_farm_slice_rows": slice_rows,
             "teacher_farm_k_max": k_max, "teacher_farm_max_samples": max_samples,
@@ -120,12 +151,13 @@ def checkpoint_config_json(hf_config: Any) -> str:
 
     Keeps the model fingerprint (and so a cache's identity) the same whichever backend scores.
     """
-    from teacher_farm.server.scoring_model import SCORING_SUFFIX, causal_arch
-
     text = hf_config.to_json_string()
     config = json.loads(text)
     if not any(key.startswith("teacher_farm_") for key in config):
         return text
+    # Only the pooled backend sets these, so its module loaded (prompt logprobs may run without it).
+    from teacher_farm.server.scoring_model import SCORING_SUFFIX, causal_arch
+
     config = {k: v for k, v in config.items() if not k.startswith("teacher_farm_")}
     config["architectures"] = [causal_arch(a) if a.endswith(SCORING_SUFFIX) else a for a in config.get("architectures") or []]
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -178,6 +210,8 @@ class TeacherInfo:
     adds_bos: bool
     scoring: str = "prompt-logprobs"
     max_samples: int = 0
+    #: Why this backend scores (a failed pooled self-test, with the vLLM release, among the reasons).
+    scoring_reason: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -192,8 +226,6 @@ class TeacherInfo:
         return self.max_model_len - 1
 
     def to_wire(self, max_inputs_per_request: int) -> Info:
-        import vllm
-
         return Info(
             model=self.model,
             model_fingerprint=self.model_fingerprint,
@@ -205,8 +237,11 @@ class TeacherInfo:
             max_inputs_per_request=max_inputs_per_request,
             adds_bos=self.adds_bos,
             scoring=self.scoring,
+            scoring_reason=self.scoring_reason,
             max_samples=self.max_samples,
-            versions=Versions(teacher_farm=__version__, schema_version=SCHEMA_VERSION, vllm=vllm.__version__),
+            versions=Versions(
+                teacher_farm=__version__, schema_version=SCHEMA_VERSION, vllm=vllm_seam.version_string(),
+            ),
         )
 
 
@@ -309,6 +344,7 @@ class Teacher:
             adds_bos=tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
             scoring=backend.name,
             max_samples=max_samples if pooled else 0,
+            scoring_reason=backend.reason,
         )
         return cls(llm, tokenizer, info)
 

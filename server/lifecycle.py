@@ -73,9 +73,9 @@ def register() -> None:
 
 
 def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
+    from teacher_farm.server.vllm_seam import on_cpu
 
-    return current_platform.is_cpu()
+    return on_cpu()
 
 
 def _watch(parent: int) -> None:

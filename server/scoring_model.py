@@ -20,12 +20,11 @@ from collections.abc import Set
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.pooler import PoolingParamsUpdate
-from vllm.model_executor.layers.pooler.abstract import Pooler
-from vllm.v1.sample.ops.logprobs import batched_count_greater_than
 
+from teacher_farm.server import vllm_seam
 from teacher_farm.server.packed import packed_width
 from teacher_farm.server.reduce import reduce_rows
+from teacher_farm.server.vllm_seam import Pooler, PoolingParamsUpdate, batched_count_greater_than
 
 CAUSAL_SUFFIX = "ForCausalLM"
 SCORING_SUFFIX = "ForTeacherScoring"
@@ -34,7 +33,7 @@ SCORING_SUFFIX = "ForTeacherScoring"
 DEFAULT_SLICE_ROWS = 1024
 
 #: The pooling task our requests name (a token-wise task: one output row per prompt position).
-TASK = "token_classify"
+TASK = vllm_seam.TASK
 
 
 def scoring_arch(causal_arch: str) -> str:
@@ -49,35 +48,29 @@ def causal_arch(scoring: str) -> str:
 
 def register() -> None:
     """Register a scoring architecture beside every causal LM vLLM supports (lazily imported)."""
-    from vllm import ModelRegistry
-
-    known = set(ModelRegistry.get_supported_archs())
+    known = vllm_seam.supported_archs()
     for arch in sorted(known):
         if arch.endswith(CAUSAL_SUFFIX) and scoring_arch(arch) not in known:
-            ModelRegistry.register_model(scoring_arch(arch), f"{__name__}:{scoring_arch(arch)}")
+            vllm_seam.register_model(scoring_arch(arch), f"{__name__}:{scoring_arch(arch)}")
 
 
 def __getattr__(name: str) -> Any:
     # vLLM imports "teacher_farm.server.scoring_model:<Name>ForTeacherScoring" on demand.
     if not name.endswith(SCORING_SUFFIX):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from vllm import ModelRegistry
-
     arch = causal_arch(name)
-    if arch not in ModelRegistry.get_supported_archs():
+    if arch not in vllm_seam.supported_archs():
         raise AttributeError(f"vLLM has no causal LM {arch!r} to score with")
-    cls = as_scoring_model(ModelRegistry.models[arch].load_model_cls())
+    cls = as_scoring_model(vllm_seam.load_model_class(arch))
     globals()[name] = cls
     return cls
 
 
 def as_scoring_model(cls: type) -> type:
     """Subclass a vLLM causal LM: same layers and weights, plus the reduction as its pooler."""
-    from vllm.model_executor.models.interfaces_base import VllmModelForPooling
-
-    class ModelForTeacherScoring(cls, VllmModelForPooling):  # type: ignore[misc, valid-type]
+    class ModelForTeacherScoring(cls, vllm_seam.VllmModelForPooling):  # type: ignore[misc, valid-type]
         is_pooling_model = True
-        default_tok_pooling_type = "ALL"
+        default_tok_pooling_type = vllm_seam.TOKEN_POOLING
 
         def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)

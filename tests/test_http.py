@@ -25,6 +25,7 @@ def test_health_is_open_and_info_describes_the_teacher(server, http, tiny_model)
     assert info["vocab_size"] == 2048 and info["k_max"] == 256
     assert info["max_model_len"] == MAX_MODEL_LEN and info["max_input_tokens"] == MAX_MODEL_LEN - 1
     assert info["scoring"] == "pooled" and info["max_samples"] == 256
+    assert "passed the self-test" in info["scoring_reason"]
     assert info["adds_bos"] is True and len(info["tokenizer_fingerprint"]) == 16
     assert info["model"] == str(tiny_model) and info["versions"]["schema_version"] == SCHEMA_VERSION
 
