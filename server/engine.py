@@ -137,6 +137,11 @@ def engine_defaults(
         if user is not None and not isinstance(user, dict):
             raise InputError("--hf-overrides must be a JSON object with the pooled scoring backend")
         args["runner"] = vllm_seam.RUNNER
+        if str(args.get("dtype") or "auto").lower() == "auto":
+            # The dtype vLLM would generate in: its pooling runner's own choice differs.
+            args["dtype"] = vllm_seam.generation_dtype(
+                args["model"], bool(args.get("trust_remote_code")), args.get("revision"),
+            )
         args["hf_overrides"] = {
             **(user or {}), "architectures": [backend.arch], "teacher_farm_slice_rows": slice_rows,
             "teacher_farm_k_max": k_max, "teacher_farm_max_samples": max_samples,

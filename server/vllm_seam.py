@@ -97,6 +97,20 @@ def on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def generation_dtype(model: str, trust_remote_code: bool = False, revision: str | None = None) -> str:
+    """What ``--dtype auto`` gives ``model`` on vLLM's generate runner, as a dtype's name.
+
+    For a float32 checkpoint vLLM prefers float16 on its pooling runner and bfloat16 (the platform's
+    first choice) to generate; the pooled backend asks for the latter, so both backends score alike.
+    """
+    from transformers import AutoConfig
+    from vllm.config.model import _get_and_verify_dtype
+
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, revision=revision)
+    dtype = _get_and_verify_dtype(model, config, "auto", is_pooling_model=False, revision=revision)
+    return str(dtype).removeprefix("torch.")
+
+
 def supported_archs() -> set[str]:
     """Every architecture vLLM's model registry knows, ours included once registered."""
     from vllm import ModelRegistry
