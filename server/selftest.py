@@ -10,7 +10,9 @@ finished, what the states keep) fails here in seconds, instead of in a cache's n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,8 +88,36 @@ def _alone(case: Case, hidden: torch.Tensor, prompt: list[int], compute_logits) 
     )
 
 
-def check_pooler() -> None:
-    """Raise ``SelfTestFailed`` naming the case and the vLLM release unless the pooler's rows are exact."""
+#: Runs one step: (case, tokens scheduled) per request, the tokens each computed before, the step's hidden
+#: states; returns what the pooler handed each request (its rows, or None before its prompt ends).
+Step = Callable[[list[tuple[int, int]], list[int], torch.Tensor], list[Any]]
+
+
+def v1_steps(pooler: Any, params: list[Any], prompts: list[list[int]]) -> Step:
+    """Steps as vLLM's (V1) model runner runs them: the pooler called on each step's ``PoolingMetadata``."""
+    from teacher_farm.server import vllm_seam
+
+    for p in params:
+        pooler.get_pooling_updates(vllm_seam.TASK).apply(p)
+    states = [vllm_seam.PoolingStates() for _ in params]
+
+    def step(scheduled: list[tuple[int, int]], computed: list[int], chunk: torch.Tensor) -> list[Any]:
+        ids = [i for i, _ in scheduled]
+        metadata = vllm_seam.pooling_metadata(
+            [prompts[i] for i in ids], [params[i] for i in ids], [states[i] for i in ids],
+            [n for _, n in scheduled], computed, pad_id=VOCAB,
+        )
+        return pooler(hidden_states=chunk, pooling_metadata=metadata)
+
+    return step
+
+
+def check_pooler(steps: Callable[[Any, list[Any], list[list[int]]], Step] = v1_steps) -> None:
+    """Raise ``SelfTestFailed`` naming the case and the vLLM release unless the pooler's rows are exact.
+
+    ``steps(pooler, params, prompts)`` sets up the requests and returns the ``Step`` that runs the pooler
+    the way a model runner does (default: ``v1_steps``).
+    """
     from teacher_farm.server import vllm_seam
 
     version = vllm_seam.version_string()
@@ -107,26 +137,17 @@ def check_pooler() -> None:
     done = [0] * len(CASES)
     results: dict[int, torch.Tensor] = {}
     try:
-        states = [vllm_seam.PoolingStates() for _ in CASES]
-        params = []
-        for case in CASES:
-            p = PoolingParams(task=vllm_seam.TASK, extra_kwargs=case.settings)
-            pooler.get_pooling_updates(vllm_seam.TASK).apply(p)
-            params.append(p)
+        params = [PoolingParams(task=vllm_seam.TASK, extra_kwargs=case.settings) for case in CASES]
+        run_step = steps(pooler, params, prompts)
     except Exception as exc:  # noqa: BLE001
         raise fail(f"vLLM's pooling structures: {first_line(exc)}") from exc
     # The worker compiles vLLM's rank kernel for its own device; here it runs eagerly, so that this
     # check costs seconds (and no compiler), while still using the kernel's own definition.
     with torch.compiler.set_stance("force_eager"):
         for step, scheduled in enumerate(STEPS, 1):
-            ids = [i for i, _ in scheduled]
             try:
-                metadata = vllm_seam.pooling_metadata(
-                    [prompts[i] for i in ids], [params[i] for i in ids], [states[i] for i in ids],
-                    [n for _, n in scheduled], [done[i] for i in ids], pad_id=VOCAB,
-                )
                 chunk = torch.cat([hidden[i][done[i]:done[i] + n] for i, n in scheduled])
-                out = pooler(hidden_states=chunk, pooling_metadata=metadata)
+                out = run_step(list(scheduled), [done[i] for i, _ in scheduled], chunk)
             except Exception as exc:  # noqa: BLE001
                 raise fail(f"step {step}: the pooler raised {first_line(exc)}") from exc
             for (i, n), rows in zip(scheduled, out):

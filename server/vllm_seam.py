@@ -19,6 +19,9 @@ from typing import Any
 #: Oldest vLLM release supported, and the first one beyond the range (0.24 up to 0.33 verified).
 OLDEST = (0, 24)
 BEYOND = (0, 34)
+#: The oldest and newest supported releases, whose GPU wheels the test suite checks without a GPU
+#: (tests/test_gpu_releases.py).
+VERIFIED = ("0.24.0", "0.33.0")
 
 #: vLLM's runner for pooling models, the token-wise pooling task our requests name (one output row
 #: per prompt position) and the pooling type that keeps every token.
@@ -34,6 +37,13 @@ _INTERNALS = {
     "batched_count_greater_than": "vllm.v1.sample.ops.logprobs",
     "PoolingMetadata": "vllm.v1.pool.metadata",
     "PoolingStates": "vllm.v1.pool.metadata",
+    # Model Runner V2, the default on a GPU from 0.33 on, pooling models included: only the release
+    # tests drive it (tests/gpu_releases.py), since its request state needs CUDA.
+    "PoolingRunner": "vllm.v1.worker.gpu.pool.pooling_runner",
+    "InputBatch": "vllm.v1.worker.gpu.input_batch",
+    "InputBuffers": "vllm.v1.worker.gpu.input_batch",
+    "ModelConfig": "vllm.config",
+    "PoolerConfig": "vllm.config",
 }
 
 

@@ -89,7 +89,8 @@ def test_the_gpu_extra_pins_the_seams_range():
 
 def test_the_seam_names_every_internal_it_promises():
     for name in ("Pooler", "PoolingParamsUpdate", "VllmModelForPooling", "batched_count_greater_than",
-                 "PoolingMetadata", "PoolingStates"):
+                 "PoolingMetadata", "PoolingStates", "PoolingRunner", "InputBatch", "InputBuffers", "ModelConfig",
+                 "PoolerConfig"):
         assert getattr(vllm_seam, name) is not None
     assert "LlamaForCausalLM" in vllm_seam.supported_archs()
     assert (vllm_seam.RUNNER, vllm_seam.TASK, vllm_seam.TOKEN_POOLING) == ("pooling", "token_classify", "ALL")
