@@ -159,10 +159,13 @@ async def watch_engine(state: Any, on_engine_dead: Callable[[], None]) -> None:
     while not engine_dead(state.teacher):
         await asyncio.sleep(WATCH_S)
     state.engine_dead = True
-    log.error(
-        "the engine died; answering 503 and exiting in %.0f s (run serve under a supervisor that restarts it)",
-        DEAD_LINGER_S,
-    )
+    await linger_then_exit("the engine died", on_engine_dead)
+
+
+async def linger_then_exit(what: str, on_engine_dead: Callable[[], None]) -> None:
+    """Answer 503 for ``DEAD_LINGER_S`` (clients and health checks see why), then ask to exit."""
+    log.error("%s; telling clients so, then exiting in %.0f s (run serve under a supervisor that restarts it)",
+              what, DEAD_LINGER_S)
     await asyncio.sleep(DEAD_LINGER_S)
     on_engine_dead()
 
@@ -170,8 +173,9 @@ async def watch_engine(state: Any, on_engine_dead: Callable[[], None]) -> None:
 def create_app(load_teacher: Callable[[], Any], on_engine_dead: Callable[[], None] = lambda: None) -> FastAPI:
     """The ASGI app; ``load_teacher`` runs in a thread at start-up and returns a ``Teacher``.
 
-    ``on_engine_dead`` is called once the engine died (and the grace to tell clients passed): it
-    should stop the server, which then exits non-zero (``app.state.engine_dead`` stays true).
+    ``on_engine_dead`` is called once the engine died or failed to start (and the grace to tell
+    clients passed): it should stop the server, which then exits non-zero (``app.state.engine_dead``
+    or ``app.state.load_error`` says which).
     """
 
     @asynccontextmanager
@@ -188,6 +192,7 @@ def create_app(load_teacher: Callable[[], Any], on_engine_dead: Callable[[], Non
             except Exception as exc:  # noqa: BLE001 - reported on /health and every request
                 log.exception("the engine failed to start")
                 state.load_error = f"{type(exc).__name__}: {exc}"
+                watch.append(asyncio.create_task(linger_then_exit("the engine failed to start", on_engine_dead)))
                 return
             watch.append(asyncio.create_task(watch_engine(state, on_engine_dead)))
 

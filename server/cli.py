@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish).
 
-    Exits with :data:`ENGINE_DEAD_EXIT` when the engine died (``server/app.py`` says when).
+    Exits with :data:`ENGINE_DEAD_EXIT` when the engine died (``server/app.py`` says when), and with
+    uvicorn's start-up failure status (3) when it failed to start.
     """
     # A missing model is one line, before vLLM is even imported (which takes seconds).
     early = argparse.ArgumentParser(add_help=False)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         pass
     if getattr(app.state, "engine_dead", False):
         sys.exit(ENGINE_DEAD_EXIT)
-    if not server.started:
+    if not server.started or getattr(app.state, "load_error", None):
         from uvicorn.main import STARTUP_FAILURE
 
         sys.exit(STARTUP_FAILURE)

@@ -83,7 +83,7 @@ def test_a_dead_engine_turns_health_and_requests_to_503_then_asks_to_exit(served
     client = served.client
     served.teacher.llm.errored = True
     died = time.monotonic()
-    wait_until(lambda: client.get("/health").status_code == 503, 2 * app_module.WATCH_S + 0.5)
+    wait_until(lambda: client.get("/health").status_code == 503, 2 * app_module.WATCH_S + 3)
     assert client.get("/health").json() == {"status": "engine dead"}
     r = client.post("/v1/topk", json=BODY)
     assert r.status_code == 503 and r.json()["kind"] == "EngineDead" and "died" in r.json()["error"]
@@ -92,6 +92,21 @@ def test_a_dead_engine_turns_health_and_requests_to_503_then_asks_to_exit(served
     assert served.asked_to_exit.wait(app_module.WATCH_S + app_module.DEAD_LINGER_S + 2)
     assert time.monotonic() - died >= app_module.DEAD_LINGER_S - 0.2
     assert served.app.state.engine_dead
+
+
+def test_an_engine_that_fails_to_start_is_reported_then_the_app_asks_to_exit():
+    asked_to_exit = threading.Event()
+
+    def fails():
+        raise RuntimeError("Engine core initialization failed")
+
+    app = create_app(fails, on_engine_dead=asked_to_exit.set)
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/health").json()["status"] == "failed", 10)
+        r = client.post("/v1/topk", json=BODY)
+        assert r.status_code == 500 and "failed to start" in r.json()["error"]
+        assert asked_to_exit.wait(app_module.DEAD_LINGER_S + 5)
+        assert app.state.load_error.startswith("RuntimeError")
 
 
 def test_a_request_in_flight_when_the_engine_dies_gets_503_engine_dead(served):

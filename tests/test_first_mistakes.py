@@ -47,6 +47,14 @@ def test_serve_refuses_a_model_that_is_not_there_before_loading_anything(tmp_pat
     assert "no such directory" in one_line_error(proc)
 
 
+def test_serve_whose_engine_fails_to_start_exits_for_its_supervisor(tiny_model):
+    """No engine is left answering 'failed' for ever: serve says why and exits with status 3."""
+    proc = teacher_farm("serve", "--model", str(tiny_model), "--host", "127.0.0.1", "--port", str(free_port()),
+                        "--max-model-len", "999999", "--enforce-eager")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "the engine failed to start" in proc.stderr and "max_model_len" in proc.stderr
+
+
 def test_input_that_does_not_exist(tmp_path):
     proc = teacher_farm("cache", "--server", "http://127.0.0.1:9", "--input", str(tmp_path / "missing.jsonl"),
                         "--out", str(tmp_path / "o"))
