@@ -280,7 +280,7 @@ try:
             health = httpx.get(url + "/health", timeout=2)
             if health.status_code == 200:
                 break
-            # serve stays up, answering 503, when its engine failed to start.
+            # serve answers "failed" for a few seconds when its engine failed to start, then exits with 3.
             if health.json().get("status") in ("failed", "engine dead"):
                 sys.exit(f"serve's engine failed to start: /health says {health.json()['status']}")
         except httpx.TransportError:
