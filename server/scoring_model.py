@@ -82,6 +82,9 @@ def as_scoring_model(cls: type) -> type:
                     "k": int(getattr(hf_config, "teacher_farm_k_max", 64)),
                     "samples": int(getattr(hf_config, "teacher_farm_max_samples", 0)),
                 },
+                # vLLM's executor keeps the output of tensor-parallel rank 0 only (of the last
+                # pipeline stage); every rank holds the gathered logits, the others need not reduce them.
+                reduces=vllm_seam.tensor_parallel_rank() == 0,
             )
 
     ModelForTeacherScoring.__name__ = ModelForTeacherScoring.__qualname__ = scoring_arch(cls.__name__)
@@ -91,7 +94,9 @@ def as_scoring_model(cls: type) -> type:
 class ReductionPooler(Pooler):
     """Reduces each scheduled chunk to packed rows; hands a request its rows when its prompt ends."""
 
-    def __init__(self, compute_logits: Any, slice_rows: int, worst_case: dict[str, int]) -> None:
+    def __init__(
+        self, compute_logits: Any, slice_rows: int, worst_case: dict[str, int], reduces: bool = True
+    ) -> None:
         super().__init__()
         # A bound method, not the model: a module holding its parent would form a cycle.
         self._compute_logits = compute_logits
@@ -99,9 +104,12 @@ class ReductionPooler(Pooler):
         # vLLM's start-up profiling runs the pooler with requests that carry no settings: make them
         # the largest a request may ask for, so the profile counts the reduction's peak memory.
         self.worst_case = worst_case
+        # False on a rank whose rows vLLM discards: it still computes the logits (their gather is a
+        # collective every rank joins) and hands back zeros of the same shape.
+        self.reduces = reduces
 
     def extra_repr(self) -> str:
-        return f"slice_rows={self.slice_rows}"
+        return f"slice_rows={self.slice_rows}, reduces={self.reduces}"
 
     def get_supported_tasks(self) -> Set[str]:
         return {TASK}
@@ -148,7 +156,7 @@ class ReductionPooler(Pooler):
         for a in range(0, rows, self.slice_rows):
             b = min(a + self.slice_rows, rows)
             logits = self._compute_logits(hidden_states[a:b])
-            if logits is None:  # a tensor-parallel rank that does not hold the gathered logits
+            if logits is None or not self.reduces:  # a rank whose rows are discarded
                 out[a:b].zero_()
                 continue
             out[a:b] = reduce_rows(

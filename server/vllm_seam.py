@@ -121,6 +121,13 @@ def generation_dtype(model: str, trust_remote_code: bool = False, revision: str 
     return str(dtype).removeprefix("torch.")
 
 
+def tensor_parallel_rank() -> int:
+    """This worker's rank in its tensor-parallel group (0 without tensor parallelism)."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
+
+
 def supported_archs() -> set[str]:
     """Every architecture vLLM's model registry knows, ours included once registered."""
     from vllm import ModelRegistry
