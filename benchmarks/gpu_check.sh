@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_check.sh --cpu        # the same steps, shrunk to a few minutes on a CPU
 #   bash benchmarks/gpu_check.sh --model-only # build the model and stop (start it early, in the background)
 #
-# On a lent device machine, after the first three staging calls of ../shared/gpu/README.md, the fourth is
+# On a GPU machine without vLLM, where a vLLM bundle is staged in pieces under .gpu/ (the last piece in
+# .gpu/d with its install-on-device.sh), the last call is
 #   cp .gpu/d/part_* /tmp/stage/ && bash benchmarks/gpu_check.sh
 # (the model can be started in the first call: setsid nohup bash benchmarks/gpu_check.sh --model-only &).
-# orjson, tenacity and zstandard are not in the device image: put their wheels in .gpu/d/wheels
+# Dependencies missing from such a machine (orjson, tenacity, zstandard) go as wheels in .gpu/d/wheels
 # (pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .gpu/d/wheels
 # orjson tenacity zstandard).
 #
