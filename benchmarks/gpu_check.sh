@@ -260,13 +260,14 @@ smoke() {  # VLLM_USE_V2_MODEL_RUNNER value
     VLLM_USE_V2_MODEL_RUNNER=$v2 GPU_CHECK_TAG=smoke-$v2 timeout -k 10 "$t" "$py" - "$py" "$model" \
         "$GPU_CHECK_DTYPE" "$GPU_CHECK_MEM" "$out.server" > "$out" 2>&1 << 'EOF'
 # Start serve, one /v1/topk request, check the answer's shape, stop.
-import json, os, signal, socket, subprocess, sys, time
+import json, subprocess, sys
 import httpx
 
+sys.path.insert(0, "benchmarks")
+from harness import free_port, stop, wait_health
+
 py, model, dtype, mem, log = sys.argv[1:]
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+port = free_port()
 url, k = f"http://127.0.0.1:{port}", 16
 server = subprocess.Popen(
     [py, "-m", "teacher_farm.client.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
@@ -274,19 +275,11 @@ server = subprocess.Popen(
      "--max-model-len", "2048", "--enforce-eager"],
     stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 try:
-    while True:
-        if server.poll() is not None:
-            sys.exit(f"serve exited with {server.returncode} before it was healthy")
-        try:
-            health = httpx.get(url + "/health", timeout=2)
-            if health.status_code == 200:
-                break
-            # serve answers "failed" for a few seconds when its engine failed to start, then exits with 3.
-            if health.json().get("status") in ("failed", "engine dead"):
-                sys.exit(f"serve's engine failed to start: /health says {health.json()['status']}")
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
+    try:
+        # serve exits (status 3) a few seconds after its engine failed to start.
+        wait_health(url + "/health", server)
+    except RuntimeError as exc:
+        sys.exit(f"serve was never healthy: {exc}")
     text = json.loads(open("examples/sample.jsonl", encoding="utf-8").readline())["text"]
     r = httpx.post(url + "/v1/topk", json={"k": k, "inputs": [{"id": "s", "text": text}]}, timeout=120)
     if r.status_code != 200:
@@ -300,12 +293,7 @@ try:
         sys.exit(f"wrong answer: {n} input ids, {len(res['topk_ids'])} top-k rows, scoring {scoring}")
     print(f"ok: 200, {n} positions x k={k}, scoring {scoring}")
 finally:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    stop(server)
 EOF
     rc=$?
     reap "smoke-$v2"
