@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -99,6 +101,32 @@ def teacher_farm(*args: str, **kwargs) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "teacher_farm.client.cli", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=kwargs.pop("timeout", None) or engine_timeout(), **kwargs,
     )
+
+
+@contextmanager
+def stand_in_teacher(tokens_per_line: int) -> Iterator[str]:
+    """The client benchmark's instant teacher (``benchmarks/client_throughput.py``) on loopback: its URL.
+
+    It answers every line with ``tokens_per_line`` tokens of realistic top-k, in a spawned child.
+    """
+    import multiprocessing as mp
+
+    # Importable by name in the spawned child too, which starts from this process's sys.path.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(ROOT / "benchmarks"))
+    from client_throughput import serve
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    teacher = ctx.Process(target=serve, args=(port, tokens_per_line, ready), daemon=True)
+    teacher.start()
+    try:
+        assert ready.wait(120), "the stand-in teacher did not start within 120 s"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        teacher.terminate()
+        teacher.join(30)
 
 
 @pytest.fixture(scope="session")

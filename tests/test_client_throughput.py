@@ -9,32 +9,21 @@ grow with the tokens it writes.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
-import multiprocessing as mp
 import sys
 import threading
 from collections import Counter
 
 import orjson
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, stand_in_teacher
 
 OURS = tuple(str(ROOT / d) for d in ("client", "schemas", "server", "teacher_farm"))
 
 
-def python_lines_of_a_cache_run(tmp_path, monkeypatch, tokens_per_line: int, lines: int = 48) -> Counter:
+def python_lines_of_a_cache_run(tmp_path, tokens_per_line: int, lines: int = 48) -> Counter:
     """Lines of our own code executed while caching ``lines`` documents of ``tokens_per_line`` tokens each."""
-    # The benchmark's stand-in teacher, importable by name in the spawned child too.
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    bench = importlib.import_module("client_throughput")
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    teacher = ctx.Process(target=bench.serve, args=(port, tokens_per_line, ready), daemon=True)
-    teacher.start()
-    try:
-        assert ready.wait(120), "the stand-in teacher did not start within 120 s"
+    with stand_in_teacher(tokens_per_line) as url:
         work = tmp_path / str(tokens_per_line)
         work.mkdir()
         corpus = work / "corpus.jsonl"
@@ -55,21 +44,18 @@ def python_lines_of_a_cache_run(tmp_path, monkeypatch, tokens_per_line: int, lin
         sys.settrace(trace)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                code = cache_main(["--server", f"http://127.0.0.1:{port}", "--input", str(corpus),
+                code = cache_main(["--server", url, "--input", str(corpus),
                                    "--out", str(work / "cache"), "--k", "16", "--max-length", str(1 << 19)])
         finally:
             sys.settrace(None)
             threading.settrace(None)
         assert code == 0
         return counts
-    finally:
-        teacher.terminate()
-        teacher.join(30)
 
 
-def test_the_cache_pipeline_runs_no_python_line_per_token(tmp_path, monkeypatch):
-    short = python_lines_of_a_cache_run(tmp_path, monkeypatch, 64)
-    long = python_lines_of_a_cache_run(tmp_path, monkeypatch, 64 * 32)
+def test_the_cache_pipeline_runs_no_python_line_per_token(tmp_path):
+    short = python_lines_of_a_cache_run(tmp_path, 64)
+    long = python_lines_of_a_cache_run(tmp_path, 64 * 32)
     # 32 times the tokens: the same requests, files and rows, so about the same lines (a few more
     # for larger buffers). One Python line per token would add ~100k.
     assert sum(long.values()) < 1.25 * sum(short.values()), (sum(short.values()), sum(long.values()), long.most_common(5))

@@ -20,6 +20,7 @@ from teacher_farm.server import settings as settings_module
 from teacher_farm.server.app import create_app
 from teacher_farm.server.engine import TeacherInfo
 from teacher_farm.server.settings import ServerSettings
+from tests.conftest import wait_for
 
 BODY = {"k": 2, "inputs": [{"token_ids": [1, 2, 3]}]}
 
@@ -65,25 +66,16 @@ def served():
     fake, asked_to_exit = FakeTeacher(), threading.Event()
     app = create_app(lambda: fake, on_engine_dead=asked_to_exit.set)
     with TestClient(app) as client:
-        wait_until(lambda: client.get("/health").status_code == 200, 10)
+        wait_for(lambda: client.get("/health").status_code == 200, 10, "/health to answer 200", interval=0.05)
         yield SimpleNamespace(client=client, teacher=fake, app=app, asked_to_exit=asked_to_exit)
-
-
-def wait_until(predicate, timeout: float) -> float:
-    """Seconds it took ``predicate`` to hold; fails after ``timeout``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def test_a_dead_engine_turns_health_and_requests_to_503_then_asks_to_exit(served):
     client = served.client
     served.teacher.llm.errored = True
     died = time.monotonic()
-    wait_until(lambda: client.get("/health").status_code == 503, 2 * app_module.WATCH_S + 3)
+    wait_for(lambda: client.get("/health").status_code == 503, 2 * app_module.WATCH_S + 3, "/health to answer 503",
+             interval=0.05)
     assert client.get("/health").json() == {"status": "engine dead"}
     r = client.post("/v1/topk", json=BODY)
     assert r.status_code == 503 and r.json()["kind"] == "EngineDead" and "died" in r.json()["error"]
@@ -102,7 +94,7 @@ def test_an_engine_that_fails_to_start_is_reported_then_the_app_asks_to_exit():
 
     app = create_app(fails, on_engine_dead=asked_to_exit.set)
     with TestClient(app) as client:
-        wait_until(lambda: client.get("/health").json()["status"] == "failed", 10)
+        wait_for(lambda: client.get("/health").json()["status"] == "failed", 10, "/health to say failed", interval=0.05)
         r = client.post("/v1/topk", json=BODY)
         assert r.status_code == 500 and "failed to start" in r.json()["error"]
         assert asked_to_exit.wait(app_module.DEAD_LINGER_S + 5)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.conftest import (
-    ROOT, SAMPLE, alive, descendants, engine_timeout, free_port, kill_all, read_lines, wait_exit, wait_for,
+    ROOT, SAMPLE, alive, descendants, engine_timeout, kill_all, read_lines, stand_in_teacher, wait_exit, wait_for,
 )
 
 UNTIDY = ("Traceback", "leaked", "Exception ignored")
@@ -79,36 +79,25 @@ def test_an_interrupted_in_process_cache_says_it_is_resumable_and_exits_tidily(t
         kill_all(engine)
 
 
-def test_sigterm_stops_a_cache_run_as_ctrl_c_does_with_its_own_status(tmp_path, monkeypatch):
+def test_sigterm_stops_a_cache_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     """Against an instant stand-in teacher: what SIGTERM does to the run does not depend on the engine."""
-    import multiprocessing as mp
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from client_throughput import serve
-
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    teacher = ctx.Process(target=serve, args=(port, 512, ready), daemon=True)
-    teacher.start()
     corpus = tmp_path / "in.jsonl"
     corpus.write_text("".join(f'{{"text": "line {i}"}}\n' for i in range(200_000)), encoding="utf-8")
     out = tmp_path / "out"
-    proc, log = start([sys.executable, "-m", "teacher_farm.client.cli", "cache", "--server", f"http://127.0.0.1:{port}",
-                       "--input", str(corpus), "--out", str(out), "--k", "16", "--rows-per-shard", "256"], tmp_path / "log")
-    try:
-        assert ready.wait(120), "the stand-in teacher did not start within 120 s"
-        wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2 or proc.poll() is not None, 300,
-                 "the run to commit two shards")
-        assert proc.poll() is None, output(log)[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        assert wait_exit(proc, "the run to stop after SIGTERM", 120) == 128 + signal.SIGTERM, output(log)[-3000:]
-        text = output(log)
-        assert "resumable" in text
-        assert not [word for word in UNTIDY if word in text], text[-3000:]
-    finally:
-        proc.kill()
-        teacher.terminate()
+    with stand_in_teacher(512) as url:
+        proc, log = start([sys.executable, "-m", "teacher_farm.client.cli", "cache", "--server", url, "--input",
+                           str(corpus), "--out", str(out), "--k", "16", "--rows-per-shard", "256"], tmp_path / "log")
+        try:
+            wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2 or proc.poll() is not None, 300,
+                     "the run to commit two shards")
+            assert proc.poll() is None, output(log)[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            assert wait_exit(proc, "the run to stop after SIGTERM", 120) == 128 + signal.SIGTERM, output(log)[-3000:]
+            text = output(log)
+            assert "resumable" in text
+            assert not [word for word in UNTIDY if word in text], text[-3000:]
+        finally:
+            proc.kill()
 
 
 @pytest.mark.engine
