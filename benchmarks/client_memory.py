@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from teacher_farm.client.cache import CacheOptions, CacheRun  # noqa: E402
 from teacher_farm.schemas.arrow import ScoredSequence, results_to_table  # noqa: E402
 from teacher_farm.schemas.wire import Info, Versions  # noqa: E402
+from teacher_farm.schemas.scoring import Scoring
 
 
 class InstantTeacher:
@@ -44,7 +45,8 @@ class InstantTeacher:
                     k_max=64, max_model_len=8192, max_input_tokens=8191, max_inputs_per_request=1024, adds_bos=True,
                     versions=Versions(teacher_farm="-", schema_version=1, vllm="-"))
 
-    async def topk(self, lines, k, max_length, scoring=None):
+    async def score(self, lines, scoring, max_length):
+        k = scoring.k
         self.lines += len(lines)
         if self.lines // 20_000 > len(self.samples):
             self.samples.append((self.lines, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
@@ -73,7 +75,7 @@ def main() -> None:
             f.write(line)
     teacher = InstantTeacher(16)
     started = time.monotonic()
-    summary = asyncio.run(CacheRun(CacheOptions(input=str(corpus), out_dir=a.work / "out", k=16,
+    summary = asyncio.run(CacheRun(CacheOptions(input=str(corpus), out_dir=a.work / "out", scoring=Scoring(k=16),
                                                 rows_per_shard=50_000, concurrency=8), teacher).run())
     print(f"{corpus.stat().st_size / 2**30:.2f} GiB, {summary.rows:,} lines in {time.monotonic() - started:.0f} s")
     print("lines read -> peak RSS (MiB): " + ", ".join(f"{n:,} -> {rss:.0f}" for n, rss in teacher.samples))

@@ -5,7 +5,7 @@
 A stand-in teacher runs in a child process on loopback: a bare HTTP/1.1 server that answers
 ``/v1/info`` and ``/v1/topk`` at once, with the Arrow wire a teacher-farm server sends (a zstd IPC
 stream; one row of ``--tokens-per-line`` tokens per input, realistic top-k ids and logprobs built
-once). The client is the real command (``teacher_farm.client.cli.main(["cache", ...])``) in this
+once). The client is the real command (``teacher_farm.cli.main(["cache", ...])``) in this
 process: reading JSONL, batching, HTTP, Arrow decoding, Parquet shards, manifest. Prints the
 client's tokens/s and its resident memory over the run.
 """
@@ -127,7 +127,7 @@ def main() -> None:
     teacher.start()
     ready.wait(60)
 
-    from teacher_farm.client.cli import cache_main
+    from teacher_farm.cli import cache_main
 
     samples: list[tuple[float, float, float]] = []
     stop = threading.Event()

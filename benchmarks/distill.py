@@ -113,7 +113,7 @@ def run_cache(model_dir: Path, train: list[str], out: Path, k: int, samples: int
     src = out.parent / "train.jsonl"
     src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(train)))
     cmd = [
-        sys.executable, "-m", "teacher_farm.client.cli", "cache", "--model", str(model_dir), "--input", str(src),
+        sys.executable, "-m", "teacher_farm.cli", "cache", "--model", str(model_dir), "--input", str(src),
         "--out", str(out), "--k", str(k), "--targets", "both", "--samples", str(samples), "--seed", str(seed),
         "--max-length", str(SEQ), "--logprob-dtype", "float16", "--dtype", "float32", "--enforce-eager",
         "--gpu-memory-utilization", "0.2", "--max-model-len", "1024",

@@ -270,7 +270,7 @@ py, model, dtype, mem, log = sys.argv[1:]
 port = free_port()
 url, k = f"http://127.0.0.1:{port}", 16
 server = subprocess.Popen(
-    [py, "-m", "teacher_farm.client.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+    [py, "-m", "teacher_farm.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
      "--scoring", "pooled", "--k-max", str(k), "--dtype", dtype, "--gpu-memory-utilization", mem,
      "--max-model-len", "2048", "--enforce-eager"],
     stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)

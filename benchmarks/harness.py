@@ -121,7 +121,7 @@ class OursServer:
         self.url = f"http://127.0.0.1:{self.port}"
         log = open(work / f"ours-{scoring}-server.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "teacher_farm.client.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+            [sys.executable, "-m", "teacher_farm.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
              "--port", str(self.port), "--k-max", str(max(a.ks)), "--scoring", scoring, *engine_flags(a)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -135,7 +135,7 @@ def run_ours(a, server: OursServer, corpus: Path, work: Path, k: int, tag: str =
     out = work / f"ours-{tag}-{server.port}-{k}"
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "teacher_farm.client.cli", "cache", "--server", server.url, "--input", str(corpus),
+        [sys.executable, "-m", "teacher_farm.cli", "cache", "--server", server.url, "--input", str(corpus),
          "--out", str(out), "--k", str(k), "--logprob-dtype", a.logprob_dtype, "--concurrency", str(a.concurrency),
          "--log-every", "0.2"],
         cwd=ROOT, capture_output=True, text=True,
@@ -270,8 +270,9 @@ async def main(args, token_ids, ks, pooled, repeat):
     for k in ks:
         if pooled:
             from vllm import PoolingParams
+            from teacher_farm.schemas.scoring import PackedLayout, Scoring
             from teacher_farm.server.packed import unpack
-            params = PoolingParams(task="token_classify", extra_kwargs={"k": k, "temperature": 1.0, "samples": 0, "seed": 0})
+            params = PoolingParams(task="token_classify", extra_kwargs=Scoring(k=k).pooler_kwargs(draw_seed=0))
         elif k:
             params = SamplingParams(max_tokens=1, temperature=0, detokenize=False, prompt_logprobs=k, logprobs=k,
                                     flat_logprobs=True)
@@ -281,7 +282,7 @@ async def main(args, token_ids, ks, pooled, repeat):
             if pooled:
                 async for out in llm.encode(TokensPrompt(prompt_token_ids=ids), params, f"c{k}-{i}"):
                     pass
-                unpack(out.outputs.data.numpy(), k, 0)
+                unpack(out.outputs.data.numpy(), PackedLayout(k, 0))
                 return
             async for out in llm.generate(TokensPrompt(prompt_token_ids=ids), params, f"c{k}-{i}"):
                 pass

@@ -22,18 +22,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from teacher_farm.client.inputs import InputFile, check_parquet_columns, discover, read_inputs
+from teacher_farm.client.inputs import InputFile, Line, Reject, check_parquet_columns, discover, read_inputs
 from teacher_farm.client.lock import OutputLock
-from teacher_farm.client.manifest import Manifest, ShardRecord, check_identity, load_manifests, manifest_name
+from teacher_farm.client.manifest import check_identity, save_manifest
 from teacher_farm.client.progress import Progress
-from teacher_farm.client.reader import Line, Reject
 from teacher_farm.client.shards import ShardWriter, shard_name
-from teacher_farm.client.transport import Scoring, Teacher
-from teacher_farm.client.windows import default_stride, window_starts
+from teacher_farm.client.transport import Teacher
+from teacher_farm.schemas.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.arrow import cache_metadata, cache_schema, with_source_columns
-from teacher_farm.schemas.errors import CacheMismatch, InputError, ServerRejected, TeacherFarmError
-from teacher_farm.schemas.wire import scoring_refusal
+from teacher_farm.schemas.arrow import cache_schema, with_source_columns
+from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord, load_manifests, manifest_name
+from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputWriteError, ServerRejected
+from teacher_farm.schemas.scoring import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,11 @@ REJECTS = "rejects.jsonl"
 
 @dataclass
 class CacheOptions:
-    """Everything ``teacher-farm cache`` is told; see ``client.cli`` for the flags."""
+    """Everything ``teacher-farm cache`` is told; see ``teacher_farm.cli`` for the flags."""
 
     #: Files, directories or globs ('-' for stdin); see ``client.inputs``.
     input: str | list[str]
     out_dir: Path
-    k: int = 16
     max_length: int | None = 8192
     text_field: str = "text"
     id_field: str = "id"
@@ -58,11 +57,12 @@ class CacheOptions:
     logprob_dtype: str = "float32"
     #: Seconds between progress log lines when stderr is not a terminal.
     log_every_s: float = 10.0
-    #: Temperature and sampled targets (see ``client.transport.Scoring``).
+    #: k, the temperature and sampled targets (``schemas.scoring.Scoring``).
     scoring: Scoring = field(default_factory=Scoring)
-    #: Split the corpus across client processes: this one caches shards j with j % num_shards == shard_index.
-    num_shards: int = 1
-    shard_index: int = 0
+    #: The corpus split into ``parts``, one per client process (``--num-shards``); this process
+    #: caches ``part`` (``--shard-index``): the shards j with j % parts == part.
+    parts: int = 1
+    part: int = 0
     # --- many inputs, pre-tokenized records, long lines ---
     #: Field (JSONL) or list column (Parquet) of a pre-tokenized record's token ids.
     ids_field: str = "input_ids"
@@ -77,7 +77,7 @@ class CacheOptions:
 
     @property
     def rejects_name(self) -> str:
-        n, i = self.num_shards, self.shard_index
+        n, i = self.parts, self.part
         return REJECTS if n == 1 else f"rejects-{i:05d}-of-{n:05d}.jsonl"
 
 
@@ -132,10 +132,6 @@ def input_size(files: list[InputFile]) -> int | None:
     return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
 
 
-class OutputWriteError(TeacherFarmError):
-    """The output could not be written (a full disk, a read-only directory): the run stops cleanly."""
-
-
 def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterator[Batch]:
     """Group records into requests that never cross a shard boundary; mark each shard's last."""
     cur: Batch | None = None
@@ -168,7 +164,7 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
     if not batch.lines:
         return None, []
     try:
-        table = await teacher.topk(batch.lines, opts.k, max_length, opts.scoring)
+        table = await teacher.score(batch.lines, opts.scoring, max_length)
         if table.num_rows == len(batch.lines) and opts.long_lines == "window":
             # A refused tokenization or window rejects its line, like a refused line.
             return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
@@ -211,9 +207,7 @@ async def split_long_lines(
         if len(full) <= max_length:
             continue
         starts = window_starts(len(full), max_length, stride)
-        windows = await teacher.topk_ids(
-            [(line.id, full[s:s + max_length]) for s in starts], opts.k, max_length, scoring=opts.scoring,
-        )
+        windows = await teacher.score_ids([(line.id, full[s:s + max_length]) for s in starts], opts.scoring, max_length)
         if windows.num_rows != len(starts):
             raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts)} windows")
         pieces += [table.slice(done, i - done), windows.select(table.column_names).cast(table.schema)]
@@ -248,9 +242,7 @@ class CacheRun:
         """Check the job against the teacher and the output directory; return what the run needs."""
         opts, info = self.opts, await self.teacher.info()
         scoring = opts.scoring
-        refusal = scoring_refusal(
-            info, k=opts.k, temperature=scoring.temperature, targets=scoring.targets, samples=scoring.samples,
-        )
+        refusal = scoring.refusal(info)
         if refusal is not None:
             reason, flag = refusal
             raise InputError(f"{self.teacher.name}: {reason}; start it with {flag}")
@@ -260,20 +252,18 @@ class CacheRun:
                 "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
                 opts.max_length, info.max_model_len, max_length,
             )
+        cache_identity = CacheIdentity(
+            model_fingerprint=info.model_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
+            vocab_size=info.vocab_size, scoring=scoring, logprob_dtype=opts.logprob_dtype, model=info.model,
+        )
+        # The cache's identity and how this run reads its inputs: a rerun must match them all.
         identity = {
-            "model_fingerprint": info.model_fingerprint,
-            "tokenizer_fingerprint": info.tokenizer_fingerprint,
-            "vocab_size": info.vocab_size,
-            "k": opts.k,
-            "temperature": scoring.temperature,
-            "targets": scoring.targets,
-            **({"samples": scoring.samples, "seed": scoring.seed} if scoring.targets != "topk" else {}),
+            **cache_identity.entries(),
             "max_length": max_length,
-            "logprob_dtype": opts.logprob_dtype,
             "text_field": opts.text_field,
             "id_field": opts.id_field,
             "rows_per_shard": opts.rows_per_shard,
-            "num_shards": opts.num_shards,
+            "num_shards": opts.parts,
             "ids_field": opts.ids_field,
             "long_lines": opts.long_lines,
             "stride": (opts.stride or default_stride(max_length)) if opts.long_lines == "window" else None,
@@ -281,13 +271,13 @@ class CacheRun:
         }
         if opts.long_lines == "window" and not 1 <= identity["stride"] < max_length:
             raise InputError(f"--stride {opts.stride} must be in 1..{max_length - 1} (below the max length, {max_length})")
-        name = manifest_name(opts.num_shards, opts.shard_index)
+        name = manifest_name(opts.parts, opts.part)
         others = load_manifests(self.out)
         for other_name, other in others.items():
-            if manifest_name(opts.num_shards, 0).split("-of-")[-1] != other_name.split("-of-")[-1]:
+            if manifest_name(opts.parts, 0).split("-of-")[-1] != other_name.split("-of-")[-1]:
                 raise CacheMismatch(
                     f"{self.out} holds {other_name}, from a run split into another number of client "
-                    f"processes than --num-shards {opts.num_shards}; use the original split or a new --out"
+                    f"processes than --num-shards {opts.parts}; use the original split or a new --out"
                 )
             check_identity(other, identity, self.out)
         manifest = others.get(name)
@@ -304,21 +294,14 @@ class CacheRun:
                 },
             )
             with self._writing(self.out / name):
-                manifest.save(self.out, name)
+                save_manifest(manifest, self.out, name)
         self.manifest_name = name
-        schema = cache_schema(opts.logprob_dtype, scoring.targets).with_metadata(
-            cache_metadata(
-                model=info.model, model_fingerprint=info.model_fingerprint,
-                tokenizer_fingerprint=info.tokenizer_fingerprint, vocab_size=info.vocab_size,
-                k=opts.k, logprob_dtype=opts.logprob_dtype, temperature=scoring.temperature,
-                targets=scoring.targets, samples=scoring.samples, seed=scoring.seed,
-            )
-        )
+        schema = cache_schema(opts.logprob_dtype, scoring.targets).with_metadata(cache_identity.metadata())
         return manifest, max_length, schema
 
     async def run(self) -> Summary:
         """Cache every line not cached yet, as the only writer of the output; returns what it now holds."""
-        name = manifest_name(self.opts.num_shards, self.opts.shard_index)
+        name = manifest_name(self.opts.parts, self.opts.part)
         with self._writing(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
             lock = OutputLock(self.out / f"{name}.lock")
@@ -351,7 +334,7 @@ class CacheRun:
             f.truncate(manifest.rejects_bytes)
         new_tokens = 0
         if not manifest.complete:
-            R, N, I = self.opts.rows_per_shard, self.opts.num_shards, self.opts.shard_index
+            R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
             records = read_inputs(
                 self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
                 ids_field=self.opts.ids_field, skip=lambda n: (n // R) % N != I or n // R in done,
@@ -363,7 +346,7 @@ class CacheRun:
                 self.progress.close()
             manifest.complete = True
             with self._writing(self.out / self.manifest_name):
-                manifest.save(self.out, self.manifest_name)
+                save_manifest(manifest, self.out, self.manifest_name)
         return Summary(
             out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
             tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
@@ -424,7 +407,7 @@ class CacheRun:
                     rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
                 )
                 with self._writing(self.out / self.manifest_name):
-                    manifest.save(self.out, self.manifest_name)
+                    save_manifest(manifest, self.out, self.manifest_name)
                 self.bytes_written += stats.bytes
                 tokens += stats.tokens
                 log.info("shard %d: %d rows, %d tokens, %d rejected", batch.shard, stats.rows, stats.tokens, len(rejects))

@@ -16,12 +16,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    """Flush ``path``'s contents to disk."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so a reader sees the old or the new file, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")

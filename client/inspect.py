@@ -7,25 +7,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import sha256_file
-from teacher_farm.client.manifest import Manifest, load_manifests
-from teacher_farm.schemas.arrow import read_metadata
-from teacher_farm.schemas.errors import InputError
-
-
-def merge(manifests: dict[str, Manifest]) -> Manifest:
-    """One view of a cache written by one or several client processes."""
-    first = next(iter(manifests.values()))
-    shards = {i: rec for m in manifests.values() for i, rec in m.shards.items()}
-    return first.model_copy(update={"shards": shards, "complete": all(m.complete for m in manifests.values())})
+from teacher_farm.schemas.cache_dir import CacheDir, read_metadata
 
 
 def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str]]:
     """A human summary of ``out_dir`` and the problems found (empty when the cache is whole)."""
-    manifests = load_manifests(out_dir)
-    if not manifests:
-        raise InputError(f"{out_dir} has no manifest.json: not a teacher-farm cache (or nothing started yet)")
+    cache = CacheDir(out_dir)
+    manifests, manifest = cache.manifests, cache.merged()
     problems = []
-    manifest = merge(manifests)
     for rec in manifest.shards.values():
         path = out_dir / rec.file
         if not path.exists():

@@ -18,13 +18,9 @@ import socket
 import time
 from pathlib import Path
 
-from teacher_farm.schemas.errors import TeacherFarmError
+from teacher_farm.schemas.errors import OutputLocked
 
 log = logging.getLogger(__name__)
-
-
-class OutputLocked(TeacherFarmError):
-    """Another process is writing into the same output directory (and shard index)."""
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,7 @@
-"""How the client reaches a teacher: HTTP servers (``TeacherPool`` of ``HttpTeacher``) or in process.
+"""How the client reaches a teacher: HTTP servers (``TeacherPool`` of ``HttpTeacher``).
 
-All answer ``info()`` and ``topk(lines, k, max_length)`` with a result table (see
+Every ``Teacher`` (these, or the server's in-process ``LocalTeacher``) answers ``info()`` and
+``score(lines, scoring, max_length)`` with a result table (see
 ``schemas.arrow.result_schema``). HTTP failures are mapped onto ``teacher_farm.schemas.errors``; a
 ``TeacherPool`` spreads requests over servers and retries the retryable failures with exponential
 backoff and jitter, honouring the server's Retry-After. A server whose engine died is left alone for
@@ -15,22 +16,21 @@ import random
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import httpx
-import numpy as np
 import orjson
 import pyarrow as pa
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 from tenacity.stop import stop_base
 
-from teacher_farm.client.reader import Line
+from teacher_farm.client.inputs import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.errors import (
     AuthError, CacheMismatch, EngineDead, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected,
     ServerUnreachable, TeacherFarmError, TransportError,
 )
+from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
 
 log = logging.getLogger(__name__)
@@ -43,32 +43,17 @@ START_REFUSED_S = 60.0
 DEAD_SERVER_OUT_S = 30.0
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """What a cache asks for beside k: the temperature, and sampled targets (N draws, seeded)."""
-
-    temperature: float = 1.0
-    targets: str = "topk"
-    samples: int = 64
-    seed: int = 0
-
-    def request_fields(self) -> dict[str, Any]:
-        """The ``/v1/topk`` body fields."""
-        return asdict(self)
-
-
 class Teacher(Protocol):
-    """What the cache pipeline needs from a teacher."""
+    """What the cache pipeline needs from a teacher: a pool of servers, one server, or an in-process engine."""
 
     name: str
 
     async def info(self) -> Info: ...
 
-    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring()) -> pa.Table: ...
+    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table: ...
 
-    async def topk_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
-        scoring: Scoring = Scoring(),
+    async def score_ids(
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
     ) -> pa.Table: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
@@ -117,7 +102,7 @@ def raise_for_answer(response: httpx.Response) -> None:
     raise ServerRejected(msg, status)
 
 
-def _wire_input(line: Line) -> dict:
+def wire_input(line: Line) -> dict:
     """A corpus line as a ``/v1/topk`` input: its text, its chat messages, or its token ids."""
     if line.input_ids is not None:
         return {"id": line.id, "token_ids": line.input_ids}
@@ -210,29 +195,25 @@ class HttpTeacher:
         """The server's model facts."""
         return Info.model_validate_json((await self._call("GET", "/v1/info")).content)
 
-    async def topk(
-        self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring(),
-    ) -> pa.Table:
+    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
-        return await self._score([_wire_input(x) for x in lines], k, max_length, scoring)
+        return await self._post([wire_input(x) for x in lines], scoring, max_length)
 
-    async def topk_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
-        scoring: Scoring = Scoring(),
+    async def score_ids(
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
     ) -> pa.Table:
         """Score exact token sequences, ``(id, token_ids)`` pairs (ints or numpy arrays)."""
-        return await self._score([{"id": i, "token_ids": t} for i, t in ids_and_tokens], k, max_length, scoring)
+        return await self._post([{"id": i, "token_ids": t} for i, t in ids_and_tokens], scoring, max_length)
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full (special tokens included, no truncation)."""
         response = await self._call("POST", "/tokenize", json={"prompt": text, "add_special_tokens": True})
         return response.json()["tokens"]
 
-    async def _score(self, inputs: list[dict], k: int, max_length: int | None, scoring: Scoring) -> pa.Table:
+    async def _post(self, inputs: list[dict], scoring: Scoring, max_length: int | None) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {"k": k, "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs,
-             **scoring.request_fields()},
+            {**scoring.model_dump(), "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         response = await self._call(
@@ -373,19 +354,17 @@ class TeacherPool:
     def bytes_received(self) -> int:
         return sum(m.teacher.bytes_received for m in self.members)
 
-    async def topk(
-        self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring(),
-    ) -> pa.Table:
+    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table:
+        """Score ``lines`` on the best server, with the pool's retries."""
         cost = sum(_cost(x) for x in lines)
-        return await self._attempt(lambda t: t.topk(lines, k, max_length, scoring), cost)
+        return await self._attempt(lambda t: t.score(lines, scoring, max_length), cost)
 
-    async def topk_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
-        scoring: Scoring = Scoring(),
+    async def score_ids(
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
     ) -> pa.Table:
         """Score exact token sequences on the best server, with the pool's retries."""
         cost = sum(len(tokens) for _, tokens in ids_and_tokens)
-        return await self._attempt(lambda t: t.topk_ids(ids_and_tokens, k, max_length, scoring=scoring), cost)
+        return await self._attempt(lambda t: t.score_ids(ids_and_tokens, scoring, max_length), cost)
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full, with the pool's retries."""
@@ -394,44 +373,3 @@ class TeacherPool:
     async def aclose(self) -> None:
         for m in self.members:
             await m.teacher.aclose()
-
-
-class LocalTeacher:
-    """The same job with an in-process engine and no HTTP (one machine, no server)."""
-
-    def __init__(self, engine_args: dict[str, Any], k_max: int = 256, scoring: str = "auto") -> None:
-        from teacher_farm.server.engine import Teacher as Engine
-
-        self._engine = Engine.load(engine_args, k_max, scoring=scoring)
-        self.name = f"in-process:{self._engine.info.model}"
-
-    async def info(self) -> Info:
-        return self._engine.info.to_wire(max_inputs_per_request=1 << 30)
-
-    async def topk(
-        self, lines: Sequence[Line], k: int, max_length: int | None, scoring: Scoring = Scoring(),
-    ) -> pa.Table:
-        from teacher_farm.schemas.arrow import results_to_table
-        from teacher_farm.schemas.wire import TopkInput, TopkRequest
-
-        inputs = [TopkInput(**{**_wire_input(x), **({"token_ids": x.input_ids.tolist()} if x.input_ids is not None else {})})
-                  for x in lines]
-        req = TopkRequest(k=k, max_length=max_length, inputs=inputs, **scoring.request_fields())
-        token_ids = await asyncio.to_thread(self._engine.prepare, req)
-        results = await self._engine.score([x.id for x in lines], token_ids, k, **scoring.request_fields())
-        return await asyncio.to_thread(results_to_table, results, k, scoring.targets)
-
-    async def topk_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], k: int, max_length: int | None = None,
-        scoring: Scoring = Scoring(),
-    ) -> pa.Table:
-        """Score exact token sequences in process."""
-        lines = [Line(-1, i or "", None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
-        return await self.topk(lines, k, max_length, scoring)
-
-    async def tokenize(self, text: str) -> list[int]:
-        """The teacher's tokens of ``text`` in full."""
-        return (await asyncio.to_thread(self._engine.tokenize, [text], None))[0]
-
-    async def aclose(self) -> None:
-        self._engine.shutdown()

@@ -36,13 +36,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from teacher_farm.client.exits import run_async
 from teacher_farm.client.fsutil import sha256_file
-from teacher_farm.client.inspect import merge
-from teacher_farm.client.manifest import ShardRecord, load_manifests
-from teacher_farm.client.transport import HttpTeacher, Scoring, TeacherPool
+from teacher_farm.client.transport import HttpTeacher, TeacherPool
+from teacher_farm.exits import run_async
+from teacher_farm.schemas.arrow import offsets
+from teacher_farm.schemas.cache_dir import CacheDir, ShardRecord
 from teacher_farm.schemas.draws import DrawComparison, expand, moved_draws
 from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
 
 #: Default tolerance of logprobs, by the cache's logprob dtype.
@@ -160,12 +161,6 @@ def _lengths_and_values(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
     return lengths, pc.list_flatten(arr)
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
 def table_rows(table: pa.Table) -> list[dict[str, Any]]:
     """Each row of a cache or result table as numpy arrays; a ragged top-k row gets None."""
     rows: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
@@ -177,14 +172,14 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
                 row[name] = value
     for name in ("input_ids", "target_logprobs", "target_ranks"):
         lengths, flat = _lengths_and_values(table.column(name).combine_chunks())
-        values, off = flat.to_numpy(zero_copy_only=False), _offsets(lengths)
+        values, off = flat.to_numpy(zero_copy_only=False), offsets(lengths)
         for i, row in enumerate(rows):
             row[name] = values[off[i]:off[i + 1]]
     if "sample_ids" in table.column_names:
         for name in SAMPLE_COLUMNS:
             outer, inner = _lengths_and_values(table.column(name).combine_chunks())
             per_position, flat = _lengths_and_values(inner)
-            values, off, flat_off = flat.to_numpy(zero_copy_only=False), _offsets(outer), _offsets(per_position)
+            values, off, flat_off = flat.to_numpy(zero_copy_only=False), offsets(outer), offsets(per_position)
             for i, row in enumerate(rows):
                 row["sample_lengths"] = per_position[off[i]:off[i + 1]]
                 row[name] = values[flat_off[off[i]]:flat_off[off[i + 1]]]
@@ -193,7 +188,7 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
             continue
         outer, inner = _lengths_and_values(table.column(name).combine_chunks())
         widths, flat = _lengths_and_values(inner)
-        values, off, inner_off = flat.to_numpy(zero_copy_only=False), _offsets(outer), _offsets(widths)
+        values, off, inner_off = flat.to_numpy(zero_copy_only=False), offsets(outer), offsets(widths)
         for i, row in enumerate(rows):
             a, b = off[i], off[i + 1]
             w = widths[a:b]
@@ -355,7 +350,7 @@ def sample_positions(records: Sequence[ShardRecord], n: int, seed: int) -> dict[
     if total == 0:
         return {}
     picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
-    starts = _offsets(counts)
+    starts = offsets(counts)
     which = np.searchsorted(starts, picks, side="right") - 1
     return {
         records[s].index: picks[which == s] - starts[s]
@@ -371,7 +366,7 @@ def read_rows(path: Path, rows: np.ndarray, columns: Sequence[str] = CACHE_COLUM
     if (missing := rows[rows >= meta.num_rows]).size:
         problems.append(f"{meta.num_rows} rows in the file, fewer than the manifest says; rows {missing[:5].tolist()} absent")
         rows = rows[rows < meta.num_rows]
-    group_starts = _offsets(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64))
+    group_starts = offsets(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64))
     groups = np.searchsorted(group_starts, rows, side="right") - 1
     parts = []
     for g in np.unique(groups):
@@ -413,30 +408,22 @@ def teacher_problem(info: Info, identity: dict[str, Any]) -> str | None:
     return "the server runs a different teacher than the one that made this cache: " + "; ".join(diffs)
 
 
-async def _score(teacher: Any, batch: list[dict[str, Any]], k: int, scoring: Scoring) -> pa.Table:
+async def _score(teacher: Any, batch: list[dict[str, Any]], scoring: Scoring) -> pa.Table:
     items = [(row["id"], np.ascontiguousarray(row["input_ids"], dtype=np.int64)) for row in batch]
-    return await teacher.topk_ids(items, k, scoring=scoring)
+    return await teacher.score_ids(items, scoring)
 
 
 async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     """Check a sample of ``opts.out_dir`` against ``teacher`` (a ``TeacherPool`` or ``HttpTeacher``)."""
     out = Path(opts.out_dir)
-    manifests = load_manifests(out)
-    if not manifests:
-        raise InputError(f"{out} has no manifest.json: not a teacher-farm cache")
-    manifest = merge(manifests)
-    identity = manifest.identity
-    dtype = str(identity.get("logprob_dtype", "float32"))
-    k = int(identity["k"])
-    targets = str(identity.get("targets", "topk"))
-    samples = int(identity.get("samples", 0)) if targets != "topk" else 0
+    cache = CacheDir(out)
+    manifests, manifest, identity = cache.manifests, cache.merged(), cache.identity
+    dtype = identity.logprob_dtype
     # The top-k at the cache's temperature, and the draws again with the cache's seed.
-    scoring = Scoring(temperature=float(identity.get("temperature", 1.0)), targets=targets,
-                      samples=samples or Scoring.samples, seed=int(identity.get("seed", 0)))
-    columns = [c for c in CACHE_COLUMNS if targets != "sampled" or not c.startswith("topk_")]
+    scoring = identity.scoring
+    k, samples = scoring.topk, scoring.draws  # k 0: no top-k to compare
+    columns = [c for c in CACHE_COLUMNS if k or not c.startswith("topk_")]
     columns += SAMPLE_COLUMNS if samples else []
-    if targets == "sampled":
-        k = 0  # no top-k to compare
     report = VerifyReport(
         out_dir=out, seed=opts.seed if opts.seed is not None else secrets.randbits(32),
         atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2), logprob_dtype=dtype, k=k,
@@ -448,10 +435,11 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
         if (problem := teacher_problem(info, m.identity)) is not None:
             report.teacher_problem = problem + (f" ({name})" if len(manifests) > 1 else "")
             return report
-    if k > info.k_max:
-        report.teacher_problem = f"the cache's k={k} is over the server's k_max={info.k_max}"
+    if (refusal := scoring.refusal(info)) is not None:
+        report.teacher_problem = f"the cache asks what the server cannot answer: {refusal[0]}"
         return report
-    k_fresh = min(k + 1, info.k_max) if k else 1
+    # One entry more than cached where the server allows it: a tie at the k-th place then shows.
+    asked = scoring.model_copy(update={"k": min(k + 1, info.k_max) if k else 1})
     if samples:
         report.draws = DrawComparison(0, 0, 0)
 
@@ -466,7 +454,7 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
 
     async def check(batch: list[dict[str, Any]], file: str) -> None:
         try:
-            fresh = table_rows(await _score(teacher, batch, k_fresh, scoring))
+            fresh = table_rows(await _score(teacher, batch, asked))
         finally:
             sem.release()
         if len(fresh) != len(batch):

@@ -15,15 +15,13 @@ Logprobs are those of ``softmax(logits / T)`` at the cache's temperature T.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from teacher_farm.schemas import SCHEMA_VERSION, __version__
 
 LOGPROB_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
@@ -33,7 +31,6 @@ TARGET_KINDS = ("topk", "sampled", "both")
 #: Columns that hold logprobs (cast together to the cache's logprob dtype).
 LOGPROB_COLUMNS = ("topk_logprobs", "target_logprobs", "sample_logprobs")
 
-METADATA_PREFIX = "teacher_farm."
 
 
 @dataclass(frozen=True)
@@ -112,14 +109,15 @@ def with_source_columns(
     return table
 
 
-def _offsets(lengths: np.ndarray) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.array(offsets)
+def offsets(lengths: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+    """List offsets from list lengths: ``[0, l0, l0 + l1, ...]``."""
+    out = np.zeros(len(lengths) + 1, dtype=dtype)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def _list(lengths: np.ndarray, values: pa.Array) -> pa.Array:
-    return pa.ListArray.from_arrays(_offsets(lengths), values)
+    return pa.ListArray.from_arrays(pa.array(offsets(lengths, np.int32)), values)
 
 
 def _nested(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
@@ -129,7 +127,7 @@ def _nested(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
 
 def _ragged(n: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> pa.Array:
     """n lists per row, position i holding ``lengths[i]`` values of ``flat``."""
-    return _list(n, pa.ListArray.from_arrays(_offsets(lengths), pa.array(flat)))
+    return _list(n, pa.ListArray.from_arrays(pa.array(offsets(lengths, np.int32)), pa.array(flat)))
 
 
 def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "topk") -> pa.Table:
@@ -212,39 +210,3 @@ def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
         ]
     )
     return table.cast(target)
-
-
-def cache_metadata(
-    *, model: str, model_fingerprint: str, tokenizer_fingerprint: str, vocab_size: int, k: int,
-    logprob_dtype: str, temperature: float = 1.0, targets: str = "topk", samples: int | None = None,
-    seed: int | None = None, extra: Mapping[str, object] | None = None,
-) -> dict[bytes, bytes]:
-    """Parquet key-value metadata that makes a shard self-describing (N and seed with sampled targets)."""
-    values: dict[str, object] = {
-        "schema_version": SCHEMA_VERSION,
-        "model": model,
-        "model_fingerprint": model_fingerprint,
-        "tokenizer_fingerprint": tokenizer_fingerprint,
-        "vocab_size": vocab_size,
-        "k": k,
-        "temperature": temperature,
-        "targets": targets,
-        **({"samples": samples, "seed": seed} if targets != "topk" else {}),
-        "logprob_dtype": logprob_dtype,
-        "package_version": __version__,
-        **(extra or {}),
-    }
-    return {
-        (METADATA_PREFIX + key).encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
-        for key, v in values.items()
-    }
-
-
-def read_metadata(schema: pa.Schema) -> dict[str, str]:
-    """The teacher-farm key-value metadata of a shard's schema, keys without the prefix."""
-    raw = schema.metadata or {}
-    return {
-        k.decode()[len(METADATA_PREFIX):]: v.decode()
-        for k, v in raw.items()
-        if k.decode().startswith(METADATA_PREFIX)
-    }

@@ -12,11 +12,13 @@
     │   └── ServerUnreachable nothing listens at the URL: connection refused (retry, briefly at start)
     ├── ServerRejected        the server answered 4xx: the inputs it names are bad
     ├── CacheMismatch         a resumed output directory was made with other settings
+    ├── OutputLocked          another process writes into the same output directory (and part)
+    ├── OutputWriteError      the output cannot be written (a full disk, a read-only directory)
     └── SelfTestFailed        the pooled backend does not work on the installed vLLM
 
-Only ``ServerBusy``, ``EngineNotReady`` (with ``EngineDead``) and ``TransportError`` (with
-``ServerUnreachable``) are retryable. A 503 answer names ``EngineDead`` in its body's ``kind``, so that a
-client tells a dead engine (try another server) from one still loading (wait).
+``ServerBusy``, ``EngineNotReady`` (with ``EngineDead``) and ``TransportError`` (with
+``ServerUnreachable``) derive from ``RetryableError`` too: only they are retried. A 503 answer
+names ``EngineDead`` in its body's ``kind``, so that a client tells a dead engine (try another server) from one still loading (wait).
 """
 
 from __future__ import annotations
@@ -85,3 +87,11 @@ class CacheMismatch(TeacherFarmError):
 class SelfTestFailed(TeacherFarmError):
     """The pooled backend failed its start-up check on the installed vLLM: its modules do not load, or
     its pooler, driven through vLLM's own pooling structures, does not give ``reduce_rows``'s rows."""
+
+
+class OutputLocked(TeacherFarmError):
+    """Another process is writing into the same output directory (and part of a split corpus)."""
+
+
+class OutputWriteError(TeacherFarmError):
+    """The output could not be written (a full disk, a read-only directory): the run stops cleanly."""

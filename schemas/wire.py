@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+from teacher_farm.schemas.scoring import Scoring
 
 
 class ChatMessage(BaseModel):
@@ -39,12 +41,9 @@ class TopkInput(BaseModel):
         return self
 
 
-class TopkRequest(BaseModel):
-    """Body of ``POST /v1/topk``."""
+class TopkRequest(Scoring):
+    """Body of ``POST /v1/topk``: the scoring options (``Scoring``'s fields) and the inputs."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    k: int = Field(16, ge=1, description="how many most likely next tokens to return per position")
     inputs: list[TopkInput] = Field(min_length=1)
     max_length: int | None = Field(
         None, ge=1, description="truncate each input to this many tokens (after special tokens)"
@@ -52,36 +51,6 @@ class TopkRequest(BaseModel):
     logprob_dtype: Literal["float32", "float16"] = Field(
         "float32", description="logprob precision of an Arrow answer (float16 halves its logprob bytes)"
     )
-    temperature: float = Field(
-        1.0, gt=0, le=1000, description="logprobs (and draws) are those of softmax(logits / temperature)"
-    )
-    targets: Literal["topk", "sampled", "both"] = Field(
-        "topk", description="the top-k per position, tokens sampled from the teacher, or both"
-    )
-    samples: int = Field(64, ge=1, le=4096, description="draws per position, with sampled targets")
-    seed: int = Field(0, ge=0, lt=2**32, description="same seed and input, same draws")
-
-
-class TopkResult(BaseModel):
-    """The teacher's top-k distribution at every position of one input."""
-
-    id: str | None
-    input_ids: list[int]
-    topk_ids: list[list[int]] | None = None
-    topk_logprobs: list[list[float]] | None = None
-    target_logprobs: list[float]
-    target_ranks: list[int]
-    sample_ids: list[list[int]] | None = None
-    sample_counts: list[list[int]] | None = None
-    sample_logprobs: list[list[float]] | None = None
-
-
-class TopkResponse(BaseModel):
-    """JSON answer of ``POST /v1/topk``."""
-
-    model: str
-    k: int
-    results: list[TopkResult]
 
 
 class Versions(BaseModel):
@@ -116,30 +85,3 @@ class Info(BaseModel):
     def fingerprint(self) -> str:
         """What identifies the teacher's answers: model and tokenizer."""
         return f"{self.model_fingerprint}/{self.tokenizer_fingerprint}"
-
-
-class ErrorBody(BaseModel):
-    """Every error answer: a message a person can act on."""
-
-    error: str
-    detail: object | None = None
-
-
-def scoring_refusal(
-    teacher: Any, *, k: int, temperature: float, targets: str, samples: int,
-) -> tuple[str, str] | None:
-    """Why a teacher cannot answer with these options, and the ``serve`` flag that would allow it; or None.
-
-    ``teacher`` is anything with ``k_max``, ``scoring`` and ``max_samples`` (``Info``, the server's
-    own facts). The server refuses a request with the reason; the client, before a run, adds the flag.
-    """
-    if targets != "sampled" and k > teacher.k_max:
-        return f"k={k} is over the server's k_max={teacher.k_max}", f"--k-max {k}"
-    if teacher.scoring != "pooled" and (temperature != 1.0 or targets != "topk"):
-        return (
-            "temperature and sampled targets need the pooled scoring backend; the server scores through "
-            "vLLM's prompt logprobs (top-k at temperature 1 only)", "--scoring pooled",
-        )
-    if targets != "topk" and samples > teacher.max_samples:
-        return f"samples={samples} is over the server's max_samples={teacher.max_samples}", f"--max-samples {samples}"
-    return None

@@ -29,7 +29,7 @@ from teacher_farm.schemas.errors import (
 )
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
-from teacher_farm.server.intake import Admission, engine_dead, parse_body, read_body, score_admitted, teacher
+from teacher_farm.server.intake import Admission, engine_dead, parse_body, read_body, score_admitted, loaded_engine
 from teacher_farm.server.openai_compat import router as openai_router
 from teacher_farm.server.settings import ServerSettings, get_settings
 
@@ -72,7 +72,7 @@ async def health(request: Request) -> Response:
     state = request.app.state
     if state.engine_dead:
         return JSONResponse({"status": "engine dead"}, status_code=503)
-    if state.teacher is not None and not state.draining:
+    if state.engine is not None and not state.draining:
         return JSONResponse({"status": "ok"})
     status = "failed" if state.load_error else ("draining" if state.draining else "loading")
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "2"})
@@ -86,21 +86,21 @@ async def prometheus() -> Response:
 
 
 @router.get("/v1/info")
-async def info(t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)) -> Response:
+async def info(engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)) -> Response:
     """What a client must know to trust and resume a cache."""
-    return JSONResponse(t.info.to_wire(settings.max_inputs_per_request).model_dump())
+    return JSONResponse(engine.info.model_copy(update={"max_inputs_per_request": settings.max_inputs_per_request}).model_dump())
 
 
 @router.post("/v1/topk")
-async def topk(request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)) -> Response:
+async def topk(request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)) -> Response:
     """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``."""
     req = parse_body(TopkRequest, await read_body(request, settings.max_body_bytes))
-    results, _ = await score_admitted(request, t, req, settings)
-    headers = {FINGERPRINT_HEADER: t.info.fingerprint}
+    results, _ = await score_admitted(request, engine, req, settings)
+    headers = {FINGERPRINT_HEADER: engine.info.fingerprint}
     if ARROW_STREAM in request.headers.get("accept", ""):
         payload = await asyncio.to_thread(_arrow_payload, results, req)
         return Response(payload, media_type=ARROW_STREAM, headers=headers)
-    body = {"model": t.info.model, "k": req.k, "results": [_json_result(r, req.targets) for r in results]}
+    body = {"model": engine.info.model, "k": req.k, "results": [_json_result(r, req.targets) for r in results]}
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)
 
 
@@ -156,7 +156,7 @@ def _internal_error(request: Request, exc: Exception) -> Response:
 
 async def watch_engine(state: Any, on_engine_dead: Callable[[], None]) -> None:
     """Wait for the engine to die; then answer 503 for ``DEAD_LINGER_S`` and call ``on_engine_dead``."""
-    while not engine_dead(state.teacher):
+    while not engine_dead(state.engine):
         await asyncio.sleep(WATCH_S)
     state.engine_dead = True
     await linger_then_exit("the engine died", on_engine_dead)
@@ -170,8 +170,8 @@ async def linger_then_exit(what: str, on_engine_dead: Callable[[], None]) -> Non
     on_engine_dead()
 
 
-def create_app(load_teacher: Callable[[], Any], on_engine_dead: Callable[[], None] = lambda: None) -> FastAPI:
-    """The ASGI app; ``load_teacher`` runs in a thread at start-up and returns a ``Teacher``.
+def create_app(load_engine: Callable[[], Any], on_engine_dead: Callable[[], None] = lambda: None) -> FastAPI:
+    """The ASGI app; ``load_engine`` runs in a thread at start-up and returns an ``Engine``.
 
     ``on_engine_dead`` is called once the engine died or failed to start (and the grace to tell
     clients passed): it should stop the server, which then exits non-zero (``app.state.engine_dead``
@@ -181,14 +181,14 @@ def create_app(load_teacher: Callable[[], Any], on_engine_dead: Callable[[], Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = app.state
-        state.teacher, state.load_error, state.draining, state.engine_dead = None, None, False, False
+        state.engine, state.load_error, state.draining, state.engine_dead = None, None, False, False
         state.admission = Admission(get_settings().max_queued_tokens)
         watch: list[asyncio.Task] = []
 
         async def load() -> None:
             try:
-                state.teacher = await asyncio.to_thread(load_teacher)
-                log.info("teacher ready: %s", state.teacher.info)
+                state.engine = await asyncio.to_thread(load_engine)
+                log.info("teacher ready: %s", state.engine.info)
             except Exception as exc:  # noqa: BLE001 - reported on /health and every request
                 log.exception("the engine failed to start")
                 state.load_error = f"{type(exc).__name__}: {exc}"
@@ -203,8 +203,8 @@ def create_app(load_teacher: Callable[[], Any], on_engine_dead: Callable[[], Non
         # Stopping the engine below marks it dead too: that is no death to report.
         for task in watch:
             task.cancel()
-        if state.teacher is not None:
-            state.teacher.shutdown()
+        if state.engine is not None:
+            state.engine.shutdown()
 
     app = FastAPI(title="teacher-farm", lifespan=lifespan)
     app.include_router(router)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from teacher_farm.server import vllm_seam
     from teacher_farm.server.app import create_app
-    from teacher_farm.server.engine import Teacher, choose_backend
+    from teacher_farm.server.engine import Engine, choose_backend
 
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         "host", "port", "k_max", "api_key", "max_queued_tokens", "scoring", "slice_rows", "max_samples",
     )}
     log_level = args.pop("uvicorn_log_level")
-    args.pop("verbose")  # read before vLLM was imported (client.exits.quiet_engine)
+    args.pop("verbose")  # read before vLLM was imported (teacher_farm.exits.quiet_engine)
     tls = {"ssl_certfile": args.pop("ssl_certfile"), "ssl_keyfile": args.pop("ssl_keyfile")}
     if bool(tls["ssl_certfile"]) != bool(tls["ssl_keyfile"]):
         parser.error("--ssl-certfile and --ssl-keyfile go together")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         config.timeout_graceful_shutdown = DEAD_GRACEFUL_S
         server.should_exit = True
 
-    app = create_app(lambda: Teacher.load(
+    app = create_app(lambda: Engine.load(
         settings.engine_args, settings.k_max, scoring=settings.scoring,
         slice_rows=settings.slice_rows, max_samples=settings.max_samples,
     ), on_engine_dead=stop_dead)

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import itertools
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,8 +30,10 @@ from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.draws import draw_seed
 from teacher_farm.server.packed import compact_samples, unpack
 from teacher_farm.schemas.errors import InputError, SelfTestFailed, TeacherFarmError
-from teacher_farm.schemas.wire import Info, TopkRequest, Versions, scoring_refusal
+from teacher_farm.schemas.scoring import DEFAULT_MAX_SAMPLES, PackedLayout, Scoring
+from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 from teacher_farm.server import vllm_seam
+from teacher_farm.schemas.fingerprints import model_fingerprint, tokenizer_fingerprint
 from teacher_farm.server.lifecycle import ENGINE_STOP_S, mark_engine_owner
 
 log = logging.getLogger(__name__)
@@ -168,88 +168,6 @@ def checkpoint_config_json(hf_config: Any) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def _sha256_file_sample(path: Path, h: "hashlib._Hash", chunk: int = 1 << 20) -> None:
-    """Hash a weights file's size, head and tail: cheap, and catches a different checkpoint."""
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(chunk, size - chunk))
-            h.update(f.read(chunk))
-
-
-def model_fingerprint(model: str, hf_config_json: str) -> str:
-    """A short stable id of the teacher's weights and config."""
-    h = hashlib.sha256(hf_config_json.encode())
-    root = Path(model)
-    if root.is_dir():
-        for p in sorted(itertools.chain(root.glob("*.safetensors"), root.glob("*.bin"))):
-            _sha256_file_sample(p, h)
-    return h.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A short stable id of what the tokenizer maps text to."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        payload = backend.to_str()
-    else:
-        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
-    special = json.dumps(
-        [getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
-    )
-    return hashlib.sha256((payload + special).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class TeacherInfo:
-    """What the engine knows about itself, served at ``/v1/info``."""
-
-    model: str
-    model_fingerprint: str
-    tokenizer_fingerprint: str
-    vocab_size: int
-    k_max: int
-    max_model_len: int
-    adds_bos: bool
-    scoring: str = "prompt-logprobs"
-    max_samples: int = 0
-    #: Why this backend scores (a failed pooled self-test, with the vLLM release, among the reasons).
-    scoring_reason: str = ""
-
-    @property
-    def fingerprint(self) -> str:
-        """Model and tokenizer, as the ``X-Teacher-Fingerprint`` header and ``Info.fingerprint`` say it."""
-        return f"{self.model_fingerprint}/{self.tokenizer_fingerprint}"
-
-    @property
-    def max_input_tokens(self) -> int:
-        # One slot stays free for the sampled token that carries the last position's distribution
-        # under prompt-logprobs; the pooled backend keeps the same limit, so that both backends
-        # make the same cache (its identity records the effective max length).
-        return self.max_model_len - 1
-
-    def to_wire(self, max_inputs_per_request: int) -> Info:
-        return Info(
-            model=self.model,
-            model_fingerprint=self.model_fingerprint,
-            tokenizer_fingerprint=self.tokenizer_fingerprint,
-            vocab_size=self.vocab_size,
-            k_max=self.k_max,
-            max_model_len=self.max_model_len,
-            max_input_tokens=self.max_input_tokens,
-            max_inputs_per_request=max_inputs_per_request,
-            adds_bos=self.adds_bos,
-            scoring=self.scoring,
-            scoring_reason=self.scoring_reason,
-            max_samples=self.max_samples,
-            versions=Versions(
-                teacher_farm=__version__, schema_version=SCHEMA_VERSION, vllm=vllm_seam.version_string(),
-            ),
-        )
-
-
 def _flat_arrays(flat: Any, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """token ids, logprobs and ranks of ``rows`` positions × (k+1) flat entries."""
     ids = np.asarray(flat.token_ids, dtype=np.int32)
@@ -263,14 +181,14 @@ def _flat_arrays(flat: Any, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, 
     return ids.reshape(rows, k + 1), lps.reshape(rows, k + 1), ranks.reshape(rows, k + 1)
 
 
-def from_packed(seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray, k: int, samples: int) -> ScoredSequence:
+def from_packed(seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray, layout: PackedLayout) -> ScoredSequence:
     """Turn the pooled backend's packed rows for one sequence into numpy arrays (no loop per position)."""
     n = len(input_ids)
     if packed.shape[0] != n:
         raise TeacherFarmError(f"the engine returned {packed.shape[0]} rows for {n} tokens")
-    u = unpack(packed, k, samples)
+    u = unpack(packed, layout)
     sampled = {}
-    if samples:
+    if layout.samples:
         lengths, ids, counts, lps = compact_samples(u.sample_ids, u.sample_logprobs)
         sampled = {"sample_lengths": lengths, "sample_ids": ids, "sample_counts": counts, "sample_logprobs": lps}
     return ScoredSequence(
@@ -306,10 +224,10 @@ def to_scored(seq_id: str | None, input_ids: Sequence[int], output: Any, k: int)
     )
 
 
-class Teacher:
-    """A loaded teacher model: tokenizes text and scores token sequences."""
+class Engine:
+    """The loaded teacher: vLLM in process, its tokenizer, and its facts (``info``, as ``/v1/info`` serves them)."""
 
-    def __init__(self, llm: Any, tokenizer: Any, info: TeacherInfo) -> None:
+    def __init__(self, llm: Any, tokenizer: Any, info: Info) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
         self.info = info
@@ -318,8 +236,8 @@ class Teacher:
     @classmethod
     def load(
         cls, engine_args: dict[str, Any], k_max: int, *, scoring: str = "auto", slice_rows: int | None = None,
-        max_samples: int = 256,
-    ) -> Teacher:
+        max_samples: int = DEFAULT_MAX_SAMPLES,
+    ) -> Engine:
         """Start vLLM (blocking: tens of seconds to minutes) and read the model's facts."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -339,17 +257,27 @@ class Teacher:
             args.get("tokenizer") or args["model"], trust_remote_code=bool(args.get("trust_remote_code"))
         )
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-        info = TeacherInfo(
+        max_model_len = mc.max_model_len
+        info = Info(
             model=args.get("served_model_name") or args["model"],
             model_fingerprint=model_fingerprint(args["model"], checkpoint_config_json(mc.hf_config)),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             vocab_size=mc.get_vocab_size(),
             k_max=k_max if pooled else args["max_logprobs"],
-            max_model_len=mc.max_model_len,
+            max_model_len=max_model_len,
+            # One slot stays free for the sampled token that carries the last position's distribution
+            # under prompt-logprobs; the pooled backend keeps the same limit, so that both backends
+            # make the same cache (its identity records the effective max length).
+            max_input_tokens=max_model_len - 1,
+            # No limit of its own: the HTTP app states its own (``--max-inputs-per-request``).
+            max_inputs_per_request=1 << 30,
             adds_bos=tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
             scoring=backend.name,
             max_samples=max_samples if pooled else 0,
             scoring_reason=backend.reason,
+            versions=Versions(
+                teacher_farm=__version__, schema_version=SCHEMA_VERSION, vllm=vllm_seam.version_string(),
+            ),
         )
         return cls(llm, tokenizer, info)
 
@@ -360,11 +288,9 @@ class Teacher:
         )
         return enc["input_ids"]
 
-    def check_options(self, req: TopkRequest) -> None:
+    def check_options(self, scoring: Scoring) -> None:
         """Refuse what this teacher cannot answer."""
-        refusal = scoring_refusal(
-            self.info, k=req.k, temperature=req.temperature, targets=req.targets, samples=req.samples,
-        )
+        refusal = scoring.refusal(self.info)
         if refusal is not None:
             raise InputError(refusal[0])
 
@@ -374,7 +300,7 @@ class Teacher:
         Text goes through the teacher's tokenizer (special tokens included); everything is cut to
         ``max_length``, and to what the engine can hold.
         """
-        self.check_options(req)
+        self.check_options(req.scoring())
         limit = self.info.max_input_tokens
         max_length = min(req.max_length or limit, limit)
         out: list[list[int]] = []
@@ -404,11 +330,8 @@ class Teacher:
         ids = self.tokenizer.apply_chat_template(chats, tokenize=True, add_generation_prompt=False, return_dict=False)
         return [list(x[:max_length]) for x in ids]
 
-    async def score_one(
-        self, seq_id: str | None, input_ids: list[int], k: int, *, temperature: float = 1.0,
-        targets: str = "topk", samples: int = 64, seed: int = 0,
-    ) -> ScoredSequence:
-        """The teacher's distribution at every position of ``input_ids``, reduced as asked."""
+    async def score_one(self, seq_id: str | None, input_ids: list[int], scoring: Scoring) -> ScoredSequence:
+        """The teacher's distribution at every position of ``input_ids``, reduced as ``scoring`` asks."""
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=input_ids)
@@ -418,18 +341,15 @@ class Teacher:
 
             from teacher_farm.server.scoring_model import TASK
 
-            k_eff = 0 if targets == "sampled" else k
-            n = 0 if targets == "topk" else samples
-            params = PoolingParams(task=TASK, extra_kwargs={
-                "k": k_eff, "temperature": temperature, "samples": n, "seed": draw_seed(seed, input_ids),
-            })
+            params = PoolingParams(task=TASK, extra_kwargs=scoring.pooler_kwargs(draw_seed(scoring.seed, input_ids)))
             final = None
             async for final in self.llm.encode(prompt, params, request_id):
                 pass
-            return from_packed(seq_id, input_ids, final.outputs.data.numpy(), k_eff, n)
+            return from_packed(seq_id, input_ids, final.outputs.data.numpy(), scoring.layout)
 
         from vllm import SamplingParams
 
+        k = scoring.k
         params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k,
             detokenize=False, flat_logprobs=True,
@@ -440,10 +360,10 @@ class Teacher:
         return to_scored(seq_id, input_ids, final, k)
 
     async def score(
-        self, ids: Sequence[str | None], token_ids: Sequence[list[int]], k: int, **options: Any
+        self, ids: Sequence[str | None], token_ids: Sequence[list[int]], scoring: Scoring,
     ) -> list[ScoredSequence]:
-        """Score many sequences at once; the engine batches them. ``options`` as ``score_one``'s."""
-        return list(await asyncio.gather(*(self.score_one(i, t, k, **options) for i, t in zip(ids, token_ids))))
+        """Score many sequences at once; the engine batches them."""
+        return list(await asyncio.gather(*(self.score_one(i, t, scoring) for i, t in zip(ids, token_ids))))
 
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""

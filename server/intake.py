@@ -49,9 +49,9 @@ class Admission:
 ENGINE_DEAD_MESSAGE = "the teacher's engine died; this server exits for its supervisor to restart it"
 
 
-def engine_dead(t: Any) -> bool:
-    """Whether the vLLM engine of teacher ``t`` died (it never recovers in this process)."""
-    llm = getattr(t, "llm", None)
+def engine_dead(engine: Any) -> bool:
+    """Whether the vLLM engine of ``engine`` died (it never recovers in this process)."""
+    llm = getattr(engine, "llm", None)
     return llm is not None and bool(llm.errored)
 
 
@@ -61,18 +61,18 @@ def _engine_dead_error(exc: BaseException) -> bool:
     return module is not None and isinstance(exc, module.EngineDeadError)
 
 
-def teacher(request: Request) -> Any:
+def loaded_engine(request: Request) -> Any:
     """The loaded teacher (a FastAPI dependency); 503 while it loads, the server drains, or once its engine died."""
     state = request.app.state
-    if state.engine_dead or engine_dead(state.teacher):
+    if state.engine_dead or engine_dead(state.engine):
         raise EngineDead(ENGINE_DEAD_MESSAGE)
-    if state.teacher is None:
+    if state.engine is None:
         if state.load_error is not None:
             raise TeacherFarmError(f"the engine failed to start: {state.load_error}")
         raise EngineNotReady("the teacher model is still loading", retry_after=get_settings().retry_after_s)
     if state.draining:
         raise EngineNotReady("the server is shutting down", retry_after=get_settings().retry_after_s)
-    return state.teacher
+    return state.engine
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -104,7 +104,7 @@ def parse_body(model: type[Model], body: bytes, problems: Callable[[list[dict]],
 
 
 async def score_admitted(
-    request: Request, t: Any, req: TopkRequest, settings: ServerSettings
+    request: Request, engine: Any, req: TopkRequest, settings: ServerSettings
 ) -> tuple[list[ScoredSequence], int]:
     """Check a request's limits, admit its tokens and score it; returns the results and their tokens."""
     import asyncio
@@ -113,7 +113,7 @@ async def score_admitted(
         raise RequestTooLarge(
             f"{len(req.inputs)} inputs in one request; the limit is {settings.max_inputs_per_request}"
         )
-    token_ids = await asyncio.to_thread(t.prepare, req)
+    token_ids = await asyncio.to_thread(engine.prepare, req)
     total = sum(len(ids) for ids in token_ids)
     if total > settings.max_tokens_per_request:
         raise RequestTooLarge(
@@ -123,13 +123,10 @@ async def score_admitted(
     admission.acquire(total, settings.retry_after_s)
     try:
         with metrics.REQUEST_LATENCY.time():
-            results = await t.score(
-                [i.id for i in req.inputs], token_ids, req.k,
-                temperature=req.temperature, targets=req.targets, samples=req.samples, seed=req.seed,
-            )
+            results = await engine.score([i.id for i in req.inputs], token_ids, req.scoring())
     except Exception as exc:
         # vLLM's EngineDeadError, or whatever a request in flight meets as its engine dies.
-        if engine_dead(t) or _engine_dead_error(exc):
+        if engine_dead(engine) or _engine_dead_error(exc):
             raise EngineDead(ENGINE_DEAD_MESSAGE) from exc
         raise
     finally:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, RequestTooLarge
 from teacher_farm.schemas.wire import TopkInput, TopkRequest
-from teacher_farm.server.intake import parse_body, read_body, score_admitted, teacher
+from teacher_farm.server.intake import parse_body, read_body, score_admitted, loaded_engine
 from teacher_farm.server.settings import ServerSettings, get_settings
 
 router = APIRouter()
@@ -240,30 +240,30 @@ def completion_choices(
 
 @router.post("/v1/completions")
 async def completions(
-    request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
+    request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
     """OpenAI completions for scoring: the prompt's logprobs (``echo``) and at most one greedy token."""
     req = parse_body(CompletionRequest, await read_body(request, settings.max_body_bytes), _completion_problems)
-    check_completion(req, t.info.k_max)
+    check_completion(req, engine.info.k_max)
     texts, token_ids = _prompts(req)
     count = len(texts if texts is not None else token_ids)
     if count > settings.max_inputs_per_request:
         raise RequestTooLarge(f"{count} prompts in one request; the limit is {settings.max_inputs_per_request}")
     if texts is not None:
-        token_ids = await asyncio.to_thread(t.tokenize, texts, None)
-    _check_token_ids(token_ids, t.info.vocab_size, t.info.max_input_tokens)
+        token_ids = await asyncio.to_thread(engine.tokenize, texts, None)
+    _check_token_ids(token_ids, engine.info.vocab_size, engine.info.max_input_tokens)
 
     # The one scoring path: the same request model, limits, admission and engine call as /v1/topk.
     topk_req = TopkRequest(k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids])
-    scored, total = await score_admitted(request, t, topk_req, settings)
+    scored, total = await score_admitted(request, engine, topk_req, settings)
 
-    choices = await asyncio.to_thread(completion_choices, req, t.tokenizer, texts, scored)
+    choices = await asyncio.to_thread(completion_choices, req, engine.tokenizer, texts, scored)
     generated = len(scored) if req.max_tokens == 1 else 0
     body = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": t.info.model,
+        "model": engine.info.model,
         "choices": choices,
         "usage": {"prompt_tokens": total, "completion_tokens": generated, "total_tokens": total + generated},
     }
@@ -272,27 +272,27 @@ async def completions(
 
 @router.post("/tokenize")
 async def tokenize(
-    request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
+    request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
     """vLLM's ``/tokenize`` for a completion prompt: ``{"tokens", "count", "max_model_len"}``."""
     req = parse_body(TokenizeRequest, await read_body(request, settings.max_body_bytes))
     ids = await asyncio.to_thread(
-        lambda: t.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        lambda: engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
     )
-    body: dict[str, Any] = {"count": len(ids), "max_model_len": t.info.max_model_len, "tokens": ids}
-    body["token_strs"] = t.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    body: dict[str, Any] = {"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids}
+    body["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return JSONResponse(body)
 
 
 @router.post("/detokenize")
 async def detokenize(
-    request: Request, t: Any = Depends(teacher), settings: ServerSettings = Depends(get_settings)
+    request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
     """vLLM's ``/detokenize``: ``{"prompt": text}``."""
     req = parse_body(DetokenizeRequest, await read_body(request, settings.max_body_bytes))
-    if req.tokens and max(req.tokens) >= t.info.vocab_size:
-        raise InputError(f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {t.info.vocab_size})")
-    return JSONResponse({"prompt": t.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+    if req.tokens and max(req.tokens) >= engine.info.vocab_size:
+        raise InputError(f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {engine.info.vocab_size})")
+    return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -328,6 +328,6 @@ def tokenizer_info(tokenizer: Any, max_model_len: int) -> dict[str, Any]:
 
 
 @router.get("/tokenizer_info")
-async def get_tokenizer_info(t: Any = Depends(teacher)) -> Response:
+async def get_tokenizer_info(engine: Any = Depends(loaded_engine)) -> Response:
     """What a remote-tokenizer client (lm-eval's ``tokenizer_backend=remote``) needs."""
-    return JSONResponse(tokenizer_info(t.tokenizer, t.info.max_model_len))
+    return JSONResponse(tokenizer_info(engine.tokenizer, engine.info.max_model_len))

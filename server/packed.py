@@ -1,12 +1,8 @@
 """The packed rows the worker's reduction hands back, read with numpy (no torch needed).
 
-One int32 row per position of a sequence; float columns hold float32 bits, so nothing is rounded:
-
-    [ topk_ids (k) | topk_logprobs (k) | target_logprob | target_rank
-      | sample_ids (N, ascending) | sample_logprobs (N) ]
-
-``server/reduce.py`` writes them inside the vLLM worker; the server turns them into a
-``ScoredSequence`` here, with whole-array operations only.
+One int32 row per position of a sequence, laid out as ``schemas.scoring.PackedLayout`` says (float
+columns hold float32 bits, so nothing is rounded). ``server/reduce.py`` writes them inside the vLLM
+worker; the server turns them into a ``ScoredSequence`` here, with whole-array operations only.
 """
 
 from __future__ import annotations
@@ -15,10 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def packed_width(k: int, samples: int) -> int:
-    """Columns of a packed row."""
-    return 2 * k + 2 + 2 * samples
+from teacher_farm.schemas.scoring import PackedLayout
 
 
 @dataclass(frozen=True)
@@ -33,25 +26,22 @@ class Unpacked:
     sample_logprobs: np.ndarray | None = None  # (n, N) float32
 
 
-def unpack(packed: np.ndarray, k: int, samples: int) -> Unpacked:
-    """Split packed int32 rows back into arrays (views where possible, no copy per position)."""
+def unpack(packed: np.ndarray, layout: PackedLayout) -> Unpacked:
+    """Split packed int32 rows back into arrays (views, no copy per position)."""
     n = packed.shape[0]
-    if packed.shape[1] != packed_width(k, samples):
-        raise ValueError(f"packed rows have {packed.shape[1]} columns; k={k}, samples={samples} make {packed_width(k, samples)}")
+    if packed.shape[1] != layout.width:
+        raise ValueError(f"packed rows have {packed.shape[1]} columns; {layout} makes {layout.width}")
     floats = packed.view(np.float32)
-    out = Unpacked(
-        topk_ids=packed[:, :k],
-        topk_logprobs=floats[:, k:2 * k],
-        target_logprobs=floats[: n - 1, 2 * k],
-        target_ranks=packed[: n - 1, 2 * k + 1],
+    sampled = {}
+    if layout.samples:
+        sampled = {"sample_ids": packed[:, layout.sample_ids], "sample_logprobs": floats[:, layout.sample_logprobs]}
+    return Unpacked(
+        topk_ids=packed[:, layout.topk_ids],
+        topk_logprobs=floats[:, layout.topk_logprobs],
+        target_logprobs=floats[: n - 1, layout.target_logprob],
+        target_ranks=packed[: n - 1, layout.target_rank],
+        **sampled,
     )
-    if samples:
-        base = 2 * k + 2
-        out = Unpacked(
-            **{**out.__dict__, "sample_ids": packed[:, base:base + samples],
-               "sample_logprobs": floats[:, base + samples:base + 2 * samples]},
-        )
-    return out
 
 
 def compact_samples(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

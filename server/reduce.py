@@ -4,7 +4,7 @@ For every row (one position of one sequence): ``log_softmax(logits / T)`` in fp3
 logprobs, the logprob and rank of the actual next token, and optionally N tokens drawn from
 ``softmax(logits / T)`` with their logprobs. Everything a row yields is packed into one int32 row
 (floats bit-cast, so nothing is rounded), because vLLM hands a pooler's output back as one tensor
-per request (the layout and its reader: ``server/packed.py``).
+per request (the layout: ``schemas.scoring.PackedLayout``; its reader: ``server/packed.py``).
 
 The draws are reproducible: the uniform number behind draw j at position p of a request with seed s
 is a hash of (s, p, j), so the same seed and input give the same draws however the engine batches
@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from teacher_farm.schemas.scoring import PackedLayout
 
 _MASK32 = 0xFFFFFFFF
 
@@ -74,7 +76,7 @@ def reduce_rows(
     count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_at_least,
     row_samples: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Packed int32 rows (``server/packed.py``) for ``logits`` (rows × vocabulary).
+    """Packed int32 rows (``schemas.scoring.PackedLayout``) for ``logits`` (rows × vocabulary).
 
     ``targets`` holds each row's next token (any valid id where there is none: its columns are then
     ignored); ``inv_temperature`` is 1/T per row (None: T = 1 everywhere, saving a pass);
@@ -91,7 +93,12 @@ def reduce_rows(
     target_lp = lp.gather(1, targets.to(torch.int64)[:, None])
     # Rank 1 is the argmax; ties rank together, as vLLM's prompt logprobs count them.
     target_rank = count(lp, target_lp).to(torch.int32)[:, None]
-    parts = [top_ids.to(torch.int32), top_lp.view(torch.int32), target_lp.view(torch.int32), target_rank]
+    layout = PackedLayout(k, samples)
+    out = torch.empty((lp.shape[0], layout.width), dtype=torch.int32, device=lp.device)
+    out[:, layout.topk_ids] = top_ids.to(torch.int32)
+    out[:, layout.topk_logprobs] = top_lp.view(torch.int32)
+    out[:, layout.target_logprob] = target_lp.view(torch.int32)[:, 0]
+    out[:, layout.target_rank] = target_rank[:, 0]
     if samples:
         assert seeds is not None and positions is not None
         cdf = lp.exp().cumsum(dim=-1)
@@ -105,5 +112,6 @@ def reduce_rows(
             drawn = drawn.masked_fill_(beyond, lp.shape[1]).sort(dim=-1).values.clamp_(max=lp.shape[1] - 1)
         else:
             drawn = drawn.sort(dim=-1).values
-        parts += [drawn.to(torch.int32), lp.gather(1, drawn).view(torch.int32)]
-    return torch.cat(parts, dim=1)
+        out[:, layout.sample_ids] = drawn.to(torch.int32)
+        out[:, layout.sample_logprobs] = lp.gather(1, drawn).view(torch.int32)
+    return out

@@ -9,7 +9,7 @@ Only small packed rows cross from the worker to the engine, for every position i
 
 ``register`` is a ``vllm.general_plugins`` entry point, so every vLLM process (engine core and
 workers alike) knows ``<Name>ForTeacherScoring`` for each ``<Name>ForCausalLM`` it supports; the
-classes are made on first use. Per-request settings (k, temperature, samples, seed) travel in
+classes are made on first use. Each request's ``Scoring`` (and its draw seed) travels in
 ``PoolingParams.extra_kwargs``; worker-wide settings (``teacher_farm_slice_rows``, and the largest
 k and sample count a request may ask for) in the model config, set through ``hf_overrides``.
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from teacher_farm.schemas.scoring import DEFAULT_K_MAX, PackedLayout, Scoring
 from teacher_farm.server import vllm_seam
-from teacher_farm.server.packed import packed_width
 from teacher_farm.server.reduce import reduce_rows
 from teacher_farm.server.vllm_seam import Pooler, PoolingParamsUpdate, batched_count_greater_than
 
@@ -78,10 +78,10 @@ def as_scoring_model(cls: type) -> type:
             self.pooler = ReductionPooler(
                 self.compute_logits,
                 slice_rows=int(getattr(hf_config, "teacher_farm_slice_rows", DEFAULT_SLICE_ROWS)),
-                worst_case={
-                    "k": int(getattr(hf_config, "teacher_farm_k_max", 64)),
-                    "samples": int(getattr(hf_config, "teacher_farm_max_samples", 0)),
-                },
+                worst_case=Scoring.worst_case(
+                    int(getattr(hf_config, "teacher_farm_k_max", DEFAULT_K_MAX)),
+                    int(getattr(hf_config, "teacher_farm_max_samples", 0)),
+                ),
                 # vLLM's executor keeps the output of tensor-parallel rank 0 only (of the last
                 # pipeline stage); every rank holds the gathered logits, the others need not reduce them.
                 reduces=vllm_seam.tensor_parallel_rank() == 0,
@@ -95,7 +95,7 @@ class ReductionPooler(Pooler):
     """Reduces each scheduled chunk to packed rows; hands a request its rows when its prompt ends."""
 
     def __init__(
-        self, compute_logits: Any, slice_rows: int, worst_case: dict[str, int], reduces: bool = True
+        self, compute_logits: Any, slice_rows: int, worst_case: Scoring, reduces: bool = True
     ) -> None:
         super().__init__()
         # A bound method, not the model: a module holding its parent would form a cycle.
@@ -103,7 +103,7 @@ class ReductionPooler(Pooler):
         self.slice_rows = slice_rows
         # vLLM's start-up profiling runs the pooler with requests that carry no settings: make them
         # the largest a request may ask for, so the profile counts the reduction's peak memory.
-        self.worst_case = worst_case
+        self.worst_case = worst_case.pooler_kwargs(draw_seed=0)
         # False on a rank whose rows vLLM discards: it still computes the logits (their gather is a
         # collective every rank joins) and hands back zeros of the same shape.
         self.reduces = reduces
@@ -122,10 +122,12 @@ class ReductionPooler(Pooler):
         cursor = pooling_metadata.get_pooling_cursor()
         sizes = cursor.num_scheduled_tokens_cpu.to(torch.int64)
         requests = len(sizes)
-        settings = [p.extra_kwargs or self.worst_case for p in pooling_metadata.pooling_params]
-        ks = [int(s.get("k", 1)) for s in settings]
-        ns = [int(s.get("samples", 0)) for s in settings]
+        asked = [Scoring.from_pooler_kwargs(p.extra_kwargs or self.worst_case) for p in pooling_metadata.pooling_params]
+        layouts = [scoring.layout for scoring, _ in asked]
+        ks = [layout.k for layout in layouts]
+        ns = [layout.samples for layout in layouts]
         k, n = max(ks), max(ns)
+        wide = PackedLayout(k, n)
 
         # Per row (one scheduled position): its request, its position in the prompt, its target.
         row_req = torch.repeat_interleave(torch.arange(requests), sizes)
@@ -137,8 +139,8 @@ class ReductionPooler(Pooler):
         token_ids = pooling_metadata.prompt_token_ids_cpu
         next_pos = torch.minimum(positions + 1, prompt_lens[row_req] - 1).clamp_(max=token_ids.shape[1] - 1)
         targets = token_ids[row_req, next_pos]
-        seeds = torch.tensor([int(s.get("seed", 0)) for s in settings], dtype=torch.int64)[row_req]
-        temperatures = [float(s.get("temperature", 1.0)) for s in settings]
+        seeds = torch.tensor([seed for _, seed in asked], dtype=torch.int64)[row_req]
+        temperatures = [scoring.temperature for scoring, _ in asked]
 
         device = hidden_states.device
         targets, seeds, positions_d = (t.to(device, non_blocking=True) for t in (targets, seeds, positions))
@@ -152,7 +154,7 @@ class ReductionPooler(Pooler):
         if n and any(req_n != n for req_n in ns):
             row_n = torch.tensor(ns, dtype=torch.int64)[row_req].to(device, non_blocking=True)
         rows = hidden_states.shape[0]
-        out = torch.empty((rows, packed_width(k, n)), dtype=torch.int32, device=device)
+        out = torch.empty((rows, wide.width), dtype=torch.int32, device=device)
         for a in range(0, rows, self.slice_rows):
             b = min(a + self.slice_rows, rows)
             logits = self._compute_logits(hidden_states[a:b])
@@ -167,19 +169,14 @@ class ReductionPooler(Pooler):
 
         finished = cursor.is_finished().tolist()
         results: list[Any] = []
-        for chunk, state, req_k, req_n, done in zip(
-            torch.split(out, sizes.tolist()), pooling_metadata.pooling_states, ks, ns, finished
+        for chunk, state, layout, done in zip(
+            torch.split(out, sizes.tolist()), pooling_metadata.pooling_states, layouts, finished
         ):
-            if (req_k, req_n) != (k, n):
-                chunk = chunk[:, _columns(k, n, req_k, req_n, device)]
+            if layout != wide:
+                chunk = chunk[:, torch.tensor(wide.columns_of(layout), dtype=torch.int64, device=device)]
             # Reduced chunks are small; keep them until the prompt's last chunk is done.
-            state.hidden_states_cache.append(chunk)
-            if done:
-                parts = state.hidden_states_cache
-                results.append(parts[0] if len(parts) == 1 else torch.cat(parts))
-                state.clean()
-            else:
-                results.append(None)
+            vllm_seam.keep_rows(state, chunk)
+            results.append(vllm_seam.take_rows(state) if done else None)
         return results
 
 
@@ -188,12 +185,3 @@ def _count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     torch._dynamo.decorators.mark_unbacked(x, 0)
     torch._dynamo.decorators.mark_unbacked(values, 0)
     return batched_count_greater_than(x, values)
-
-
-def _columns(k: int, n: int, req_k: int, req_n: int, device: Any) -> torch.Tensor:
-    """Column indices that turn rows packed at (k, n) into rows packed at (req_k, req_n)."""
-
-    cols = [*range(req_k), *range(k, k + req_k), 2 * k, 2 * k + 1]
-    base = 2 * k + 2
-    cols += [*range(base, base + req_n), *range(base + n, base + n + req_n)]
-    return torch.tensor(cols, dtype=torch.int64, device=device)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from teacher_farm.schemas.errors import SelfTestFailed
+from teacher_farm.schemas.scoring import Scoring
 
 VOCAB = 512
 HIDDEN = 16
@@ -26,25 +27,24 @@ SLICE_ROWS = 7
 
 @dataclass(frozen=True)
 class Case:
-    """One synthetic request: its prompt's length and its settings."""
+    """One synthetic request: its prompt's length and what it asks (the seed is its draw seed)."""
 
     name: str
     length: int
-    k: int
-    temperature: float = 1.0
-    samples: int = 0
-    seed: int = 0
+    scoring: Scoring
 
     @property
-    def settings(self) -> dict[str, float | int]:
-        return {"k": self.k, "temperature": self.temperature, "samples": self.samples, "seed": self.seed}
+    def settings(self) -> dict[str, Any]:
+        return self.scoring.pooler_kwargs(draw_seed=self.scoring.seed)
 
 
 CASES = (
-    Case("a prompt split over three steps", 23, k=8),
-    Case("a prompt done in one step, sampled at T=0.7", 9, k=4, temperature=0.7, samples=16, seed=5),
-    Case("a request joining late, sampled targets only at T=1.3", 14, k=0, temperature=1.3, samples=32, seed=123),
-    Case("a one-token prompt beside requests with more samples", 1, k=16, samples=4, seed=7),
+    Case("a prompt split over three steps", 23, Scoring(k=8)),
+    Case("a prompt done in one step, sampled at T=0.7", 9,
+         Scoring(k=4, temperature=0.7, targets="both", samples=16, seed=5)),
+    Case("a request joining late, sampled targets only at T=1.3", 14,
+         Scoring(temperature=1.3, targets="sampled", samples=32, seed=123)),
+    Case("a one-token prompt beside requests with more samples", 1, Scoring(k=16, targets="both", samples=4, seed=7)),
 )
 
 #: Per step, (case index, tokens scheduled): mixed k, samples, temperature and seed in one step.
@@ -81,10 +81,11 @@ def _alone(case: Case, hidden: torch.Tensor, prompt: list[int], compute_logits) 
     n = case.length
     # The last position has no next token; the pooler fills its unused target columns with the last token.
     targets = torch.tensor(prompt[1:] + prompt[-1:], dtype=torch.int64)
-    inv_t = None if case.temperature == 1.0 else torch.full((n,), 1.0 / case.temperature)
+    scoring = case.scoring
+    inv_t = None if scoring.temperature == 1.0 else torch.full((n,), 1.0 / scoring.temperature)
     return reduce_rows(
-        compute_logits(hidden), targets, inv_t, case.k, case.samples,
-        torch.full((n,), case.seed, dtype=torch.int64), torch.arange(n),
+        compute_logits(hidden), targets, inv_t, scoring.topk, scoring.draws,
+        torch.full((n,), scoring.seed, dtype=torch.int64), torch.arange(n),
     )
 
 
@@ -132,7 +133,7 @@ def check_pooler(steps: Callable[[Any, list[Any], list[list[int]]], Step] = v1_s
         return SelfTestFailed(f"pooled scoring self-test on vLLM {version}: {what}")
 
     hidden, prompts, compute_logits = synthetic_logits()
-    worst_case = {"k": max(c.k for c in CASES), "samples": max(c.samples for c in CASES)}
+    worst_case = Scoring.worst_case(max(c.scoring.topk for c in CASES), max(c.scoring.draws for c in CASES))
     pooler = ReductionPooler(compute_logits, slice_rows=SLICE_ROWS, worst_case=worst_case)
     done = [0] * len(CASES)
     results: dict[int, torch.Tensor] = {}

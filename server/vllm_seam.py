@@ -149,6 +149,25 @@ def load_model_class(arch: str) -> type:
     return ModelRegistry.models[arch].load_model_cls()
 
 
+def keep_rows(state: Any, rows: Any) -> None:
+    """Keep a request's packed rows of this chunk until its prompt ends.
+
+    vLLM gives every pooling request a state whose list ``hidden_states_cache`` is meant for hidden
+    states; our pooler keeps its reduced rows there instead (a few int32 columns per position).
+    """
+    state.hidden_states_cache.append(rows)
+
+
+def take_rows(state: Any) -> Any:
+    """The request's packed rows of every chunk, in order, and its state cleared."""
+    import torch
+
+    parts = state.hidden_states_cache
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+    state.clean()
+    return rows
+
+
 def pooling_metadata(
     prompt_token_ids: list[list[int]], params: list[Any], states: list[Any], scheduled: list[int],
     computed: list[int], pad_id: int,

@@ -98,7 +98,7 @@ def free_port() -> int:
 def teacher_farm(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a child process (within an engine start's timeout by default)."""
     return subprocess.run(
-        [sys.executable, "-m", "teacher_farm.client.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "teacher_farm.cli", *args], cwd=ROOT, capture_output=True, text=True,
         timeout=kwargs.pop("timeout", None) or engine_timeout(), **kwargs,
     )
 
@@ -145,7 +145,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.args = [
-            sys.executable, "-m", "teacher_farm.client.cli", "serve", "--model", str(model), "--dtype", "float32",
+            sys.executable, "-m", "teacher_farm.cli", "serve", "--model", str(model), "--dtype", "float32",
             "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN),
             "--enforce-eager", "--gpu-memory-utilization", "0.2", *extra,
         ]
@@ -270,3 +270,10 @@ def reference(tiny_model) -> Reference:
 def read_lines(path: Path, n: int | None = None) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     return lines if n is None else lines[:n]
+
+
+def load_manifest(out_dir: Path):
+    """The ``manifest.json`` of ``out_dir``, or None where there is none yet."""
+    from teacher_farm.schemas.cache_dir import MANIFEST, load_manifests
+
+    return load_manifests(out_dir).get(MANIFEST)

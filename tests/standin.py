@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from teacher_farm.client.reader import Line
+from teacher_farm.client.inputs import Line
 from teacher_farm.schemas.arrow import ScoredSequence, results_to_table
 from teacher_farm.schemas.errors import ServerRejected
 from teacher_farm.schemas.wire import Info, Versions
@@ -58,13 +58,14 @@ class StandInTeacher:
             raise ServerRejected(f"token id {ids.max()} is outside the vocabulary (size {self.vocab})", 422)
         return ids[:max_length]
 
-    async def topk(self, lines: Sequence[Line], k: int, max_length: int | None, scoring=None) -> "pa.Table":  # noqa: F821
+    async def score(self, lines: Sequence[Line], scoring, max_length: int | None) -> "pa.Table":  # noqa: F821
         self.requests += 1
+        k = scoring.k
         return results_to_table([score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines], k)
 
-    async def topk_ids(self, ids_and_tokens, k: int, max_length: int | None = None, scoring=None):
+    async def score_ids(self, ids_and_tokens, scoring, max_length: int | None = None):
         lines = [Line(-1, i, None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
-        return await self.topk(lines, k, max_length)
+        return await self.score(lines, scoring, max_length)
 
     async def tokenize(self, text: str) -> list[int]:
         return tokens(text, self.vocab).tolist()

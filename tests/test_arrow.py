@@ -10,9 +10,11 @@ import pytest
 
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import (
-    METADATA_PREFIX, ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata,
+    ScoredSequence, cache_schema, cast_logprobs,
     result_schema, results_to_table, table_to_results, with_source_columns,
 )
+from teacher_farm.schemas.cache_dir import METADATA_PREFIX, CacheIdentity, read_metadata
+from teacher_farm.schemas.scoring import Scoring
 
 LENGTHS = [1, 2, 7, 33]
 
@@ -105,11 +107,12 @@ def test_cache_schema_puts_where_a_row_comes_from_after_its_id():
         assert rest.equals(result_schema(dtype))
 
 
-def test_metadata_round_trip():
-    metadata = cache_metadata(
-        model="org/Model-7B", model_fingerprint="m" * 16, tokenizer_fingerprint="t" * 16,
-        vocab_size=151_936, k=16, logprob_dtype="float16", extra={"note": "x", "max_length": 8192},
+def test_cache_identity_round_trips_through_parquet_metadata_and_the_manifest():
+    identity = CacheIdentity(
+        model="org/Model-7B", model_fingerprint="m" * 16, tokenizer_fingerprint="t" * 16, vocab_size=151_936,
+        scoring=Scoring(k=16, temperature=0.5, targets="both", samples=32, seed=7), logprob_dtype="float16",
     )
+    metadata = identity.metadata()
     assert all(key.startswith(METADATA_PREFIX.encode()) for key in metadata)
     schema = cache_schema("float16").with_metadata({**metadata, b"pandas": b"{}"})
     assert read_metadata(schema) == {
@@ -119,14 +122,19 @@ def test_metadata_round_trip():
         "tokenizer_fingerprint": "t" * 16,
         "vocab_size": "151936",
         "k": "16",
-        "temperature": "1.0",
-        "targets": "topk",
+        "temperature": "0.5",
+        "targets": "both",
+        "samples": "32",
+        "seed": "7",
         "logprob_dtype": "float16",
         "package_version": __version__,
-        "note": "x",
-        "max_length": "8192",
     }
-    assert json.loads(read_metadata(schema)["k"]) == 16
+    assert CacheIdentity.from_entries(read_metadata(schema)) == identity
+    # The manifest holds the same entries (the model's name is provenance there).
+    assert CacheIdentity.from_entries(json.loads(json.dumps(identity.entries()))) == identity.model_copy(update={"model": ""})
+    # N and the seed are part of a cache's identity only with sampled targets.
+    topk = identity.model_copy(update={"scoring": Scoring(k=16)})
+    assert "samples" not in topk.entries() and "seed" not in topk.entries()
 
 
 def test_schema_without_metadata_reads_as_empty():

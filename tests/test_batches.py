@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from teacher_farm.client.cache import Batch, CacheOptions, make_batches
-from teacher_farm.client.reader import Line, Reject
+from teacher_farm.client.inputs import Line, Reject
 
 
 def opts(rows_per_shard: int = 10, batch_lines: int = 4, batch_chars: int = 10_000) -> CacheOptions:

@@ -8,7 +8,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from teacher_farm.client.manifest import load_manifest
+from teacher_farm.client.manifest import save_manifest
+from tests.conftest import load_manifest
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
 from tests.reference_check import assert_same_rows
 
@@ -88,7 +89,7 @@ def test_rerun_resumes_and_caches_every_line_exactly_once(server, tmp_path):
         (out / manifest.shards.pop(index).file).unlink()
     manifest.complete = False
     manifest.rejects_bytes = 0
-    manifest.save(out)
+    save_manifest(manifest, out)
     (out / "rejects.jsonl").write_text('{"line": 20, "reason": "left by a run that died"}\n')
     again = cache(server, inp, out, "--rows-per-shard", "4")
     assert again.returncode == 0, again.stderr

@@ -12,8 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.cache import CacheOptions, CacheRun
-from teacher_farm.client.manifest import load_manifest, load_manifests
-from teacher_farm.client.windows import window_starts
+from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.client.manifest import save_manifest
+from teacher_farm.schemas.cache_dir import load_manifests
+from tests.conftest import load_manifest
+from teacher_farm.schemas.windows import window_starts
 from tests.standin import StandInTeacher, expected_topk, tokens
 
 VOCAB = 1000
@@ -21,7 +24,7 @@ LONG = "the quick brown fox jumps over the lazy dog. " * 5  # 225 characters: 22
 
 
 def run(tmp_path, inp, out="out", teacher=None, **kw):
-    opts = CacheOptions(input=inp, out_dir=tmp_path / out, k=4, **kw)
+    opts = CacheOptions(input=inp, out_dir=tmp_path / out, scoring=Scoring(k=4), **kw)
     return asyncio.run(CacheRun(opts, teacher or StandInTeacher(VOCAB)).run())
 
 
@@ -78,7 +81,7 @@ def test_resume_and_split_across_files_cache_every_line_once(tmp_path):
     whole = rows(tmp_path / "whole")
     # Two client processes, each a half of the shards, write one cache.
     for i in range(2):
-        run(tmp_path, str(root), "split", rows_per_shard=2, num_shards=2, shard_index=i)
+        run(tmp_path, str(root), "split", rows_per_shard=2, parts=2, part=i)
     assert sorted(rows(tmp_path / "split"), key=lambda r: (r["source"], r["line"])) == \
         sorted(whole, key=lambda r: (r["source"], r["line"]))
     # A run that died after shard 2 (lines 4, 5: across b.jsonl.gz and c.parquet) resumes the rest.
@@ -87,7 +90,7 @@ def test_resume_and_split_across_files_cache_every_line_once(tmp_path):
     for index in (0, 1, 3):
         (out / manifest.shards.pop(index).file).unlink()
     manifest.complete, manifest.rejects_bytes = False, 0
-    manifest.save(out)
+    save_manifest(manifest, out)
     again = run(tmp_path, str(root), "whole", rows_per_shard=2)
     assert again.skipped_shards == 1
     assert rows(out) == whole
@@ -169,7 +172,7 @@ def test_a_stride_not_below_the_max_length_is_refused(tmp_path):
 
 
 def test_training_reader_joins_windows_into_one_stream_taking_each_position_from_its_most_context(tmp_path):
-    from teacher_farm.client.training import TopkDataset, join_windows, row_group_arrays
+    from teacher_farm.training import TopkDataset, join_windows, row_group_arrays
 
     root = tmp_path / "corpus"
     root.mkdir()
@@ -206,7 +209,7 @@ def test_training_reader_joins_windows_into_one_stream_taking_each_position_from
 
 def test_joined_targets_come_from_the_earliest_window_holding_both_tokens():
     """Target of position p (token p+1): the window of p, except at a window's last position."""
-    from teacher_farm.client.training import RowGroupArrays, join_windows
+    from teacher_farm.training import RowGroupArrays, join_windows
 
     L, S, n = 6, 2, 10  # windows at 0, 2, 4 (4 + 6 = 10)
     starts = window_starts(n, L, S)

@@ -38,7 +38,7 @@ def python_lines_of_a_cache_run(tmp_path, tokens_per_line: int, lines: int = 48)
         def trace(frame, event, arg):
             return local if frame.f_code.co_filename.startswith(OURS) else None
 
-        from teacher_farm.client.cli import cache_main
+        from teacher_farm.cli import cache_main
 
         threading.settrace(trace)
         sys.settrace(trace)
@@ -64,7 +64,7 @@ def test_the_cache_pipeline_runs_no_python_line_per_token(tmp_path):
 def test_the_cache_command_pins_mallocs_mmap_threshold(monkeypatch, tmp_path):
     """Without it glibc's rising mmap threshold lets a long run's resident memory creep up."""
     from teacher_farm import memory
-    from teacher_farm.client import cli
+    from teacher_farm import cli
 
     calls = []
     monkeypatch.setattr(memory, "pin_mmap_threshold", lambda: calls.append(True) or True)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from teacher_farm.client.manifest import load_manifest
-from teacher_farm.client.windows import window_starts
+from tests.conftest import load_manifest
+from teacher_farm.schemas.windows import window_starts
 from teacher_farm.schemas.arrow import table_to_results
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
 from tests.reference_check import assert_matches_reference

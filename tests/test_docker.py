@@ -480,7 +480,7 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
     assert pairs["--k"] == "32" and pairs["--concurrency"] == "32"
 
     # The real client must accept that command line.
-    from teacher_farm.client.cli import cache_parser
+    from teacher_farm.cli import cache_parser
 
     parser = cache_parser()
     if "--num-shards" not in parser._option_string_actions:

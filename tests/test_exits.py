@@ -22,7 +22,7 @@ UNTIDY = ("Traceback", "leaked", "Exception ignored")
 
 
 def local_cache(inp, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "teacher_farm.client.cli", "cache", "--model", str(extra[0]), "--dtype", "float32",
+    return [sys.executable, "-m", "teacher_farm.cli", "cache", "--model", str(extra[0]), "--dtype", "float32",
             "--enforce-eager", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
             "--input", str(inp), "--out", str(out), "--k", "4", *extra[1:]]
 
@@ -85,7 +85,7 @@ def test_sigterm_stops_a_cache_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     corpus.write_text("".join(f'{{"text": "line {i}"}}\n' for i in range(200_000)), encoding="utf-8")
     out = tmp_path / "out"
     with stand_in_teacher(512) as url:
-        proc, log = start([sys.executable, "-m", "teacher_farm.client.cli", "cache", "--server", url, "--input",
+        proc, log = start([sys.executable, "-m", "teacher_farm.cli", "cache", "--server", url, "--input",
                            str(corpus), "--out", str(out), "--k", "16", "--rows-per-shard", "256"], tmp_path / "log")
         try:
             wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2 or proc.poll() is not None, 300,

@@ -40,7 +40,7 @@ def cache_args(url, inp, out, key=API_KEY, *extra):
 
 
 def start_client(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "teacher_farm.client.cli", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "teacher_farm.cli", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

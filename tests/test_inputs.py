@@ -13,7 +13,7 @@ import zstandard
 
 from teacher_farm.client import inputs
 from teacher_farm.client.inputs import InputFile, check_parquet_columns, discover, read_inputs
-from teacher_farm.client.reader import Line, Reject, parse_line
+from teacher_farm.client.inputs import Line, Reject, parse_line
 from teacher_farm.schemas.errors import InputError
 
 

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from teacher_farm.client.losses import ChunkedKDLoss, SampledKDLoss, TopkRenormKLLoss, TopkTailKLLoss  # noqa: E402
+from teacher_farm.training.losses import ChunkedKDLoss, SampledKDLoss, TopkRenormKLLoss, TopkTailKLLoss  # noqa: E402
 from teacher_farm.training import TopkDataset, collate_topk, kd_loss, sampled_kd_loss  # noqa: E402
 
 from tests.test_training import SHARDS, VOCAB, items, true_tail, write_cache  # noqa: E402

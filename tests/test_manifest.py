@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from teacher_farm.client.manifest import MANIFEST, Manifest, ShardRecord, check_identity, load_manifest
+from teacher_farm.client.manifest import check_identity, save_manifest
+from teacher_farm.schemas.cache_dir import MANIFEST, Manifest, ShardRecord
+from tests.conftest import load_manifest
 from teacher_farm.schemas import SCHEMA_VERSION
 from teacher_farm.schemas.errors import CacheMismatch
 
@@ -37,7 +39,7 @@ def manifest() -> Manifest:
 
 def test_save_then_load_gives_the_same_manifest(tmp_path):
     m = manifest()
-    m.save(tmp_path)
+    save_manifest(m, tmp_path)
     loaded = load_manifest(tmp_path)
     assert loaded == m
     assert set(loaded.shards) == {0, 3}  # keys come back as ints, not JSON strings
@@ -46,9 +48,9 @@ def test_save_then_load_gives_the_same_manifest(tmp_path):
 
 def test_save_leaves_only_the_manifest(tmp_path):
     m = manifest()
-    m.save(tmp_path)
+    save_manifest(m, tmp_path)
     m.shards[4] = shard(4, 1, 1)
-    m.save(tmp_path)
+    save_manifest(m, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [MANIFEST]
     assert set(load_manifest(tmp_path).shards) == {0, 3, 4}
     assert json.loads((tmp_path / MANIFEST).read_text())["schema_version"] == SCHEMA_VERSION
@@ -59,7 +61,7 @@ def test_a_new_directory_has_no_manifest(tmp_path):
 
 
 def test_same_identity_resumes(tmp_path):
-    manifest().save(tmp_path)
+    save_manifest(manifest(), tmp_path)
     check_identity(load_manifest(tmp_path), json.loads(json.dumps(IDENTITY)), tmp_path)
 
 
@@ -86,7 +88,7 @@ def test_a_nested_difference_is_reported(tmp_path):
 
 def test_other_schema_version_refuses_to_resume(tmp_path):
     path = tmp_path / MANIFEST
-    manifest().save(tmp_path)
+    save_manifest(manifest(), tmp_path)
     data = json.loads(path.read_text())
     data["schema_version"] = SCHEMA_VERSION + 1
     path.write_text(json.dumps(data))

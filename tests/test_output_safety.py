@@ -16,9 +16,12 @@ import pytest
 
 from teacher_farm.client import cache as cache_module
 from teacher_farm.client import shards
-from teacher_farm.client.cache import CacheOptions, CacheRun, OutputWriteError
-from teacher_farm.client.lock import OutputLock, OutputLocked
-from teacher_farm.client.manifest import load_manifest
+from teacher_farm.client.cache import CacheOptions, CacheRun
+from teacher_farm.schemas.errors import OutputWriteError
+from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.client.lock import OutputLock
+from teacher_farm.schemas.errors import OutputLocked
+from tests.conftest import load_manifest
 from tests.conftest import ROOT
 from tests.standin import StandInTeacher
 
@@ -39,7 +42,7 @@ def corpus(tmp_path, n=40):
 
 
 def run(tmp_path, inp, out="out", **kw):
-    opts = CacheOptions(input=str(inp), out_dir=tmp_path / out, k=4, rows_per_shard=10, batch_lines=5, **kw)
+    opts = CacheOptions(input=str(inp), out_dir=tmp_path / out, scoring=Scoring(k=4), rows_per_shard=10, batch_lines=5, **kw)
     return asyncio.run(CacheRun(opts, StandInTeacher()).run())
 
 
@@ -66,7 +69,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
         assert f"pid {holder.pid} on host {socket.gethostname()}" in message and "wait for it" in message
         assert load_manifest(tmp_path / "out") is None  # it wrote nothing
         # Another shard index of a split run has its own lock.
-        run(tmp_path, inp, num_shards=2, shard_index=1)
+        run(tmp_path, inp, parts=2, part=1)
     finally:
         holder.kill()
         holder.wait()
@@ -158,16 +161,16 @@ def test_a_full_disk_stops_the_run_with_what_was_written_and_the_same_command_re
 
 def test_a_read_only_output_says_which_path_and_resumes_once_writable(tmp_path, monkeypatch):
     inp = corpus(tmp_path)
-    real = cache_module.Manifest.save
+    real = cache_module.save_manifest
     calls = []
 
-    def read_only_after_first(self, out_dir, name="manifest.json"):
+    def read_only_after_first(manifest, out_dir, name="manifest.json"):
         calls.append(name)
         if len(calls) > 2:  # the new manifest, shard 0's commit, then the disk turns read-only
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return real(self, out_dir, name)
+        return real(manifest, out_dir, name)
 
-    monkeypatch.setattr(cache_module.Manifest, "save", read_only_after_first)
+    monkeypatch.setattr(cache_module, "save_manifest", read_only_after_first)
     with pytest.raises(OutputWriteError, match=r"cannot write .*manifest\.json: Read-only file system"):
         run(tmp_path, inp)
     assert sorted(load_manifest(tmp_path / "out").shards) == [0]
@@ -185,7 +188,7 @@ from teacher_farm.client import shards
 def full(path):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 shards.open_sink = full
-from teacher_farm.client import cli
+from teacher_farm import cli
 from tests.standin import StandInTeacher
 import teacher_farm.client.transport as t
 t.TeacherPool = lambda *a, **k: StandInTeacher()

@@ -6,7 +6,12 @@ import json
 import logging
 
 from teacher_farm.client.progress import JsonFormatter, Progress
-from teacher_farm.client.reader import Line, read_corpus
+from teacher_farm.client.inputs import Line, discover, read_inputs
+
+
+def read_corpus(path, **kwargs):
+    """Every line of one corpus file, as a run reads it."""
+    return read_inputs(discover([str(path)]), **kwargs)
 
 
 def test_json_log_lines_carry_the_message_and_fields():

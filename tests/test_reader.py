@@ -8,7 +8,12 @@ import json
 import pytest
 import zstandard
 
-from teacher_farm.client.reader import Line, Reject, parse_line, read_corpus
+from teacher_farm.client.inputs import Line, Reject, parse_line, discover, read_inputs
+
+
+def read_corpus(path, **kwargs):
+    """Every line of one corpus file, as a run reads it."""
+    return read_inputs(discover([str(path)]), **kwargs)
 
 
 def parse(raw: bytes, number: int = 5, text_field: str = "text", id_field: str = "id"):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from teacher_farm.server.packed import compact_samples, packed_width, unpack
+from teacher_farm.schemas.scoring import PackedLayout
+from teacher_farm.server.packed import compact_samples, unpack
 from teacher_farm.server.reduce import reduce_rows, top_k, uniforms
 
 V = 512
@@ -24,9 +25,9 @@ def reduce(logits: np.ndarray, targets: np.ndarray, temperature: float, k: int, 
         torch.from_numpy(logits), torch.from_numpy(targets), torch.full((rows,), 1.0 / temperature), k, samples,
         torch.full((rows,), seed, dtype=torch.int64), torch.arange(rows),
     ).numpy()
-    assert packed.shape == (rows, packed_width(k, samples)) and packed.dtype == np.int32
+    assert packed.shape == (rows, PackedLayout(k, samples).width) and packed.dtype == np.int32
     # Every row has a target here: pretend one more position follows, so unpack keeps them all.
-    return unpack(np.concatenate([packed, packed[-1:]]), k, samples)
+    return unpack(np.concatenate([packed, packed[-1:]]), PackedLayout(k, samples))
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_top_k_of_a_slice_view_reads_the_slice():
 def test_bfloat16_logits_are_reduced_in_float32(logits):
     bf16 = torch.from_numpy(logits).to(torch.bfloat16)
     packed = reduce_rows(bf16, torch.zeros(64, dtype=torch.int64), torch.ones(64), 4).numpy()
-    lps = unpack(packed, 4, 0).topk_logprobs
+    lps = unpack(packed, PackedLayout(4, 0)).topk_logprobs
     ref = dense_logprobs(bf16.float().numpy(), 1.0)
     np.testing.assert_allclose(lps, np.sort(ref, axis=1)[:, ::-1][:, :4], atol=1e-5)
 
@@ -141,7 +142,7 @@ def test_a_rows_draws_do_not_depend_on_what_its_batch_neighbours_ask_for(logits)
     own = torch.where(positions % 2 == 0, 8, 64)
     mixed = reduce_rows(t, targets, None, 2, 64, seeds, positions, row_samples=own).numpy()
     alone = reduce_rows(t, targets, None, 2, 8, seeds, positions).numpy()
-    base = packed_width(2, 0)
+    base = PackedLayout(2, 0).width
     ids, lps = mixed[:, base:base + 64], mixed[:, base + 64:]
     np.testing.assert_array_equal(ids[::2, :8], alone[::2, base:base + 8])
     np.testing.assert_array_equal(lps[::2, :8], alone[::2, base + 8:])
@@ -165,4 +166,4 @@ def test_compact_samples_counts_distinct_tokens_per_position():
 
 def test_unpack_refuses_rows_of_another_shape():
     with pytest.raises(ValueError, match="columns"):
-        unpack(np.zeros((3, 10), np.int32), 4, 1)
+        unpack(np.zeros((3, 10), np.int32), PackedLayout(4, 1))

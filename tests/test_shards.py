@@ -10,14 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.shards import ShardWriter, shard_name
-from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, read_metadata, results_to_table, with_source_columns
+from teacher_farm.schemas.arrow import ScoredSequence, cache_schema, cast_logprobs, results_to_table, with_source_columns
+from teacher_farm.schemas.cache_dir import CacheIdentity, read_metadata
+from teacher_farm.schemas.scoring import Scoring
 
 K = 4
 
 
 def schema_for(dtype: str = "float32") -> pa.Schema:
     return cache_schema(dtype).with_metadata(
-        cache_metadata(model="m", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=1000, k=K, logprob_dtype=dtype)
+        CacheIdentity(model="m", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=1000, scoring=Scoring(k=K),
+                      logprob_dtype=dtype).metadata()
     )
 
 

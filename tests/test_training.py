@@ -15,15 +15,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from teacher_farm.client.manifest import Manifest, ShardRecord  # noqa: E402
+from teacher_farm.client.manifest import save_manifest  # noqa: E402
+from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord  # noqa: E402
+from teacher_farm.schemas.scoring import Scoring  # noqa: E402
 from teacher_farm.client.shards import ShardWriter  # noqa: E402
-from teacher_farm.client.training import (  # noqa: E402
+from teacher_farm.training import (  # noqa: E402
     TAIL_FLOOR, TopkDataset, assert_same_tokenizer, cache_metadata_of, check_alignment, collate_topk, kd_loss,
     shard_paths,
 )
-from teacher_farm.schemas.arrow import ScoredSequence, cache_metadata, cache_schema, cast_logprobs, results_to_table, with_source_columns  # noqa: E402
+from teacher_farm.schemas.arrow import ScoredSequence, cache_schema, cast_logprobs, results_to_table, with_source_columns  # noqa: E402
 from teacher_farm.schemas.errors import CacheMismatch, InputError  # noqa: E402
-from teacher_farm.server.engine import tokenizer_fingerprint  # noqa: E402
+from teacher_farm.schemas.fingerprints import tokenizer_fingerprint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, K, ROWS_PER_SHARD = 50, 5, 8
@@ -91,10 +93,11 @@ def write_cache(
     cache = Cache(out)
     rng = np.random.default_rng(seed)
     schema = cache_schema(dtype, targets).with_metadata(
-        cache_metadata(
+        CacheIdentity(
             model="teacher", model_fingerprint="mf", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-            vocab_size=VOCAB, k=K, logprob_dtype=dtype, temperature=temperature, targets=targets, samples=samples, seed=0,
-        )
+            vocab_size=VOCAB, scoring=Scoring(k=K, temperature=temperature, targets=targets, samples=samples, seed=0),
+            logprob_dtype=dtype,
+        ).metadata()
     )
     records = {}
     for j, lengths in shards.items():
@@ -122,7 +125,7 @@ def write_cache(
         "temperature": temperature, "targets": targets,
     }
     for name, indices in (manifests or {"manifest.json": list(shards)}).items():
-        Manifest(identity=identity, shards={j: records[j] for j in indices}, complete=True).save(out, name)
+        save_manifest(Manifest(identity=identity, shards={j: records[j] for j in indices}, complete=True), out, name)
     return cache
 
 
@@ -182,7 +185,7 @@ def test_shard_paths_refuse_manifests_of_different_teachers(tmp_path):
     other = Manifest.model_validate_json((tmp_path / "manifest-a.json").read_bytes())
     other.identity["tokenizer_fingerprint"] = "someone-else"
     other.shards = {}
-    other.save(tmp_path, "manifest-b.json")
+    save_manifest(other, tmp_path, "manifest-b.json")
     with pytest.raises(InputError, match="tokenizer_fingerprint"):
         shard_paths(tmp_path)
 
@@ -424,7 +427,7 @@ def test_module_imports_without_torch(cache):
 import sys
 sys.modules["torch"] = None
 sys.modules["vllm"] = None
-import teacher_farm.client.training as t
+import teacher_farm.training as t
 assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
 assert [p.name for p in t.shard_paths({str(cache.path)!r})][0] == "part-000000.parquet"
 class Tok:
@@ -448,7 +451,7 @@ print("ok")
 
 def test_tail_floor_is_what_a_full_topk_reports(tmp_path):
     # With k equal to the whole vocabulary nothing is left out: the tail sits at the floor.
-    from teacher_farm.client.training import row_group_arrays
+    from teacher_farm.training import row_group_arrays
 
     full = torch.log_softmax(torch.randn(3, 4), dim=-1)
     values, ids = torch.topk(full, 4, dim=-1)
@@ -518,6 +521,6 @@ def test_a_dataset_checks_each_shards_own_metadata(tmp_path):
     shutil.copy(tmp_path / "b" / "part-000001.parquet", tmp_path / "a")
     other = Manifest.model_validate_json((tmp_path / "b" / "manifest-b.json").read_bytes())
     other.identity["temperature"] = 1.0
-    other.save(tmp_path / "a", "manifest-b.json")
+    save_manifest(other, tmp_path / "a", "manifest-b.json")
     with pytest.raises(InputError, match="part-000001.parquet was cached with temperature=2.0"):
         TopkDataset(tmp_path / "a")

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.fsutil import sha256_file
-from teacher_farm.client.manifest import ShardRecord, load_manifest
+from teacher_farm.client.manifest import save_manifest
+from teacher_farm.schemas.cache_dir import ShardRecord
+from tests.conftest import load_manifest
 from teacher_farm.client.verify import CACHE_COLUMNS, compare_row, read_rows, sample_positions, table_rows
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
 
@@ -113,7 +115,7 @@ def test_a_corruption_behind_a_matching_checksum_is_caught_by_rescoring(server, 
     manifest = load_manifest(cache_copy)
     rec = next(r for r in manifest.shards.values() if r.file == path.name)
     rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
-    manifest.save(cache_copy)
+    save_manifest(manifest, cache_copy)
     proc = verify(server, cache_copy, "--sample", "6")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "0 differ from the manifest" in proc.stdout and "checksum" not in proc.stdout
@@ -124,7 +126,7 @@ def test_a_corruption_behind_a_matching_checksum_is_caught_by_rescoring(server, 
 def test_a_different_teacher_is_refused(server, cache_copy):
     manifest = load_manifest(cache_copy)
     manifest.identity["model_fingerprint"] = "0" * 16
-    manifest.save(cache_copy)
+    save_manifest(manifest, cache_copy)
     proc = verify(server, cache_copy, "--sample", "3")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "different teacher" in proc.stdout and "0" * 16 in proc.stdout
@@ -164,7 +166,7 @@ def test_sampled_targets_are_drawn_again_and_a_moved_draw_is_caught(server, tmp_
     manifest = load_manifest(out)
     rec = next(iter(manifest.shards.values()))
     rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
-    manifest.save(out)
+    save_manifest(manifest, out)
     proc = verify(server, out, "--sample", "4")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "sampled targets differ beyond a neighbouring token at 1 of" in proc.stdout and "position 3" in proc.stdout

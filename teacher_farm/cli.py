@@ -1,4 +1,5 @@
-"""The ``teacher-farm`` command: ``serve``, ``cache``, ``make-tiny-model``."""
+"""The ``teacher-farm`` command, above both sides: ``serve`` (server/), ``cache``, ``inspect``,
+``verify`` (client/) and ``make-tiny-model``. Each subcommand imports only its own side."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from teacher_farm.client.exits import Terminated, quiet_engine, release_engine, run_async, stop_on_sigterm
 from teacher_farm.client.progress import setup_logging
+from teacher_farm.exits import Terminated, quiet_engine, release_engine, run_async, stop_on_sigterm
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 
@@ -90,16 +91,18 @@ def cache_parser() -> argparse.ArgumentParser:
 def cache_main(argv: list[str]) -> int:
     """Run ``teacher-farm cache``."""
     from teacher_farm.client.cache import CacheOptions, run_cache
-    from teacher_farm.client.transport import HttpTeacher, LocalTeacher, Scoring, TeacherPool
+    from teacher_farm.client.transport import HttpTeacher, TeacherPool
+    from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring
 
     a = cache_parser().parse_args(argv)
-    for name in ("k", "concurrency", "rows_per_shard", "batch_lines", "max_length", "samples", "stride"):
+    for name in ("concurrency", "rows_per_shard", "batch_lines", "max_length", "stride"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
-    if not a.temperature > 0:
-        cache_parser().error("--temperature must be above 0")
-    if not 0 <= a.seed < 2**32:
-        cache_parser().error("--seed must be in 0..2**32-1")
+    try:
+        scoring = Scoring(k=a.k, temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed)
+    except ValueError as exc:
+        problem = exc.errors()[0]
+        cache_parser().error(f"--{problem['loc'][0]}: {problem['msg'].lower()}")
     if not 0 <= a.shard_index < a.num_shards:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
     if a.stride is not None and a.long_lines != "window":
@@ -111,12 +114,11 @@ def cache_main(argv: list[str]) -> int:
 
         check_model(a.model)
     opts = CacheOptions(
-        input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), k=a.k, max_length=a.max_length, text_field=a.text_field,
+        input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
         batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype,
         log_every_s=a.log_every,
-        scoring=Scoring(temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed),
-        num_shards=a.num_shards, shard_index=a.shard_index,
+        scoring=scoring, parts=a.num_shards, part=a.shard_index,
         ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
     )
     # Bad inputs are refused before a teacher is reached (or an engine loaded).
@@ -140,7 +142,9 @@ def cache_main(argv: list[str]) -> int:
                 "gpu_memory_utilization": a.gpu_memory_utilization,
                 "tensor_parallel_size": a.tensor_parallel_size, "enforce_eager": a.enforce_eager,
             }
-            teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(256, a.k), scoring=a.scoring)
+            from teacher_farm.server.local import LocalTeacher
+
+            teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(DEFAULT_K_MAX, a.k), scoring=a.scoring)
         return await run_cache(opts, teacher)
 
     summary = run_async(go())

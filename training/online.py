@@ -26,10 +26,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from teacher_farm.client.training import _rows, collate_topk, row_group_arrays
-from teacher_farm.client.transport import HttpTeacher, Scoring, TeacherPool
+from teacher_farm.client.transport import HttpTeacher, TeacherPool
 from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
+from teacher_farm.training.collate import collate_topk
+from teacher_farm.training.dataset import sequence_items
+from teacher_farm.training.reader import row_group_arrays
 
 __all__ = ["OnlineTeacher"]
 
@@ -88,8 +91,7 @@ class OnlineTeacher:
         self.urls = [servers] if isinstance(servers, str) else list(servers)
         if not self.urls:
             raise ValueError("give at least one server URL")
-        self.k = k
-        self.scoring = Scoring(temperature=temperature, targets=targets, samples=samples, seed=seed)
+        self.scoring = Scoring(k=k, temperature=temperature, targets=targets, samples=samples, seed=seed)
         self.api_key, self.prefetch, self.renormalize = api_key, prefetch, renormalize
         self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
         self.logprob_dtype, self.retry_for_s, self.timeout_s = logprob_dtype, retry_for_s, timeout_s
@@ -113,8 +115,9 @@ class OnlineTeacher:
         pending: deque[Future] = deque()
         try:
             self.info = submit(pool.info()).result()
-            if self.scoring.targets != "sampled" and self.k > self.info.k_max:
-                raise InputError(f"k={self.k} is more than the servers' k_max={self.info.k_max}")
+            if (refusal := self.scoring.refusal(self.info)) is not None:
+                reason, flag = refusal
+                raise InputError(f"{reason}; start the servers with {flag}")
             counter = itertools.count()
             source = iter(self.batches)
             exhausted = False
@@ -142,7 +145,7 @@ class OnlineTeacher:
             loop.close()
 
     async def _fetch(self, pool: TeacherPool, seqs: list[np.ndarray], lines: list[int]) -> dict[str, torch.Tensor]:
-        table = await pool.topk_ids([(str(i), s) for i, s in enumerate(seqs)], self.k, scoring=self.scoring)
+        table = await pool.score_ids([(str(i), s) for i, s in enumerate(seqs)], self.scoring)
         return await asyncio.to_thread(self._collate, table, seqs, lines)
 
     def _collate(self, table: pa.Table, seqs: list[np.ndarray], lines: list[int]) -> dict[str, torch.Tensor]:
@@ -155,5 +158,5 @@ class OnlineTeacher:
             raise InputError(
                 "the teacher scored other tokens than were sent (a sequence longer than its max_model_len?)"
             )
-        items = list(_rows(arrays, None, self.scoring.temperature))
+        items = list(sequence_items(arrays, None, self.scoring.temperature))
         return collate_topk(items, self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)

@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ChunkedKDLoss", "SampledKDLoss", "TopkRenormKLLoss", "TopkTailKLLoss", "cache_temperature"]
+__all__ = [
+    "ChunkedKDLoss", "SampledKDLoss", "TopkRenormKLLoss", "TopkTailKLLoss", "cache_temperature", "kd_loss",
+    "sampled_kd_loss",
+]
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -269,3 +272,33 @@ def _slice(value: torch.Tensor, start: int, stop: int, B: int, T: int) -> torch.
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (B, T):
         return value[:, start:stop]
     return value
+
+
+def kd_loss(
+    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float | None = None, tail: bool = True,
+) -> torch.Tensor:
+    """Forward KL(teacher || student) per position from the cached top-k, mean over the attention mask.
+
+    ``student_logits`` (B, T, V) are the student's logits at the batch's positions (position i
+    predicts token i+1, like the teacher's top-k). With ``tail`` (the default) this is
+    :class:`TopkTailKLLoss`: the exact KL over k + 1 buckets, the teacher's top-k tokens and
+    everything else; without, :class:`TopkRenormKLLoss`: the KL of both distributions renormalised
+    over the teacher's top-k. Both at the cache's temperature T (``temperature`` None, or equal to
+    the cache's: anything else raises ``ValueError``), times T². Zero when the student's
+    distribution is the teacher's.
+    """
+    loss = TopkTailKLLoss(temperature) if tail else TopkRenormKLLoss(temperature)
+    return loss(student_logits, batch)
+
+
+def sampled_kd_loss(
+    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float | None = None,
+    entropy: bool = False,
+) -> torch.Tensor:
+    """Random-Sampling KD from cached draws (:class:`SampledKDLoss`), mean over the attention mask.
+
+    The student's cross-entropy against ``sample_counts / N`` at the cache's temperature (times T²),
+    an unbiased estimate of its cross-entropy against the teacher; with ``entropy`` the teacher's
+    entropy estimate is subtracted so the value estimates KL(teacher || student).
+    """
+    return SampledKDLoss(temperature, entropy=entropy)(student_logits, batch)

@@ -1,0 +1,227 @@
+"""The output directory contract: its manifests, the cache's identity, and finding its complete shards.
+
+A cache directory holds ``manifest.json`` (or one ``manifest-IIIII-of-NNNNN.json`` per client process
+when a corpus was split across several) and the Parquet shards they name. A manifest is the commit
+point: it names only shards that are complete and durable (the client writes it, ``client/cache.py``);
+a shard file it does not name is unfinished or stray. Every reader (the student's dataset,
+``verify``, ``inspect``) goes through :class:`CacheDir`.
+
+The cache's identity (:class:`CacheIdentity`: the teacher and the scoring options) is written twice,
+to every manifest's ``identity`` and to every shard's Parquet metadata, from this one type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from teacher_farm.schemas import SCHEMA_VERSION, __version__
+from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.scoring import Scoring
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+#: Prefix of teacher-farm's keys in a shard's Parquet key-value metadata.
+METADATA_PREFIX = "teacher_farm."
+
+
+class ShardRecord(BaseModel):
+    """One complete shard: input lines ``[first_line, end_line)``."""
+
+    index: int
+    file: str
+    first_line: int
+    end_line: int
+    rows: int
+    rejects: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """What an output directory holds and how it was made."""
+
+    schema_version: int = SCHEMA_VERSION
+    #: What makes the cache what it is (``CacheIdentity.entries`` and the run's input options):
+    #: a rerun must match every entry.
+    identity: dict[str, Any]
+    #: Where it came from, for people (servers, versions, times); not compared.
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    shards: dict[int, ShardRecord] = Field(default_factory=dict)
+    #: Length of the committed part of the rejects file.
+    rejects_bytes: int = 0
+    complete: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards.values())
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards.values())
+
+    @property
+    def rejects(self) -> int:
+        return sum(s.rejects for s in self.shards.values())
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(indent=2).encode() + b"\n"
+
+
+def manifest_name(parts: int = 1, part: int = 0) -> str:
+    """``manifest.json``, or one per client process when a corpus is split into ``parts``."""
+    return MANIFEST if parts == 1 else f"manifest-{part:05d}-of-{parts:05d}.json"
+
+
+def _parse(path: Path) -> Manifest:
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValueError as exc:
+        raise InputError(f"{path} is not a valid teacher-farm manifest: {exc}") from exc
+
+
+def load_manifests(out_dir: Path) -> dict[str, Manifest]:
+    """Every manifest in ``out_dir`` by file name (``manifest.json`` first): the cache is the union of their shards."""
+    paths = sorted(Path(out_dir).glob("manifest*.json"), key=lambda p: (p.name != MANIFEST, p.name))
+    return {p.name: _parse(p) for p in paths}
+
+
+class CacheIdentity(BaseModel):
+    """What makes a cache what it is: the teacher that scored it and how (``Scoring``), and the stored precision."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    scoring: Scoring
+    logprob_dtype: str = "float32"
+    #: The served model's name: in the shards' metadata, for people; not compared.
+    model: str = ""
+
+    def entries(self) -> dict[str, Any]:
+        """The manifest's identity entries (N and the seed only with sampled targets)."""
+        s = self.scoring
+        return {
+            "model_fingerprint": self.model_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "vocab_size": self.vocab_size,
+            "k": s.k,
+            "temperature": s.temperature,
+            "targets": s.targets,
+            **({"samples": s.samples, "seed": s.seed} if s.targets != "topk" else {}),
+            "logprob_dtype": self.logprob_dtype,
+        }
+
+    def metadata(self) -> dict[bytes, bytes]:
+        """Parquet key-value metadata that makes a shard self-describing."""
+        values = {"schema_version": SCHEMA_VERSION, "model": self.model, **self.entries(), "package_version": __version__}
+        return {
+            (METADATA_PREFIX + key).encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
+            for key, v in values.items()
+        }
+
+    @classmethod
+    def from_entries(cls, entries: Mapping[str, Any]) -> CacheIdentity:
+        """Read back from a manifest's identity or a shard's metadata (``read_metadata``)."""
+        scoring = {name: entries[name] for name in ("k", "temperature", "targets", "samples", "seed") if name in entries}
+        try:
+            return cls(
+                model_fingerprint=str(entries["model_fingerprint"]),
+                tokenizer_fingerprint=str(entries["tokenizer_fingerprint"]),
+                vocab_size=int(entries["vocab_size"]),
+                scoring=Scoring(**scoring),
+                logprob_dtype=str(entries.get("logprob_dtype", "float32")),
+                model=str(entries.get("model", "")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise InputError(f"not a teacher-farm cache identity ({exc})") from exc
+
+
+def read_metadata(schema: Any) -> dict[str, str]:
+    """The teacher-farm key-value metadata of a shard's Arrow schema, keys without the prefix."""
+    raw = schema.metadata or {}
+    return {
+        k.decode()[len(METADATA_PREFIX):]: v.decode()
+        for k, v in raw.items()
+        if k.decode().startswith(METADATA_PREFIX)
+    }
+
+
+class CacheDir:
+    """A cache directory as its manifests describe it; raises ``InputError`` when it has none."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InputError(f"{self.path} is not a directory")
+        self.manifests = load_manifests(self.path)
+        if not self.manifests:
+            raise InputError(
+                f"{self.path} has no manifest.json (nor manifest*.json): not a teacher-farm cache, "
+                "or no shard has been finished yet"
+            )
+
+    @property
+    def identity(self) -> CacheIdentity:
+        """The cache's identity, after checking that every manifest states the same one."""
+        (first_name, first), *others = self.manifests.items()
+        mine = CacheIdentity.from_entries(first.identity)
+        for name, manifest in others:
+            theirs = CacheIdentity.from_entries(manifest.identity)
+            if theirs.entries() != mine.entries():
+                key = next(k for k, v in mine.entries().items() if theirs.entries().get(k) != v)
+                raise InputError(
+                    f"{name} and {first_name} in {self.path} describe different caches: "
+                    f"{key} is {theirs.entries().get(key)!r} there and {mine.entries()[key]!r} here"
+                )
+        return mine
+
+    def merged(self) -> Manifest:
+        """One view of a cache written by one or several client processes."""
+        first = next(iter(self.manifests.values()))
+        shards = {i: rec for m in self.manifests.values() for i, rec in m.shards.items()}
+        return first.model_copy(update={"shards": shards, "complete": all(m.complete for m in self.manifests.values())})
+
+    def records(self) -> list[ShardRecord]:
+        """Every complete shard in input line order (manifests naming one index differently are refused)."""
+        self.identity  # noqa: B018 - the manifests must describe one cache
+        seen: dict[int, tuple[str, ShardRecord]] = {}
+        for name, manifest in self.manifests.items():
+            if not manifest.complete:
+                log.warning("%s: its cache run has not finished; reading the %d shards done",
+                            self.path / name, len(manifest.shards))
+            for rec in manifest.shards.values():
+                if rec.index in seen and seen[rec.index][1] != rec:
+                    raise InputError(
+                        f"shard {rec.index} is named differently by {seen[rec.index][0]} and {name} in {self.path}"
+                    )
+                seen[rec.index] = (name, rec)
+        return sorted((rec for _, rec in seen.values()), key=lambda r: (r.first_line, r.index))
+
+    def shard_paths(self) -> list[Path]:
+        """The complete shards' files, in input line order, each checked against its manifest size."""
+        paths = []
+        for rec in self.records():
+            path = self.path / rec.file
+            if not path.is_file():
+                raise InputError(f"{path} is named by the manifest but missing")
+            if path.stat().st_size != rec.bytes:
+                raise InputError(
+                    f"{path} is {path.stat().st_size} bytes, the manifest says {rec.bytes}: not the shard named"
+                )
+            paths.append(path)
+        return paths
+
+    def shard_metadata(self, path: Path) -> dict[str, str]:
+        """A shard's teacher-farm metadata."""
+        return read_metadata(pq.read_schema(path))

@@ -1,0 +1,63 @@
+"""The teacher in process: the cache command's ``--model``, the same job as a server's without HTTP.
+
+``LocalTeacher`` answers what the client's ``Teacher`` protocol asks (``info``, ``score``,
+``score_ids``, ``tokenize``) from an ``Engine`` in this process, with the same result tables a
+server sends, so the cache pipeline cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from teacher_farm.schemas.arrow import results_to_table
+from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring
+from teacher_farm.schemas.wire import Info, TopkInput, TopkRequest
+
+
+def _input(line: Any) -> TopkInput:
+    """A corpus line (``client.inputs.Line``: text, chat messages or token ids) as a request input."""
+    if line.input_ids is not None:
+        return TopkInput(id=line.id, token_ids=line.input_ids.tolist())
+    if line.messages is not None:
+        return TopkInput(id=line.id, messages=line.messages)
+    return TopkInput(id=line.id, text=line.text)
+
+
+class LocalTeacher:
+    """An in-process engine behind the client's ``Teacher`` protocol (one machine, no server)."""
+
+    def __init__(self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: str = "auto") -> None:
+        from teacher_farm.server.engine import Engine
+
+        self._engine = Engine.load(engine_args, k_max, scoring=scoring)
+        self.name = f"in-process:{self._engine.info.model}"
+
+    async def info(self) -> Info:
+        return self._engine.info
+
+    async def score(self, lines: Sequence[Any], scoring: Scoring, max_length: int | None) -> pa.Table:
+        req = TopkRequest(**scoring.model_dump(), max_length=max_length, inputs=[_input(x) for x in lines])
+        token_ids = await asyncio.to_thread(self._engine.prepare, req)
+        results = await self._engine.score([x.id for x in lines], token_ids, scoring)
+        return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)
+
+    async def score_ids(
+        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+    ) -> pa.Table:
+        """Score exact token sequences in process."""
+        req = TopkRequest(**scoring.model_dump(), max_length=max_length,
+                          inputs=[TopkInput(id=i, token_ids=[int(t) for t in tokens]) for i, tokens in ids_and_tokens])
+        token_ids = await asyncio.to_thread(self._engine.prepare, req)
+        results = await self._engine.score([i for i, _ in ids_and_tokens], token_ids, scoring)
+        return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The teacher's tokens of ``text`` in full."""
+        return (await asyncio.to_thread(self._engine.tokenize, [text], None))[0]
+
+    async def aclose(self) -> None:
+        self._engine.shutdown()

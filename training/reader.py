@@ -1,0 +1,230 @@
+"""Reading a cache for training: its shards, and one Parquet row group at a time as flat numpy arrays.
+
+Needs numpy and pyarrow only (no torch), so any loader can use it; :class:`~teacher_farm.training.TopkDataset`
+turns the arrays into tensors. Every conversion is a whole-array operation over a row group (no
+loop per token). Without torch, through Hugging Face ``datasets``, the shards are plain Parquet::
+
+    import datasets
+    from teacher_farm.training.reader import shard_paths
+
+    ds = datasets.load_dataset(
+        "parquet", data_files=[str(p) for p in shard_paths("cache/")], split="train", streaming=True
+    )
+
+gives the raw rows (``topk_logprobs`` as stored, no ``tail_logprob``); :func:`row_group_arrays`
+is the numpy conversion the dataset uses, for any other loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from teacher_farm.schemas.arrow import offsets
+from teacher_farm.schemas.cache_dir import CacheDir
+from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.windows import owned_positions, ranges
+
+#: The smallest probability mass ``tail_logprob`` reports: log(TAIL_FLOOR) when the top-k hold
+#: (almost) everything, or when float16 rounding makes them sum to a little over 1.
+TAIL_FLOOR = 1e-12
+
+#: The columns the dataset reads when a cache has them (``id`` and ``target_ranks`` are left on disk).
+COLUMNS = [
+    "line", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs",
+    "sample_ids", "sample_counts", "sample_logprobs",
+]
+
+#: Sampled-target columns: n lists per row, each of the distinct tokens drawn at that position.
+SAMPLE_COLUMNS = ("sample_ids", "sample_counts", "sample_logprobs")
+
+
+def shard_paths(cache_dir: str | Path) -> list[Path]:
+    """The complete shards of a cache, in input line order.
+
+    Only the shards named by ``manifest.json`` count (when a corpus was cached by several client
+    processes, the union of every ``manifest*.json`` in the directory): a shard file the manifest
+    does not name is unfinished or stray and is ignored. Raises ``InputError`` when the directory
+    has no manifest, when a named shard is missing or its size differs from the manifest, or when
+    two manifests describe different teachers.
+    """
+    return CacheDir(cache_dir).shard_paths()
+
+
+def cache_metadata_of(cache_dir: str | Path) -> dict[str, str]:
+    """The teacher-farm metadata of the cache's first shard (model, tokenizer fingerprint, k, ...)."""
+    cache = CacheDir(cache_dir)
+    paths = cache.shard_paths()
+    if not paths:
+        raise InputError(f"{cache_dir} has no complete shard yet")
+    return cache.shard_metadata(paths[0])
+
+
+@dataclass(frozen=True)
+class RowGroupArrays:
+    """The rows of one row group as flat numpy arrays; row r's positions are ``offsets[r]:offsets[r+1]``.
+
+    The top-k arrays are None for a cache of sampled targets only; the sample arrays are None for
+    a top-k cache. Sampled targets are ragged per position (``sample_lengths``) and held padded to
+    the row group's widest position S, with ids, counts and logprobs 0 in the padding.
+    """
+
+    line: np.ndarray  # (rows,) int64
+    offsets: np.ndarray  # (rows + 1,) int64, into the position arrays
+    input_ids: np.ndarray  # (P,) int64
+    topk_ids: np.ndarray | None  # (P, k) int64
+    topk_logprobs: np.ndarray | None  # (P, k) float32 (renormalized over the top-k if asked)
+    tail_logprob: np.ndarray | None  # (P,) float32, log of the teacher's mass outside the top-k
+    target_logprobs: np.ndarray  # (P - rows,) float32; row r's at target_offsets[r]:target_offsets[r+1]
+    target_offsets: np.ndarray  # (rows + 1,) int64
+    sample_lengths: np.ndarray | None = None  # (P,) int64, distinct tokens drawn at each position
+    sample_ids: np.ndarray | None = None  # (P, S) int64
+    sample_counts: np.ndarray | None = None  # (P, S) int16, summing to N per position
+    sample_logprobs: np.ndarray | None = None  # (P, S) float32
+
+    @property
+    def rows(self) -> int:
+        return len(self.line)
+
+
+def _lengths(arr: pa.Array) -> np.ndarray:
+    return pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _topk_arrays(table: pa.Table, n: np.ndarray, renormalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(topk_ids, topk_logprobs, tail_logprob) of the rows, (P, k), (P, k), (P,)."""
+    outer = _column(table, "topk_ids")
+    if not np.array_equal(_lengths(outer), n):
+        raise InputError("malformed cache rows: topk_ids has not one list per input token")
+    inner = outer.flatten()
+    positions = len(inner)
+    klens = _lengths(inner)
+    k = int(klens[0]) if positions else 0
+    if positions and (klens != k).any():
+        raise InputError("malformed cache rows: top-k lists of different lengths")
+    topk_ids = inner.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(positions, k)
+
+    lp_outer = _column(table, "topk_logprobs")
+    lp_flat = lp_outer.flatten().flatten().to_numpy(zero_copy_only=False)
+    if not np.array_equal(_lengths(lp_outer), n) or lp_flat.size != positions * k:
+        raise InputError("malformed cache rows: topk_logprobs does not match topk_ids")
+    lp = lp_flat.astype(np.float64).reshape(positions, k)
+
+    if positions and k:
+        top = lp.max(axis=1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)
+        lse = top[:, 0] + np.log(np.exp(lp - top).sum(axis=1))
+        # -expm1(lse) = 1 - (top-k mass), exact even when the top-k hold nearly everything.
+        tail = np.log(np.clip(-np.expm1(lse), TAIL_FLOOR, 1.0))
+        if renormalize:
+            lp = lp - lse[:, None]
+    else:
+        tail = np.zeros(positions)
+    return topk_ids, lp.astype(np.float32), tail.astype(np.float32)
+
+
+def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
+    """The sampled targets of the rows, padded per position to the widest: (P,) and three (P, S)."""
+    lengths = None
+    out: dict[str, np.ndarray] = {}
+    for name, dtype in (("sample_ids", np.int64), ("sample_counts", np.int16), ("sample_logprobs", np.float32)):
+        outer = _column(table, name)
+        if not np.array_equal(_lengths(outer), n):
+            raise InputError(f"malformed cache rows: {name} has not one list per input token")
+        inner = outer.flatten()
+        mine = _lengths(inner)
+        if lengths is None:
+            lengths = mine
+            P, S = len(lengths), int(lengths.max()) if len(lengths) else 0
+            # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
+            dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - offsets(lengths)[:-1], lengths)
+        elif not np.array_equal(mine, lengths):
+            raise InputError(f"malformed cache rows: {name} does not match sample_ids")
+        values = inner.flatten().to_numpy(zero_copy_only=False)
+        block = np.zeros(P * S, dtype=dtype)
+        block[dest] = values
+        block = block.reshape(P, S)
+        out[name] = block
+    assert lengths is not None
+    out["sample_lengths"] = lengths
+    return out
+
+
+def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupArrays:
+    """Convert cache rows (one row group, or any cache table) to numpy with whole-array operations.
+
+    Logprobs come back as float32 whatever the stored dtype. ``tail_logprob`` is
+    ``log(1 - sum(exp(topk_logprobs)))`` per position, computed in float64 and floored at
+    ``log(TAIL_FLOOR)``. With ``renormalize`` the top-k logprobs are replaced by their log-softmax
+    (the teacher restricted to its top-k); ``tail_logprob`` still reports the mass left out.
+    Sampled targets, when the table has them, come padded per position (see :class:`RowGroupArrays`).
+    """
+    lines = _column(table, "line").to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = _column(table, "input_ids")
+    n = _lengths(ids)
+    input_ids = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    names = set(table.column_names)
+    if "topk_ids" not in names and "sample_ids" not in names:
+        raise InputError("cache rows with neither top-k (topk_ids) nor sampled (sample_ids) targets")
+
+    topk_ids = topk_logprobs = tail = None
+    if "topk_ids" in names:
+        topk_ids, topk_logprobs, tail = _topk_arrays(table, n, renormalize)
+    samples = _sample_arrays(table, n) if "sample_ids" in names else {}
+
+    targets = _column(table, "target_logprobs")
+    tn = _lengths(targets)
+    if not np.array_equal(tn, np.maximum(n - 1, 0)):
+        raise InputError("malformed cache rows: target_logprobs must hold len(input_ids) - 1 values")
+    target_logprobs = targets.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return RowGroupArrays(
+        line=lines, offsets=offsets(n), input_ids=input_ids, topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs, tail_logprob=tail,
+        target_logprobs=target_logprobs, target_offsets=offsets(tn), **samples,
+    )
+
+
+def join_windows(a: RowGroupArrays, offset: np.ndarray) -> RowGroupArrays:
+    """One non-overlapping stream per line from a window-mode cache's rows (``offset`` per row).
+
+    Each position is taken from the earliest window that holds it, where it has the most context:
+    window 0 gives positions [0, L), every later window its positions past the end of the one
+    before (its last S tokens). ``target_logprobs[p]`` (of token p+1) comes from the earliest window
+    holding both p and p+1: the same window except at the last position of a window that is not
+    the line's last, which takes it from the next window. Lines that were not split pass unchanged.
+    Rows of one line must be consecutive (as the cache writes them: a line's windows never span
+    row groups).
+    """
+    offset = np.asarray(offset, np.int64)
+    if a.rows == 0 or not offset.any():
+        return a
+    n = np.diff(a.offsets)
+    tn = np.diff(a.target_offsets)
+    first = np.flatnonzero(offset == 0)
+    if len(first) == 0 or first[0] != 0:
+        raise InputError("cannot join windows: a row group starts inside a line (its first row has offset > 0)")
+    try:
+        pos_lo, target_lo = owned_positions(offset, n)
+    except ValueError as exc:
+        raise InputError(f"cannot join windows: {exc}") from exc
+    take = ranges(a.offsets[:-1] + pos_lo, a.offsets[1:])
+    take_t = ranges(a.target_offsets[:-1] + np.minimum(target_lo, tn), a.target_offsets[1:])
+    lengths = np.add.reduceat(n - pos_lo, first)
+    per_position = {
+        name: None if getattr(a, name) is None else getattr(a, name)[take]
+        for name in ("topk_ids", "topk_logprobs", "tail_logprob", "sample_lengths", "sample_ids", "sample_counts",
+                     "sample_logprobs")
+    }
+    return RowGroupArrays(
+        line=a.line[first], offsets=offsets(lengths), input_ids=a.input_ids[take], **per_position,
+        target_logprobs=a.target_logprobs[take_t], target_offsets=offsets(np.maximum(lengths - 1, 0)),
+    )
