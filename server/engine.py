@@ -258,8 +258,11 @@ class Engine:
         )
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         max_model_len = mc.max_model_len
+        # ``--served-model-name`` takes a list (vLLM's flag): the first name is the one served.
+        served = args.get("served_model_name")
+        served = served[0] if isinstance(served, (list, tuple)) and served else served
         info = Info(
-            model=args.get("served_model_name") or args["model"],
+            model=served or args["model"],
             model_fingerprint=model_fingerprint(args["model"], checkpoint_config_json(mc.hf_config)),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             vocab_size=mc.get_vocab_size(),

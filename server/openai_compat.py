@@ -8,7 +8,8 @@ one ``Teacher.prepare`` / ``Teacher.score`` answer into the completions format. 
 only: anything that asks for more than one generated token gets a 422.
 
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` are shaped like vLLM's own,
-so lm-eval's ``tokenizer_backend=remote`` works too.
+so lm-eval's ``tokenizer_backend=remote`` works too. ``GET /v1/models`` and ``GET /v1/models/{id}``
+let OpenAI clients discover the served model's name (``client.models.list()``).
 
 This is the ad-hoc compatibility path, not the hot path: per-token dicts are built here and only
 here, off the event loop.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import orjson
@@ -30,13 +31,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, RequestTooLarge
 from teacher_farm.schemas.wire import TopkInput, TopkRequest
-from teacher_farm.server.intake import parse_body, read_body, score_admitted, loaded_engine
+from teacher_farm.server import metrics
+from teacher_farm.server.intake import loaded_engine, parse_body, read_body, score_admitted
 from teacher_farm.server.settings import ServerSettings, get_settings
 
 router = APIRouter()
 
 #: What OpenAI and vLLM send instead of ``-inf`` (JSON has no infinities).
 MIN_LOGPROB = -9999.0
+#: When this server started (its routes were loaded): the ``created`` of its model card.
+STARTED = int(time.time())
 
 class CompletionRequest(BaseModel):
     """The fields of an OpenAI completions request that matter for scoring a prompt.
@@ -331,3 +335,56 @@ def tokenizer_info(tokenizer: Any, max_model_len: int) -> dict[str, Any]:
 async def get_tokenizer_info(engine: Any = Depends(loaded_engine)) -> Response:
     """What a remote-tokenizer client (lm-eval's ``tokenizer_backend=remote``) needs."""
     return JSONResponse(tokenizer_info(engine.tokenizer, engine.info.max_model_len))
+
+
+class ModelCard(BaseModel):
+    """One model of ``GET /v1/models``: OpenAI's ``Model``, plus the fields vLLM adds."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "teacher-farm"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+    # vLLM fills in a permissive ``model_permission``; this server has no permissions to describe.
+    permission: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    """OpenAI's list of models: this server serves one."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def model_card(engine: Any) -> ModelCard:
+    """The served model's card: its name, and as ``root`` the checkpoint the engine loaded."""
+    config = getattr(getattr(engine, "llm", None), "model_config", None)
+    return ModelCard(
+        id=engine.info.model, created=STARTED, root=getattr(config, "model", None) or engine.info.model,
+        max_model_len=engine.info.max_model_len,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(engine: Any = Depends(loaded_engine)) -> ModelList:
+    """OpenAI's model list (``client.models.list()``): the one model this server scores with."""
+    return ModelList(data=[model_card(engine)])
+
+
+@router.get(
+    "/v1/models/{model_id:path}", response_model=ModelCard,
+    responses={404: {"description": "no model of that name is served here"}},
+)
+async def retrieve_model(model_id: str, engine: Any = Depends(loaded_engine)) -> ModelCard | Response:
+    """OpenAI's model retrieval (``client.models.retrieve(id)``); 404 for a name this server does not serve."""
+    card = model_card(engine)
+    if model_id == card.id:
+        return card
+    metrics.ERRORS.labels(kind="ModelNotFound").inc()
+    # OpenAI's own error shape (the other routes answer {"error": message, "kind"}): the openai client
+    # shows ``error.message`` and ``error.code`` only when ``error`` is an object.
+    message = f"the model `{model_id}` does not exist here: this server serves `{card.id}` (GET /v1/models)"
+    error = {"message": message, "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    return JSONResponse({"error": error, "kind": "ModelNotFound"}, status_code=404)

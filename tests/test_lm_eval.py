@@ -273,15 +273,21 @@ def test_lm_eval_payload_and_parse_logprobs(server, http, lm_eval_api, prompts):
 
 
 def test_lm_eval_loglikelihood_end_to_end_with_remote_tokenizer(server, http, reference, lm_eval_api):
-    """``tokenizer_backend=auto`` finds ``/tokenizer_info`` + ``/tokenize``; scores via ``/v1/completions``."""
+    """``tokenizer_backend=auto`` finds ``/tokenizer_info`` + ``/tokenize``; scores via ``/v1/completions``.
+
+    lm-eval 0.4.13 never asks ``/v1/models`` (it sends ``model=`` as given, null when left out); the
+    name a user would look up there is the one used here.
+    """
     from lm_eval.api.instance import Instance
 
+    (served,) = http.get("/v1/models").json()["data"]
     lm = lm_eval_api.LocalCompletionsAPI(
-        base_url=server.url + "/v1/completions", model="teacher", tokenizer_backend="auto",
+        base_url=server.url + "/v1/completions", model=served["id"], tokenizer_backend="auto",
         auth_token=API_KEY, header={"Authorization": f"Bearer {API_KEY}"}, batch_size=2,
         max_length=MAX_MODEL_LEN,
     )
     assert lm.tokenizer_backend == "remote"
+    assert lm._create_payload([[1, 2]], generate=False)["model"] == served["id"]
     assert lm.tokenizer.bos_token_id == reference.tokenizer.bos_token_id == 0
     assert lm.eot_token_id == reference.tokenizer.eos_token_id
     # lm-eval's remote backend picks ``bos_token_id or eos_token_id``: a BOS id of 0 falls through to EOS.
