@@ -72,15 +72,22 @@ async def health(request: Request) -> Response:
     state = request.app.state
     if state.engine_dead:
         return JSONResponse({"status": "engine dead"}, status_code=503)
-    if state.engine is not None and not state.draining:
+    if engine_up(state):
         return JSONResponse({"status": "ok"})
     status = "failed" if state.load_error else ("draining" if state.draining else "loading")
     return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "2"})
 
 
+def engine_up(state: Any) -> bool:
+    """Whether the engine takes requests: what ``/health`` answers 200 for."""
+    return not state.engine_dead and state.engine is not None and not state.draining
+
+
 @router.get("/metrics")
-async def prometheus() -> Response:
+async def prometheus(request: Request) -> Response:
     """Prometheus exposition of the ``teacher_farm_*`` series."""
+    # Read at each scrape, so it never disagrees with /health.
+    metrics.ENGINE_UP.set(engine_up(request.app.state))
     body, media_type = metrics.exposition()
     return Response(body, media_type=media_type)
 

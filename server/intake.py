@@ -122,7 +122,7 @@ async def score_admitted(
     admission: Admission = request.app.state.admission
     admission.acquire(total, settings.retry_after_s)
     try:
-        with metrics.REQUEST_LATENCY.time():
+        with metrics.REQUESTS_IN_FLIGHT.track_inprogress(), metrics.REQUEST_LATENCY.time():
             results = await engine.score([i.id for i in req.inputs], token_ids, req.scoring())
     except Exception as exc:
         # vLLM's EngineDeadError, or whatever a request in flight meets as its engine dies.

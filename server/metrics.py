@@ -9,6 +9,14 @@ REQUEST_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 QUEUED_TOKENS = Gauge("teacher_farm_queued_tokens", "Tokens admitted and not yet answered")
+REQUESTS_IN_FLIGHT = Gauge(
+    "teacher_farm_requests_in_flight", "Scoring requests admitted and not yet answered",
+)
+# vLLM's own series (vllm:num_requests_running, ...) are off: the engine runs with disable_log_stats.
+ENGINE_UP = Gauge(
+    "teacher_farm_engine_up",
+    "1 while the engine takes requests (GET /health answers 200); 0 while loading, draining or once dead",
+)
 ERRORS = Counter("teacher_farm_errors", "Requests answered with an error", ["kind"])
 
 
