@@ -170,11 +170,17 @@ def inspect_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="teacher-farm inspect", description="Summarize a cache directory.")
     p.add_argument("dir")
     p.add_argument("--checksums", action="store_true", help="also re-hash every shard against the manifest")
+    p.add_argument("--report", metavar="PATH", default=None,
+                   help="also write an HTML report with figures of the cached distributions (needs the report extra)")
     a = p.parse_args(argv)
     report, problems = inspect_cache(Path(a.dir), a.checksums)
     print(report)
     for problem in problems:
         print(f"problem:    {problem}")
+    if a.report:
+        from teacher_farm.client.report import write_report
+
+        print(f"report:     {write_report(Path(a.dir), Path(a.report))}")
     return 1 if problems else 0
 
 
