@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 REJECTS = "rejects.jsonl"
 
+#: Where lines are cut when the user names no ``--max-length`` (and the teacher holds that many).
+DEFAULT_MAX_LENGTH = 8192
+
 
 @dataclass
 class CacheOptions:
@@ -47,7 +50,8 @@ class CacheOptions:
     #: Files, directories or globs ('-' for stdin); see ``client.inputs``.
     input: str | list[str]
     out_dir: Path
-    max_length: int | None = 8192
+    #: Lines are cut at this many tokens; None: ``DEFAULT_MAX_LENGTH``, or what the teacher holds if less.
+    max_length: int | None = None
     text_field: str = "text"
     id_field: str = "id"
     concurrency: int = 8
@@ -111,6 +115,8 @@ class Summary:
 
     rejects_file: str = REJECTS
     wire_bytes: int | None = None
+    #: Where lines were cut (or windowed), in tokens.
+    max_length: int | None = None
 
     def render(self) -> str:
         bpt = self.bytes / self.tokens if self.tokens else 0.0
@@ -119,6 +125,7 @@ class Summary:
             f"cache in {self.out_dir}: {self.rows} rows, {self.tokens} tokens in {self.shards} shards "
             f"({self.bytes / 2**20:.1f} MiB, {bpt:.1f} bytes/token); {self.rejects} lines rejected"
             + (f" (see {self.out_dir / self.rejects_file})" if self.rejects else "")
+            + (f"; max length {self.max_length} tokens" if self.max_length else "")
             + f"; this run: {self.new_tokens} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s)"
             + (f", {self.skipped_shards} shards already done" if self.skipped_shards else "")
             + (f"; {self.wire_bytes:,} wire bytes ({self.wire_bytes / self.new_tokens:.1f}/token)"
@@ -246,7 +253,9 @@ class CacheRun:
         if refusal is not None:
             reason, flag = refusal
             raise InputError(f"{self.teacher.name}: {reason}; start it with {flag}")
-        max_length = min(opts.max_length or info.max_input_tokens, info.max_input_tokens)
+        # A default the user never chose is capped at the teacher's limit silently (the summary says
+        # where lines were cut); a --max-length over that limit is worth a warning.
+        max_length = min(opts.max_length or DEFAULT_MAX_LENGTH, info.max_input_tokens)
         if opts.max_length and opts.max_length > info.max_input_tokens:
             log.warning(
                 "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
@@ -352,6 +361,7 @@ class CacheRun:
             tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
             seconds=time.monotonic() - started, new_tokens=new_tokens, skipped_shards=len(done),
             rejects_file=self.opts.rejects_name, wire_bytes=getattr(self.teacher, "bytes_received", None),
+            max_length=max_length,
         )
 
     async def _pipeline(self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema) -> int:

@@ -41,8 +41,8 @@ def cache_parser() -> argparse.ArgumentParser:
                         "more (all are read in sorted order); - for stdin")
     p.add_argument("--out", "--out_dir", dest="out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--k", type=int, default=16, help="top-k tokens per position (default 16)")
-    p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=8192,
-                   help="truncate lines to this many tokens (default 8192)")
+    p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=None,
+                   help="truncate lines to this many tokens (default 8192, or what the teacher holds if less)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     p.add_argument("--ids-field", default="input_ids",

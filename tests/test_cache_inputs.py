@@ -244,3 +244,20 @@ def test_a_long_line_the_server_will_not_tokenize_is_a_reject_and_the_run_goes_o
     assert sorted({r["id"] for r in rows(tmp_path / "out")}) == ["1", "2"]
     (rej,) = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert rej["id"] == "0" and "body too large" in rej["reason"]
+
+
+def test_the_default_max_length_is_capped_at_the_teachers_limit_without_a_warning(tmp_path, caplog):
+    """A default the user never chose does not warn; a --max-length over what the teacher holds does."""
+    inp = tmp_path / "c.jsonl"
+    inp.write_text('{"id": "a", "text": "x"}\n')
+    small = StandInTeacher(VOCAB, max_model_len=4096)
+    with caplog.at_level("WARNING"):
+        summary = run(tmp_path, str(inp), "default", teacher=small)
+    assert "over what the teacher holds" not in caplog.text
+    assert summary.max_length == 4095 and "max length 4095 tokens" in summary.render()
+    assert load_manifest(tmp_path / "default").identity["max_length"] == 4095
+    # Below the teacher's limit, the default is 8192 as before.
+    assert run(tmp_path, str(inp), "big", teacher=StandInTeacher(VOCAB, max_model_len=16384)).max_length == 8192
+    with caplog.at_level("WARNING"):
+        asked = run(tmp_path, str(inp), "asked", teacher=small, max_length=8192)
+    assert asked.max_length == 4095 and "--max-length 8192 is over what the teacher holds" in caplog.text
