@@ -60,7 +60,7 @@ POSITIONS_SHOWN = 3
 
 @dataclass
 class VerifyOptions:
-    """What ``teacher-farm verify`` is told; see ``client.cli`` for the flags."""
+    """What ``teacher-farm verify`` is told; see ``teacher_farm.cli`` for the flags."""
 
     out_dir: Path
     servers: list[str]

@@ -484,7 +484,7 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
 
     parser = cache_parser()
     if "--num-shards" not in parser._option_string_actions:
-        pytest.skip("client/cli.py has no --num-shards/--shard-index yet: the command line is unchecked")
+        pytest.skip("teacher_farm/cli.py has no --num-shards/--shard-index yet: the command line is unchecked")
     try:
         parsed = parser.parse_args(args[1:])
     except SystemExit:
