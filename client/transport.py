@@ -213,7 +213,7 @@ class HttpTeacher:
     async def _post(self, inputs: list[dict], scoring: Scoring, max_length: int | None) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {**scoring.model_dump(), "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
+            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         response = await self._call(

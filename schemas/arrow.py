@@ -48,6 +48,8 @@ class ScoredSequence:
     sample_ids: np.ndarray | None = None  # (sum,) int32, ascending within a position
     sample_counts: np.ndarray | None = None  # (sum,) int16, summing to N per position
     sample_logprobs: np.ndarray | None = None  # (sum,) float32
+    #: The positions whose targets (top-k, draws) are kept, by the request's position rule; None: all.
+    selected: np.ndarray | None = None  # (n,) bool
 
     def sample_lists(self) -> dict[str, list[np.ndarray]]:
         """The sampled targets as n arrays per column (for JSON answers)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Targets = Literal["topk", "sampled", "both"]
 
@@ -36,6 +36,29 @@ class Scoring(BaseModel):
     targets: Targets = Field("topk", description="the top-k per position, tokens sampled from the teacher, or both")
     samples: int = Field(64, ge=1, le=4096, description="draws per position, with sampled targets")
     seed: int = Field(0, ge=0, lt=2**32, description="same seed and input, same draws")
+    positions: str = Field(
+        "all", description="where targets are kept: all positions, 'entropy:F' (the share F of each sequence's "
+        "positions where the teacher's entropy is highest) or 'assistant' (inside a chat's assistant turns)",
+    )
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_rule(cls, value: str) -> str:
+        if value in ("all", "assistant"):
+            return value
+        kind, _, share = value.partition(":")
+        try:
+            ok = kind == "entropy" and 0 < float(share) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("positions must be 'all', 'assistant' or 'entropy:F' with 0 < F <= 1")
+        return f"entropy:{float(share):g}"
+
+    @property
+    def entropy_share(self) -> float | None:
+        """F of an ``entropy:F`` rule, else None."""
+        return float(self.positions.partition(":")[2]) if self.positions.startswith("entropy:") else None
 
     @property
     def topk(self) -> int:
@@ -49,7 +72,7 @@ class Scoring(BaseModel):
 
     @property
     def layout(self) -> PackedLayout:
-        return PackedLayout(self.topk, self.draws)
+        return PackedLayout(self.topk, self.draws, entropy=self.entropy_share is not None)
 
     def scoring(self) -> Scoring:
         """Just the scoring options (of a ``TopkRequest``, say)."""
@@ -68,10 +91,20 @@ class Scoring(BaseModel):
                 "temperature and sampled targets need the pooled scoring backend; the server scores through "
                 "vLLM's prompt logprobs (top-k at temperature 1 only)", "--scoring pooled",
             )
+        if self.entropy_share is not None and teacher.scoring != "pooled":
+            return ("positions by entropy need the pooled scoring backend (the entropy is computed beside the "
+                    "reduction, in the vLLM worker)", "--scoring pooled")
         if self.draws > teacher.max_samples:
             return (f"samples={self.samples} is over the server's max_samples={teacher.max_samples}",
                     f"--max-samples {self.samples}")
         return None
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The ``/v1/topk`` body's scoring fields (``positions`` only where it is not the default, for older servers)."""
+        fields = self.model_dump()
+        if fields["positions"] == "all":
+            del fields["positions"]
+        return fields
 
     def pooler_kwargs(self, draw_seed: int) -> dict[str, Any]:
         """What the pooler gets in ``PoolingParams.extra_kwargs``: these options and the request's draw seed."""
@@ -87,8 +120,9 @@ class Scoring(BaseModel):
     def worst_case(cls, k_max: int, max_samples: int) -> Scoring:
         """The largest request a server answers: what vLLM's start-up profiling should run with."""
         if max_samples:
-            return cls.model_construct(k=k_max, temperature=1.0, targets="both", samples=max_samples, seed=0)
-        return cls.model_construct(k=k_max, temperature=1.0, targets="topk", samples=1, seed=0)
+            return cls.model_construct(k=k_max, temperature=1.0, targets="both", samples=max_samples, seed=0,
+                                       positions="entropy:1")
+        return cls.model_construct(k=k_max, temperature=1.0, targets="topk", samples=1, seed=0, positions="entropy:1")
 
 
 @dataclass(frozen=True)
@@ -96,15 +130,16 @@ class PackedLayout:
     """The int32 row the worker's reduction hands back per position (floats bit-cast, nothing rounded)::
 
         [ topk_ids (k) | topk_logprobs (k) | target_logprob | target_rank
-          | sample_ids (N, ascending) | sample_logprobs (N) ]
+          | sample_ids (N, ascending) | sample_logprobs (N) | entropy (with an entropy rule) ]
     """
 
     k: int
     samples: int
+    entropy: bool = False
 
     @property
     def width(self) -> int:
-        return 2 * self.k + 2 + 2 * self.samples
+        return 2 * self.k + 2 + 2 * self.samples + int(self.entropy)
 
     @property
     def topk_ids(self) -> slice:
@@ -128,15 +163,20 @@ class PackedLayout:
 
     @property
     def sample_logprobs(self) -> slice:
-        return slice(2 * self.k + 2 + self.samples, self.width)
+        return slice(2 * self.k + 2 + self.samples, 2 * self.k + 2 + 2 * self.samples)
+
+    @property
+    def entropy_column(self) -> int:
+        """The column of the position's entropy (in nats, at the request's temperature); only with ``entropy``."""
+        return 2 * self.k + 2 + 2 * self.samples
 
     def columns_of(self, narrower: PackedLayout) -> list[int]:
         """Column indices that turn rows of this layout into rows of ``narrower`` (fewer k or draws)."""
-        if narrower.k > self.k or narrower.samples > self.samples:
+        if narrower.k > self.k or narrower.samples > self.samples or (narrower.entropy and not self.entropy):
             raise ValueError(f"{narrower} is not narrower than {self}")
         cols = [*range(self.topk_ids.start, self.topk_ids.start + narrower.k),
                 *range(self.topk_logprobs.start, self.topk_logprobs.start + narrower.k),
                 self.target_logprob, self.target_rank]
         cols += [*range(self.sample_ids.start, self.sample_ids.start + narrower.samples),
                  *range(self.sample_logprobs.start, self.sample_logprobs.start + narrower.samples)]
-        return cols
+        return cols + ([self.entropy_column] if narrower.entropy else [])

@@ -28,9 +28,9 @@ import numpy as np
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.draws import draw_seed
-from teacher_farm.server.packed import compact_samples, unpack
+from teacher_farm.server.packed import compact_samples, top_entropy, unpack
 from teacher_farm.schemas.errors import InputError, SelfTestFailed, TeacherFarmError
-from teacher_farm.schemas.scoring import DEFAULT_MAX_SAMPLES, PackedLayout, Scoring
+from teacher_farm.schemas.scoring import DEFAULT_MAX_SAMPLES, Scoring
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 from teacher_farm.server import vllm_seam
 from teacher_farm.schemas.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -181,12 +181,22 @@ def _flat_arrays(flat: Any, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, 
     return ids.reshape(rows, k + 1), lps.reshape(rows, k + 1), ranks.reshape(rows, k + 1)
 
 
-def from_packed(seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray, layout: PackedLayout) -> ScoredSequence:
-    """Turn the pooled backend's packed rows for one sequence into numpy arrays (no loop per position)."""
+def from_packed(
+    seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray, scoring: Scoring,
+    selected: np.ndarray | None = None,
+) -> ScoredSequence:
+    """Turn the pooled backend's packed rows for one sequence into numpy arrays (no loop per position).
+
+    ``selected`` marks the positions whose targets are kept (the ``assistant`` rule); with an
+    ``entropy:F`` rule they are the share F of highest entropy, from the worker's entropy column.
+    """
     n = len(input_ids)
+    layout = scoring.layout
     if packed.shape[0] != n:
         raise TeacherFarmError(f"the engine returned {packed.shape[0]} rows for {n} tokens")
     u = unpack(packed, layout)
+    if scoring.entropy_share is not None:
+        selected = top_entropy(u.entropy, scoring.entropy_share)
     sampled = {}
     if layout.samples:
         lengths, ids, counts, lps = compact_samples(u.sample_ids, u.sample_logprobs)
@@ -198,11 +208,14 @@ def from_packed(seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray
         topk_logprobs=np.ascontiguousarray(u.topk_logprobs),
         target_logprobs=np.ascontiguousarray(u.target_logprobs),
         target_ranks=np.ascontiguousarray(u.target_ranks),
+        selected=selected,
         **sampled,
     )
 
 
-def to_scored(seq_id: str | None, input_ids: Sequence[int], output: Any, k: int) -> ScoredSequence:
+def to_scored(
+    seq_id: str | None, input_ids: Sequence[int], output: Any, k: int, selected: np.ndarray | None = None,
+) -> ScoredSequence:
     """Turn one vLLM ``RequestOutput`` into numpy arrays, one step per array."""
     n = len(input_ids)
     last_ids, last_lps, _ = _flat_arrays(output.outputs[0].logprobs, 1, k)
@@ -221,6 +234,7 @@ def to_scored(seq_id: str | None, input_ids: Sequence[int], output: Any, k: int)
         topk_logprobs=np.ascontiguousarray(topk_lps),
         target_logprobs=target_lps,
         target_ranks=target_ranks,
+        selected=selected,
     )
 
 
@@ -326,6 +340,25 @@ class Engine:
             out.append(x.token_ids[:max_length])
         return out
 
+    def selected_positions(self, req: TopkRequest, token_ids: list[list[int]]) -> list[np.ndarray | None]:
+        """Per input, the positions whose targets the ``assistant`` rule keeps (None: every position).
+
+        Chat records keep the positions whose next token lies in an assistant turn; text and token
+        ids are not chats and keep every position.
+        """
+        from teacher_farm.server.chat import assistant_tokens, next_token_inside
+
+        out: list[np.ndarray | None] = []
+        for x, ids in zip(req.inputs, token_ids):
+            if x.messages is None:
+                out.append(None)
+                continue
+            full, inside = assistant_tokens(self.tokenizer, [m.model_dump() for m in x.messages])
+            if full[: len(ids)] != list(ids):
+                raise InputError("the chat's tokens differ between its rendering and its turns' rendering")
+            out.append(next_token_inside(inside, len(ids)))
+        return out
+
     def render_chats(self, chats: list[list[dict]], max_length: int) -> list[list[int]]:
         """Token ids of chat records through the teacher's chat template, cut to ``max_length``."""
         if not getattr(self.tokenizer, "chat_template", None):
@@ -333,8 +366,13 @@ class Engine:
         ids = self.tokenizer.apply_chat_template(chats, tokenize=True, add_generation_prompt=False, return_dict=False)
         return [list(x[:max_length]) for x in ids]
 
-    async def score_one(self, seq_id: str | None, input_ids: list[int], scoring: Scoring) -> ScoredSequence:
-        """The teacher's distribution at every position of ``input_ids``, reduced as ``scoring`` asks."""
+    async def score_one(
+        self, seq_id: str | None, input_ids: list[int], scoring: Scoring, selected: np.ndarray | None = None,
+    ) -> ScoredSequence:
+        """The teacher's distribution at every position of ``input_ids``, reduced as ``scoring`` asks.
+
+        ``selected`` marks the positions whose targets are kept (see ``selected_positions``).
+        """
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=input_ids)
@@ -348,7 +386,7 @@ class Engine:
             final = None
             async for final in self.llm.encode(prompt, params, request_id):
                 pass
-            return from_packed(seq_id, input_ids, final.outputs.data.numpy(), scoring.layout)
+            return from_packed(seq_id, input_ids, final.outputs.data.numpy(), scoring, selected)
 
         from vllm import SamplingParams
 
@@ -360,13 +398,15 @@ class Engine:
         final = None
         async for final in self.llm.generate(prompt, params, request_id):
             pass
-        return to_scored(seq_id, input_ids, final, k)
+        return to_scored(seq_id, input_ids, final, k, selected)
 
     async def score(
         self, ids: Sequence[str | None], token_ids: Sequence[list[int]], scoring: Scoring,
+        selected: Sequence[np.ndarray | None] | None = None,
     ) -> list[ScoredSequence]:
         """Score many sequences at once; the engine batches them."""
-        return list(await asyncio.gather(*(self.score_one(i, t, scoring) for i, t in zip(ids, token_ids))))
+        selected = selected or [None] * len(token_ids)
+        return list(await asyncio.gather(*(self.score_one(i, t, scoring, s) for i, t, s in zip(ids, token_ids, selected))))
 
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""

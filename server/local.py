@@ -42,7 +42,10 @@ class LocalTeacher:
     async def score(self, lines: Sequence[Any], scoring: Scoring, max_length: int | None) -> pa.Table:
         req = TopkRequest(**scoring.model_dump(), max_length=max_length, inputs=[_input(x) for x in lines])
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
-        results = await self._engine.score([x.id for x in lines], token_ids, scoring)
+        selected = None
+        if scoring.positions == "assistant":
+            selected = await asyncio.to_thread(self._engine.selected_positions, req, token_ids)
+        results = await self._engine.score([x.id for x in lines], token_ids, scoring, selected)
         return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)
 
     async def score_ids(

@@ -24,6 +24,7 @@ class Unpacked:
     target_ranks: np.ndarray  # (n - 1,) int32
     sample_ids: np.ndarray | None = None  # (n, N) int32, ascending per row
     sample_logprobs: np.ndarray | None = None  # (n, N) float32
+    entropy: np.ndarray | None = None  # (n,) float32, nats
 
 
 def unpack(packed: np.ndarray, layout: PackedLayout) -> Unpacked:
@@ -35,6 +36,8 @@ def unpack(packed: np.ndarray, layout: PackedLayout) -> Unpacked:
     sampled = {}
     if layout.samples:
         sampled = {"sample_ids": packed[:, layout.sample_ids], "sample_logprobs": floats[:, layout.sample_logprobs]}
+    if layout.entropy:
+        sampled["entropy"] = floats[:, layout.entropy_column]
     return Unpacked(
         topk_ids=packed[:, layout.topk_ids],
         topk_logprobs=floats[:, layout.topk_logprobs],
@@ -61,3 +64,12 @@ def compact_samples(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, 
     counts = np.diff(np.append(starts, rows * n)).astype(np.int16)
     per_row = first.sum(axis=1, dtype=np.int32)
     return per_row, ids.reshape(-1)[starts], counts, logprobs.reshape(-1)[starts]
+
+
+def top_entropy(entropy: np.ndarray, share: float) -> np.ndarray:
+    """(n,) bool: the ``ceil(share * n)`` positions of highest entropy (earlier first among equals)."""
+    n = len(entropy)
+    keep = min(n, int(np.ceil(share * n - 1e-9)))
+    selected = np.zeros(n, dtype=bool)
+    selected[np.argsort(-entropy, kind="stable")[:keep]] = True
+    return selected

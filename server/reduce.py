@@ -75,6 +75,7 @@ def reduce_rows(
     positions: torch.Tensor | None = None,
     count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_at_least,
     row_samples: torch.Tensor | None = None,
+    entropy: bool = False,
 ) -> torch.Tensor:
     """Packed int32 rows (``schemas.scoring.PackedLayout``) for ``logits`` (rows × vocabulary).
 
@@ -84,6 +85,8 @@ def reduce_rows(
     it (the worker passes vLLM's compiled one, which never materializes the comparison).
     ``row_samples`` holds each row's own draw count where rows of one batch ask for fewer than
     ``samples``: a row's own draws then come first, sorted, whatever its neighbours asked for.
+    With ``entropy`` each row also carries the entropy of ``softmax(logits / T)`` in nats (one more
+    pass over the vocabulary, for the ``entropy:F`` position rule).
     """
     lp = logits.float()
     if inv_temperature is not None:
@@ -93,7 +96,7 @@ def reduce_rows(
     target_lp = lp.gather(1, targets.to(torch.int64)[:, None])
     # Rank 1 is the argmax; ties rank together, as vLLM's prompt logprobs count them.
     target_rank = count(lp, target_lp).to(torch.int32)[:, None]
-    layout = PackedLayout(k, samples)
+    layout = PackedLayout(k, samples, entropy)
     out = torch.empty((lp.shape[0], layout.width), dtype=torch.int32, device=lp.device)
     out[:, layout.topk_ids] = top_ids.to(torch.int32)
     out[:, layout.topk_logprobs] = top_lp.view(torch.int32)
@@ -114,4 +117,7 @@ def reduce_rows(
             drawn = drawn.sort(dim=-1).values
         out[:, layout.sample_ids] = drawn.to(torch.int32)
         out[:, layout.sample_logprobs] = lp.gather(1, drawn).view(torch.int32)
+    if entropy:
+        # entr(p) = -p log p, 0 where p is 0 (no 0 * -inf).
+        out[:, layout.entropy_column] = torch.special.entr(lp.exp()).sum(dim=-1).view(torch.int32)
     return out

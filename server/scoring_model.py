@@ -127,7 +127,7 @@ class ReductionPooler(Pooler):
         ks = [layout.k for layout in layouts]
         ns = [layout.samples for layout in layouts]
         k, n = max(ks), max(ns)
-        wide = PackedLayout(k, n)
+        wide = PackedLayout(k, n, entropy=any(layout.entropy for layout in layouts))
 
         # Per row (one scheduled position): its request, its position in the prompt, its target.
         row_req = torch.repeat_interleave(torch.arange(requests), sizes)
@@ -163,7 +163,7 @@ class ReductionPooler(Pooler):
                 continue
             out[a:b] = reduce_rows(
                 logits, targets[a:b], None if inv_t is None else inv_t[a:b], k, n, seeds[a:b], positions_d[a:b],
-                count=_count_at_least, row_samples=None if row_n is None else row_n[a:b],
+                count=_count_at_least, row_samples=None if row_n is None else row_n[a:b], entropy=wide.entropy,
             )
             del logits
 

@@ -40,8 +40,8 @@ class Case:
 
 CASES = (
     Case("a prompt split over three steps", 23, Scoring(k=8)),
-    Case("a prompt done in one step, sampled at T=0.7", 9,
-         Scoring(k=4, temperature=0.7, targets="both", samples=16, seed=5)),
+    Case("a prompt done in one step, sampled at T=0.7, with its entropy", 9,
+         Scoring(k=4, temperature=0.7, targets="both", samples=16, seed=5, positions="entropy:0.5")),
     Case("a request joining late, sampled targets only at T=1.3", 14,
          Scoring(temperature=1.3, targets="sampled", samples=32, seed=123)),
     Case("a one-token prompt beside requests with more samples", 1, Scoring(k=16, targets="both", samples=4, seed=7)),
@@ -85,7 +85,7 @@ def _alone(case: Case, hidden: torch.Tensor, prompt: list[int], compute_logits) 
     inv_t = None if scoring.temperature == 1.0 else torch.full((n,), 1.0 / scoring.temperature)
     return reduce_rows(
         compute_logits(hidden), targets, inv_t, scoring.topk, scoring.draws,
-        torch.full((n,), scoring.seed, dtype=torch.int64), torch.arange(n),
+        torch.full((n,), scoring.seed, dtype=torch.int64), torch.arange(n), entropy=scoring.layout.entropy,
     )
 
 

@@ -244,7 +244,7 @@ class FakeTeacher:
     def prepare(self, req):
         return [x.token_ids for x in req.inputs]
 
-    async def score(self, ids, token_ids, scoring):
+    async def score(self, ids, token_ids, scoring, selected=None):
         import asyncio
 
         await asyncio.to_thread(self.release.wait, 30)
