@@ -101,8 +101,8 @@ class TopkDataset(IterableDataset):
     of the sequence, padded with 0 (count 0 marks padding); a cache of sampled targets only
     has no top-k keys.
 
-    Every distributed rank (``torch.distributed`` when initialized, or ``rank``/``world_size``
-    given here) yields the same number of sequences per epoch, so a loop that runs a collective
+    Every distributed rank (``torch.distributed``'s, read when the dataset is made, or else when
+    it is iterated; or ``rank``/``world_size`` given here) yields the same number of sequences per epoch, so a loop that runs a collective
     every step never waits on a rank that has run out: the epoch's rows are split into equal
     contiguous shares, the total rounded up and padded by repeating the epoch's first rows (with
     ``drop_last``, rounded down and the epoch's last rows left out, fewer than ``world_size``).
@@ -146,6 +146,12 @@ class TopkDataset(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.seed = seed
         self.max_length = max_length
+        if rank is None and world_size is None:
+            import torch.distributed as dist
+
+            # Read here, in the rank's own process: a spawned DataLoader worker has no process group.
+            if dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
         self.rank, self.world_size = rank, world_size
         self.join_windows = join_windows
         self.drop_last = drop_last
