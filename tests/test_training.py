@@ -276,6 +276,99 @@ def test_ranks_and_shuffle_split_the_rows_without_overlap(cache):
     assert orders[0] != sorted(orders[0]) or orders[2] != sorted(orders[2])
 
 
+#: Row groups of 3, 3, 1 and 3, 1 rows: 11 rows, which no world of 2, 3 or 4 ranks divides.
+UNEVEN = {0: [5, 2, 7, 1, 6, 3, 4], 1: [4, 8, 3, 2]}
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_rank_yields_as_many_rows_padded_by_default_or_dropped(tmp_path, world):
+    cache = write_cache(tmp_path, UNEVEN)
+    n = len(cache.rows)
+    for drop_last in (False, True):
+        datasets = [TopkDataset(tmp_path, rank=r, world_size=world, shuffle_shards=True, seed=1, drop_last=drop_last)
+                    for r in range(world)]
+        per_rank = -(-n // world) if not drop_last else n // world
+        assert [ds.sequences_per_rank() for ds in datasets] == [per_rank] * world
+        seen_epochs = []
+        for epoch in (0, 1):
+            for ds in datasets:
+                ds.set_epoch(epoch)
+            got = [[int(x["line"]) for x in ds] for ds in datasets]
+            assert [len(g) for g in got] == [per_rank] * world
+            every = [line for g in got for line in g]
+            if drop_last:  # each row at most once; fewer than `world` rows left out
+                assert len(set(every)) == len(every) and n - len(every) < world
+            else:  # every row, and fewer than `world` of them a second time
+                assert set(every) == set(cache.rows) and len(every) - n < world
+            seen_epochs.append(every)
+        assert seen_epochs[0] != seen_epochs[1]  # a new order each epoch
+
+
+def test_a_cache_of_one_row_group_feeds_every_rank(tmp_path):
+    """The demo's cache shape (one shard, one row group): no rank may get nothing."""
+    cache = write_cache(tmp_path, {0: [6, 3, 5]})
+    assert len(TopkDataset(tmp_path).units) == 1
+    got = [[int(x["line"]) for x in TopkDataset(tmp_path, rank=r, world_size=2)] for r in (0, 1)]
+    assert got == [[0, 1], [2, 0]]  # 3 rows for 2 ranks: the third row's rank repeats the first
+    got = [[int(x["line"]) for x in TopkDataset(tmp_path, rank=r, world_size=2, drop_last=True)] for r in (0, 1)]
+    assert got == [[0], [1]] and sorted(cache.rows) == [0, 1, 2]
+
+
+def test_workers_of_each_rank_split_its_share(tmp_path):
+    from torch.utils.data import DataLoader
+
+    write_cache(tmp_path, UNEVEN)
+    per_rank = []
+    for r in (0, 1):
+        ds = TopkDataset(tmp_path, rank=r, world_size=2)
+        batches = list(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_topk))
+        per_rank.append(([line for b in batches for line in b["line"].tolist()], len(batches)))
+    # 11 rows, padded to 6 a rank, 3 a worker: batches of 2 and 1 from each worker.
+    assert [steps for _, steps in per_rank] == [4, 4]
+    assert sorted(per_rank[0][0]) == [0, 1, 2, 3, 4, 5]
+    assert sorted(per_rank[1][0]) == [0, 6, 8, 9, 10, 11]
+
+
+def write_window_cache(out: Path, lengths: list[int], max_length: int = 12, stride: int = 5) -> dict[int, list[int]]:
+    """A ``--long-lines window`` cache (the stand-in teacher, 3 lines a shard) of pre-tokenized lines
+    of the given lengths; returns each line's full token ids."""
+    import asyncio
+    import json
+
+    from teacher_farm.client.cache import CacheOptions, CacheRun
+
+    from tests.standin import StandInTeacher
+
+    rng = np.random.default_rng(0)
+    lines = {i: rng.integers(3, 900, n).tolist() for i, n in enumerate(lengths)}
+    src = out.parent / f"{out.name}.jsonl"
+    src.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in lines.values()))
+    opts = CacheOptions(input=str(src), out_dir=out, scoring=Scoring(k=4), max_length=max_length,
+                        long_lines="window", stride=stride, rows_per_shard=3)
+    asyncio.run(CacheRun(opts, StandInTeacher(1000)).run())
+    return lines
+
+
+def test_joined_windows_split_by_whole_lines_over_ranks(tmp_path):
+    lines = write_window_cache(tmp_path / "windows", [30, 4, 17, 9, 40, 3, 12, 25, 6])  # 9 lines, 19 windows
+    assert TopkDataset(tmp_path / "windows").num_rows > len(lines)
+    for drop_last in (False, True):
+        got = []
+        for r in (0, 1):
+            ds = TopkDataset(tmp_path / "windows", join_windows=True, rank=r, world_size=2, drop_last=drop_last,
+                             shuffle_shards=True, seed=2)
+            items_r = list(ds)
+            assert len(items_r) == ds.sequences_per_rank() == (4 if drop_last else 5)
+            for item in items_r:  # every line whole: all of its windows were read by this rank
+                assert item["input_ids"].tolist() == lines[int(item["line"])]
+            got.append([int(x["line"]) for x in items_r])
+        every = got[0] + got[1]
+        if drop_last:
+            assert len(set(every)) == 8
+        else:
+            assert set(every) == set(lines) and len(every) == 10
+
+
 def test_dataset_survives_pickling_for_spawned_workers(cache):
     ds = pickle.loads(pickle.dumps(TopkDataset(cache.path, renormalize=True)))
     assert type(ds) is TopkDataset and ds.renormalize

@@ -15,20 +15,70 @@ from teacher_farm.schemas.errors import InputError
 from teacher_farm.training.reader import COLUMNS, SAMPLE_COLUMNS, RowGroupArrays, join_windows, row_group_arrays
 
 
-def _units(paths: Sequence[Path]) -> tuple[list[tuple[int, int]], int]:
-    """(shard index into ``paths``, row group) for every non-empty row group, in line order; and the rows."""
-    units, rows = [], 0
+def _units(paths: Sequence[Path]) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(shard index into ``paths``, row group) for every non-empty row group, in line order; and its rows."""
+    units, rows = [], []
     for i, path in enumerate(paths):
         meta = pq.ParquetFile(path).metadata
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
             if n:
                 units.append((i, rg))
-                rows += n
-    return units, rows
+                rows.append(n)
+    return units, np.array(rows, dtype=np.int64)
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def _line_starts(paths: Sequence[Path], units: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """For each unit, the rows where a line starts (``offset`` 0): a window cache's lines, to deal whole."""
+    starts, current, pf = [], -1, None
+    for shard, rg in units:
+        if shard != current:
+            current, pf = shard, pq.ParquetFile(paths[shard])
+        offset = pf.read_row_group(rg, columns=["offset"]).column("offset").to_numpy()
+        if offset[0] != 0:
+            raise InputError(
+                f"cannot join windows: row group {rg} of {paths[shard].name} starts inside a line "
+                "(its first row has offset > 0)"
+            )
+        starts.append(np.flatnonzero(offset == 0))
+    return starts
+
+
+def _per_rank(total: int, world_size: int, drop_last: bool) -> int:
+    return total // world_size if drop_last else -(-total // world_size)
+
+
+def reader_share(
+    sizes: np.ndarray, order: np.ndarray, rank: int, world_size: int, worker: int = 0, workers: int = 1,
+    drop_last: bool = False,
+) -> list[tuple[int, int, int]]:
+    """The items one reader yields in an epoch: ``(unit, first, end)`` spans, in the epoch's order.
+
+    ``sizes[u]`` is the number of items (rows, or lines) of unit ``u``; ``order`` the epoch's order
+    of the units. Every rank gets the same number of items, a contiguous run of that order: the
+    total divided by ``world_size``, rounded up and padded with the epoch's first items (or, with
+    ``drop_last``, rounded down and the last items left out). A rank's run is split over its
+    ``workers`` in contiguous parts whose sizes differ by at most one.
+    """
+    sizes = np.asarray(sizes, np.int64)[order]
+    total = int(sizes.sum())
+    per_rank = _per_rank(total, world_size, drop_last)
+    lo = rank * per_rank + per_rank * worker // workers
+    hi = rank * per_rank + per_rank * (worker + 1) // workers
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    spans = []
+    while lo < hi:  # past the end, the padding wraps around to the epoch's first items
+        a = lo % total
+        b = min(a + hi - lo, total)
+        for j in range(int(np.searchsorted(ends, a, side="right")), int(np.searchsorted(starts, b, side="left"))):
+            spans.append((int(order[j]), int(max(a, starts[j]) - starts[j]), int(min(b, ends[j]) - starts[j])))
+        lo += b - a
+    return spans
+
+
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): the ones given, else ``torch.distributed``'s when initialized, else (0, 1)."""
     import torch.distributed as dist
 
     if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
@@ -51,22 +101,27 @@ class TopkDataset(IterableDataset):
     of the sequence, padded with 0 (count 0 marks padding); a cache of sampled targets only
     has no top-k keys.
 
-    The row groups of the shards are dealt round-robin to every reader: the DataLoader workers
-    (``get_worker_info``) of every distributed rank (``torch.distributed`` when initialized, or
-    ``rank``/``world_size`` given here), so each row is read exactly once per epoch. Ranks may
-    get a few sequences more or less than each other: cap the steps per epoch when a collective
-    must not wait. ``shuffle_shards`` shuffles the row group order, the same on every reader,
-    from ``seed`` and the epoch set with :meth:`set_epoch` (not with ``persistent_workers``,
-    whose workers keep their own copy). ``max_length`` truncates longer sequences.
+    Every distributed rank (``torch.distributed``'s, read when the dataset is made, or else when
+    it is iterated; or ``rank``/``world_size`` given here) yields the same number of sequences per epoch, so a loop that runs a collective
+    every step never waits on a rank that has run out: the epoch's rows are split into equal
+    contiguous shares, the total rounded up and padded by repeating the epoch's first rows (with
+    ``drop_last``, rounded down and the epoch's last rows left out, fewer than ``world_size``).
+    A rank's share is split again over its DataLoader workers (``get_worker_info``), and a
+    reader reads only the row groups that hold its rows. ``shuffle_shards`` shuffles the row
+    group order, the same on every reader, from ``seed`` and the epoch set with
+    :meth:`set_epoch` (not with ``persistent_workers``, whose workers keep their own copy).
+    ``max_length`` truncates longer sequences.
     ``join_windows`` turns the windows of a line cached with ``--long-lines window`` into one
     stream per line, each position from the window where it has the most context
-    (:func:`join_windows`); without it every window is an item of its own.
+    (:func:`join_windows`); without it every window is an item of its own. In that mode the
+    shares are counted in lines, and a line's windows are always read together.
     """
 
     def __init__(
         self, cache_dir: str | Path, *, renormalize: bool = False, shuffle_shards: bool = False,
         seed: int = 0, max_length: int | None = None,
         rank: int | None = None, world_size: int | None = None, join_windows: bool = False,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if max_length is not None and max_length < 1:
@@ -74,7 +129,12 @@ class TopkDataset(IterableDataset):
         self.cache_dir = Path(cache_dir)
         cache = CacheDir(self.cache_dir)
         self.paths = cache.shard_paths()
-        self.units, self.num_rows = _units(self.paths)
+        self.units, rows = _units(self.paths)
+        self.num_rows = int(rows.sum())
+        # Join mode deals whole lines: the rows where each line starts, per row group.
+        self._line_starts = _line_starts(self.paths, self.units) if join_windows else None
+        #: What the shares are counted in, per row group: rows, or lines with ``join_windows``.
+        self.unit_sizes = rows if self._line_starts is None else np.array([len(x) for x in self._line_starts], np.int64)
         self.metadata = _shared_metadata(cache, self.paths)
         #: The cache's identity (its teacher and ``Scoring``), as its manifests state it.
         self.identity = cache.identity
@@ -86,37 +146,57 @@ class TopkDataset(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.seed = seed
         self.max_length = max_length
+        if rank is None and world_size is None:
+            import torch.distributed as dist
+
+            # Read here, in the rank's own process: a spawned DataLoader worker has no process group.
+            if dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
         self.rank, self.world_size = rank, world_size
         self.join_windows = join_windows
+        self.drop_last = drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the shuffle of the coming epoch (with ``shuffle_shards``)."""
         self.epoch = epoch
 
-    def my_units(self) -> list[tuple[int, int]]:
-        """The (shard, row group) pairs this reader streams this epoch."""
+    def sequences_per_rank(self) -> int:
+        """How many sequences every rank yields per epoch (over all of its DataLoader workers)."""
+        _, world = rank_and_world(self.rank, self.world_size)
+        return _per_rank(int(self.unit_sizes.sum()), world, self.drop_last)
+
+    def my_share(self) -> list[tuple[int, int, int, int]]:
+        """What this reader streams this epoch: ``(shard, row group, first, end)`` row ranges
+        (line ranges with ``join_windows``), in the epoch's order."""
+        return [(*self.units[u], first, end) for u, first, end in self._spans()]
+
+    def _spans(self) -> list[tuple[int, int, int]]:
         order = np.arange(len(self.units))
         if self.shuffle_shards:
             np.random.default_rng([self.seed, self.epoch]).shuffle(order)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank, world = _rank_and_world(self.rank, self.world_size)
-        me, readers = rank * workers + worker, world * workers
-        return [self.units[i] for i in order[me::readers]]
+        rank, world = rank_and_world(self.rank, self.world_size)
+        return reader_share(self.unit_sizes, order, rank, world, worker, workers, self.drop_last)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         current, pf = -1, None
-        for shard, rg in self.my_units():
+        columns = self.columns + ["offset"] if self.join_windows else self.columns
+        for unit, first, end in self._spans():
+            shard, rg = self.units[unit]
             if shard != current:
                 current, pf = shard, pq.ParquetFile(self.paths[shard])
-            columns = self.columns + ["offset"] if self.join_windows else self.columns
             table = pf.read_row_group(rg, columns=columns)
+            if self._line_starts is not None:  # lines to rows: a line runs to the next line's start
+                starts = self._line_starts[unit]
+                first, end = int(starts[first]), int(starts[end]) if end < len(starts) else table.num_rows
+            if end - first < table.num_rows:
+                table = table.slice(first, end - first)
             arrays = row_group_arrays(table, renormalize=self.renormalize)
             if self.join_windows:
                 arrays = join_windows(arrays, table.column("offset").to_numpy())
             yield from sequence_items(arrays, self.max_length, self.temperature)
-
 
 
 def _shared_metadata(cache: CacheDir, paths: Sequence[Path]) -> dict[str, str]:

@@ -15,7 +15,6 @@ between cached and online targets by changing the line that builds its loader::
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,7 +30,7 @@ from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
 from teacher_farm.training.collate import collate_topk
-from teacher_farm.training.dataset import sequence_items
+from teacher_farm.training.dataset import rank_and_world, sequence_items
 from teacher_farm.training.reader import row_group_arrays
 
 __all__ = ["OnlineTeacher"]
@@ -67,6 +66,11 @@ def _sequences(batch: Any) -> tuple[list[np.ndarray], list[int] | None]:
     return seqs, lines
 
 
+def _batch_size(batch: Any) -> int:
+    """The number of sequences of a batch, without converting it."""
+    return len(batch["input_ids"] if isinstance(batch, dict) else batch)
+
+
 class OnlineTeacher:
     """Iterate ``batches`` of token ids, each as a training batch with the teacher's targets.
 
@@ -77,6 +81,12 @@ class OnlineTeacher:
     ``pad_to_multiple_of`` and ``renormalize`` mean what they mean for :func:`collate_topk` and
     :class:`TopkDataset`. Without ``line`` in the input batches, ``line`` counts sequences from 0.
     ``info`` holds the teacher's facts once iteration has started.
+
+    Under ``torch.distributed`` (or with ``rank``/``world_size`` given), every rank iterates the
+    same ``batches`` and takes its own share: batch i goes to rank i % world_size, and every rank
+    yields the same number of batches. A last round of fewer than ``world_size`` batches is padded
+    (a rank without a batch repeats one of that round) or, with ``drop_last``, left out. When
+    ``batches`` already differ per rank, pass ``rank=0, world_size=1``.
     """
 
     def __init__(
@@ -84,6 +94,7 @@ class OnlineTeacher:
         targets: str = "topk", samples: int = 64, seed: int = 0, api_key: str | None = None, prefetch: int = 4,
         renormalize: bool = False, pad_id: int = 0, pad_to_multiple_of: int | None = None,
         logprob_dtype: str = "float32", retry_for_s: float = 600.0, timeout_s: float = 600.0,
+        rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
@@ -95,6 +106,7 @@ class OnlineTeacher:
         self.api_key, self.prefetch, self.renormalize = api_key, prefetch, renormalize
         self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
         self.logprob_dtype, self.retry_for_s, self.timeout_s = logprob_dtype, retry_for_s, timeout_s
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.info: Info | None = None
         #: Bytes of answers received, over every iteration (the wire cost of online targets).
         self.bytes_received = 0
@@ -118,19 +130,18 @@ class OnlineTeacher:
             if (refusal := self.scoring.refusal(self.info)) is not None:
                 reason, flag = refusal
                 raise InputError(f"{reason}; start the servers with {flag}")
-            counter = itertools.count()
-            source = iter(self.batches)
+            source = self._my_batches()
             exhausted = False
             while True:
                 while not exhausted and len(pending) < self.prefetch:
                     try:
-                        batch = next(source)
+                        batch, first_line = next(source)
                     except StopIteration:
                         exhausted = True
                         break
                     seqs, lines = _sequences(batch)
                     if lines is None:
-                        lines = [next(counter) for _ in seqs]
+                        lines = list(range(first_line, first_line + len(seqs)))
                     pending.append(submit(self._fetch(pool, seqs, lines)))
                 if not pending:
                     return
@@ -143,6 +154,20 @@ class OnlineTeacher:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=30)
             loop.close()
+
+    def _my_batches(self) -> Iterator[tuple[Any, int]]:
+        """This rank's batches, each with the number of sequences of every batch before it (on any rank)."""
+        rank, world = rank_and_world(self.rank, self.world_size)
+        round_: list[tuple[Any, int]] = []
+        seen = 0
+        for batch in self.batches:
+            round_.append((batch, seen))
+            seen += _batch_size(batch)
+            if len(round_) == world:
+                yield round_[rank]
+                round_ = []
+        if round_ and not self.drop_last:
+            yield round_[rank % len(round_)]
 
     async def _fetch(self, pool: TeacherPool, seqs: list[np.ndarray], lines: list[int]) -> dict[str, torch.Tensor]:
         table = await pool.score_ids([(str(i), s) for i, s in enumerate(seqs)], self.scoring)
