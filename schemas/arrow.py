@@ -156,7 +156,13 @@ def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "
         columns["sample_ids"] = _ragged(n, lengths, cat("sample_ids", np.int32))
         columns["sample_counts"] = _ragged(n, lengths, cat("sample_counts", np.int16))
         columns["sample_logprobs"] = _ragged(n, lengths, cat("sample_logprobs", np.float32))
-    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+    table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+    if any(r.selected is not None for r in results):
+        from teacher_farm.schemas.positions import keep_positions
+
+        kept = np.concatenate([np.ones(len(r.input_ids), bool) if r.selected is None else r.selected for r in results])
+        table = keep_positions(table, kept)
+    return table
 
 
 def table_to_results(table: pa.Table) -> list[ScoredSequence]:

@@ -119,6 +119,7 @@ class CacheIdentity(BaseModel):
             "temperature": s.temperature,
             "targets": s.targets,
             **({"samples": s.samples, "seed": s.seed} if s.targets != "topk" else {}),
+            **({"positions": s.positions} if s.positions != "all" else {}),
             "logprob_dtype": self.logprob_dtype,
         }
 
@@ -133,7 +134,8 @@ class CacheIdentity(BaseModel):
     @classmethod
     def from_entries(cls, entries: Mapping[str, Any]) -> CacheIdentity:
         """Read back from a manifest's identity or a shard's metadata (``read_metadata``)."""
-        scoring = {name: entries[name] for name in ("k", "temperature", "targets", "samples", "seed") if name in entries}
+        scoring = {name: entries[name] for name in ("k", "temperature", "targets", "samples", "seed", "positions")
+                   if name in entries}
         try:
             return cls(
                 model_fingerprint=str(entries["model_fingerprint"]),

@@ -117,6 +117,8 @@ def _json_result(r: ScoredSequence, targets: str) -> dict[str, Any]:
     if targets != "sampled":
         out |= {"topk_ids": r.topk_ids, "topk_logprobs": r.topk_logprobs}
     out |= {"target_logprobs": r.target_logprobs, "target_ranks": r.target_ranks}
+    if r.selected is not None:
+        out["kept"] = r.selected  # a position rule keeps the targets where this is true
     return out | r.sample_lists()
 
 

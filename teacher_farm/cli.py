@@ -67,6 +67,10 @@ def cache_parser() -> argparse.ArgumentParser:
                    help="top-k per position, tokens sampled from the teacher (unbiased; Random-Sampling KD), or both")
     p.add_argument("--samples", type=int, default=64, help="draws per position with sampled targets (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws: same seed and input, same draws (default 0)")
+    p.add_argument("--positions", default="all",
+                   help="where targets are kept: all (default), entropy:F (the share F of each line's positions where "
+                        "the teacher's entropy is highest) or assistant (chat records: inside the assistant turns); "
+                        "target logprobs and ranks stay at every position")
     p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
     p.add_argument("--retry-for", type=float, default=600.0,
@@ -99,7 +103,8 @@ def cache_main(argv: list[str]) -> int:
         if getattr(a, name) is not None and getattr(a, name) < 1:
             cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
     try:
-        scoring = Scoring(k=a.k, temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed)
+        scoring = Scoring(k=a.k, temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed,
+                          positions=a.positions)
     except ValueError as exc:
         problem = exc.errors()[0]
         cache_parser().error(f"--{problem['loc'][0]}: {problem['msg'].lower()}")

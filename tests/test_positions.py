@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,114 @@ def test_a_template_that_is_not_prefix_consistent_is_refused():
     with pytest.raises(InputError, match="cannot be found"):
         assistant_tokens(Odd(), [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
                                  {"role": "user", "content": "v"}, {"role": "assistant", "content": "b"}])
+
+
+def test_dropped_positions_are_null_lists_and_cost_no_values(tmp_path):
+    import pyarrow.parquet as pq
+
+    from teacher_farm.schemas.arrow import ScoredSequence, results_to_table
+    from teacher_farm.schemas.positions import kept_mask
+
+    rng = np.random.default_rng(3)
+
+    def seq(n, selected):
+        lengths = rng.integers(1, 5, n).astype(np.int32)
+        return ScoredSequence(
+            "s", np.arange(n, dtype=np.int32), rng.integers(0, 99, (n, 4)).astype(np.int32),
+            rng.normal(size=(n, 4)).astype(np.float32), rng.normal(size=n - 1).astype(np.float32),
+            np.ones(n - 1, np.int32), lengths, rng.integers(0, 99, lengths.sum()).astype(np.int32),
+            np.ones(lengths.sum(), np.int16), rng.normal(size=lengths.sum()).astype(np.float32), selected=selected,
+        )
+
+    a, b, c = seq(6, np.array([1, 0, 0, 1, 0, 1], bool)), seq(3, None), seq(4, np.zeros(4, bool))
+    full = results_to_table([a, b, c], 4, "both")
+    kept = kept_mask(full.column("topk_ids"))
+    assert kept.tolist() == [1, 0, 0, 1, 0, 1] + [1, 1, 1] + [0, 0, 0, 0]
+    for name in ("sample_ids", "sample_counts", "sample_logprobs", "topk_logprobs"):
+        assert kept_mask(full.column(name)).tolist() == kept.tolist()
+    rows = full.to_pylist()
+    assert rows[0]["topk_ids"][0] == a.topk_ids[0].tolist() and rows[0]["topk_ids"][1] is None
+    assert rows[0]["target_logprobs"] == pytest.approx(a.target_logprobs.tolist())  # kept at every position
+    assert rows[1]["topk_ids"] == b.topk_ids.tolist()
+    # Parquet stores no value for a dropped position.
+    dense = results_to_table([seq(400, None)], 4, "both")
+    thin = results_to_table([seq(400, np.arange(400) % 4 == 0)], 4, "both")
+    pq.write_table(dense, tmp_path / "dense.parquet")
+    pq.write_table(thin, tmp_path / "thin.parquet")
+
+    def target_bytes(path):
+        meta = pq.ParquetFile(path).metadata.row_group(0)
+        return sum(meta.column(i).total_compressed_size for i in range(meta.num_columns)
+                   if meta.column(i).path_in_schema.split(".")[0] in ("topk_ids", "topk_logprobs", "sample_ids",
+                                                                      "sample_counts", "sample_logprobs"))
+
+    # A quarter of the positions kept: about a quarter of the target bytes (the nulls cost a bit each).
+    assert target_bytes(tmp_path / "thin.parquet") < 0.35 * target_bytes(tmp_path / "dense.parquet")
+
+
+@pytest.mark.engine
+def test_a_cache_keeps_targets_at_the_highest_entropy_positions_of_each_line(server, reference, tmp_path):
+    import pyarrow.parquet as pq
+
+    from teacher_farm.schemas.cache_dir import read_metadata
+    from teacher_farm.schemas.positions import kept_mask
+    from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(read_lines(SAMPLE, 10)) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    args = ("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out),
+            "--k", "4", "--targets", "both", "--samples", "8", "--temperature", "0.8", "--positions", "entropy:0.25")
+    proc = teacher_farm(*args)
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    assert read_metadata(table.schema)["positions"] == "entropy:0.25"
+    kept = kept_mask(table.column("topk_ids"))
+    assert (kept_mask(table.column("sample_ids")) == kept).all()
+    start = 0
+    for row in table.to_pylist():
+        ids = row["input_ids"]
+        n = len(ids)
+        mine = kept[start:start + n]
+        start += n
+        assert mine.sum() == int(np.ceil(0.25 * n - 1e-9))
+        assert len(row["target_logprobs"]) == n - 1  # the target logprob stays at every position
+        _, _, full = reference.topk(ids, 1, 0.8)
+        p = np.exp(full.astype(np.float64))
+        h = -(p * np.where(p > 0, full, 0.0)).sum(axis=1)
+        # The kept positions are the reference's top quarter, but for entropies within float error of the cut.
+        cut = np.sort(h)[::-1][mine.sum() - 1]
+        clear = np.abs(h - cut) > 1e-3
+        assert (mine[clear] == (h[clear] > cut)).all()
+        for pos in np.flatnonzero(mine):
+            assert row["topk_ids"][pos] is not None and len(row["topk_ids"][pos]) == 4
+        assert all(row["topk_ids"][pos] is None for pos in np.flatnonzero(~mine))
+    # The rule is part of the cache's identity: another rule into the same directory is refused.
+    other = teacher_farm(*args[:-1], "entropy:0.5")
+    assert other.returncode != 0 and "positions" in other.stderr
+
+
+@pytest.mark.engine
+def test_a_chat_keeps_targets_where_the_next_token_is_the_assistants(server, reference, tmp_path):
+    import pyarrow.parquet as pq
+
+    from teacher_farm.schemas.positions import kept_mask
+    from tests.conftest import API_KEY, teacher_farm
+
+    chat = [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps over"},
+            {"role": "user", "content": "the lazy dog"}, {"role": "assistant", "content": "and sleeps"}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "c", "messages": chat}) + "\n" + json.dumps({"id": "t", "text": "plain text"}) + "\n")
+    out = tmp_path / "o"
+    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out),
+                        "--k", "4", "--positions", "assistant")
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    rows = {r["id"]: r for r in table.to_pylist()}
+    kept = kept_mask(table.column("topk_ids"))
+    n_chat = len(rows["c"]["input_ids"])
+    chat_kept = kept[:n_chat] if table.column("id")[0].as_py() == "c" else kept[-n_chat:]
+    next_tokens = [rows["c"]["input_ids"][i + 1] for i in np.flatnonzero(chat_kept)]
+    text = reference.tokenizer.decode(next_tokens)
+    assert "jumps over" in text and "and sleeps" in text and "fox" not in text and "lazy" not in text
+    assert rows["t"]["topk_ids"][0] is not None and all(x is not None for x in rows["t"]["topk_ids"])  # not a chat
