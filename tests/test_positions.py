@@ -217,3 +217,29 @@ def test_a_chat_keeps_targets_where_the_next_token_is_the_assistants(server, ref
     text = reference.tokenizer.decode(next_tokens)
     assert "jumps over" in text and "and sleeps" in text and "fox" not in text and "lazy" not in text
     assert rows["t"]["topk_ids"][0] is not None and all(x is not None for x in rows["t"]["topk_ids"])  # not a chat
+
+
+def test_the_losses_average_over_the_kept_positions_only():
+    from teacher_farm.training import TopkTailKLLoss, collate_topk
+
+    rng = np.random.default_rng(5)
+    n, k, V = 6, 3, 11
+
+    def item(kept):
+        lp = torch.log_softmax(torch.tensor(rng.normal(size=(n, V)), dtype=torch.float32), -1)
+        top = lp.topk(k, -1)
+        out = {"input_ids": torch.arange(n), "topk_ids": top.indices, "topk_logprobs": top.values,
+               "tail_logprob": torch.log1p(-top.values.exp().sum(-1)), "target_logprobs": torch.zeros(n - 1)}
+        return out | ({"kept": torch.tensor(kept)} if kept is not None else {})
+
+    kept = [True, False, True, False, False, True]
+    batch = collate_topk([item(kept), item(None)])
+    assert batch["kept_mask"].tolist() == [kept, [True] * n]
+    logits = torch.tensor(rng.normal(size=(2, n, V)), dtype=torch.float32)
+    loss = TopkTailKLLoss()
+    per = loss.per_token(logits, batch, 1.0)
+    want = (per[0][torch.tensor(kept)].sum() + per[1].sum()) / (sum(kept) + n)
+    assert loss(logits, batch).item() == pytest.approx(want.item(), rel=1e-6)
+    # Without the mask the dropped positions (zeros in the batch) would count.
+    unmasked = {key: v for key, v in batch.items() if key != "kept_mask"}
+    assert loss(logits, unmasked).item() != pytest.approx(want.item(), rel=1e-3)

@@ -25,7 +25,9 @@ def collate_topk(
     ``line`` (B,) and ``temperature`` (B,). Sampled targets, when the items have them:
     ``sample_ids`` (B, T, S) long, ``sample_counts`` (B, T, S) int16, ``sample_logprobs`` (B, T, S)
     float32, padded with 0 to the widest position S of the batch, and ``sample_mask`` (B, T, S) bool,
-    True on a drawn token. Pad values are finite so masked positions never turn a loss into NaN.
+    True on a drawn token. Items of a cache written with ``--positions`` give ``kept_mask`` (B, T)
+    bool, True where the cache kept targets (the losses average over those). Pad values are finite so
+    masked positions never turn a loss into NaN.
     """
     import torch
 
@@ -56,6 +58,9 @@ def collate_topk(
         out["sample_ids"] = torch.zeros((B, T, S), dtype=torch.long)
         out["sample_counts"] = torch.zeros((B, T, S), dtype=torch.int16)
         out["sample_logprobs"] = torch.zeros((B, T, S), dtype=torch.float32)
+    has_kept = any("kept" in x for x in batch)
+    if has_kept:
+        out["kept_mask"] = torch.zeros((B, T), dtype=torch.bool)
     for b, (x, n) in enumerate(zip(batch, lengths)):
         out["input_ids"][b, :n] = x["input_ids"]
         out["attention_mask"][b, :n] = 1
@@ -65,6 +70,8 @@ def collate_topk(
             out["topk_ids"][b, :n] = x["topk_ids"]
             out["topk_logprobs"][b, :n] = x["topk_logprobs"]
             out["tail_logprob"][b, :n] = x["tail_logprob"]
+        if has_kept:
+            out["kept_mask"][b, :n] = x["kept"] if "kept" in x else True
         if has_samples:
             s = int(x["sample_ids"].shape[1])
             for key in SAMPLE_COLUMNS:

@@ -12,7 +12,9 @@ Shapes, for B sequences of T positions, a student vocabulary V, k top-k entries 
 
 - ``student_logits`` (B, T, V), any float dtype (computed in float32): position t predicts token
   t+1, like the teacher's targets, so a causal LM's logits are used unshifted;
-- ``attention_mask`` (B, T): the positions that count; the loss is the mean over them.
+- ``attention_mask`` (B, T): the positions that count; the loss is the mean over them, and over
+  ``kept_mask`` (B, T) too where the batch has one (a cache written with ``--positions``: the
+  positions whose targets it kept).
 
 =================  ============================================================================
 class              per-position value (p: teacher, q: student, both at temperature T)
@@ -107,6 +109,8 @@ class _KDLoss(torch.nn.Module):
     def sum_and_count(self, logits: torch.Tensor, batch: Batch, T: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked sum of the per-position loss over ``logits`` (B, t, V), and the number of positions."""
         mask = batch["attention_mask"].to(logits.device).bool()
+        if "kept_mask" in batch:  # a position rule kept targets at these positions only
+            mask = mask & batch["kept_mask"].to(logits.device).bool()
         per = self.per_token(logits.float(), batch, T) * (T * T)
         per = torch.where(mask, per, torch.zeros_like(per))
         return per.sum(), mask.sum()
