@@ -168,6 +168,26 @@ def test_a_stride_not_below_the_max_length_is_refused(tmp_path):
         run(tmp_path, str(tmp_path / "a.jsonl"), max_length=100, long_lines="window", stride=100)
 
 
+def test_training_items_carry_the_input_file_of_their_line(tmp_path):
+    from teacher_farm.training import TopkDataset, collate_topk
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two"]) + "\n")
+    (root / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["three", LONG]) + "\n")
+    run(tmp_path, str(root), max_length=64, long_lines="window", stride=24)
+    want = [(str(root / name), line) for name in ("a.jsonl", "b.jsonl") for line in (0, 1)]
+    joined = list(TopkDataset(tmp_path / "out", join_windows=True))
+    assert [(x["source"], int(x["line"])) for x in joined] == want
+    # Unjoined, every window of the long line carries its file too.
+    windows = list(TopkDataset(tmp_path / "out"))
+    assert len(windows) > 4 and [(x["source"], int(x["line"])) for x in windows[:3]] == want[:3]
+    assert {(x["source"], int(x["line"])) for x in windows[3:]} == {want[3]}
+    # A batch of them has the keys an online batch has.
+    batch = collate_topk(joined)
+    assert "source" not in batch and batch["line"].tolist() == [0, 1, 0, 1]
+
+
 # --- one stream per line for training -------------------------------------------------------
 
 
