@@ -193,14 +193,23 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
     return table, []
 
 
+async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
+    """A line's whole token sequence, as the teacher scores it: a text's or a chat record's tokens, or its own ids."""
+    if line.input_ids is not None:
+        return line.input_ids
+    if line.messages is not None:
+        return np.asarray(await teacher.tokenize_chat(line.messages), np.int32)
+    return np.asarray(await teacher.tokenize(line.text), np.int32)
+
+
 async def split_long_lines(
     teacher: Teacher, lines: list[Line], table: pa.Table, opts: CacheOptions, max_length: int,
 ) -> pa.Table:
     """Replace every row cut at ``max_length`` by windows over the line's full token sequence.
 
-    A row shorter than ``max_length`` was not cut and stays as it is. A text line of exactly that
-    length may have been: its full tokens come from the teacher's tokenizer; a pre-tokenized line's
-    are its own. Chat records are truncated (their tokens come from the chat template on the server).
+    A row shorter than ``max_length`` was not cut and stays as it is. A line of exactly that length
+    may have been: its full tokens come from the teacher (its tokenizer, or its chat template for a
+    chat record); a pre-tokenized line's are its own.
     """
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
     stride = opts.stride or default_stride(max_length)
@@ -208,9 +217,7 @@ async def split_long_lines(
     done = 0
     for i in np.flatnonzero(lengths >= max_length):
         line = lines[i]
-        if line.messages is not None:
-            continue
-        full = line.input_ids if line.input_ids is not None else np.asarray(await teacher.tokenize(line.text), np.int32)
+        full = await full_ids(teacher, line)
         if len(full) <= max_length:
             continue
         starts = window_starts(len(full), max_length, stride)

@@ -17,7 +17,7 @@ from teacher_farm.client.manifest import save_manifest
 from teacher_farm.schemas.cache_dir import load_manifests
 from tests.conftest import load_manifest
 from teacher_farm.schemas.windows import window_starts
-from tests.standin import StandInTeacher, expected_topk, tokens
+from tests.standin import StandInTeacher, chat_tokens, expected_topk, tokens
 
 VOCAB = 1000
 LONG = "the quick brown fox jumps over the lazy dog. " * 5  # 225 characters: 226 tokens with BOS
@@ -166,6 +166,45 @@ def test_a_stride_not_below_the_max_length_is_refused(tmp_path):
 
     with pytest.raises(InputError, match="--stride 100 must be in 1..99"):
         run(tmp_path, str(tmp_path / "a.jsonl"), max_length=100, long_lines="window", stride=100)
+
+
+CHAT = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": LONG},
+        {"role": "assistant", "content": "A fox jumps over a dog, " * 3}]
+
+
+def test_a_chat_record_longer_than_the_max_length_is_windowed_like_text(tmp_path):
+    from teacher_farm.training import TopkDataset
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "chat", "messages": CHAT},
+        {"id": "short-chat", "messages": [{"role": "user", "content": "hi"}]},
+    ]) + "\n")
+    L, S = 64, 24
+    run(tmp_path, str(tmp_path / "a.jsonl"), max_length=L, long_lines="window", stride=S)
+    got = rows(tmp_path / "out")
+    full = chat_tokens(CHAT, VOCAB)
+    starts = window_starts(len(full), L, S)
+    assert len(starts) > 4
+    assert [(r["id"], r["offset"]) for r in got] == [("chat", s) for s in starts] + [("short-chat", 0)]
+    for w in got[:-1]:
+        s = w["offset"]
+        # Each window holds the rendered record's tokens from its offset, and the teacher saw them alone.
+        assert w["input_ids"] == full[s:s + L].tolist() and w["line"] == 0
+        assert w["topk_ids"] == expected_topk(full[s:s + L], 4, VOCAB).tolist()
+    assert got[-1]["input_ids"] == chat_tokens([{"role": "user", "content": "hi"}], VOCAB).tolist()
+    # Joined for training, the windows give back the record's one token stream.
+    items = list(TopkDataset(tmp_path / "out", join_windows=True))
+    assert [int(x["line"]) for x in items] == [0, 1]
+    assert items[0]["input_ids"].tolist() == full.tolist() and items[0]["target_logprobs"].shape == (len(full) - 1,)
+
+
+def test_a_chat_record_is_still_truncated_by_default(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "chat", "messages": CHAT}) + "\n")
+    teacher = StandInTeacher(VOCAB)
+    run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=64)
+    (row,) = rows(tmp_path / "out")
+    assert row["input_ids"] == chat_tokens(CHAT, VOCAB)[:64].tolist() and row["offset"] == 0
+    assert teacher.tokenizations == 0
 
 
 def test_training_items_carry_the_input_file_of_their_line(tmp_path):
