@@ -209,9 +209,13 @@ async def split_long_lines(
 
     A row shorter than ``max_length`` was not cut and stays as it is. A line of exactly that length
     may have been: its full tokens come from the teacher (its tokenizer, or its chat template for a
-    chat record); a pre-tokenized line's are its own.
+    chat record); a pre-tokenized line's are its own. The cut row already is window 0 when its ids
+    are the first ``max_length`` of the full sequence (as the teacher cuts text and chat records),
+    so only the later windows are scored; otherwise (a tokenizer that ends every sequence with a
+    special token) window 0 is scored on its own too.
     """
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    ids = table.column("input_ids")
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
     stride = opts.stride or default_stride(max_length)
     pieces, line_no, sources, offsets = [], [], [], []
     done = 0
@@ -221,10 +225,13 @@ async def split_long_lines(
         if len(full) <= max_length:
             continue
         starts = window_starts(len(full), max_length, stride)
-        windows = await teacher.score_ids([(line.id, full[s:s + max_length]) for s in starts], opts.scoring, max_length)
-        if windows.num_rows != len(starts):
-            raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts)} windows")
-        pieces += [table.slice(done, i - done), windows.select(table.column_names).cast(table.schema)]
+        keep = int(np.array_equal(ids[int(i)].values.to_numpy(zero_copy_only=False), full[:max_length]))
+        windows = await teacher.score_ids(
+            [(line.id, full[s:s + max_length]) for s in starts[keep:]], opts.scoring, max_length,
+        )
+        if windows.num_rows != len(starts) - keep:
+            raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts) - keep} windows")
+        pieces += [table.slice(done, i + keep - done), windows.select(table.column_names).cast(table.schema)]
         line_no += [x.line for x in lines[done:i]] + [line.line] * len(starts)
         sources += [x.source for x in lines[done:i]] + [line.source] * len(starts)
         offsets += [0] * (i - done) + starts.tolist()

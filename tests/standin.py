@@ -56,7 +56,9 @@ class StandInTeacher:
     def __init__(self, vocab: int = 1000, max_model_len: int = 16384) -> None:
         self.vocab = vocab
         self.max_model_len = max_model_len
+        #: Scoring requests, and the tokens they scored (every position scored once per request).
         self.requests = 0
+        self.tokens_scored = 0
         #: Full tokenizations asked for (text and chat records).
         self.tokenizations = 0
 
@@ -80,7 +82,9 @@ class StandInTeacher:
     async def score(self, lines: Sequence[Line], scoring, max_length: int | None) -> "pa.Table":  # noqa: F821
         self.requests += 1
         k = scoring.k
-        return results_to_table([score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines], k)
+        scored = [score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines]
+        self.tokens_scored += sum(len(x.input_ids) for x in scored)
+        return results_to_table(scored, k)
 
     async def score_ids(self, ids_and_tokens, scoring, max_length: int | None = None):
         lines = [Line(-1, i, None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]

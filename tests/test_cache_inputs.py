@@ -207,6 +207,55 @@ def test_a_chat_record_is_still_truncated_by_default(tmp_path):
     assert teacher.tokenizations == 0
 
 
+def test_window_0_of_a_long_line_is_the_cut_row_scored_once(tmp_path):
+    """The batch's row of a line cut at L is its first window: only the later windows are scored."""
+    long_ids = (np.arange(150) * 3 + 2) % 997
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "text", "text": LONG},
+        {"id": "chat", "messages": CHAT},
+        {"id": "ids", "input_ids": long_ids.tolist()},
+        {"id": "short", "text": "short"},
+    ]) + "\n")
+    L, S = 40, 15
+    teacher = StandInTeacher(VOCAB)
+    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S)
+    got = rows(tmp_path / "out")
+    for seq_id, full in (("text", tokens(LONG, VOCAB)), ("chat", chat_tokens(CHAT, VOCAB)), ("ids", long_ids)):
+        windows = [r for r in got if r["id"] == seq_id]
+        assert [w["offset"] for w in windows] == window_starts(len(full), L, S).tolist()
+        assert [w["input_ids"] for w in windows] == [full[s:s + L].tolist() for s in window_starts(len(full), L, S)]
+    # Every token the teacher scored is in the cache exactly once: no window was scored twice.
+    assert teacher.tokens_scored == summary.tokens == sum(len(r["input_ids"]) for r in got)
+    # One request for the batch, one for the later windows of each long line; text and chat tokenized once.
+    assert teacher.requests == 1 + 3 and teacher.tokenizations == 2
+
+
+def test_window_0_is_scored_on_its_own_when_the_cut_row_is_not_the_lines_first_tokens(tmp_path):
+    """A tokenizer that ends every sequence with a special token cuts a line to ``[:L-1] + [EOS]``."""
+    EOS = 999
+
+    class EndsWithEos(StandInTeacher):
+        def _ids(self, line, max_length):
+            if line.text is None:
+                return super()._ids(line, max_length)
+            ids = np.append(tokens(line.text, self.vocab), EOS).astype(np.int32)
+            return ids if max_length is None or len(ids) <= max_length else np.append(ids[:max_length - 1], EOS)
+
+        async def tokenize(self, text):
+            return tokens(text, self.vocab).tolist() + [EOS]
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "text", "text": LONG}) + "\n")
+    L, S = 40, 15
+    teacher = EndsWithEos(VOCAB)
+    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S)
+    full = np.append(tokens(LONG, VOCAB), EOS)
+    got = rows(tmp_path / "out")
+    assert [r["input_ids"] for r in got] == [full[s:s + L].tolist() for s in window_starts(len(full), L, S)]
+    assert got[0]["topk_ids"] == expected_topk(full[:L], 4, VOCAB).tolist()
+    # The cut row was scored and dropped; every window, window 0 included, was scored once more.
+    assert teacher.tokens_scored == summary.tokens + L
+
+
 def test_training_items_carry_the_input_file_of_their_line(tmp_path):
     from teacher_farm.training import TopkDataset, collate_topk
 

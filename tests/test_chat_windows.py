@@ -1,18 +1,26 @@
-"""Chat records' full token ids from ``/tokenize``, through the real HTTP app and a real tokenizer.
+"""Chat records windowed like text, through the real HTTP app and a real chat-template tokenizer.
 
 The engine is the real ``Engine`` (tokenizer, chat template, truncation) with its scoring replaced by
-the stand-in's (``tests/standin.py``), so this runs in seconds without vLLM.
+the stand-in's (``tests/standin.py``), so this runs in seconds without vLLM; ``tests/test_corpora.py``
+does the same against a real engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
+from teacher_farm.client.cache import CacheOptions, CacheRun
+from teacher_farm.client.transport import HttpTeacher
+from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.windows import window_starts
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 from teacher_farm.server import settings as settings_module
 from teacher_farm.server.app import create_app
@@ -142,3 +150,45 @@ def test_text_cut_by_the_tokenizer_is_the_first_tokens_of_its_full_tokenization(
         cut_text, cut_chat = engine.prepare(req)
         assert cut_text == full[:16]
         assert cut_chat == engine.render_chats([[{"role": "user", "content": text}]], None)[0][:16]
+
+
+def test_a_long_chat_record_is_windowed_through_the_server_and_each_window_scored_once(served, tokenizer, tmp_path):
+    from teacher_farm.training import TopkDataset
+
+    chat, short = a_chat(), [{"role": "user", "content": "Hi."}]
+    long_text = " ".join(texts(8))
+    inp = tmp_path / "a.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "chat", "messages": chat}, {"id": "short", "messages": short}, {"id": "text", "text": long_text},
+    ]) + "\n")
+    L, S = 48, 20
+    opts = CacheOptions(input=str(inp), out_dir=tmp_path / "out", scoring=Scoring(k=K), max_length=L,
+                        long_lines="window", stride=S)
+
+    async def cache():
+        teacher = HttpTeacher("http://teacher", transport=httpx.ASGITransport(app=served.app))
+        try:
+            return await CacheRun(opts, teacher).run()
+        finally:
+            await teacher.aclose()
+
+    summary = asyncio.run(cache())
+    got = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet"))).to_pylist()
+    vocab = len(tokenizer)
+    fulls = {"chat": render(tokenizer, chat), "short": render(tokenizer, short),
+             "text": tokenizer(long_text)["input_ids"]}
+    assert len(fulls["chat"]) > 3 * L and len(fulls["text"]) > 3 * L and len(fulls["short"]) < L
+    for seq_id, full in fulls.items():
+        windows = [r for r in got if r["id"] == seq_id]
+        starts = window_starts(len(full), L, S).tolist()
+        assert [w["offset"] for w in windows] == starts, seq_id
+        for w in windows:
+            ids = full[w["offset"]:w["offset"] + L]
+            assert w["input_ids"] == ids and w["source"] == str(inp)
+            # Scored on the window's own ids, as scoring those ids directly gives.
+            assert w["topk_ids"] == standin.expected_topk(np.array(ids), K, vocab).tolist()
+    # No token was scored twice: the cut rows of the batch are the lines' first windows.
+    assert served.engine.tokens_scored == summary.tokens == sum(len(r["input_ids"]) for r in got)
+    items = list(TopkDataset(tmp_path / "out", join_windows=True))
+    assert [x["input_ids"].tolist() for x in items] == list(fulls.values())
+    assert [x["source"] for x in items] == [str(inp)] * 3
