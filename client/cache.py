@@ -193,31 +193,45 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
     return table, []
 
 
+async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
+    """A line's whole token sequence, as the teacher scores it: a text's or a chat record's tokens, or its own ids."""
+    if line.input_ids is not None:
+        return line.input_ids
+    if line.messages is not None:
+        return np.asarray(await teacher.tokenize_chat(line.messages), np.int32)
+    return np.asarray(await teacher.tokenize(line.text), np.int32)
+
+
 async def split_long_lines(
     teacher: Teacher, lines: list[Line], table: pa.Table, opts: CacheOptions, max_length: int,
 ) -> pa.Table:
     """Replace every row cut at ``max_length`` by windows over the line's full token sequence.
 
-    A row shorter than ``max_length`` was not cut and stays as it is. A text line of exactly that
-    length may have been: its full tokens come from the teacher's tokenizer; a pre-tokenized line's
-    are its own. Chat records are truncated (their tokens come from the chat template on the server).
+    A row shorter than ``max_length`` was not cut and stays as it is. A line of exactly that length
+    may have been: its full tokens come from the teacher (its tokenizer, or its chat template for a
+    chat record); a pre-tokenized line's are its own. The cut row already is window 0 when its ids
+    are the first ``max_length`` of the full sequence (as the teacher cuts text and chat records),
+    so only the later windows are scored; otherwise (a tokenizer that ends every sequence with a
+    special token) window 0 is scored on its own too.
     """
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    ids = table.column("input_ids")
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
     stride = opts.stride or default_stride(max_length)
     pieces, line_no, sources, offsets = [], [], [], []
     done = 0
     for i in np.flatnonzero(lengths >= max_length):
         line = lines[i]
-        if line.messages is not None:
-            continue
-        full = line.input_ids if line.input_ids is not None else np.asarray(await teacher.tokenize(line.text), np.int32)
+        full = await full_ids(teacher, line)
         if len(full) <= max_length:
             continue
         starts = window_starts(len(full), max_length, stride)
-        windows = await teacher.score_ids([(line.id, full[s:s + max_length]) for s in starts], opts.scoring, max_length)
-        if windows.num_rows != len(starts):
-            raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts)} windows")
-        pieces += [table.slice(done, i - done), windows.select(table.column_names).cast(table.schema)]
+        keep = int(np.array_equal(ids[int(i)].values.to_numpy(zero_copy_only=False), full[:max_length]))
+        windows = await teacher.score_ids(
+            [(line.id, full[s:s + max_length]) for s in starts[keep:]], opts.scoring, max_length,
+        )
+        if windows.num_rows != len(starts) - keep:
+            raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts) - keep} windows")
+        pieces += [table.slice(done, i + keep - done), windows.select(table.column_names).cast(table.schema)]
         line_no += [x.line for x in lines[done:i]] + [line.line] * len(starts)
         sources += [x.source for x in lines[done:i]] + [line.source] * len(starts)
         offsets += [0] * (i - done) + starts.tolist()

@@ -2,7 +2,8 @@
 
 Every ``Teacher`` (these, or the server's in-process ``LocalTeacher``) answers ``info()`` and
 ``score(lines, scoring, max_length)`` with a result table (see
-``schemas.arrow.result_schema``). HTTP failures are mapped onto ``teacher_farm.schemas.errors``; a
+``schemas.arrow.result_schema``), and gives a line's full token ids (``tokenize``, ``tokenize_chat``)
+for windowing it. HTTP failures are mapped onto ``teacher_farm.schemas.errors``; a
 ``TeacherPool`` spreads requests over servers and retries the retryable failures with exponential
 backoff and jitter, honouring the server's Retry-After. A server whose engine died is left alone for
 ``DEAD_SERVER_OUT_S``: it exits, and a supervisor restarts it (it then answers 503 while it loads).
@@ -57,6 +58,8 @@ class Teacher(Protocol):
     ) -> pa.Table: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
+
+    async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]: ...
 
     async def aclose(self) -> None: ...
 
@@ -209,6 +212,11 @@ class HttpTeacher:
         """The teacher's tokens of ``text`` in full (special tokens included, no truncation)."""
         response = await self._call("POST", "/tokenize", json={"prompt": text, "add_special_tokens": True})
         return response.json()["tokens"]
+
+    async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]:
+        """The teacher's tokens of a chat record in full: its chat template's rendering, as ``/v1/topk`` scores it."""
+        body = {"messages": list(messages), "add_generation_prompt": False}
+        return (await self._call("POST", "/tokenize", json=body)).json()["tokens"]
 
     async def _post(self, inputs: list[dict], scoring: Scoring, max_length: int | None) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
@@ -369,6 +377,10 @@ class TeacherPool:
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full, with the pool's retries."""
         return await self._attempt(lambda t: t.tokenize(text), len(text))
+
+    async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]:
+        """The teacher's tokens of a chat record in full, with the pool's retries."""
+        return await self._attempt(lambda t: t.tokenize_chat(messages), sum(len(m["content"]) for m in messages))
 
     async def aclose(self) -> None:
         for m in self.members:

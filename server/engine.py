@@ -359,11 +359,31 @@ class Engine:
             out.append(next_token_inside(inside, len(ids)))
         return out
 
-    def render_chats(self, chats: list[list[dict]], max_length: int) -> list[list[int]]:
-        """Token ids of chat records through the teacher's chat template, cut to ``max_length``."""
+    def render_chats(
+        self, chats: list[list[dict]], max_length: int | None, *, add_generation_prompt: bool = False,
+        continue_final_message: bool = False, add_special_tokens: bool = False,
+    ) -> list[list[int]]:
+        """Token ids of chat records through the teacher's chat template, cut to ``max_length`` (None: in full).
+
+        A record cut to L tokens is exactly the first L of its full rendering, so a client can window
+        the full ids (``/tokenize`` with ``messages``) and keep the cut row as its first window.
+        ``add_special_tokens`` adds the tokenizer's own special tokens on top of the template's (vLLM's
+        ``/tokenize`` option); scoring never does.
+        """
         if not getattr(self.tokenizer, "chat_template", None):
             raise InputError("the teacher's tokenizer has no chat template: send 'text' instead of 'messages'")
-        ids = self.tokenizer.apply_chat_template(chats, tokenize=True, add_generation_prompt=False, return_dict=False)
+        from jinja2 import TemplateError
+
+        ending = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+        try:
+            if add_special_tokens:
+                texts = self.tokenizer.apply_chat_template(chats, tokenize=False, **ending)
+                ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+            else:
+                ids = self.tokenizer.apply_chat_template(chats, tokenize=True, return_dict=False, **ending)
+        except TemplateError as exc:
+            # A template that refuses a record (roles that do not alternate, ...) refuses the request, not the server.
+            raise InputError(f"messages: the teacher's chat template refused them: {exc}") from exc
         return [list(x[:max_length]) for x in ids]
 
     async def score_one(

@@ -1,8 +1,8 @@
 """The teacher in process: the cache command's ``--model``, the same job as a server's without HTTP.
 
 ``LocalTeacher`` answers what the client's ``Teacher`` protocol asks (``info``, ``score``,
-``score_ids``, ``tokenize``) from an ``Engine`` in this process, with the same result tables a
-server sends, so the cache pipeline cannot tell the two apart.
+``score_ids``, ``tokenize``, ``tokenize_chat``) from an ``Engine`` in this process, with the same
+result tables a server sends, so the cache pipeline cannot tell the two apart.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ class LocalTeacher:
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full."""
         return (await asyncio.to_thread(self._engine.tokenize, [text], None))[0]
+
+    async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]:
+        """The teacher's tokens of a chat record in full, as ``score`` renders it."""
+        return (await asyncio.to_thread(self._engine.render_chats, [list(messages)], None))[0]
 
     async def aclose(self) -> None:
         self._engine.shutdown()

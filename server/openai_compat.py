@@ -8,8 +8,10 @@ one ``Teacher.prepare`` / ``Teacher.score`` answer into the completions format. 
 only: anything that asks for more than one generated token gets a 422.
 
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` are shaped like vLLM's own,
-so lm-eval's ``tokenizer_backend=remote`` works too. ``GET /v1/models`` and ``GET /v1/models/{id}``
-let OpenAI clients discover the served model's name (``client.models.list()``).
+so lm-eval's ``tokenizer_backend=remote`` works too; ``/tokenize`` also takes vLLM's chat form
+(``messages``), which the cache client uses to window chat records longer than its max length.
+``GET /v1/models`` and ``GET /v1/models/{id}`` let OpenAI clients discover the served model's name
+(``client.models.list()``).
 
 This is the ad-hoc compatibility path, not the hot path: per-token dicts are built here and only
 here, off the event loop.
@@ -26,11 +28,11 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, RequestTooLarge
-from teacher_farm.schemas.wire import TopkInput, TopkRequest
+from teacher_farm.schemas.wire import ChatMessage, TopkInput, TopkRequest
 from teacher_farm.server import metrics
 from teacher_farm.server.intake import loaded_engine, parse_body, read_body, score_admitted
 from teacher_farm.server.settings import ServerSettings, get_settings
@@ -72,6 +74,29 @@ class TokenizeRequest(BaseModel):
     prompt: StrictStr
     add_special_tokens: bool = True
     return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's ``TokenizeChatRequest``, for the chat records ``/v1/topk`` takes (string ``role`` and ``content``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    #: vLLM's default; ``/v1/topk`` renders records without it (``continue_final_message`` turns it off).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False  # on top of what the chat template adds
+    return_token_strs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_ending(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("continue_final_message"):
+            return data
+        if data.get("add_generation_prompt"):
+            raise ValueError("give add_generation_prompt or continue_final_message, not both")
+        return {**data, "add_generation_prompt": False}
 
 
 class DetokenizeRequest(BaseModel):
@@ -274,18 +299,46 @@ async def completions(
     return Response(orjson.dumps(body), media_type="application/json")
 
 
+def chat_ids(engine: Any, req: TokenizeChatRequest) -> list[int]:
+    """A chat record's token ids in full, rendered by the same call as ``/v1/topk``'s ``messages``."""
+    return engine.render_chats(
+        [[m.model_dump() for m in req.messages]], None, add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message, add_special_tokens=req.add_special_tokens,
+    )[0]
+
+
 @router.post("/tokenize")
 async def tokenize(
     request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
-    """vLLM's ``/tokenize`` for a completion prompt: ``{"tokens", "count", "max_model_len"}``."""
-    req = parse_body(TokenizeRequest, await read_body(request, settings.max_body_bytes))
-    ids = await asyncio.to_thread(
-        lambda: engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
-    )
-    body: dict[str, Any] = {"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids}
-    body["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-    return JSONResponse(body)
+    """vLLM's ``/tokenize``: a completion ``prompt`` or chat ``messages`` in; ``{"tokens", "count", "max_model_len"}``.
+
+    ``{"messages": [...], "add_generation_prompt": false}`` gives exactly the ids ``/v1/topk``
+    scores for that chat record, untruncated: what the client windows a long chat record by.
+    """
+    body = await read_body(request, settings.max_body_bytes)
+    if _is_chat(body):
+        chat = parse_body(TokenizeChatRequest, body)
+        ids = await asyncio.to_thread(chat_ids, engine, chat)
+        token_strs = chat.return_token_strs
+    else:
+        req = parse_body(TokenizeRequest, body)
+        ids = await asyncio.to_thread(
+            lambda: engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        )
+        token_strs = req.return_token_strs
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids}
+    out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids) if token_strs else None
+    return JSONResponse(out)
+
+
+def _is_chat(body: bytes) -> bool:
+    """Whether a ``/tokenize`` body is vLLM's chat form (it has ``messages``); anything unparsable is not."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "messages" in data
 
 
 @router.post("/detokenize")

@@ -1,8 +1,10 @@
 """A stand-in teacher in process: deterministic, instant, checkable by hand.
 
-Text becomes BOS then one token per character; the top-k at position i of a scored sequence are
-``(sum of its tokens 0..i + j) % vocab`` for j < k, so an answer depends on exactly the tokens the
-teacher was given (a window's answer differs from the full line's past its first position).
+Text becomes BOS then one token per character; a chat record is rendered as the text
+``<role>content\n`` per message (``render_chat``) and tokenized the same way. The top-k at position
+i of a scored sequence are ``(sum of its tokens 0..i + j) % vocab`` for j < k, so an answer depends
+on exactly the tokens the teacher was given (a window's answer differs from the full line's past its
+first position).
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ BOS = 1
 def tokens(text: str, vocab: int) -> np.ndarray:
     """The stand-in tokenizer: BOS, then one token per character."""
     return np.array([BOS] + [2 + ord(c) % (vocab - 2) for c in text], np.int32)
+
+
+def render_chat(messages: Sequence[dict]) -> str:
+    """The stand-in's chat template."""
+    return "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+
+
+def chat_tokens(messages: Sequence[dict], vocab: int) -> np.ndarray:
+    """A chat record's tokens as the stand-in renders it (BOS once, from the tokenizer)."""
+    return tokens(render_chat(messages), vocab)
 
 
 def expected_topk(ids: np.ndarray, k: int, vocab: int) -> np.ndarray:
@@ -44,7 +56,11 @@ class StandInTeacher:
     def __init__(self, vocab: int = 1000, max_model_len: int = 16384) -> None:
         self.vocab = vocab
         self.max_model_len = max_model_len
+        #: Scoring requests, and the tokens they scored (every position scored once per request).
         self.requests = 0
+        self.tokens_scored = 0
+        #: Full tokenizations asked for (text and chat records).
+        self.tokenizations = 0
 
     async def info(self) -> Info:
         return Info(model="stand-in", model_fingerprint="f" * 16, tokenizer_fingerprint="t" * 16, vocab_size=self.vocab,
@@ -53,7 +69,12 @@ class StandInTeacher:
                     versions=Versions(teacher_farm="-", schema_version=1, vllm="-"))
 
     def _ids(self, line: Line, max_length: int | None) -> np.ndarray:
-        ids = line.input_ids if line.input_ids is not None else tokens(line.text, self.vocab)
+        if line.input_ids is not None:
+            ids = line.input_ids
+        elif line.messages is not None:
+            ids = chat_tokens(line.messages, self.vocab)
+        else:
+            ids = tokens(line.text, self.vocab)
         if ids.max() >= self.vocab:
             raise ServerRejected(f"token id {ids.max()} is outside the vocabulary (size {self.vocab})", 422)
         return ids[:max_length]
@@ -61,14 +82,21 @@ class StandInTeacher:
     async def score(self, lines: Sequence[Line], scoring, max_length: int | None) -> "pa.Table":  # noqa: F821
         self.requests += 1
         k = scoring.k
-        return results_to_table([score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines], k)
+        scored = [score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines]
+        self.tokens_scored += sum(len(x.input_ids) for x in scored)
+        return results_to_table(scored, k)
 
     async def score_ids(self, ids_and_tokens, scoring, max_length: int | None = None):
         lines = [Line(-1, i, None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
         return await self.score(lines, scoring, max_length)
 
     async def tokenize(self, text: str) -> list[int]:
+        self.tokenizations += 1
         return tokens(text, self.vocab).tolist()
+
+    async def tokenize_chat(self, messages) -> list[int]:
+        self.tokenizations += 1
+        return chat_tokens(messages, self.vocab).tolist()
 
     async def aclose(self) -> None:
         pass

@@ -17,7 +17,7 @@ from teacher_farm.client.manifest import save_manifest
 from teacher_farm.schemas.cache_dir import load_manifests
 from tests.conftest import load_manifest
 from teacher_farm.schemas.windows import window_starts
-from tests.standin import StandInTeacher, expected_topk, tokens
+from tests.standin import StandInTeacher, chat_tokens, expected_topk, tokens
 
 VOCAB = 1000
 LONG = "the quick brown fox jumps over the lazy dog. " * 5  # 225 characters: 226 tokens with BOS
@@ -166,6 +166,114 @@ def test_a_stride_not_below_the_max_length_is_refused(tmp_path):
 
     with pytest.raises(InputError, match="--stride 100 must be in 1..99"):
         run(tmp_path, str(tmp_path / "a.jsonl"), max_length=100, long_lines="window", stride=100)
+
+
+CHAT = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": LONG},
+        {"role": "assistant", "content": "A fox jumps over a dog, " * 3}]
+
+
+def test_a_chat_record_longer_than_the_max_length_is_windowed_like_text(tmp_path):
+    from teacher_farm.training import TopkDataset
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "chat", "messages": CHAT},
+        {"id": "short-chat", "messages": [{"role": "user", "content": "hi"}]},
+    ]) + "\n")
+    L, S = 64, 24
+    run(tmp_path, str(tmp_path / "a.jsonl"), max_length=L, long_lines="window", stride=S)
+    got = rows(tmp_path / "out")
+    full = chat_tokens(CHAT, VOCAB)
+    starts = window_starts(len(full), L, S)
+    assert len(starts) > 4
+    assert [(r["id"], r["offset"]) for r in got] == [("chat", s) for s in starts] + [("short-chat", 0)]
+    for w in got[:-1]:
+        s = w["offset"]
+        # Each window holds the rendered record's tokens from its offset, and the teacher saw them alone.
+        assert w["input_ids"] == full[s:s + L].tolist() and w["line"] == 0
+        assert w["topk_ids"] == expected_topk(full[s:s + L], 4, VOCAB).tolist()
+    assert got[-1]["input_ids"] == chat_tokens([{"role": "user", "content": "hi"}], VOCAB).tolist()
+    # Joined for training, the windows give back the record's one token stream.
+    items = list(TopkDataset(tmp_path / "out", join_windows=True))
+    assert [int(x["line"]) for x in items] == [0, 1]
+    assert items[0]["input_ids"].tolist() == full.tolist() and items[0]["target_logprobs"].shape == (len(full) - 1,)
+
+
+def test_a_chat_record_is_still_truncated_by_default(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "chat", "messages": CHAT}) + "\n")
+    teacher = StandInTeacher(VOCAB)
+    run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=64)
+    (row,) = rows(tmp_path / "out")
+    assert row["input_ids"] == chat_tokens(CHAT, VOCAB)[:64].tolist() and row["offset"] == 0
+    assert teacher.tokenizations == 0
+
+
+def test_window_0_of_a_long_line_is_the_cut_row_scored_once(tmp_path):
+    """The batch's row of a line cut at L is its first window: only the later windows are scored."""
+    long_ids = (np.arange(150) * 3 + 2) % 997
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "text", "text": LONG},
+        {"id": "chat", "messages": CHAT},
+        {"id": "ids", "input_ids": long_ids.tolist()},
+        {"id": "short", "text": "short"},
+    ]) + "\n")
+    L, S = 40, 15
+    teacher = StandInTeacher(VOCAB)
+    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S)
+    got = rows(tmp_path / "out")
+    for seq_id, full in (("text", tokens(LONG, VOCAB)), ("chat", chat_tokens(CHAT, VOCAB)), ("ids", long_ids)):
+        windows = [r for r in got if r["id"] == seq_id]
+        assert [w["offset"] for w in windows] == window_starts(len(full), L, S).tolist()
+        assert [w["input_ids"] for w in windows] == [full[s:s + L].tolist() for s in window_starts(len(full), L, S)]
+    # Every token the teacher scored is in the cache exactly once: no window was scored twice.
+    assert teacher.tokens_scored == summary.tokens == sum(len(r["input_ids"]) for r in got)
+    # One request for the batch, one for the later windows of each long line; text and chat tokenized once.
+    assert teacher.requests == 1 + 3 and teacher.tokenizations == 2
+
+
+def test_window_0_is_scored_on_its_own_when_the_cut_row_is_not_the_lines_first_tokens(tmp_path):
+    """A tokenizer that ends every sequence with a special token cuts a line to ``[:L-1] + [EOS]``."""
+    EOS = 999
+
+    class EndsWithEos(StandInTeacher):
+        def _ids(self, line, max_length):
+            if line.text is None:
+                return super()._ids(line, max_length)
+            ids = np.append(tokens(line.text, self.vocab), EOS).astype(np.int32)
+            return ids if max_length is None or len(ids) <= max_length else np.append(ids[:max_length - 1], EOS)
+
+        async def tokenize(self, text):
+            return tokens(text, self.vocab).tolist() + [EOS]
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "text", "text": LONG}) + "\n")
+    L, S = 40, 15
+    teacher = EndsWithEos(VOCAB)
+    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S)
+    full = np.append(tokens(LONG, VOCAB), EOS)
+    got = rows(tmp_path / "out")
+    assert [r["input_ids"] for r in got] == [full[s:s + L].tolist() for s in window_starts(len(full), L, S)]
+    assert got[0]["topk_ids"] == expected_topk(full[:L], 4, VOCAB).tolist()
+    # The cut row was scored and dropped; every window, window 0 included, was scored once more.
+    assert teacher.tokens_scored == summary.tokens + L
+
+
+def test_training_items_carry_the_input_file_of_their_line(tmp_path):
+    from teacher_farm.training import TopkDataset, collate_topk
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two"]) + "\n")
+    (root / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in ["three", LONG]) + "\n")
+    run(tmp_path, str(root), max_length=64, long_lines="window", stride=24)
+    want = [(str(root / name), line) for name in ("a.jsonl", "b.jsonl") for line in (0, 1)]
+    joined = list(TopkDataset(tmp_path / "out", join_windows=True))
+    assert [(x["source"], int(x["line"])) for x in joined] == want
+    # Unjoined, every window of the long line carries its file too.
+    windows = list(TopkDataset(tmp_path / "out"))
+    assert len(windows) > 4 and [(x["source"], int(x["line"])) for x in windows[:3]] == want[:3]
+    assert {(x["source"], int(x["line"])) for x in windows[3:]} == {want[3]}
+    # A batch of them has the keys an online batch has.
+    batch = collate_topk(joined)
+    assert "source" not in batch and batch["line"].tolist() == [0, 1, 0, 1]
 
 
 # --- one stream per line for training -------------------------------------------------------

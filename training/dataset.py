@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -94,7 +95,8 @@ class TopkDataset(IterableDataset):
 
     Each item: ``input_ids`` (n,) long, ``topk_ids`` (n, k) long, ``topk_logprobs`` (n, k)
     float32, ``tail_logprob`` (n,) float32 (log of the teacher's mass outside its top-k),
-    ``target_logprobs`` (n - 1,) float32, ``line`` (a 0-d long: the input line number) and
+    ``target_logprobs`` (n - 1,) float32, ``line`` (a 0-d long: the input line number),
+    ``source`` (a str: the input file of that line, when the cache records it) and
     ``temperature`` (a 0-d float32: the cache's). With ``renormalize`` the top-k logprobs are
     log-softmaxed over the top-k. A cache with sampled targets adds ``sample_ids`` (n, S) long,
     ``sample_counts`` (n, S) int16 and ``sample_logprobs`` (n, S) float32, S the widest position
@@ -187,16 +189,20 @@ class TopkDataset(IterableDataset):
             shard, rg = self.units[unit]
             if shard != current:
                 current, pf = shard, pq.ParquetFile(self.paths[shard])
-            table = pf.read_row_group(rg, columns=columns)
+            has_source = "source" in pf.schema_arrow.names
+            table = pf.read_row_group(rg, columns=columns + (["source"] if has_source else []))
             if self._line_starts is not None:  # lines to rows: a line runs to the next line's start
                 starts = self._line_starts[unit]
                 first, end = int(starts[first]), int(starts[end]) if end < len(starts) else table.num_rows
             if end - first < table.num_rows:
                 table = table.slice(first, end - first)
             arrays = row_group_arrays(table, renormalize=self.renormalize)
+            source = table.column("source").to_pylist() if has_source else None
             if self.join_windows:
-                arrays = join_windows(arrays, table.column("offset").to_numpy())
-            yield from sequence_items(arrays, self.max_length, self.temperature)
+                offset = table.column("offset").to_numpy()
+                arrays = join_windows(arrays, offset)
+                source = None if source is None else [source[i] for i in np.flatnonzero(offset == 0)]
+            yield from sequence_items(arrays, self.max_length, self.temperature, source)
 
 
 def _shared_metadata(cache: CacheDir, paths: Sequence[Path]) -> dict[str, str]:
@@ -215,8 +221,13 @@ def _shared_metadata(cache: CacheDir, paths: Sequence[Path]) -> dict[str, str]:
     return first
 
 
-def sequence_items(a: RowGroupArrays, max_length: int | None, temperature: float = 1.0) -> Iterator[dict[str, torch.Tensor]]:
-    """Slice a converted row group into per-sequence tensors (one loop step per row, none per token)."""
+def sequence_items(
+    a: RowGroupArrays, max_length: int | None, temperature: float = 1.0, source: Sequence[str | None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Slice a converted row group into per-sequence tensors (one loop step per row, none per token).
+
+    ``source``, one per row of ``a``, gives each item its input file (a str, not a tensor).
+    """
     import torch
 
     per_position = {"input_ids": a.input_ids, "topk_ids": a.topk_ids, "topk_logprobs": a.topk_logprobs,
@@ -240,4 +251,6 @@ def sequence_items(a: RowGroupArrays, max_length: int | None, temperature: float
         item["target_logprobs"] = targets[t0:t0 + end - start - 1].clone()
         item["line"] = torch.tensor(int(a.line[r]))
         item["temperature"] = temp.clone()
+        if source is not None:
+            item["source"] = source[r]
         yield item
