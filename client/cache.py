@@ -256,6 +256,10 @@ class CacheRun:
         check_parquet_columns(self.files, opts.text_field, opts.id_field, opts.ids_field)
         if opts.long_lines not in ("truncate", "window"):
             raise InputError(f"--long-lines {opts.long_lines}: choose truncate or window")
+        if opts.scoring.positions == "assistant" and opts.long_lines == "window":
+            # Windows after the first are scored as token ids, which carry no turns to keep.
+            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records only: "
+                             "use --long-lines truncate")
         #: Bytes of shards this run committed, for the message when the output cannot be written.
         self.bytes_written = 0
 

@@ -243,3 +243,12 @@ def test_the_losses_average_over_the_kept_positions_only():
     # Without the mask the dropped positions (zeros in the batch) would count.
     unmasked = {key: v for key, v in batch.items() if key != "kept_mask"}
     assert loss(logits, unmasked).item() != pytest.approx(want.item(), rel=1e-3)
+
+
+def test_assistant_positions_and_windows_are_refused_together(tmp_path):
+    from teacher_farm.client.cache import CacheOptions, CacheRun
+
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(InputError, match="--long-lines truncate"):
+        CacheRun(CacheOptions(input=str(tmp_path / "x.jsonl"), out_dir=tmp_path / "o", long_lines="window",
+                              scoring=Scoring(positions="assistant")), teacher=None)
