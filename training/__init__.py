@@ -11,6 +11,7 @@ per job::
     collate    collate_topk: a batch of them, padded
     losses     one loss class per formula (top-k with tail, top-k renormalised, sampled targets)
     online     OnlineTeacher: the same batches, with targets fetched live from servers
+    trainer    DistillationTrainer: a Hugging Face Trainer fed by the cache (needs transformers, accelerate)
 
 Typical use::
 
@@ -36,12 +37,16 @@ _EXPORTS = {
     "ChunkedKDLoss": "losses", "SampledKDLoss": "losses", "TopkRenormKLLoss": "losses", "TopkTailKLLoss": "losses",
     "kd_loss": "losses", "sampled_kd_loss": "losses",
     "OnlineTeacher": "online",
+    "DistillationTrainer": "trainer", "default_kd_loss": "trainer",
     "TAIL_FLOOR": "reader", "RowGroupArrays": "reader", "cache_metadata_of": "reader", "join_windows": "reader",
     "row_group_arrays": "reader", "shard_paths": "reader",
     "assert_same_tokenizer": "tokenizer", "check_alignment": "tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)
+
+#: A missing package, and the extra that brings it.
+_EXTRA_OF = {"torch": "training", "transformers": "trainer", "accelerate": "trainer"}
 
 
 def __getattr__(name: str) -> Any:
@@ -51,9 +56,10 @@ def __getattr__(name: str) -> Any:
     try:
         value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     except ModuleNotFoundError as exc:
-        if exc.name != "torch":
+        extra = _EXTRA_OF.get(exc.name)
+        if extra is None:
             raise
-        raise ImportError(f"teacher_farm.training.{name} needs torch: pip install 'teacher-farm[training]'") from exc
+        raise ImportError(f"teacher_farm.training.{name} needs {exc.name}: pip install 'teacher-farm[{extra}]'") from exc
     globals()[name] = value
     return value
 
