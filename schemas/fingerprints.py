@@ -39,6 +39,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         payload = backend.to_str()
+        if backend.truncation is not None or backend.padding is not None:
+            # A call with truncation or padding leaves them set on the tokenizer; they change no token id.
+            from tokenizers import Tokenizer
+
+            plain = Tokenizer.from_str(payload)
+            plain.no_truncation()
+            plain.no_padding()
+            payload = plain.to_str()
     else:
         payload = json.dumps(sorted(tokenizer.get_vocab().items()))
     special = json.dumps(

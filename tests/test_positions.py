@@ -252,3 +252,4 @@ def test_assistant_positions_and_windows_are_refused_together(tmp_path):
     with pytest.raises(InputError, match="--long-lines truncate"):
         CacheRun(CacheOptions(input=str(tmp_path / "x.jsonl"), out_dir=tmp_path / "o", long_lines="window",
                               scoring=Scoring(positions="assistant")), teacher=None)
+

@@ -617,3 +617,16 @@ def test_a_dataset_checks_each_shards_own_metadata(tmp_path):
     save_manifest(other, tmp_path / "a", "manifest-b.json")
     with pytest.raises(InputError, match="part-000001.parquet was cached with temperature=2.0"):
         TopkDataset(tmp_path / "a")
+
+
+def test_the_tokenizer_fingerprint_ignores_truncation_and_padding_left_set(tiny_model):
+    from transformers import AutoTokenizer
+
+    from teacher_farm.schemas.fingerprints import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    before = tokenizer_fingerprint(tok)
+    tok(["a b c", "d"], truncation=True, max_length=2)
+    assert tok.backend_tokenizer.truncation is not None
+    assert tokenizer_fingerprint(tok) == before
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model)) == before
