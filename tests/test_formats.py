@@ -303,4 +303,18 @@ def test_a_schema_2_cache_still_reads_everywhere(tmp_path):
     stats, meta = scan(out)
     assert stats.tokens == 13 and stats.has_samples and meta["schema_version"] == "2"
     summary, problems = inspect_cache(out)
-    assert problems == [] and "schema:     v2" in summary
+    assert problems == [] and "schema:     v2" in summary and "64 draws (with their logprobs)" in summary
+
+
+def test_inspect_names_the_format_and_what_the_draws_keep(tmp_path):
+    rng = np.random.default_rng(2)
+    ident = identity("uint8-gap", sample_logprobs=False)
+    write_shard(tmp_path, [sequence(rng, 0, 5, hard=False)], ident)
+    stats = pq.ParquetFile(tmp_path / "part-000000.parquet").metadata
+    record = ShardRecord(index=0, file="part-000000.parquet", first_line=0, end_line=1, rows=1, rejects=0, tokens=5,
+                         bytes=(tmp_path / "part-000000.parquet").stat().st_size, sha256="0" * 64)
+    save_manifest(Manifest(identity={**ident.entries(), "max_length": 64}, shards={0: record}, complete=True), tmp_path)
+    summary, problems = inspect_cache(tmp_path)
+    assert problems == [] and stats.num_rows == 1
+    assert "logprobs uint8-gap, 64 draws (without their logprobs)" in summary
+    assert "schema:     v3" in summary and "topk_gaps: list<element: fixed_size_list<element: uint8>[15]>" in summary
