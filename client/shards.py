@@ -6,9 +6,10 @@ Rows are buffered and flushed as whole row groups; a renamed shard is always a r
 Each column gets the Parquet encoding that keeps it smallest (zstd on top of all): floats split into
 byte streams (the shared sign and exponent bytes then compress), and every integer column (token
 ids, their gaps, counts, ranks) whichever of dictionary, byte-stream split and plain measures
-smallest on the shard's first row group. Which wins depends on the vocabulary and the teacher: on a
-1,024-token vocabulary the dictionary holds the top-k ids smallest, while ids spread over a
-128k vocabulary compress better split into bytes (README, "The cache").
+smallest on the first rows of the shard. Which wins depends on the vocabulary and the teacher: on
+the distillation benchmark's 1,024-token vocabulary the dictionary holds the top-k ids smallest,
+while ids a teacher spreads over a 128k vocabulary compress better split into bytes
+(``benchmarks/formats.py``; README, "The cache").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,6 +36,9 @@ def shard_name(index: int) -> str:
 
 #: Encodings tried on the integer columns of a shard's first row group; the smallest is kept.
 INTEGER_ENCODINGS = ("RLE_DICTIONARY", "BYTE_STREAM_SPLIT", "PLAIN")
+#: Tokens of the first row group the encodings are tried on (its first rows holding that many): under
+#: half a second per shard on one core.
+TRIAL_TOKENS = 1 << 16
 #: Columns (top-level names) and the encoding each always gets.
 FIXED_ENCODINGS = {"id": "RLE_DICTIONARY", "source": "RLE_DICTIONARY", "line": "PLAIN", "offset": "PLAIN"}
 
@@ -59,7 +64,11 @@ def _writer_options(encodings: dict[str, str], compression_level: int) -> dict:
 
 def choose_encodings(table: pa.Table, compression_level: int = 3) -> dict[str, str]:
     """Parquet encoding per leaf path of ``table``'s columns: fixed ones, byte-stream split for floats,
-    and for integer columns the candidate (``INTEGER_ENCODINGS``) that writes ``table``'s column smallest."""
+    and for integer columns the candidate (``INTEGER_ENCODINGS``) that writes the column of ``table``'s
+    first rows (``TRIAL_TOKENS``) smallest."""
+    if "input_ids" in table.column_names and table.num_rows:
+        tokens = np.cumsum(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False))
+        table = table.slice(0, int(np.searchsorted(tokens, TRIAL_TOKENS)) + 1)
     chosen: dict[str, str] = {}
     for column, path, physical in _leaves(table.schema):
         if column in FIXED_ENCODINGS:
