@@ -318,3 +318,18 @@ def test_inspect_names_the_format_and_what_the_draws_keep(tmp_path):
     assert problems == [] and stats.num_rows == 1
     assert "logprobs uint8-gap, 64 draws (without their logprobs)" in summary
     assert "schema:     v3" in summary and "topk_gaps: list<element: fixed_size_list<element: uint8>[15]>" in summary
+
+
+def test_the_cache_command_offers_every_format_and_keeps_draw_logprobs_only_when_asked(capsys):
+    from teacher_farm.cli import cache_parser, main
+
+    for fmt in FORMATS:
+        args = cache_parser().parse_args(["--server", "http://x", "--input", "a.jsonl", "--out", "o", "--logprob-dtype", fmt])
+        assert args.logprob_dtype == fmt and not args.sample_logprobs
+    with pytest.raises(SystemExit):
+        main(["cache", "--server", "http://x", "--input", "a.jsonl", "--out", "o", "--logprob-dtype", "q4"])
+    assert "invalid choice: 'q4' (choose from 'float32', 'float16', 'uint8-gap')" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "--server", "http://x", "--input", "a.jsonl", "--out", "o", "--sample-logprobs"])
+    assert exit_.value.code == 2
+    assert "--sample-logprobs applies to --targets sampled or both only" in capsys.readouterr().err
