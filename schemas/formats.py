@@ -40,9 +40,9 @@ import numpy as np
 
 #: Nats per gap step of ``uint8-gap``.
 GAP_STEP = 1 / 16
-#: The largest finite gap stored, in steps: 15.875 nat (a finite gap further below is clipped here).
+#: The furthest below the top-1 a finite entry is stored, in steps: 15.875 nat (one further below reads as this).
 GAP_CLIP = 254
-#: The gap that marks -inf.
+#: Steps below the top-1 that mark -inf (the gaps of an entry sum to this).
 GAP_NEG_INF = 255
 
 
