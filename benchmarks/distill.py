@@ -109,13 +109,14 @@ def train_teacher(model_dir: Path, train: list[str], steps: int, seed: int) -> d
     return {"steps": steps, "final_train_ce": float(np.mean(losses[-20:])), "seconds": time.monotonic() - t0}
 
 
-def run_cache(model_dir: Path, train: list[str], out: Path, k: int, samples: int, seed: int) -> float:
+def run_cache(model_dir: Path, train: list[str], out: Path, k: int, samples: int, seed: int,
+              logprob_dtype: str = "float16") -> float:
     src = out.parent / "train.jsonl"
     src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(train)))
     cmd = [
         sys.executable, "-m", "teacher_farm.cli", "cache", "--model", str(model_dir), "--input", str(src),
         "--out", str(out), "--k", str(k), "--targets", "both", "--samples", str(samples), "--seed", str(seed),
-        "--max-length", str(SEQ), "--logprob-dtype", "float16", "--dtype", "float32", "--enforce-eager",
+        "--max-length", str(SEQ), "--logprob-dtype", logprob_dtype, "--dtype", "float32", "--enforce-eager",
         "--gpu-memory-utilization", "0.2", "--max-model-len", "1024",
     ]
     t0 = time.monotonic()
@@ -142,8 +143,9 @@ def bytes_per_token(cache: Path) -> dict[str, float]:
                 sizes[name] = sizes.get(name, 0) + g.column(c).total_compressed_size
         tokens += sum(len(x) for x in pq.read_table(path, columns=["input_ids"]).column(0).to_pylist())
     base = sum(v for k, v in sizes.items() if k in common)
-    topk = base + sizes["topk_ids"] + sizes["topk_logprobs"]
-    sampled = base + sizes["sample_ids"] + sizes["sample_counts"] + sizes["sample_logprobs"]
+    # Whatever columns the cache's format stores for each kind (see schemas/formats.py).
+    topk = base + sum(v for k, v in sizes.items() if k.startswith("topk_"))
+    sampled = base + sum(v for k, v in sizes.items() if k.startswith("sample_"))
     return {"topk": topk / tokens, "sampled": sampled / tokens, "text_only": base / tokens}
 
 
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student-lr", type=float, default=3e-3)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--logprob-dtype", default="float16", help="the cache's format (teacher-farm cache --logprob-dtype)")
     p.add_argument("--methods", default="no_kd,full_kd,topk_tail,topk_renorm,sampled")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"teacher: {teacher_stats}", flush=True)
 
     cache = args.out / "cache"
-    cache_s = run_cache(model_dir, train, cache, args.k, args.samples, args.seed)
+    cache_s = run_cache(model_dir, train, cache, args.k, args.samples, args.seed, args.logprob_dtype)
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert_same_tokenizer(cache, tok)
     items = list(TopkDataset(cache))

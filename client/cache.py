@@ -30,7 +30,7 @@ from teacher_farm.client.shards import ShardWriter, shard_name
 from teacher_farm.client.transport import Teacher
 from teacher_farm.schemas.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.arrow import cache_schema, with_source_columns
+from teacher_farm.schemas.arrow import encode_rows, with_source_columns
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord, load_manifests, manifest_name
 from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputWriteError, ServerRejected
 from teacher_farm.schemas.scoring import Scoring
@@ -59,6 +59,8 @@ class CacheOptions:
     batch_lines: int = 32
     batch_chars: int = 200_000
     logprob_dtype: str = "float32"
+    #: Keep the logprobs of sampled targets (what ``SampledKDLoss(entropy=True)`` reads).
+    sample_logprobs: bool = False
     #: Seconds between progress log lines when stderr is not a terminal.
     log_every_s: float = 10.0
     #: k, the temperature and sampled targets (``schemas.scoring.Scoring``).
@@ -189,7 +191,7 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
     if table.num_rows != len(batch.lines):
         raise InputError(f"{teacher.name} answered {table.num_rows} rows for {len(batch.lines)} inputs")
     table = with_source_columns(table, [x.line for x in batch.lines], [x.source for x in batch.lines])
-    # The writer casts to the cache schema (logprob dtype included) once, for every batch.
+    # The writer turns it into the cache's layout and format once, for every batch.
     return table, []
 
 
@@ -281,7 +283,8 @@ class CacheRun:
             )
         cache_identity = CacheIdentity(
             model_fingerprint=info.model_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
-            vocab_size=info.vocab_size, scoring=scoring, logprob_dtype=opts.logprob_dtype, model=info.model,
+            vocab_size=info.vocab_size, scoring=scoring, logprob_dtype=opts.logprob_dtype,
+            sample_logprobs=opts.sample_logprobs and scoring.targets != "topk", model=info.model,
         )
         # The cache's identity and how this run reads its inputs: a rerun must match them all.
         identity = {
@@ -323,7 +326,7 @@ class CacheRun:
             with self._writing(self.out / name):
                 save_manifest(manifest, self.out, name)
         self.manifest_name = name
-        schema = cache_schema(opts.logprob_dtype, scoring.targets).with_metadata(cache_identity.metadata())
+        schema = cache_identity.schema()
         return manifest, max_length, schema
 
     async def run(self) -> Summary:
@@ -421,7 +424,7 @@ class CacheRun:
             written = 0
             if table is not None:
                 with self._writing(shard.tmp), shard.discard_on_error():
-                    written = await asyncio.to_thread(shard.write, table.select(schema.names).cast(schema))
+                    written = await asyncio.to_thread(shard.write, encode_rows(table, schema))
             self.progress.advance(0 if table is None else table.num_rows, written, batch.end_offset)
             rejects += batch.rejects + refused
             if batch.closes_shard:

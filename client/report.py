@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import atomic_write
 from teacher_farm.schemas import __version__
+from teacher_farm.schemas.arrow import GAP_COLUMNS, decode_rows
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity, read_metadata
 from teacher_farm.schemas.errors import InputError
 
@@ -49,7 +50,8 @@ COLORS = {"topk-mass": "#1f77b4", "entropy": "#2ca02c", "rank": "#9467bd", "sour
           "distinct-draws": "#17becf"}
 MARK = "#d62728"
 
-_COLUMNS = ("source", "topk_logprobs", "target_ranks", "sample_counts")
+#: The columns read, when a shard has them (every format's: ``topk_top1`` / ``topk_gaps`` are ``uint8-gap``'s).
+_COLUMNS = ("source", "topk_logprobs", *GAP_COLUMNS, "target_ranks", "sample_counts")
 
 
 def _lengths(arr: pa.Array) -> np.ndarray:
@@ -92,6 +94,7 @@ class CacheStats:
 
     def add(self, table: pa.Table) -> None:
         """Fold one row group's rows into the statistics."""
+        table = decode_rows(table)
         names = set(table.column_names)
         if "topk_logprobs" in names:
             n = self._add_topk(_column(table, "topk_logprobs"))

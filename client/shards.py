@@ -2,16 +2,26 @@
 
 A shard holds the rows of one fixed range of input lines, so a rerun knows exactly what is done.
 Rows are buffered and flushed as whole row groups; a renamed shard is always a readable file.
+
+Each column gets the Parquet encoding that keeps it smallest (zstd on top of all): floats split into
+byte streams (the shared sign and exponent bytes then compress), and every integer column (token
+ids, their gaps, counts, ranks) whichever of dictionary, byte-stream split and plain measures
+smallest on the first rows of the shard. Which wins depends on the vocabulary and the teacher: on
+the distillation benchmark's 1,024-token vocabulary the dictionary holds the top-k ids smallest,
+while ids a teacher spreads over a 128k vocabulary compress better split into bytes
+(``benchmarks/formats.py``; README, "The cache").
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -22,6 +32,64 @@ from teacher_farm.client.fsutil import fsync_dir, sha256_file
 def shard_name(index: int) -> str:
     """File name of shard ``index``: zero-padded so they sort in line order."""
     return f"part-{index:06d}.parquet"
+
+
+#: Encodings tried on the integer columns of a shard's first row group; the smallest is kept.
+INTEGER_ENCODINGS = ("RLE_DICTIONARY", "BYTE_STREAM_SPLIT", "PLAIN")
+#: Tokens of the first row group the encodings are tried on (its first rows holding that many): under
+#: half a second per shard on one core.
+TRIAL_TOKENS = 1 << 16
+#: Columns (top-level names) and the encoding each always gets.
+FIXED_ENCODINGS = {"id": "RLE_DICTIONARY", "source": "RLE_DICTIONARY", "line": "PLAIN", "offset": "PLAIN"}
+
+
+def _leaves(schema: pa.Schema) -> list[tuple[str, str, str]]:
+    """(column, Parquet leaf path, physical type) of every column of ``schema``."""
+    buf = io.BytesIO()
+    pq.write_table(schema.empty_table(), buf)
+    parquet = pq.ParquetFile(io.BytesIO(buf.getvalue())).schema
+    leaves = [parquet.column(i) for i in range(len(parquet))]
+    return [(c.path.split(".")[0], c.path, c.physical_type) for c in leaves]
+
+
+def _writer_options(encodings: dict[str, str], compression_level: int) -> dict:
+    """``pq.ParquetWriter`` keywords giving each leaf path its encoding."""
+    return {
+        "compression": "zstd", "compression_level": compression_level,
+        "use_dictionary": [path for path, e in encodings.items() if e == "RLE_DICTIONARY"] or False,
+        "column_encoding": {path: e for path, e in encodings.items() if e != "RLE_DICTIONARY"},
+        "write_statistics": ["line"],
+    }
+
+
+def choose_encodings(table: pa.Table, compression_level: int = 3) -> dict[str, str]:
+    """Parquet encoding per leaf path of ``table``'s columns: fixed ones, byte-stream split for floats,
+    and for integer columns the candidate (``INTEGER_ENCODINGS``) that writes the column of ``table``'s
+    first rows (``TRIAL_TOKENS``) smallest."""
+    if "input_ids" in table.column_names and table.num_rows:
+        tokens = np.cumsum(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False))
+        table = table.slice(0, int(np.searchsorted(tokens, TRIAL_TOKENS)) + 1)
+    chosen: dict[str, str] = {}
+    for column, path, physical in _leaves(table.schema):
+        if column in FIXED_ENCODINGS:
+            chosen[path] = FIXED_ENCODINGS[column]
+        elif physical not in ("INT32", "INT64"):
+            chosen[path] = "BYTE_STREAM_SPLIT"  # float32, and float16 (FIXED_LEN_BYTE_ARRAY)
+        elif table.num_rows == 0:
+            chosen[path] = INTEGER_ENCODINGS[0]
+        else:
+            part = table.select([column])
+            sizes = [_size(part, _writer_options({path: e}, compression_level)) for e in INTEGER_ENCODINGS]
+            chosen[path] = INTEGER_ENCODINGS[sizes.index(min(sizes))]
+    return chosen
+
+
+def _size(table: pa.Table, options: dict) -> int:
+    """Compressed bytes of ``table``'s one column written with ``options``."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **options)
+    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    return sum(meta.row_group(g).column(0).total_compressed_size for g in range(meta.num_row_groups))
 
 
 def open_sink(path: Path) -> pa.NativeFile:
@@ -51,26 +119,16 @@ class ShardWriter:
         self.tmp = out_dir / f".{shard_name(index)}.tmp"
         self.schema = schema
         self.row_group_bytes = row_group_bytes
+        self.compression_level = compression_level
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self.rows = 0
         self.tokens = 0
         self._sink = open_sink(self.tmp)
-        self._writer = pq.ParquetWriter(
-            self._sink, schema,
-            compression="zstd", compression_level=compression_level,
-            # Token ids and logprobs are near-random: dictionaries only cost time. Splitting float
-            # bytes into streams lets zstd find the shared sign and exponent bytes.
-            use_dictionary=["id", "source"],
-            use_byte_stream_split=[
-                path for name, path in (
-                    ("topk_logprobs", "topk_logprobs.list.element.list.element"),
-                    ("target_logprobs", "target_logprobs.list.element"),
-                    ("sample_logprobs", "sample_logprobs.list.element.list.element"),
-                ) if name in schema.names
-            ],
-            write_statistics=["line"],
-        )
+        #: Opened at the first row group, with the encodings measured on it (``choose_encodings``).
+        self._writer: pq.ParquetWriter | None = None
+        #: Parquet encoding per leaf path, once chosen.
+        self.encodings: dict[str, str] = {}
 
     def write(self, table: pa.Table) -> int:
         """Add cache rows (``table`` must match the shard's schema); returns their token count."""
@@ -83,15 +141,24 @@ class ShardWriter:
             self._flush()
         return tokens
 
+    def _open(self, first: pa.Table) -> pq.ParquetWriter:
+        if self._writer is None:
+            self.encodings = choose_encodings(first, self.compression_level)
+            self._writer = pq.ParquetWriter(
+                self._sink, self.schema, **_writer_options(self.encodings, self.compression_level),
+            )
+        return self._writer
+
     def _flush(self) -> None:
         if self._buffer:
-            self._writer.write_table(pa.concat_tables(self._buffer), row_group_size=1 << 30)
+            table = pa.concat_tables(self._buffer)
+            self._open(table).write_table(table, row_group_size=1 << 30)
             self._buffer, self._buffered = [], 0
 
     def commit(self) -> ShardStats:
         """Flush, fsync, rename into place; the shard is complete once this returns."""
         self._flush()
-        self._writer.close()
+        self._open(self.schema.empty_table()).close()
         self._sink.close()
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -111,7 +178,7 @@ class ShardWriter:
 
     def discard(self) -> None:
         """Drop the unfinished shard: never renamed, never named in a manifest."""
-        for close in (self._writer.close, self._sink.close):
+        for close in (*([self._writer.close] if self._writer is not None else []), self._sink.close):
             with contextlib.suppress(Exception):
                 close()
         with contextlib.suppress(OSError):

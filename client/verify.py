@@ -10,9 +10,10 @@ Silent corruption of a shard, or a teacher that changed since the cache was made
 4. the rows' cached ``input_ids`` are sent back as ``token_ids`` (so tokenization cannot differ)
    with k+1 candidates where the server allows it, the extra one showing ties at the k-th place;
 5. per row, with numpy: ``input_ids`` equal; ``topk_logprobs`` and ``target_logprobs`` within
-   ``atol`` (plus one unit in the last place of the cache's logprob dtype, the fresh values being
-   rounded to that dtype first); ``topk_ids`` equal except swaps between candidates tied within
-   that tolerance; ``target_ranks`` equal except where ties make the rank ambiguous;
+   ``atol`` plus one unit in the last place of the cache's format (``schemas/formats.py``: a
+   float16 step, or for ``uint8-gap`` a 1/16-nat step below the top-1), the fresh values being
+   stored and read back in that format first; ``topk_ids`` equal except swaps between candidates
+   tied within that tolerance; ``target_ranks`` equal except where ties make the rank ambiguous;
 6. sampled targets are drawn again with the cache's seed and compared under the draw contract
    (``schemas/draws.py``): a draw may move to a neighbouring token where its uniform lay on a CDF
    boundary, and only a boundary's share of all draws may; any other difference is a mismatch.
@@ -39,15 +40,16 @@ import pyarrow.parquet as pq
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.transport import HttpTeacher, TeacherPool
 from teacher_farm.exits import run_async
-from teacher_farm.schemas.arrow import offsets
+from teacher_farm.schemas.arrow import GAP_COLUMNS, decode_rows, offsets
 from teacher_farm.schemas.cache_dir import CacheDir, ShardRecord
 from teacher_farm.schemas.draws import DrawComparison, expand, moved_draws
 from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.formats import logprob_format
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
 
-#: Default tolerance of logprobs, by the cache's logprob dtype.
-DEFAULT_ATOL = {"float32": 1e-3, "float16": 1e-2}
+#: Default tolerance of logprobs beyond the rounding of the cache's format, by format.
+DEFAULT_ATOL = {"float32": 1e-3, "float16": 1e-2, "uint8-gap": 1e-2}
 
 CACHE_COLUMNS = ["id", "line", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs", "target_ranks"]
 SAMPLE_COLUMNS = ["sample_ids", "sample_counts"]
@@ -205,9 +207,10 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
 # Comparing one row
 
 
-def _ulp(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """One unit in the last place of ``x`` in ``dtype``, as float32."""
-    return np.spacing(np.abs(x.astype(dtype))).astype(np.float32)
+def _near(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> np.ndarray:
+    """``a`` within ``tol`` of ``b``, elementwise; equal values (two -inf) are near."""
+    with np.errstate(invalid="ignore"):
+        return (a == b) | (np.abs(a - b) <= tol)
 
 
 def _where(positions: np.ndarray, describe) -> str:
@@ -223,7 +226,7 @@ def compare_row(
 
     ``fresh`` may hold more candidates than ``k`` (the extra ones only settle ties at the k-th).
     """
-    dtype = np.dtype(logprob_dtype)
+    fmt = logprob_format(logprob_dtype)
     ci = np.asarray(cached["input_ids"])
     fi = np.asarray(fresh["input_ids"])
     if len(ci) != len(fi):
@@ -252,15 +255,17 @@ def compare_row(
     kf = f_ids.shape[1]
     problems: list[str] = []
 
-    # Logprobs: fresh values rounded to the cache's dtype; tolerance atol + one ulp of that dtype.
+    # Logprobs: fresh values stored and read back in the cache's format; tolerance atol + one unit
+    # in the last place of that format (equal values, -inf included, differ by 0).
     cl = c_lp.astype(np.float32)
-    fl = f_lp.astype(dtype).astype(np.float32)
+    fl = fmt.round_trip(f_lp) if f_lp.size else f_lp.astype(np.float32)
     ct = c_t.astype(np.float32)
-    ft = np.asarray(fresh["target_logprobs"]).astype(dtype).astype(np.float32)
-    tol_c = atol + _ulp(cl, dtype)
-    tol_f = atol + _ulp(fl, dtype)
-    d_topk = np.abs(cl - fl[:, :k])
-    d_target = np.abs(ct - ft)
+    ft = np.asarray(fresh["target_logprobs"]).astype(fmt.value_dtype).astype(np.float32)
+    tol_c = atol + fmt.ulp(cl)
+    tol_f = atol + fmt.ulp(fl)
+    with np.errstate(invalid="ignore"):
+        d_topk = np.where(cl == fl[:, :k], 0.0, np.abs(cl - fl[:, :k]))
+        d_target = np.where(ct == ft, 0.0, np.abs(ct - ft))
     diffs = np.concatenate([d_topk.ravel(), d_target])
     max_diff = float("inf") if np.isnan(diffs).any() else float(diffs.max(initial=0.0))
     bad = np.argwhere(~(d_topk <= np.maximum(tol_c, tol_f[:, :k])))
@@ -269,7 +274,7 @@ def compare_row(
             f"topk_logprobs differ at {len(bad)} of {n * k} entries: "
             + _where(bad, lambda p, c: f"position {p} candidate {c + 1}: cached {cl[p, c]:.6g}, teacher {fl[p, c]:.6g}")
         )
-    bad = np.flatnonzero(~(d_target <= atol + np.maximum(_ulp(ct, dtype), _ulp(ft, dtype))))
+    bad = np.flatnonzero(~(d_target <= atol + np.maximum(fmt.value_ulp(ct), fmt.value_ulp(ft))))
     if len(bad):
         problems.append(
             f"target_logprobs differ at {len(bad)} of {n - 1} positions: "
@@ -283,13 +288,13 @@ def compare_row(
     if len(rows):
         want, want_lp, want_tol = c_ids[rows, cols], cl[rows, cols], tol_c[rows, cols]
         eq = f_ids[rows] == want[:, None]
-        found = (eq & (np.abs(fl[rows] - want_lp[:, None]) <= want_tol[:, None])).any(axis=1)
-        edge = ~eq.any(axis=1) & (np.abs(fl[rows, kf - 1] - want_lp) <= want_tol)
+        found = (eq & _near(fl[rows], want_lp[:, None], want_tol[:, None])).any(axis=1)
+        edge = ~eq.any(axis=1) & _near(fl[rows, kf - 1], want_lp, want_tol)
         ok = found | edge
         got, got_lp, got_tol = f_ids[rows, cols], fl[rows, cols], tol_f[rows, cols]
         eq = c_ids[rows] == got[:, None]
-        found = (eq & (np.abs(cl[rows] - got_lp[:, None]) <= got_tol[:, None])).any(axis=1)
-        edge = ~eq.any(axis=1) & (np.abs(cl[rows, k - 1] - got_lp) <= got_tol)
+        found = (eq & _near(cl[rows], got_lp[:, None], got_tol[:, None])).any(axis=1)
+        edge = ~eq.any(axis=1) & _near(cl[rows, k - 1], got_lp, got_tol)
         ok &= found | edge
         bad = np.flatnonzero(~ok)
         if len(bad):
@@ -304,7 +309,7 @@ def compare_row(
     pos = np.flatnonzero(c_r != f_r)
     if len(pos):
         lps, t = fl[pos], ft[pos]
-        tol = (atol + _ulp(t, dtype))[:, None]
+        tol = atol + np.maximum(fmt.value_ulp(t)[:, None], fmt.ulp(fl)[pos])
         lo = 1 + (lps > t[:, None] + tol).sum(axis=1)
         hi = (lps >= t[:, None] - tol).sum(axis=1)
         rc, rf = c_r[pos].astype(np.int64), f_r[pos].astype(np.int64)
@@ -358,9 +363,25 @@ def sample_positions(records: Sequence[ShardRecord], n: int, seed: int) -> dict[
     }
 
 
+def stored_columns(columns: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The shard columns (``names``) that hold ``columns``: ``topk_top1`` / ``topk_gaps`` for ``topk_logprobs``
+    and ``sample_id_gaps`` for ``sample_ids`` in a ``uint8-gap`` cache."""
+    out = []
+    for c in columns:
+        if c == "topk_logprobs" and c not in names and GAP_COLUMNS[0] in names:
+            out += [g for g in GAP_COLUMNS if g in names]
+        elif c == "sample_ids" and c not in names and "sample_id_gaps" in names:
+            out.append("sample_id_gaps")
+        else:
+            out.append(c)
+    return out
+
+
 def read_rows(path: Path, rows: np.ndarray, columns: Sequence[str] = CACHE_COLUMNS) -> tuple[pa.Table, list[str]]:
-    """The given rows of a shard, reading only the row groups that hold them; and any problems."""
+    """The given rows of a shard, reading only the row groups that hold them, decoded to plain columns
+    (``decode_rows``); and any problems."""
     pf = pq.ParquetFile(path)
+    columns = stored_columns(columns, pf.schema_arrow.names)
     meta = pf.metadata
     problems = []
     if (missing := rows[rows >= meta.num_rows]).size:
@@ -374,7 +395,7 @@ def read_rows(path: Path, rows: np.ndarray, columns: Sequence[str] = CACHE_COLUM
         parts.append(table.take(pa.array(rows[groups == g] - group_starts[g])))
     if not parts:
         return pa.Table.from_pylist([]), problems
-    return pa.concat_tables(parts), problems
+    return decode_rows(pa.concat_tables(parts)), problems
 
 
 def batches(rows: list[dict[str, Any]], max_rows: int, max_tokens: int) -> Iterator[list[dict[str, Any]]]:

@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-#: Version of the cache row layout and its metadata; bumped on any incompatible change.
-SCHEMA_VERSION = 2
+#: Version of the cache row layout and its metadata; bumped on any incompatible change. Readers still
+#: read version 2 (every column as the server sends it; ``schemas/arrow.py``).
+SCHEMA_VERSION = 3
 
 #: Media type of an Arrow IPC stream, the compact answer of ``POST /v1/topk``.
 ARROW_STREAM = "application/vnd.apache.arrow.stream"

@@ -10,7 +10,14 @@ One row per scored sequence. With ``n = len(input_ids)``:
   distinct tokens among N draws from the teacher at position i, how often each was drawn (summing
   to N) and their logprobs. ``targets="sampled"`` leaves the top-k columns out.
 
-Logprobs are those of ``softmax(logits / T)`` at the cache's temperature T.
+Logprobs are those of ``softmax(logits / T)`` at the cache's temperature T. That is what the server
+sends (``result_schema``). A cache stores it in a format of its own (``cache_schema`` with ``k``,
+schema 3): the top-k as fixed-size lists of k, the logprobs as ``--logprob-dtype`` says
+(``schemas.formats``: ``uint8-gap`` replaces ``topk_logprobs`` with ``topk_top1`` and ``topk_gaps``,
+and ``sample_ids`` with ``sample_id_gaps``), counts in the smallest type that holds N and
+``sample_logprobs`` only when asked. ``encode_rows``
+turns results into that layout; ``topk_logprobs_of`` and ``decode_rows`` read any layout back,
+schema 2's included (lists of any width, int16 counts, every column).
 """
 
 from __future__ import annotations
@@ -22,7 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.formats import (
+    count_dtype, decode_gaps, encode_gaps, id_gaps, ids_from_gaps, logprob_format,
+)
 
+#: The wire's logprob dtypes (``TopkRequest.logprob_dtype``); a cache's formats are ``schemas.formats.FORMATS``.
 LOGPROB_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 #: What a cache stores per position: the top-k, tokens sampled from the teacher, or both.
@@ -31,6 +43,9 @@ TARGET_KINDS = ("topk", "sampled", "both")
 #: Columns that hold logprobs (cast together to the cache's logprob dtype).
 LOGPROB_COLUMNS = ("topk_logprobs", "target_logprobs", "sample_logprobs")
 
+#: The top-k logprobs of a ``uint8-gap`` cache, in place of ``topk_logprobs``: the top-1 (n float16 per
+#: row) and the gaps from each entry to the next (n fixed-size lists of k - 1 uint8; absent when k is 1).
+GAP_COLUMNS = ("topk_top1", "topk_gaps")
 
 
 @dataclass(frozen=True)
@@ -89,10 +104,49 @@ def result_schema(logprob_dtype: str = "float32", targets: str = "topk") -> pa.S
 SOURCE_FIELDS = [pa.field("line", pa.int64()), pa.field("source", pa.string()), pa.field("offset", pa.int64())]
 
 
-def cache_schema(logprob_dtype: str = "float32", targets: str = "topk") -> pa.Schema:
-    """Schema of one cache row: ``id``, ``line``, ``source``, ``offset``, then the result columns."""
-    fields = list(result_schema(logprob_dtype, targets))
-    return pa.schema([fields[0], *SOURCE_FIELDS, *fields[1:]])
+def cache_schema(
+    logprob_dtype: str = "float32", targets: str = "topk", *, k: int | None = None, samples: int | None = None,
+    sample_logprobs: bool = True,
+) -> pa.Schema:
+    """Schema of one cache row: ``id``, ``line``, ``source``, ``offset``, then the stored result columns.
+
+    With ``k`` (what ``teacher-farm cache`` writes, schema 3): ``topk_ids`` as fixed-size lists of k,
+    the top-k logprobs in the format ``logprob_dtype`` names (``schemas.formats``), ``sample_counts``
+    in the smallest type that holds ``samples`` draws, and ``sample_logprobs`` only with
+    ``sample_logprobs`` (``uint8-gap``: ``sample_id_gaps`` in place of ``sample_ids``). Without
+    ``k``: the result columns as the server sends them (lists of any width, int16 counts, every
+    column), the layout of schema 2.
+    """
+    fmt = logprob_format(logprob_dtype)
+    if k is None:
+        if fmt.gaps:
+            raise ValueError(f"the {logprob_dtype} format stores fixed-size top-k lists: give k")
+        fields = list(result_schema(logprob_dtype, targets))
+        return pa.schema([fields[0], *SOURCE_FIELDS, *fields[1:]])
+    if targets not in TARGET_KINDS:
+        raise ValueError(f"targets must be one of {TARGET_KINDS}, not {targets!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    value = LOGPROB_DTYPES[fmt.value_dtype]
+    fields = [pa.field("id", pa.string()), *SOURCE_FIELDS, pa.field("input_ids", pa.list_(pa.int32()))]
+    if targets != "sampled":
+        fields.append(pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), k))))
+        if fmt.gaps:
+            fields.append(pa.field("topk_top1", pa.list_(pa.float16())))
+            if k > 1:
+                fields.append(pa.field("topk_gaps", pa.list_(pa.list_(pa.uint8(), k - 1))))
+        else:
+            fields.append(pa.field("topk_logprobs", pa.list_(pa.list_(value, k))))
+    fields += [pa.field("target_logprobs", pa.list_(value)), pa.field("target_ranks", pa.list_(pa.int32()))]
+    if targets != "topk":
+        counts = pa.from_numpy_dtype(np.dtype(count_dtype(samples))) if samples else pa.int16()
+        fields += [
+            pa.field("sample_id_gaps" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
+            pa.field("sample_counts", pa.list_(pa.list_(counts))),
+        ]
+        if sample_logprobs:
+            fields.append(pa.field("sample_logprobs", pa.list_(pa.list_(value))))
+    return pa.schema(fields)
 
 
 def with_source_columns(
@@ -165,18 +219,33 @@ def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "
     return table
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def flat_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The values of a (nested) list column, every list level flattened."""
+    values = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    while _is_list(values.type):
+        values = values.flatten()
+    return values
+
+
+def list_lengths(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Length of each list of a list column (a null list counts 0), int64."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    return pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def table_to_results(table: pa.Table) -> list[ScoredSequence]:
-    """Split a result table back into per-sequence numpy arrays (for tests and verification)."""
+    """Split a result (or cache) table back into per-sequence numpy arrays (for tests and verification)."""
+    table = decode_rows(table)
     out = []
     for row in range(table.num_rows):
         t = table.slice(row, 1)
 
         def flat(name: str) -> np.ndarray:
-            arr = t.column(name).combine_chunks()
-            values = arr.flatten()
-            while pa.types.is_list(values.type):
-                values = values.flatten()
-            return values.to_numpy(zero_copy_only=False)
+            return flat_values(t.column(name)).to_numpy(zero_copy_only=False)
 
         n = len(flat("input_ids"))
         has_topk = "topk_ids" in t.column_names
@@ -187,7 +256,8 @@ def table_to_results(table: pa.Table) -> list[ScoredSequence]:
                 .to_numpy(zero_copy_only=False).astype(np.int32),
                 "sample_ids": flat("sample_ids"),
                 "sample_counts": flat("sample_counts"),
-                "sample_logprobs": flat("sample_logprobs").astype(np.float32),
+                "sample_logprobs": flat("sample_logprobs").astype(np.float32)
+                if "sample_logprobs" in t.column_names else None,
             }
         out.append(
             ScoredSequence(
@@ -218,3 +288,108 @@ def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
         ]
     )
     return table.cast(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache's own layout (schema 3) from results, and back from any layout
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _topk_matrix(outer: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row lengths and the (positions, width) values of an n-lists-of-width column; ``InputError`` when ragged."""
+    inner = outer.flatten()
+    widths = list_lengths(inner)
+    width = int(widths[0]) if len(widths) else 0
+    if (widths != width).any():
+        raise InputError(f"malformed cache rows: {name} holds lists of different lengths")
+    values = flat_values(inner).to_numpy(zero_copy_only=False)
+    return list_lengths(outer), values.reshape(len(widths), width)
+
+
+def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` (result rows with the source columns) in the layout of ``schema`` (a ``cache_schema``).
+
+    Columns are cast (fixed-size lists, narrower counts, the logprob dtype); ``topk_top1`` and
+    ``topk_gaps`` are computed from ``topk_logprobs`` (``schemas.formats.encode_gaps``),
+    ``sample_id_gaps`` from ``sample_ids``; columns the schema does not name (``sample_logprobs``
+    unless asked) are left out.
+    """
+    names = set(schema.names)
+    made: dict[str, pa.Array] = {}
+    if names & set(GAP_COLUMNS):
+        n, lp = _topk_matrix(_column(table, "topk_logprobs"), "topk_logprobs")
+        top1, gaps = encode_gaps(lp) if lp.shape[1] else (np.empty(0, np.float16), np.empty((0, 0), np.uint8))
+        cut = pa.array(offsets(n, np.int32))
+        made["topk_top1"] = pa.ListArray.from_arrays(cut, pa.array(top1), type=schema.field("topk_top1").type)
+        if "topk_gaps" in names:
+            inner = schema.field("topk_gaps").type.value_type
+            if gaps.shape[1] != inner.list_size:
+                raise ValueError(f"top-k lists of {gaps.shape[1] + 1} entries, the schema's k is {inner.list_size + 1}")
+            made["topk_gaps"] = pa.ListArray.from_arrays(
+                cut, pa.FixedSizeListArray.from_arrays(pa.array(gaps.reshape(-1)), type=inner),
+                type=schema.field("topk_gaps").type,
+            )
+    if "sample_id_gaps" in names:
+        outer = _column(table, "sample_ids")
+        inner = outer.flatten()
+        lengths = list_lengths(inner)
+        gaps = id_gaps(flat_values(inner).to_numpy(zero_copy_only=False), lengths).astype(np.int32)
+        made["sample_id_gaps"] = _ragged(list_lengths(outer), lengths, gaps)
+    columns = []
+    for field in schema:
+        if field.name in made:
+            columns.append(made[field.name])
+            continue
+        col = table.column(field.name)
+        columns.append(col if col.type == field.type else col.cast(field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def topk_logprobs_of(table: pa.Table) -> np.ndarray:
+    """The rows' top-k logprobs as one (positions, k) float32 array, whatever the layout stores.
+
+    ``topk_logprobs`` (lists of any width, or fixed-size) as they are; ``topk_top1`` / ``topk_gaps``
+    decoded (``schemas.formats.decode_gaps``). ``InputError`` when the rows are malformed.
+    """
+    if "topk_top1" not in table.column_names:
+        return _topk_matrix(_column(table, "topk_logprobs"), "topk_logprobs")[1].astype(np.float32)
+    outer = _column(table, "topk_top1")
+    top1 = flat_values(outer).to_numpy(zero_copy_only=False)
+    if "topk_gaps" in table.column_names:
+        n, gaps = _topk_matrix(_column(table, "topk_gaps"), "topk_gaps")
+        if not np.array_equal(n, list_lengths(outer)):
+            raise InputError("malformed cache rows: topk_gaps does not match topk_top1")
+    else:
+        gaps = np.empty((len(top1), 0), np.uint8)
+    return decode_gaps(top1, gaps)
+
+
+def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids`` or ``sample_id_gaps``."""
+    name = "sample_id_gaps" if "sample_id_gaps" in table.column_names else "sample_ids"
+    inner = _column(table, name).flatten()
+    lengths = list_lengths(inner)
+    values = flat_values(inner).to_numpy(zero_copy_only=False)
+    return lengths, ids_from_gaps(values, lengths) if name == "sample_id_gaps" else values.astype(np.int64)
+
+
+def decode_rows(table: pa.Table) -> pa.Table:
+    """``table`` with every stored encoding undone: float32 ``topk_logprobs`` for ``topk_top1`` / ``topk_gaps``,
+    ``sample_ids`` for ``sample_id_gaps``; other layouts as they are."""
+    if "topk_top1" in table.column_names:
+        lp = topk_logprobs_of(table)
+        n = list_lengths(table.column("topk_top1"))
+        column = _list(n, pa.FixedSizeListArray.from_arrays(pa.array(lp.reshape(-1)), lp.shape[1]))
+        where = table.schema.get_field_index("topk_top1")
+        table = table.drop_columns([c for c in GAP_COLUMNS if c in table.column_names])
+        table = table.add_column(where, "topk_logprobs", column)
+    if "sample_id_gaps" in table.column_names:
+        lengths, ids = sample_ids_of(table)
+        column = _ragged(list_lengths(table.column("sample_id_gaps")), lengths, ids.astype(np.int32))
+        where = table.schema.get_field_index("sample_id_gaps")
+        table = table.drop_columns(["sample_id_gaps"]).add_column(where, "sample_ids", column)
+    return table

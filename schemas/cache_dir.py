@@ -18,11 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
+from teacher_farm.schemas.arrow import cache_schema
 from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.formats import FORMATS
 from teacher_farm.schemas.scoring import Scoring
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,11 @@ def load_manifests(out_dir: Path) -> dict[str, Manifest]:
 
 
 class CacheIdentity(BaseModel):
-    """What makes a cache what it is: the teacher that scored it and how (``Scoring``), and the stored precision."""
+    """What makes a cache what it is: the teacher that scored it and how (``Scoring``), and what it stores.
+
+    ``logprob_dtype`` names the stored format (``schemas.formats``); ``sample_logprobs`` says whether
+    sampled targets keep their logprobs (``--sample-logprobs``; a cache of schema 2 always did).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -105,12 +112,21 @@ class CacheIdentity(BaseModel):
     vocab_size: int
     scoring: Scoring
     logprob_dtype: str = "float32"
+    sample_logprobs: bool = False
     #: The served model's name: in the shards' metadata, for people; not compared.
     model: str = ""
 
+    @field_validator("logprob_dtype")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"logprob_dtype {value!r} is none of {', '.join(FORMATS)}")
+        return value
+
     def entries(self) -> dict[str, Any]:
-        """The manifest's identity entries (N and the seed only with sampled targets)."""
+        """The manifest's identity entries (N, the seed and ``sample_logprobs`` only with sampled targets)."""
         s = self.scoring
+        sampled = {"samples": s.samples, "seed": s.seed, "sample_logprobs": self.sample_logprobs}
         return {
             "model_fingerprint": self.model_fingerprint,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
@@ -118,10 +134,17 @@ class CacheIdentity(BaseModel):
             "k": s.k,
             "temperature": s.temperature,
             "targets": s.targets,
-            **({"samples": s.samples, "seed": s.seed} if s.targets != "topk" else {}),
+            **(sampled if s.targets != "topk" else {}),
             **({"positions": s.positions} if s.positions != "all" else {}),
             "logprob_dtype": self.logprob_dtype,
         }
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of this cache's rows, its identity in the metadata (what a run writes)."""
+        s = self.scoring
+        return cache_schema(
+            self.logprob_dtype, s.targets, k=s.k, samples=s.samples, sample_logprobs=self.sample_logprobs,
+        ).with_metadata(self.metadata())
 
     def metadata(self) -> dict[bytes, bytes]:
         """Parquet key-value metadata that makes a shard self-describing."""
@@ -137,12 +160,15 @@ class CacheIdentity(BaseModel):
         scoring = {name: entries[name] for name in ("k", "temperature", "targets", "samples", "seed", "positions")
                    if name in entries}
         try:
+            sampled = Scoring(**scoring).targets != "topk"
             return cls(
                 model_fingerprint=str(entries["model_fingerprint"]),
                 tokenizer_fingerprint=str(entries["tokenizer_fingerprint"]),
                 vocab_size=int(entries["vocab_size"]),
                 scoring=Scoring(**scoring),
                 logprob_dtype=str(entries.get("logprob_dtype", "float32")),
+                # Absent: a cache of schema 2, which kept the logprobs of every sampled target.
+                sample_logprobs=entries.get("sample_logprobs", True) if sampled else False,
                 model=str(entries.get("model", "")),
             )
         except (KeyError, ValueError) as exc:

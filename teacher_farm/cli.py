@@ -13,6 +13,7 @@ from teacher_farm.client.progress import setup_logging
 from teacher_farm.exits import Terminated, quiet_engine, release_engine, run_async, stop_on_sigterm
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
+from teacher_farm.schemas.formats import FORMATS
 
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
@@ -59,8 +60,13 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1,
                    help="split the corpus across this many client processes (e.g. a SLURM array)")
     p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
-    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float16",
-                   help="precision of stored logprobs (default float16: see the README)")
+    p.add_argument("--logprob-dtype", choices=list(FORMATS), default="float16",
+                   help="how logprobs are stored: float32, float16 (the default) or uint8-gap (the top-1 in "
+                        "float16 and 1/16-nat steps below it, worst error 1/32 nat; sampled ids as differences; "
+                        "the smallest): see the README")
+    p.add_argument("--sample-logprobs", action="store_true",
+                   help="with sampled targets, also store their logprobs (what SampledKDLoss(entropy=True) reads; "
+                        "off by default: the loss itself needs only the ids and counts)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="store log softmax(logits / T) (default 1; needs the pooled scoring backend otherwise)")
     p.add_argument("--targets", choices=["topk", "sampled", "both"], default="topk",
@@ -112,6 +118,8 @@ def cache_main(argv: list[str]) -> int:
         cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
     if a.stride is not None and a.long_lines != "window":
         cache_parser().error("--stride applies to --long-lines window only")
+    if a.sample_logprobs and a.targets == "topk":
+        cache_parser().error("--sample-logprobs applies to --targets sampled or both only")
     if a.ca_bundle is not None and not Path(a.ca_bundle).is_file():
         raise InputError(f"--ca-bundle {a.ca_bundle}: no such file")
     if a.model:
@@ -121,7 +129,7 @@ def cache_main(argv: list[str]) -> int:
     opts = CacheOptions(
         input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
-        batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype,
+        batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype, sample_logprobs=a.sample_logprobs,
         log_every_s=a.log_every,
         scoring=scoring, parts=a.num_shards, part=a.shard_index,
         ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
@@ -138,7 +146,8 @@ def cache_main(argv: list[str]) -> int:
         if a.server:
             urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
             teacher = TeacherPool(
-                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=a.logprob_dtype, ca_bundle=a.ca_bundle) for u in urls],
+                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=FORMATS[a.logprob_dtype].wire_dtype,
+                             ca_bundle=a.ca_bundle) for u in urls],
                 retry_for_s=a.retry_for,
             )
         else:
@@ -203,7 +212,8 @@ def verify_main(argv: list[str]) -> int:
     p.add_argument("--sample", type=int, required=True, help="rows to re-score (all of them if fewer)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sample (default: random, printed)")
     p.add_argument("--atol", type=float, default=None,
-                   help="logprob tolerance (default 1e-3 for float32 caches, 1e-2 for float16)")
+                   help="logprob tolerance beyond the cache's own rounding (default 1e-3 for float32 caches, "
+                        "1e-2 for float16 and uint8-gap)")
     p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
     p.add_argument("--ca-bundle", default=None,

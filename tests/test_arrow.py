@@ -14,6 +14,7 @@ from teacher_farm.schemas.arrow import (
     result_schema, results_to_table, table_to_results, with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import METADATA_PREFIX, CacheIdentity, read_metadata
+from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.scoring import Scoring
 
 LENGTHS = [1, 2, 7, 33]
@@ -110,7 +111,8 @@ def test_cache_schema_puts_where_a_row_comes_from_after_its_id():
 def test_cache_identity_round_trips_through_parquet_metadata_and_the_manifest():
     identity = CacheIdentity(
         model="org/Model-7B", model_fingerprint="m" * 16, tokenizer_fingerprint="t" * 16, vocab_size=151_936,
-        scoring=Scoring(k=16, temperature=0.5, targets="both", samples=32, seed=7), logprob_dtype="float16",
+        scoring=Scoring(k=16, temperature=0.5, targets="both", samples=32, seed=7), logprob_dtype="uint8-gap",
+        sample_logprobs=True,
     )
     metadata = identity.metadata()
     assert all(key.startswith(METADATA_PREFIX.encode()) for key in metadata)
@@ -126,15 +128,25 @@ def test_cache_identity_round_trips_through_parquet_metadata_and_the_manifest():
         "targets": "both",
         "samples": "32",
         "seed": "7",
-        "logprob_dtype": "float16",
+        "sample_logprobs": "true",
+        "logprob_dtype": "uint8-gap",
         "package_version": __version__,
     }
     assert CacheIdentity.from_entries(read_metadata(schema)) == identity
     # The manifest holds the same entries (the model's name is provenance there).
     assert CacheIdentity.from_entries(json.loads(json.dumps(identity.entries()))) == identity.model_copy(update={"model": ""})
-    # N and the seed are part of a cache's identity only with sampled targets.
-    topk = identity.model_copy(update={"scoring": Scoring(k=16)})
-    assert "samples" not in topk.entries() and "seed" not in topk.entries()
+    # N, the seed and whether sampled logprobs are kept are part of a cache's identity only with sampled targets.
+    topk = identity.model_copy(update={"scoring": Scoring(k=16), "sample_logprobs": False})
+    assert not {"samples", "seed", "sample_logprobs"} & set(topk.entries())
+    assert CacheIdentity.from_entries(topk.entries()) == topk.model_copy(update={"model": ""})
+
+
+def test_an_identity_of_schema_2_kept_its_sampled_logprobs_and_an_unknown_format_is_refused():
+    entries = {"model_fingerprint": "m", "tokenizer_fingerprint": "t", "vocab_size": 10, "k": 4, "temperature": 1.0,
+               "targets": "both", "samples": 8, "seed": 0, "logprob_dtype": "float16"}
+    assert CacheIdentity.from_entries(entries).sample_logprobs
+    with pytest.raises(InputError, match="logprob_dtype 'float64' is none of float32, float16, uint8-gap"):
+        CacheIdentity.from_entries({**entries, "logprob_dtype": "float64"})
 
 
 def test_schema_without_metadata_reads_as_empty():

@@ -27,7 +27,7 @@ def cached_batches(server, tmp_path_factory) -> list[dict[str, torch.Tensor]]:
         "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(src), "--out", str(out),
         "--max-length", "128", "--k", str(SCORING["k"]), "--temperature", str(SCORING["temperature"]),
         "--targets", SCORING["targets"], "--samples", str(SCORING["samples"]), "--seed", str(SCORING["seed"]),
-        "--logprob-dtype", "float32",  # what the online teacher receives
+        "--logprob-dtype", "float32", "--sample-logprobs",  # what the online teacher receives
     )
     assert proc.returncode == 0, proc.stderr
     items = list(TopkDataset(out))

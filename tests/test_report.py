@@ -21,7 +21,7 @@ from teacher_farm.client.manifest import save_manifest  # noqa: E402
 from teacher_farm.client.report import BINS, COLORS, scan, write_report  # noqa: E402
 from teacher_farm.client.shards import ShardWriter  # noqa: E402
 from teacher_farm.schemas.arrow import (  # noqa: E402
-    ScoredSequence, cache_schema, results_to_table, with_source_columns,
+    ScoredSequence, cache_schema, encode_rows, results_to_table, with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord  # noqa: E402
 from teacher_farm.schemas.scoring import Scoring  # noqa: E402
@@ -66,15 +66,18 @@ def scored(rng: np.random.Generator, n: int) -> ScoredSequence:
     )
 
 
-def write_cache(out: Path, sources: dict[str, list[int]], targets: str = "both") -> list[tuple[str, ScoredSequence]]:
-    """One shard per source file (rows of the given lengths), a row group per two rows, and the manifest."""
+def write_cache(
+    out: Path, sources: dict[str, list[int]], targets: str = "both", fmt: str | None = None,
+) -> list[tuple[str, ScoredSequence]]:
+    """One shard per source file (rows of the given lengths), a row group per two rows, and the manifest:
+    every column as the server sends it, float32, or with ``fmt`` as a cache run writes that format."""
     out.mkdir(parents=True)
     rng = np.random.default_rng(7)
     identity = CacheIdentity(
         model="teacher", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=VOCAB,
-        scoring=Scoring(k=K, targets=targets, samples=N, seed=0), logprob_dtype="float32",
+        scoring=Scoring(k=K, targets=targets, samples=N, seed=0), logprob_dtype=fmt or "float32",
     )
-    schema = cache_schema("float32", targets).with_metadata(identity.metadata())
+    schema = identity.schema() if fmt else cache_schema("float32", targets).with_metadata(identity.metadata())
     rows, records = [], {}
     for j, (source, lengths) in enumerate(sources.items()):
         seqs = [scored(rng, n) for n in lengths]
@@ -83,7 +86,7 @@ def write_cache(out: Path, sources: dict[str, list[int]], targets: str = "both")
         for i in range(0, len(seqs), 2):
             table = with_source_columns(results_to_table(seqs[i:i + 2], K, targets), range(i, i + len(seqs[i:i + 2])),
                                         [source] * len(seqs[i:i + 2]))
-            writer.write(table.cast(schema))
+            writer.write(encode_rows(table, schema) if fmt else table.cast(schema))
         stats = writer.commit()
         records[j] = ShardRecord(index=j, file=stats.file, first_line=100 * j, end_line=100 * j + len(lengths),
                                  rows=stats.rows, rejects=0, tokens=stats.tokens, bytes=stats.bytes,
@@ -218,6 +221,21 @@ def test_the_histograms_count_every_position_once_in_its_bin(tmp_path):
     np.testing.assert_array_equal(np.trim_zeros(stats.distinct_counts, "b"), np.bincount(distinct))
     assert stats.sources == {src: [sum(1 for f, _ in rows if f == src), sum(len(s.input_ids) for f, s in rows if f == src)]
                              for src in ("a.jsonl", "b.jsonl", "c.jsonl")}
+
+
+@pytest.mark.parametrize("fmt", ["float16", "uint8-gap"])
+def test_a_compact_cache_reports_the_values_it_reads_back(tmp_path, fmt):
+    from teacher_farm.schemas.formats import FORMATS
+
+    rows = write_cache(tmp_path / "cache", {"a.jsonl": [40, 3, 25], "b.jsonl": [60]}, fmt=fmt)
+    stats, meta = scan(tmp_path / "cache")
+    assert meta["logprob_dtype"] == fmt and stats.has_samples
+    read_back = [(src, ScoredSequence(**{**s.__dict__, "topk_logprobs": FORMATS[fmt].round_trip(s.topk_logprobs)}))
+                 for src, s in rows]
+    expected = expected_numbers(read_back)
+    for key, label, value, _ in stats.headline():
+        assert value == pytest.approx(expected[key], rel=1e-6), key
+    assert expected["mean_topk_mass"] == pytest.approx(expected_numbers(rows)["mean_topk_mass"], rel=0.05)
 
 
 @pytest.mark.parametrize(("targets", "figures"), [

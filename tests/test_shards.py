@@ -107,3 +107,33 @@ def test_line_column_has_statistics(tmp_path):
     meta = pq.ParquetFile(tmp_path / shard_name(0)).metadata.row_group(0)
     line = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "line")
     assert (line.statistics.min, line.statistics.max) == (40, 42)
+
+
+def test_each_integer_column_takes_the_encoding_that_measures_smallest(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 4000
+    few = rng.choice(np.array([3, 70_000, 1_000_000, 77], np.int32), (n, K))  # four ids: a dictionary's case
+    wide = rng.integers(0, 2**24, (n, K)).astype(np.int32)  # random 24-bit ids: no dictionary pays
+    table = cache_rows([n], first_line=0)
+    table = table.set_column(table.schema.get_field_index("topk_ids"), "topk_ids",
+                             pa.array([few.tolist()], type=table.schema.field("topk_ids").type))
+    table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids", pa.array([wide[:, 0].tolist()], type=pa.list_(pa.int32())))
+    writer = ShardWriter(tmp_path, 0, schema_for())
+    writer.write(table)
+    writer.commit()
+    assert writer.encodings["topk_ids.list.element.list.element"] == "RLE_DICTIONARY"
+    assert writer.encodings["input_ids.list.element"] != "RLE_DICTIONARY"
+    assert writer.encodings["topk_logprobs.list.element.list.element"] == "BYTE_STREAM_SPLIT"
+    assert writer.encodings["id"] == "RLE_DICTIONARY" and writer.encodings["line"] == "PLAIN"
+    meta = pq.ParquetFile(tmp_path / shard_name(0)).metadata.row_group(0)
+    used = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in used["topk_ids.list.element.list.element"]
+    assert "BYTE_STREAM_SPLIT" in used["topk_logprobs.list.element.list.element"]
+    assert "RLE_DICTIONARY" not in used["input_ids.list.element"]
+    assert pq.read_table(tmp_path / shard_name(0)).equals(table)
+
+
+def test_an_empty_shard_is_a_readable_file(tmp_path):
+    writer = ShardWriter(tmp_path, 3, schema_for())
+    stats = writer.commit()
+    assert stats.rows == 0 and pq.read_table(tmp_path / shard_name(3)).schema.equals(cache_schema())

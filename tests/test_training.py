@@ -23,7 +23,9 @@ from teacher_farm.training import (  # noqa: E402
     TAIL_FLOOR, TopkDataset, assert_same_tokenizer, cache_metadata_of, check_alignment, collate_topk, kd_loss,
     shard_paths,
 )
-from teacher_farm.schemas.arrow import ScoredSequence, cache_schema, cast_logprobs, results_to_table, with_source_columns  # noqa: E402
+from teacher_farm.schemas.arrow import (  # noqa: E402
+    ScoredSequence, cache_schema, cast_logprobs, encode_rows, results_to_table, with_source_columns,
+)
 from teacher_farm.schemas.errors import CacheMismatch, InputError  # noqa: E402
 from teacher_farm.schemas.fingerprints import tokenizer_fingerprint  # noqa: E402
 
@@ -86,19 +88,21 @@ def scored(
 def write_cache(
     out: Path, shards: dict[int, list[int]], *, dtype: str = "float32", manifests: dict[str, list[int]] | None = None,
     fingerprint: str | None = None, seed: int = 0, temperature: float = 1.0, targets: str = "topk", samples: int = 16,
+    fmt: str | None = None, sample_logprobs: bool = True,
 ) -> Cache:
     """Shard j holds lines [j*R, (j+1)*R) (its last line rejected) with the given token counts,
-    several rows per row group; ``manifests`` splits the shard records over several manifest files."""
+    several rows per row group; ``manifests`` splits the shard records over several manifest files.
+    Every column as the server sends it (the layout of schema 2) in ``dtype``, or with ``fmt`` in the
+    layout a cache run writes, in that format."""
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out)
     rng = np.random.default_rng(seed)
-    schema = cache_schema(dtype, targets).with_metadata(
-        CacheIdentity(
-            model="teacher", model_fingerprint="mf", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-            vocab_size=VOCAB, scoring=Scoring(k=K, temperature=temperature, targets=targets, samples=samples, seed=0),
-            logprob_dtype=dtype,
-        ).metadata()
+    ident = CacheIdentity(
+        model="teacher", model_fingerprint="mf", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
+        vocab_size=VOCAB, scoring=Scoring(k=K, temperature=temperature, targets=targets, samples=samples, seed=0),
+        logprob_dtype=fmt or dtype, sample_logprobs=sample_logprobs and targets != "topk",
     )
+    schema = ident.schema() if fmt else cache_schema(dtype, targets).with_metadata(ident.metadata())
     records = {}
     for j, lengths in shards.items():
         assert len(lengths) < ROWS_PER_SHARD
@@ -112,7 +116,7 @@ def write_cache(
         for i in range(0, len(results), 3):
             table = results_to_table(results[i:i + 3], K, targets)
             table = with_source_columns(table, lines[i:i + 3])
-            writer.write(cast_logprobs(table, dtype).cast(schema))
+            writer.write(encode_rows(table, schema) if fmt else cast_logprobs(table, dtype).cast(schema))
         stats = writer.commit()
         records[j] = ShardRecord(
             index=j, file=stats.file, first_line=j * ROWS_PER_SHARD, end_line=(j + 1) * ROWS_PER_SHARD,
@@ -121,7 +125,7 @@ def write_cache(
         )
     identity = {
         "model_fingerprint": "mf", "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-        "vocab_size": VOCAB, "k": K, "logprob_dtype": dtype, "rows_per_shard": ROWS_PER_SHARD,
+        "vocab_size": VOCAB, "k": K, "logprob_dtype": fmt or dtype, "rows_per_shard": ROWS_PER_SHARD,
         "temperature": temperature, "targets": targets,
     }
     for name, indices in (manifests or {"manifest.json": list(shards)}).items():
@@ -617,6 +621,48 @@ def test_a_dataset_checks_each_shards_own_metadata(tmp_path):
     save_manifest(other, tmp_path / "a", "manifest-b.json")
     with pytest.raises(InputError, match="part-000001.parquet was cached with temperature=2.0"):
         TopkDataset(tmp_path / "a")
+
+
+# ------------------------------------------------------------------------------------ every format, every loss
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float16", "uint8-gap"])
+def test_every_loss_reads_every_format(tmp_path, fmt):
+    from teacher_farm.schemas.formats import FORMATS
+    from teacher_farm.training import SampledKDLoss, TopkRenormKLLoss, TopkTailKLLoss
+
+    cache = write_cache(tmp_path, SHARDS, targets="both", samples=12, fmt=fmt)
+    got = items(TopkDataset(tmp_path))
+    assert sorted(got) == sorted(cache.rows)
+    for line, item in got.items():
+        seq = cache.rows[line]
+        np.testing.assert_array_equal(item["topk_ids"].numpy(), seq.topk_ids)
+        want = FORMATS[fmt].round_trip(seq.topk_logprobs)
+        np.testing.assert_array_equal(item["topk_logprobs"].numpy(), want)
+        assert np.abs(want - seq.topk_logprobs).max() <= (1 / 32 if fmt == "uint8-gap" else 5e-3)
+        assert (item["sample_counts"].sum(-1) == 12).all() and item["sample_counts"].dtype == torch.int16
+    batch = collate_topk([got[line] for line in sorted(got)])
+    logits = teacher_logits(cache, batch)
+    # The teacher itself, read back from a rounded cache: near 0, by as much as the format rounds.
+    close = {"float32": 1e-5, "float16": 1e-4, "uint8-gap": 2e-3}[fmt]
+    assert abs(TopkTailKLLoss()(logits, batch).item()) < close
+    assert abs(TopkRenormKLLoss()(logits, batch).item()) < close
+    sampled = SampledKDLoss(entropy=True)(logits, batch)
+    assert abs(sampled.item()) < 5e-3  # float16 sample logprobs: within 0.004 nat
+
+
+def test_a_loss_needing_sample_logprobs_says_which_cache_has_them(tmp_path):
+    from teacher_farm.training import SampledKDLoss
+
+    write_cache(tmp_path, SHARDS, targets="sampled", samples=12, fmt="uint8-gap", sample_logprobs=False)
+    got = items(TopkDataset(tmp_path))
+    assert all("sample_logprobs" not in item for item in got.values())
+    batch = collate_topk([got[line] for line in sorted(got)])
+    assert "sample_logprobs" not in batch and batch["sample_ids"].shape == batch["sample_mask"].shape
+    logits = torch.randn(*batch["input_ids"].shape, VOCAB)
+    assert torch.isfinite(SampledKDLoss()(logits, batch))
+    with pytest.raises(ValueError, match="needs sample_logprobs in the batch: a cache written with --sample-logprobs"):
+        SampledKDLoss(entropy=True)(logits, batch)
 
 
 def test_the_tokenizer_fingerprint_ignores_truncation_and_padding_left_set(tiny_model):

@@ -98,6 +98,37 @@ def test_a_float16_cache_verifies_at_its_own_tolerance(server, tmp_path):
     assert "atol 0.01, float16 logprobs" in proc.stdout and "3 rows checked" in proc.stdout
 
 
+def test_a_uint8_gap_cache_verifies_and_a_value_moved_beyond_its_step_is_caught(server, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(read_lines(SAMPLE, 3)) + "\n", encoding="utf-8")
+    out = tmp_path / "o"
+    proc = teacher_farm(
+        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out),
+        "--k", str(K), "--max-length", "64", "--logprob-dtype", "uint8-gap",
+    )
+    assert proc.returncode == 0, proc.stderr
+    (path,) = out.glob("part-*.parquet")
+    assert {"topk_top1", "topk_gaps"} <= set(pq.read_schema(path).names)
+    proc = verify(server, out, "--sample", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "atol 0.01, uint8-gap logprobs" in proc.stdout and "3 rows checked" in proc.stdout
+    # Two steps (1/8 nat) more between candidates 1 and 2 of line 1's position 4, behind a matching checksum.
+    table = pq.read_table(path)
+    gaps = table.column("topk_gaps").to_pylist()
+    row = table.column("line").to_pylist().index(1)
+    gaps[row][4][0] += 2
+    index = table.schema.get_field_index("topk_gaps")
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(gaps, type=table.schema.field(index).type)), path)
+    manifest = load_manifest(out)
+    rec = next(iter(manifest.shards.values()))
+    rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
+    save_manifest(manifest, out)
+    proc = verify(server, out, "--sample", "3")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "line 1 (id sample-0001): topk_logprobs differ at 3 of" in proc.stdout  # candidates 2, 3 and 4
+    assert "position 4 candidate 2" in proc.stdout and "1 disagree" in proc.stdout
+
+
 def test_a_corrupted_logprob_fails_the_checksum_and_the_rescoring(server, cache_copy):
     path = corrupt_logprob(cache_copy, line=4, position=2)
     proc = verify(server, cache_copy, "--sample", "100")
@@ -302,3 +333,21 @@ def test_only_the_row_groups_holding_sampled_rows_are_read(tmp_path, monkeypatch
     assert got.column("line").to_pylist() == [1, 4, 5] and got.column_names == CACHE_COLUMNS
     assert read == [0, 2]
     assert problems == ["7 rows in the file, fewer than the manifest says; rows [9] absent"]
+
+
+def test_uint8_gap_caches_compare_within_one_step():
+    from teacher_farm.schemas.formats import FORMATS, GAP_STEP
+
+    cached, fresh = made_up_row(n=6)
+    fresh["topk_logprobs"][5, 2:] = -np.inf  # ruled out: equal in both
+    cached["topk_logprobs"] = FORMATS["uint8-gap"].round_trip(fresh["topk_logprobs"][:, :K])
+    cached["target_logprobs"] = cached["target_logprobs"].astype(np.float16)
+    fresh["topk_logprobs"] = fresh["topk_logprobs"] + np.float32(4e-3)  # noise within atol
+    problems, diff = compare_row(cached, fresh, k=K, atol=1e-2, logprob_dtype="uint8-gap")
+    assert problems == [] and diff <= GAP_STEP + 1e-2
+    cached["topk_logprobs"][2, 3] -= 2 * GAP_STEP  # two steps: beyond atol plus one step
+    (problem,) = compare_row(cached, fresh, k=K, atol=1e-2, logprob_dtype="uint8-gap")[0]
+    assert problem.startswith("topk_logprobs differ at 1 of 24 entries: position 2 candidate 4")
+    # Read as if it were float16, the rounding to whole steps alone is a mismatch: the tolerance is the format's.
+    cached["topk_logprobs"][2, 3] += 2 * GAP_STEP
+    assert compare_row(cached, fresh, k=K, atol=1e-2, logprob_dtype="float16")[0]

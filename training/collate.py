@@ -24,10 +24,10 @@ def collate_topk(
     token i+1, and ``target_mask`` (B, T) bool, True where there is such a token; ``lengths`` (B,),
     ``line`` (B,) and ``temperature`` (B,). Sampled targets, when the items have them:
     ``sample_ids`` (B, T, S) long, ``sample_counts`` (B, T, S) int16, ``sample_logprobs`` (B, T, S)
-    float32, padded with 0 to the widest position S of the batch, and ``sample_mask`` (B, T, S) bool,
-    True on a drawn token. Items of a cache written with ``--positions`` give ``kept_mask`` (B, T)
-    bool, True where the cache kept targets (the losses average over those). Pad values are finite so
-    masked positions never turn a loss into NaN.
+    float32 (when the cache stored them), padded with 0 to the widest position S of the batch, and
+    ``sample_mask`` (B, T, S) bool, True on a drawn token. Items of a cache written with ``--positions``
+    give ``kept_mask`` (B, T) bool, True where the cache kept targets (the losses average over those).
+    Pad values are finite so masked positions never turn a loss into NaN.
     """
     import torch
 
@@ -57,7 +57,8 @@ def collate_topk(
         S = max(int(x["sample_ids"].shape[1]) for x in batch)
         out["sample_ids"] = torch.zeros((B, T, S), dtype=torch.long)
         out["sample_counts"] = torch.zeros((B, T, S), dtype=torch.int16)
-        out["sample_logprobs"] = torch.zeros((B, T, S), dtype=torch.float32)
+        if _same_presence(batch, "sample_logprobs"):
+            out["sample_logprobs"] = torch.zeros((B, T, S), dtype=torch.float32)
     has_kept = any("kept" in x for x in batch)
     if has_kept:
         out["kept_mask"] = torch.zeros((B, T), dtype=torch.bool)
@@ -75,7 +76,8 @@ def collate_topk(
         if has_samples:
             s = int(x["sample_ids"].shape[1])
             for key in SAMPLE_COLUMNS:
-                out[key][b, :n, :s] = x[key]
+                if key in out:
+                    out[key][b, :n, :s] = x[key]
     if has_samples:
         out["sample_mask"] = out["sample_counts"] > 0
     out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)

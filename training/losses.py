@@ -97,6 +97,9 @@ class _KDLoss(torch.nn.Module):
             raise ValueError(
                 f"{type(self).__name__} needs {', '.join(missing)} in the batch: "
                 + ("a cache written with --targets sampled or both" if "sample_ids" in missing
+                   else "a cache written with --sample-logprobs (the teacher's logprobs of its draws), which "
+                   "this one was not; without entropy=True the loss needs only the draws"
+                   if missing == ["sample_logprobs"]
                    else "a cache written with --targets topk or both")
             )
         want = tuple(batch["attention_mask"].shape)

@@ -11,8 +11,10 @@ loop per token). Without torch, through Hugging Face ``datasets``, the shards ar
         "parquet", data_files=[str(p) for p in shard_paths("cache/")], split="train", streaming=True
     )
 
-gives the raw rows (``topk_logprobs`` as stored, no ``tail_logprob``); :func:`row_group_arrays`
-is the numpy conversion the dataset uses, for any other loader.
+gives the raw rows as stored (no ``tail_logprob``; a ``uint8-gap`` cache's ``topk_top1`` /
+``topk_gaps`` and ``sample_id_gaps`` still encoded: see ``schemas/formats.py``, or
+``teacher_farm.schemas.arrow.decode_rows``); :func:`row_group_arrays` is the numpy conversion the
+dataset uses, for any other loader, and reads every format and layout, schema 2's included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from teacher_farm.schemas.arrow import offsets
+from teacher_farm.schemas.arrow import offsets, sample_ids_of, topk_logprobs_of
 from teacher_farm.schemas.cache_dir import CacheDir
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.windows import owned_positions, ranges
@@ -33,13 +35,15 @@ from teacher_farm.schemas.windows import owned_positions, ranges
 #: (almost) everything, or when float16 rounding makes them sum to a little over 1.
 TAIL_FLOOR = 1e-12
 
-#: The columns the dataset reads when a cache has them (``id`` and ``target_ranks`` are left on disk).
+#: The columns the dataset reads when a cache has them (``id`` and ``target_ranks`` are left on disk):
+#: every format's (``topk_top1``, ``topk_gaps`` and ``sample_id_gaps`` are ``uint8-gap``'s).
 COLUMNS = [
-    "line", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs",
-    "sample_ids", "sample_counts", "sample_logprobs",
+    "line", "input_ids", "topk_ids", "topk_logprobs", "topk_top1", "topk_gaps", "target_logprobs",
+    "sample_ids", "sample_id_gaps", "sample_counts", "sample_logprobs",
 ]
 
-#: Sampled-target columns: n lists per row, each of the distinct tokens drawn at that position.
+#: Sampled-target arrays: n lists per row, each of the distinct tokens drawn at that position
+#: (``sample_logprobs`` only from a cache that stored them: ``teacher-farm cache --sample-logprobs``).
 SAMPLE_COLUMNS = ("sample_ids", "sample_counts", "sample_logprobs")
 
 
@@ -69,8 +73,9 @@ class RowGroupArrays:
     """The rows of one row group as flat numpy arrays; row r's positions are ``offsets[r]:offsets[r+1]``.
 
     The top-k arrays are None for a cache of sampled targets only; the sample arrays are None for
-    a top-k cache. Sampled targets are ragged per position (``sample_lengths``) and held padded to
-    the row group's widest position S, with ids, counts and logprobs 0 in the padding.
+    a top-k cache, and ``sample_logprobs`` for a cache that did not store them. Sampled targets are
+    ragged per position (``sample_lengths``) and held padded to the row group's widest position S,
+    with ids, counts and logprobs 0 in the padding.
     """
 
     line: np.ndarray  # (rows,) int64
@@ -84,7 +89,7 @@ class RowGroupArrays:
     sample_lengths: np.ndarray | None = None  # (P,) int64, distinct tokens drawn at each position
     sample_ids: np.ndarray | None = None  # (P, S) int64
     sample_counts: np.ndarray | None = None  # (P, S) int16, summing to N per position
-    sample_logprobs: np.ndarray | None = None  # (P, S) float32
+    sample_logprobs: np.ndarray | None = None  # (P, S) float32, when the cache stored them
 
     @property
     def rows(self) -> int:
@@ -113,11 +118,11 @@ def _topk_arrays(table: pa.Table, n: np.ndarray, renormalize: bool) -> tuple[np.
         raise InputError("malformed cache rows: top-k lists of different lengths")
     topk_ids = inner.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(positions, k)
 
-    lp_outer = _column(table, "topk_logprobs")
-    lp_flat = lp_outer.flatten().flatten().to_numpy(zero_copy_only=False)
-    if not np.array_equal(_lengths(lp_outer), n) or lp_flat.size != positions * k:
-        raise InputError("malformed cache rows: topk_logprobs does not match topk_ids")
-    lp = lp_flat.astype(np.float64).reshape(positions, k)
+    lp_column = "topk_top1" if "topk_top1" in table.column_names else "topk_logprobs"
+    lp = topk_logprobs_of(table)
+    if not np.array_equal(_lengths(_column(table, lp_column)), n) or lp.shape != (positions, k):
+        raise InputError("malformed cache rows: the top-k logprobs do not match topk_ids")
+    lp = lp.astype(np.float64)
 
     if positions and k:
         top = lp.max(axis=1, keepdims=True)
@@ -133,36 +138,37 @@ def _topk_arrays(table: pa.Table, n: np.ndarray, renormalize: bool) -> tuple[np.
 
 
 def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
-    """The sampled targets of the rows, padded per position to the widest: (P,) and three (P, S)."""
-    lengths = None
-    out: dict[str, np.ndarray] = {}
+    """The sampled targets of the rows, padded per position to the widest: (P,) and (P, S) each."""
+    id_column = "sample_id_gaps" if "sample_id_gaps" in table.column_names else "sample_ids"
+    if not np.array_equal(_lengths(_column(table, id_column)), n):
+        raise InputError(f"malformed cache rows: {id_column} has not one list per input token")
+    lengths, ids = sample_ids_of(table)
+    P, S = len(lengths), int(lengths.max()) if len(lengths) else 0
+    # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
+    dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - offsets(lengths)[:-1], lengths)
+    out: dict[str, np.ndarray] = {"sample_lengths": lengths}
     for name, dtype in (("sample_ids", np.int64), ("sample_counts", np.int16), ("sample_logprobs", np.float32)):
-        outer = _column(table, name)
-        if not np.array_equal(_lengths(outer), n):
-            raise InputError(f"malformed cache rows: {name} has not one list per input token")
-        inner = outer.flatten()
-        mine = _lengths(inner)
-        if lengths is None:
-            lengths = mine
-            P, S = len(lengths), int(lengths.max()) if len(lengths) else 0
-            # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
-            dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - offsets(lengths)[:-1], lengths)
-        elif not np.array_equal(mine, lengths):
-            raise InputError(f"malformed cache rows: {name} does not match sample_ids")
-        values = inner.flatten().to_numpy(zero_copy_only=False)
+        if name == "sample_ids":
+            values = ids
+        elif name not in table.column_names:
+            continue  # sample_logprobs, stored only when asked
+        else:
+            outer = _column(table, name)
+            inner = outer.flatten()
+            if not np.array_equal(_lengths(outer), n) or not np.array_equal(_lengths(inner), lengths):
+                raise InputError(f"malformed cache rows: {name} does not match {id_column}")
+            values = inner.flatten().to_numpy(zero_copy_only=False)
         block = np.zeros(P * S, dtype=dtype)
         block[dest] = values
-        block = block.reshape(P, S)
-        out[name] = block
-    assert lengths is not None
-    out["sample_lengths"] = lengths
+        out[name] = block.reshape(P, S)
     return out
 
 
 def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupArrays:
     """Convert cache rows (one row group, or any cache table) to numpy with whole-array operations.
 
-    Logprobs come back as float32 whatever the stored dtype. ``tail_logprob`` is
+    Logprobs come back as float32 whatever the stored format (``schemas/formats.py``: within its
+    stated error of what the teacher sent), sampled ids as ids. ``tail_logprob`` is
     ``log(1 - sum(exp(topk_logprobs)))`` per position, computed in float64 and floored at
     ``log(TAIL_FLOOR)``. With ``renormalize`` the top-k logprobs are replaced by their log-softmax
     (the teacher restricted to its top-k); ``tail_logprob`` still reports the mass left out.
@@ -173,13 +179,13 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupA
     n = _lengths(ids)
     input_ids = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     names = set(table.column_names)
-    if "topk_ids" not in names and "sample_ids" not in names:
+    if "topk_ids" not in names and not names & {"sample_ids", "sample_id_gaps"}:
         raise InputError("cache rows with neither top-k (topk_ids) nor sampled (sample_ids) targets")
 
     topk_ids = topk_logprobs = tail = None
     if "topk_ids" in names:
         topk_ids, topk_logprobs, tail = _topk_arrays(table, n, renormalize)
-    samples = _sample_arrays(table, n) if "sample_ids" in names else {}
+    samples = _sample_arrays(table, n) if names & {"sample_ids", "sample_id_gaps"} else {}
 
     targets = _column(table, "target_logprobs")
     tn = _lengths(targets)
