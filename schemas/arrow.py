@@ -318,6 +318,9 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     ``sample_id_gaps`` from ``sample_ids``; columns the schema does not name (``sample_logprobs``
     unless asked) are left out.
     """
+    from teacher_farm.schemas.positions import thicken, thin
+
+    table, kept = thicken(table)  # a position rule's dropped positions: encoded as placeholders, nulled after
     names = set(schema.names)
     made: dict[str, pa.Array] = {}
     if names & set(GAP_COLUMNS):
@@ -346,7 +349,8 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
             continue
         col = table.column(field.name)
         columns.append(col if col.type == field.type else col.cast(field.type))
-    return pa.Table.from_arrays(columns, schema=schema)
+    encoded = pa.Table.from_arrays(columns, schema=schema)
+    return encoded if kept is None else thin(encoded, kept)
 
 
 def topk_logprobs_of(table: pa.Table) -> np.ndarray:

@@ -12,8 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: The per-position target columns a rule thins out.
-THINNED_COLUMNS = ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs")
+#: The per-position target columns a rule thins out (on the wire and in every stored format).
+THINNED_COLUMNS = (
+    "topk_ids", "topk_logprobs", "topk_top1", "topk_gaps", "sample_ids", "sample_id_gaps", "sample_counts",
+    "sample_logprobs",
+)
 
 
 def _keep(column: pa.Array, kept: np.ndarray) -> pa.Array:
@@ -45,3 +48,73 @@ def kept_mask(column: pa.Array) -> np.ndarray:
     """(P,) bool over every position of the rows: where a per-position target column holds a list."""
     outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return outer.flatten().is_valid().to_numpy(zero_copy_only=False)
+
+
+def _positions(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return outer, outer.values.slice(outer.offsets[0].as_py(), outer.offsets[-1].as_py() - outer.offsets[0].as_py())
+
+
+def _rewrap(outer: pa.Array, inner: pa.Array) -> pa.Array:
+    cut = pa.array(outer.offsets.to_numpy() - outer.offsets[0].as_py())
+    return pa.ListArray.from_arrays(cut, inner, type=pa.list_(inner.type))
+
+
+def thin(table: pa.Table, kept: np.ndarray) -> pa.Table:
+    """Null the per-position targets of ``table`` (any stored layout) where ``kept`` is False.
+
+    Variable lists drop their values there; fixed-size lists and scalars keep placeholders under the
+    null, which Parquet does not store.
+    """
+    mask = pa.array(~kept)
+    for name in THINNED_COLUMNS:
+        if name not in table.column_names:
+            continue
+        outer, inner = _positions(table.column(name))
+        if pa.types.is_fixed_size_list(inner.type):
+            new = pa.FixedSizeListArray.from_arrays(inner.flatten(), type=inner.type, mask=mask)
+        elif pa.types.is_list(inner.type):
+            new = _keep(pa.ListArray.from_arrays(pa.array([0, len(inner)], pa.int32()), inner), kept).flatten()
+        else:
+            new = pc.if_else(pa.array(kept), inner, pa.nulls(len(inner), inner.type))
+        i = table.column_names.index(name)
+        table = table.set_column(i, table.schema.field(i), _rewrap(outer, new))
+    return table
+
+
+def thicken(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
+    """``table`` with every dropped position filled (zeros of the row's width, empty draws), and the mask
+    of kept positions; ``(table, None)`` when every position kept its targets."""
+    present = [name for name in THINNED_COLUMNS if name in table.column_names]
+    if not present:
+        return table, None
+    _, first = _positions(table.column(present[0]))
+    if first.null_count == 0:
+        return table, None
+    kept = first.is_valid().to_numpy(zero_copy_only=False)
+    for name in present:
+        outer, inner = _positions(table.column(name))
+        if pa.types.is_fixed_size_list(inner.type):
+            width = inner.type.list_size
+            dense = np.zeros((len(inner), width), dtype=inner.type.value_type.to_pandas_dtype())
+            dense[kept] = inner.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+            new = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1), inner.type.value_type), width)
+        elif pa.types.is_list(inner.type):
+            lengths = pc.list_value_length(inner).fill_null(0).to_numpy(zero_copy_only=False)
+            values = inner.flatten()
+            # Top-k lists have one width: a dropped position gets that many zeros; draws get none.
+            width = int(lengths[kept].max()) if name.startswith("topk") and kept.any() else 0
+            if width and (lengths[kept] != width).any():
+                raise ValueError(f"{name}: top-k lists of different lengths")
+            fill = np.where(kept, lengths, width)
+            dense = np.zeros(int(fill.sum()), dtype=values.type.to_pandas_dtype())
+            where = np.repeat(kept, fill)
+            dense[where] = values.to_numpy(zero_copy_only=False)
+            cut = np.zeros(len(fill) + 1, np.int32)
+            np.cumsum(fill, out=cut[1:])
+            new = pa.ListArray.from_arrays(pa.array(cut), pa.array(dense, values.type))
+        else:
+            new = inner.fill_null(0)
+        i = table.column_names.index(name)
+        table = table.set_column(i, pa.field(name, pa.list_(new.type)), _rewrap(outer, new))
+    return table, kept

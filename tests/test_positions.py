@@ -253,3 +253,50 @@ def test_assistant_positions_and_windows_are_refused_together(tmp_path):
         CacheRun(CacheOptions(input=str(tmp_path / "x.jsonl"), out_dir=tmp_path / "o", long_lines="window",
                               scoring=Scoring(positions="assistant")), teacher=None)
 
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float16", "uint8-gap"])
+@pytest.mark.parametrize("targets", ["topk", "both", "sampled"])
+def test_every_format_stores_only_the_kept_positions_and_reads_them_back(tmp_path, fmt, targets):
+    import pyarrow.parquet as pq
+
+    from teacher_farm.schemas.arrow import (
+        ScoredSequence, cache_schema, cast_logprobs, encode_rows, results_to_table, with_source_columns,
+    )
+    from teacher_farm.schemas.formats import FORMATS
+    from teacher_farm.training.reader import row_group_arrays
+
+    rng = np.random.default_rng(7)
+    k = 4
+
+    def seq(n, selected):
+        lp = np.sort(rng.normal(-3, 2, size=(n, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+        lengths = rng.integers(1, 5, n).astype(np.int32)
+        ids = np.concatenate([np.sort(rng.choice(300, m, replace=False)) for m in lengths]).astype(np.int32)
+        return ScoredSequence(
+            None, rng.integers(0, 300, n).astype(np.int32), rng.integers(0, 300, (n, k)).astype(np.int32), lp,
+            rng.normal(-2, 1, n - 1).astype(np.float32), np.ones(n - 1, np.int32), lengths, ids,
+            rng.integers(1, 9, lengths.sum()).astype(np.int16), rng.normal(-2, 1, lengths.sum()).astype(np.float32),
+            selected=selected,
+        )
+
+    seqs = [seq(9, np.arange(9) % 3 == 0), seq(5, np.zeros(5, bool)), seq(7, np.arange(7) % 2 == 1)]
+    kept = np.concatenate([s.selected for s in seqs])
+    table = with_source_columns(results_to_table(seqs, k, targets), [0, 1, 2], ["a.jsonl"] * 3)
+    wire = "float32" if fmt != "float16" else "float16"
+    schema = cache_schema(fmt, targets, k=k, samples=8, sample_logprobs=True)
+    pq.write_table(encode_rows(cast_logprobs(table, wire), schema), tmp_path / "s.parquet")
+    back = pq.read_table(tmp_path / "s.parquet")
+    a = row_group_arrays(back)
+    assert a.kept.tolist() == kept.tolist()
+    if targets != "sampled":
+        want_ids = np.concatenate([s.topk_ids for s in seqs])
+        want_lp = FORMATS[fmt].round_trip(np.concatenate([s.topk_logprobs for s in seqs]))
+        np.testing.assert_array_equal(a.topk_ids[kept], want_ids[kept])
+        np.testing.assert_allclose(a.topk_logprobs[kept], want_lp[kept], atol=1e-6)
+        assert (a.topk_ids[~kept] == 0).all()
+    if targets != "topk":
+        lengths = np.concatenate([s.sample_lengths for s in seqs])
+        assert a.sample_lengths.tolist() == np.where(kept, lengths, 0).tolist()
+    # Targets stay at every position.
+    assert len(a.target_logprobs) == sum(len(s.input_ids) - 1 for s in seqs)

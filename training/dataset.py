@@ -231,7 +231,7 @@ def sequence_items(
     import torch
 
     per_position = {"input_ids": a.input_ids, "topk_ids": a.topk_ids, "topk_logprobs": a.topk_logprobs,
-                    "tail_logprob": a.tail_logprob}
+                    "tail_logprob": a.tail_logprob, "kept": a.kept}
     per_position = {k: torch.from_numpy(v) for k, v in per_position.items() if v is not None}
     samples = {k: torch.from_numpy(getattr(a, k)) for k in SAMPLE_COLUMNS if getattr(a, k) is not None}
     targets = torch.from_numpy(a.target_logprobs)

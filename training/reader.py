@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from teacher_farm.schemas.arrow import offsets, sample_ids_of, topk_logprobs_of
 from teacher_farm.schemas.cache_dir import CacheDir
 from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.positions import thicken
 from teacher_farm.schemas.windows import owned_positions, ranges
 
 #: The smallest probability mass ``tail_logprob`` reports: log(TAIL_FLOOR) when the top-k hold
@@ -90,6 +91,8 @@ class RowGroupArrays:
     sample_ids: np.ndarray | None = None  # (P, S) int64
     sample_counts: np.ndarray | None = None  # (P, S) int16, summing to N per position
     sample_logprobs: np.ndarray | None = None  # (P, S) float32, when the cache stored them
+    #: The positions whose targets the cache kept (``--positions``); None: every position.
+    kept: np.ndarray | None = None  # (P,) bool
 
     @property
     def rows(self) -> int:
@@ -173,7 +176,9 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupA
     ``log(TAIL_FLOOR)``. With ``renormalize`` the top-k logprobs are replaced by their log-softmax
     (the teacher restricted to its top-k); ``tail_logprob`` still reports the mass left out.
     Sampled targets, when the table has them, come padded per position (see :class:`RowGroupArrays`).
+    A cache written with ``--positions`` gives ``kept``; its dropped positions read as zeros.
     """
+    table, kept = thicken(table)
     lines = _column(table, "line").to_numpy(zero_copy_only=False).astype(np.int64)
     ids = _column(table, "input_ids")
     n = _lengths(ids)
@@ -195,7 +200,7 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False) -> RowGroupA
     return RowGroupArrays(
         line=lines, offsets=offsets(n), input_ids=input_ids, topk_ids=topk_ids,
         topk_logprobs=topk_logprobs, tail_logprob=tail,
-        target_logprobs=target_logprobs, target_offsets=offsets(tn), **samples,
+        target_logprobs=target_logprobs, target_offsets=offsets(tn), kept=kept, **samples,
     )
 
 
@@ -228,7 +233,7 @@ def join_windows(a: RowGroupArrays, offset: np.ndarray) -> RowGroupArrays:
     per_position = {
         name: None if getattr(a, name) is None else getattr(a, name)[take]
         for name in ("topk_ids", "topk_logprobs", "tail_logprob", "sample_lengths", "sample_ids", "sample_counts",
-                     "sample_logprobs")
+                     "sample_logprobs", "kept")
     }
     return RowGroupArrays(
         line=a.line[first], offsets=offsets(lengths), input_ids=a.input_ids[take], **per_position,
