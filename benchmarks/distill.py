@@ -110,14 +110,14 @@ def train_teacher(model_dir: Path, train: list[str], steps: int, seed: int) -> d
 
 
 def run_cache(model_dir: Path, train: list[str], out: Path, k: int, samples: int, seed: int,
-              logprob_dtype: str = "float16") -> float:
+              logprob_dtype: str = "float16", targets: str = "both", positions: str = "all") -> float:
     src = out.parent / "train.jsonl"
     src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(train)))
     cmd = [
         sys.executable, "-m", "teacher_farm.cli", "cache", "--model", str(model_dir), "--input", str(src),
-        "--out", str(out), "--k", str(k), "--targets", "both", "--samples", str(samples), "--seed", str(seed),
+        "--out", str(out), "--k", str(k), "--targets", targets, "--samples", str(samples), "--seed", str(seed),
         "--max-length", str(SEQ), "--logprob-dtype", logprob_dtype, "--dtype", "float32", "--enforce-eager",
-        "--gpu-memory-utilization", "0.2", "--max-model-len", "1024",
+        "--gpu-memory-utilization", "0.2", "--max-model-len", "1024", "--positions", positions,
     ]
     t0 = time.monotonic()
     for attempt in (1, 2):  # an engine start can fail on a busy shared machine (memory); the cache resumes
@@ -174,6 +174,9 @@ def train_student(method: str, items: list[dict], teacher, args, vocab: int, bos
     student = make_student(vocab, bos, eos, args.seed).train()
     opt = torch.optim.AdamW(student.parameters(), lr=args.student_lr, weight_decay=0.01)
     losses = {"topk_tail": TopkTailKLLoss(), "topk_renorm": TopkRenormKLLoss(), "sampled": SampledKDLoss()}
+    # The compact and position-rule rows train with the loss of their kind, on their own cache's items.
+    losses |= {"topk_tail_compact": losses["topk_tail"], "sampled_compact": losses["sampled"],
+               "sampled_entropy": losses["sampled"]}
     steps_per_epoch = -(-len(items) // args.batch_size)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / total))
@@ -248,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--logprob-dtype", default="float16", help="the cache's format (teacher-farm cache --logprob-dtype)")
-    p.add_argument("--methods", default="no_kd,full_kd,topk_tail,topk_renorm,sampled")
+    p.add_argument("--methods",
+                   default="no_kd,full_kd,topk_tail,topk_renorm,sampled,topk_tail_compact,sampled_compact,sampled_entropy")
+    p.add_argument("--compact", default="uint8-gap", help="the compact rows' format")
+    p.add_argument("--entropy-share", type=float, default=0.25, help="F of the entropy:F row (sampled targets)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,14 +287,36 @@ def main(argv: list[str] | None = None) -> None:
     per_token = bytes_per_token(cache)
     cost = {"no_kd": None, "full_kd": None, "topk_tail": per_token["topk"], "topk_renorm": per_token["topk"],
             "sampled": per_token["sampled"]}
-    for method in args.methods.split(","):
-        student, secs = train_student(method, items, teacher, args, len(tok), tok.bos_token_id, tok.eos_token_id)
+    methods = args.methods.split(",")
+    items_of = dict.fromkeys(methods, items)
+    if {"topk_tail_compact", "sampled_compact"} & set(methods):
+        compact = args.out / "cache-compact"
+        secs = run_cache(model_dir, train, compact, args.k, args.samples, args.seed, args.compact)
+        compact_items = list(TopkDataset(compact))
+        per_token["compact"] = bytes_per_token(compact)
+        cost |= {"topk_tail_compact": per_token["compact"]["topk"], "sampled_compact": per_token["compact"]["sampled"]}
+        items_of |= {"topk_tail_compact": compact_items, "sampled_compact": compact_items}
+        print(f"{args.compact} cache: {per_token['compact']} in {secs:.0f} s", flush=True)
+    if "sampled_entropy" in methods:
+        thin = args.out / "cache-entropy"
+        secs = run_cache(model_dir, train, thin, args.k, args.samples, args.seed, args.compact, targets="sampled",
+                         positions=f"entropy:{args.entropy_share:g}")
+        items_of["sampled_entropy"] = list(TopkDataset(thin))
+        per_token["entropy"] = bytes_per_token(thin)
+        cost["sampled_entropy"] = per_token["entropy"]["sampled"]
+        print(f"entropy:{args.entropy_share:g} cache: {per_token['entropy']} in {secs:.0f} s", flush=True)
+    for method in methods:
+        student, secs = train_student(method, items_of[method], teacher, args, len(tok), tok.bos_token_id,
+                                      tok.eos_token_id)
         results[method] = {**evaluate(student, teacher, held), "bytes_per_token": cost[method], "train_s": secs}
         print(f"{method}: {results[method]}", flush=True)
 
     names = {"teacher": "the teacher itself", "no_kd": "no KD (cross-entropy on the text)",
              "full_kd": "full-distribution KD, online (reference)", "topk_tail": f"top-k k={args.k}, with tail",
-             "topk_renorm": f"top-k k={args.k}, renormalised", "sampled": f"sampled N={args.samples}"}
+             "topk_renorm": f"top-k k={args.k}, renormalised", "sampled": f"sampled N={args.samples}",
+             "topk_tail_compact": f"top-k k={args.k}, with tail, {args.compact}",
+             "sampled_compact": f"sampled N={args.samples}, {args.compact}",
+             "sampled_entropy": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}"}
     full_bytes = len(tok) * 2  # the whole vocabulary at float16, were it cached
     print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads; held-out: {sum(map(len, held))} tokens\n")
@@ -299,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         b = f"{b:.1f}" if b is not None else (f"(online; {full_bytes} if cached)" if key == "full_kd" else "-")
         print(f"| {names[key]} | {r['ce']:.3f} | {r['kl']:.3f} | {r['ece']:.3f} | {b} |")
     (args.out / "results.json").write_text(json.dumps(
-        {"results": results, "teacher_training": teacher_stats, "bytes_per_token": per_token, "args": vars(args)},
+        {"results": results, "names": names, "teacher_training": teacher_stats, "bytes_per_token": per_token,
+         "args": vars(args)},
         default=str, indent=1,
     ))
 
