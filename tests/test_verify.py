@@ -351,3 +351,20 @@ def test_uint8_gap_caches_compare_within_one_step():
     # Read as if it were float16, the rounding to whole steps alone is a mismatch: the tolerance is the format's.
     cached["topk_logprobs"][2, 3] += 2 * GAP_STEP
     assert compare_row(cached, fresh, k=K, atol=1e-2, logprob_dtype="float16")[0]
+
+
+def test_one_changed_count_of_the_draws_is_caught():
+    from teacher_farm.client.verify import compare_draws
+
+    # Two positions of N=8 draws: tokens 3, 40, 41 and 7, 300.
+    fresh = {"sample_lengths": np.array([3, 2]), "sample_ids": np.array([3, 40, 41, 7, 300]),
+             "sample_counts": np.array([5, 2, 1, 6, 2])}
+    assert compare_draws(fresh, fresh, 8) == ([], compare_draws(fresh, fresh, 8)[1])
+    assert compare_draws(fresh, fresh, 8)[1].jumped == 0
+    # One draw counted at token 3 instead of 40: the ids are the same, one count is not.
+    cached = {**fresh, "sample_counts": np.array([6, 1, 1, 6, 2])}
+    problems, cmp = compare_draws(cached, fresh, 8)
+    assert cmp.jumped == 1 and "differ beyond a neighbouring token at 1 of 16 draws" in problems[0]
+    # A count that no longer sums to N is refused outright.
+    problems, _ = compare_draws({**fresh, "sample_counts": np.array([5, 2, 1, 6, 1])}, fresh, 8)
+    assert problems and problems[0].startswith("sampled targets")
