@@ -37,6 +37,7 @@ from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import GAP_COLUMNS, decode_rows
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity, read_metadata
 from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.positions import thicken
 
 #: Histogram bins of the top-k mass (over [0, 1]) and of the entropy bound (over [0, log(k + 1)]).
 BINS = 50
@@ -93,17 +94,18 @@ class CacheStats:
         return math.log(self.k + 1)
 
     def add(self, table: pa.Table) -> None:
-        """Fold one row group's rows into the statistics."""
+        """Fold one row group's rows into the statistics (of a ``--positions`` cache: its kept positions)."""
+        table, kept = thicken(table)
         table = decode_rows(table)
         names = set(table.column_names)
         if "topk_logprobs" in names:
-            n = self._add_topk(_column(table, "topk_logprobs"))
+            n = self._add_topk(_column(table, "topk_logprobs"), kept)
         elif "sample_counts" in names:
             n = _lengths(_column(table, "sample_counts"))
         else:
             raise InputError("cache rows with neither top-k (topk_logprobs) nor sampled (sample_counts) targets")
         if "sample_counts" in names:
-            self._add_samples(_column(table, "sample_counts"), n)
+            self._add_samples(_column(table, "sample_counts"), n, kept)
         ranks = _column(table, "target_ranks").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         if ranks.size:
             if ranks.min() < 1:
@@ -120,9 +122,11 @@ class CacheStats:
             entry[0] += rows
             entry[1] += tokens
 
-    def _add_topk(self, outer: pa.Array) -> np.ndarray:
+    def _add_topk(self, outer: pa.Array, kept: np.ndarray | None = None) -> np.ndarray:
         n = _lengths(outer)
         inner = outer.flatten()
+        if kept is not None:
+            inner = inner.filter(pa.array(kept))
         klens = _lengths(inner)
         if klens.size and (klens != self.k).any():
             raise InputError(
@@ -149,11 +153,13 @@ class CacheStats:
             self.entropy_hist += _bin(entropy, self.entropy_max)
         return n
 
-    def _add_samples(self, outer: pa.Array, n: np.ndarray) -> None:
+    def _add_samples(self, outer: pa.Array, n: np.ndarray, kept: np.ndarray | None = None) -> None:
         if not np.array_equal(_lengths(outer), n):
             raise InputError("malformed cache rows: sample_counts has not one list per position")
         self.has_samples = True
         distinct = _lengths(outer.flatten())
+        if kept is not None:
+            distinct = distinct[kept]
         if distinct.size:
             self.distinct_counts = _add_counts(self.distinct_counts, np.bincount(distinct))
 

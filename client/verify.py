@@ -44,6 +44,7 @@ from teacher_farm.schemas.arrow import GAP_COLUMNS, decode_rows, offsets
 from teacher_farm.schemas.cache_dir import CacheDir, ShardRecord
 from teacher_farm.schemas.draws import DrawComparison, expand, moved_draws
 from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.positions import thicken
 from teacher_farm.schemas.formats import logprob_format
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
@@ -168,6 +169,7 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
     if not rows:
         return rows
+    table, kept = thicken(table)  # a --positions cache: its dropped positions read as zeros, ``kept`` says which
     for name in ("id", "line"):
         if name in table.column_names:
             for row, value in zip(rows, table.column(name).to_pylist()):
@@ -177,6 +179,8 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
         values, off = flat.to_numpy(zero_copy_only=False), offsets(lengths)
         for i, row in enumerate(rows):
             row[name] = values[off[i]:off[i + 1]]
+            if name == "input_ids" and kept is not None:
+                row["kept"] = kept[off[i]:off[i + 1]]
     if "sample_ids" in table.column_names:
         for name in SAMPLE_COLUMNS:
             outer, inner = _lengths_and_values(table.column(name).combine_chunks())
@@ -234,6 +238,14 @@ def compare_row(
     if not np.array_equal(ci, fi):
         return [f"input_ids differ from position {int(np.flatnonzero(ci != fi)[0])}"], 0.0
     n = len(ci)
+    ck, fk = cached.get("kept"), fresh.get("kept")
+    if ck is not None or fk is not None:
+        ck = np.ones(n, bool) if ck is None else ck
+        fk = np.ones(n, bool) if fk is None else fk
+        if not np.array_equal(ck, fk):
+            where = np.flatnonzero(ck != fk)
+            return [f"the positions whose targets were kept differ at {len(where)} of {n} (first: position "
+                    f"{int(where[0])}): the teacher keeps other positions under the cache's --positions rule"], 0.0
     c_ids, c_lp = cached["topk_ids"], cached["topk_logprobs"]
     c_t, c_r = np.asarray(cached["target_logprobs"]), np.asarray(cached["target_ranks"])
     shape_problems = []
@@ -328,7 +340,13 @@ def compare_row(
 
 
 def compare_draws(cached: dict[str, Any], fresh: dict[str, Any], samples: int) -> tuple[list[str], DrawComparison | None]:
-    """A row's cached draws against its fresh ones, under the draw contract (``schemas/draws.py``)."""
+    """A row's cached draws against its fresh ones, under the draw contract (``schemas/draws.py``).
+
+    Of a ``--positions`` cache, the kept positions only (``compare_row`` checks they are the same).
+    """
+    kept = cached.get("kept")
+    if kept is not None and fresh.get("kept") is not None and np.array_equal(kept, fresh["kept"]):
+        cached, fresh = _kept_draws(cached, kept), _kept_draws(fresh, kept)
     try:
         a = expand(cached["sample_lengths"], cached["sample_ids"], cached["sample_counts"], samples)
         b = expand(fresh["sample_lengths"], fresh["sample_ids"], fresh["sample_counts"], samples)
@@ -342,6 +360,13 @@ def compare_draws(cached: dict[str, Any], fresh: dict[str, Any], samples: int) -
         return [f"sampled targets differ beyond a neighbouring token at {cmp.jumped} of {cmp.draws} draws: "
                 + _where(bad, lambda p, j: f"position {p}: cached {a[p, j]}, teacher {b[p, j]}")], cmp
     return [], cmp
+
+
+def _kept_draws(row: dict[str, Any], kept: np.ndarray) -> dict[str, Any]:
+    lengths = np.asarray(row["sample_lengths"])
+    flat = np.repeat(kept, lengths)
+    return {"sample_lengths": lengths[kept], "sample_ids": np.asarray(row["sample_ids"])[flat],
+            "sample_counts": np.asarray(row["sample_counts"])[flat]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -383,7 +383,11 @@ def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 def decode_rows(table: pa.Table) -> pa.Table:
     """``table`` with every stored encoding undone: float32 ``topk_logprobs`` for ``topk_top1`` / ``topk_gaps``,
-    ``sample_ids`` for ``sample_id_gaps``; other layouts as they are."""
+    ``sample_ids`` for ``sample_id_gaps``; other layouts as they are. A ``--positions`` cache's dropped
+    positions stay null."""
+    from teacher_farm.schemas.positions import thicken, thin
+
+    table, kept = thicken(table)
     if "topk_top1" in table.column_names:
         lp = topk_logprobs_of(table)
         n = list_lengths(table.column("topk_top1"))
@@ -396,4 +400,4 @@ def decode_rows(table: pa.Table) -> pa.Table:
         column = _ragged(list_lengths(table.column("sample_id_gaps")), lengths, ids.astype(np.int32))
         where = table.schema.get_field_index("sample_id_gaps")
         table = table.drop_columns(["sample_id_gaps"]).add_column(where, "sample_ids", column)
-    return table
+    return table if kept is None else thin(table, kept)

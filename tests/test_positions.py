@@ -188,6 +188,9 @@ def test_a_cache_keeps_targets_at_the_highest_entropy_positions_of_each_line(ser
         for pos in np.flatnonzero(mine):
             assert row["topk_ids"][pos] is not None and len(row["topk_ids"][pos]) == 4
         assert all(row["topk_ids"][pos] is None for pos in np.flatnonzero(~mine))
+    # verify re-scores under the same rule: the same positions, the same values, the same draws.
+    check = teacher_farm("verify", str(out), "--server", server.url, "--api-key", API_KEY, "--sample", "6")
+    assert check.returncode == 0 and "status:     OK" in check.stdout, check.stdout + check.stderr
     # The rule is part of the cache's identity: another rule into the same directory is refused.
     other = teacher_farm(*args[:-1], "entropy:0.5")
     assert other.returncode != 0 and "positions" in other.stderr
@@ -300,3 +303,13 @@ def test_every_format_stores_only_the_kept_positions_and_reads_them_back(tmp_pat
         assert a.sample_lengths.tolist() == np.where(kept, lengths, 0).tolist()
     # Targets stay at every position.
     assert len(a.target_logprobs) == sum(len(s.input_ids) - 1 for s in seqs)
+    # The report counts the kept positions only (every token towards its source).
+    from teacher_farm.client.report import CacheStats
+
+    stats = CacheStats(k=k, samples=8)
+    stats.add(back)
+    assert stats.tokens == len(kept)
+    if targets != "sampled":
+        assert stats.topk_positions == kept.sum() and stats.mass_hist.sum() == kept.sum()
+    if targets != "topk":
+        assert stats.distinct_counts.sum() == kept.sum()
