@@ -277,3 +277,15 @@ def load_manifest(out_dir: Path):
     from teacher_farm.schemas.cache_dir import MANIFEST, load_manifests
 
     return load_manifests(out_dir).get(MANIFEST)
+
+
+def fake_engine_info(**changes):
+    """The ``Info`` of a small made-up engine, for app tests that run without vLLM."""
+    from teacher_farm.schemas.wire import Info, Versions
+
+    fields = dict(
+        model="fake", model_fingerprint="m", tokenizer_fingerprint="t", vocab_size=16, k_max=4, max_model_len=64,
+        max_input_tokens=63, max_inputs_per_request=1 << 30, adds_bos=False,
+        versions=Versions(teacher_farm="0", schema_version=2, vllm="0"),
+    )
+    return Info(**(fields | changes))

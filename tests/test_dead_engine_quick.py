@@ -18,9 +18,8 @@ from teacher_farm.schemas.errors import EngineDead, EngineNotReady
 from teacher_farm.server import app as app_module
 from teacher_farm.server import settings as settings_module
 from teacher_farm.server.app import create_app
-from teacher_farm.schemas.wire import Info, Versions
 from teacher_farm.server.settings import ServerSettings
-from tests.conftest import wait_for
+from tests.conftest import fake_engine_info, wait_for
 
 BODY = {"k": 2, "inputs": [{"token_ids": [1, 2, 3]}]}
 
@@ -37,11 +36,7 @@ class FakeTeacher:
 
     def __init__(self) -> None:
         self.llm = FakeLLM()
-        self.info = Info(
-            model="fake", model_fingerprint="m", tokenizer_fingerprint="t", vocab_size=16, k_max=4, max_model_len=64,
-            max_input_tokens=63, max_inputs_per_request=1 << 30, adds_bos=False,
-            versions=Versions(teacher_farm="0", schema_version=2, vllm="0"),
-        )
+        self.info = fake_engine_info()
         self.die_while_scoring = False
 
     def prepare(self, req):

@@ -25,7 +25,7 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import API_KEY, wait_for
+from tests.conftest import API_KEY, fake_engine_info, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -231,14 +231,9 @@ class FakeTeacher:
     """A loaded teacher whose scoring waits for ``release``; its engine can be made to die."""
 
     def __init__(self) -> None:
-        from teacher_farm.schemas.wire import Info, Versions
-
+        
         self.llm = FakeLLM()
-        self.info = Info(
-            model="fake", model_fingerprint="m", tokenizer_fingerprint="t", vocab_size=16, k_max=4, max_model_len=64,
-            max_input_tokens=63, max_inputs_per_request=1 << 30, adds_bos=False,
-            versions=Versions(teacher_farm="0", schema_version=2, vllm="0"),
-        )
+        self.info = fake_engine_info()
         self.release = threading.Event()
 
     def prepare(self, req):
