@@ -170,6 +170,20 @@ def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: to
     return kl[m].mean()
 
 
+def kd_where_kept_ce_elsewhere(kd, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Token-selective KD: the KD loss at the positions the cache kept, the text's cross-entropy at the others."""
+    real = batch["attention_mask"].bool()
+    kept = batch["kept_mask"] & real
+    n_kd = kept.sum()
+    kd_sum = kd(logits, batch) * n_kd  # the loss is the mean over the kept positions
+    # Position t predicts token t+1: its cross-entropy counts where t is real, not kept, and t+1 exists.
+    other = real[:, :-1] & real[:, 1:] & ~kept[:, :-1]
+    labels = batch["input_ids"][:, 1:].masked_fill(~other, -100)
+    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    return (kd_sum + ce_sum) / (n_kd + other.sum()).clamp_min(1)
+
+
 def train_student(method: str, items: list[dict], teacher, args, vocab: int, bos: int, eos: int) -> tuple:
     student = make_student(vocab, bos, eos, args.seed).train()
     opt = torch.optim.AdamW(student.parameters(), lr=args.student_lr, weight_decay=0.01)
@@ -192,6 +206,8 @@ def train_student(method: str, items: list[dict], teacher, args, vocab: int, bos
                 with torch.no_grad():
                     t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = full_kl(t_logits, logits, batch["attention_mask"])
+            elif method == "sampled_entropy_ce":
+                loss = kd_where_kept_ce_elsewhere(losses["sampled"], logits, batch)
             else:
                 loss = losses[method](logits, batch)
             loss.backward()
@@ -252,9 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--logprob-dtype", default="float16", help="the cache's format (teacher-farm cache --logprob-dtype)")
     p.add_argument("--methods",
-                   default="no_kd,full_kd,topk_tail,topk_renorm,sampled,topk_tail_compact,sampled_compact,sampled_entropy")
+                   default="no_kd,full_kd,topk_tail,topk_renorm,sampled,topk_tail_compact,sampled_compact,"
+                           "sampled_entropy,sampled_entropy_ce")
     p.add_argument("--compact", default="uint8-gap", help="the compact rows' format")
-    p.add_argument("--entropy-share", type=float, default=0.25, help="F of the entropy:F row (sampled targets)")
+    p.add_argument("--entropy-share", type=float, default=0.25, help="F of the entropy:F rows (sampled targets)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the teacher, caches and results of an earlier run in --out; run only --methods")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -267,11 +286,17 @@ def main(argv: list[str] | None = None) -> None:
     corpus = args.out / "corpus.txt"
     corpus.write_text("\n".join(train))
     model_dir = args.out / "teacher"
-    make_tiny_model(model_dir, [corpus], vocab_size=args.vocab, hidden_size=128, num_layers=2, num_heads=2,
-                    max_position_embeddings=1024, seed=args.seed)
+    if not (args.reuse and (args.out / "teacher-training.json").exists()):
+        make_tiny_model(model_dir, [corpus], vocab_size=args.vocab, hidden_size=128, num_layers=2, num_heads=2,
+                        max_position_embeddings=1024, seed=args.seed)
     print(f"{len(train)} training and {len(heldout)} held-out documents; training the teacher "
           f"for {args.teacher_steps} steps", flush=True)
-    teacher_stats = train_teacher(model_dir, train, args.teacher_steps, args.seed)
+    trained = args.out / "teacher-training.json"
+    if args.reuse and trained.exists():  # the same seed's teacher and caches, from an earlier run
+        teacher_stats = json.loads(trained.read_text())
+    else:
+        teacher_stats = train_teacher(model_dir, train, args.teacher_steps, args.seed)
+        trained.write_text(json.dumps(teacher_stats))
     print(f"teacher: {teacher_stats}", flush=True)
 
     cache = args.out / "cache"
@@ -284,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     teacher = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     held = tokenize(tok, heldout)
     results = {"teacher": evaluate(teacher, teacher, held)}
+    earlier = args.out / "results.json"
+    if args.reuse and earlier.exists():
+        results = json.loads(earlier.read_text())["results"] | results
     per_token = bytes_per_token(cache)
     cost = {"no_kd": None, "full_kd": None, "topk_tail": per_token["topk"], "topk_renorm": per_token["topk"],
             "sampled": per_token["sampled"]}
@@ -297,13 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         cost |= {"topk_tail_compact": per_token["compact"]["topk"], "sampled_compact": per_token["compact"]["sampled"]}
         items_of |= {"topk_tail_compact": compact_items, "sampled_compact": compact_items}
         print(f"{args.compact} cache: {per_token['compact']} in {secs:.0f} s", flush=True)
-    if "sampled_entropy" in methods:
+    if {"sampled_entropy", "sampled_entropy_ce"} & set(methods):
         thin = args.out / "cache-entropy"
         secs = run_cache(model_dir, train, thin, args.k, args.samples, args.seed, args.compact, targets="sampled",
                          positions=f"entropy:{args.entropy_share:g}")
-        items_of["sampled_entropy"] = list(TopkDataset(thin))
+        items_of["sampled_entropy"] = items_of["sampled_entropy_ce"] = list(TopkDataset(thin))
         per_token["entropy"] = bytes_per_token(thin)
-        cost["sampled_entropy"] = per_token["entropy"]["sampled"]
+        cost["sampled_entropy"] = cost["sampled_entropy_ce"] = per_token["entropy"]["sampled"]
         print(f"entropy:{args.entropy_share:g} cache: {per_token['entropy']} in {secs:.0f} s", flush=True)
     for method in methods:
         student, secs = train_student(method, items_of[method], teacher, args, len(tok), tok.bos_token_id,
@@ -316,7 +344,9 @@ def main(argv: list[str] | None = None) -> None:
              "topk_renorm": f"top-k k={args.k}, renormalised", "sampled": f"sampled N={args.samples}",
              "topk_tail_compact": f"top-k k={args.k}, with tail, {args.compact}",
              "sampled_compact": f"sampled N={args.samples}, {args.compact}",
-             "sampled_entropy": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}"}
+             "sampled_entropy": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}",
+             "sampled_entropy_ce": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}, "
+                                   "text CE at the other positions"}
     full_bytes = len(tok) * 2  # the whole vocabulary at float16, were it cached
     print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads; held-out: {sum(map(len, held))} tokens\n")
