@@ -46,16 +46,22 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    markers = "os^Dv"
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    markers = "os^D"
+    floor = -0.6  # rows far worse than no KD are drawn at the floor, their value written beside
     for i, key in enumerate(rows):
         xs = [r["results"][key]["bytes_per_token"] for r in runs]
         ys = [gap_closed(r["results"], key) for r in runs]
         color = f"C{i}"
         for j, (x, y) in enumerate(zip(xs, ys)):
-            ax.scatter(x, y, color=color, marker=markers[j % len(markers)], s=50,
+            shown = max(y, floor)
+            ax.scatter(x, shown, color=color, marker="v" if y < floor else markers[j % len(markers)], s=50,
                        label=names[key] if j == 0 else None)
-        ax.plot(xs, ys, color=color, alpha=0.3)
+            if y < floor:
+                ax.annotate(f"{y:.1f}", (x, shown), textcoords="offset points", xytext=(6, 4 + 10 * j), fontsize=7,
+                            color=color)
+        ax.plot(xs, [max(y, floor) for y in ys], color=color, alpha=0.3)
+    ax.set_ylim(floor - 0.1, 1.15)
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
@@ -64,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("cache bytes per token (log scale)")
     ax.set_ylabel("share of the KL gap closed (no KD = 0, full KD = 1)")
-    ax.set_title(f"Quality for bytes: the distillation benchmark, seeds {', '.join(map(str, seeds))} "
-                 f"(marker per seed)", fontsize=10)
+    shapes = ", ".join(f"{'circle square triangle diamond'.split()[j % 4]}: seed {seed}" for j, seed in enumerate(seeds))
+    ax.set_title(f"Quality for bytes: the distillation benchmark ({shapes}; a ▼ is below the axis, its value beside)",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     a.png.parent.mkdir(parents=True, exist_ok=True)
