@@ -1,1 +1,1 @@
-"""The teacher-farm client: stream a JSONL corpus to teacher servers, persist top-k as Parquet."""
+"""Any node, no torch or vLLM: read corpora, reach servers, write and check caches (teacher_farm.client)."""

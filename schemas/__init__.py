@@ -1,4 +1,4 @@
-"""What the teacher-farm server and client share: wire models, the cache's Arrow schema, errors."""
+"""What all sides agree on: scoring, wire models, cache layout, identity, errors (teacher_farm.schemas)."""
 
 __version__ = "0.1.0"
 

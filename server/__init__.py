@@ -1,1 +1,1 @@
-"""The teacher-farm server: a vLLM teacher in process behind a small FastAPI app."""
+"""A GPU node: the teacher in vLLM in process, behind a FastAPI app (``teacher_farm.server``)."""

@@ -1,4 +1,4 @@
-"""The student's side: a cache (or an online teacher) into a PyTorch training loop. Installed as ``teacher_farm.training``.
+"""The student's side: caches or an online teacher into PyTorch training (``teacher_farm.training``).
 
 Needs torch (``pip install 'teacher-farm[training]'``) and no vLLM, except ``reader`` and
 ``tokenizer``, which need numpy and pyarrow only: the names below are imported from their module on
