@@ -212,10 +212,10 @@ def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "
         columns["sample_logprobs"] = _ragged(n, lengths, cat("sample_logprobs", np.float32))
     table = pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
     if any(r.selected is not None for r in results):
-        from teacher_farm.schemas.positions import keep_positions
+        from teacher_farm.schemas.positions import thin
 
         kept = np.concatenate([np.ones(len(r.input_ids), bool) if r.selected is None else r.selected for r in results])
-        table = keep_positions(table, kept)
+        table = thin(table, kept)
     return table
 
 

@@ -19,40 +19,10 @@ THINNED_COLUMNS = (
 )
 
 
-def _keep(column: pa.Array, kept: np.ndarray) -> pa.Array:
-    """A list<list<...>> column with the inner lists at positions not ``kept`` made null (values dropped)."""
-    outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    inner = outer.flatten()
-    lengths = pc.list_value_length(inner).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = inner.flatten()
-    keep_values = np.repeat(kept, lengths)
-    new_lengths = np.where(kept, lengths, 0)
-    inner_offsets = np.zeros(len(new_lengths) + 1, dtype=np.int32)
-    np.cumsum(new_lengths, out=inner_offsets[1:])
-    thinned = pa.ListArray.from_arrays(
-        pa.array(inner_offsets), values.filter(pa.array(keep_values)), type=inner.type, mask=pa.array(~kept),
-    )
-    return pa.ListArray.from_arrays(outer.offsets, thinned, type=outer.type)
-
-
-def keep_positions(table: pa.Table, kept: np.ndarray) -> pa.Table:
-    """``table`` (result or cache rows) with targets only at the positions ``kept`` ((P,) bool over all rows)."""
-    for name in THINNED_COLUMNS:
-        if name in table.column_names:
-            i = table.column_names.index(name)
-            table = table.set_column(i, table.schema.field(i), _keep(table.column(name), kept))
-    return table
-
-
-def kept_mask(column: pa.Array) -> np.ndarray:
-    """(P,) bool over every position of the rows: where a per-position target column holds a list."""
-    outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return outer.flatten().is_valid().to_numpy(zero_copy_only=False)
-
-
 def _positions(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """A per-position column (one list per row) and its entries, one per position of every row."""
     outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return outer, outer.values.slice(outer.offsets[0].as_py(), outer.offsets[-1].as_py() - outer.offsets[0].as_py())
+    return outer, outer.flatten()
 
 
 def _rewrap(outer: pa.Array, inner: pa.Array) -> pa.Array:
@@ -60,21 +30,36 @@ def _rewrap(outer: pa.Array, inner: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(cut, inner, type=pa.list_(inner.type))
 
 
-def thin(table: pa.Table, kept: np.ndarray) -> pa.Table:
-    """Null the per-position targets of ``table`` (any stored layout) where ``kept`` is False.
+def kept_mask(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(P,) bool over every position of the rows: where a per-position target column holds an entry."""
+    return _positions(column)[1].is_valid().to_numpy(zero_copy_only=False)
 
-    Variable lists drop their values there; fixed-size lists and scalars keep placeholders under the
-    null, which Parquet does not store.
+
+def _thin_lists(inner: pa.ListArray, kept: np.ndarray) -> pa.ListArray:
+    """Variable lists, one per position, null where not ``kept`` and with no values there."""
+    lengths = pc.list_value_length(inner).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    new_lengths = np.where(kept, lengths, 0)
+    cut = np.zeros(len(new_lengths) + 1, dtype=np.int32)
+    np.cumsum(new_lengths, out=cut[1:])
+    values = inner.flatten().filter(pa.array(np.repeat(kept, lengths)))
+    return pa.ListArray.from_arrays(pa.array(cut), values, type=inner.type, mask=pa.array(~kept))
+
+
+def thin(table: pa.Table, kept: np.ndarray) -> pa.Table:
+    """``table`` (result or cache rows, any stored layout) with targets only at the positions ``kept``.
+
+    ``kept`` is (P,) bool over every position of every row. Variable lists drop their values where a
+    position is not kept; fixed-size lists and scalars keep placeholders under the null, which
+    Parquet does not store.
     """
-    mask = pa.array(~kept)
     for name in THINNED_COLUMNS:
         if name not in table.column_names:
             continue
         outer, inner = _positions(table.column(name))
         if pa.types.is_fixed_size_list(inner.type):
-            new = pa.FixedSizeListArray.from_arrays(inner.flatten(), type=inner.type, mask=mask)
+            new = pa.FixedSizeListArray.from_arrays(inner.flatten(), type=inner.type, mask=pa.array(~kept))
         elif pa.types.is_list(inner.type):
-            new = _keep(pa.ListArray.from_arrays(pa.array([0, len(inner)], pa.int32()), inner), kept).flatten()
+            new = _thin_lists(inner, kept)
         else:
             new = pc.if_else(pa.array(kept), inner, pa.nulls(len(inner), inner.type))
         i = table.column_names.index(name)
@@ -88,10 +73,9 @@ def thicken(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
     present = [name for name in THINNED_COLUMNS if name in table.column_names]
     if not present:
         return table, None
-    _, first = _positions(table.column(present[0]))
-    if first.null_count == 0:
+    kept = kept_mask(table.column(present[0]))
+    if kept.all():
         return table, None
-    kept = first.is_valid().to_numpy(zero_copy_only=False)
     for name in present:
         outer, inner = _positions(table.column(name))
         if pa.types.is_fixed_size_list(inner.type):
