@@ -60,10 +60,23 @@ def corrupt_logprob(out, line: int, position: int, delta: float = 0.5):
     row = lines.index(line)
     values = table.column("topk_logprobs").to_pylist()
     values[row][position][0] += delta
-    index = table.schema.get_field_index("topk_logprobs")
-    table = table.set_column(index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type))
-    pq.write_table(table, path)
+    rewrite_column(path, table, "topk_logprobs", values)
     return path
+
+
+def rewrite_column(path, table, name: str, values: list) -> None:
+    """Write ``table`` to ``path`` with column ``name`` replaced by ``values`` (its type kept)."""
+    index = table.schema.get_field_index(name)
+    field = table.schema.field(index)
+    pq.write_table(table.set_column(index, field, pa.array(values, type=field.type)), path)
+
+
+def recommit(out, path) -> None:
+    """Give the manifest the rewritten shard's checksum and size: a change the checksums cannot see."""
+    manifest = load_manifest(out)
+    rec = next(r for r in manifest.shards.values() if r.file == path.name)
+    rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
+    save_manifest(manifest, out)
 
 
 def test_a_fresh_cache_verifies(server, cached):
@@ -117,12 +130,8 @@ def test_a_uint8_gap_cache_verifies_and_a_value_moved_beyond_its_step_is_caught(
     gaps = table.column("topk_gaps").to_pylist()
     row = table.column("line").to_pylist().index(1)
     gaps[row][4][0] += 2
-    index = table.schema.get_field_index("topk_gaps")
-    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(gaps, type=table.schema.field(index).type)), path)
-    manifest = load_manifest(out)
-    rec = next(iter(manifest.shards.values()))
-    rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
-    save_manifest(manifest, out)
+    rewrite_column(path, table, "topk_gaps", gaps)
+    recommit(out, path)
     proc = verify(server, out, "--sample", "3")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "line 1 (id sample-0001): topk_logprobs differ at 3 of" in proc.stdout  # candidates 2, 3 and 4
@@ -143,10 +152,7 @@ def test_a_corrupted_logprob_fails_the_checksum_and_the_rescoring(server, cache_
 
 def test_a_corruption_behind_a_matching_checksum_is_caught_by_rescoring(server, cache_copy):
     path = corrupt_logprob(cache_copy, line=1, position=0, delta=-0.5)
-    manifest = load_manifest(cache_copy)
-    rec = next(r for r in manifest.shards.values() if r.file == path.name)
-    rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
-    save_manifest(manifest, cache_copy)
+    recommit(cache_copy, path)
     proc = verify(server, cache_copy, "--sample", "6")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "0 differ from the manifest" in proc.stdout and "checksum" not in proc.stdout
@@ -192,12 +198,8 @@ def test_sampled_targets_are_drawn_again_and_a_moved_draw_is_caught(server, tmp_
     table = pq.read_table(path)
     ids = table.column("sample_ids").to_pylist()
     ids[2][3] = [(ids[2][3][0] + 500) % 2048, *ids[2][3][1:]]
-    index = table.schema.get_field_index("sample_ids")
-    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(ids, type=table.schema.field(index).type)), path)
-    manifest = load_manifest(out)
-    rec = next(iter(manifest.shards.values()))
-    rec.sha256, rec.bytes = sha256_file(path), path.stat().st_size
-    save_manifest(manifest, out)
+    rewrite_column(path, table, "sample_ids", ids)
+    recommit(out, path)
     proc = verify(server, out, "--sample", "4")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "sampled targets differ beyond a neighbouring token at 1 of" in proc.stdout and "position 3" in proc.stdout
