@@ -420,6 +420,13 @@ class Engine:
             pass
         return to_scored(seq_id, input_ids, final, k, selected)
 
+    async def score_request(self, req: TopkRequest, token_ids: list[list[int]]) -> list[ScoredSequence]:
+        """Score a request's inputs (``prepare``'s token ids) as it asks, its position rule included."""
+        selected = None
+        if req.positions == "assistant":
+            selected = await asyncio.to_thread(self.selected_positions, req, token_ids)
+        return await self.score([x.id for x in req.inputs], token_ids, req.scoring(), selected)
+
     async def score(
         self, ids: Sequence[str | None], token_ids: Sequence[list[int]], scoring: Scoring,
         selected: Sequence[np.ndarray | None] | None = None,

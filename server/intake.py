@@ -114,9 +114,6 @@ async def score_admitted(
             f"{len(req.inputs)} inputs in one request; the limit is {settings.max_inputs_per_request}"
         )
     token_ids = await asyncio.to_thread(engine.prepare, req)
-    selected = None
-    if req.positions == "assistant":
-        selected = await asyncio.to_thread(engine.selected_positions, req, token_ids)
     total = sum(len(ids) for ids in token_ids)
     if total > settings.max_tokens_per_request:
         raise RequestTooLarge(
@@ -126,7 +123,7 @@ async def score_admitted(
     admission.acquire(total, settings.retry_after_s)
     try:
         with metrics.REQUESTS_IN_FLIGHT.track_inprogress(), metrics.REQUEST_LATENCY.time():
-            results = await engine.score([i.id for i in req.inputs], token_ids, req.scoring(), selected)
+            results = await engine.score_request(req, token_ids)
     except Exception as exc:
         # vLLM's EngineDeadError, or whatever a request in flight meets as its engine dies.
         if engine_dead(engine) or _engine_dead_error(exc):

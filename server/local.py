@@ -40,22 +40,20 @@ class LocalTeacher:
         return self._engine.info
 
     async def score(self, lines: Sequence[Any], scoring: Scoring, max_length: int | None) -> pa.Table:
-        req = TopkRequest(**scoring.model_dump(), max_length=max_length, inputs=[_input(x) for x in lines])
-        token_ids = await asyncio.to_thread(self._engine.prepare, req)
-        selected = None
-        if scoring.positions == "assistant":
-            selected = await asyncio.to_thread(self._engine.selected_positions, req, token_ids)
-        results = await self._engine.score([x.id for x in lines], token_ids, scoring, selected)
-        return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)
+        return await self._answer([_input(x) for x in lines], scoring, max_length)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
     ) -> pa.Table:
         """Score exact token sequences in process."""
-        req = TopkRequest(**scoring.model_dump(), max_length=max_length,
-                          inputs=[TopkInput(id=i, token_ids=[int(t) for t in tokens]) for i, tokens in ids_and_tokens])
+        inputs = [TopkInput(id=i, token_ids=[int(t) for t in tokens]) for i, tokens in ids_and_tokens]
+        return await self._answer(inputs, scoring, max_length)
+
+    async def _answer(self, inputs: list[TopkInput], scoring: Scoring, max_length: int | None) -> pa.Table:
+        """What a server's ``/v1/topk`` answers for ``inputs``: the same steps, without HTTP."""
+        req = TopkRequest(**scoring.model_dump(), max_length=max_length, inputs=inputs)
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
-        results = await self._engine.score([i for i, _ in ids_and_tokens], token_ids, scoring)
+        results = await self._engine.score_request(req, token_ids)
         return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)
 
     async def tokenize(self, text: str) -> list[int]:

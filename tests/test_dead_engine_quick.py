@@ -42,7 +42,7 @@ class FakeTeacher:
     def prepare(self, req):
         return [x.token_ids for x in req.inputs]
 
-    async def score(self, ids, token_ids, scoring, selected=None):
+    async def score_request(self, req, token_ids):
         if self.die_while_scoring:
             self.llm.errored = True
         if self.llm.errored:

@@ -239,7 +239,7 @@ class FakeTeacher:
     def prepare(self, req):
         return [x.token_ids for x in req.inputs]
 
-    async def score(self, ids, token_ids, scoring, selected=None):
+    async def score_request(self, req, token_ids):
         import asyncio
 
         await asyncio.to_thread(self.release.wait, 30)
