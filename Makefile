@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := models/tiny
 OUT := out/sample
 
-.PHONY: setup demo test bench clean-demo
+.PHONY: setup demo test lint bench clean-demo
 
 # The CPU build of vLLM; on a GPU node use: pip install 'teacher-farm[gpu]' instead.
 setup: $(VENV)/.installed
@@ -25,6 +25,19 @@ demo: setup $(MODEL)/config.json
 	$(BIN)/teacher-farm cache --model $(MODEL) --dtype float32 --enforce-eager \
 		--input examples/sample.jsonl --out $(OUT) --k 16
 	$(BIN)/teacher-farm inspect $(OUT)
+
+# The package as it installs (teacher_farm/{client,server,schemas,training}), for the tools that read a
+# package's folder: the editable install maps the sub-packages from the repository's top level.
+LINT_TREE := build/lint
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/teacher_farm
+	cp teacher_farm/*.py $(LINT_TREE)/teacher_farm/
+	for room in client server schemas training; do cp -r $$room $(LINT_TREE)/teacher_farm/; done
+	cd $(LINT_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p teacher_farm
+	cd $(LINT_TREE) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml --no-cache
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=25
