@@ -242,8 +242,13 @@ class RunIdentity(BaseModel):
             raise InputError(f"not a teacher-farm run identity ({exc})") from exc
 
     def metadata(self) -> dict[bytes, bytes]:
-        """Parquet key-value metadata that makes a shard self-describing: every entry, JSON unless a string."""
-        values = {"schema_version": SCHEMA_VERSION, "model": self.cache.model, **self.entries(),
+        """Parquet key-value metadata that makes a shard self-describing: every entry, JSON unless a string.
+
+        All but ``inputs``: the input files' fingerprints stay in the manifest (a corpus of many files
+        would weigh on every shard's footer), so a shard's identity reads back with none.
+        """
+        entries = {key: v for key, v in self.entries().items() if key != "inputs"}
+        values = {"schema_version": SCHEMA_VERSION, "model": self.cache.model, **entries,
                   "package_version": __version__}
         return {
             (METADATA_PREFIX + key).encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
@@ -275,7 +280,7 @@ class RunIdentity(BaseModel):
 
 _RUN_FIELDS = tuple(name for name in RunIdentity.model_fields if name != "cache")
 #: The run's entries that are not strings, JSON in a shard's metadata.
-_JSON_FIELDS = {"max_length", "rows_per_shard", "parts", "stride", "inputs"}
+_JSON_FIELDS = {"max_length", "rows_per_shard", "parts", "stride"}
 
 
 def read_metadata(schema: Any) -> dict[str, str]:
