@@ -36,11 +36,11 @@ from teacher_farm.client.compare import compare_answer, compare_draws, compare_r
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.transport import HttpTeacher, TeacherPool
 from teacher_farm.exits import run_async
+from teacher_farm.schemas import reader
 from teacher_farm.schemas.arrow import offsets
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity, ShardRecord
 from teacher_farm.schemas.draws import DrawComparison
 from teacher_farm.schemas.errors import InputError
-from teacher_farm.schemas import reader
 from teacher_farm.schemas.reader import row_group_arrays
 from teacher_farm.schemas.wire import Info
 
