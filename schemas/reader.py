@@ -1,10 +1,11 @@
 """The one reader of a cache: its shards, their row groups, and cache rows as flat numpy arrays.
 
 Needs numpy and pyarrow only (no torch), so every side uses it: the student's
-:class:`~teacher_farm.training.TopkDataset` (which turns the arrays into tensors, and re-exports these
-names as ``teacher_farm.training``'s), and the client's ``verify`` and ``inspect --report``. Every
-conversion is a whole-array operation over a row group (no loop per token). Without torch, through
-Hugging Face ``datasets``, the shards are plain Parquet::
+:class:`~teacher_farm.training.TopkDataset` (which turns the arrays into tensors; ``teacher_farm.training``
+re-exports the public names), and the client's ``verify`` and ``inspect --report``. :func:`row_groups`
+and :func:`read_rows` read a shard's stored columns (only the row groups needed), :func:`row_group_arrays`
+converts them. Every conversion is a whole-array operation over a row group (no loop per token).
+Without torch, through Hugging Face ``datasets``, the shards are plain Parquet::
 
     import datasets
     from teacher_farm.training import shard_paths
