@@ -31,7 +31,9 @@ from teacher_farm.client.transport import Teacher
 from teacher_farm.schemas.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import encode_rows, with_source_columns
-from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord, load_manifests, manifest_name
+from teacher_farm.schemas.cache_dir import (
+    CacheIdentity, InputFingerprint, Manifest, RunIdentity, ShardRecord, load_manifests, manifest_name,
+)
 from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputWriteError, ServerRejected
 from teacher_farm.schemas.scoring import Scoring
 
@@ -281,26 +283,20 @@ class CacheRun:
                 "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
                 opts.max_length, info.max_model_len, max_length,
             )
-        cache_identity = CacheIdentity(
-            model_fingerprint=info.model_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
-            vocab_size=info.vocab_size, scoring=scoring, logprob_dtype=opts.logprob_dtype,
-            sample_logprobs=opts.sample_logprobs and scoring.targets != "topk", model=info.model,
-        )
-        # The cache's identity and how this run reads its inputs: a rerun must match them all.
-        identity = {
-            **cache_identity.entries(),
-            "max_length": max_length,
-            "text_field": opts.text_field,
-            "id_field": opts.id_field,
-            "rows_per_shard": opts.rows_per_shard,
-            "num_shards": opts.parts,
-            "ids_field": opts.ids_field,
-            "long_lines": opts.long_lines,
-            "stride": (opts.stride or default_stride(max_length)) if opts.long_lines == "window" else None,
-            "inputs": [f.fingerprint() for f in self.files],
-        }
-        if opts.long_lines == "window" and not 1 <= identity["stride"] < max_length:
+        stride = (opts.stride or default_stride(max_length)) if opts.long_lines == "window" else None
+        if stride is not None and not 1 <= stride < max_length:
             raise InputError(f"--stride {opts.stride} must be in 1..{max_length - 1} (below the max length, {max_length})")
+        # The cache's identity and how this run reads its inputs: a rerun must match them all.
+        identity = RunIdentity(
+            cache=CacheIdentity(
+                model_fingerprint=info.model_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
+                vocab_size=info.vocab_size, scoring=scoring, logprob_dtype=opts.logprob_dtype,
+                sample_logprobs=opts.sample_logprobs and scoring.targets != "topk", model=info.model,
+            ),
+            max_length=max_length, text_field=opts.text_field, id_field=opts.id_field, ids_field=opts.ids_field,
+            rows_per_shard=opts.rows_per_shard, parts=opts.parts, long_lines=opts.long_lines, stride=stride,
+            inputs=tuple(InputFingerprint(**f.fingerprint()) for f in self.files),
+        )
         name = manifest_name(opts.parts, opts.part)
         others = load_manifests(self.out)
         for other_name, other in others.items():
@@ -326,7 +322,7 @@ class CacheRun:
             with self._writing(self.out / name):
                 save_manifest(manifest, self.out, name)
         self.manifest_name = name
-        schema = cache_identity.schema()
+        schema = identity.schema()
         return manifest, max_length, schema
 
     async def run(self) -> Summary:

@@ -33,17 +33,17 @@ def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str
         meta = read_metadata(arrow_schema)
         schema = ", ".join(f"{f.name}: {f.type}" for f in arrow_schema)
     nbytes = sum(r.bytes for r in manifest.shards.values())
-    ident = manifest.identity
+    run = manifest.identity
+    ident, scoring = run.cache, run.cache.scoring
     lines = [
         f"cache:      {out_dir}",
         f"status:     {'complete' if not problems else 'NOT OK'}",
-        f"model:      {manifest.provenance.get('model')} (fingerprint {ident.get('model_fingerprint')})",
-        f"tokenizer:  fingerprint {ident.get('tokenizer_fingerprint')}, vocab {ident.get('vocab_size')}",
-        f"k:          {ident.get('k')}, logprobs {ident.get('logprob_dtype')}"
-        + ("" if ident.get("targets", "topk") == "topk" else
-           # A cache of schema 2 kept the logprobs of its draws (it has no sample_logprobs entry).
-           f", {ident.get('samples')} draws ({'with' if ident.get('sample_logprobs', True) else 'without'} their logprobs)")
-        + f", max length {ident.get('max_length')}",
+        f"model:      {manifest.provenance.get('model')} (fingerprint {ident.model_fingerprint})",
+        f"tokenizer:  fingerprint {ident.tokenizer_fingerprint}, vocab {ident.vocab_size}",
+        f"k:          {scoring.k}, logprobs {ident.logprob_dtype}"
+        + ("" if scoring.targets == "topk" else
+           f", {scoring.samples} draws ({'with' if ident.sample_logprobs else 'without'} their logprobs)")
+        + f", max length {run.max_length}",
         f"rows:       {manifest.rows} in {len(manifest.shards)} shards, {manifest.rejects} lines rejected",
         f"tokens:     {manifest.tokens}",
         f"bytes:      {nbytes / 2**20:.1f} MiB, {nbytes / manifest.tokens if manifest.tokens else 0:.1f} bytes/token",

@@ -8,11 +8,9 @@ holds, and how readers find a cache's shards, is the output directory contract
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from teacher_farm.client.fsutil import atomic_write
 from teacher_farm.schemas import SCHEMA_VERSION
-from teacher_farm.schemas.cache_dir import MANIFEST, Manifest
+from teacher_farm.schemas.cache_dir import MANIFEST, Manifest, RunIdentity
 from teacher_farm.schemas.errors import CacheMismatch
 
 
@@ -21,19 +19,14 @@ def save_manifest(manifest: Manifest, out_dir: Path, name: str = MANIFEST) -> No
     atomic_write(Path(out_dir) / name, manifest.to_bytes())
 
 
-def check_identity(existing: Manifest, identity: dict[str, Any], out_dir: Path) -> None:
+def check_identity(existing: Manifest, identity: RunIdentity, out_dir: Path) -> None:
     """Refuse to resume into a directory made with a different model, tokenizer, k or option."""
     if existing.schema_version != SCHEMA_VERSION:
         raise CacheMismatch(
             f"{out_dir} holds a cache of schema version {existing.schema_version}; this teacher-farm "
             f"writes version {SCHEMA_VERSION}. Use a new --out directory."
         )
-    keys = sorted(set(existing.identity) | set(identity))
-    diffs = [
-        f"{key}: {existing.identity.get(key)!r} there, {identity.get(key)!r} now"
-        for key in keys
-        if existing.identity.get(key) != identity.get(key)
-    ]
+    diffs = existing.identity.differences(identity)
     if diffs:
         raise CacheMismatch(
             f"{out_dir} belongs to another cache, made with other settings ("

@@ -29,15 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import atomic_write
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.arrow import GAP_COLUMNS, decode_rows
+from teacher_farm.schemas.arrow import combined, list_lengths, topk_logprobs_of
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity, read_metadata
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.positions import thicken
+from teacher_farm.schemas.reader import row_groups
 
 #: Histogram bins of the top-k mass (over [0, 1]) and of the entropy bound (over [0, log(k + 1)]).
 BINS = 50
@@ -51,17 +51,8 @@ COLORS = {"topk-mass": "#1f77b4", "entropy": "#2ca02c", "rank": "#9467bd", "sour
           "distinct-draws": "#17becf"}
 MARK = "#d62728"
 
-#: The columns read, when a shard has them (every format's: ``topk_top1`` / ``topk_gaps`` are ``uint8-gap``'s).
-_COLUMNS = ("source", "topk_logprobs", *GAP_COLUMNS, "target_ranks", "sample_counts")
-
-
-def _lengths(arr: pa.Array) -> np.ndarray:
-    return pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _column(table: pa.Table, name: str) -> pa.Array:
-    col = table.column(name)
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+#: The columns read, when a shard has them (in any format: ``schemas.reader.stored_columns``).
+_COLUMNS = ("source", "topk_logprobs", "target_ranks", "sample_counts")
 
 
 @dataclass
@@ -96,24 +87,26 @@ class CacheStats:
     def add(self, table: pa.Table) -> None:
         """Fold one row group's rows into the statistics (of a ``--positions`` cache: its kept positions)."""
         table, kept = thicken(table)
-        table = decode_rows(table)
         names = set(table.column_names)
-        if "topk_logprobs" in names:
-            n = self._add_topk(_column(table, "topk_logprobs"), kept)
+        topk = "topk_top1" if "topk_top1" in names else "topk_logprobs" if "topk_logprobs" in names else None
+        if topk is not None:
+            n = list_lengths(combined(table, topk))
+            lp = topk_logprobs_of(table)
+            self._add_topk(lp if kept is None else lp[kept])
         elif "sample_counts" in names:
-            n = _lengths(_column(table, "sample_counts"))
+            n = list_lengths(combined(table, "sample_counts"))
         else:
             raise InputError("cache rows with neither top-k (topk_logprobs) nor sampled (sample_counts) targets")
         if "sample_counts" in names:
-            self._add_samples(_column(table, "sample_counts"), n, kept)
-        ranks = _column(table, "target_ranks").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+            self._add_samples(combined(table, "sample_counts"), n, kept)
+        ranks = combined(table, "target_ranks").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         if ranks.size:
             if ranks.min() < 1:
                 raise InputError(f"malformed cache rows: a target rank of {ranks.min()} (ranks start at 1)")
             self.rank_counts = _add_counts(self.rank_counts, np.bincount(ranks))
         self.rows += table.num_rows
         self.tokens += int(n.sum())
-        source = _column(table, "source") if "source" in names else pa.nulls(table.num_rows, pa.string())
+        source = combined(table, "source") if "source" in names else pa.nulls(table.num_rows, pa.string())
         sums = pa.table({"source": source, "n": pa.array(n)}).group_by("source").aggregate(
             [("n", "sum"), ("n", "count")]
         )
@@ -122,42 +115,33 @@ class CacheStats:
             entry[0] += rows
             entry[1] += tokens
 
-    def _add_topk(self, outer: pa.Array, kept: np.ndarray | None = None) -> np.ndarray:
-        n = _lengths(outer)
-        inner = outer.flatten()
-        if kept is not None:
-            inner = inner.filter(pa.array(kept))
-        klens = _lengths(inner)
-        if klens.size and (klens != self.k).any():
+    def _add_topk(self, lp: np.ndarray) -> None:
+        """Fold in the (positions, k) top-k logprobs of the kept positions, a chunk of positions at a time."""
+        if lp.shape[0] and lp.shape[1] != self.k:
             raise InputError(
-                f"malformed cache rows: top-k lists of {sorted(set(klens.tolist()))[:3]} entries, "
-                f"the cache's k is {self.k}"
+                f"malformed cache rows: top-k lists of [{lp.shape[1]}] entries, the cache's k is {self.k}"
             )
-        values = inner.flatten()
         self.has_topk = True
-        positions = len(inner)
+        positions = lp.shape[0]
         for lo in range(0, positions, CHUNK_POSITIONS):
-            hi = min(positions, lo + CHUNK_POSITIONS)
-            lp = values.slice(lo * self.k, (hi - lo) * self.k).to_numpy(zero_copy_only=False)
-            lp = lp.astype(np.float64).reshape(hi - lo, self.k)
-            p = np.exp(lp)
+            chunk = lp[lo:lo + CHUNK_POSITIONS].astype(np.float64)
+            p = np.exp(chunk)
             mass = p.sum(axis=1)
             tail = np.clip(1.0 - mass, 0.0, 1.0)
             # p is 0 where the teacher ruled a token out (-inf): that term is 0, as is 0 log 0.
-            entropy = -(p * np.where(np.isfinite(lp), lp, 0.0)).sum(axis=1)
+            entropy = -(p * np.where(np.isfinite(chunk), chunk, 0.0)).sum(axis=1)
             entropy -= tail * np.log(np.where(tail > 0, tail, 1.0))
-            self.topk_positions += hi - lo
+            self.topk_positions += len(chunk)
             self.mass_sum += float(mass.sum())
             self.entropy_sum += float(entropy.sum())
             self.mass_hist += _bin(mass, 1.0)
             self.entropy_hist += _bin(entropy, self.entropy_max)
-        return n
 
     def _add_samples(self, outer: pa.Array, n: np.ndarray, kept: np.ndarray | None = None) -> None:
-        if not np.array_equal(_lengths(outer), n):
+        if not np.array_equal(list_lengths(outer), n):
             raise InputError("malformed cache rows: sample_counts has not one list per position")
         self.has_samples = True
-        distinct = _lengths(outer.flatten())
+        distinct = list_lengths(outer.flatten())
         if kept is not None:
             distinct = distinct[kept]
         if distinct.size:
@@ -245,14 +229,13 @@ def scan(out_dir: Path) -> tuple[CacheStats, dict[str, str]]:
         if not path.is_file() or path.stat().st_size != rec.bytes:
             skipped.append(f"{rec.file}: {'missing' if not path.is_file() else 'size differs from the manifest'}")
             continue
-        pf = pq.ParquetFile(path)
         if stats is None:
-            meta = read_metadata(pf.schema_arrow)
-            scoring = CacheIdentity.from_entries(meta).scoring
+            schema = pq.read_schema(path)
+            meta = read_metadata(schema)
+            scoring = CacheIdentity.from_metadata(schema).scoring
             stats = CacheStats(k=scoring.k, samples=scoring.draws or None)
-        columns = [c for c in _COLUMNS if c in pf.schema_arrow.names]
-        for rg in range(pf.num_row_groups):
-            stats.add(pf.read_row_group(rg, columns=columns))
+        for table in row_groups(path, _COLUMNS):
+            stats.add(table)
         stats.shards += 1
     if stats is None:
         why = f" ({'; '.join(skipped)})" if skipped else ""
@@ -447,13 +430,14 @@ figcaption { color: #444; font-size: 0.9em; }
 def render_html(out_dir: Path, stats: CacheStats, meta: dict[str, str], figures: list[Figure]) -> str:
     """The report page: header, numbers table, figures as data: URIs; nothing loaded from elsewhere."""
     e = html.escape
+    ident = CacheIdentity.from_entries(meta)
     facts = [
-        f"model {meta.get('model', '?')}",
+        f"model {ident.model or '?'}",
         f"k {stats.k}",
-        f"targets {meta.get('targets', 'topk')}"
-        + (f" (N = {stats.samples}, seed {meta.get('seed')})" if stats.has_samples else ""),
-        f"temperature {meta.get('temperature', '1')}",
-        f"logprobs {meta.get('logprob_dtype', '?')}",
+        f"targets {ident.scoring.targets}"
+        + (f" (N = {stats.samples}, seed {ident.scoring.seed})" if stats.has_samples else ""),
+        f"temperature {ident.scoring.temperature}",
+        f"logprobs {ident.logprob_dtype}",
         f"{stats.shards} shards",
     ]
     # data-value holds the exact number (repr of a Python int or float), the cell the rounded one.

@@ -9,18 +9,15 @@ Silent corruption of a shard, or a teacher that changed since the cache was made
 3. every shard a sampled row lies in is re-hashed against the manifest's sha256 and size;
 4. the rows' cached ``input_ids`` are sent back as ``token_ids`` (so tokenization cannot differ)
    with k+1 candidates where the server allows it, the extra one showing ties at the k-th place;
-5. per row, with numpy: ``input_ids`` equal; ``topk_logprobs`` and ``target_logprobs`` within
-   ``atol`` plus one unit in the last place of the cache's format (``schemas/formats.py``: a
-   float16 step, or for ``uint8-gap`` a 1/16-nat step below the top-1), the fresh values being
-   stored and read back in that format first; ``topk_ids`` equal except swaps between candidates
-   tied within that tolerance; ``target_ranks`` equal except where ties make the rank ambiguous;
+5. per row, with numpy (``client/compare.py``, which states the rules): ``input_ids`` equal;
+   logprobs within ``atol`` plus one unit in the last place of the cache's format
+   (``schemas/formats.py``), the fresh values stored and read back in that format first;
+   ``topk_ids`` and ``target_ranks`` equal except where ties within that tolerance allow;
 6. sampled targets are drawn again with the cache's seed and compared under the draw contract
    (``schemas/draws.py``): a draw may move to a neighbouring token where its uniform lay on a CDF
    boundary, and only a boundary's share of all draws may; any other difference is a mismatch.
 
-A target ranked beyond the visible candidates cannot have its ties seen, so there a rank may
-differ by ``max(2, rank // 100)``, as float noise between two runs can reorder a tail of near-equal
-logprobs; anything more is a mismatch.
+Rows are read and converted by the one cache reader (``schemas/reader.py``), the teacher's answers too.
 """
 
 from __future__ import annotations
@@ -34,20 +31,23 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from teacher_farm.client.compare import compare_answer, compare_draws, compare_row, split_rows
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.transport import HttpTeacher, TeacherPool
 from teacher_farm.exits import run_async
-from teacher_farm.schemas.arrow import GAP_COLUMNS, decode_rows, offsets
-from teacher_farm.schemas.cache_dir import CacheDir, ShardRecord
-from teacher_farm.schemas.draws import DrawComparison, expand, moved_draws
+from teacher_farm.schemas import reader
+from teacher_farm.schemas.arrow import offsets
+from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity, ShardRecord
+from teacher_farm.schemas.draws import DrawComparison
 from teacher_farm.schemas.errors import InputError
-from teacher_farm.schemas.positions import thicken
-from teacher_farm.schemas.formats import logprob_format
-from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.reader import row_group_arrays
 from teacher_farm.schemas.wire import Info
+
+__all__ = [
+    "CACHE_COLUMNS", "Mismatch", "VerifyOptions", "VerifyReport", "compare_draws", "compare_row", "read_rows",
+    "run_verify", "sample_positions", "table_rows", "teacher_problem", "verify_cache",
+]
 
 #: Default tolerance of logprobs beyond the rounding of the cache's format, by format.
 DEFAULT_ATOL = {"float32": 1e-3, "float16": 1e-2, "uint8-gap": 1e-2}
@@ -57,8 +57,6 @@ SAMPLE_COLUMNS = ["sample_ids", "sample_counts"]
 
 #: Lines of mismatches printed in the report (all are counted).
 REPORT_MISMATCHES = 50
-#: Positions named per kind of difference in one row.
-POSITIONS_SHOWN = 3
 
 
 @dataclass
@@ -126,6 +124,15 @@ class VerifyReport:
         if m.line is not None:
             self.bad_rows.add((m.file, m.line))
 
+    def count(self, row: dict[str, Any], diff: float, draws: DrawComparison | None) -> None:
+        """Count one compared row: its positions, its largest difference and its draws."""
+        self.rows_checked += 1
+        self.positions_checked += len(row["input_ids"])
+        self.max_abs_diff = max(self.max_abs_diff, diff)
+        if draws is not None and self.draws is not None:
+            self.draws = DrawComparison(self.draws.draws + draws.draws, self.draws.moved + draws.moved,
+                                        self.draws.jumped + draws.jumped)
+
     def render(self) -> str:
         lines = [f"verify:     {self.out_dir}", f"teacher:    {self.teacher}"]
         if self.teacher_problem is not None:
@@ -155,222 +162,7 @@ def _count(n: int, noun: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rows as numpy arrays
-
-
-def _lengths_and_values(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """Per-row list lengths (a null list counts 0) and the flattened values of a list array."""
-    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return lengths, pc.list_flatten(arr)
-
-
-def table_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """Each row of a cache or result table as numpy arrays; a ragged top-k row gets None."""
-    rows: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
-    if not rows:
-        return rows
-    table, kept = thicken(table)  # a --positions cache: its dropped positions read as zeros, ``kept`` says which
-    for name in ("id", "line"):
-        if name in table.column_names:
-            for row, value in zip(rows, table.column(name).to_pylist()):
-                row[name] = value
-    for name in ("input_ids", "target_logprobs", "target_ranks"):
-        lengths, flat = _lengths_and_values(table.column(name).combine_chunks())
-        values, off = flat.to_numpy(zero_copy_only=False), offsets(lengths)
-        for i, row in enumerate(rows):
-            row[name] = values[off[i]:off[i + 1]]
-            if name == "input_ids" and kept is not None:
-                row["kept"] = kept[off[i]:off[i + 1]]
-    if "sample_ids" in table.column_names:
-        for name in SAMPLE_COLUMNS:
-            outer, inner = _lengths_and_values(table.column(name).combine_chunks())
-            per_position, flat = _lengths_and_values(inner)
-            values, off, flat_off = flat.to_numpy(zero_copy_only=False), offsets(outer), offsets(per_position)
-            for i, row in enumerate(rows):
-                row["sample_lengths"] = per_position[off[i]:off[i + 1]]
-                row[name] = values[flat_off[off[i]]:flat_off[off[i + 1]]]
-    for name in ("topk_ids", "topk_logprobs"):
-        if name not in table.column_names:
-            continue
-        outer, inner = _lengths_and_values(table.column(name).combine_chunks())
-        widths, flat = _lengths_and_values(inner)
-        values, off, inner_off = flat.to_numpy(zero_copy_only=False), offsets(outer), offsets(widths)
-        for i, row in enumerate(rows):
-            a, b = off[i], off[i + 1]
-            w = widths[a:b]
-            if b == a:
-                row[name] = values[:0].reshape(0, 0)
-            elif (w == w[0]).all():
-                row[name] = values[inner_off[a]:inner_off[b]].reshape(b - a, int(w[0]))
-            else:
-                row[name] = None
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparing one row
-
-
-def _near(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> np.ndarray:
-    """``a`` within ``tol`` of ``b``, elementwise; equal values (two -inf) are near."""
-    with np.errstate(invalid="ignore"):
-        return (a == b) | (np.abs(a - b) <= tol)
-
-
-def _where(positions: np.ndarray, describe) -> str:
-    shown = ", ".join(describe(*p) for p in positions[:POSITIONS_SHOWN])
-    more = f" and {len(positions) - POSITIONS_SHOWN} more" if len(positions) > POSITIONS_SHOWN else ""
-    return shown + more
-
-
-def compare_row(
-    cached: dict[str, Any], fresh: dict[str, Any], *, k: int, atol: float, logprob_dtype: str = "float32",
-) -> tuple[list[str], float]:
-    """What differs between a cached row and its re-scoring (empty when they agree), and max |diff|.
-
-    ``fresh`` may hold more candidates than ``k`` (the extra ones only settle ties at the k-th).
-    """
-    fmt = logprob_format(logprob_dtype)
-    ci = np.asarray(cached["input_ids"])
-    fi = np.asarray(fresh["input_ids"])
-    if len(ci) != len(fi):
-        return [f"input_ids: the teacher scored {len(fi)} tokens of the {len(ci)} sent"], 0.0
-    if not np.array_equal(ci, fi):
-        return [f"input_ids differ from position {int(np.flatnonzero(ci != fi)[0])}"], 0.0
-    n = len(ci)
-    ck, fk = cached.get("kept"), fresh.get("kept")
-    if ck is not None or fk is not None:
-        ck = np.ones(n, bool) if ck is None else ck
-        fk = np.ones(n, bool) if fk is None else fk
-        if not np.array_equal(ck, fk):
-            where = np.flatnonzero(ck != fk)
-            return [f"the positions whose targets were kept differ at {len(where)} of {n} (first: position "
-                    f"{int(where[0])}): the teacher keeps other positions under the cache's --positions rule"], 0.0
-    c_ids, c_lp = cached["topk_ids"], cached["topk_logprobs"]
-    c_t, c_r = np.asarray(cached["target_logprobs"]), np.asarray(cached["target_ranks"])
-    shape_problems = []
-    for name, arr in (("topk_ids", c_ids), ("topk_logprobs", c_lp)):
-        if arr is None or arr.shape != (n, k):
-            got = "ragged" if arr is None else "×".join(map(str, arr.shape))
-            shape_problems.append(f"cached {name} is {got}, not {n}×{k}")
-    for name, arr in (("target_logprobs", c_t), ("target_ranks", c_r)):
-        if arr.shape != (n - 1,):
-            shape_problems.append(f"cached {name} has {len(arr)} values, not {n - 1}")
-    if shape_problems:
-        return shape_problems, 0.0
-    f_ids, f_lp = fresh["topk_ids"], fresh["topk_logprobs"]
-    if (
-        f_ids is None or f_lp is None or f_ids.shape != f_lp.shape or f_ids.shape[0] != n or f_ids.shape[1] < k
-        or len(fresh["target_logprobs"]) != n - 1 or len(fresh["target_ranks"]) != n - 1
-    ):
-        return [f"the teacher's answer does not have {n} positions of at least {k} candidates"], 0.0
-    kf = f_ids.shape[1]
-    problems: list[str] = []
-
-    # Logprobs: fresh values stored and read back in the cache's format; tolerance atol + one unit
-    # in the last place of that format (equal values, -inf included, differ by 0).
-    cl = c_lp.astype(np.float32)
-    fl = fmt.round_trip(f_lp) if f_lp.size else f_lp.astype(np.float32)
-    ct = c_t.astype(np.float32)
-    ft = np.asarray(fresh["target_logprobs"]).astype(fmt.value_dtype).astype(np.float32)
-    tol_c = atol + fmt.ulp(cl)
-    tol_f = atol + fmt.ulp(fl)
-    with np.errstate(invalid="ignore"):
-        d_topk = np.where(cl == fl[:, :k], 0.0, np.abs(cl - fl[:, :k]))
-        d_target = np.where(ct == ft, 0.0, np.abs(ct - ft))
-    diffs = np.concatenate([d_topk.ravel(), d_target])
-    max_diff = float("inf") if np.isnan(diffs).any() else float(diffs.max(initial=0.0))
-    bad = np.argwhere(~(d_topk <= np.maximum(tol_c, tol_f[:, :k])))
-    if len(bad):
-        problems.append(
-            f"topk_logprobs differ at {len(bad)} of {n * k} entries: "
-            + _where(bad, lambda p, c: f"position {p} candidate {c + 1}: cached {cl[p, c]:.6g}, teacher {fl[p, c]:.6g}")
-        )
-    bad = np.flatnonzero(~(d_target <= atol + np.maximum(fmt.value_ulp(ct), fmt.value_ulp(ft))))
-    if len(bad):
-        problems.append(
-            f"target_logprobs differ at {len(bad)} of {n - 1} positions: "
-            + _where(bad[:, None], lambda p: f"position {p}: cached {ct[p]:.6g}, teacher {ft[p]:.6g}")
-        )
-
-    # Candidate ids: equal, except a swap between candidates tied within the tolerance. A candidate
-    # that moved must appear on the other side with the same logprob, or (just past the last
-    # visible place) tie with the other side's last candidate.
-    rows, cols = np.nonzero(c_ids != f_ids[:, :k])
-    if len(rows):
-        want, want_lp, want_tol = c_ids[rows, cols], cl[rows, cols], tol_c[rows, cols]
-        eq = f_ids[rows] == want[:, None]
-        found = (eq & _near(fl[rows], want_lp[:, None], want_tol[:, None])).any(axis=1)
-        edge = ~eq.any(axis=1) & _near(fl[rows, kf - 1], want_lp, want_tol)
-        ok = found | edge
-        got, got_lp, got_tol = f_ids[rows, cols], fl[rows, cols], tol_f[rows, cols]
-        eq = c_ids[rows] == got[:, None]
-        found = (eq & _near(cl[rows], got_lp[:, None], got_tol[:, None])).any(axis=1)
-        edge = ~eq.any(axis=1) & _near(cl[rows, k - 1], got_lp, got_tol)
-        ok &= found | edge
-        bad = np.flatnonzero(~ok)
-        if len(bad):
-            problems.append(
-                f"topk_ids differ beyond ties at {len(bad)} of {n * k} entries: "
-                + _where(bad[:, None], lambda j: f"position {rows[j]} candidate {cols[j] + 1}: cached "
-                         f"{c_ids[rows[j], cols[j]]}, teacher {f_ids[rows[j], cols[j]]}")
-            )
-
-    # Target ranks: equal, or within the range the fresh candidates' ties allow.
-    f_r = np.asarray(fresh["target_ranks"])
-    pos = np.flatnonzero(c_r != f_r)
-    if len(pos):
-        lps, t = fl[pos], ft[pos]
-        tol = atol + np.maximum(fmt.value_ulp(t)[:, None], fmt.ulp(fl)[pos])
-        lo = 1 + (lps > t[:, None] + tol).sum(axis=1)
-        hi = (lps >= t[:, None] - tol).sum(axis=1)
-        rc, rf = c_r[pos].astype(np.int64), f_r[pos].astype(np.int64)
-        visible = lo <= kf
-        ok = np.where(
-            visible & (hi < kf), (rc >= lo) & (rc <= hi),
-            np.where(visible, rc >= lo, (rc > kf) & (np.abs(rc - rf) <= np.maximum(2, rf // 100))),
-        )
-        bad = np.flatnonzero(~ok)
-        if len(bad):
-            problems.append(
-                f"target_ranks differ beyond ties at {len(bad)} of {n - 1} positions: "
-                + _where(bad[:, None], lambda j: f"position {pos[j]}: cached {rc[j]}, teacher {rf[j]}")
-            )
-    return problems, max_diff
-
-
-def compare_draws(cached: dict[str, Any], fresh: dict[str, Any], samples: int) -> tuple[list[str], DrawComparison | None]:
-    """A row's cached draws against its fresh ones, under the draw contract (``schemas/draws.py``).
-
-    Of a ``--positions`` cache, the kept positions only (``compare_row`` checks they are the same).
-    """
-    kept = cached.get("kept")
-    if kept is not None and fresh.get("kept") is not None and np.array_equal(kept, fresh["kept"]):
-        cached, fresh = _kept_draws(cached, kept), _kept_draws(fresh, kept)
-    try:
-        a = expand(cached["sample_lengths"], cached["sample_ids"], cached["sample_counts"], samples)
-        b = expand(fresh["sample_lengths"], fresh["sample_ids"], fresh["sample_counts"], samples)
-    except (KeyError, ValueError) as exc:
-        return [f"sampled targets: {exc}"], None
-    if a.shape != b.shape:
-        return [f"sampled targets at {len(a)} positions, the teacher drew at {len(b)}"], None
-    cmp = moved_draws(a, b)
-    if cmp.jumped:
-        bad = np.argwhere(np.abs(a - b) > 1)
-        return [f"sampled targets differ beyond a neighbouring token at {cmp.jumped} of {cmp.draws} draws: "
-                + _where(bad, lambda p, j: f"position {p}: cached {a[p, j]}, teacher {b[p, j]}")], cmp
-    return [], cmp
-
-
-def _kept_draws(row: dict[str, Any], kept: np.ndarray) -> dict[str, Any]:
-    lengths = np.asarray(row["sample_lengths"])
-    flat = np.repeat(kept, lengths)
-    return {"sample_lengths": lengths[kept], "sample_ids": np.asarray(row["sample_ids"])[flat],
-            "sample_counts": np.asarray(row["sample_counts"])[flat]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling and reading
+# Sampling and reading (the reader itself is ``schemas.reader``; the comparison ``client.compare``)
 
 
 def sample_positions(records: Sequence[ShardRecord], n: int, seed: int) -> dict[int, np.ndarray]:
@@ -388,39 +180,17 @@ def sample_positions(records: Sequence[ShardRecord], n: int, seed: int) -> dict[
     }
 
 
-def stored_columns(columns: Sequence[str], names: Sequence[str]) -> list[str]:
-    """The shard columns (``names``) that hold ``columns``: ``topk_top1`` / ``topk_gaps`` for ``topk_logprobs``
-    and ``sample_id_gaps`` for ``sample_ids`` in a ``uint8-gap`` cache."""
-    out = []
-    for c in columns:
-        if c == "topk_logprobs" and c not in names and GAP_COLUMNS[0] in names:
-            out += [g for g in GAP_COLUMNS if g in names]
-        elif c == "sample_ids" and c not in names and "sample_id_gaps" in names:
-            out.append("sample_id_gaps")
-        else:
-            out.append(c)
-    return out
+def read_rows(
+    path: Path, rows: np.ndarray, columns: Sequence[str] = CACHE_COLUMNS,
+) -> tuple[pa.Table, list[str]]:
+    """The sampled rows of a shard, of the columns verify compares (``schemas.reader.read_rows``)."""
+    return reader.read_rows(path, rows, columns)
 
 
-def read_rows(path: Path, rows: np.ndarray, columns: Sequence[str] = CACHE_COLUMNS) -> tuple[pa.Table, list[str]]:
-    """The given rows of a shard, reading only the row groups that hold them, decoded to plain columns
-    (``decode_rows``); and any problems."""
-    pf = pq.ParquetFile(path)
-    columns = stored_columns(columns, pf.schema_arrow.names)
-    meta = pf.metadata
-    problems = []
-    if (missing := rows[rows >= meta.num_rows]).size:
-        problems.append(f"{meta.num_rows} rows in the file, fewer than the manifest says; rows {missing[:5].tolist()} absent")
-        rows = rows[rows < meta.num_rows]
-    group_starts = offsets(np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64))
-    groups = np.searchsorted(group_starts, rows, side="right") - 1
-    parts = []
-    for g in np.unique(groups):
-        table = pf.read_row_group(int(g), columns=list(columns))
-        parts.append(table.take(pa.array(rows[groups == g] - group_starts[g])))
-    if not parts:
-        return pa.Table.from_pylist([]), problems
-    return decode_rows(pa.concat_tables(parts)), problems
+def table_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Each row of a cache or result table (any stored layout) as a dict of arrays (``compare.split_rows``)."""
+    ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows
+    return split_rows(row_group_arrays(table, ranks=True), ids)
 
 
 def batches(rows: list[dict[str, Any]], max_rows: int, max_tokens: int) -> Iterator[list[dict[str, Any]]]:
@@ -442,138 +212,140 @@ def batches(rows: list[dict[str, Any]], max_rows: int, max_tokens: int) -> Itera
 # The run
 
 
-def teacher_problem(info: Info, identity: dict[str, Any]) -> str | None:
+def teacher_problem(info: Info, identity: CacheIdentity) -> str | None:
     """Why ``info`` is not the teacher that made a cache of ``identity``, or None."""
     diffs = [
-        f"{key} {identity.get(key)!r} in the cache, {getattr(info, key)!r} served"
+        f"{key} {getattr(identity, key)!r} in the cache, {getattr(info, key)!r} served"
         for key in ("model_fingerprint", "tokenizer_fingerprint", "vocab_size")
-        if identity.get(key) != getattr(info, key)
+        if getattr(identity, key) != getattr(info, key)
     ]
     if not diffs:
         return None
     return "the server runs a different teacher than the one that made this cache: " + "; ".join(diffs)
 
 
-async def _score(teacher: Any, batch: list[dict[str, Any]], scoring: Scoring) -> pa.Table:
-    items = [(row["id"], np.ascontiguousarray(row["input_ids"], dtype=np.int64)) for row in batch]
-    return await teacher.score_ids(items, scoring)
+class _Verification:
+    """One verification under way: sampled shards re-hashed and read, their rows re-scored and compared."""
+
+    def __init__(self, opts: VerifyOptions, teacher: Any, identity: CacheIdentity, info: Info,
+                 report: VerifyReport) -> None:
+        self.opts, self.teacher, self.info, self.report = opts, teacher, info, report
+        self.dtype = identity.logprob_dtype
+        scoring = identity.scoring
+        self.k, self.samples = scoring.topk, scoring.draws  # k 0: no top-k to compare
+        # The top-k at the cache's temperature, the draws again with the cache's seed, and one entry
+        # more than cached where the server allows it: a tie at the k-th place then shows.
+        self.asked = scoring.model_copy(update={"k": min(self.k + 1, info.k_max) if self.k else 1})
+        self.columns = [c for c in CACHE_COLUMNS if self.k or not c.startswith("topk_")]
+        self.columns += SAMPLE_COLUMNS if self.samples else []
+        self.slots = asyncio.Semaphore(opts.concurrency)
+        self.tasks: list[asyncio.Task] = []
+
+    async def run(self, records: dict[int, ShardRecord], picks: dict[int, np.ndarray]) -> None:
+        """Check every sampled shard, keeping ``concurrency`` requests in flight."""
+        try:
+            for index, local in sorted(picks.items()):
+                await self.shard(records[index], local)
+            await asyncio.gather(*self.tasks)
+        finally:
+            for task in self.tasks:
+                task.cancel()
+
+    async def shard(self, rec: ShardRecord, local: np.ndarray) -> None:
+        """Re-hash one shard, read its sampled rows and send them to be re-scored."""
+        path = Path(self.opts.out_dir) / rec.file
+        rows = await self._read(path, rec, local)
+        limit = min(self.opts.batch_rows, self.info.max_inputs_per_request)
+        for batch in batches(rows, limit, self.opts.batch_tokens):
+            await self.slots.acquire()
+            self.tasks.append(asyncio.create_task(self.check(batch, rec.file)))
+
+    async def _read(self, path: Path, rec: ShardRecord, local: np.ndarray) -> list[dict[str, Any]]:
+        report = self.report
+        if not path.exists():
+            report.add(Mismatch(rec.file, None, None, f"missing; {len(local)} sampled rows not checked"))
+            return []
+        size = path.stat().st_size
+        digest = await asyncio.to_thread(sha256_file, path)
+        report.shards_hashed += 1
+        if size != rec.bytes:
+            report.add(Mismatch(rec.file, None, None, f"{size} bytes, the manifest says {rec.bytes}"))
+        if digest != rec.sha256:
+            report.add(Mismatch(rec.file, None, None, "sha256 checksum differs from the manifest's"))
+        try:
+            table, problems = await asyncio.to_thread(read_rows, path, local, self.columns)
+            rows = table_rows(table)
+        except (OSError, pa.ArrowException, InputError) as exc:
+            report.add(Mismatch(rec.file, None, None, f"unreadable: {exc}"))
+            return []
+        for what in problems:
+            report.add(Mismatch(rec.file, None, None, what))
+        return [row for row in rows if self._scorable(row, rec.file)]
+
+    def _scorable(self, row: dict[str, Any], file: str) -> bool:
+        n, most = len(row["input_ids"]), self.info.max_input_tokens
+        if n == 0:
+            self.report.add(Mismatch(file, row["line"], row["id"], "empty input_ids"))
+        elif n > most:
+            self.report.add(Mismatch(file, row["line"], row["id"],
+                                     f"{n} tokens, more than the server holds ({most}); not re-scored"))
+        return 0 < n <= most
+
+    async def check(self, batch: list[dict[str, Any]], file: str) -> None:
+        """Re-score one batch of rows and compare each with its answer."""
+        try:
+            items = [(row["id"], np.ascontiguousarray(row["input_ids"], dtype=np.int64)) for row in batch]
+            fresh = table_rows(await self.teacher.score_ids(items, self.asked))
+        except InputError as exc:
+            fresh, why = [], f"the teacher's answer is malformed: {exc}"
+        else:
+            why = f"the teacher answered {len(fresh)} rows for {len(batch)}"
+        finally:
+            self.slots.release()
+        if len(fresh) != len(batch):
+            for row in batch:
+                self.report.add(Mismatch(file, row["line"], row["id"], why))
+            return
+        for row, answer in zip(batch, fresh):
+            problems, diff, draws = compare_answer(row, answer, k=self.k, samples=self.samples,
+                                                   atol=self.report.atol, logprob_dtype=self.dtype)
+            self.report.count(row, diff, draws)
+            for what in problems:
+                self.report.add(Mismatch(file, row["line"], row["id"], what))
 
 
 async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     """Check a sample of ``opts.out_dir`` against ``teacher`` (a ``TeacherPool`` or ``HttpTeacher``)."""
     out = Path(opts.out_dir)
     cache = CacheDir(out)
-    manifests, manifest, identity = cache.manifests, cache.merged(), cache.identity
+    identity = cache.identity
     dtype = identity.logprob_dtype
-    # The top-k at the cache's temperature, and the draws again with the cache's seed.
-    scoring = identity.scoring
-    k, samples = scoring.topk, scoring.draws  # k 0: no top-k to compare
-    columns = [c for c in CACHE_COLUMNS if k or not c.startswith("topk_")]
-    columns += SAMPLE_COLUMNS if samples else []
     report = VerifyReport(
         out_dir=out, seed=opts.seed if opts.seed is not None else secrets.randbits(32),
-        atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2), logprob_dtype=dtype, k=k,
+        atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2), logprob_dtype=dtype,
+        k=identity.scoring.topk,
     )
-
     info = await teacher.info()
     report.teacher = f"{teacher.name} (model {info.model}, fingerprint {info.fingerprint})"
-    for name, m in manifests.items():
-        if (problem := teacher_problem(info, m.identity)) is not None:
-            report.teacher_problem = problem + (f" ({name})" if len(manifests) > 1 else "")
-            return report
-    if (refusal := scoring.refusal(info)) is not None:
+    if (problem := teacher_problem(info, identity)) is not None:
+        report.teacher_problem = problem
+        return report
+    if (refusal := identity.scoring.refusal(info)) is not None:
         report.teacher_problem = f"the cache asks what the server cannot answer: {refusal[0]}"
         return report
-    # One entry more than cached where the server allows it: a tie at the k-th place then shows.
-    asked = scoring.model_copy(update={"k": min(k + 1, info.k_max) if k else 1})
-    if samples:
+    if identity.scoring.draws:
         report.draws = DrawComparison(0, 0, 0)
 
-    records = sorted(manifest.shards.values(), key=lambda r: r.index)
+    records = sorted(cache.merged().shards.values(), key=lambda r: r.index)
     report.total_rows, report.total_shards = sum(r.rows for r in records), len(records)
     picks = sample_positions(records, opts.sample, report.seed)
     report.sampled_rows = int(sum(len(v) for v in picks.values()))
     report.sampled_shards = len(picks)
-
-    sem = asyncio.Semaphore(opts.concurrency)
-    tasks: list[asyncio.Task] = []
-
-    async def check(batch: list[dict[str, Any]], file: str) -> None:
-        try:
-            fresh = table_rows(await _score(teacher, batch, asked))
-        finally:
-            sem.release()
-        if len(fresh) != len(batch):
-            for row in batch:
-                report.add(Mismatch(file, row["line"], row["id"], f"the teacher answered {len(fresh)} rows for {len(batch)}"))
-            return
-        for row, answer in zip(batch, fresh):
-            if k:
-                problems, diff = compare_row(row, answer, k=k, atol=report.atol, logprob_dtype=dtype)
-            else:
-                problems, diff = compare_row(_without_topk(row), _without_topk(answer), k=0, atol=report.atol,
-                                             logprob_dtype=dtype)
-            if samples:
-                drawn, cmp = compare_draws(row, answer, samples)
-                problems += drawn
-                if cmp is not None:
-                    report.draws = DrawComparison(report.draws.draws + cmp.draws, report.draws.moved + cmp.moved,
-                                                  report.draws.jumped + cmp.jumped)
-            report.rows_checked += 1
-            report.positions_checked += len(row["input_ids"])
-            report.max_abs_diff = max(report.max_abs_diff, diff)
-            for what in problems:
-                report.add(Mismatch(file, row["line"], row["id"], what))
-
-    by_index = {r.index: r for r in records}
-    try:
-        for index, local in sorted(picks.items()):
-            rec = by_index[index]
-            path = out / rec.file
-            if not path.exists():
-                report.add(Mismatch(rec.file, None, None, f"missing; {len(local)} sampled rows not checked"))
-                continue
-            size = path.stat().st_size
-            digest = await asyncio.to_thread(sha256_file, path)
-            report.shards_hashed += 1
-            if size != rec.bytes:
-                report.add(Mismatch(rec.file, None, None, f"{size} bytes, the manifest says {rec.bytes}"))
-            if digest != rec.sha256:
-                report.add(Mismatch(rec.file, None, None, "sha256 checksum differs from the manifest's"))
-            try:
-                table, problems = await asyncio.to_thread(read_rows, path, local, columns)
-            except (OSError, pa.ArrowException) as exc:
-                report.add(Mismatch(rec.file, None, None, f"unreadable: {exc}"))
-                continue
-            for what in problems:
-                report.add(Mismatch(rec.file, None, None, what))
-            rows = []
-            for row in table_rows(table):
-                n = len(row["input_ids"])
-                if n == 0:
-                    report.add(Mismatch(rec.file, row["line"], row["id"], "empty input_ids"))
-                elif n > info.max_input_tokens:
-                    report.add(Mismatch(rec.file, row["line"], row["id"],
-                                        f"{n} tokens, more than the server holds ({info.max_input_tokens}); not re-scored"))
-                else:
-                    rows.append(row)
-            for batch in batches(rows, min(opts.batch_rows, info.max_inputs_per_request), opts.batch_tokens):
-                await sem.acquire()
-                tasks.append(asyncio.create_task(check(batch, rec.file)))
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
+    await _Verification(opts, teacher, identity, info, report).run({r.index: r for r in records}, picks)
     if report.draws is not None and report.draws.jumped == 0 and not report.draws.holds:
         report.add(Mismatch(out.name, None, None, f"sampled targets: {report.draws}, more than the "
                             f"{report.draws.allowed} a CDF boundary explains"))
     return report
-
-
-def _without_topk(row: dict[str, Any]) -> dict[str, Any]:
-    """A row of a cache with sampled targets only, with empty top-k, so that ``compare_row`` checks the rest."""
-    empty = np.zeros((len(row["input_ids"]), 0), np.float32)
-    return {**row, "topk_ids": empty.astype(np.int32), "topk_logprobs": empty}
 
 
 def run_verify(opts: VerifyOptions) -> VerifyReport:
@@ -582,7 +354,10 @@ def run_verify(opts: VerifyOptions) -> VerifyReport:
         raise InputError("--sample must be at least 1")
 
     async def go() -> VerifyReport:
-        pool = TeacherPool([HttpTeacher(u, api_key=opts.api_key, ca_bundle=opts.ca_bundle) for u in opts.servers], retry_for_s=opts.retry_for_s)
+        pool = TeacherPool(
+            [HttpTeacher(u, api_key=opts.api_key, ca_bundle=opts.ca_bundle) for u in opts.servers],
+            retry_for_s=opts.retry_for_s,
+        )
         try:
             return await verify_cache(opts, pool)
         finally:

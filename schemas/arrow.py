@@ -223,55 +223,27 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_fixed_size_list(t)
 
 
+def whole(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One array of a column's chunks."""
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
 def flat_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """The values of a (nested) list column, every list level flattened."""
-    values = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    values = whole(arr)
     while _is_list(values.type):
         values = values.flatten()
     return values
 
 
+def combined(table: pa.Table, name: str) -> pa.Array:
+    """Column ``name`` of ``table`` as one array (its chunks combined)."""
+    return whole(table.column(name))
+
+
 def list_lengths(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Length of each list of a list column (a null list counts 0), int64."""
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    return pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def table_to_results(table: pa.Table) -> list[ScoredSequence]:
-    """Split a result (or cache) table back into per-sequence numpy arrays (for tests and verification)."""
-    table = decode_rows(table)
-    out = []
-    for row in range(table.num_rows):
-        t = table.slice(row, 1)
-
-        def flat(name: str) -> np.ndarray:
-            return flat_values(t.column(name)).to_numpy(zero_copy_only=False)
-
-        n = len(flat("input_ids"))
-        has_topk = "topk_ids" in t.column_names
-        samples = {}
-        if "sample_ids" in t.column_names:
-            samples = {
-                "sample_lengths": pc.list_value_length(t.column("sample_ids").combine_chunks().flatten())
-                .to_numpy(zero_copy_only=False).astype(np.int32),
-                "sample_ids": flat("sample_ids"),
-                "sample_counts": flat("sample_counts"),
-                "sample_logprobs": flat("sample_logprobs").astype(np.float32)
-                if "sample_logprobs" in t.column_names else None,
-            }
-        out.append(
-            ScoredSequence(
-                id=t.column("id")[0].as_py(),
-                input_ids=flat("input_ids"),
-                topk_ids=flat("topk_ids").reshape(n, -1) if has_topk else np.empty((n, 0), np.int32),
-                topk_logprobs=flat("topk_logprobs").astype(np.float32).reshape(n, -1)
-                if has_topk else np.empty((n, 0), np.float32),
-                target_logprobs=flat("target_logprobs").astype(np.float32),
-                target_ranks=flat("target_ranks"),
-                **samples,
-            )
-        )
-    return out
+    return pc.list_value_length(whole(arr)).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
@@ -292,11 +264,6 @@ def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
 
 # ---------------------------------------------------------------------------------------------
 # A cache's own layout (schema 3) from results, and back from any layout
-
-
-def _column(table: pa.Table, name: str) -> pa.Array:
-    col = table.column(name)
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
 def _topk_matrix(outer: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -324,7 +291,7 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     names = set(schema.names)
     made: dict[str, pa.Array] = {}
     if names & set(GAP_COLUMNS):
-        n, lp = _topk_matrix(_column(table, "topk_logprobs"), "topk_logprobs")
+        n, lp = _topk_matrix(combined(table, "topk_logprobs"), "topk_logprobs")
         top1, gaps = encode_gaps(lp) if lp.shape[1] else (np.empty(0, np.float16), np.empty((0, 0), np.uint8))
         cut = pa.array(offsets(n, np.int32))
         made["topk_top1"] = pa.ListArray.from_arrays(cut, pa.array(top1), type=schema.field("topk_top1").type)
@@ -337,7 +304,7 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
                 type=schema.field("topk_gaps").type,
             )
     if "sample_id_gaps" in names:
-        outer = _column(table, "sample_ids")
+        outer = combined(table, "sample_ids")
         inner = outer.flatten()
         lengths = list_lengths(inner)
         gaps = id_gaps(flat_values(inner).to_numpy(zero_copy_only=False), lengths).astype(np.int32)
@@ -360,11 +327,11 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
     decoded (``schemas.formats.decode_gaps``). ``InputError`` when the rows are malformed.
     """
     if "topk_top1" not in table.column_names:
-        return _topk_matrix(_column(table, "topk_logprobs"), "topk_logprobs")[1].astype(np.float32)
-    outer = _column(table, "topk_top1")
+        return _topk_matrix(combined(table, "topk_logprobs"), "topk_logprobs")[1].astype(np.float32)
+    outer = combined(table, "topk_top1")
     top1 = flat_values(outer).to_numpy(zero_copy_only=False)
     if "topk_gaps" in table.column_names:
-        n, gaps = _topk_matrix(_column(table, "topk_gaps"), "topk_gaps")
+        n, gaps = _topk_matrix(combined(table, "topk_gaps"), "topk_gaps")
         if not np.array_equal(n, list_lengths(outer)):
             raise InputError("malformed cache rows: topk_gaps does not match topk_top1")
     else:
@@ -375,7 +342,7 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
 def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids`` or ``sample_id_gaps``."""
     name = "sample_id_gaps" if "sample_id_gaps" in table.column_names else "sample_ids"
-    inner = _column(table, name).flatten()
+    inner = combined(table, name).flatten()
     lengths = list_lengths(inner)
     values = flat_values(inner).to_numpy(zero_copy_only=False)
     return lengths, ids_from_gaps(values, lengths) if name == "sample_id_gaps" else values.astype(np.int64)

@@ -6,8 +6,11 @@ point: it names only shards that are complete and durable (the client writes it,
 a shard file it does not name is unfinished or stray. Every reader (the student's dataset,
 ``verify``, ``inspect``) goes through :class:`CacheDir`.
 
-The cache's identity (:class:`CacheIdentity`: the teacher and the scoring options) is written twice,
-to every manifest's ``identity`` and to every shard's Parquet metadata, from this one type.
+A run's identity (:class:`RunIdentity`: the cache's :class:`CacheIdentity`, the teacher and the
+scoring options, plus how the run read its inputs) is written twice, to every manifest's ``identity``
+and to every shard's Parquet metadata, from this one type, and read back into it (``entries`` /
+``from_entries``, ``metadata`` / ``from_metadata``). Both keep the flat key-value form caches have
+always had; ``parts`` was written ``num_shards`` before, and both spellings read.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import cache_schema
@@ -54,9 +57,8 @@ class Manifest(BaseModel):
     """What an output directory holds and how it was made."""
 
     schema_version: int = SCHEMA_VERSION
-    #: What makes the cache what it is (``CacheIdentity.entries`` and the run's input options):
-    #: a rerun must match every entry.
-    identity: dict[str, Any]
+    #: What makes the cache what it is and how the run read its inputs: a rerun must match it all.
+    identity: RunIdentity
     #: Where it came from, for people (servers, versions, times); not compared.
     provenance: dict[str, Any] = Field(default_factory=dict)
     shards: dict[int, ShardRecord] = Field(default_factory=dict)
@@ -75,6 +77,15 @@ class Manifest(BaseModel):
     @property
     def rejects(self) -> int:
         return sum(s.rejects for s in self.shards.values())
+
+    @field_validator("identity", mode="before")
+    @classmethod
+    def _from_entries(cls, value: Any) -> Any:
+        return RunIdentity.from_entries(value) if isinstance(value, Mapping) else value
+
+    @field_serializer("identity")
+    def _to_entries(self, value: RunIdentity) -> dict[str, Any]:
+        return value.entries()
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(indent=2).encode() + b"\n"
@@ -175,6 +186,103 @@ class CacheIdentity(BaseModel):
             raise InputError(f"not a teacher-farm cache identity ({exc})") from exc
 
 
+    @classmethod
+    def from_metadata(cls, schema: pa.Schema) -> CacheIdentity:
+        """Read back from a shard's Arrow schema (its Parquet key-value metadata)."""
+        return cls.from_entries(read_metadata(schema))
+
+
+class InputFingerprint(BaseModel):
+    """One input file as a run saw it: name, size and the hash of its first MiB (stdin: name ``-`` only)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    size: int | None = None
+    head_sha256: str | None = None
+
+
+class RunIdentity(BaseModel):
+    """What a rerun into the same directory must match: the cache's identity and how the run read its inputs.
+
+    ``parts`` counts the client processes the corpus was split over (``--num-shards``; a shard is a
+    Parquet file). A field an older cache did not record reads as its default.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    cache: CacheIdentity
+    #: Where lines were cut (or windowed), in tokens.
+    max_length: int | None = None
+    text_field: str = "text"
+    id_field: str = "id"
+    ids_field: str = "input_ids"
+    rows_per_shard: int | None = None
+    parts: int = 1
+    long_lines: str = "truncate"
+    #: Tokens between window starts with ``long_lines="window"``; None otherwise.
+    stride: int | None = None
+    inputs: tuple[InputFingerprint, ...] = ()
+
+    def entries(self) -> dict[str, Any]:
+        """The flat key-value form of the manifest's ``identity`` (JSON values)."""
+        run = self.model_dump(mode="json", exclude={"cache"})
+        run["inputs"] = [f.model_dump(mode="json", exclude_none=True) for f in self.inputs]
+        return {**self.cache.entries(), **run}
+
+    @classmethod
+    def from_entries(cls, entries: Mapping[str, Any]) -> RunIdentity:
+        """Read back from a manifest's ``identity`` (any schema; ``num_shards`` is ``parts``'s old name)."""
+        run = {name: entries[name] for name in _RUN_FIELDS if name in entries}
+        if "parts" not in run and "num_shards" in entries:
+            run["parts"] = entries["num_shards"]
+        try:
+            return cls(cache=CacheIdentity.from_entries(entries), **run)
+        except ValueError as exc:
+            raise InputError(f"not a teacher-farm run identity ({exc})") from exc
+
+    def metadata(self) -> dict[bytes, bytes]:
+        """Parquet key-value metadata that makes a shard self-describing: every entry, JSON unless a string.
+
+        All but ``inputs``: the input files' fingerprints stay in the manifest (a corpus of many files
+        would weigh on every shard's footer), so a shard's identity reads back with none.
+        """
+        entries = {key: v for key, v in self.entries().items() if key != "inputs"}
+        values = {"schema_version": SCHEMA_VERSION, "model": self.cache.model, **entries,
+                  "package_version": __version__}
+        return {
+            (METADATA_PREFIX + key).encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
+            for key, v in values.items()
+        }
+
+    @classmethod
+    def from_metadata(cls, schema: pa.Schema) -> RunIdentity:
+        """Read back from a shard's Arrow schema; a shard written before the run's options were recorded
+        reads them as their defaults."""
+        meta: dict[str, Any] = read_metadata(schema)
+        for name in _JSON_FIELDS & set(meta):
+            meta[name] = json.loads(meta[name])
+        return cls.from_entries(meta)
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the run's rows, this identity in the metadata (what a run writes)."""
+        return self.cache.schema().with_metadata(self.metadata())
+
+    def differences(self, other: RunIdentity) -> list[str]:
+        """``key: mine there, theirs now`` for every entry that differs (empty when they agree)."""
+        mine, theirs = self.entries(), other.entries()
+        return [
+            f"{key}: {mine.get(key)!r} there, {theirs.get(key)!r} now"
+            for key in sorted(set(mine) | set(theirs))
+            if mine.get(key) != theirs.get(key)
+        ]
+
+
+_RUN_FIELDS = tuple(name for name in RunIdentity.model_fields if name != "cache")
+#: The run's entries that are not strings, JSON in a shard's metadata.
+_JSON_FIELDS = {"max_length", "rows_per_shard", "parts", "stride"}
+
+
 def read_metadata(schema: Any) -> dict[str, str]:
     """The teacher-farm key-value metadata of a shard's Arrow schema, keys without the prefix."""
     raw = schema.metadata or {}
@@ -203,9 +311,9 @@ class CacheDir:
     def identity(self) -> CacheIdentity:
         """The cache's identity, after checking that every manifest states the same one."""
         (first_name, first), *others = self.manifests.items()
-        mine = CacheIdentity.from_entries(first.identity)
+        mine = first.identity.cache
         for name, manifest in others:
-            theirs = CacheIdentity.from_entries(manifest.identity)
+            theirs = manifest.identity.cache
             if theirs.entries() != mine.entries():
                 key = next(k for k, v in mine.entries().items() if theirs.entries().get(k) != v)
                 raise InputError(
@@ -251,5 +359,12 @@ class CacheDir:
         return paths
 
     def shard_metadata(self, path: Path) -> dict[str, str]:
-        """A shard's teacher-farm metadata."""
+        """A shard's teacher-farm metadata, as stored (strings)."""
         return read_metadata(pq.read_schema(path))
+
+    def shard_identity(self, path: Path) -> RunIdentity:
+        """The identity a shard's metadata states."""
+        return RunIdentity.from_metadata(pq.read_schema(path))
+
+
+Manifest.model_rebuild()

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from teacher_farm.schemas.arrow import list_lengths, offsets, whole
+
 #: The per-position target columns a rule thins out (on the wire and in every stored format).
 THINNED_COLUMNS = (
     "topk_ids", "topk_logprobs", "topk_top1", "topk_gaps", "sample_ids", "sample_id_gaps", "sample_counts",
@@ -21,7 +23,7 @@ THINNED_COLUMNS = (
 
 def _positions(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     """A per-position column (one list per row) and its entries, one per position of every row."""
-    outer = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    outer = whole(column)
     return outer, outer.flatten()
 
 
@@ -37,10 +39,8 @@ def kept_mask(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def _thin_lists(inner: pa.ListArray, kept: np.ndarray) -> pa.ListArray:
     """Variable lists, one per position, null where not ``kept`` and with no values there."""
-    lengths = pc.list_value_length(inner).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    new_lengths = np.where(kept, lengths, 0)
-    cut = np.zeros(len(new_lengths) + 1, dtype=np.int32)
-    np.cumsum(new_lengths, out=cut[1:])
+    lengths = list_lengths(inner)
+    cut = offsets(np.where(kept, lengths, 0), np.int32)
     values = inner.flatten().filter(pa.array(np.repeat(kept, lengths)))
     return pa.ListArray.from_arrays(pa.array(cut), values, type=inner.type, mask=pa.array(~kept))
 
@@ -84,7 +84,7 @@ def thicken(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
             dense[kept] = inner.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
             new = pa.FixedSizeListArray.from_arrays(pa.array(dense.reshape(-1), inner.type.value_type), width)
         elif pa.types.is_list(inner.type):
-            lengths = pc.list_value_length(inner).fill_null(0).to_numpy(zero_copy_only=False)
+            lengths = list_lengths(inner)
             values = inner.flatten()
             # Top-k lists have one width: a dropped position gets that many zeros; draws get none.
             width = int(lengths[kept].max()) if name.startswith("topk") and kept.any() else 0
@@ -94,9 +94,7 @@ def thicken(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
             dense = np.zeros(int(fill.sum()), dtype=values.type.to_pandas_dtype())
             where = np.repeat(kept, fill)
             dense[where] = values.to_numpy(zero_copy_only=False)
-            cut = np.zeros(len(fill) + 1, np.int32)
-            np.cumsum(fill, out=cut[1:])
-            new = pa.ListArray.from_arrays(pa.array(cut), pa.array(dense, values.type))
+            new = pa.ListArray.from_arrays(pa.array(offsets(fill, np.int32)), pa.array(dense, values.type))
         else:
             new = inner.fill_null(0)
         i = table.column_names.index(name)

@@ -279,6 +279,48 @@ def load_manifest(out_dir: Path):
     return load_manifests(out_dir).get(MANIFEST)
 
 
+def table_to_results(table):
+    """Split a result (or cache) table back into per-sequence ``ScoredSequence``s, one Python step per row."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from teacher_farm.schemas.arrow import ScoredSequence, decode_rows, flat_values
+
+    table = decode_rows(table)
+    out = []
+    for row in range(table.num_rows):
+        t = table.slice(row, 1)
+
+        def flat(name: str) -> np.ndarray:
+            return flat_values(t.column(name)).to_numpy(zero_copy_only=False)
+
+        n = len(flat("input_ids"))
+        has_topk = "topk_ids" in t.column_names
+        samples = {}
+        if "sample_ids" in t.column_names:
+            samples = {
+                "sample_lengths": pc.list_value_length(t.column("sample_ids").combine_chunks().flatten())
+                .to_numpy(zero_copy_only=False).astype(np.int32),
+                "sample_ids": flat("sample_ids"),
+                "sample_counts": flat("sample_counts"),
+                "sample_logprobs": flat("sample_logprobs").astype(np.float32)
+                if "sample_logprobs" in t.column_names else None,
+            }
+        out.append(
+            ScoredSequence(
+                id=t.column("id")[0].as_py(),
+                input_ids=flat("input_ids"),
+                topk_ids=flat("topk_ids").reshape(n, -1) if has_topk else np.empty((n, 0), np.int32),
+                topk_logprobs=flat("topk_logprobs").astype(np.float32).reshape(n, -1)
+                if has_topk else np.empty((n, 0), np.float32),
+                target_logprobs=flat("target_logprobs").astype(np.float32),
+                target_ranks=flat("target_ranks"),
+                **samples,
+            )
+        )
+    return out
+
+
 def fake_engine_info(**changes):
     """The ``Info`` of a small made-up engine, for app tests that run without vLLM."""
     from teacher_farm.schemas.wire import Info, Versions

@@ -11,8 +11,9 @@ import pytest
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import (
     ScoredSequence, cache_schema, cast_logprobs,
-    result_schema, results_to_table, table_to_results, with_source_columns,
+    result_schema, results_to_table, with_source_columns,
 )
+from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import METADATA_PREFIX, CacheIdentity, read_metadata
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.scoring import Scoring

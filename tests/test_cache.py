@@ -67,7 +67,7 @@ def test_truncation_custom_fields_and_seed_flag_names(server, tmp_path):
     got = rows(tmp_path / "o")
     assert [r["id"] for r in got] == [f"d{i}" for i in range(5)]
     assert all(len(r["input_ids"]) == 16 and len(r["topk_ids"]) == 16 and len(r["topk_ids"][0]) == 3 for r in got)
-    assert load_manifest(tmp_path / "o").identity["max_length"] == 16
+    assert load_manifest(tmp_path / "o").identity.max_length == 16
 
 
 def test_stdin_input(server, tmp_path):

@@ -68,9 +68,9 @@ def test_a_directory_of_jsonl_gz_and_parquet_caches_in_one_run(tmp_path):
     assert [(src[r["source"]], r["line"], r["id"]) for r in rejects] == [("a.jsonl", 2, "oov"), ("a.jsonl", 3, "none")]
     assert "outside the vocabulary" in rejects[0]["reason"] and "no field 'text'" in rejects[1]["reason"]
     manifest = load_manifest(tmp_path / "out")
-    assert [(f["name"], f["size"]) for f in manifest.identity["inputs"]] == [
+    assert [(f.name, f.size) for f in manifest.identity.inputs] == [
         (n, (root / n).stat().st_size) for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
-    assert all(len(f["head_sha256"]) == 16 for f in manifest.identity["inputs"])
+    assert all(len(f.head_sha256) == 16 for f in manifest.identity.inputs)
     assert [(s.first_line, s.end_line) for s in manifest.shards.values()] == [(0, 3), (3, 6), (6, 8)]
     assert summary.rows == 6 and summary.rejects == 2
 
@@ -151,7 +151,7 @@ def test_long_lines_in_window_mode_cover_every_token_with_windows_scored_alone(t
             covered[s:s + L] = True
         assert covered.all()
     assert [(r["id"], r["offset"]) for r in got if r["id"] in ("short", "exact")] == [("short", 0), ("exact", 0)]
-    assert load_manifest(tmp_path / "out").identity["stride"] == S
+    assert load_manifest(tmp_path / "out").identity.stride == S
 
 
 def test_window_mode_stride_defaults_to_half_the_max_length(tmp_path):
@@ -363,7 +363,7 @@ def test_the_default_max_length_is_capped_at_the_teachers_limit_without_a_warnin
         summary = run(tmp_path, str(inp), "default", teacher=small)
     assert "over what the teacher holds" not in caplog.text
     assert summary.max_length == 4095 and "max length 4095 tokens" in summary.render()
-    assert load_manifest(tmp_path / "default").identity["max_length"] == 4095
+    assert load_manifest(tmp_path / "default").identity.max_length == 4095
     # Below the teacher's limit, the default is 8192 as before.
     assert run(tmp_path, str(inp), "big", teacher=StandInTeacher(VOCAB, max_model_len=16384)).max_length == 8192
     with caplog.at_level("WARNING"):

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import load_manifest
 from teacher_farm.schemas.windows import window_starts
-from teacher_farm.schemas.arrow import table_to_results
+from tests.conftest import table_to_results
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
 from tests.reference_check import assert_matches_reference
 
@@ -72,8 +72,8 @@ def test_a_mixed_directory_caches_in_one_command_and_windows_match_the_reference
     (rej,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert rej["id"] == "oov" and rej["source"] == str(root / "a.jsonl") and "vocabulary" in rej["reason"]
     manifest = load_manifest(out)
-    assert [f["name"] for f in manifest.identity["inputs"]] == ["a.jsonl", "b.jsonl.gz", "c.parquet"]
-    assert manifest.identity["long_lines"] == "window" and manifest.identity["stride"] == S
+    assert [f.name for f in manifest.identity.inputs] == ["a.jsonl", "b.jsonl.gz", "c.parquet"]
+    assert manifest.identity.long_lines == "window" and manifest.identity.stride == S
 
 
 SHORT_CHAT = [{"role": "user", "content": "Hi."}]

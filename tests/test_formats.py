@@ -13,9 +13,10 @@ from teacher_farm.client.inspect import inspect_cache
 from teacher_farm.client.manifest import save_manifest
 from teacher_farm.client.shards import ShardWriter
 from teacher_farm.schemas.arrow import (
-    ScoredSequence, cache_schema, cast_logprobs, decode_rows, encode_rows, results_to_table, table_to_results,
+    ScoredSequence, cache_schema, cast_logprobs, decode_rows, encode_rows, results_to_table,
     with_source_columns,
 )
+from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord
 from teacher_farm.schemas.formats import (
     FORMATS, GAP_CLIP, GAP_STEP, decode_gaps, encode_gaps, id_gaps, ids_from_gaps, logprob_format, value_ulp,

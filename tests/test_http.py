@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from teacher_farm.schemas import ARROW_STREAM, SCHEMA_VERSION
-from teacher_farm.schemas.arrow import result_schema, table_to_results
+from teacher_farm.schemas.arrow import result_schema
+from tests.conftest import table_to_results
 from tests.conftest import API_KEY, MAX_MODEL_LEN
 
 pytestmark = pytest.mark.engine

@@ -7,20 +7,26 @@ import json
 import pytest
 
 from teacher_farm.client.manifest import check_identity, save_manifest
-from teacher_farm.schemas.cache_dir import MANIFEST, Manifest, ShardRecord
+from teacher_farm.schemas.cache_dir import (
+    MANIFEST, CacheDir, CacheIdentity, InputFingerprint, Manifest, RunIdentity, ShardRecord,
+)
 from tests.conftest import load_manifest
 from teacher_farm.schemas import SCHEMA_VERSION
 from teacher_farm.schemas.errors import CacheMismatch
+from teacher_farm.schemas.scoring import Scoring
 
-IDENTITY = {
-    "model_fingerprint": "abc123",
-    "tokenizer_fingerprint": "tok456",
-    "vocab_size": 32000,
-    "k": 16,
-    "max_length": 8192,
-    "logprob_dtype": "float32",
-    "input": {"name": "corpus.jsonl", "size": 1234, "head_sha256": "ffee"},
-}
+IDENTITY = RunIdentity(
+    cache=CacheIdentity(model_fingerprint="abc123", tokenizer_fingerprint="tok456", vocab_size=32000,
+                        scoring=Scoring(k=16), logprob_dtype="float32"),
+    max_length=8192,
+    inputs=(InputFingerprint(name="corpus.jsonl", size=1234, head_sha256="ffee"),),
+)
+
+
+def changed(**entries) -> RunIdentity:
+    """``IDENTITY`` with some of its entries replaced (None: left out)."""
+    merged = {**IDENTITY.entries(), **entries}
+    return RunIdentity.from_entries({key: v for key, v in merged.items() if v is not None})
 
 
 def shard(index: int, rows: int, tokens: int, rejects: int = 0) -> ShardRecord:
@@ -62,12 +68,12 @@ def test_a_new_directory_has_no_manifest(tmp_path):
 
 def test_same_identity_resumes(tmp_path):
     save_manifest(manifest(), tmp_path)
-    check_identity(load_manifest(tmp_path), json.loads(json.dumps(IDENTITY)), tmp_path)
+    again = RunIdentity.from_entries(json.loads(json.dumps(IDENTITY.entries())))
+    check_identity(load_manifest(tmp_path), again, tmp_path)
 
 
 def test_different_identity_names_every_difference(tmp_path):
-    now = {**IDENTITY, "k": 32, "model_fingerprint": "zzz999", "rows_per_shard": 4096}
-    del now["max_length"]
+    now = changed(k=32, model_fingerprint="zzz999", rows_per_shard=4096, max_length=None)
     with pytest.raises(CacheMismatch) as info:
         check_identity(manifest(), now, tmp_path)
     message = str(info.value)
@@ -76,13 +82,13 @@ def test_different_identity_names_every_difference(tmp_path):
     assert "model_fingerprint: 'abc123' there, 'zzz999' now" in message
     assert "max_length: 8192 there, None now" in message
     assert "rows_per_shard: None there, 4096 now" in message
-    for same in ("tokenizer_fingerprint", "vocab_size", "logprob_dtype", "input"):
+    for same in ("tokenizer_fingerprint", "vocab_size", "logprob_dtype", "inputs"):
         assert f"{same}:" not in message
 
 
 def test_a_nested_difference_is_reported(tmp_path):
-    now = {**IDENTITY, "input": {**IDENTITY["input"], "size": 9999}}
-    with pytest.raises(CacheMismatch, match="input: .*1234.* there, .*9999.* now"):
+    now = changed(inputs=[{**IDENTITY.entries()["inputs"][0], "size": 9999}])
+    with pytest.raises(CacheMismatch, match="inputs: .*1234.* there, .*9999.* now"):
         check_identity(manifest(), now, tmp_path)
 
 
@@ -94,3 +100,32 @@ def test_other_schema_version_refuses_to_resume(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(CacheMismatch, match=f"schema version {SCHEMA_VERSION + 1}.*writes version {SCHEMA_VERSION}"):
         check_identity(load_manifest(tmp_path), IDENTITY, tmp_path)
+
+
+def test_the_identity_is_written_flat_with_parts_and_read_back_the_same(tmp_path):
+    identity = changed(parts=4, rows_per_shard=100, long_lines="window", stride=2048)
+    save_manifest(Manifest(identity=identity), tmp_path)
+    written = json.loads((tmp_path / MANIFEST).read_text())["identity"]
+    assert written["parts"] == 4 and "num_shards" not in written
+    assert written["k"] == 16
+    assert written["inputs"] == [{"name": "corpus.jsonl", "size": 1234, "head_sha256": "ffee"}]
+    assert load_manifest(tmp_path).identity == identity
+    # The shard metadata carries the same identity (the inputs' fingerprints only in the manifest)
+    # and reads back into the same type.
+    assert RunIdentity.from_metadata(identity.schema()) == identity.model_copy(update={"inputs": ()})
+    assert RunIdentity.from_metadata(identity.schema()).parts == 4
+
+
+def test_a_manifest_written_before_parts_reads_and_resumes(tmp_path):
+    # What teacher-farm wrote before the client processes were called parts: ``num_shards``.
+    old = {**IDENTITY.entries(), "num_shards": 2, "rows_per_shard": 64, "text_field": "text",
+           "id_field": "id", "ids_field": "input_ids", "long_lines": "truncate", "stride": None}
+    del old["parts"]
+    (tmp_path / MANIFEST).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "identity": old,
+                                                 "shards": {}, "complete": True}))
+    loaded = load_manifest(tmp_path)
+    assert loaded.identity.parts == 2 and loaded.identity.cache == IDENTITY.cache
+    assert CacheDir(tmp_path).identity == IDENTITY.cache
+    check_identity(loaded, changed(parts=2, rows_per_shard=64), tmp_path)  # the same run: it resumes
+    with pytest.raises(CacheMismatch, match="parts: 2 there, 1 now"):
+        check_identity(loaded, changed(parts=1, rows_per_shard=64), tmp_path)

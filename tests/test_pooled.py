@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.schemas import ARROW_STREAM
-from teacher_farm.schemas.arrow import table_to_results
+from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import read_metadata
 from teacher_farm.schemas.draws import draw_seed, expand, moved_draws, uniforms
 from tests.conftest import API_KEY, MAX_BATCHED_TOKENS, SAMPLE, read_lines, teacher_farm

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.schemas import SCHEMA_VERSION
-from teacher_farm.schemas.arrow import table_to_results
+from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import read_metadata
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
 from tests.reference_check import assert_matches_reference

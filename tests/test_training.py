@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from teacher_farm.client.manifest import save_manifest  # noqa: E402
-from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord  # noqa: E402
+from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, RunIdentity, ShardRecord  # noqa: E402
 from teacher_farm.schemas.scoring import Scoring  # noqa: E402
 from teacher_farm.client.shards import ShardWriter  # noqa: E402
 from teacher_farm.training import (  # noqa: E402
@@ -123,11 +123,7 @@ def write_cache(
             rows=stats.rows, rejects=ROWS_PER_SHARD - len(lengths), tokens=stats.tokens, bytes=stats.bytes,
             sha256=stats.sha256,
         )
-    identity = {
-        "model_fingerprint": "mf", "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-        "vocab_size": VOCAB, "k": K, "logprob_dtype": fmt or dtype, "rows_per_shard": ROWS_PER_SHARD,
-        "temperature": temperature, "targets": targets,
-    }
+    identity = RunIdentity(cache=ident, rows_per_shard=ROWS_PER_SHARD)
     for name, indices in (manifests or {"manifest.json": list(shards)}).items():
         save_manifest(Manifest(identity=identity, shards={j: records[j] for j in indices}, complete=True), out, name)
     return cache
@@ -187,7 +183,7 @@ def test_shard_paths_refuse_a_directory_without_manifest_or_with_a_missing_shard
 def test_shard_paths_refuse_manifests_of_different_teachers(tmp_path):
     write_cache(tmp_path, {0: [3]}, manifests={"manifest-a.json": [0]})
     other = Manifest.model_validate_json((tmp_path / "manifest-a.json").read_bytes())
-    other.identity["tokenizer_fingerprint"] = "someone-else"
+    other.identity = RunIdentity.from_entries({**other.identity.entries(), "tokenizer_fingerprint": "someone-else"})
     other.shards = {}
     save_manifest(other, tmp_path, "manifest-b.json")
     with pytest.raises(InputError, match="tokenizer_fingerprint"):
@@ -617,7 +613,7 @@ def test_a_dataset_checks_each_shards_own_metadata(tmp_path):
     write_cache(tmp_path / "b", {1: [3]}, manifests={"manifest-b.json": [1]}, temperature=2.0)
     shutil.copy(tmp_path / "b" / "part-000001.parquet", tmp_path / "a")
     other = Manifest.model_validate_json((tmp_path / "b" / "manifest-b.json").read_bytes())
-    other.identity["temperature"] = 1.0
+    other.identity = RunIdentity.from_entries({**other.identity.entries(), "temperature": 1.0})
     save_manifest(other, tmp_path / "a", "manifest-b.json")
     with pytest.raises(InputError, match="part-000001.parquet was cached with temperature=2.0"):
         TopkDataset(tmp_path / "a")

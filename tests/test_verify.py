@@ -11,7 +11,7 @@ import pytest
 
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.manifest import save_manifest
-from teacher_farm.schemas.cache_dir import ShardRecord
+from teacher_farm.schemas.cache_dir import RunIdentity, ShardRecord
 from tests.conftest import load_manifest
 from teacher_farm.client.verify import CACHE_COLUMNS, compare_row, read_rows, sample_positions, table_rows
 from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
@@ -162,7 +162,7 @@ def test_a_corruption_behind_a_matching_checksum_is_caught_by_rescoring(server, 
 
 def test_a_different_teacher_is_refused(server, cache_copy):
     manifest = load_manifest(cache_copy)
-    manifest.identity["model_fingerprint"] = "0" * 16
+    manifest.identity = RunIdentity.from_entries({**manifest.identity.entries(), "model_fingerprint": "0" * 16})
     save_manifest(manifest, cache_copy)
     proc = verify(server, cache_copy, "--sample", "3")
     assert proc.returncode == 1, proc.stdout + proc.stderr

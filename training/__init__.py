@@ -5,7 +5,8 @@ Needs torch (``pip install 'teacher-farm[training]'``) and no vLLM, except ``rea
 first use, so ``teacher_farm.training.shard_paths`` works where torch is not installed. One module
 per job::
 
-    reader     the cache's shards, a row group at a time as numpy arrays (numpy and pyarrow only)
+    reader     the cache's shards, a row group at a time as numpy arrays (``teacher_farm.schemas.reader``,
+               numpy and pyarrow only, which the client's verify and report read with too)
     tokenizer  the student must tokenize as the teacher did
     dataset    TopkDataset: one dict of tensors per cached sequence
     collate    collate_topk: a batch of them, padded

@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from teacher_farm.schemas.cache_dir import CacheDir
 from teacher_farm.schemas.errors import InputError
-from teacher_farm.training.reader import COLUMNS, SAMPLE_COLUMNS, RowGroupArrays, join_windows, row_group_arrays
+from teacher_farm.schemas.reader import COLUMNS, SAMPLE_COLUMNS, RowGroupArrays, join_windows, row_group_arrays
 
 
 def _units(paths: Sequence[Path]) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -137,7 +137,9 @@ class TopkDataset(IterableDataset):
         self._line_starts = _line_starts(self.paths, self.units) if join_windows else None
         #: What the shares are counted in, per row group: rows, or lines with ``join_windows``.
         self.unit_sizes = rows if self._line_starts is None else np.array([len(x) for x in self._line_starts], np.int64)
-        self.metadata = _shared_metadata(cache, self.paths)
+        _check_shards_agree(cache, self.paths)
+        #: The first shard's metadata as stored, for people.
+        self.metadata = cache.shard_metadata(self.paths[0]) if self.paths else {}
         #: The cache's identity (its teacher and ``Scoring``), as its manifests state it.
         self.identity = cache.identity
         self.temperature = self.identity.scoring.temperature
@@ -205,20 +207,19 @@ class TopkDataset(IterableDataset):
             yield from sequence_items(arrays, self.max_length, self.temperature, source)
 
 
-def _shared_metadata(cache: CacheDir, paths: Sequence[Path]) -> dict[str, str]:
-    """The first shard's metadata, after checking every shard was scored the same way."""
+def _check_shards_agree(cache: CacheDir, paths: Sequence[Path]) -> None:
+    """Refuse shards whose own metadata states targets of another kind than the first shard's."""
     if not paths:
-        return {}
-    first = cache.shard_metadata(paths[0])
+        return
+    first = cache.shard_identity(paths[0]).cache.scoring
     for path in paths[1:]:
-        meta = cache.shard_metadata(path)
-        for key in ("temperature", "targets", "k", "samples"):
-            if meta.get(key) != first.get(key):
+        scoring = cache.shard_identity(path).cache.scoring
+        for key in ("temperature", "targets", "k", "draws"):
+            if getattr(scoring, key) != getattr(first, key):
                 raise InputError(
-                    f"{path.name} was cached with {key}={meta.get(key)} and {paths[0].name} with "
-                    f"{key}={first.get(key)}: one dataset must hold targets of one kind"
+                    f"{path.name} was cached with {key}={getattr(scoring, key)} and {paths[0].name} with "
+                    f"{key}={getattr(first, key)}: one dataset must hold targets of one kind"
                 )
-    return first
 
 
 def sequence_items(

@@ -29,13 +29,9 @@ def assert_same_tokenizer(cache_dir: str | Path, tokenizer: Any) -> str:
     cache = CacheDir(cache_dir)
     found: dict[str, str] = {}
     for _, manifest in cache.manifests.items():
-        fp = manifest.identity.get("tokenizer_fingerprint")
-        if fp is not None:
-            found.setdefault(str(fp), "manifest")
+        found.setdefault(manifest.identity.cache.tokenizer_fingerprint, "manifest")
     for path in cache.shard_paths():
-        fp = cache.shard_metadata(path).get("tokenizer_fingerprint")
-        if fp is not None:
-            found.setdefault(fp, path.name)
+        found.setdefault(cache.shard_identity(path).cache.tokenizer_fingerprint, path.name)
     if not found:
         raise InputError(f"{cache_dir} records no tokenizer fingerprint")
     mine = tokenizer_fingerprint(tokenizer)
