@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def connection_limits(settings: ServerSettings) -> dict:
+    """uvicorn's options that bound connections: their number, idle time, and time to send their headers."""
+    from teacher_farm.server.connections import protocol
+
+    return {
+        "limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_s,
+        "http": protocol(settings.header_timeout_s),
+        # A request line and headers larger than this (h11's default) are refused with 400.
+        "h11_max_incomplete_event_size": 16 * 1024,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, then run the app under uvicorn until SIGINT/SIGTERM (in-flight requests finish).
 
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn.run's steps, with the server at hand so that the app can stop it.
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=GRACEFUL_S, access_log=False, **tls,
+        timeout_graceful_shutdown=GRACEFUL_S, access_log=False, **tls, **connection_limits(settings),
     )
     server = uvicorn.Server(config)
     try:
