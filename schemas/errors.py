@@ -47,7 +47,7 @@ class AuthError(TeacherFarmError):
 
 
 class RequestTimeout(TeacherFarmError):
-    """The request's body did not arrive within the server's time limit (answered 408: the client may resend)."""
+    """The request's body did not arrive within the server's time limit (408: it may be sent again)."""
 
 
 class ClientGone(TeacherFarmError):

@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.arrow import ScoredSequence, cast_logprobs, results_to_table
 from teacher_farm.schemas.errors import (
-    AuthError, ClientGone, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTimeout, RequestTooLarge,
-    ServerBusy, TeacherFarmError,
+    AuthError, ClientGone, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTimeout,
+    RequestTooLarge, ServerBusy, TeacherFarmError,
 )
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
@@ -115,20 +115,23 @@ async def topk(request: Request, engine: Any = Depends(loaded_engine), settings:
     Admitted by the size of its answer too, which is encoded in a thread and held until it is sent.
     """
     body = await read_body(request, settings.max_body_bytes)
-    check_numbers(body, settings.max_tokens_per_request)
+    await asyncio.to_thread(check_numbers, body, settings.max_tokens_per_request)
     req = parse_body(TopkRequest, body)
     del body
     arrow = ARROW_STREAM in request.headers.get("accept", "")
-    how = "send fewer inputs or a smaller k or samples" + ("" if arrow else ", or ask for Arrow (Accept: " + ARROW_STREAM + ")")
+    how = "send fewer inputs or a smaller k or samples"
+    if not arrow:
+        how += f", or ask for Arrow (Accept: {ARROW_STREAM})"
     results, _, release = await score_admitted(
-        request, engine, req, settings, lambda tokens: topk_answer_bytes(req, tokens, len(req.inputs), arrow), how,
+        request, engine, req, settings, lambda n: topk_answer_bytes(req, n, len(req.inputs), arrow), how,
     )
     try:
         headers = {FINGERPRINT_HEADER: engine.info.fingerprint}
         if arrow:
             chunks, media_type = [await asyncio.to_thread(_arrow_payload, results, req)], ARROW_STREAM
         else:
-            answer = {"model": engine.info.model, "k": req.k, "results": [_json_result(r, req.targets) for r in results]}
+            answer = {"model": engine.info.model, "k": req.k,
+                      "results": [_json_result(r, req.targets) for r in results]}
             del results
             chunks, media_type = await asyncio.to_thread(json_chunks, answer), "application/json"
     except BaseException:

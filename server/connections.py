@@ -35,7 +35,9 @@ class HeaderTimeoutH11(H11Protocol):
     def _arm_header_deadline(self) -> None:
         self._disarm_header_deadline()
         if not self.transport.is_closing():
-            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_late, self.cycle)
+            self._header_deadline = self.loop.call_later(
+                self.header_timeout_s, self._headers_late, self.cycle
+            )
 
     def _disarm_header_deadline(self) -> None:
         deadline = getattr(self, "_header_deadline", None)

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import (
-    ClientGone, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTimeout, RequestTooLarge, ServerBusy,
-    TeacherFarmError,
+    ClientGone, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTimeout, RequestTooLarge,
+    ServerBusy, TeacherFarmError,
 )
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import TopkRequest
@@ -31,7 +31,7 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 class Admission:
-    """Bounds on what admitted requests hold until their answers are sent: overload degrades into 429s, not OOM.
+    """Bounds on what admitted requests hold until answered: overload degrades into 429s, not OOM.
 
     Two measures: input tokens (the engine's work) and the estimated bytes of the answers (the server's
     own memory: arrays, then their encoding), both held from admission until the answer is sent.
@@ -53,8 +53,8 @@ class Admission:
             )
         if self.answer_bytes and self.answer_bytes + answer_bytes > self.max_answer_bytes:
             raise ServerBusy(
-                f"server busy: answers of {self.answer_bytes} bytes in flight (limit {self.max_answer_bytes}); "
-                "retry later", retry_after=retry_after,
+                f"server busy: answers of {self.answer_bytes} bytes in flight "
+                f"(limit {self.max_answer_bytes}); retry later", retry_after=retry_after,
             )
         self.queued += tokens
         self.answer_bytes += answer_bytes
@@ -93,7 +93,7 @@ def topk_answer_bytes(scoring: Scoring, tokens: int, inputs: int, arrow: bool) -
 
 
 def completion_answer_bytes(logprobs: int, tokens: int, prompts: int) -> int:
-    """What a ``/v1/completions`` answer of ``tokens`` prompt tokens will hold, in bytes (an upper estimate)."""
+    """What a ``/v1/completions`` answer of ``tokens`` prompt tokens will hold, in bytes (an upper bound)."""
     return (tokens * (logprobs + 4) + 16 * prompts) * COMPLETION_BYTES_PER_ENTRY
 
 
@@ -159,7 +159,8 @@ def json_chunks(obj: Any) -> list[bytes]:
             put(b"]")
         elif isinstance(x, list) and len(x) > 1:
             first = next((v for v in x[:8] if v is not None), x[0])  # echo's top_logprobs start with null
-            width = first.size if isinstance(first, np.ndarray) else len(first) if isinstance(first, (dict, list)) else 1
+            width = first.size if isinstance(first, np.ndarray) else (
+                len(first) if isinstance(first, (dict, list)) else 1)
             step = max(1, JSON_CHUNK_NUMBERS // max(1, width))
             put(b"[")
             for start in range(0, len(x), step):
@@ -184,7 +185,8 @@ class AnswerResponse(Response):
         self, chunks: list[bytes], media_type: str, headers: dict[str, str], release: Callable[[], None],
         send_timeout_s: float,
     ) -> None:
-        super().__init__(None, media_type=media_type, headers={**headers, "content-length": str(sum(map(len, chunks)))})
+        size = sum(map(len, chunks))
+        super().__init__(None, media_type=media_type, headers={**headers, "content-length": str(size)})
         self.chunks, self.release, self.send_timeout_s = chunks, release, send_timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -192,9 +194,11 @@ class AnswerResponse(Response):
         try:
             # A client that stops reading would hold the answer's memory for ever.
             async with asyncio.timeout(self.send_timeout_s):
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                await send({"type": "http.response.start", "status": self.status_code,
+                            "headers": self.raw_headers})
                 for i, chunk in enumerate(chunks):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": i + 1 < len(chunks)})
+                    more = i + 1 < len(chunks)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
                 if not chunks:
                     await send({"type": "http.response.body", "body": b""})
         finally:
@@ -232,7 +236,7 @@ def loaded_engine(request: Request) -> Any:
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
-    """The request body, refusing anything over ``limit`` bytes before reading it all, or not in within ``timeout_s``."""
+    """The request body: 413 over ``limit`` bytes (before reading it all), 408 if late (``timeout_s``)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
@@ -282,10 +286,12 @@ def check_numbers(body: bytes, limit: int) -> None:
 
     Bodies under 8 bytes per allowed token are not scanned: they hold too few numbers to matter.
     """
-    if len(body) > 8 * limit and count_numbers(body) > limit + NUMBERS_BESIDE_TOKENS:
+    numbers = limit + NUMBERS_BESIDE_TOKENS
+    # Every comma counted first (fast): only a body with more is scanned for commas outside strings.
+    if len(body) > 8 * numbers and body.count(b",") >= numbers and count_numbers(body) > numbers:
         raise RequestTooLarge(
-            f"the body holds more than {limit} numbers, more token ids than this server's limit of {limit} tokens "
-            "per request: send fewer inputs"
+            f"the body holds more than {numbers} numbers: more token ids than this server's limit of {limit} "
+            "tokens per request (max_tokens_per_request): send fewer inputs"
         )
 
 

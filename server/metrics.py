@@ -16,9 +16,11 @@ ANSWER_BYTES_IN_FLIGHT = Gauge(
     "teacher_farm_answer_bytes_in_flight", "Estimated bytes of the answers admitted and not yet sent",
 )
 REQUESTS_ABORTED = Counter(
-    "teacher_farm_requests_aborted", "Scoring requests whose client disconnected: their engine work was aborted",
+    "teacher_farm_requests_aborted", "Scoring requests whose client disconnected (their engine work aborted)",
 )
-ENGINE_REQUESTS = Gauge("teacher_farm_engine_requests", "Requests the vLLM engine holds unfinished (read at each scrape)")
+ENGINE_REQUESTS = Gauge(
+    "teacher_farm_engine_requests", "Requests the vLLM engine holds unfinished (read at each scrape)",
+)
 # vLLM's own series (vllm:num_requests_running, ...) are off: the engine runs with disable_log_stats.
 ENGINE_UP = Gauge(
     "teacher_farm_engine_up",

@@ -282,7 +282,7 @@ async def completions(
     Admitted by the size of its answer too (its ``top_logprobs`` dicts), built and encoded in a thread.
     """
     body = await read_body(request, settings.max_body_bytes)
-    check_numbers(body, settings.max_tokens_per_request)
+    await asyncio.to_thread(check_numbers, body, settings.max_tokens_per_request)
     req = parse_body(CompletionRequest, body, _completion_problems)
     del body
     check_completion(req, engine.info.k_max)
@@ -312,7 +312,8 @@ async def completions(
             "created": int(time.time()),
             "model": engine.info.model,
             "choices": choices,
-            "usage": {"prompt_tokens": total, "completion_tokens": generated, "total_tokens": total + generated},
+            "usage": {"prompt_tokens": total, "completion_tokens": generated,
+                      "total_tokens": total + generated},
         }
         del choices
         chunks = await asyncio.to_thread(json_chunks, answer)
@@ -367,7 +368,8 @@ async def tokenize(
         out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids) if token_strs else None
         return json_chunks(out)
 
-    return AnswerResponse(await asyncio.to_thread(answer), "application/json", {}, lambda: None, settings.body_timeout_s)
+    chunks = await asyncio.to_thread(answer)
+    return AnswerResponse(chunks, "application/json", {}, lambda: None, settings.body_timeout_s)
 
 
 def _is_chat(body: bytes) -> bool:
@@ -385,12 +387,12 @@ async def detokenize(
 ) -> Response:
     """vLLM's ``/detokenize``: ``{"prompt": text}``."""
     body = await read_body(request, settings.max_body_bytes)
-    check_numbers(body, settings.max_tokens_per_request)
+    await asyncio.to_thread(check_numbers, body, settings.max_tokens_per_request)
     req = parse_body(DetokenizeRequest, body)
     if len(req.tokens) > settings.max_tokens_per_request:
         raise RequestTooLarge(
-            f"tokens: {len(req.tokens)} ids; this server detokenizes at most {settings.max_tokens_per_request} "
-            "(max_tokens_per_request) at once: send them in parts"
+            f"tokens: {len(req.tokens)} ids; this server detokenizes at most "
+            f"{settings.max_tokens_per_request} (max_tokens_per_request) at once: send them in parts"
         )
     if req.tokens and max(req.tokens) >= engine.info.vocab_size:
         raise InputError(f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {engine.info.vocab_size})")

@@ -91,7 +91,7 @@ def reduce_rows(
     """
     lp = logits.float()
     if inv_temperature is not None:
-        # Clamped: a logit overflowing to inf would make log_softmax NaN (inf - inf); the largest stays largest.
+        # Clamped: a logit overflowing to inf would make log_softmax NaN (inf - inf).
         lp = (lp * inv_temperature[:, None]).clamp_(-FLOAT32_MAX, FLOAT32_MAX)
     lp = torch.log_softmax(lp, dim=-1)
     top_lp, top_ids = top_k(lp, k)

@@ -33,8 +33,8 @@ class ServerSettings(BaseSettings):
         2_097_152, ge=1, description="tokens admitted but not yet answered; beyond it new requests get 429"
     )
     max_answer_bytes: int = Field(
-        4 * 2**30, ge=2**20, description="estimated memory of one request's answer (its arrays and their encoding); "
-        "larger gets 413 saying how to stay under it (fewer inputs, smaller k or samples, Arrow)",
+        4 * 2**30, ge=2**20, description="estimated memory of one request's answer (its arrays and their "
+        "encoding); larger gets 413 saying how to stay under it (fewer inputs, smaller k or samples, Arrow)",
     )
     max_answer_bytes_in_flight: int = Field(
         8 * 2**30, ge=2**20, description="estimated answer memory of all requests admitted and not yet sent; "
@@ -45,7 +45,7 @@ class ServerSettings(BaseSettings):
         512, ge=1, description="open connections (and requests) at once; beyond it new requests get 503",
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="a connection whose request line and headers are not all in by then is closed",
+        10.0, gt=0, description="a connection whose request line and headers are not in by then is closed",
     )
     body_timeout_s: float = Field(120.0, gt=0, description="a request body not all in by then gets 408")
     keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
