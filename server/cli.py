@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
     ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")
     ours.add_argument("--max-answer-bytes", type=int, default=None,
-                      help="estimated answer size of one request beyond which it gets 413 (default 4 GiB)")
+                      help="estimated answer size of one request beyond which it gets 413 (default 8 GiB)")
     ours.add_argument("--max-answer-bytes-in-flight", type=int, default=None,
                       help="estimated answer bytes admitted and not yet sent beyond which requests get 429 "
-                      "(default 8 GiB)")
+                      "(default 16 GiB)")
     ours.add_argument("--max-connections", type=int, default=None,
                       help="connections and requests at once beyond which requests get 503 (default 512)")
     ours.add_argument("--uvicorn-log-level", default="info", help="log level of the HTTP server")

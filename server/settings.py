@@ -33,11 +33,11 @@ class ServerSettings(BaseSettings):
         2_097_152, ge=1, description="tokens admitted but not yet answered; beyond it new requests get 429"
     )
     max_answer_bytes: int = Field(
-        4 * 2**30, ge=2**20, description="estimated memory of one request's answer (its arrays and their "
+        8 * 2**30, ge=2**20, description="estimated memory of one request's answer (its arrays and their "
         "encoding); larger gets 413 saying how to stay under it (fewer inputs, smaller k or samples, Arrow)",
     )
     max_answer_bytes_in_flight: int = Field(
-        8 * 2**30, ge=2**20, description="estimated answer memory of all requests admitted and not yet sent; "
+        16 * 2**30, ge=2**20, description="estimated answer memory of all requests admitted and not yet sent; "
         "beyond it new requests get 429 (with max_queued_tokens, what bounds the server's own memory)",
     )
     max_chat_turns: int = Field(1024, ge=1, description="messages in one chat record; more gets 413")

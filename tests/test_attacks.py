@@ -110,6 +110,13 @@ def test_completions_are_admitted_by_their_top_logprobs(app_on):
     assert served.teacher.scored == 0
 
 
+def test_the_clients_heaviest_batch_fits_the_default_cap_as_arrow_not_as_json():
+    # 32 lines of 8,192 tokens (the client's batch) at k=256 with 256 draws of both targets.
+    heaviest, cap = Scoring(k=256, targets="both", samples=256), ServerSettings().max_answer_bytes
+    assert intake.topk_answer_bytes(heaviest, 32 * 8192, 32, arrow=True) <= cap
+    assert intake.topk_answer_bytes(heaviest, 32 * 8192, 32, arrow=False) > cap
+
+
 def test_admission_holds_answer_bytes_until_released():
     admission = intake.Admission(limit=10**9, max_answer_bytes=100)
     release = admission.acquire(10, 2, answer_bytes=80)
