@@ -365,7 +365,8 @@ def _rank_figure(plt, stats: CacheStats) -> Figure:
 def _sources_figure(plt, stats: CacheStats) -> Figure:
     names = sorted(stats.sources, key=lambda s: (-stats.sources[s][1], s or ""))
     shown, rest = names[:MAX_SOURCE_BARS], names[MAX_SOURCE_BARS:]
-    labels = _short_names(shown)
+    # A '$' in a file name would start matplotlib's mathtext (``a$\foo$`` fails to draw): show it as typed.
+    labels = [name.replace("$", r"\$") for name in _short_names(shown)]
     tokens = [stats.sources[s][1] for s in shown]
     if rest:
         labels.append(f"{len(rest):,} more files")

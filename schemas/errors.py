@@ -5,6 +5,8 @@
     │   ├── MalformedBody     the body is not JSON at all
     │   └── RequestTooLarge   over a size or token limit
     ├── AuthError             missing or wrong API key
+    ├── RequestTimeout        the request's body did not arrive in time (a stalled connection)
+    ├── ClientGone            the client closed its connection before the answer: its work was aborted
     ├── ServerBusy            the server's queue is full (retry after ``retry_after`` s)
     ├── EngineNotReady        the engine is still loading (retry)
     │   └── EngineDead        the engine died; the server exits for its supervisor to restart it
@@ -42,6 +44,14 @@ class RequestTooLarge(InputError):
 
 class AuthError(TeacherFarmError):
     """The API key is missing or wrong."""
+
+
+class RequestTimeout(TeacherFarmError):
+    """The request's body did not arrive within the server's time limit (408: it may be sent again)."""
+
+
+class ClientGone(TeacherFarmError):
+    """The client closed its connection while its request was scored: the engine's work for it was aborted."""
 
 
 class RetryableError(TeacherFarmError):

@@ -22,6 +22,8 @@ Targets = Literal["topk", "sampled", "both"]
 DEFAULT_K_MAX = 256
 #: The most draws per position a server answers by default (``serve --max-samples``).
 DEFAULT_MAX_SAMPLES = 256
+#: The lowest temperature: logits / T must stay finite in fp32 (a T like 1e-40 turns them into inf, then NaN).
+MIN_TEMPERATURE = 0.01
 
 
 class Scoring(BaseModel):
@@ -31,7 +33,8 @@ class Scoring(BaseModel):
 
     k: int = Field(16, ge=1, description="how many most likely next tokens to return per position")
     temperature: float = Field(
-        1.0, gt=0, le=1000, description="logprobs (and draws) are those of softmax(logits / temperature)"
+        1.0, ge=MIN_TEMPERATURE, le=1000,
+        description="logprobs (and draws) are those of softmax(logits / temperature)",
     )
     targets: Targets = Field("topk", description="the top-k per position, tokens sampled from the teacher, or both")
     samples: int = Field(64, ge=1, le=4096, description="draws per position, with sampled targets")

@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import pyarrow as pa
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,11 +24,15 @@ from fastapi.responses import JSONResponse, Response
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.arrow import ScoredSequence, cast_logprobs, results_to_table
 from teacher_farm.schemas.errors import (
-    AuthError, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTooLarge, ServerBusy, TeacherFarmError,
+    AuthError, ClientGone, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTimeout,
+    RequestTooLarge, ServerBusy, TeacherFarmError,
 )
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
-from teacher_farm.server.intake import Admission, engine_dead, parse_body, read_body, score_admitted, loaded_engine
+from teacher_farm.server.intake import (
+    Admission, AnswerResponse, check_numbers, engine_dead, json_chunks, loaded_engine, parse_body, read_body,
+    score_admitted, topk_answer_bytes,
+)
 from teacher_farm.server.openai_compat import router as openai_router
 from teacher_farm.server.settings import ServerSettings, get_settings
 
@@ -88,8 +91,15 @@ async def prometheus(request: Request) -> Response:
     """Prometheus exposition of the ``teacher_farm_*`` series."""
     # Read at each scrape, so it never disagrees with /health.
     metrics.ENGINE_UP.set(engine_up(request.app.state))
+    metrics.ENGINE_REQUESTS.set(engine_requests(request.app.state.engine))
     body, media_type = metrics.exposition()
     return Response(body, media_type=media_type)
+
+
+def engine_requests(engine: Any) -> int:
+    """Requests the vLLM engine holds unfinished (0 without one): what a disconnected client's abort frees."""
+    processor = getattr(getattr(engine, "llm", None), "output_processor", None)
+    return processor.get_num_unfinished_requests() if processor is not None else 0
 
 
 @router.get("/v1/info")
@@ -100,15 +110,35 @@ async def info(engine: Any = Depends(loaded_engine), settings: ServerSettings = 
 
 @router.post("/v1/topk")
 async def topk(request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)) -> Response:
-    """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``."""
-    req = parse_body(TopkRequest, await read_body(request, settings.max_body_bytes))
-    results, _ = await score_admitted(request, engine, req, settings)
-    headers = {FINGERPRINT_HEADER: engine.info.fingerprint}
-    if ARROW_STREAM in request.headers.get("accept", ""):
-        payload = await asyncio.to_thread(_arrow_payload, results, req)
-        return Response(payload, media_type=ARROW_STREAM, headers=headers)
-    body = {"model": engine.info.model, "k": req.k, "results": [_json_result(r, req.targets) for r in results]}
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)
+    """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``.
+
+    Admitted by the size of its answer too, which is encoded in a thread and held until it is sent.
+    """
+    body = await read_body(request, settings.max_body_bytes)
+    await asyncio.to_thread(check_numbers, body, settings.max_tokens_per_request)
+    req = parse_body(TopkRequest, body)
+    del body
+    arrow = ARROW_STREAM in request.headers.get("accept", "")
+    how = "send fewer inputs or a smaller k or samples"
+    if not arrow:
+        how += f", or ask for Arrow (Accept: {ARROW_STREAM})"
+    results, _, release = await score_admitted(
+        request, engine, req, settings, lambda n: topk_answer_bytes(req, n, len(req.inputs), arrow), how,
+    )
+    try:
+        headers = {FINGERPRINT_HEADER: engine.info.fingerprint}
+        if arrow:
+            chunks, media_type = [await asyncio.to_thread(_arrow_payload, results, req)], ARROW_STREAM
+        else:
+            answer = {"model": engine.info.model, "k": req.k,
+                      "results": [_json_result(r, req.targets) for r in results]}
+            del results
+            chunks, media_type = await asyncio.to_thread(json_chunks, answer), "application/json"
+    except BaseException:
+        release()
+        raise
+    return AnswerResponse(chunks, media_type, headers, release, settings.body_timeout_s)
+
 
 
 def _json_result(r: ScoredSequence, targets: str) -> dict[str, Any]:
@@ -132,6 +162,8 @@ def _arrow_payload(results: list[ScoredSequence], req: TopkRequest) -> bytes:
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (AuthError, 401),
+    (RequestTimeout, 408),
+    (ClientGone, 499),  # nobody reads it: the client closed its connection (nginx's code for that)
     (RequestTooLarge, 413),
     (MalformedBody, 400),
     (InputError, 422),
@@ -191,7 +223,8 @@ def create_app(load_engine: Callable[[], Any], on_engine_dead: Callable[[], None
     async def lifespan(app: FastAPI):
         state = app.state
         state.engine, state.load_error, state.draining, state.engine_dead = None, None, False, False
-        state.admission = Admission(get_settings().max_queued_tokens)
+        settings = get_settings()
+        state.admission = Admission(settings.max_queued_tokens, settings.max_answer_bytes_in_flight)
         watch: list[asyncio.Task] = []
 
         async def load() -> None:

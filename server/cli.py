@@ -44,11 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--max-samples", type=int, default=None, help="largest 'samples' a request may ask for (default 256)")
     ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
     ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")
+    ours.add_argument("--max-answer-bytes", type=int, default=None,
+                      help="estimated answer size of one request beyond which it gets 413 (default 8 GiB)")
+    ours.add_argument("--max-answer-bytes-in-flight", type=int, default=None,
+                      help="estimated answer bytes admitted and not yet sent beyond which requests get 429 "
+                      "(default 16 GiB)")
+    ours.add_argument("--max-connections", type=int, default=None,
+                      help="connections and requests at once beyond which requests get 503 (default 512)")
     ours.add_argument("--uvicorn-log-level", default="info", help="log level of the HTTP server")
     ours.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
     ours.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
     ours.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own INFO logs")
     return parser
+
+
+def connection_limits(settings: ServerSettings) -> dict:
+    """uvicorn's options that bound connections: their number, idle time, and time to send their headers."""
+    from teacher_farm.server.connections import protocol
+
+    return {
+        "limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_s,
+        "http": protocol(settings.header_timeout_s),
+        # A request line and headers larger than this (h11's default) are refused with 400.
+        "h11_max_incomplete_event_size": 16 * 1024,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--model is required (a local checkpoint directory or a model name)")
     ours = {name: args.pop(name) for name in (
         "host", "port", "k_max", "api_key", "max_queued_tokens", "scoring", "slice_rows", "max_samples",
+        "max_answer_bytes", "max_answer_bytes_in_flight", "max_connections",
     )}
     log_level = args.pop("uvicorn_log_level")
     args.pop("verbose")  # read before vLLM was imported (teacher_farm.exits.quiet_engine)
@@ -108,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn.run's steps, with the server at hand so that the app can stop it.
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=GRACEFUL_S, access_log=False, **tls,
+        timeout_graceful_shutdown=GRACEFUL_S, access_log=False, **tls, **connection_limits(settings),
     )
     server = uvicorn.Server(config)
     try:

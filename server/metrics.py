@@ -12,6 +12,15 @@ QUEUED_TOKENS = Gauge("teacher_farm_queued_tokens", "Tokens admitted and not yet
 REQUESTS_IN_FLIGHT = Gauge(
     "teacher_farm_requests_in_flight", "Scoring requests admitted and not yet answered",
 )
+ANSWER_BYTES_IN_FLIGHT = Gauge(
+    "teacher_farm_answer_bytes_in_flight", "Estimated bytes of the answers admitted and not yet sent",
+)
+REQUESTS_ABORTED = Counter(
+    "teacher_farm_requests_aborted", "Scoring requests whose client disconnected (their engine work aborted)",
+)
+ENGINE_REQUESTS = Gauge(
+    "teacher_farm_engine_requests", "Requests the vLLM engine holds unfinished (read at each scrape)",
+)
 # vLLM's own series (vllm:num_requests_running, ...) are off: the engine runs with disable_log_stats.
 ENGINE_UP = Gauge(
     "teacher_farm_engine_up",

@@ -34,7 +34,10 @@ from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, RequestTooLarge
 from teacher_farm.schemas.wire import ChatMessage, TopkInput, TopkRequest
 from teacher_farm.server import metrics
-from teacher_farm.server.intake import loaded_engine, parse_body, read_body, score_admitted
+from teacher_farm.server.intake import (
+    AnswerResponse, check_numbers, completion_answer_bytes, json_chunks, loaded_engine, parse_body, read_body,
+    score_admitted,
+)
 from teacher_farm.server.settings import ServerSettings, get_settings
 
 router = APIRouter()
@@ -174,7 +177,10 @@ def _prompts(req: CompletionRequest) -> tuple[list[str] | None, list[list[int]] 
 
 def _check_token_ids(token_ids: list[list[int]], vocab: int, limit: int) -> None:
     for i, ids in enumerate(token_ids):
-        arr = np.asarray(ids, dtype=np.int64)
+        try:
+            arr = np.asarray(ids, dtype=np.int64)
+        except OverflowError:  # an id beyond 2**63 is no int64, let alone a token
+            raise InputError(f"prompt.{i}: a token id is outside the vocabulary (size {vocab})") from None
         if arr.min() < 0 or arr.max() >= vocab:
             bad = int(arr[(arr < 0) | (arr >= vocab)][0])
             raise InputError(f"prompt.{i}: token id {bad} is outside the vocabulary (size {vocab})")
@@ -271,8 +277,14 @@ def completion_choices(
 async def completions(
     request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
-    """OpenAI completions for scoring: the prompt's logprobs (``echo``) and at most one greedy token."""
-    req = parse_body(CompletionRequest, await read_body(request, settings.max_body_bytes), _completion_problems)
+    """OpenAI completions for scoring: the prompt's logprobs (``echo``) and at most one greedy token.
+
+    Admitted by the size of its answer too (its ``top_logprobs`` dicts), built and encoded in a thread.
+    """
+    body = await read_body(request, settings.max_body_bytes)
+    await asyncio.to_thread(check_numbers, body, settings.max_tokens_per_request)
+    req = parse_body(CompletionRequest, body, _completion_problems)
+    del body
     check_completion(req, engine.info.k_max)
     texts, token_ids = _prompts(req)
     count = len(texts if texts is not None else token_ids)
@@ -280,23 +292,35 @@ async def completions(
         raise RequestTooLarge(f"{count} prompts in one request; the limit is {settings.max_inputs_per_request}")
     if texts is not None:
         token_ids = await asyncio.to_thread(engine.tokenize, texts, None)
-    _check_token_ids(token_ids, engine.info.vocab_size, engine.info.max_input_tokens)
+    await asyncio.to_thread(_check_token_ids, token_ids, engine.info.vocab_size, engine.info.max_input_tokens)
 
     # The one scoring path: the same request model, limits, admission and engine call as /v1/topk.
     topk_req = TopkRequest(k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids])
-    scored, total = await score_admitted(request, engine, topk_req, settings)
-
-    choices = await asyncio.to_thread(completion_choices, req, engine.tokenizer, texts, scored)
-    generated = len(scored) if req.max_tokens == 1 else 0
-    body = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": engine.info.model,
-        "choices": choices,
-        "usage": {"prompt_tokens": total, "completion_tokens": generated, "total_tokens": total + generated},
-    }
-    return Response(orjson.dumps(body), media_type="application/json")
+    del token_ids
+    scored, total, release = await score_admitted(
+        request, engine, topk_req, settings,
+        lambda tokens: completion_answer_bytes(req.logprobs or 0, tokens, count),
+        "send fewer or shorter prompts, or a smaller logprobs",
+    )
+    try:
+        choices = await asyncio.to_thread(completion_choices, req, engine.tokenizer, texts, scored)
+        del scored
+        generated = count if req.max_tokens == 1 else 0
+        answer = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": engine.info.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": total, "completion_tokens": generated,
+                      "total_tokens": total + generated},
+        }
+        del choices
+        chunks = await asyncio.to_thread(json_chunks, answer)
+    except BaseException:
+        release()
+        raise
+    return AnswerResponse(chunks, "application/json", {}, release, settings.body_timeout_s)
 
 
 def chat_ids(engine: Any, req: TokenizeChatRequest) -> list[int]:
@@ -319,6 +343,11 @@ async def tokenize(
     body = await read_body(request, settings.max_body_bytes)
     if _is_chat(body):
         chat = parse_body(TokenizeChatRequest, body)
+        if len(chat.messages) > settings.max_chat_turns:
+            raise RequestTooLarge(
+                f"messages: {len(chat.messages)} turns in one chat record; this server's limit is "
+                f"{settings.max_chat_turns} (max_chat_turns): split the conversation"
+            )
         ids = await asyncio.to_thread(chat_ids, engine, chat)
         token_strs = chat.return_token_strs
     else:
@@ -327,9 +356,20 @@ async def tokenize(
             lambda: engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
         )
         token_strs = req.return_token_strs
-    out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids}
-    out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids) if token_strs else None
-    return JSONResponse(out)
+    del body
+    if len(ids) > settings.max_tokens_per_request:
+        raise RequestTooLarge(
+            f"the text is {len(ids)} tokens; this server tokenizes at most {settings.max_tokens_per_request} "
+            "(max_tokens_per_request) at once: send it in parts"
+        )
+
+    def answer() -> list[bytes]:
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids}
+        out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids) if token_strs else None
+        return json_chunks(out)
+
+    chunks = await asyncio.to_thread(answer)
+    return AnswerResponse(chunks, "application/json", {}, lambda: None, settings.body_timeout_s)
 
 
 def _is_chat(body: bytes) -> bool:
@@ -346,10 +386,18 @@ async def detokenize(
     request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
     """vLLM's ``/detokenize``: ``{"prompt": text}``."""
-    req = parse_body(DetokenizeRequest, await read_body(request, settings.max_body_bytes))
+    body = await read_body(request, settings.max_body_bytes)
+    await asyncio.to_thread(check_numbers, body, settings.max_tokens_per_request)
+    req = parse_body(DetokenizeRequest, body)
+    if len(req.tokens) > settings.max_tokens_per_request:
+        raise RequestTooLarge(
+            f"tokens: {len(req.tokens)} ids; this server detokenizes at most "
+            f"{settings.max_tokens_per_request} (max_tokens_per_request) at once: send them in parts"
+        )
     if req.tokens and max(req.tokens) >= engine.info.vocab_size:
         raise InputError(f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {engine.info.vocab_size})")
-    return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+    text = await asyncio.to_thread(engine.tokenizer.decode, req.tokens, skip_special_tokens=False)
+    return JSONResponse({"prompt": text})
 
 
 def _jsonable(obj: Any) -> Any:

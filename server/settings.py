@@ -32,6 +32,23 @@ class ServerSettings(BaseSettings):
     max_queued_tokens: int = Field(
         2_097_152, ge=1, description="tokens admitted but not yet answered; beyond it new requests get 429"
     )
+    max_answer_bytes: int = Field(
+        8 * 2**30, ge=2**20, description="estimated memory of one request's answer (its arrays and their "
+        "encoding); larger gets 413 saying how to stay under it (fewer inputs, smaller k or samples, Arrow)",
+    )
+    max_answer_bytes_in_flight: int = Field(
+        16 * 2**30, ge=2**20, description="estimated answer memory of all requests admitted and not yet sent; "
+        "beyond it new requests get 429 (with max_queued_tokens, what bounds the server's own memory)",
+    )
+    max_chat_turns: int = Field(1024, ge=1, description="messages in one chat record; more gets 413")
+    max_connections: int = Field(
+        512, ge=1, description="open connections (and requests) at once; beyond it new requests get 503",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection whose request line and headers are not in by then is closed",
+    )
+    body_timeout_s: float = Field(120.0, gt=0, description="a request body not all in by then gets 408")
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 429 and 503")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="vLLM AsyncEngineArgs")
 
