@@ -314,7 +314,6 @@ class Engine:
             scoring=backend.name,
             max_samples=max_samples if pooled else 0,
             scoring_reason=backend.reason,
-            kernels=read_kernel_report() if pooled else {},
             versions=Versions(
                 teacher_farm=__version__, schema_version=SCHEMA_VERSION, vllm=vllm_seam.version_string(),
             ),
@@ -457,6 +456,17 @@ class Engine:
         """Score many sequences at once; the engine batches them."""
         selected = selected or [None] * len(token_ids)
         return list(await asyncio.gather(*(self.score_one(i, t, scoring, s) for i, t, s in zip(ids, token_ids, selected))))
+
+    async def warm_up(self) -> None:
+        """Score one two-token prompt before serving: the pooled worker chooses its reduction kernels on
+        its first chunk (``server/kernels.py``; vLLM's CPU build runs no profiling pass that would), and
+        ``info`` then shows the choice."""
+        if self.info.scoring != "pooled":
+            return
+        await self.score([None], [[0, 1]], Scoring(k=1))
+        report = read_kernel_report()
+        if report:
+            self.info = self.info.model_copy(update={"kernels": report})
 
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""
