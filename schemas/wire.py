@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
@@ -80,6 +80,9 @@ class Info(BaseModel):
     scoring_reason: str = ""
     #: Largest ``samples`` a request may ask for (0: no sampled targets).
     max_samples: int = 0
+    #: The pooled reduction's kernels, chosen by timing them in the worker at start-up: the way of
+    #: each step, the shape timed and the milliseconds behind the choice (``server/kernels.py``).
+    kernels: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:

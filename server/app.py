@@ -229,7 +229,9 @@ def create_app(load_engine: Callable[[], Any], on_engine_dead: Callable[[], None
 
         async def load() -> None:
             try:
-                state.engine = await asyncio.to_thread(load_engine)
+                engine = await asyncio.to_thread(load_engine)
+                await engine.warm_up()
+                state.engine = engine
                 log.info("teacher ready: %s", state.engine.info)
             except Exception as exc:  # noqa: BLE001 - reported on /health and every request
                 log.exception("the engine failed to start")

@@ -19,7 +19,10 @@ import functools
 import itertools
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +117,22 @@ def _without_pooled(requested: str, failure: SelfTestFailed) -> Backend:
     return Backend("prompt-logprobs", reason=str(failure))
 
 
+def kernel_report_path() -> Path:
+    """Where this server's vLLM worker reports the reduction kernels it chose (one file per server)."""
+    return Path(tempfile.gettempdir()) / f"teacher-farm-kernels-{os.getpid()}.json"
+
+
+def read_kernel_report() -> dict[str, Any]:
+    """The kernels the worker chose, or {} where it wrote none (prompt logprobs; a worker on another node)."""
+    path = kernel_report_path()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def engine_defaults(
     engine_args: dict[str, Any], k_max: int, backend: Backend | None = None, *,
     slice_rows: int | None = None, max_samples: int = 0,
@@ -145,6 +164,8 @@ def engine_defaults(
         args["hf_overrides"] = {
             **(user or {}), "architectures": [backend.arch], "teacher_farm_slice_rows": slice_rows,
             "teacher_farm_k_max": k_max, "teacher_farm_max_samples": max_samples,
+            # The worker writes the reduction kernels it chose here (server/kernels.py), for /v1/info.
+            "teacher_farm_kernel_report": str(kernel_report_path()),
         }
     elif args["max_logprobs"] < k_max:
         raise TeacherFarmError(f"max_logprobs={args['max_logprobs']} is below k_max={k_max}")
@@ -265,6 +286,7 @@ class Engine:
         args = engine_defaults(engine_args, k_max, backend, slice_rows=slice_rows, max_samples=max_samples if pooled else 0)
         log.info("starting vLLM engine: %s", args)
         mark_engine_owner()  # the engine's processes end with this one (server/lifecycle.py)
+        kernel_report_path().unlink(missing_ok=True)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         mc = llm.model_config
         tokenizer = AutoTokenizer.from_pretrained(
@@ -434,6 +456,17 @@ class Engine:
         """Score many sequences at once; the engine batches them."""
         selected = selected or [None] * len(token_ids)
         return list(await asyncio.gather(*(self.score_one(i, t, scoring, s) for i, t, s in zip(ids, token_ids, selected))))
+
+    async def warm_up(self) -> None:
+        """Score one two-token prompt before serving: the pooled worker chooses its reduction kernels on
+        its first chunk (``server/kernels.py``; vLLM's CPU build runs no profiling pass that would), and
+        ``info`` then shows the choice."""
+        if self.info.scoring != "pooled":
+            return
+        await self.score([None], [[0, 1]], Scoring(k=1))
+        report = read_kernel_report()
+        if report:
+            self.info = self.info.model_copy(update={"kernels": report})
 
     def shutdown(self) -> None:
         """Stop the engine's processes now, not at interpreter exit (when vLLM's own cleanup fails)."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from teacher_farm.schemas.scoring import PackedLayout
+from teacher_farm.server import kernels
 
 _MASK32 = 0xFFFFFFFF
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -44,26 +44,15 @@ def uniforms(seeds: torch.Tensor, positions: torch.Tensor, samples: int) -> torc
 
 
 def count_at_least(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per row, how many entries of ``x`` (rows × vocabulary) are >= ``values`` (rows × 1)."""
-    return (x >= values).sum(dim=-1)
+    """Per row, how many entries of ``x`` (rows × vocabulary) are >= ``values`` (rows × 1), the way
+    this process chose (``server/kernels.py``)."""
+    return kernels.active().count_at_least(x, values)
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``x``, the ``k`` largest values, largest first, and their column ids (int64).
-
-    On a CPU, numpy's introselect (SIMD where the CPU has it) followed by a sort of the k picked
-    runs 1.2x, 2.6x and 3.1x faster than ``torch.topk`` at k = 16, 64 and 256 over 4,096 columns
-    (one thread): torch's CPU top-k keeps a heap or sorts, so its cost grows with k. Elsewhere
-    ``torch.topk``, whose GPU kernel is a radix select.
-    """
-    if x.device.type != "cpu" or not 0 < k < x.shape[1]:
-        return x.topk(k, dim=-1)
-    a = x.detach().contiguous().numpy()
-    ids = np.argpartition(a, a.shape[1] - k, axis=1)[:, -k:]
-    values = np.take_along_axis(a, ids, axis=1)
-    order = np.argsort(values, axis=1)[:, ::-1]
-    top_values, top_ids = np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)
-    return torch.from_numpy(top_values), torch.from_numpy(top_ids)
+    """Per row of ``x``, the ``k`` largest values, largest first, and their column ids, the way this
+    process chose by timing them where it runs (``server/kernels.py``)."""
+    return kernels.active().top_k(x, k)
 
 
 def reduce_rows(
@@ -82,8 +71,8 @@ def reduce_rows(
 
     ``targets`` holds each row's next token (any valid id where there is none: its columns are then
     ignored); ``inv_temperature`` is 1/T per row (None: T = 1 everywhere, saving a pass);
-    ``seeds`` and ``positions`` key the draws. ``count`` is ``count_at_least`` or a fused kernel of
-    it (the worker passes vLLM's compiled one, which never materializes the comparison).
+    ``seeds`` and ``positions`` key the draws. ``count`` counts ranks (by default the way this process
+    chose, ``server/kernels.py``).
     ``row_samples`` holds each row's own draw count where rows of one batch ask for fewer than
     ``samples``: a row's own draws then come first, sorted, whatever its neighbours asked for.
     With ``entropy`` each row also carries the entropy of ``softmax(logits / T)`` in nats (one more
@@ -120,6 +109,5 @@ def reduce_rows(
         out[:, layout.sample_ids] = drawn.to(torch.int32)
         out[:, layout.sample_logprobs] = lp.gather(1, drawn).view(torch.int32)
     if entropy:
-        # entr(p) = -p log p, 0 where p is 0 (no 0 * -inf).
-        out[:, layout.entropy_column] = torch.special.entr(lp.exp()).sum(dim=-1).view(torch.int32)
+        out[:, layout.entropy_column] = kernels.active().entropy_of(lp).view(torch.int32)
     return out

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from teacher_farm.schemas.scoring import DEFAULT_K_MAX, PackedLayout, Scoring
-from teacher_farm.server import vllm_seam
+from teacher_farm.server import kernels, vllm_seam
 from teacher_farm.server.reduce import reduce_rows
 from teacher_farm.server.vllm_seam import Pooler, PoolingParamsUpdate, batched_count_greater_than
 
@@ -85,6 +85,7 @@ def as_scoring_model(cls: type) -> type:
                 # vLLM's executor keeps the output of tensor-parallel rank 0 only (of the last
                 # pipeline stage); every rank holds the gathered logits, the others need not reduce them.
                 reduces=vllm_seam.tensor_parallel_rank() == 0,
+                kernel_report=getattr(hf_config, "teacher_farm_kernel_report", None),
             )
 
     ModelForTeacherScoring.__name__ = ModelForTeacherScoring.__qualname__ = scoring_arch(cls.__name__)
@@ -95,7 +96,8 @@ class ReductionPooler(Pooler):
     """Reduces each scheduled chunk to packed rows; hands a request its rows when its prompt ends."""
 
     def __init__(
-        self, compute_logits: Any, slice_rows: int, worst_case: Scoring, reduces: bool = True
+        self, compute_logits: Any, slice_rows: int, worst_case: Scoring, reduces: bool = True,
+        kernel_report: str | None = None,
     ) -> None:
         super().__init__()
         # A bound method, not the model: a module holding its parent would form a cycle.
@@ -104,9 +106,13 @@ class ReductionPooler(Pooler):
         # vLLM's start-up profiling runs the pooler with requests that carry no settings: make them
         # the largest a request may ask for, so the profile counts the reduction's peak memory.
         self.worst_case = worst_case.pooler_kwargs(draw_seed=0)
+        self.k_max = worst_case.k
         # False on a rank whose rows vLLM discards: it still computes the logits (their gather is a
         # collective every rank joins) and hands back zeros of the same shape.
         self.reduces = reduces
+        # Where the kernels chosen on the first chunk are reported for the server (``server/kernels.py``).
+        self.kernel_report = kernel_report
+        self.kernels: kernels.Kernels | None = None
 
     def extra_repr(self) -> str:
         return f"slice_rows={self.slice_rows}, reduces={self.reduces}"
@@ -161,9 +167,17 @@ class ReductionPooler(Pooler):
             if logits is None or not self.reduces:  # a rank whose rows are discarded
                 out[a:b].zero_()
                 continue
+            if self.kernels is None:
+                # Once, on the first chunk (vLLM's start-up profiling run): the ways of each step timed
+                # on this device at this vocabulary, up to the largest k a request may ask for.
+                self.kernels = kernels.select(
+                    logits.shape[1], self.k_max, logits.device,
+                    slice_rows=self.slice_rows, report=self.kernel_report, counts={"compiled": _count_at_least},
+                )
             out[a:b] = reduce_rows(
                 logits, targets[a:b], None if inv_t is None else inv_t[a:b], k, n, seeds[a:b], positions_d[a:b],
-                count=_count_at_least, row_samples=None if row_n is None else row_n[a:b], entropy=wide.entropy,
+                count=self.kernels.count_at_least, row_samples=None if row_n is None else row_n[a:b],
+                entropy=wide.entropy,
             )
             del logits
 

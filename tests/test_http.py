@@ -29,6 +29,11 @@ def test_health_is_open_and_info_describes_the_teacher(server, http, tiny_model)
     assert "passed the self-test" in info["scoring_reason"]
     assert info["adds_bos"] is True and len(info["tokenizer_fingerprint"]) == 16
     assert info["model"] == str(tiny_model) and info["versions"]["schema_version"] == SCHEMA_VERSION
+    # The worker timed the reduction's kernels at this vocabulary up to k_max, and said which it chose.
+    kernels = info["kernels"]
+    assert kernels["vocab"] == 2048 and set(kernels["topk"]) == {"16", "64", "256"}
+    for bucket, way in kernels["topk"].items():
+        assert kernels["timings_ms"][f"topk k<={bucket}"][way] == min(kernels["timings_ms"][f"topk k<={bucket}"].values())
 
 
 @pytest.mark.parametrize("path", ["/v1/info", "/metrics", "/openapi.json"])
