@@ -21,7 +21,7 @@ from teacher_farm.schemas.scoring import PackedLayout
 from teacher_farm.server import kernels
 
 _MASK32 = 0xFFFFFFFF
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -80,8 +80,9 @@ def reduce_rows(
     """
     lp = logits.float()
     if inv_temperature is not None:
-        # Clamped: a logit overflowing to inf would make log_softmax NaN (inf - inf).
-        lp = (lp * inv_temperature[:, None]).clamp_(-FLOAT32_MAX, FLOAT32_MAX)
+        # Clamped above: a logit overflowing to inf would make log_softmax NaN (inf - inf); a masked
+        # logit stays -inf.
+        lp = (lp * inv_temperature[:, None]).clamp_(max=FLOAT32_MAX)
     lp = torch.log_softmax(lp, dim=-1)
     top_lp, top_ids = top_k(lp, k)
     target_lp = lp.gather(1, targets.to(torch.int64)[:, None])
