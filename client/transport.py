@@ -28,8 +28,8 @@ from tenacity.stop import stop_base
 from teacher_farm.client.inputs import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.errors import (
-    AuthError, CacheMismatch, EngineDead, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected,
-    ServerUnreachable, TeacherFarmError, TransportError,
+    AuthError, CacheMismatch, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTooLarge, RetryableError,
+    ServerBusy, ServerRejected, ServerUnreachable, TeacherFarmError, TransportError,
 )
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
@@ -82,27 +82,48 @@ def _message(response: httpx.Response) -> str:
 def _kind(response: httpx.Response) -> str | None:
     """The error class a teacher-farm server named in its answer's ``kind``."""
     try:
-        return str(response.json()["kind"])
+        body = response.json()
+        return str(body["kind"]) if isinstance(body, dict) and "error" in body else None
     except Exception:  # noqa: BLE001 - another server, a proxy's error page
         return None
 
 
+#: The ``kind`` a teacher-farm server names when it refuses the inputs themselves (``server/app.py``'s
+#: error handler): only such an answer is a verdict on the lines of a request.
+INPUT_KINDS = frozenset({InputError.__name__, MalformedBody.__name__, RequestTooLarge.__name__})
+
+
+def describe_answer(response: httpx.Response) -> str:
+    """One line naming an answer that is not teacher-farm's: status, the server that sent it, its first bytes."""
+    server = response.headers.get("server", "no Server header")
+    head = response.content[:120].decode("utf-8", "replace").replace("\n", " ").strip()
+    return f"{response.request.url} answered {response.status_code} (server: {server}): {head!r}"
+
+
 def raise_for_answer(response: httpx.Response) -> None:
-    """Map a non-2xx answer onto the project's errors."""
+    """Map a non-2xx answer onto the project's errors.
+
+    Only a teacher-farm error about the inputs (its JSON body's ``kind``) rejects them. Any other
+    answer (a proxy's or load balancer's 403/404/502 page during a deploy, a 408, another server's
+    422) says nothing about the lines: it is retried, and stops the run once ``--retry-for`` is spent.
+    """
     status = response.status_code
     if status < 400:
         return
+    kind = _kind(response)
     msg = f"{response.request.url} answered {status}: {_message(response)}"
     if status == 401:
         raise AuthError(msg + " (pass --api-key or set TEACHER_FARM_API_KEY)")
     if status == 429:
         raise ServerBusy(msg, retry_after=_retry_after(response))
-    if status == 503:
-        cls = EngineDead if _kind(response) == EngineDead.__name__ else EngineNotReady
+    if status == 503 and kind is not None:
+        cls = EngineDead if kind == EngineDead.__name__ else EngineNotReady
         raise cls(msg, retry_after=_retry_after(response))
-    if status >= 500:
+    if 400 <= status < 500 and kind in INPUT_KINDS:
+        raise ServerRejected(msg, status)
+    if status >= 500 and kind is not None:
         raise TransportError(msg, retry_after=_retry_after(response))
-    raise ServerRejected(msg, status)
+    raise TransportError(describe_answer(response) + "; not a teacher-farm answer", retry_after=_retry_after(response))
 
 
 def wire_input(line: Line) -> dict:
