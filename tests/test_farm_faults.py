@@ -8,7 +8,9 @@ import json
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import hypothesis  # noqa: F401 - imported before the runs: CPython 3.11.7's ast.parse fails after them (gh-106905)
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -92,3 +94,116 @@ def test_the_teachers_own_refusal_of_a_line_still_rejects_only_that_line(tmp_pat
     summary = cache(tmp_path, StandInServer(VOCAB), inp)
     assert summary.rejects == 1 and len(cached_ids(tmp_path / "out")) == 8
     assert "outside the vocabulary" in (tmp_path / "out" / "rejects.jsonl").read_text()
+
+
+def lie(change):
+    """A mangle that applies ``change(rows)`` to the rows of an answer (Python dicts)."""
+    def mangle(table):
+        rows = table.to_pylist()
+        change(rows)
+        return pa.Table.from_pylist(rows, schema=table.schema)
+    return mangle
+
+
+def _ids(rows):
+    rows[0]["input_ids"][0] += 1
+
+
+def _oov(rows):
+    rows[0]["topk_ids"][0][0] = VOCAB + 3
+
+
+def _nan(rows):
+    rows[0]["topk_logprobs"][1][0] = float("nan")
+
+
+def _positive(rows):
+    rows[0]["target_logprobs"][0] = 0.5
+
+
+def _ascending(rows):
+    rows[0]["topk_logprobs"][0] = sorted(rows[0]["topk_logprobs"][0])
+
+
+def _swapped(rows):
+    rows[0]["id"], rows[1]["id"] = rows[1]["id"], rows[0]["id"]
+
+
+def _short(rows):
+    rows[0]["topk_ids"].pop()
+    rows[0]["topk_logprobs"].pop()
+
+
+def _narrow(rows):
+    rows[1]["topk_ids"][0].pop()
+    rows[1]["topk_logprobs"][0].pop()
+
+
+LIES = [_ids, _oov, _nan, _positive, _ascending, _swapped, _short, _narrow]
+
+
+def ids_corpus(path, n=16):
+    path.write_text("".join(json.dumps({"id": f"l{i}", "input_ids": [5 + i, 6, 7, 8 + i % 5]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("change", LIES, ids=lambda f: f.__name__.strip("_"))
+def test_a_lying_answer_is_never_written_and_stops_the_run(tmp_path, change):
+    server = StandInServer(VOCAB, mangle=lie(change))
+    with pytest.raises(TransportError, match="wrong answer"):
+        cache(tmp_path, server, ids_corpus(tmp_path / "in.jsonl"), retry_for_s=0.3)
+    manifest = load_manifests(tmp_path / "out")["manifest.json"]
+    assert manifest.shards == {} and not list((tmp_path / "out").glob("part-*.parquet"))
+
+
+def test_a_server_that_lied_for_a_while_is_asked_again_and_every_row_is_the_true_one(tmp_path):
+    told = []
+
+    def sometimes(table):
+        told.append(1)
+        return lie(LIES[len(told) % len(LIES)])(table) if len(told) <= 10 else table
+
+    cache(tmp_path, StandInServer(VOCAB, mangle=sometimes), ids_corpus(tmp_path / "in.jsonl"))
+    honest_dir = tmp_path / "honest"
+    cache(tmp_path, StandInServer(VOCAB), tmp_path / "in.jsonl", out="honest")
+    assert len(told) > 10
+    assert pq.read_table(tmp_path / "out" / "part-000000.parquet").equals(pq.read_table(honest_dir / "part-000000.parquet"))
+
+
+def test_an_answer_larger_than_its_request_can_produce_is_not_read(tmp_path):
+    def huge(request):
+        if request.url.path == "/v1/topk":
+            return httpx.Response(200, content=b"\0" * (8 << 20))
+        return None
+
+    with pytest.raises(TransportError, match="more than the"):
+        cache(tmp_path, StandInServer(VOCAB, fault=huge), ids_corpus(tmp_path / "in.jsonl"), retry_for_s=0.3)
+
+
+def sampled_answer(counts=((3, 1), (4,), (2, 2))):
+    """An answer with sampled targets (N = 4): ids ascending per position, counts as given."""
+    from teacher_farm.schemas.arrow import ScoredSequence, results_to_table
+
+    lengths = np.array([len(c) for c in counts], np.int32)
+    ids = np.concatenate([np.arange(10, 10 + len(c)) * (i + 1) for i, c in enumerate(counts)]).astype(np.int32)
+    seq = ScoredSequence("a", np.array([5, 6, 7], np.int32), np.tile(np.arange(2, dtype=np.int32), (3, 1)),
+                         np.tile(np.array([-0.1, -2.0], np.float32), (3, 1)), np.full(2, -1.0, np.float32),
+                         np.zeros(2, np.int32), sample_lengths=lengths, sample_ids=ids,
+                         sample_counts=np.concatenate(counts).astype(np.int16),
+                         sample_logprobs=np.full(len(ids), -1.0, np.float32))
+    return results_to_table([seq], 2, "both")
+
+
+def test_sampled_targets_are_checked_counts_summing_to_n_and_ids_ascending():
+    from teacher_farm.client.transport import check_answer
+
+    scoring = Scoring(k=2, targets="both", samples=4)
+    inputs = [{"id": "a", "token_ids": [5, 6, 7]}]
+    assert check_answer(sampled_answer(), inputs, scoring, None, VOCAB) is None
+    assert "sum to 4" in check_answer(sampled_answer(((3, 1), (3,), (2, 2))), inputs, scoring, None, VOCAB)
+    table = sampled_answer()
+    rows = table.to_pylist()
+    rows[0]["sample_ids"][0] = rows[0]["sample_ids"][0][::-1]
+    backwards = pa.Table.from_pylist(rows, schema=table.schema)
+    assert "ascending" in check_answer(backwards, inputs, scoring, None, VOCAB)
