@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -168,7 +169,27 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
         yield cur
 
 
-async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int) -> tuple[pa.Table | None, list[Reject]]:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one ``/v1/topk`` request may hold (``Info``): the defaults are those of a server that did not say."""
+
+    tokens: int = 262_144
+    inputs: int = 1024
+
+    def groups(self, lengths: list[int]) -> list[slice]:
+        """Consecutive runs of sequences of ``lengths`` tokens, each run within both limits."""
+        out, start, tokens = [], 0, 0
+        for i, n in enumerate(lengths):
+            if i > start and (tokens + n > self.tokens or i - start >= self.inputs):
+                out.append(slice(start, i))
+                start, tokens = i, 0
+            tokens += n
+        return out + [slice(start, len(lengths))] if lengths else out
+
+
+async def score_batch(
+    teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int, limits: RequestLimits = RequestLimits(),
+) -> tuple[pa.Table | None, list[Reject]]:
     """The batch's result rows (with ``line``, ``source``, ``offset``), and the lines the server refused as bad."""
     if not batch.lines:
         return None, []
@@ -176,14 +197,14 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
         table = await teacher.score(batch.lines, opts.scoring, max_length)
         if table.num_rows == len(batch.lines) and opts.long_lines == "window":
             # A refused tokenization or window rejects its line, like a refused line.
-            return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
+            return await split_long_lines(teacher, batch.lines, table, opts, max_length, limits), []
     except ServerRejected as exc:
         if len(batch.lines) == 1:
             line = batch.lines[0]
             return None, [Reject(line.line, f"refused by the server: {exc}", line.id, source=line.source, index=line.record)]
         # Find the bad lines: each line alone, so the good ones still land.
         parts = await asyncio.gather(
-            *(score_batch(teacher, Batch(batch.shard, [x]), opts, max_length) for x in batch.lines)
+            *(score_batch(teacher, Batch(batch.shard, [x]), opts, max_length, limits) for x in batch.lines)
         )
         tables = [t for t, _ in parts if t is not None]
         rejects = [r for _, rs in parts for r in rs]
@@ -206,6 +227,7 @@ async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
 
 async def split_long_lines(
     teacher: Teacher, lines: list[Line], table: pa.Table, opts: CacheOptions, max_length: int,
+    limits: RequestLimits = RequestLimits(),
 ) -> pa.Table:
     """Replace every row cut at ``max_length`` by windows over the line's full token sequence.
 
@@ -228,9 +250,13 @@ async def split_long_lines(
             continue
         starts = window_starts(len(full), max_length, stride)
         keep = int(np.array_equal(ids[int(i)].values.to_numpy(zero_copy_only=False), full[:max_length]))
-        windows = await teacher.score_ids(
-            [(line.id, full[s:s + max_length]) for s in starts[keep:]], opts.scoring, max_length,
-        )
+        wanted = [(line.id, full[s:s + max_length]) for s in starts[keep:]]
+        # A long line's windows go in as many requests as the server's limits need, scored together.
+        parts = await asyncio.gather(*(
+            teacher.score_ids(wanted[g], opts.scoring, max_length)
+            for g in limits.groups([len(t) for _, t in wanted])
+        ))
+        windows = pa.concat_tables(parts) if parts else table.slice(0, 0)
         if windows.num_rows != len(starts) - keep:
             raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts) - keep} windows")
         pieces += [table.slice(done, i + keep - done), windows.select(table.column_names).cast(table.schema)]
@@ -276,6 +302,7 @@ class CacheRun:
         # A default the user never chose is capped at the teacher's limit silently (the summary says
         # where lines were cut); a --max-length over that limit is worth a warning.
         max_length = min(opts.max_length or DEFAULT_MAX_LENGTH, info.max_input_tokens)
+        self.limits = RequestLimits(info.max_tokens_per_request, info.max_inputs_per_request)
         if opts.max_length and opts.max_length > info.max_input_tokens:
             log.warning(
                 "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
@@ -371,7 +398,10 @@ class CacheRun:
             )
             self.progress = Progress(input_size(self.files), every_s=self.opts.log_every_s)
             try:
-                new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
+                # A request of whole lines, each up to max_length tokens, stays within the server's limits.
+                per_request = min(self.opts.batch_lines, self.limits.inputs, max(1, self.limits.tokens // max_length))
+                batching = dataclasses.replace(self.opts, batch_lines=per_request)
+                new_tokens = await self._pipeline(make_batches(records, batching), manifest, max_length, schema)
             finally:
                 self.progress.close()
             manifest.complete = True
@@ -398,7 +428,7 @@ class CacheRun:
                 if writer.done():
                     acquire.cancel()
                     break
-                task = asyncio.create_task(score_batch(self.teacher, batch, self.opts, max_length))
+                task = asyncio.create_task(score_batch(self.teacher, batch, self.opts, max_length, self.limits))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 queue.put_nowait((batch, task))

@@ -504,6 +504,8 @@ class TeacherPool:
             "k_max": min(i.k_max for _, i in infos),
             "max_input_tokens": min(i.max_input_tokens for _, i in infos),
             "max_model_len": min(i.max_model_len for _, i in infos),
+            "max_inputs_per_request": min(i.max_inputs_per_request for _, i in infos),
+            "max_tokens_per_request": min(i.max_tokens_per_request for _, i in infos),
         })
 
     async def _attempt_on(self, member: _Member, call: Any, refused_for_s: float | None = None) -> Any:

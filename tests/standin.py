@@ -115,6 +115,8 @@ class StandInServer:
         self.teacher = StandInTeacher(vocab, max_model_len)
         self.max_tokens_per_request = max_tokens_per_request
         self.fault, self.mangle = fault, mangle
+        #: Whether ``/v1/info`` names the request limits (a server older than them does not).
+        self.publish_limits = True
         #: Tokens of every /v1/topk request scored, in order.
         self.request_tokens: list[int] = []
 
@@ -147,7 +149,9 @@ class StandInServer:
             return answer
         info = await self.teacher.info()
         if request.url.path == "/v1/info":
-            body = info.model_dump() | {"max_tokens_per_request": self.max_tokens_per_request}
+            body = info.model_dump(exclude={"max_tokens_per_request"})
+            if self.publish_limits:
+                body["max_tokens_per_request"] = self.max_tokens_per_request
             return httpx.Response(200, json=body)
         body = orjson.loads(request.content)
         if request.url.path == "/tokenize":

@@ -207,3 +207,39 @@ def test_sampled_targets_are_checked_counts_summing_to_n_and_ids_ascending():
     rows[0]["sample_ids"][0] = rows[0]["sample_ids"][0][::-1]
     backwards = pa.Table.from_pylist(rows, schema=table.schema)
     assert "ascending" in check_answer(backwards, inputs, scoring, None, VOCAB)
+
+
+@pytest.mark.parametrize("published", [None, 50_000], ids=["default-limit", "published-limit"])
+def test_a_300k_token_line_in_window_mode_is_cached_whole_in_requests_within_the_servers_limit(tmp_path, published):
+    limit = published or 262_144
+    server = StandInServer(VOCAB, max_model_len=16384, max_tokens_per_request=limit)
+    if published is None:  # a server older than the published limit: the client assumes the default
+        server.publish_limits = False
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "long", "text": "ab" * 150_000}) + "\n" + json.dumps({"id": "s", "text": "x"}) + "\n")
+    summary = cache(tmp_path, server, inp, long_lines="window", max_length=8192)
+    assert summary.rejects == 0
+    assert max(server.request_tokens) <= limit and len(server.request_tokens) > 2
+    rows = pq.read_table(tmp_path / "out" / "part-000000.parquet", columns=["id", "offset", "input_ids"]).to_pylist()
+    long = [r for r in rows if r["id"] == "long"]
+    assert long[-1]["offset"] + len(long[-1]["input_ids"]) == 300_001  # BOS and every character
+
+
+def test_the_server_publishes_its_request_limits_in_info():
+    import time
+    from types import SimpleNamespace as NS
+
+    from fastapi.testclient import TestClient
+
+    from teacher_farm.server.app import create_app
+    from teacher_farm.server.settings import ServerSettings, get_settings
+    from tests.standin import StandInTeacher
+
+    engine = NS(info=asyncio.run(StandInTeacher(VOCAB).info()), shutdown=lambda: None)
+    app = create_app(lambda: engine)
+    app.dependency_overrides[get_settings] = lambda: ServerSettings(max_tokens_per_request=5000, max_inputs_per_request=7)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 10
+        while (r := client.get("/v1/info")).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.json()["max_tokens_per_request"] == 5000 and r.json()["max_inputs_per_request"] == 7
