@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from teacher_farm.client.inputs import InputFile, Line, Reject, check_parquet_columns, discover, read_inputs
+from teacher_farm.client.fsutil import create_exclusive, open_nofollow
 from teacher_farm.client.lock import OutputLock
 from teacher_farm.client.manifest import check_identity, save_manifest
 from teacher_farm.client.progress import Progress
@@ -33,12 +34,14 @@ from teacher_farm.schemas.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import encode_rows, with_source_columns
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord, load_manifests, manifest_name
-from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputWriteError, ServerRejected
+from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputLocked, OutputWriteError, ServerRejected
 from teacher_farm.schemas.scoring import Scoring
 
 log = logging.getLogger(__name__)
 
 REJECTS = "rejects.jsonl"
+#: A run split into N client processes marks its directory ``.num-shards-N`` (``CacheRun._claim_split``).
+SPLIT_MARKER = ".num-shards-"
 
 #: Where lines are cut when the user names no ``--max-length`` (and the teacher holds that many).
 DEFAULT_MAX_LENGTH = 8192
@@ -290,6 +293,8 @@ class CacheRun:
                              "use --long-lines truncate")
         #: Bytes of shards this run committed, for the message when the output cannot be written.
         self.bytes_written = 0
+        #: Whether this run created its directory's split marker (``_claim_split``).
+        self._marked = False
 
     async def prepare(self) -> tuple[Manifest, int, pa.Schema]:
         """Check the job against the teacher and the output directory; return what the run needs."""
@@ -361,12 +366,55 @@ class CacheRun:
         name = manifest_name(self.opts.parts, self.opts.part)
         with self._writing(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
-            lock = OutputLock(self.out / f"{name}.lock")
-            lock.acquire()
+            self._claim_split()
+        self.lock = OutputLock(self.out / f"{name}.lock")
         try:
-            return await self._run()
-        finally:
-            lock.release()
+            with self._writing(self.out):
+                self.lock.acquire()
+            try:
+                self._remove_unfinished(name)
+                return await self._run()
+            finally:
+                self.lock.release()
+        except BaseException:
+            if not (self.out / name).exists():
+                self._unmark()
+            raise
+
+    def _claim_split(self) -> None:
+        """Refuse, before anything is written, a run split into another number of client processes than
+        one already writing or written here: each split names its own marker file, created at once."""
+        mine = self.out / f"{SPLIT_MARKER}{self.opts.parts}"
+        try:
+            os.close(create_exclusive(mine))
+            self._marked = True
+        except FileExistsError:
+            pass
+        others = sorted(p.name for p in self.out.glob(f"{SPLIT_MARKER}*") if p != mine)
+        if others:
+            theirs = ", ".join(o[len(SPLIT_MARKER):] for o in others)
+            self._unmark()
+            raise CacheMismatch(
+                f"{self.out} is (being) written by a run split into --num-shards {theirs}, not {self.opts.parts}: "
+                "use the original split or a new --out"
+            )
+
+    def _unmark(self) -> None:
+        """Take back the split marker this run made, when it is refused before writing (it must not
+        make the directory's own split look foreign to its next run)."""
+        if self._marked:
+            (self.out / f"{SPLIT_MARKER}{self.opts.parts}").unlink(missing_ok=True)
+            self._marked = False
+
+    def _remove_unfinished(self, name: str) -> None:
+        """Remove this part's temporary files left by a run that died (its lock is now ours): new ones are
+        created exclusively, so a file found later belongs to another writer."""
+        R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
+        for tmp in self.out.glob(".part-*.parquet.tmp"):
+            index = tmp.name[len(".part-"):-len(".parquet.tmp")]
+            if index.isdigit() and int(index) % N == I:
+                tmp.unlink(missing_ok=True)
+        (self.out / f".{name}.tmp").unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
@@ -387,7 +435,7 @@ class CacheRun:
         done = set(manifest.shards)
         rejects_file = self.out / self.opts.rejects_name
         # Whatever lies past the committed length was written by a run that died before its commit.
-        with self._writing(rejects_file), open(rejects_file, "ab") as f:
+        with self._writing(rejects_file), open_nofollow(rejects_file) as f:
             f.truncate(manifest.rejects_bytes)
         new_tokens = 0
         if not manifest.complete:
@@ -448,8 +496,16 @@ class CacheRun:
             table, refused = await task
             slots.release()
             if shard is None:
-                with self._writing(self.out / shard_name(batch.shard)):
-                    shard = ShardWriter(self.out, batch.shard, schema)
+                try:
+                    with self._writing(self.out / shard_name(batch.shard)):
+                        shard = ShardWriter(self.out, batch.shard, schema)
+                except OutputWriteError as exc:
+                    if isinstance(exc.__cause__, FileExistsError):
+                        raise OutputLocked(
+                            f"{self.out / ('.' + shard_name(batch.shard) + '.tmp')} appeared while this run held "
+                            "the lock: another writer is caching into the same directory; run one at a time"
+                        ) from exc
+                    raise
                 first_line = batch.shard * self.opts.rows_per_shard
             written = 0
             if table is not None:
@@ -458,6 +514,7 @@ class CacheRun:
             self.progress.advance(0 if table is None else table.num_rows, written, batch.end_offset)
             rejects += batch.rejects + refused
             if batch.closes_shard:
+                self.lock.check()
                 with self._writing(shard.tmp), shard.discard_on_error():
                     stats = await asyncio.to_thread(shard.commit)
                 rejects.sort(key=lambda r: r.record)
@@ -479,7 +536,7 @@ class CacheRun:
         """Append a shard's rejects durably; returns the new committed length."""
         if not rejects:
             return committed
-        with open(self.out / self.opts.rejects_name, "r+b") as f:
+        with open_nofollow(self.out / self.opts.rejects_name) as f:
             f.seek(committed)
             f.truncate()
             f.write(b"".join(r.to_json() for r in rejects))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -14,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from teacher_farm.client import transport
+from teacher_farm.client import lock, transport
 from teacher_farm.client.cache import CacheOptions, CacheRun
 from teacher_farm.client.transport import TeacherPool
 from teacher_farm.schemas.cache_dir import load_manifests
-from teacher_farm.schemas.errors import TransportError
+from teacher_farm.schemas.errors import CacheMismatch, OutputLocked, TransportError
 from teacher_farm.schemas.scoring import Scoring
 from tests.standin import StandInServer
 
@@ -243,3 +244,67 @@ def test_the_server_publishes_its_request_limits_in_info():
         while (r := client.get("/v1/info")).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert r.json()["max_tokens_per_request"] == 5000 and r.json()["max_inputs_per_request"] == 7
+
+
+# --- one writer, across hosts -----------------------------------------------------------------
+
+
+def foreign_lock(path, age_s):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": "node-17.other", "pid": 4242, "started": "2026-12-06T10:00:00Z",
+                                "heartbeat": time.time() - age_s}))
+
+
+def test_another_hosts_live_lock_is_never_taken_over(tmp_path):
+    """Where flock is node-local it is granted here too: the holder's fresh heartbeat still refuses us."""
+    foreign_lock(tmp_path / "out" / "manifest.json.lock", age_s=3)
+    with pytest.raises(OutputLocked) as err:
+        cache(tmp_path, StandInServer(VOCAB), corpus(tmp_path / "in.jsonl"))
+    assert "pid 4242 on host node-17.other" in str(err.value) and "heartbeat 3 s ago" in str(err.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_another_hosts_lock_without_a_fresh_heartbeat_is_stale_and_taken_over(tmp_path):
+    foreign_lock(tmp_path / "out" / "manifest.json.lock", age_s=lock.STALE_S + 5)
+    summary = cache(tmp_path, StandInServer(VOCAB), corpus(tmp_path / "in.jsonl"))
+    assert summary.rows == 40
+
+
+def test_a_holder_whose_lock_another_host_took_stops_before_committing(tmp_path):
+    path = tmp_path / "x.lock"
+    held = lock.OutputLock(path, heartbeat_s=0.02)
+    held.acquire()
+    try:
+        foreign_lock(path, age_s=0)
+        deadline = time.monotonic() + 5
+        while held.lost is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(OutputLocked, match="took over the lock"):
+            held.check()
+    finally:
+        held.release()
+    assert "node-17.other" in path.read_text()  # the other writer's lock is left as it is
+
+
+def test_a_shards_temporary_file_is_created_exclusively_never_through_a_link(tmp_path):
+    from teacher_farm.client.shards import ShardWriter
+    from teacher_farm.schemas.arrow import cache_schema
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / ".part-000003.parquet.tmp").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        ShardWriter(tmp_path, 3, cache_schema(k=4))
+    assert victim.read_bytes() == b"precious"
+    ShardWriter(tmp_path, 4, cache_schema(k=4))
+    with pytest.raises(FileExistsError):  # a second writer of the same shard
+        ShardWriter(tmp_path, 4, cache_schema(k=4))
+
+
+def test_a_run_split_otherwise_than_one_already_begun_is_refused_before_it_writes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".num-shards-3").touch()  # a run split in 3 has begun: none of its manifests is written yet
+    with pytest.raises(CacheMismatch, match="--num-shards 3, not 2"):
+        cache(tmp_path, StandInServer(VOCAB), corpus(tmp_path / "in.jsonl"), parts=2, part=0)
+    assert sorted(p.name for p in out.iterdir()) == [".num-shards-3"]
