@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -276,6 +278,43 @@ async def split_long_lines(
     return with_source_columns(pa.concat_tables(pieces), line_no, sources, offsets)
 
 
+class LineHashes:
+    """sha256 of each shard's input lines (their bytes), as the run reads them past, skipped lines too.
+
+    A finished shard's hash must be the one its record holds (``ShardRecord.input_sha256``): a corpus
+    edited after its first MiB (which the input's fingerprint covers) is refused while the resumed
+    run reads past it, before any later shard is committed. Costs one sha256 pass over the input.
+    """
+
+    def __init__(self, rows_per_shard: int, mine: Callable[[int], bool], done: dict[int, ShardRecord], where: Path) -> None:
+        self.rows_per_shard, self.mine, self.done, self.where = rows_per_shard, mine, done, where
+        self.digests: dict[int, str] = {}
+        self._shard = -1
+        self._hash: Any = None
+
+    def feed(self, index: int, raw: bytes) -> None:
+        shard = index // self.rows_per_shard
+        if shard != self._shard:
+            self.close()
+            self._shard = shard
+            self._hash = hashlib.sha256() if self.mine(shard) else None
+        if self._hash is not None:
+            self._hash.update(raw)
+
+    def close(self) -> None:
+        """Finish the shard being read (at the next shard's first line, or the input's end)."""
+        if self._hash is None:
+            return
+        digest, self._hash = self._hash.hexdigest(), None
+        self.digests[self._shard] = digest
+        rec = self.done.get(self._shard)
+        if rec is not None and rec.input_sha256 is not None and rec.input_sha256 != digest:
+            raise CacheMismatch(
+                f"{self.where}: input lines {rec.first_line}..{rec.end_line - 1} (shard {rec.index}) differ from "
+                "those its finished shard was made from: the input changed since. Restore it, or cache it into a new --out"
+            )
+
+
 class CacheRun:
     """One invocation of the cache job against one teacher."""
 
@@ -440,10 +479,12 @@ class CacheRun:
         new_tokens = 0
         if not manifest.complete:
             R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
-            records = read_inputs(
+            self.hashes = LineHashes(R, lambda j: j % N == I, manifest.shards, self.out)
+            records = _then(read_inputs(
                 self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
                 ids_field=self.opts.ids_field, skip=lambda n: (n // R) % N != I or n // R in done,
-            )
+                tap=self.hashes.feed,
+            ), self.hashes.close)
             self.progress = Progress(input_size(self.files), every_s=self.opts.log_every_s)
             try:
                 # A request of whole lines, each up to max_length tokens, stays within the server's limits.
@@ -523,6 +564,7 @@ class CacheRun:
                 manifest.shards[batch.shard] = ShardRecord(
                     index=batch.shard, file=stats.file, first_line=first_line, end_line=batch.last_line + 1,
                     rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
+                    input_sha256=self.hashes.digests.get(batch.shard),
                 )
                 with self._writing(self.out / self.manifest_name):
                     save_manifest(manifest, self.out, self.manifest_name)
@@ -543,6 +585,12 @@ class CacheRun:
             f.flush()
             os.fsync(f.fileno())
             return f.tell()
+
+
+def _then(items: Iterable, done: Callable[[], None]) -> Iterator:
+    """``items``, then ``done()`` once they are exhausted."""
+    yield from items
+    done()
 
 
 async def run_cache(opts: CacheOptions, teacher: Teacher) -> Summary:

@@ -48,6 +48,9 @@ class ShardRecord(BaseModel):
     tokens: int
     bytes: int
     sha256: str
+    #: sha256 of the shard's input lines, their bytes as read (JSONL; absent before it was recorded):
+    #: a resumed run refuses an input whose finished lines changed.
+    input_sha256: str | None = None
 
 
 class Manifest(BaseModel):

@@ -308,3 +308,50 @@ def test_a_run_split_otherwise_than_one_already_begun_is_refused_before_it_write
     with pytest.raises(CacheMismatch, match="--num-shards 3, not 2"):
         cache(tmp_path, StandInServer(VOCAB), corpus(tmp_path / "in.jsonl"), parts=2, part=0)
     assert sorted(p.name for p in out.iterdir()) == [".num-shards-3"]
+
+
+# --- resuming onto an edited input ------------------------------------------------------------
+
+
+def unfinish(out, keep):
+    """The manifest of a run that stopped after its first ``keep`` shards."""
+    from teacher_farm.client.manifest import save_manifest
+
+    manifest = load_manifests(out)["manifest.json"]
+    manifest.shards = {i: s for i, s in manifest.shards.items() if i < keep}
+    manifest.complete = False
+    save_manifest(manifest, out)
+
+
+def test_a_resume_onto_an_input_edited_after_its_first_mib_is_refused(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"l{i}", "text": f"{i:08d} " + "x" * 2000}) + "\n" for i in range(1200)))
+    assert inp.stat().st_size > 2 << 20
+    cache(tmp_path, StandInServer(VOCAB), inp, max_length=64)
+    records = load_manifests(tmp_path / "out")["manifest.json"].shards
+    assert all(r.input_sha256 for r in records.values())
+    unfinish(tmp_path / "out", keep=100)
+    raw = bytearray(inp.read_bytes())
+    at = raw.index(b"00000700")  # line 700: past the first MiB, in a finished shard; same size
+    raw[at:at + 8] = b"00000701"
+    inp.write_bytes(bytes(raw))
+    with pytest.raises(CacheMismatch, match="differ from those its finished shard was made from"):
+        cache(tmp_path, StandInServer(VOCAB), inp, max_length=64)
+    assert sorted(load_manifests(tmp_path / "out")["manifest.json"].shards) == list(range(100))  # nothing new
+
+
+def test_a_resume_onto_the_same_input_read_from_stdin_goes_on(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    inp = corpus(tmp_path / "in.jsonl", 40)
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(inp.read_bytes())))
+    cache(tmp_path, StandInServer(VOCAB), "-")
+    unfinish(tmp_path / "out", keep=2)
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(inp.read_bytes())))
+    assert cache(tmp_path, StandInServer(VOCAB), "-").rows == 40
+    edited = inp.read_bytes().replace(b"line number 3 ", b"line number 4 ")
+    unfinish(tmp_path / "out", keep=2)
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(edited)))
+    with pytest.raises(CacheMismatch):
+        cache(tmp_path, StandInServer(VOCAB), "-")
