@@ -52,6 +52,14 @@ class ShardRecord(BaseModel):
     #: a resumed run refuses an input whose finished lines changed.
     input_sha256: str | None = None
 
+    @field_validator("file")
+    @classmethod
+    def _inside_the_directory(cls, value: str) -> str:
+        # Readers join it to the cache directory: a path ('/x.parquet', '../x', 'a/b') would leave it.
+        if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+            raise ValueError(f"shard file {value!r} is not a file name inside the cache directory")
+        return value
+
 
 class Manifest(BaseModel):
     """What an output directory holds and how it was made."""
@@ -244,6 +252,8 @@ class CacheDir:
         paths = []
         for rec in self.records():
             path = self.path / rec.file
+            if path.parent != self.path:
+                raise InputError(f"{path} is named by the manifest but is not a file of {self.path}")
             if not path.is_file():
                 raise InputError(f"{path} is named by the manifest but missing")
             if path.stat().st_size != rec.bytes:

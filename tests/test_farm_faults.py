@@ -355,3 +355,21 @@ def test_a_resume_onto_the_same_input_read_from_stdin_goes_on(tmp_path, monkeypa
     monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(edited)))
     with pytest.raises(CacheMismatch):
         cache(tmp_path, StandInServer(VOCAB), "-")
+
+
+# --- a manifest naming files outside its directory --------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../x.parquet", "/etc/passwd", "sub/../../x.parquet", "..", ""])
+def test_a_manifest_naming_a_file_outside_the_cache_directory_is_refused(tmp_path, name):
+    from teacher_farm.schemas.cache_dir import CacheDir
+    from teacher_farm.schemas.errors import InputError
+
+    cache(tmp_path, StandInServer(VOCAB), corpus(tmp_path / "in.jsonl", 8))
+    (tmp_path / "x.parquet").write_bytes((tmp_path / "out" / "part-000000.parquet").read_bytes())
+    path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"]["0"]["file"] = name
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="not a file name inside the cache directory"):
+        CacheDir(tmp_path / "out").shard_paths()
