@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from teacher_farm.client.inputs import InputFile, Line, Reject, check_parquet_columns, discover, read_inputs
-from teacher_farm.client.fsutil import create_exclusive, open_nofollow
+from teacher_farm.client.fsutil import create_exclusive, fsync_dir, open_nofollow
 from teacher_farm.client.lock import OutputLock
 from teacher_farm.client.manifest import check_identity, save_manifest
 from teacher_farm.client.progress import Progress
@@ -82,6 +83,8 @@ class CacheOptions:
     long_lines: str = "truncate"
     #: Tokens between window starts with long_lines="window"; None: half the max length.
     stride: int | None = None
+    #: Once the cache is complete, score the lines of its rejects again (``--retry-rejects``).
+    retry_rejects: bool = False
 
     @property
     def inputs(self) -> list[str]:
@@ -334,6 +337,8 @@ class CacheRun:
         self.bytes_written = 0
         #: Whether this run created its directory's split marker (``_claim_split``).
         self._marked = False
+        #: Whether the shard being written holds retried rejects (``_retry_rejects``).
+        self._rewriting = False
 
     async def prepare(self) -> tuple[Manifest, int, pa.Schema]:
         """Check the job against the teacher and the output directory; return what the run needs."""
@@ -454,6 +459,10 @@ class CacheRun:
             if index.isdigit() and int(index) % N == I:
                 tmp.unlink(missing_ok=True)
         (self.out / f".{name}.tmp").unlink(missing_ok=True)
+        manifest = load_manifests(self.out).get(name)
+        pending = f".{self.opts.rejects_name}.retry"
+        if manifest is None or manifest.rejects_pending != pending:  # not committed: a dead retry's
+            (self.out / pending).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
@@ -473,6 +482,10 @@ class CacheRun:
         manifest, max_length, schema = await self.prepare()
         done = set(manifest.shards)
         rejects_file = self.out / self.opts.rejects_name
+        if manifest.rejects_pending is not None:
+            # A --retry-rejects committed its rewritten rejects but died before renaming them into place.
+            with self._writing(rejects_file):
+                self._finish_rejects_rewrite(manifest)
         # Whatever lies past the committed length was written by a run that died before its commit.
         with self._writing(rejects_file), open_nofollow(rejects_file) as f:
             f.truncate(manifest.rejects_bytes)
@@ -496,6 +509,8 @@ class CacheRun:
             manifest.complete = True
             with self._writing(self.out / self.manifest_name):
                 save_manifest(manifest, self.out, self.manifest_name)
+        if self.opts.retry_rejects and manifest.rejects_bytes:
+            new_tokens += await self._retry_rejects(manifest, max_length, schema)
         return Summary(
             out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
             tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
@@ -503,6 +518,68 @@ class CacheRun:
             rejects_file=self.opts.rejects_name, wire_bytes=getattr(self.teacher, "bytes_received", None),
             max_length=max_length,
         )
+
+    async def _retry_rejects(self, manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
+        """Score the committed rejects' lines again, into one new shard; returns the tokens it holds.
+
+        The shard (numbered past every shard of the input) and the rejects rewritten to hold only the
+        lines refused again are committed together by one manifest: a crash before it leaves the
+        cache as it was (the stray files are replaced by the next try), one after it is completed by
+        the next run (``rejects_pending``). So every line is cached, or a reject, exactly once.
+        """
+        R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
+        path = self.out / self.opts.rejects_name
+        with open_nofollow(path) as f:
+            committed = f.read(manifest.rejects_bytes)
+        wanted = {(e.get("source"), e["line"]) for e in map(orjson.loads, committed.splitlines()) if e}
+        records = [rec for rec in read_inputs(self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
+                                              ids_field=self.opts.ids_field)
+                   if (rec.source, rec.line) in wanted]
+        if not records:
+            return 0
+        known = [rec.index for m in load_manifests(self.out).values() for rec in m.shards.values()]
+        last_line = max(rec.end_line for m in load_manifests(self.out).values() for rec in m.shards.values())
+        index = max([*known, -(-last_line // R) + N]) + 1
+        index += (I - index) % N  # a shard of this part: past every shard any part has or will have
+        # One shard of the retried lines, in their input order, whatever their number.
+        width = max(R, len(records))
+        lines = [dataclasses.replace(rec, index=index * width + k) for k, rec in enumerate(records)]
+        opts, self.opts = self.opts, dataclasses.replace(self.opts, rows_per_shard=width)
+        self._rewriting = True
+        self.progress = Progress(None, every_s=opts.log_every_s)
+        try:
+            per_request = min(opts.batch_lines, self.limits.inputs, max(1, self.limits.tokens // max_length))
+            batches = make_batches(iter(lines), dataclasses.replace(self.opts, batch_lines=per_request))
+            tokens = await self._pipeline(batches, manifest, max_length, schema)
+        finally:
+            self.opts, self._rewriting = opts, False
+            self.progress.close()
+        again = manifest.shards[index].rejects
+        log.info("retried %d rejected lines: %d cached now, %d refused again", len(records), len(records) - again, again)
+        return tokens
+
+    def _rewrite_rejects(self, manifest: Manifest, rejects: list[Reject]) -> None:
+        """Stage the rejects file holding only ``rejects`` (those refused again), named by the manifest
+        about to be saved; every earlier shard's rejects were retried, so none of them remains."""
+        pending = f".{self.opts.rejects_name}.retry"
+        data = b"".join(r.to_json() for r in rejects)
+        fd = create_exclusive(self.out / pending)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for i, rec in list(manifest.shards.items()):
+            manifest.shards[i] = rec.model_copy(update={"rejects": 0})
+        manifest.rejects_pending, manifest.rejects_bytes = pending, len(data)
+
+    def _finish_rejects_rewrite(self, manifest: Manifest) -> None:
+        """Rename a committed, rewritten rejects file into place (again, after a crash) and say so in the manifest."""
+        pending = self.out / manifest.rejects_pending
+        if pending.exists():
+            os.replace(pending, self.out / self.opts.rejects_name)
+            fsync_dir(self.out)
+        manifest.rejects_pending = None
+        save_manifest(manifest, self.out, self.manifest_name)
 
     async def _pipeline(self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
         """Keep ``concurrency`` requests in flight; write answers in input order."""
@@ -560,14 +637,19 @@ class CacheRun:
                     stats = await asyncio.to_thread(shard.commit)
                 rejects.sort(key=lambda r: r.record)
                 with self._writing(self.out / self.opts.rejects_name):
-                    manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
+                    if self._rewriting:
+                        await asyncio.to_thread(self._rewrite_rejects, manifest, rejects)
+                    else:
+                        manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
                 manifest.shards[batch.shard] = ShardRecord(
                     index=batch.shard, file=stats.file, first_line=first_line, end_line=batch.last_line + 1,
                     rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
-                    input_sha256=self.hashes.digests.get(batch.shard),
+                    input_sha256=None if self._rewriting else self.hashes.digests.get(batch.shard),
                 )
                 with self._writing(self.out / self.manifest_name):
                     save_manifest(manifest, self.out, self.manifest_name)
+                    if manifest.rejects_pending is not None:
+                        self._finish_rejects_rewrite(manifest)
                 self.bytes_written += stats.bytes
                 tokens += stats.tokens
                 log.info("shard %d: %d rows, %d tokens, %d rejected", batch.shard, stats.rows, stats.tokens, len(rejects))

@@ -73,6 +73,9 @@ class Manifest(BaseModel):
     shards: dict[int, ShardRecord] = Field(default_factory=dict)
     #: Length of the committed part of the rejects file.
     rejects_bytes: int = 0
+    #: A rewritten rejects file (``--retry-rejects``) committed with this manifest but perhaps not yet
+    #: renamed over the rejects file: the next run renames it into place first.
+    rejects_pending: str | None = None
     complete: bool = False
 
     @property

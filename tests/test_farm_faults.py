@@ -373,3 +373,36 @@ def test_a_manifest_naming_a_file_outside_the_cache_directory_is_refused(tmp_pat
     path.write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="not a file name inside the cache directory"):
         CacheDir(tmp_path / "out").shard_paths()
+
+
+# --- scoring a finished cache's rejects again ----------------------------------------------
+
+
+def test_retry_rejects_scores_the_rejected_lines_once_into_a_new_shard_and_empties_the_rejects(tmp_path):
+    inp = corpus(tmp_path / "in.jsonl", 20)
+    with open(inp, "a") as f:
+        f.write("not json\n")
+    first = cache(tmp_path, StandInServer(VOCAB, max_tokens_per_request=30), inp, batch_chars=1)
+    assert first.rejects > 3  # the lines over 30 tokens, refused by the server, and the bad line
+    summary = cache(tmp_path, StandInServer(VOCAB), inp, retry_rejects=True)
+    assert summary.rejects == 1 and summary.rows == 20
+    assert sorted(cached_ids(tmp_path / "out")) == sorted(f"l{i}" for i in range(20))
+    assert "not valid JSON" in (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert len((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) == 1
+    again = cache(tmp_path, StandInServer(VOCAB), inp, retry_rejects=True)  # nothing new: the bad line stays
+    assert again.rows == 20 and again.rejects == 1
+
+
+def test_a_retry_that_dies_after_its_commit_is_completed_by_the_next_run(tmp_path, monkeypatch):
+    from teacher_farm.client.cache import CacheRun as Run
+
+    inp = corpus(tmp_path / "in.jsonl", 20)
+    cache(tmp_path, StandInServer(VOCAB, max_tokens_per_request=30), inp, batch_chars=1)
+    finish = Run._finish_rejects_rewrite
+    monkeypatch.setattr(Run, "_finish_rejects_rewrite", lambda self, m: (_ for _ in ()).throw(OSError(5, "power cut")))
+    with pytest.raises(Exception, match="power cut"):
+        cache(tmp_path, StandInServer(VOCAB), inp, retry_rejects=True)
+    monkeypatch.setattr(Run, "_finish_rejects_rewrite", finish)
+    summary = cache(tmp_path, StandInServer(VOCAB), inp)
+    assert summary.rejects == 0 and (tmp_path / "out" / "rejects.jsonl").read_bytes() == b""
+    assert sorted(cached_ids(tmp_path / "out")) == sorted(f"l{i}" for i in range(20))
