@@ -453,7 +453,7 @@ class CacheRun:
     def _remove_unfinished(self, name: str) -> None:
         """Remove this part's temporary files left by a run that died (its lock is now ours): new ones are
         created exclusively, so a file found later belongs to another writer."""
-        R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
+        N, I = self.opts.parts, self.opts.part
         for tmp in self.out.glob(".part-*.parquet.tmp"):
             index = tmp.name[len(".part-"):-len(".parquet.tmp")]
             if index.isdigit() and int(index) % N == I:
