@@ -39,16 +39,24 @@ VOCAB = 128_256
 
 def answer_row(tokens: int, k: int, rng: np.random.Generator) -> ScoredSequence:
     """One scored sequence shaped like a real teacher's: sorted logprobs, ids spread over the vocabulary."""
-    lps = np.sort(np.log(rng.dirichlet(np.full(k + 1, 0.3), size=tokens)[:, :k]).astype(np.float32), axis=1)[:, ::-1]
+    # Finite logprobs (the client refuses an answer holding -inf): probabilities kept above 1e-30.
+    probs = np.maximum(rng.dirichlet(np.full(k + 1, 0.3), size=tokens)[:, :k], 1e-30)
+    lps = np.sort(np.log(probs).astype(np.float32), axis=1)[:, ::-1]
     return ScoredSequence(
         None, rng.integers(0, VOCAB, tokens, dtype=np.int32), rng.integers(0, VOCAB, (tokens, k), dtype=np.int32),
-        np.ascontiguousarray(lps), np.log(rng.random(tokens - 1, dtype=np.float32)), rng.integers(1, 50, tokens - 1, dtype=np.int32),
+        np.ascontiguousarray(lps), np.log(np.maximum(rng.random(tokens - 1, dtype=np.float32), 1e-30)),
+        rng.integers(1, 50, tokens - 1, dtype=np.int32),
     )
 
 
-def arrow_answer(rows: int, tokens: int, k: int, dtype: str) -> bytes:
+def answer_table(rows: int, tokens: int, k: int, dtype: str) -> pa.Table:
     rng = np.random.default_rng(rows)
-    table = cast_logprobs(results_to_table([answer_row(tokens, k, rng) for _ in range(rows)], k), dtype)
+    return cast_logprobs(results_to_table([answer_row(tokens, k, rng) for _ in range(rows)], k), dtype)
+
+
+def arrow_answer(table: pa.Table, ids: list) -> bytes:
+    """``table`` as an answer to inputs of ``ids`` (the client checks that the rows are the inputs it sent)."""
+    table = table.set_column(0, "id", pa.array(ids, pa.string()))
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(table)
@@ -62,7 +70,7 @@ def serve(port: int, tokens: int, ready: mp.Event) -> None:
         "k_max": 64, "max_model_len": 1 << 20, "max_input_tokens": (1 << 20) - 1, "max_inputs_per_request": 4096,
         "adds_bos": True, "versions": {"teacher_farm": "-", "schema_version": 2, "vllm": "-"},
     })
-    bodies: dict[tuple, bytes] = {}
+    bodies: dict[tuple, pa.Table] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -77,8 +85,9 @@ def serve(port: int, tokens: int, ready: mp.Event) -> None:
                     req = orjson.loads(body)
                     key = (len(req["inputs"]), req["k"], req.get("logprob_dtype", "float32"))
                     if key not in bodies:
-                        bodies[key] = arrow_answer(key[0], tokens, key[1], key[2])
-                    payload, ctype = bodies[key], b"application/vnd.apache.arrow.stream"
+                        bodies[key] = answer_table(key[0], tokens, key[1], key[2])
+                    payload = arrow_answer(bodies[key], [x.get("id") for x in req["inputs"]])
+                    ctype = b"application/vnd.apache.arrow.stream"
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nX-Teacher-Fingerprint: "
                              + b"0" * 16 + b"/" + b"0" * 16 + b"\r\nContent-Length: " + str(len(payload)).encode()
                              + b"\r\n\r\n" + payload)

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from teacher_farm.client.inputs import InputFile, Line, Reject, check_parquet_columns, discover, read_inputs
+from teacher_farm.client.fsutil import create_exclusive, fsync_dir, open_nofollow
 from teacher_farm.client.lock import OutputLock
 from teacher_farm.client.manifest import check_identity, save_manifest
 from teacher_farm.client.progress import Progress
@@ -34,12 +39,14 @@ from teacher_farm.schemas.arrow import encode_rows, with_source_columns
 from teacher_farm.schemas.cache_dir import (
     CacheIdentity, InputFingerprint, Manifest, RunIdentity, ShardRecord, load_manifests, manifest_name,
 )
-from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputWriteError, ServerRejected
+from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputLocked, OutputWriteError, ServerRejected
 from teacher_farm.schemas.scoring import Scoring
 
 log = logging.getLogger(__name__)
 
 REJECTS = "rejects.jsonl"
+#: A run split into N client processes marks its directory ``.num-shards-N`` (``CacheRun._claim_split``).
+SPLIT_MARKER = ".num-shards-"
 
 #: Where lines are cut when the user names no ``--max-length`` (and the teacher holds that many).
 DEFAULT_MAX_LENGTH = 8192
@@ -78,6 +85,8 @@ class CacheOptions:
     long_lines: str = "truncate"
     #: Tokens between window starts with long_lines="window"; None: half the max length.
     stride: int | None = None
+    #: Once the cache is complete, score the lines of its rejects again (``--retry-rejects``).
+    retry_rejects: bool = False
 
     @property
     def inputs(self) -> list[str]:
@@ -170,7 +179,27 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
         yield cur
 
 
-async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int) -> tuple[pa.Table | None, list[Reject]]:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one ``/v1/topk`` request may hold (``Info``): the defaults are those of a server that did not say."""
+
+    tokens: int = 262_144
+    inputs: int = 1024
+
+    def groups(self, lengths: list[int]) -> list[slice]:
+        """Consecutive runs of sequences of ``lengths`` tokens, each run within both limits."""
+        out, start, tokens = [], 0, 0
+        for i, n in enumerate(lengths):
+            if i > start and (tokens + n > self.tokens or i - start >= self.inputs):
+                out.append(slice(start, i))
+                start, tokens = i, 0
+            tokens += n
+        return out + [slice(start, len(lengths))] if lengths else out
+
+
+async def score_batch(
+    teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int, limits: RequestLimits = RequestLimits(),
+) -> tuple[pa.Table | None, list[Reject]]:
     """The batch's result rows (with ``line``, ``source``, ``offset``), and the lines the server refused as bad."""
     if not batch.lines:
         return None, []
@@ -178,14 +207,14 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
         table = await teacher.score(batch.lines, opts.scoring, max_length)
         if table.num_rows == len(batch.lines) and opts.long_lines == "window":
             # A refused tokenization or window rejects its line, like a refused line.
-            return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
+            return await split_long_lines(teacher, batch.lines, table, opts, max_length, limits), []
     except ServerRejected as exc:
         if len(batch.lines) == 1:
             line = batch.lines[0]
             return None, [Reject(line.line, f"refused by the server: {exc}", line.id, source=line.source, index=line.record)]
         # Find the bad lines: each line alone, so the good ones still land.
         parts = await asyncio.gather(
-            *(score_batch(teacher, Batch(batch.shard, [x]), opts, max_length) for x in batch.lines)
+            *(score_batch(teacher, Batch(batch.shard, [x]), opts, max_length, limits) for x in batch.lines)
         )
         tables = [t for t, _ in parts if t is not None]
         rejects = [r for _, rs in parts for r in rs]
@@ -208,6 +237,7 @@ async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
 
 async def split_long_lines(
     teacher: Teacher, lines: list[Line], table: pa.Table, opts: CacheOptions, max_length: int,
+    limits: RequestLimits = RequestLimits(),
 ) -> pa.Table:
     """Replace every row cut at ``max_length`` by windows over the line's full token sequence.
 
@@ -230,9 +260,13 @@ async def split_long_lines(
             continue
         starts = window_starts(len(full), max_length, stride)
         keep = int(np.array_equal(ids[int(i)].values.to_numpy(zero_copy_only=False), full[:max_length]))
-        windows = await teacher.score_ids(
-            [(line.id, full[s:s + max_length]) for s in starts[keep:]], opts.scoring, max_length,
-        )
+        wanted = [(line.id, full[s:s + max_length]) for s in starts[keep:]]
+        # A long line's windows go in as many requests as the server's limits need, scored together.
+        parts = await asyncio.gather(*(
+            teacher.score_ids(wanted[g], opts.scoring, max_length)
+            for g in limits.groups([len(t) for _, t in wanted])
+        ))
+        windows = pa.concat_tables(parts) if parts else table.slice(0, 0)
         if windows.num_rows != len(starts) - keep:
             raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts) - keep} windows")
         pieces += [table.slice(done, i + keep - done), windows.select(table.column_names).cast(table.schema)]
@@ -247,6 +281,43 @@ async def split_long_lines(
     sources += [x.source for x in lines[done:]]
     offsets += [0] * (len(lines) - done)
     return with_source_columns(pa.concat_tables(pieces), line_no, sources, offsets)
+
+
+class LineHashes:
+    """sha256 of each shard's input lines (their bytes), as the run reads them past, skipped lines too.
+
+    A finished shard's hash must be the one its record holds (``ShardRecord.input_sha256``): a corpus
+    edited after its first MiB (which the input's fingerprint covers) is refused while the resumed
+    run reads past it, before any later shard is committed. Costs one sha256 pass over the input.
+    """
+
+    def __init__(self, rows_per_shard: int, mine: Callable[[int], bool], done: dict[int, ShardRecord], where: Path) -> None:
+        self.rows_per_shard, self.mine, self.done, self.where = rows_per_shard, mine, done, where
+        self.digests: dict[int, str] = {}
+        self._shard = -1
+        self._hash: Any = None
+
+    def feed(self, index: int, raw: bytes) -> None:
+        shard = index // self.rows_per_shard
+        if shard != self._shard:
+            self.close()
+            self._shard = shard
+            self._hash = hashlib.sha256() if self.mine(shard) else None
+        if self._hash is not None:
+            self._hash.update(raw)
+
+    def close(self) -> None:
+        """Finish the shard being read (at the next shard's first line, or the input's end)."""
+        if self._hash is None:
+            return
+        digest, self._hash = self._hash.hexdigest(), None
+        self.digests[self._shard] = digest
+        rec = self.done.get(self._shard)
+        if rec is not None and rec.input_sha256 is not None and rec.input_sha256 != digest:
+            raise CacheMismatch(
+                f"{self.where}: input lines {rec.first_line}..{rec.end_line - 1} (shard {rec.index}) differ from "
+                "those its finished shard was made from: the input changed since. Restore it, or cache it into a new --out"
+            )
 
 
 class CacheRun:
@@ -266,6 +337,10 @@ class CacheRun:
                              "use --long-lines truncate")
         #: Bytes of shards this run committed, for the message when the output cannot be written.
         self.bytes_written = 0
+        #: Whether this run created its directory's split marker (``_claim_split``).
+        self._marked = False
+        #: Whether the shard being written holds retried rejects (``_retry_rejects``).
+        self._rewriting = False
 
     async def prepare(self) -> tuple[Manifest, int, pa.Schema]:
         """Check the job against the teacher and the output directory; return what the run needs."""
@@ -278,6 +353,7 @@ class CacheRun:
         # A default the user never chose is capped at the teacher's limit silently (the summary says
         # where lines were cut); a --max-length over that limit is worth a warning.
         max_length = min(opts.max_length or DEFAULT_MAX_LENGTH, info.max_input_tokens)
+        self.limits = RequestLimits(info.max_tokens_per_request, info.max_inputs_per_request)
         if opts.max_length and opts.max_length > info.max_input_tokens:
             log.warning(
                 "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
@@ -330,12 +406,59 @@ class CacheRun:
         name = manifest_name(self.opts.parts, self.opts.part)
         with self._writing(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
-            lock = OutputLock(self.out / f"{name}.lock")
-            lock.acquire()
+            self._claim_split()
+        self.lock = OutputLock(self.out / f"{name}.lock")
         try:
-            return await self._run()
-        finally:
-            lock.release()
+            with self._writing(self.out):
+                self.lock.acquire()
+            try:
+                self._remove_unfinished(name)
+                return await self._run()
+            finally:
+                self.lock.release()
+        except BaseException:
+            if not (self.out / name).exists():
+                self._unmark()
+            raise
+
+    def _claim_split(self) -> None:
+        """Refuse, before anything is written, a run split into another number of client processes than
+        one already writing or written here: each split names its own marker file, created at once."""
+        mine = self.out / f"{SPLIT_MARKER}{self.opts.parts}"
+        try:
+            os.close(create_exclusive(mine))
+            self._marked = True
+        except FileExistsError:
+            pass
+        others = sorted(p.name for p in self.out.glob(f"{SPLIT_MARKER}*") if p != mine)
+        if others:
+            theirs = ", ".join(o[len(SPLIT_MARKER):] for o in others)
+            self._unmark()
+            raise CacheMismatch(
+                f"{self.out} is (being) written by a run split into --num-shards {theirs}, not {self.opts.parts}: "
+                "use the original split or a new --out"
+            )
+
+    def _unmark(self) -> None:
+        """Take back the split marker this run made, when it is refused before writing (it must not
+        make the directory's own split look foreign to its next run)."""
+        if self._marked:
+            (self.out / f"{SPLIT_MARKER}{self.opts.parts}").unlink(missing_ok=True)
+            self._marked = False
+
+    def _remove_unfinished(self, name: str) -> None:
+        """Remove this part's temporary files left by a run that died (its lock is now ours): new ones are
+        created exclusively, so a file found later belongs to another writer."""
+        N, I = self.opts.parts, self.opts.part
+        for tmp in self.out.glob(".part-*.parquet.tmp"):
+            index = tmp.name[len(".part-"):-len(".parquet.tmp")]
+            if index.isdigit() and int(index) % N == I:
+                tmp.unlink(missing_ok=True)
+        (self.out / f".{name}.tmp").unlink(missing_ok=True)
+        manifest = load_manifests(self.out).get(name)
+        pending = f".{self.opts.rejects_name}.retry"
+        if manifest is None or manifest.rejects_pending != pending:  # not committed: a dead retry's
+            (self.out / pending).unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
@@ -355,24 +478,35 @@ class CacheRun:
         manifest, max_length, schema = await self.prepare()
         done = set(manifest.shards)
         rejects_file = self.out / self.opts.rejects_name
+        if manifest.rejects_pending is not None:
+            # A --retry-rejects committed its rewritten rejects but died before renaming them into place.
+            with self._writing(rejects_file):
+                self._finish_rejects_rewrite(manifest)
         # Whatever lies past the committed length was written by a run that died before its commit.
-        with self._writing(rejects_file), open(rejects_file, "ab") as f:
+        with self._writing(rejects_file), open_nofollow(rejects_file) as f:
             f.truncate(manifest.rejects_bytes)
         new_tokens = 0
         if not manifest.complete:
             R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
-            records = read_inputs(
+            self.hashes = LineHashes(R, lambda j: j % N == I, manifest.shards, self.out)
+            records = _then(read_inputs(
                 self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
                 ids_field=self.opts.ids_field, skip=lambda n: (n // R) % N != I or n // R in done,
-            )
+                tap=self.hashes.feed,
+            ), self.hashes.close)
             self.progress = Progress(input_size(self.files), every_s=self.opts.log_every_s)
             try:
-                new_tokens = await self._pipeline(make_batches(records, self.opts), manifest, max_length, schema)
+                # A request of whole lines, each up to max_length tokens, stays within the server's limits.
+                per_request = min(self.opts.batch_lines, self.limits.inputs, max(1, self.limits.tokens // max_length))
+                batching = dataclasses.replace(self.opts, batch_lines=per_request)
+                new_tokens = await self._pipeline(make_batches(records, batching), manifest, max_length, schema)
             finally:
                 self.progress.close()
             manifest.complete = True
             with self._writing(self.out / self.manifest_name):
                 save_manifest(manifest, self.out, self.manifest_name)
+        if self.opts.retry_rejects and manifest.rejects_bytes:
+            new_tokens += await self._retry_rejects(manifest, max_length, schema)
         return Summary(
             out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
             tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
@@ -380,6 +514,68 @@ class CacheRun:
             rejects_file=self.opts.rejects_name, wire_bytes=getattr(self.teacher, "bytes_received", None),
             max_length=max_length,
         )
+
+    async def _retry_rejects(self, manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
+        """Score the committed rejects' lines again, into one new shard; returns the tokens it holds.
+
+        The shard (numbered past every shard of the input) and the rejects rewritten to hold only the
+        lines refused again are committed together by one manifest: a crash before it leaves the
+        cache as it was (the stray files are replaced by the next try), one after it is completed by
+        the next run (``rejects_pending``). So every line is cached, or a reject, exactly once.
+        """
+        R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
+        path = self.out / self.opts.rejects_name
+        with open_nofollow(path) as f:
+            committed = f.read(manifest.rejects_bytes)
+        wanted = {(e.get("source"), e["line"]) for e in map(orjson.loads, committed.splitlines()) if e}
+        records = [rec for rec in read_inputs(self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
+                                              ids_field=self.opts.ids_field)
+                   if (rec.source, rec.line) in wanted]
+        if not records:
+            return 0
+        known = [rec.index for m in load_manifests(self.out).values() for rec in m.shards.values()]
+        last_line = max(rec.end_line for m in load_manifests(self.out).values() for rec in m.shards.values())
+        index = max([*known, -(-last_line // R) + N]) + 1
+        index += (I - index) % N  # a shard of this part: past every shard any part has or will have
+        # One shard of the retried lines, in their input order, whatever their number.
+        width = max(R, len(records))
+        lines = [dataclasses.replace(rec, index=index * width + k) for k, rec in enumerate(records)]
+        opts, self.opts = self.opts, dataclasses.replace(self.opts, rows_per_shard=width)
+        self._rewriting = True
+        self.progress = Progress(None, every_s=opts.log_every_s)
+        try:
+            per_request = min(opts.batch_lines, self.limits.inputs, max(1, self.limits.tokens // max_length))
+            batches = make_batches(iter(lines), dataclasses.replace(self.opts, batch_lines=per_request))
+            tokens = await self._pipeline(batches, manifest, max_length, schema)
+        finally:
+            self.opts, self._rewriting = opts, False
+            self.progress.close()
+        again = manifest.shards[index].rejects
+        log.info("retried %d rejected lines: %d cached now, %d refused again", len(records), len(records) - again, again)
+        return tokens
+
+    def _rewrite_rejects(self, manifest: Manifest, rejects: list[Reject]) -> None:
+        """Stage the rejects file holding only ``rejects`` (those refused again), named by the manifest
+        about to be saved; every earlier shard's rejects were retried, so none of them remains."""
+        pending = f".{self.opts.rejects_name}.retry"
+        data = b"".join(r.to_json() for r in rejects)
+        fd = create_exclusive(self.out / pending)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for i, rec in list(manifest.shards.items()):
+            manifest.shards[i] = rec.model_copy(update={"rejects": 0})
+        manifest.rejects_pending, manifest.rejects_bytes = pending, len(data)
+
+    def _finish_rejects_rewrite(self, manifest: Manifest) -> None:
+        """Rename a committed, rewritten rejects file into place (again, after a crash) and say so in the manifest."""
+        pending = self.out / manifest.rejects_pending
+        if pending.exists():
+            os.replace(pending, self.out / self.opts.rejects_name)
+            fsync_dir(self.out)
+        manifest.rejects_pending = None
+        save_manifest(manifest, self.out, self.manifest_name)
 
     async def _pipeline(self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
         """Keep ``concurrency`` requests in flight; write answers in input order."""
@@ -394,7 +590,7 @@ class CacheRun:
                 if writer.done():
                     acquire.cancel()
                     break
-                task = asyncio.create_task(score_batch(self.teacher, batch, self.opts, max_length))
+                task = asyncio.create_task(score_batch(self.teacher, batch, self.opts, max_length, self.limits))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 queue.put_nowait((batch, task))
@@ -414,8 +610,16 @@ class CacheRun:
             table, refused = await task
             slots.release()
             if shard is None:
-                with self._writing(self.out / shard_name(batch.shard)):
-                    shard = ShardWriter(self.out, batch.shard, schema)
+                try:
+                    with self._writing(self.out / shard_name(batch.shard)):
+                        shard = ShardWriter(self.out, batch.shard, schema)
+                except OutputWriteError as exc:
+                    if isinstance(exc.__cause__, FileExistsError):
+                        raise OutputLocked(
+                            f"{self.out / ('.' + shard_name(batch.shard) + '.tmp')} appeared while this run held "
+                            "the lock: another writer is caching into the same directory; run one at a time"
+                        ) from exc
+                    raise
                 first_line = batch.shard * self.opts.rows_per_shard
             written = 0
             if table is not None:
@@ -424,17 +628,24 @@ class CacheRun:
             self.progress.advance(0 if table is None else table.num_rows, written, batch.end_offset)
             rejects += batch.rejects + refused
             if batch.closes_shard:
+                self.lock.check()
                 with self._writing(shard.tmp), shard.discard_on_error():
                     stats = await asyncio.to_thread(shard.commit)
                 rejects.sort(key=lambda r: r.record)
                 with self._writing(self.out / self.opts.rejects_name):
-                    manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
+                    if self._rewriting:
+                        await asyncio.to_thread(self._rewrite_rejects, manifest, rejects)
+                    else:
+                        manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
                 manifest.shards[batch.shard] = ShardRecord(
                     index=batch.shard, file=stats.file, first_line=first_line, end_line=batch.last_line + 1,
                     rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
+                    input_sha256=None if self._rewriting else self.hashes.digests.get(batch.shard),
                 )
                 with self._writing(self.out / self.manifest_name):
                     save_manifest(manifest, self.out, self.manifest_name)
+                    if manifest.rejects_pending is not None:
+                        self._finish_rejects_rewrite(manifest)
                 self.bytes_written += stats.bytes
                 tokens += stats.tokens
                 log.info("shard %d: %d rows, %d tokens, %d rejected", batch.shard, stats.rows, stats.tokens, len(rejects))
@@ -445,13 +656,19 @@ class CacheRun:
         """Append a shard's rejects durably; returns the new committed length."""
         if not rejects:
             return committed
-        with open(self.out / self.opts.rejects_name, "r+b") as f:
+        with open_nofollow(self.out / self.opts.rejects_name) as f:
             f.seek(committed)
             f.truncate()
             f.write(b"".join(r.to_json() for r in rejects))
             f.flush()
             os.fsync(f.fileno())
             return f.tell()
+
+
+def _then(items: Iterable, done: Callable[[], None]) -> Iterator:
+    """``items``, then ``done()`` once they are exhausted."""
+    yield from items
+    done()
 
 
 async def run_cache(opts: CacheOptions, teacher: Teacher) -> Summary:

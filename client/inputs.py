@@ -293,12 +293,18 @@ def read_parquet(
 
 def read_jsonl(
     f: InputFile, *, text_field: str, id_field: str, ids_field: str, skip: Callable[[int], bool] | None = None,
+    tap: Callable[[int, bytes], None] | None = None,
 ) -> Generator[Line | Reject, None, int]:
-    """Every line of a JSONL file (plain, .gz, .zst or stdin), without loading it whole; returns the line count."""
+    """Every line of a JSONL file (plain, .gz, .zst or stdin), without loading it whole; returns the line count.
+
+    ``tap`` sees every line's number and bytes, skipped ones too (what a resumed run checks them by).
+    """
     offset, number = 0, -1
     with open_input(f.source) as stream:
         for number, raw in enumerate(stream):
             offset += len(raw)
+            if tap is not None:
+                tap(number, raw)
             if skip is not None and skip(number):
                 continue
             yield replace(parse_line(number, raw, text_field, id_field, ids_field), end=offset)
@@ -307,17 +313,23 @@ def read_jsonl(
 
 def read_inputs(
     files: Sequence[InputFile], *, text_field: str = "text", id_field: str = "id", ids_field: str = "input_ids",
-    skip: Callable[[int], bool] | None = None,
+    skip: Callable[[int], bool] | None = None, tap: Callable[[int, bytes], None] | None = None,
 ) -> Iterator[Line | Reject]:
     """The lines of every file in order; ``Line.index`` counts across files and ``skip`` sees it.
+
+    ``tap`` sees every JSONL line's index and bytes, skipped ones too (Parquet rows are not tapped).
 
     ``end`` counts bytes across files too (the compressed size for Parquet), for the progress bar.
     """
     base, bytes_before = 0, 0
     for f in files:
         local_skip = None if skip is None else (lambda n, b=base: skip(b + n))
-        read = read_parquet if f.kind == "parquet" else read_jsonl
-        records = read(f, text_field=text_field, id_field=id_field, ids_field=ids_field, skip=local_skip)
+        local_tap = None if tap is None else (lambda n, raw, b=base: tap(b + n, raw))
+        if f.kind == "parquet":
+            records = read_parquet(f, text_field=text_field, id_field=id_field, ids_field=ids_field, skip=local_skip)
+        else:
+            records = read_jsonl(f, text_field=text_field, id_field=id_field, ids_field=ids_field, skip=local_skip,
+                                 tap=local_tap)
         while True:
             try:
                 rec = next(records)

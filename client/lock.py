@@ -1,10 +1,14 @@
-"""One writer per output: a lock file beside the manifest it guards, naming its holder.
+"""One writer per output: a lock file beside the manifest it guards, naming its holder and its heartbeat.
 
-``manifest.json.lock`` (one per ``--shard-index`` when a corpus is split) holds the host, pid and
-start time of the ``teacher-farm cache`` writing into the directory, under an exclusive ``flock``
-that the kernel drops when that process dies, however it dies. A second writer is refused at once
-with the holder's name. A lock file whose holder is gone (killed, crashed, its host rebooted) is
-stale: the next run takes it over and says so in its log.
+``manifest.json.lock`` (one per ``--shard-index`` when a corpus is split) holds the host, pid, start
+time and heartbeat of the ``teacher-farm cache`` writing into the directory, under an exclusive
+``flock`` that the kernel drops when that process dies. A second writer is refused at once with the
+holder's name. Where ``flock`` is only node-local (Lustre ``localflock``, NFS ``local_lock=flock``)
+two hosts both get it: the holder then refreshes its heartbeat every ``HEARTBEAT_S``, and a lock of
+another host whose heartbeat is younger than ``STALE_S`` is never taken over (a lock of this host
+is, once its pid is gone). A holder that finds its lock file naming another writer stops
+(``check``). A lock file whose holder is gone (killed, crashed, its host rebooted) is stale: the
+next run takes it over and says so in its log.
 """
 
 from __future__ import annotations
@@ -15,12 +19,21 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
 from teacher_farm.schemas.errors import OutputLocked
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the holder's heartbeats.
+HEARTBEAT_S = 5.0
+#: A lock of another host whose heartbeat is younger than this is alive (clocks may differ by seconds).
+STALE_S = 60.0
+#: After writing itself into the lock file, the new holder waits this long and reads it back: a writer
+#: of another host that took it in the same moment is then seen (the later write wins, the other stops).
+SETTLE_S = 0.2
 
 
 def _alive(pid: int) -> bool:
@@ -34,43 +47,63 @@ def _alive(pid: int) -> bool:
 
 
 def _describe(holder: dict) -> str:
-    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started', '?')}"
+    age = holder.get("heartbeat")
+    beat = f", heartbeat {time.time() - age:.0f} s ago" if isinstance(age, (int, float)) else ""
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started', '?')}{beat}"
 
 
 class OutputLock:
     """Hold ``path`` exclusively for as long as the ``with`` block runs."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> None:
         self.path = path
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self._fd: int | None = None
         #: The holder this lock took over from, when the previous one died without letting go.
         self.took_over: dict | None = None
+        self._me: dict = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        #: Set when the lock file was found naming another writer: this one must stop.
+        self.lost: dict | None = None
 
     def _read(self) -> dict:
         try:
-            return json.loads(os.pread(self._fd, 4096, 0) or b"{}")
+            holder = json.loads(os.pread(self._fd, 4096, 0) or b"{}")
+            return holder if isinstance(holder, dict) else {}
         except (ValueError, OSError):
             return {}
 
+    def _alive_elsewhere(self, holder: dict) -> bool:
+        """Whether ``holder`` is another live writer: a live pid of this host, or a fresh heartbeat of another."""
+        if not isinstance(holder.get("pid"), int):
+            return False
+        if holder.get("host") == socket.gethostname():
+            return holder["pid"] != os.getpid() and _alive(holder["pid"])
+        beat = holder.get("heartbeat")
+        return isinstance(beat, (int, float)) and time.time() - beat < self.stale_s
+
     def acquire(self) -> None:
         """Take the lock or raise ``OutputLocked`` naming the process that holds it."""
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        holder: dict = {}
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                holder = self._read()
-                raise OutputLocked(self._refusal(holder)) from None
+                raise OutputLocked(self._refusal(self._read())) from None
+            # flock is advisory and may be node-local or a no-op on network filesystems: a live
+            # holder on this host, or one of another host with a fresh heartbeat, still wins.
             holder = self._read()
-            here = socket.gethostname()
-            # flock is advisory and may be a no-op on some network filesystems: a live holder on
-            # this host still wins.
-            if holder.get("host") == here and isinstance(holder.get("pid"), int) and holder["pid"] != os.getpid() \
-                    and _alive(holder["pid"]):
+            if self._alive_elsewhere(holder):
                 raise OutputLocked(self._refusal(holder))
+            self._me = {"host": socket.gethostname(), "pid": os.getpid(),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self._write()
+            time.sleep(SETTLE_S)
+            if (now := self._read()).get("pid") != self._me["pid"] or now.get("host") != self._me["host"]:
+                raise OutputLocked(self._refusal(now))
         except BaseException:
             os.close(self._fd)
             self._fd = None
@@ -78,11 +111,34 @@ class OutputLock:
         if holder.get("pid") is not None:
             self.took_over = holder
             log.warning("%s: taking over a stale lock from %s, which is no longer running", self.path, _describe(holder))
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _write(self) -> None:
+        data = json.dumps({**self._me, "heartbeat": time.time()}).encode() + b"\n"
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(me).encode() + b"\n", 0)
+        os.pwrite(self._fd, data, 0)
         os.fsync(self._fd)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                holder = self._read()
+                if holder and (holder.get("pid"), holder.get("host")) != (self._me["pid"], self._me["host"]):
+                    self.lost = holder
+                    return
+                self._write()
+            except OSError as exc:  # a full or unreachable disk: the run's own writes will say so
+                log.warning("%s: cannot refresh the lock's heartbeat: %s", self.path, exc)
+
+    def check(self) -> None:
+        """Raise ``OutputLocked`` if another writer has taken this lock over (before committing anything)."""
+        if self.lost is not None:
+            raise OutputLocked(
+                f"{self.path.parent}: another teacher-farm cache ({_describe(self.lost)}) took over the lock "
+                f"{self.path} while this one ran; this run stops without committing more. Run one writer at a time"
+            )
 
     def _refusal(self, holder: dict) -> str:
         who = _describe(holder) if holder.get("pid") is not None else "another process"
@@ -95,8 +151,13 @@ class OutputLock:
         """Let go: the file stays, emptied, so the next run finds no holder to take over from."""
         if self._fd is None:
             return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
         try:
-            os.ftruncate(self._fd, 0)
+            if self.lost is None:
+                os.ftruncate(self._fd, 0)
         except OSError:  # a full or read-only disk must not hide the error that stopped the run
             pass
         finally:

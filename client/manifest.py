@@ -16,7 +16,7 @@ from teacher_farm.schemas.errors import CacheMismatch
 
 def save_manifest(manifest: Manifest, out_dir: Path, name: str = MANIFEST) -> None:
     """Atomically replace the manifest on disk."""
-    atomic_write(Path(out_dir) / name, manifest.to_bytes())
+    atomic_write(Path(out_dir) / name, manifest.to_bytes(), exclusive=True)
 
 
 def check_identity(existing: Manifest, identity: RunIdentity, out_dir: Path) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from teacher_farm.client.fsutil import fsync_dir, sha256_file
+from teacher_farm.client.fsutil import create_exclusive, fsync_dir, sha256_file
 
 
 def shard_name(index: int) -> str:
@@ -93,8 +93,8 @@ def _size(table: pa.Table, options: dict) -> int:
 
 
 def open_sink(path: Path) -> pa.NativeFile:
-    """The file a shard is written to (a seam: tests put a disk that fills up here)."""
-    return pa.OSFile(str(path), "wb")
+    """The file a shard is written to, created exclusively (a seam: tests put a disk that fills up here)."""
+    return pa.PythonFile(os.fdopen(create_exclusive(path), "wb"), mode="w")
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,18 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import httpx
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 from tenacity.stop import stop_base
 
 from teacher_farm.client.inputs import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.errors import (
-    AuthError, CacheMismatch, EngineDead, EngineNotReady, InputError, RetryableError, ServerBusy, ServerRejected,
-    ServerUnreachable, TeacherFarmError, TransportError,
+    AuthError, CacheMismatch, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTooLarge, RetryableError,
+    ServerBusy, ServerRejected, ServerUnreachable, TeacherFarmError, TransportError,
 )
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
@@ -82,27 +84,48 @@ def _message(response: httpx.Response) -> str:
 def _kind(response: httpx.Response) -> str | None:
     """The error class a teacher-farm server named in its answer's ``kind``."""
     try:
-        return str(response.json()["kind"])
+        body = response.json()
+        return str(body["kind"]) if isinstance(body, dict) and "error" in body else None
     except Exception:  # noqa: BLE001 - another server, a proxy's error page
         return None
 
 
+#: The ``kind`` a teacher-farm server names when it refuses the inputs themselves (``server/app.py``'s
+#: error handler): only such an answer is a verdict on the lines of a request.
+INPUT_KINDS = frozenset({InputError.__name__, MalformedBody.__name__, RequestTooLarge.__name__})
+
+
+def describe_answer(response: httpx.Response) -> str:
+    """One line naming an answer that is not teacher-farm's: status, the server that sent it, its first bytes."""
+    server = response.headers.get("server", "no Server header")
+    head = response.content[:120].decode("utf-8", "replace").replace("\n", " ").strip()
+    return f"{response.request.url} answered {response.status_code} (server: {server}): {head!r}"
+
+
 def raise_for_answer(response: httpx.Response) -> None:
-    """Map a non-2xx answer onto the project's errors."""
+    """Map a non-2xx answer onto the project's errors.
+
+    Only a teacher-farm error about the inputs (its JSON body's ``kind``) rejects them. Any other
+    answer (a proxy's or load balancer's 403/404/502 page during a deploy, a 408, another server's
+    422) says nothing about the lines: it is retried, and stops the run once ``--retry-for`` is spent.
+    """
     status = response.status_code
     if status < 400:
         return
+    kind = _kind(response)
     msg = f"{response.request.url} answered {status}: {_message(response)}"
     if status == 401:
         raise AuthError(msg + " (pass --api-key or set TEACHER_FARM_API_KEY)")
     if status == 429:
         raise ServerBusy(msg, retry_after=_retry_after(response))
-    if status == 503:
-        cls = EngineDead if _kind(response) == EngineDead.__name__ else EngineNotReady
+    if status == 503 and kind is not None:
+        cls = EngineDead if kind == EngineDead.__name__ else EngineNotReady
         raise cls(msg, retry_after=_retry_after(response))
-    if status >= 500:
+    if 400 <= status < 500 and kind in INPUT_KINDS:
+        raise ServerRejected(msg, status)
+    if status >= 500 and kind is not None:
         raise TransportError(msg, retry_after=_retry_after(response))
-    raise ServerRejected(msg, status)
+    raise TransportError(describe_answer(response) + "; not a teacher-farm answer", retry_after=_retry_after(response))
 
 
 def wire_input(line: Line) -> dict:
@@ -121,6 +144,117 @@ def _cost(line: Line) -> int:
     if line.messages is not None:
         return sum(len(m["content"]) for m in line.messages)
     return len(line.text or "")
+
+
+#: Logprobs a teacher may send above 0: rounding of a probability near 1 (float16 holds 0 exactly).
+LOGPROB_SLACK = 1e-3
+#: Bytes of an answer beyond what a request can produce (``answer_limit``): Arrow's framing, the ids.
+ANSWER_SLACK_BYTES = 1 << 20
+
+
+def answer_limit(tokens: int, rows: int, scoring: Scoring, logprob_dtype: str) -> int:
+    """The most bytes an honest answer to a request of ``tokens`` positions over ``rows`` inputs holds,
+    uncompressed, with a margin of 2: an answer larger than this is not read."""
+    lp = 2 if logprob_dtype == "float16" else 4
+    drawn = scoring.samples if scoring.targets != "topk" else 0
+    per_position = 4 + (4 + lp) * scoring.k + 8 + (4 + 2 + 4 + 8) * drawn
+    return 2 * (tokens * (per_position + 3 * 4) + rows * 256) + ANSWER_SLACK_BYTES
+
+
+def _inner(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The per-position lists of a list-of-lists column (one entry per position of every row)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.flatten()
+
+
+def _values(arr: pa.Array) -> np.ndarray:
+    """The values of a list array (its nulls skipped), or of a flat one, as numpy."""
+    flat = arr.flatten() if pa.types.is_list(arr.type) else arr
+    return flat.to_numpy(zero_copy_only=False)
+
+
+def _lengths(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def check_answer(table: pa.Table, inputs: Sequence[dict], scoring: Scoring, max_length: int | None,
+                 vocab_size: int | None) -> str | None:
+    """What is wrong with a ``/v1/topk`` answer to ``inputs``, or None; every check is on whole columns.
+
+    The row ids and count; each row's ``input_ids`` (exactly the ids sent, cut at ``max_length``, or
+    1 to ``max_length`` tokens of a text or chat record); n positions of top-k and n - 1 targets;
+    every id below the vocabulary; logprobs finite and not above 0; top-k k wide and descending;
+    sampled ids ascending and distinct, their counts positive and summing to N.
+    """
+    from teacher_farm.schemas.arrow import result_schema
+
+    expected = result_schema(targets=scoring.targets).names
+    if table.column_names != expected:
+        return f"columns {table.column_names}, not {expected}"
+    if table.num_rows != len(inputs):
+        return f"{table.num_rows} rows for {len(inputs)} inputs"
+    if table.column("id").to_pylist() != [x.get("id") for x in inputs]:
+        return "its row ids are not those of the inputs sent, in order"
+    ids = table.column("input_ids").combine_chunks()
+    n = _lengths(ids)
+    cap = max_length or np.iinfo(np.int64).max
+    if ids.null_count or (n < 1).any() or (n > cap).any():
+        return f"a row holds {int(n.min())}..{int(n.max())} tokens, not 1..{cap}"
+    sent = [i for i, x in enumerate(inputs) if x.get("token_ids") is not None]
+    if sent:
+        want = [np.asarray(inputs[i]["token_ids"])[:cap] for i in sent]
+        if not np.array_equal(n[sent], [len(w) for w in want]) or not np.array_equal(
+                _values(ids.take(pa.array(sent))), np.concatenate(want)):
+            return "its input_ids are not the token ids sent"
+    vocab = vocab_size or np.iinfo(np.int64).max
+    every = scoring.positions == "all"
+    for name in ("target_logprobs", "target_ranks"):
+        if not np.array_equal(_lengths(table.column(name)), n - 1):
+            return f"{name} does not hold n - 1 values for a row of n tokens"
+    lps = [_values(table.column("target_logprobs").combine_chunks())]
+    all_ids = [_values(ids)]
+    if scoring.targets != "sampled":
+        for name in ("topk_ids", "topk_logprobs"):
+            if not np.array_equal(_lengths(table.column(name)), n):
+                return f"{name} does not hold n positions for a row of n tokens"
+        inner_ids, inner_lps = _inner(table.column("topk_ids")), _inner(table.column("topk_logprobs"))
+        width = _lengths(inner_ids)
+        if not ((width == scoring.k) | (not every and (width == 0))).all() \
+                or not np.array_equal(_lengths(inner_lps), width):
+            return f"its top-k lists are not {scoring.k} wide"
+        top = _values(inner_lps).astype(np.float32).reshape(-1, scoring.k)
+        if (np.diff(top, axis=1) > LOGPROB_SLACK).any():
+            return "its top-k logprobs are not in descending order"
+        lps.append(top.reshape(-1))
+        all_ids.append(_values(inner_ids))
+    if scoring.targets != "topk":
+        inner_ids, counts = _inner(table.column("sample_ids")), _inner(table.column("sample_counts"))
+        length = _lengths(inner_ids)
+        if not np.array_equal(_lengths(counts), length) or len(length) != int(n.sum()):
+            return "its sample ids and counts do not match"
+        values = _values(inner_ids).astype(np.int64)
+        c = _values(counts).astype(np.int64)
+        ends = np.cumsum(length)
+        sums = np.concatenate([[0], np.cumsum(c)])
+        per_position = sums[ends] - sums[ends - length]
+        if (c < 1).any() or not ((per_position == scoring.samples) | (not every and (length == 0))).all():
+            return f"its sample counts do not sum to {scoring.samples} at every position"
+        rising = np.diff(values) > 0
+        first = (ends - length)[(length > 0) & (ends - length > 0)]  # a position's first draw may be below the last's
+        rising[first - 1] = True
+        if not rising.all():
+            return "its sampled ids are not ascending and distinct at every position"
+        all_ids.append(values)
+        if "sample_logprobs" in table.column_names:
+            lps.append(_values(_inner(table.column("sample_logprobs"))))
+    for values in all_ids:
+        if len(values) and (values.min() < 0 or values.max() >= vocab):
+            return f"a token id in {int(values.min())}..{int(values.max())} is outside the vocabulary (size {vocab})"
+    for values in lps:
+        v = values.astype(np.float32)
+        if len(v) and (not np.isfinite(v).all() or v.max() > LOGPROB_SLACK):
+            return "a logprob is not finite, or above 0"
+    return None
 
 
 class _WaitRetryAfter(wait_exponential_jitter):
@@ -183,10 +317,23 @@ class HttpTeacher:
         self.logprob_dtype = logprob_dtype
         #: Bytes of scoring answers received (the wire cost of the cache).
         self.bytes_received = 0
+        #: The teacher's vocabulary, once known: every id of an answer must be below it.
+        self.vocab_size: int | None = None
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _call(self, method: str, path: str, *, limit: int | None = None, **kwargs: Any) -> httpx.Response:
+        """One request; an answer whose body would pass ``limit`` bytes is not read (``TransportError``)."""
         try:
-            response = await self._http.request(method, path, **kwargs)
+            async with self._http.stream(method, path, **kwargs) as response:
+                declared = response.headers.get("content-length")
+                if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+                    raise TransportError(self._too_large(path, f"{int(declared):,} bytes", limit))
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if limit is not None and size > limit:
+                        raise TransportError(self._too_large(path, f"over {limit:,} bytes", limit))
+                    chunks.append(chunk)
+            response._content = b"".join(chunks)
         except httpx.ConnectError as exc:
             raise connect_error(self.name, exc) from exc
         except httpx.TransportError as exc:
@@ -194,9 +341,15 @@ class HttpTeacher:
         raise_for_answer(response)
         return response
 
+    def _too_large(self, path: str, size: str, limit: int) -> str:
+        return (f"{self.name}{path} answered {size}, more than the {limit:,} bytes that request can produce: "
+                "not a teacher-farm answer to it")
+
     async def info(self) -> Info:
-        """The server's model facts."""
-        return Info.model_validate_json((await self._call("GET", "/v1/info")).content)
+        """The server's model facts (its vocabulary then bounds the ids of every answer)."""
+        info = Info.model_validate_json((await self._call("GET", "/v1/info", limit=1 << 20)).content)
+        self.vocab_size = self.vocab_size or info.vocab_size
+        return info
 
     async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
@@ -224,9 +377,13 @@ class HttpTeacher:
             {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
+        tokens = sum(len(x["token_ids"]) if x.get("token_ids") is not None else max_length or 1 << 20 for x in inputs)
+        if max_length:
+            tokens = min(tokens, max_length * len(inputs))
         response = await self._call(
             "POST", "/v1/topk", content=body,
             headers={"Content-Type": "application/json", "Accept": ARROW_STREAM},
+            limit=answer_limit(tokens, len(inputs), scoring, self.logprob_dtype),
         )
         self.bytes_received += len(response.content)
         served = response.headers.get(FINGERPRINT_HEADER)
@@ -236,9 +393,14 @@ class HttpTeacher:
                 "started; its answers would mix teachers in one cache"
             )
         try:
-            return pa.ipc.open_stream(response.content).read_all()
+            table = pa.ipc.open_stream(response.content).read_all()
         except pa.ArrowInvalid as exc:  # a truncated answer: the connection broke mid-body
             raise TransportError(f"{self.name}: unreadable Arrow answer: {exc}") from exc
+        # Nothing of a wrong answer is written: it is asked again, and stops the run if it stays wrong.
+        problem = check_answer(table, inputs, scoring, max_length, self.vocab_size)
+        if problem is not None:
+            raise TransportError(f"{self.name}/v1/topk gave a wrong answer: {problem}")
+        return table
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -337,10 +499,13 @@ class TeacherPool:
                 )
         for m in self.members:
             m.teacher.expected_fingerprint = first.fingerprint
+            m.teacher.vocab_size = first.vocab_size
         return first.model_copy(update={
             "k_max": min(i.k_max for _, i in infos),
             "max_input_tokens": min(i.max_input_tokens for _, i in infos),
             "max_model_len": min(i.max_model_len for _, i in infos),
+            "max_inputs_per_request": min(i.max_inputs_per_request for _, i in infos),
+            "max_tokens_per_request": min(i.max_tokens_per_request for _, i in infos),
         })
 
     async def _attempt_on(self, member: _Member, call: Any, refused_for_s: float | None = None) -> Any:

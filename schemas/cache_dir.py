@@ -51,6 +51,17 @@ class ShardRecord(BaseModel):
     tokens: int
     bytes: int
     sha256: str
+    #: sha256 of the shard's input lines, their bytes as read (JSONL; absent before it was recorded):
+    #: a resumed run refuses an input whose finished lines changed.
+    input_sha256: str | None = None
+
+    @field_validator("file")
+    @classmethod
+    def _inside_the_directory(cls, value: str) -> str:
+        # Readers join it to the cache directory: a path ('/x.parquet', '../x', 'a/b') would leave it.
+        if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+            raise ValueError(f"shard file {value!r} is not a file name inside the cache directory")
+        return value
 
 
 class Manifest(BaseModel):
@@ -64,6 +75,9 @@ class Manifest(BaseModel):
     shards: dict[int, ShardRecord] = Field(default_factory=dict)
     #: Length of the committed part of the rejects file.
     rejects_bytes: int = 0
+    #: A rewritten rejects file (``--retry-rejects``) committed with this manifest but perhaps not yet
+    #: renamed over the rejects file: the next run renames it into place first.
+    rejects_pending: str | None = None
     complete: bool = False
 
     @property
@@ -349,6 +363,8 @@ class CacheDir:
         paths = []
         for rec in self.records():
             path = self.path / rec.file
+            if path.parent != self.path:
+                raise InputError(f"{path} is named by the manifest but is not a file of {self.path}")
             if not path.is_file():
                 raise InputError(f"{path} is named by the manifest but missing")
             if path.stat().st_size != rec.bytes:

@@ -70,6 +70,9 @@ class Info(BaseModel):
     max_model_len: int
     max_input_tokens: int
     max_inputs_per_request: int
+    #: Tokens (after truncation) one ``/v1/topk`` request may hold; larger gets 413. A server older
+    #: than this field held 262,144 (its default), which a client then assumes.
+    max_tokens_per_request: int = 262_144
     adds_bos: bool
     versions: Versions
     #: How the server computes the answers: "pooled" (reduced in the vLLM worker: any k up to

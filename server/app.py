@@ -105,7 +105,9 @@ def engine_requests(engine: Any) -> int:
 @router.get("/v1/info")
 async def info(engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)) -> Response:
     """What a client must know to trust and resume a cache."""
-    return JSONResponse(engine.info.model_copy(update={"max_inputs_per_request": settings.max_inputs_per_request}).model_dump())
+    limits = {"max_inputs_per_request": settings.max_inputs_per_request,
+              "max_tokens_per_request": settings.max_tokens_per_request}
+    return JSONResponse(engine.info.model_copy(update=limits).model_dump())
 
 
 @router.post("/v1/topk")

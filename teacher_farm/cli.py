@@ -81,6 +81,9 @@ def cache_parser() -> argparse.ArgumentParser:
                    help="bearer token of the server (or TEACHER_FARM_API_KEY)")
     p.add_argument("--retry-for", type=float, default=600.0,
                    help="give up on a request after retrying this many seconds (default 600)")
+    p.add_argument("--retry-rejects", action="store_true",
+                   help="once the cache is complete, score the lines of its rejects file again (after a limit was "
+                        "raised, say): those scored now go into a new shard and leave the rejects, exactly once")
     p.add_argument("--ca-bundle", default=None,
                    help="trust https:// servers whose certificate this CA file (PEM) signed")
     engine = p.add_argument_group("in-process engine (with --model)")
@@ -132,7 +135,7 @@ def cache_main(argv: list[str]) -> int:
         batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype, sample_logprobs=a.sample_logprobs,
         log_every_s=a.log_every,
         scoring=scoring, parts=a.num_shards, part=a.shard_index,
-        ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
+        ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride, retry_rejects=a.retry_rejects,
     )
     # Bad inputs are refused before a teacher is reached (or an engine loaded).
     from teacher_farm.client.inputs import check_parquet_columns, discover

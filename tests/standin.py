@@ -100,3 +100,83 @@ class StandInTeacher:
 
     async def aclose(self) -> None:
         pass
+
+
+class StandInServer:
+    """The stand-in teacher behind the real wire: ``/v1/info``, ``/v1/topk`` (Arrow) and ``/tokenize``,
+    as an ``httpx`` transport, with limits like a server's (413/422 with teacher-farm's JSON error).
+
+    ``fault(request)`` may return an answer to send instead (a proxy's page, a lie); ``mangle(table)``
+    may change an honest answer before it is sent.
+    """
+
+    def __init__(self, vocab: int = 1000, max_model_len: int = 16384, *, max_tokens_per_request: int = 262_144,
+                 fault=None, mangle=None) -> None:
+        self.teacher = StandInTeacher(vocab, max_model_len)
+        self.max_tokens_per_request = max_tokens_per_request
+        self.fault, self.mangle = fault, mangle
+        #: Whether ``/v1/info`` names the request limits (a server older than them does not).
+        self.publish_limits = True
+        #: Tokens of every /v1/topk request scored, in order.
+        self.request_tokens: list[int] = []
+
+    def transport(self):
+        import httpx
+
+        return httpx.MockTransport(self.handle)
+
+    def http_teacher(self, **kw):
+        from teacher_farm.client.transport import HttpTeacher
+
+        return HttpTeacher("http://standin", transport=self.transport(), **kw)
+
+    @staticmethod
+    def error(status: int, kind: str, message: str):
+        import httpx
+
+        return httpx.Response(status, json={"error": message, "kind": kind}, headers={"server": "uvicorn"})
+
+    async def handle(self, request):
+        import httpx
+        import orjson
+        import pyarrow as pa
+
+        from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
+        from teacher_farm.schemas.arrow import cast_logprobs
+        from teacher_farm.schemas.scoring import Scoring
+
+        if self.fault is not None and (answer := self.fault(request)) is not None:
+            return answer
+        info = await self.teacher.info()
+        if request.url.path == "/v1/info":
+            body = info.model_dump(exclude={"max_tokens_per_request"})
+            if self.publish_limits:
+                body["max_tokens_per_request"] = self.max_tokens_per_request
+            return httpx.Response(200, json=body)
+        body = orjson.loads(request.content)
+        if request.url.path == "/tokenize":
+            if "messages" in body:
+                return httpx.Response(200, json={"tokens": await self.teacher.tokenize_chat(body["messages"])})
+            return httpx.Response(200, json={"tokens": await self.teacher.tokenize(body["prompt"])})
+        lines = [Line(-1, x.get("id"), x.get("text"), messages=x.get("messages"),
+                      input_ids=None if x.get("token_ids") is None else np.asarray(x["token_ids"], np.int32))
+                 for x in body["inputs"]]
+        ml = body.get("max_length")
+        try:
+            n = sum(len(self.teacher._ids(x, ml)) for x in lines)
+        except ServerRejected as exc:
+            return self.error(422, "InputError", str(exc))
+        if n > self.max_tokens_per_request:
+            return self.error(413, "RequestTooLarge", f"{n} tokens in one request; the limit is "
+                              f"{self.max_tokens_per_request}: send fewer inputs")
+        self.request_tokens.append(n)
+        scoring = Scoring(**{f: body[f] for f in Scoring.model_fields if f in body})
+        table = await self.teacher.score(lines, scoring, ml)
+        if self.mangle is not None:
+            table = self.mangle(table)
+        table = cast_logprobs(table, body.get("logprob_dtype", "float32"))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        return httpx.Response(200, content=sink.getvalue().to_pybytes(),
+                              headers={"content-type": ARROW_STREAM, FINGERPRINT_HEADER: info.fingerprint})
