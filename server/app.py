@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pyarrow as pa
@@ -213,8 +213,12 @@ async def linger_then_exit(what: str, on_engine_dead: Callable[[], None]) -> Non
     on_engine_dead()
 
 
-def create_app(load_engine: Callable[[], Any], on_engine_dead: Callable[[], None] = lambda: None) -> FastAPI:
-    """The ASGI app; ``load_engine`` runs in a thread at start-up and returns an ``Engine``.
+def create_app(
+    load_engine: Callable[[], Any], on_engine_dead: Callable[[], None] = lambda: None,
+    warm_up: Callable[[Any], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """The ASGI app; ``load_engine`` runs in a thread at start-up and returns an ``Engine``, which
+    ``warm_up`` (``Engine.warm_up``) then readies on the app's event loop before the app says ready.
 
     ``on_engine_dead`` is called once the engine died or failed to start (and the grace to tell
     clients passed): it should stop the server, which then exits non-zero (``app.state.engine_dead``
@@ -232,7 +236,8 @@ def create_app(load_engine: Callable[[], Any], on_engine_dead: Callable[[], None
         async def load() -> None:
             try:
                 engine = await asyncio.to_thread(load_engine)
-                await engine.warm_up()
+                if warm_up is not None:
+                    await warm_up(engine)
                 state.engine = engine
                 log.info("teacher ready: %s", state.engine.info)
             except Exception as exc:  # noqa: BLE001 - reported on /health and every request

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(lambda: Engine.load(
         settings.engine_args, settings.k_max, scoring=settings.scoring,
         slice_rows=settings.slice_rows, max_samples=settings.max_samples,
-    ), on_engine_dead=stop_dead)
+    ), on_engine_dead=stop_dead, warm_up=Engine.warm_up)
     # uvicorn.run's steps, with the server at hand so that the app can stop it.
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level,

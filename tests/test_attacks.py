@@ -44,9 +44,6 @@ class FakeTeacher:
         self.tokenizer = None
         self.scored = 0
 
-    async def warm_up(self) -> None:
-        pass
-
     def prepare(self, req):
         return [x.token_ids if x.token_ids is not None else [1] * len(x.messages) for x in req.inputs]
 

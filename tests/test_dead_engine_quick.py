@@ -39,9 +39,6 @@ class FakeTeacher:
         self.info = fake_engine_info()
         self.die_while_scoring = False
 
-    async def warm_up(self) -> None:
-        pass
-
     def prepare(self, req):
         return [x.token_ids for x in req.inputs]
 

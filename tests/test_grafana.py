@@ -236,9 +236,6 @@ class FakeTeacher:
         self.info = fake_engine_info()
         self.release = threading.Event()
 
-    async def warm_up(self) -> None:
-        pass
-
     def prepare(self, req):
         return [x.token_ids for x in req.inputs]
 
