@@ -33,6 +33,7 @@ from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import encode_rows, with_source_columns
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord, load_manifests, manifest_name
 from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputWriteError, ServerRejected
+from teacher_farm.schemas.formats import DEFAULT_FORMAT
 from teacher_farm.schemas.scoring import Scoring
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class CacheOptions:
     rows_per_shard: int = 4096
     batch_lines: int = 32
     batch_chars: int = 200_000
-    logprob_dtype: str = "float32"
+    #: The cache's logprob format (``schemas.formats``); the wire dtype follows from it.
+    logprob_dtype: str = DEFAULT_FORMAT
     #: Keep the logprobs of sampled targets (what ``SampledKDLoss(entropy=True)`` reads).
     sample_logprobs: bool = False
     #: Seconds between progress log lines when stderr is not a terminal.

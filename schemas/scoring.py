@@ -12,7 +12,7 @@ hands back for it (``layout``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,6 +22,13 @@ Targets = Literal["topk", "sampled", "both"]
 DEFAULT_K_MAX = 256
 #: The most draws per position a server answers by default (``serve --max-samples``).
 DEFAULT_MAX_SAMPLES = 256
+
+#: How a teacher scores (``Info.scoring``): "pooled" reduces the logits inside the vLLM worker (any k up
+#: to k_max, temperature, sampled targets); "prompt-logprobs" is vLLM's API (top-k at temperature 1 only).
+ScoringBackend = Literal["pooled", "prompt-logprobs"]
+#: What ``--scoring`` asks for: a backend, or "auto" (pooled where the architecture can be wrapped).
+ScoringChoice = Literal["auto", ScoringBackend]
+SCORING_CHOICES: tuple[str, ...] = get_args(ScoringChoice)
 
 
 class Scoring(BaseModel):

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
-from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.scoring import Scoring, ScoringBackend
 
 
 class ChatMessage(BaseModel):
@@ -72,9 +72,8 @@ class Info(BaseModel):
     max_inputs_per_request: int
     adds_bos: bool
     versions: Versions
-    #: How the server computes the answers: "pooled" (reduced in the vLLM worker: any k up to
-    #: k_max, temperature, sampled targets) or "prompt-logprobs" (vLLM's API: top-k at T=1 only).
-    scoring: Literal["pooled", "prompt-logprobs"] = "prompt-logprobs"
+    #: How the server computes the answers (``schemas.scoring.ScoringBackend``).
+    scoring: ScoringBackend = "prompt-logprobs"
     #: Why: asked for, the architecture, or the pooled backend's failed start-up self-test (with the
     #: vLLM release) that made ``--scoring auto`` fall back to prompt logprobs.
     scoring_reason: str = ""

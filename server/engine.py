@@ -30,7 +30,7 @@ from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.draws import draw_seed
 from teacher_farm.server.packed import compact_samples, top_entropy, unpack
 from teacher_farm.schemas.errors import InputError, SelfTestFailed, TeacherFarmError
-from teacher_farm.schemas.scoring import DEFAULT_MAX_SAMPLES, Scoring
+from teacher_farm.schemas.scoring import DEFAULT_MAX_SAMPLES, SCORING_CHOICES, Scoring, ScoringBackend, ScoringChoice
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 from teacher_farm.server import vllm_seam
 from teacher_farm.schemas.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -45,14 +45,12 @@ CPU_MEMORY_UTILIZATION = 0.4
 #: logits to stay in its caches (measured with vocabulary 4096: 256 rows ran 1.5x faster than 4096).
 SLICE_ROWS = {"gpu": 1024, "cpu": 256}
 
-SCORING_BACKENDS = ("auto", "pooled", "prompt-logprobs")
-
 
 @dataclass(frozen=True)
 class Backend:
     """How this server scores: ``pooled`` with the wrapped architecture, or ``prompt-logprobs``."""
 
-    name: str
+    name: ScoringBackend
     arch: str | None = None
     #: Why it was chosen, for the log and ``/v1/info``.
     reason: str = ""
@@ -63,8 +61,8 @@ def choose_backend(requested: str, model: str, trust_remote_code: bool = False, 
     its self-test on the installed vLLM, else prompt-logprobs; ``pooled``: that, or ``SelfTestFailed``."""
     from transformers import AutoConfig
 
-    if requested not in SCORING_BACKENDS:
-        raise InputError(f"--scoring must be one of {', '.join(SCORING_BACKENDS)}, not {requested!r}")
+    if requested not in SCORING_CHOICES:
+        raise InputError(f"--scoring must be one of {', '.join(SCORING_CHOICES)}, not {requested!r}")
     if requested == "prompt-logprobs":
         return Backend("prompt-logprobs", reason="asked for")
     try:
@@ -249,7 +247,7 @@ class Engine:
 
     @classmethod
     def load(
-        cls, engine_args: dict[str, Any], k_max: int, *, scoring: str = "auto", slice_rows: int | None = None,
+        cls, engine_args: dict[str, Any], k_max: int, *, scoring: ScoringChoice = "auto", slice_rows: int | None = None,
         max_samples: int = DEFAULT_MAX_SAMPLES,
     ) -> Engine:
         """Start vLLM (blocking: tens of seconds to minutes) and read the model's facts."""

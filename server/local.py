@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from teacher_farm.schemas.arrow import results_to_table
-from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring
+from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring, ScoringChoice
 from teacher_farm.schemas.wire import Info, TopkInput, TopkRequest
 
 
@@ -30,7 +30,7 @@ def _input(line: Any) -> TopkInput:
 class LocalTeacher:
     """An in-process engine behind the client's ``Teacher`` protocol (one machine, no server)."""
 
-    def __init__(self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: str = "auto") -> None:
+    def __init__(self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: ScoringChoice = "auto") -> None:
         from teacher_farm.server.engine import Engine
 
         self._engine = Engine.load(engine_args, k_max, scoring=scoring)

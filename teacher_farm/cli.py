@@ -8,12 +8,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import get_args
 
 from teacher_farm.client.progress import setup_logging
 from teacher_farm.exits import Terminated, quiet_engine, release_engine, run_async, stop_on_sigterm
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
-from teacher_farm.schemas.formats import FORMATS
+from teacher_farm.schemas.formats import DEFAULT_FORMAT, FORMATS
 
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
@@ -29,6 +30,8 @@ Run 'teacher-farm COMMAND --help' for a command's flags.
 
 def cache_parser() -> argparse.ArgumentParser:
     """Flags of ``teacher-farm cache``; the seed script's spellings are accepted too."""
+    from teacher_farm.schemas.scoring import SCORING_CHOICES, Targets
+
     p = argparse.ArgumentParser(
         prog="teacher-farm cache",
         description="Cache a teacher's top-k next-token distributions for every line of a corpus (JSONL and Parquet files).",
@@ -60,16 +63,16 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1,
                    help="split the corpus across this many client processes (e.g. a SLURM array)")
     p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
-    p.add_argument("--logprob-dtype", choices=list(FORMATS), default="float16",
-                   help="how logprobs are stored: float32, float16 (the default) or uint8-gap (the top-1 in "
+    p.add_argument("--logprob-dtype", choices=list(FORMATS), default=DEFAULT_FORMAT,
+                   help="how logprobs are stored: float32, float16 or uint8-gap (the top-1 in "
                         "float16 and 1/16-nat steps below it, worst error 1/32 nat; sampled ids as differences; "
-                        "the smallest): see the README")
+                        "the smallest): see the README (default %(default)s)")
     p.add_argument("--sample-logprobs", action="store_true",
                    help="with sampled targets, also store their logprobs (what SampledKDLoss(entropy=True) reads; "
                         "off by default: the loss itself needs only the ids and counts)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="store log softmax(logits / T) (default 1; needs the pooled scoring backend otherwise)")
-    p.add_argument("--targets", choices=["topk", "sampled", "both"], default="topk",
+    p.add_argument("--targets", choices=get_args(Targets), default="topk",
                    help="top-k per position, tokens sampled from the teacher (unbiased; Random-Sampling KD), or both")
     p.add_argument("--samples", type=int, default=64, help="draws per position with sampled targets (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws: same seed and input, same draws (default 0)")
@@ -89,7 +92,7 @@ def cache_parser() -> argparse.ArgumentParser:
     engine.add_argument("--gpu-memory-utilization", type=float, default=None)
     engine.add_argument("--tensor-parallel-size", type=int, default=None)
     engine.add_argument("--enforce-eager", action="store_true", default=None)
-    engine.add_argument("--scoring", choices=["auto", "pooled", "prompt-logprobs"], default="auto",
+    engine.add_argument("--scoring", choices=SCORING_CHOICES, default="auto",
                         help="how the engine scores (see 'teacher-farm serve --help'; default auto)")
     p.add_argument("--log-every", type=float, default=10.0,
                    help="seconds between progress log lines when stderr is not a terminal (default 10)")
