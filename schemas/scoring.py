@@ -3,7 +3,7 @@
 ``Scoring`` holds k, the temperature, the kind of targets, the draws per position and their seed,
 with their defaults and limits. The client builds it from the flags (``teacher-farm cache``), the
 online teacher from its arguments, ``verify`` from the cache's identity; it travels as the
-``/v1/topk`` body's fields (``TopkRequest`` is a ``Scoring`` with inputs), and the server hands it
+``/v1/topk`` body's fields (a ``TopkRequest`` holds one beside its inputs), and the server hands it
 to the pooler through ``PoolingParams.extra_kwargs`` (``pooler_kwargs``/``from_pooler_kwargs``).
 It knows whether a teacher can answer it (``refusal``) and the packed rows the worker's reduction
 hands back for it (``layout``).
@@ -80,10 +80,6 @@ class Scoring(BaseModel):
     @property
     def layout(self) -> PackedLayout:
         return PackedLayout(self.topk, self.draws, entropy=self.entropy_share is not None)
-
-    def scoring(self) -> Scoring:
-        """Just the scoring options (of a ``TopkRequest``, say)."""
-        return Scoring(**{name: getattr(self, name) for name in Scoring.model_fields})
 
     def refusal(self, teacher: Any) -> tuple[str, str] | None:
         """Why ``teacher`` cannot answer this, and the ``serve`` flag that would allow it; or None.

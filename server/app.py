@@ -107,7 +107,8 @@ async def topk(request: Request, engine: Any = Depends(loaded_engine), settings:
     if ARROW_STREAM in request.headers.get("accept", ""):
         payload = await asyncio.to_thread(_arrow_payload, results, req)
         return Response(payload, media_type=ARROW_STREAM, headers=headers)
-    body = {"model": engine.info.model, "k": req.k, "results": [_json_result(r, req.targets) for r in results]}
+    scoring = req.scoring
+    body = {"model": engine.info.model, "k": scoring.k, "results": [_json_result(r, scoring.targets) for r in results]}
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)
 
 
@@ -123,7 +124,7 @@ def _json_result(r: ScoredSequence, targets: str) -> dict[str, Any]:
 
 
 def _arrow_payload(results: list[ScoredSequence], req: TopkRequest) -> bytes:
-    table = cast_logprobs(results_to_table(results, req.k, req.targets), req.logprob_dtype)
+    table = cast_logprobs(results_to_table(results, req.scoring.k, req.scoring.targets), req.logprob_dtype)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(table)

@@ -315,7 +315,7 @@ class Engine:
         Text goes through the teacher's tokenizer (special tokens included); everything is cut to
         ``max_length``, and to what the engine can hold.
         """
-        self.check_options(req.scoring())
+        self.check_options(req.scoring)
         limit = self.info.max_input_tokens
         max_length = min(req.max_length or limit, limit)
         out: list[list[int]] = []
@@ -421,9 +421,9 @@ class Engine:
     async def score_request(self, req: TopkRequest, token_ids: list[list[int]]) -> list[ScoredSequence]:
         """Score a request's inputs (``prepare``'s token ids) as it asks, its position rule included."""
         selected = None
-        if req.positions == "assistant":
+        if req.scoring.positions == "assistant":
             selected = await asyncio.to_thread(self.selected_positions, req, token_ids)
-        return await self.score([x.id for x in req.inputs], token_ids, req.scoring(), selected)
+        return await self.score([x.id for x in req.inputs], token_ids, req.scoring, selected)
 
     async def score(
         self, ids: Sequence[str | None], token_ids: Sequence[list[int]], scoring: Scoring,

@@ -51,7 +51,7 @@ class LocalTeacher:
 
     async def _answer(self, inputs: list[TopkInput], scoring: Scoring, max_length: int | None) -> pa.Table:
         """What a server's ``/v1/topk`` answers for ``inputs``: the same steps, without HTTP."""
-        req = TopkRequest(**scoring.model_dump(), max_length=max_length, inputs=inputs)
+        req = TopkRequest(scoring=scoring, max_length=max_length, inputs=inputs)
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
         results = await self._engine.score_request(req, token_ids)
         return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)
