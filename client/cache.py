@@ -67,8 +67,8 @@ class CacheOptions:
     log_every_s: float = 10.0
     #: k, the temperature and sampled targets (``schemas.scoring.Scoring``).
     scoring: Scoring = field(default_factory=Scoring)
-    #: The corpus split into ``parts``, one per client process (``--num-shards``); this process
-    #: caches ``part`` (``--shard-index``): the shards j with j % parts == part.
+    #: The corpus split into ``parts``, one per client process (``--parts``); this process
+    #: caches ``part`` (``--part``): the shards j with j % parts == part.
     parts: int = 1
     part: int = 0
     # --- many inputs, pre-tokenized records, long lines ---
@@ -309,7 +309,7 @@ class CacheRun:
             if manifest_name(opts.parts, 0).split("-of-")[-1] != other_name.split("-of-")[-1]:
                 raise CacheMismatch(
                     f"{self.out} holds {other_name}, from a run split into another number of client "
-                    f"processes than --num-shards {opts.parts}; use the original split or a new --out"
+                    f"processes than --parts {opts.parts}; use the original split or a new --out"
                 )
             check_identity(other, identity, self.out)
         manifest = others.get(name)

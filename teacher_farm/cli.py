@@ -60,9 +60,12 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="input lines per Parquet shard")
     p.add_argument("--batch-lines", type=int, default=32, help="lines per request (default 32)")
-    p.add_argument("--num-shards", type=int, default=1,
-                   help="split the corpus across this many client processes (e.g. a SLURM array)")
-    p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
+    p.add_argument("--parts", type=int, default=1,
+                   help="split the corpus into this many parts, one per client process (e.g. a SLURM array)")
+    p.add_argument("--part", type=int, default=0, help="which of --parts this process caches (0-based)")
+    # Their first names, still accepted: a part is not a shard (a shard is one Parquet file of the cache).
+    p.add_argument("--num-shards", dest="parts", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--shard-index", dest="part", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--logprob-dtype", choices=list(FORMATS), default=DEFAULT_FORMAT,
                    help="how logprobs are stored: float32, float16 or uint8-gap (the top-1 in "
                         "float16 and 1/16-nat steps below it, worst error 1/32 nat; sampled ids as differences; "
@@ -117,8 +120,10 @@ def cache_main(argv: list[str]) -> int:
     except ValueError as exc:
         problem = exc.errors()[0]
         cache_parser().error(f"--{problem['loc'][0]}: {problem['msg'].lower()}")
-    if not 0 <= a.shard_index < a.num_shards:
-        cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
+    if a.parts < 1:
+        cache_parser().error("--parts must be at least 1")
+    if not 0 <= a.part < a.parts:
+        cache_parser().error(f"--part must be in 0..{a.parts - 1}")
     if a.stride is not None and a.long_lines != "window":
         cache_parser().error("--stride applies to --long-lines window only")
     if a.sample_logprobs and a.targets == "topk":
@@ -134,7 +139,7 @@ def cache_main(argv: list[str]) -> int:
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
         batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype, sample_logprobs=a.sample_logprobs,
         log_every_s=a.log_every,
-        scoring=scoring, parts=a.num_shards, part=a.shard_index,
+        scoring=scoring, parts=a.parts, part=a.part,
         ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
     )
     # Bad inputs are refused before a teacher is reached (or an engine loaded).

@@ -75,6 +75,21 @@ def test_a_directory_of_jsonl_gz_and_parquet_caches_in_one_run(tmp_path):
     assert summary.rows == 6 and summary.rejects == 2
 
 
+def test_a_split_is_named_parts_and_the_former_shard_flags_still_work(capsys):
+    from teacher_farm.cli import cache_parser, main
+
+    base = ["--server", "http://x", "--input", "a.jsonl", "--out", "o"]
+    for flags in (["--parts", "4", "--part", "2"], ["--num-shards", "4", "--shard-index", "2"]):
+        args = cache_parser().parse_args([*base, *flags])
+        assert (args.parts, args.part) == (4, 2)
+    args = cache_parser().parse_args(base)
+    assert (args.parts, args.part) == (1, 0)
+    assert "--num-shards" not in cache_parser().format_help()
+    with pytest.raises(SystemExit):
+        main(["cache", *base, "--num-shards", "2", "--shard-index", "2"])
+    assert "--part must be in 0..1" in capsys.readouterr().err
+
+
 def test_resume_and_split_across_files_cache_every_line_once(tmp_path):
     root = make_corpus(tmp_path / "corpus")
     run(tmp_path, str(root), "whole", rows_per_shard=2)
