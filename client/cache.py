@@ -33,7 +33,7 @@ from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import encode_rows, with_source_columns
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord, load_manifests, manifest_name
 from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputWriteError, ServerRejected
-from teacher_farm.schemas.formats import DEFAULT_FORMAT
+from teacher_farm.schemas.formats import DEFAULT_FORMAT, logprob_format
 from teacher_farm.schemas.scoring import Scoring
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,11 @@ class CacheOptions:
     @property
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    @property
+    def wire_dtype(self) -> str:
+        """What the teacher is asked for: the least precision the cache's format keeps."""
+        return logprob_format(self.logprob_dtype).wire_dtype
 
     @property
     def rejects_name(self) -> str:
@@ -175,7 +180,7 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
     if not batch.lines:
         return None, []
     try:
-        table = await teacher.score(batch.lines, opts.scoring, max_length)
+        table = await teacher.score(batch.lines, opts.scoring, max_length, wire_dtype=opts.wire_dtype)
         if table.num_rows == len(batch.lines) and opts.long_lines == "window":
             # A refused tokenization or window rejects its line, like a refused line.
             return await split_long_lines(teacher, batch.lines, table, opts, max_length), []
@@ -232,6 +237,7 @@ async def split_long_lines(
         keep = int(np.array_equal(ids[int(i)].values.to_numpy(zero_copy_only=False), full[:max_length]))
         windows = await teacher.score_ids(
             [(line.id, full[s:s + max_length]) for s in starts[keep:]], opts.scoring, max_length,
+            wire_dtype=opts.wire_dtype,
         )
         if windows.num_rows != len(starts) - keep:
             raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts) - keep} windows")

@@ -45,16 +45,24 @@ DEAD_SERVER_OUT_S = 30.0
 
 
 class Teacher(Protocol):
-    """What the cache pipeline needs from a teacher: a pool of servers, one server, or an in-process engine."""
+    """What the cache pipeline needs from a teacher: a pool of servers, one server, or an in-process engine.
+
+    ``wire_dtype`` is the precision of the answer's logprobs ("float32" or "float16"): a cache asks for
+    its format's (``schemas.formats.LogprobFormat.wire_dtype``), so the two cannot disagree. A teacher
+    may answer in float32 whatever is asked (the writer casts).
+    """
 
     name: str
 
     async def info(self) -> Info: ...
 
-    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table: ...
+    async def score(
+        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table: ...
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
@@ -165,8 +173,7 @@ class HttpTeacher:
 
     def __init__(
         self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
-        logprob_dtype: str = "float32", transport: httpx.AsyncBaseTransport | None = None,
-        ca_bundle: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None, ca_bundle: str | None = None,
     ) -> None:
         self.name = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -179,8 +186,6 @@ class HttpTeacher:
         )
         #: Set once the pool knows the teacher; every answer must come from that teacher.
         self.expected_fingerprint: str | None = None
-        #: Precision of logprobs on the wire: float16 when the cache stores no more than that.
-        self.logprob_dtype = logprob_dtype
         #: Bytes of scoring answers received (the wire cost of the cache).
         self.bytes_received = 0
 
@@ -198,15 +203,19 @@ class HttpTeacher:
         """The server's model facts."""
         return Info.model_validate_json((await self._call("GET", "/v1/info")).content)
 
-    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table:
+    async def score(
+        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
-        return await self._post([wire_input(x) for x in lines], scoring, max_length)
+        return await self._post([wire_input(x) for x in lines], scoring, max_length, wire_dtype)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences, ``(id, token_ids)`` pairs (ints or numpy arrays)."""
-        return await self._post([{"id": i, "token_ids": t} for i, t in ids_and_tokens], scoring, max_length)
+        inputs = [{"id": i, "token_ids": t} for i, t in ids_and_tokens]
+        return await self._post(inputs, scoring, max_length, wire_dtype)
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full (special tokens included, no truncation)."""
@@ -218,10 +227,10 @@ class HttpTeacher:
         body = {"messages": list(messages), "add_generation_prompt": False}
         return (await self._call("POST", "/tokenize", json=body)).json()["tokens"]
 
-    async def _post(self, inputs: list[dict], scoring: Scoring, max_length: int | None) -> pa.Table:
+    async def _post(self, inputs: list[dict], scoring: Scoring, max_length: int | None, wire_dtype: str) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
+            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": wire_dtype, "inputs": inputs},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         response = await self._call(
@@ -362,17 +371,22 @@ class TeacherPool:
     def bytes_received(self) -> int:
         return sum(m.teacher.bytes_received for m in self.members)
 
-    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table:
+    async def score(
+        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table:
         """Score ``lines`` on the best server, with the pool's retries."""
         cost = sum(_cost(x) for x in lines)
-        return await self._attempt(lambda t: t.score(lines, scoring, max_length), cost)
+        return await self._attempt(lambda t: t.score(lines, scoring, max_length, wire_dtype=wire_dtype), cost)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences on the best server, with the pool's retries."""
         cost = sum(len(tokens) for _, tokens in ids_and_tokens)
-        return await self._attempt(lambda t: t.score_ids(ids_and_tokens, scoring, max_length), cost)
+        return await self._attempt(
+            lambda t: t.score_ids(ids_and_tokens, scoring, max_length, wire_dtype=wire_dtype), cost,
+        )
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full, with the pool's retries."""

@@ -39,11 +39,15 @@ class LocalTeacher:
     async def info(self) -> Info:
         return self._engine.info
 
-    async def score(self, lines: Sequence[Any], scoring: Scoring, max_length: int | None) -> pa.Table:
+    # In process the answer stays float32 whatever ``wire_dtype`` asks: no wire to save, the writer casts.
+    async def score(
+        self, lines: Sequence[Any], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table:
         return await self._answer([_input(x) for x in lines], scoring, max_length)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences in process."""
         inputs = [TopkInput(id=i, token_ids=[int(t) for t in tokens]) for i, tokens in ids_and_tokens]

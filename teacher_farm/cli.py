@@ -154,8 +154,7 @@ def cache_main(argv: list[str]) -> int:
         if a.server:
             urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
             teacher = TeacherPool(
-                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=FORMATS[a.logprob_dtype].wire_dtype,
-                             ca_bundle=a.ca_bundle) for u in urls],
+                [HttpTeacher(u, api_key=a.api_key, ca_bundle=a.ca_bundle) for u in urls],
                 retry_for_s=a.retry_for,
             )
         else:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.cache import CacheOptions, CacheRun
+from teacher_farm.schemas.formats import FORMATS
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.client.manifest import save_manifest
 from teacher_farm.schemas.cache_dir import load_manifests
@@ -73,6 +74,39 @@ def test_a_directory_of_jsonl_gz_and_parquet_caches_in_one_run(tmp_path):
     assert all(len(f["head_sha256"]) == 16 for f in manifest.identity["inputs"])
     assert [(s.first_line, s.end_line) for s in manifest.shards.values()] == [(0, 3), (3, 6), (6, 8)]
     assert summary.rows == 6 and summary.rejects == 2
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_cache_asks_the_wire_for_what_its_format_keeps(tmp_path, fmt):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": LONG}) + "\n")
+    teacher = StandInTeacher(VOCAB)
+    run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, logprob_dtype=fmt, max_length=64, long_lines="window")
+    assert teacher.wire_dtypes == {FORMATS[fmt].wire_dtype} and teacher.requests > 1  # the windows' too
+
+
+def test_the_http_teacher_sends_the_wire_dtype_it_is_asked_for():
+    import httpx
+
+    from teacher_farm.client.transport import HttpTeacher
+    from teacher_farm.schemas.errors import ServerRejected
+
+    bodies = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(422, json={"error": "no", "kind": "InputError"})
+
+    async def ask():
+        teacher = HttpTeacher("http://teacher", transport=httpx.MockTransport(answer))
+        for dtype in ("float16", "float32"):
+            with pytest.raises(ServerRejected):
+                await teacher.score_ids([("a", [1, 2])], Scoring(k=2), wire_dtype=dtype)
+        with pytest.raises(ServerRejected):
+            await teacher.score_ids([("a", [1, 2])], Scoring(k=2))
+        await teacher.aclose()
+
+    asyncio.run(ask())
+    assert [b["logprob_dtype"] for b in bodies] == ["float16", "float32", "float32"]
 
 
 def test_a_split_is_named_parts_and_the_former_shard_flags_still_work(capsys):
