@@ -83,6 +83,32 @@ class CacheOptions:
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
+    def check(self) -> None:
+        """Refuse options that cannot work, alone or together (``InputError``, naming the flags)."""
+        for name in ("concurrency", "rows_per_shard", "batch_lines", "batch_chars", "max_length", "stride"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.parts < 1:
+            raise InputError("--parts must be at least 1")
+        if not 0 <= self.part < self.parts:
+            raise InputError(f"--part must be in 0..{self.parts - 1}")
+        if self.long_lines not in ("truncate", "window"):
+            raise InputError(f"--long-lines {self.long_lines}: choose truncate or window")
+        if self.stride is not None and self.long_lines != "window":
+            raise InputError("--stride applies to --long-lines window only")
+        if self.sample_logprobs and self.scoring.targets == "topk":
+            raise InputError("--sample-logprobs applies to --targets sampled or both only")
+        if self.scoring.positions == "assistant" and self.long_lines == "window":
+            # Windows after the first are scored as token ids, which carry no turns to keep.
+            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records only: "
+                             "use --long-lines truncate")
+
+    def input_files(self) -> list[InputFile]:
+        """The run's input files, found once, each readable as these options read it (``InputError`` if not)."""
+        files = discover(self.inputs)
+        check_parquet_columns(files, self.text_field, self.id_field, self.ids_field)
+        return files
+
     @property
     def wire_dtype(self) -> str:
         """What the teacher is asked for: the least precision the cache's format keeps."""
@@ -258,18 +284,13 @@ async def split_long_lines(
 class CacheRun:
     """One invocation of the cache job against one teacher."""
 
-    def __init__(self, opts: CacheOptions, teacher: Teacher) -> None:
+    def __init__(self, opts: CacheOptions, teacher: Teacher, files: list[InputFile] | None = None) -> None:
+        """``files``: the inputs as ``opts.input_files()`` found them (when a caller checked them already)."""
+        opts.check()
         self.opts = opts
         self.teacher = teacher
         self.out = Path(opts.out_dir)
-        self.files = discover(opts.inputs)
-        check_parquet_columns(self.files, opts.text_field, opts.id_field, opts.ids_field)
-        if opts.long_lines not in ("truncate", "window"):
-            raise InputError(f"--long-lines {opts.long_lines}: choose truncate or window")
-        if opts.scoring.positions == "assistant" and opts.long_lines == "window":
-            # Windows after the first are scored as token ids, which carry no turns to keep.
-            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records only: "
-                             "use --long-lines truncate")
+        self.files = opts.input_files() if files is None else files
         #: Bytes of shards this run committed, for the message when the output cannot be written.
         self.bytes_written = 0
 
@@ -466,9 +487,9 @@ class CacheRun:
             return f.tell()
 
 
-async def run_cache(opts: CacheOptions, teacher: Teacher) -> Summary:
-    """Run the cache job, closing the teacher afterwards."""
+async def run_cache(opts: CacheOptions, teacher: Teacher, files: list[InputFile] | None = None) -> Summary:
+    """Run the cache job (on ``files``, when ``opts.input_files()`` found them already), closing the teacher afterwards."""
     try:
-        return await CacheRun(opts, teacher).run()
+        return await CacheRun(opts, teacher, files).run()
     finally:
         await teacher.aclose()

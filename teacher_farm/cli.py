@@ -111,29 +111,12 @@ def cache_main(argv: list[str]) -> int:
     from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring
 
     a = cache_parser().parse_args(argv)
-    for name in ("concurrency", "rows_per_shard", "batch_lines", "max_length", "stride"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         scoring = Scoring(k=a.k, temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed,
                           positions=a.positions)
     except ValueError as exc:
         problem = exc.errors()[0]
         cache_parser().error(f"--{problem['loc'][0]}: {problem['msg'].lower()}")
-    if a.parts < 1:
-        cache_parser().error("--parts must be at least 1")
-    if not 0 <= a.part < a.parts:
-        cache_parser().error(f"--part must be in 0..{a.parts - 1}")
-    if a.stride is not None and a.long_lines != "window":
-        cache_parser().error("--stride applies to --long-lines window only")
-    if a.sample_logprobs and a.targets == "topk":
-        cache_parser().error("--sample-logprobs applies to --targets sampled or both only")
-    if a.ca_bundle is not None and not Path(a.ca_bundle).is_file():
-        raise InputError(f"--ca-bundle {a.ca_bundle}: no such file")
-    if a.model:
-        from teacher_farm.server.preflight import check_model
-
-        check_model(a.model)
     opts = CacheOptions(
         input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), max_length=a.max_length, text_field=a.text_field,
         id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
@@ -142,13 +125,21 @@ def cache_main(argv: list[str]) -> int:
         scoring=scoring, parts=a.parts, part=a.part,
         ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride,
     )
-    # Bad inputs are refused before a teacher is reached (or an engine loaded).
-    from teacher_farm.client.inputs import check_parquet_columns, discover
+    try:
+        opts.check()
+    except InputError as exc:  # flags that cannot work together: a usage error
+        cache_parser().error(str(exc))
+    if a.ca_bundle is not None and not Path(a.ca_bundle).is_file():
+        raise InputError(f"--ca-bundle {a.ca_bundle}: no such file")
+    if a.model:
+        from teacher_farm.server.preflight import check_model
+
+        check_model(a.model)
     from teacher_farm.memory import pin_mmap_threshold
 
     pin_mmap_threshold()  # flat memory over a long run (see teacher_farm/memory.py)
-
-    check_parquet_columns(discover(opts.inputs), opts.text_field, opts.id_field, opts.ids_field)
+    # Bad inputs are refused before a teacher is reached (or an engine loaded), and found once.
+    files = opts.input_files()
 
     async def go():
         if a.server:
@@ -166,7 +157,7 @@ def cache_main(argv: list[str]) -> int:
             from teacher_farm.server.local import LocalTeacher
 
             teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(DEFAULT_K_MAX, a.k), scoring=a.scoring)
-        return await run_cache(opts, teacher)
+        return await run_cache(opts, teacher, files)
 
     summary = run_async(go())
     print(summary.render())

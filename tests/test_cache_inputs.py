@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.cache import CacheOptions, CacheRun
+from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import FORMATS
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.client.manifest import save_manifest
@@ -107,6 +108,25 @@ def test_the_http_teacher_sends_the_wire_dtype_it_is_asked_for():
 
     asyncio.run(ask())
     assert [b["logprob_dtype"] for b in bodies] == ["float16", "float32", "float32"]
+
+
+def test_a_run_is_checked_in_one_place_and_finds_its_inputs_once(tmp_path, monkeypatch):
+    from teacher_farm.cli import main
+    from teacher_farm.client import cache, transport
+
+    found = []
+    discover = cache.discover
+    monkeypatch.setattr(cache, "discover", lambda inputs: found.append(inputs) or discover(inputs))
+    monkeypatch.setattr(transport, "TeacherPool", lambda teachers, retry_for_s: StandInTeacher(VOCAB))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    assert main(["cache", "--server", "http://x", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
+                 "--k", "4"]) == 0
+    assert len(found) == 1 and rows(tmp_path / "o")
+    # A library caller meets the checks the command line does.
+    for bad, words in [({"sample_logprobs": True}, "--sample-logprobs applies"), ({"parts": 2, "part": 2}, r"--part must be in 0\.\.1"),
+                       ({"stride": 4}, "--stride applies"), ({"concurrency": 0}, "--concurrency must be at least 1")]:
+        with pytest.raises(InputError, match=words):
+            run(tmp_path, str(tmp_path / "a.jsonl"), "bad", **bad)
 
 
 def test_a_split_is_named_parts_and_the_former_shard_flags_still_work(capsys):
