@@ -190,8 +190,7 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
             cur = Batch(shard)
         if isinstance(rec, Line):
             cur.lines.append(rec)
-            cur.chars += (len(rec.text) if rec.text is not None else 4 * len(rec.input_ids) if rec.input_ids is not None
-                          else sum(len(m["content"]) for m in rec.messages))
+            cur.chars += rec.weight(per_token_id=4)
         else:
             cur.rejects.append(rec)
         cur.last_line = rec.record
@@ -230,11 +229,10 @@ async def score_batch(teacher: Teacher, batch: Batch, opts: CacheOptions, max_le
 
 async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
     """A line's whole token sequence, as the teacher scores it: a text's or a chat record's tokens, or its own ids."""
-    if line.input_ids is not None:
-        return line.input_ids
-    if line.messages is not None:
-        return np.asarray(await teacher.tokenize_chat(line.messages), np.int32)
-    return np.asarray(await teacher.tokenize(line.text), np.int32)
+    if line.kind == "ids":
+        return line.input_ids  # type: ignore[return-value]
+    tokenize = teacher.tokenize_chat if line.kind == "chat" else teacher.tokenize
+    return np.asarray(await tokenize(line.content), np.int32)  # type: ignore[arg-type]
 
 
 async def split_long_lines(

@@ -113,22 +113,9 @@ def raise_for_answer(response: httpx.Response) -> None:
     raise ServerRejected(msg, status)
 
 
-def wire_input(line: Line) -> dict:
-    """A corpus line as a ``/v1/topk`` input: its text, its chat messages, or its token ids."""
-    if line.input_ids is not None:
-        return {"id": line.id, "token_ids": line.input_ids}
-    if line.messages is not None:
-        return {"id": line.id, "messages": line.messages}
-    return {"id": line.id, "text": line.text}
-
-
 def _cost(line: Line) -> int:
     """Roughly a line's request bytes, for least-outstanding-work balancing (without encoding it)."""
-    if line.input_ids is not None:
-        return 5 * len(line.input_ids)
-    if line.messages is not None:
-        return sum(len(m["content"]) for m in line.messages)
-    return len(line.text or "")
+    return line.weight(per_token_id=5)
 
 
 class _WaitRetryAfter(wait_exponential_jitter):
@@ -207,7 +194,7 @@ class HttpTeacher:
         self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
-        return await self._post([wire_input(x) for x in lines], scoring, max_length, wire_dtype)
+        return await self._post([x.wire_input() for x in lines], scoring, max_length, wire_dtype)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,

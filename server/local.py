@@ -20,11 +20,10 @@ from teacher_farm.schemas.wire import Info, TopkInput, TopkRequest
 
 def _input(line: Any) -> TopkInput:
     """A corpus line (``client.inputs.Line``: text, chat messages or token ids) as a request input."""
-    if line.input_ids is not None:
-        return TopkInput(id=line.id, token_ids=line.input_ids.tolist())
-    if line.messages is not None:
-        return TopkInput(id=line.id, messages=line.messages)
-    return TopkInput(id=line.id, text=line.text)
+    fields = line.wire_input()
+    if line.kind == "ids":
+        fields["token_ids"] = line.input_ids.tolist()  # the request model takes ints, not numpy's
+    return TopkInput(**fields)
 
 
 class LocalTeacher:
