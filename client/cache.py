@@ -100,11 +100,11 @@ class CacheOptions:
             raise InputError("--sample-logprobs applies to --targets sampled or both only")
         if self.scoring.positions == "assistant" and self.long_lines == "window":
             # Windows after the first are scored as token ids, which carry no turns to keep.
-            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records only: "
-                             "use --long-lines truncate")
+            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records "
+                             "only: use --long-lines truncate")
 
     def input_files(self) -> list[InputFile]:
-        """The run's input files, found once, each readable as these options read it (``InputError`` if not)."""
+        """The run's input files, found once, each readable as these options read it (else ``InputError``)."""
         files = discover(self.inputs)
         check_parquet_columns(files, self.text_field, self.id_field, self.ids_field)
         return files
@@ -486,7 +486,7 @@ class CacheRun:
 
 
 async def run_cache(opts: CacheOptions, teacher: Teacher, files: list[InputFile] | None = None) -> Summary:
-    """Run the cache job (on ``files``, when ``opts.input_files()`` found them already), closing the teacher afterwards."""
+    """Run the cache job, closing the teacher afterwards (``files``: as ``opts.input_files()`` found them)."""
     try:
         return await CacheRun(opts, teacher, files).run()
     finally:

@@ -76,14 +76,15 @@ class Line:
     def content(self) -> str | list[dict] | np.ndarray:
         """The record: its text, its chat messages or its token ids."""
         kind = self.kind
-        return self.input_ids if kind == "ids" else self.messages if kind == "chat" else self.text  # type: ignore[return-value]
+        content = self.input_ids if kind == "ids" else self.messages if kind == "chat" else self.text
+        return content  # type: ignore[return-value]
 
     def wire_input(self) -> dict:
         """The line as a ``/v1/topk`` input (token ids as numpy, which orjson writes)."""
         return {"id": self.id, WIRE_FIELDS[self.kind]: self.content}
 
     def weight(self, per_token_id: int) -> int:
-        """Characters of the record (a token id counting as ``per_token_id``): what batches and balancing count."""
+        """Characters of the record, a token id counting as ``per_token_id`` (what batches and pools weigh)."""
         kind = self.kind
         if kind == "ids":
             return per_token_id * len(self.input_ids)  # type: ignore[arg-type]

@@ -214,10 +214,13 @@ class HttpTeacher:
         body = {"messages": list(messages), "add_generation_prompt": False}
         return (await self._call("POST", "/tokenize", json=body)).json()["tokens"]
 
-    async def _post(self, inputs: list[dict], scoring: Scoring, max_length: int | None, wire_dtype: str) -> pa.Table:
+    async def _post(
+        self, inputs: list[dict], scoring: Scoring, max_length: int | None, wire_dtype: str,
+    ) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": wire_dtype, "inputs": inputs},
+            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": wire_dtype,
+             "inputs": inputs},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         response = await self._call(

@@ -66,7 +66,7 @@ class TopkRequest(BaseModel):
         if not isinstance(data, dict) or isinstance(data.get("scoring"), Scoring):
             return data
         if "scoring" in data:
-            raise ValueError("Extra inputs are not permitted: 'scoring' (the options are the body's own fields)")
+            raise ValueError("Extra inputs are not permitted: 'scoring' (the options are the body's fields)")
         options = {name: data[name] for name in Scoring.model_fields if name in data}
         rest = {name: value for name, value in data.items() if name not in Scoring.model_fields}
         return {**rest, "scoring": options}

@@ -108,7 +108,8 @@ async def topk(request: Request, engine: Any = Depends(loaded_engine), settings:
         payload = await asyncio.to_thread(_arrow_payload, results, req)
         return Response(payload, media_type=ARROW_STREAM, headers=headers)
     scoring = req.scoring
-    body = {"model": engine.info.model, "k": scoring.k, "results": [_json_result(r, scoring.targets) for r in results]}
+    body = {"model": engine.info.model, "k": scoring.k,
+            "results": [_json_result(r, scoring.targets) for r in results]}
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json", headers=headers)
 
 

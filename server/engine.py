@@ -30,7 +30,9 @@ from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.draws import draw_seed
 from teacher_farm.server.packed import compact_samples, top_entropy, unpack
 from teacher_farm.schemas.errors import InputError, SelfTestFailed, TeacherFarmError
-from teacher_farm.schemas.scoring import DEFAULT_MAX_SAMPLES, SCORING_CHOICES, Scoring, ScoringBackend, ScoringChoice
+from teacher_farm.schemas.scoring import (
+    DEFAULT_MAX_SAMPLES, SCORING_CHOICES, Scoring, ScoringBackend, ScoringChoice,
+)
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 from teacher_farm.server import vllm_seam
 from teacher_farm.schemas.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -247,8 +249,8 @@ class Engine:
 
     @classmethod
     def load(
-        cls, engine_args: dict[str, Any], k_max: int, *, scoring: ScoringChoice = "auto", slice_rows: int | None = None,
-        max_samples: int = DEFAULT_MAX_SAMPLES,
+        cls, engine_args: dict[str, Any], k_max: int, *, scoring: ScoringChoice = "auto",
+        slice_rows: int | None = None, max_samples: int = DEFAULT_MAX_SAMPLES,
     ) -> Engine:
         """Start vLLM (blocking: tens of seconds to minutes) and read the model's facts."""
         from vllm.engine.arg_utils import AsyncEngineArgs

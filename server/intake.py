@@ -91,7 +91,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def _problems(errors: list[dict]) -> list[str]:
     # Errors of the scoring options a TopkRequest holds name the body's fields they came from.
-    return [f"{'.'.join(str(p) for p in TopkRequest.body_loc(e['loc'])) or 'body'}: {e['msg']}" for e in errors]
+    where = (".".join(str(p) for p in TopkRequest.body_loc(e["loc"])) or "body" for e in errors)
+    return [f"{loc}: {e['msg']}" for loc, e in zip(where, errors)]
 
 
 def parse_body(model: type[Model], body: bytes, problems: Callable[[list[dict]], list[str]] = _problems) -> Model:

@@ -29,7 +29,9 @@ def _input(line: Any) -> TopkInput:
 class LocalTeacher:
     """An in-process engine behind the client's ``Teacher`` protocol (one machine, no server)."""
 
-    def __init__(self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: ScoringChoice = "auto") -> None:
+    def __init__(
+        self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: ScoringChoice = "auto",
+    ) -> None:
         from teacher_farm.server.engine import Engine
 
         self._engine = Engine.load(engine_args, k_max, scoring=scoring)

@@ -125,7 +125,9 @@ class ReductionPooler(Pooler):
         asked = [Scoring.from_pooler_kwargs(p.extra_kwargs or self.worst_case) for p in pooling_metadata.pooling_params]
         layouts = [scoring.layout for scoring, _ in asked]
         ns = [layout.samples for layout in layouts]
-        wide = PackedLayout(max(layout.k for layout in layouts), max(ns), entropy=any(layout.entropy for layout in layouts))
+        wide = PackedLayout(
+            max(layout.k for layout in layouts), max(ns), entropy=any(layout.entropy for layout in layouts),
+        )
 
         # Per row (one scheduled position): its request, its position in the prompt, its target.
         row_req = torch.repeat_interleave(torch.arange(requests), sizes)
@@ -160,7 +162,8 @@ class ReductionPooler(Pooler):
                 out[a:b].zero_()
                 continue
             out[a:b] = reduce_rows(
-                logits, targets[a:b], wide, None if inv_t is None else inv_t[a:b], seeds[a:b], positions_d[a:b],
+                logits, targets[a:b], wide, None if inv_t is None else inv_t[a:b], seeds[a:b],
+                positions_d[a:b],
                 row_samples=None if row_n is None else row_n[a:b], count=_count_at_least,
             )
             del logits

@@ -27,7 +27,9 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="positions whose fp32 logits the worker holds at once (pooled; default 1024 on "
         "a GPU, 256 on a CPU): the peak is about slice_rows x vocabulary x 15 bytes",
     )
-    max_samples: int = Field(DEFAULT_MAX_SAMPLES, ge=1, le=4096, description="largest 'samples' a request may ask for (pooled)")
+    max_samples: int = Field(
+        DEFAULT_MAX_SAMPLES, ge=1, le=4096, description="largest 'samples' a request may ask for (pooled)"
+    )
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(1024, ge=1)
     max_tokens_per_request: int = Field(262_144, ge=1, description="after truncation; larger gets 413")
