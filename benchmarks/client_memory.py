@@ -45,7 +45,7 @@ class InstantTeacher:
                     k_max=64, max_model_len=8192, max_input_tokens=8191, max_inputs_per_request=1024, adds_bos=True,
                     versions=Versions(teacher_farm="-", schema_version=1, vllm="-"))
 
-    async def score(self, lines, scoring, max_length):
+    async def score(self, lines, scoring, max_length, *, wire_dtype="float32"):
         k = scoring.k
         self.lines += len(lines)
         if self.lines // 20_000 > len(self.samples):

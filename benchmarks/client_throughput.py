@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import resource
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from teacher_farm.schemas.arrow import ScoredSequence, cast_logprobs, results_to_table  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 VOCAB = 128_256
 
@@ -127,9 +127,7 @@ def main() -> None:
         for i in range(lines):
             f.write(orjson.dumps({"id": f"doc-{i}", "text": "lorem ipsum dolor sit amet " * (a.tokens_per_line // 6)}) + b"\n")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     teacher = ctx.Process(target=serve, args=(port, a.tokens_per_line, ready), daemon=True)

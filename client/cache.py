@@ -40,6 +40,7 @@ from teacher_farm.schemas.cache_dir import (
     CacheIdentity, InputFingerprint, Manifest, RunIdentity, ShardRecord, load_manifests, manifest_name,
 )
 from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputLocked, OutputWriteError, ServerRejected
+from teacher_farm.schemas.formats import DEFAULT_FORMAT, logprob_format
 from teacher_farm.schemas.scoring import Scoring
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,16 @@ class CacheOptions:
     rows_per_shard: int = 4096
     batch_lines: int = 32
     batch_chars: int = 200_000
-    logprob_dtype: str = "float32"
+    #: The cache's logprob format (``schemas.formats``); the wire dtype follows from it.
+    logprob_dtype: str = DEFAULT_FORMAT
     #: Keep the logprobs of sampled targets (what ``SampledKDLoss(entropy=True)`` reads).
     sample_logprobs: bool = False
     #: Seconds between progress log lines when stderr is not a terminal.
     log_every_s: float = 10.0
     #: k, the temperature and sampled targets (``schemas.scoring.Scoring``).
     scoring: Scoring = field(default_factory=Scoring)
-    #: The corpus split into ``parts``, one per client process (``--num-shards``); this process
-    #: caches ``part`` (``--shard-index``): the shards j with j % parts == part.
+    #: The corpus split into ``parts``, one per client process (``--parts``); this process
+    #: caches ``part`` (``--part``): the shards j with j % parts == part.
     parts: int = 1
     part: int = 0
     # --- many inputs, pre-tokenized records, long lines ---
@@ -91,6 +93,37 @@ class CacheOptions:
     @property
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def check(self) -> None:
+        """Refuse options that cannot work, alone or together (``InputError``, naming the flags)."""
+        for name in ("concurrency", "rows_per_shard", "batch_lines", "batch_chars", "max_length", "stride"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.parts < 1:
+            raise InputError("--parts must be at least 1")
+        if not 0 <= self.part < self.parts:
+            raise InputError(f"--part must be in 0..{self.parts - 1}")
+        if self.long_lines not in ("truncate", "window"):
+            raise InputError(f"--long-lines {self.long_lines}: choose truncate or window")
+        if self.stride is not None and self.long_lines != "window":
+            raise InputError("--stride applies to --long-lines window only")
+        if self.sample_logprobs and self.scoring.targets == "topk":
+            raise InputError("--sample-logprobs applies to --targets sampled or both only")
+        if self.scoring.positions == "assistant" and self.long_lines == "window":
+            # Windows after the first are scored as token ids, which carry no turns to keep.
+            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records "
+                             "only: use --long-lines truncate")
+
+    def input_files(self) -> list[InputFile]:
+        """The run's input files, found once, each readable as these options read it (else ``InputError``)."""
+        files = discover(self.inputs)
+        check_parquet_columns(files, self.text_field, self.id_field, self.ids_field)
+        return files
+
+    @property
+    def wire_dtype(self) -> str:
+        """What the teacher is asked for: the least precision the cache's format keeps."""
+        return logprob_format(self.logprob_dtype).wire_dtype
 
     @property
     def rejects_name(self) -> str:
@@ -168,8 +201,7 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
             cur = Batch(shard)
         if isinstance(rec, Line):
             cur.lines.append(rec)
-            cur.chars += (len(rec.text) if rec.text is not None else 4 * len(rec.input_ids) if rec.input_ids is not None
-                          else sum(len(m["content"]) for m in rec.messages))
+            cur.chars += rec.weight(per_token_id=4)
         else:
             cur.rejects.append(rec)
         cur.last_line = rec.record
@@ -204,7 +236,7 @@ async def score_batch(
     if not batch.lines:
         return None, []
     try:
-        table = await teacher.score(batch.lines, opts.scoring, max_length)
+        table = await teacher.score(batch.lines, opts.scoring, max_length, wire_dtype=opts.wire_dtype)
         if table.num_rows == len(batch.lines) and opts.long_lines == "window":
             # A refused tokenization or window rejects its line, like a refused line.
             return await split_long_lines(teacher, batch.lines, table, opts, max_length, limits), []
@@ -228,11 +260,10 @@ async def score_batch(
 
 async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
     """A line's whole token sequence, as the teacher scores it: a text's or a chat record's tokens, or its own ids."""
-    if line.input_ids is not None:
-        return line.input_ids
-    if line.messages is not None:
-        return np.asarray(await teacher.tokenize_chat(line.messages), np.int32)
-    return np.asarray(await teacher.tokenize(line.text), np.int32)
+    if line.kind == "ids":
+        return line.input_ids  # type: ignore[return-value]
+    tokenize = teacher.tokenize_chat if line.kind == "chat" else teacher.tokenize
+    return np.asarray(await tokenize(line.content), np.int32)  # type: ignore[arg-type]
 
 
 async def split_long_lines(
@@ -263,7 +294,7 @@ async def split_long_lines(
         wanted = [(line.id, full[s:s + max_length]) for s in starts[keep:]]
         # A long line's windows go in as many requests as the server's limits need, scored together.
         parts = await asyncio.gather(*(
-            teacher.score_ids(wanted[g], opts.scoring, max_length)
+            teacher.score_ids(wanted[g], opts.scoring, max_length, wire_dtype=opts.wire_dtype)
             for g in limits.groups([len(t) for _, t in wanted])
         ))
         windows = pa.concat_tables(parts) if parts else table.slice(0, 0)
@@ -323,18 +354,13 @@ class LineHashes:
 class CacheRun:
     """One invocation of the cache job against one teacher."""
 
-    def __init__(self, opts: CacheOptions, teacher: Teacher) -> None:
+    def __init__(self, opts: CacheOptions, teacher: Teacher, files: list[InputFile] | None = None) -> None:
+        """``files``: the inputs as ``opts.input_files()`` found them (when a caller checked them already)."""
+        opts.check()
         self.opts = opts
         self.teacher = teacher
         self.out = Path(opts.out_dir)
-        self.files = discover(opts.inputs)
-        check_parquet_columns(self.files, opts.text_field, opts.id_field, opts.ids_field)
-        if opts.long_lines not in ("truncate", "window"):
-            raise InputError(f"--long-lines {opts.long_lines}: choose truncate or window")
-        if opts.scoring.positions == "assistant" and opts.long_lines == "window":
-            # Windows after the first are scored as token ids, which carry no turns to keep.
-            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records only: "
-                             "use --long-lines truncate")
+        self.files = opts.input_files() if files is None else files
         #: Bytes of shards this run committed, for the message when the output cannot be written.
         self.bytes_written = 0
         #: Whether this run created its directory's split marker (``_claim_split``).
@@ -379,7 +405,7 @@ class CacheRun:
             if manifest_name(opts.parts, 0).split("-of-")[-1] != other_name.split("-of-")[-1]:
                 raise CacheMismatch(
                     f"{self.out} holds {other_name}, from a run split into another number of client "
-                    f"processes than --num-shards {opts.parts}; use the original split or a new --out"
+                    f"processes than --parts {opts.parts}; use the original split or a new --out"
                 )
             check_identity(other, identity, self.out)
         manifest = others.get(name)
@@ -671,9 +697,9 @@ def _then(items: Iterable, done: Callable[[], None]) -> Iterator:
     done()
 
 
-async def run_cache(opts: CacheOptions, teacher: Teacher) -> Summary:
-    """Run the cache job, closing the teacher afterwards."""
+async def run_cache(opts: CacheOptions, teacher: Teacher, files: list[InputFile] | None = None) -> Summary:
+    """Run the cache job, closing the teacher afterwards (``files``: as ``opts.input_files()`` found them)."""
     try:
-        return await CacheRun(opts, teacher).run()
+        return await CacheRun(opts, teacher, files).run()
     finally:
         await teacher.aclose()

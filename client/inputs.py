@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import numpy as np
 import orjson
@@ -32,9 +32,19 @@ import pyarrow.parquet as pq
 from teacher_farm.schemas.errors import InputError
 
 
+#: The three kinds of record a line holds: text, a chat record (its messages) or pre-tokenized ids.
+Kind = Literal["text", "chat", "ids"]
+#: Each kind's field in a ``/v1/topk`` input (``schemas.wire.TopkInput``).
+WIRE_FIELDS: dict[Kind, str] = {"text": "text", "chat": "messages", "ids": "token_ids"}
+
+
 @dataclass(frozen=True)
 class Line:
-    """A good input line: 0-based line number (in its file), its id, its text (or messages or token ids)."""
+    """A good input line: 0-based line number (in its file), its id, its text (or messages or token ids).
+
+    Exactly one of ``text``, ``messages`` and ``input_ids`` is set; ``kind`` says which (the one place
+    that asks) and ``content`` is it.
+    """
 
     line: int
     id: str
@@ -54,6 +64,33 @@ class Line:
     def record(self) -> int:
         """Position in the run's whole input (the line number when the run reads one file)."""
         return self.index if self.index >= 0 else self.line
+
+    @property
+    def kind(self) -> Kind:
+        """Which record this is."""
+        if self.input_ids is not None:
+            return "ids"
+        return "chat" if self.messages is not None else "text"
+
+    @property
+    def content(self) -> str | list[dict] | np.ndarray:
+        """The record: its text, its chat messages or its token ids."""
+        kind = self.kind
+        content = self.input_ids if kind == "ids" else self.messages if kind == "chat" else self.text
+        return content  # type: ignore[return-value]
+
+    def wire_input(self) -> dict:
+        """The line as a ``/v1/topk`` input (token ids as numpy, which orjson writes)."""
+        return {"id": self.id, WIRE_FIELDS[self.kind]: self.content}
+
+    def weight(self, per_token_id: int) -> int:
+        """Characters of the record, a token id counting as ``per_token_id`` (what batches and pools weigh)."""
+        kind = self.kind
+        if kind == "ids":
+            return per_token_id * len(self.input_ids)  # type: ignore[arg-type]
+        if kind == "chat":
+            return sum(len(m["content"]) for m in self.messages)  # type: ignore[union-attr]
+        return len(self.text or "")
 
 
 @dataclass(frozen=True)

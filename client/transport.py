@@ -47,16 +47,24 @@ DEAD_SERVER_OUT_S = 30.0
 
 
 class Teacher(Protocol):
-    """What the cache pipeline needs from a teacher: a pool of servers, one server, or an in-process engine."""
+    """What the cache pipeline needs from a teacher: a pool of servers, one server, or an in-process engine.
+
+    ``wire_dtype`` is the precision of the answer's logprobs ("float32" or "float16"): a cache asks for
+    its format's (``schemas.formats.LogprobFormat.wire_dtype``), so the two cannot disagree. A teacher
+    may answer in float32 whatever is asked (the writer casts).
+    """
 
     name: str
 
     async def info(self) -> Info: ...
 
-    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table: ...
+    async def score(
+        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table: ...
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
@@ -128,22 +136,9 @@ def raise_for_answer(response: httpx.Response) -> None:
     raise TransportError(describe_answer(response) + "; not a teacher-farm answer", retry_after=_retry_after(response))
 
 
-def wire_input(line: Line) -> dict:
-    """A corpus line as a ``/v1/topk`` input: its text, its chat messages, or its token ids."""
-    if line.input_ids is not None:
-        return {"id": line.id, "token_ids": line.input_ids}
-    if line.messages is not None:
-        return {"id": line.id, "messages": line.messages}
-    return {"id": line.id, "text": line.text}
-
-
 def _cost(line: Line) -> int:
     """Roughly a line's request bytes, for least-outstanding-work balancing (without encoding it)."""
-    if line.input_ids is not None:
-        return 5 * len(line.input_ids)
-    if line.messages is not None:
-        return sum(len(m["content"]) for m in line.messages)
-    return len(line.text or "")
+    return line.weight(per_token_id=5)
 
 
 #: Logprobs a teacher may send above 0: rounding of a probability near 1 (float16 holds 0 exactly).
@@ -299,8 +294,7 @@ class HttpTeacher:
 
     def __init__(
         self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
-        logprob_dtype: str = "float32", transport: httpx.AsyncBaseTransport | None = None,
-        ca_bundle: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None, ca_bundle: str | None = None,
     ) -> None:
         self.name = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -313,8 +307,6 @@ class HttpTeacher:
         )
         #: Set once the pool knows the teacher; every answer must come from that teacher.
         self.expected_fingerprint: str | None = None
-        #: Precision of logprobs on the wire: float16 when the cache stores no more than that.
-        self.logprob_dtype = logprob_dtype
         #: Bytes of scoring answers received (the wire cost of the cache).
         self.bytes_received = 0
         #: The teacher's vocabulary, once known: every id of an answer must be below it.
@@ -351,15 +343,19 @@ class HttpTeacher:
         self.vocab_size = self.vocab_size or info.vocab_size
         return info
 
-    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table:
+    async def score(
+        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
-        return await self._post([wire_input(x) for x in lines], scoring, max_length)
+        return await self._post([x.wire_input() for x in lines], scoring, max_length, wire_dtype)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences, ``(id, token_ids)`` pairs (ints or numpy arrays)."""
-        return await self._post([{"id": i, "token_ids": t} for i, t in ids_and_tokens], scoring, max_length)
+        inputs = [{"id": i, "token_ids": t} for i, t in ids_and_tokens]
+        return await self._post(inputs, scoring, max_length, wire_dtype)
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full (special tokens included, no truncation)."""
@@ -371,10 +367,13 @@ class HttpTeacher:
         body = {"messages": list(messages), "add_generation_prompt": False}
         return (await self._call("POST", "/tokenize", json=body)).json()["tokens"]
 
-    async def _post(self, inputs: list[dict], scoring: Scoring, max_length: int | None) -> pa.Table:
+    async def _post(
+        self, inputs: list[dict], scoring: Scoring, max_length: int | None, wire_dtype: str,
+    ) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": self.logprob_dtype, "inputs": inputs},
+            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": wire_dtype,
+             "inputs": inputs},
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
         tokens = sum(len(x["token_ids"]) if x.get("token_ids") is not None else max_length or 1 << 20 for x in inputs)
@@ -383,7 +382,7 @@ class HttpTeacher:
         response = await self._call(
             "POST", "/v1/topk", content=body,
             headers={"Content-Type": "application/json", "Accept": ARROW_STREAM},
-            limit=answer_limit(tokens, len(inputs), scoring, self.logprob_dtype),
+            limit=answer_limit(tokens, len(inputs), scoring, wire_dtype),
         )
         self.bytes_received += len(response.content)
         served = response.headers.get(FINGERPRINT_HEADER)
@@ -527,17 +526,22 @@ class TeacherPool:
     def bytes_received(self) -> int:
         return sum(m.teacher.bytes_received for m in self.members)
 
-    async def score(self, lines: Sequence[Line], scoring: Scoring, max_length: int | None) -> pa.Table:
+    async def score(
+        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table:
         """Score ``lines`` on the best server, with the pool's retries."""
         cost = sum(_cost(x) for x in lines)
-        return await self._attempt(lambda t: t.score(lines, scoring, max_length), cost)
+        return await self._attempt(lambda t: t.score(lines, scoring, max_length, wire_dtype=wire_dtype), cost)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences on the best server, with the pool's retries."""
         cost = sum(len(tokens) for _, tokens in ids_and_tokens)
-        return await self._attempt(lambda t: t.score_ids(ids_and_tokens, scoring, max_length), cost)
+        return await self._attempt(
+            lambda t: t.score_ids(ids_and_tokens, scoring, max_length, wire_dtype=wire_dtype), cost,
+        )
 
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full, with the pool's retries."""

@@ -219,7 +219,7 @@ class InputFingerprint(BaseModel):
 class RunIdentity(BaseModel):
     """What a rerun into the same directory must match: the cache's identity and how the run read its inputs.
 
-    ``parts`` counts the client processes the corpus was split over (``--num-shards``; a shard is a
+    ``parts`` counts the client processes the corpus was split over (``--parts``; a shard is a
     Parquet file). A field an older cache did not record reads as its default.
     """
 

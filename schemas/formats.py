@@ -90,6 +90,8 @@ FORMATS = {
     "float16": LogprobFormat("float16", "float16", "float16"),
     "uint8-gap": LogprobFormat("uint8-gap", "float16", "float32", gaps=True),
 }
+#: The format a cache stores when none is named (``--logprob-dtype``, ``CacheOptions.logprob_dtype``).
+DEFAULT_FORMAT = "float16"
 
 
 def logprob_format(name: str) -> LogprobFormat:

@@ -3,7 +3,7 @@
 ``Scoring`` holds k, the temperature, the kind of targets, the draws per position and their seed,
 with their defaults and limits. The client builds it from the flags (``teacher-farm cache``), the
 online teacher from its arguments, ``verify`` from the cache's identity; it travels as the
-``/v1/topk`` body's fields (``TopkRequest`` is a ``Scoring`` with inputs), and the server hands it
+``/v1/topk`` body's fields (a ``TopkRequest`` holds one beside its inputs), and the server hands it
 to the pooler through ``PoolingParams.extra_kwargs`` (``pooler_kwargs``/``from_pooler_kwargs``).
 It knows whether a teacher can answer it (``refusal``) and the packed rows the worker's reduction
 hands back for it (``layout``).
@@ -12,7 +12,7 @@ hands back for it (``layout``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,6 +24,13 @@ DEFAULT_K_MAX = 256
 DEFAULT_MAX_SAMPLES = 256
 #: The lowest temperature: logits / T must stay finite in fp32 (a T like 1e-40 turns them into inf, then NaN).
 MIN_TEMPERATURE = 0.01
+
+#: How a teacher scores (``Info.scoring``): "pooled" reduces the logits inside the vLLM worker (any k up
+#: to k_max, temperature, sampled targets); "prompt-logprobs" is vLLM's API (top-k at temperature 1 only).
+ScoringBackend = Literal["pooled", "prompt-logprobs"]
+#: What ``--scoring`` asks for: a backend, or "auto" (pooled where the architecture can be wrapped).
+ScoringChoice = Literal["auto", ScoringBackend]
+SCORING_CHOICES: tuple[str, ...] = get_args(ScoringChoice)
 
 
 class Scoring(BaseModel):
@@ -76,10 +83,6 @@ class Scoring(BaseModel):
     @property
     def layout(self) -> PackedLayout:
         return PackedLayout(self.topk, self.draws, entropy=self.entropy_share is not None)
-
-    def scoring(self) -> Scoring:
-        """Just the scoring options (of a ``TopkRequest``, say)."""
-        return Scoring(**{name: getattr(self, name) for name in Scoring.model_fields})
 
     def refusal(self, teacher: Any) -> tuple[str, str] | None:
         """Why ``teacher`` cannot answer this, and the ``serve`` flag that would allow it; or None.

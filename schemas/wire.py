@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
-from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.scoring import Scoring, ScoringBackend
 
 
 class ChatMessage(BaseModel):
@@ -41,9 +41,17 @@ class TopkInput(BaseModel):
         return self
 
 
-class TopkRequest(Scoring):
-    """Body of ``POST /v1/topk``: the scoring options (``Scoring``'s fields) and the inputs."""
+class TopkRequest(BaseModel):
+    """Body of ``POST /v1/topk``: the scoring options, the inputs and how to answer.
 
+    The body carries the options as its own fields (``k``, ``temperature``, ...); the request holds them
+    as one ``Scoring``, validated once, which is what the server hands on. In Python, give either
+    ``scoring=`` or those fields.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    scoring: Scoring = Field(default_factory=Scoring)
     inputs: list[TopkInput] = Field(min_length=1)
     max_length: int | None = Field(
         None, ge=1, description="truncate each input to this many tokens (after special tokens)"
@@ -51,6 +59,22 @@ class TopkRequest(Scoring):
     logprob_dtype: Literal["float32", "float16"] = Field(
         "float32", description="logprob precision of an Arrow answer (float16 halves its logprob bytes)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_are_the_bodys_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or isinstance(data.get("scoring"), Scoring):
+            return data
+        if "scoring" in data:
+            raise ValueError("Extra inputs are not permitted: 'scoring' (the options are the body's fields)")
+        options = {name: data[name] for name in Scoring.model_fields if name in data}
+        rest = {name: value for name, value in data.items() if name not in Scoring.model_fields}
+        return {**rest, "scoring": options}
+
+    @staticmethod
+    def body_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        """Where in the body a validation error lies: the options' errors name the body's own fields."""
+        return loc[1:] if loc[:1] == ("scoring",) else loc
 
 
 class Versions(BaseModel):
@@ -75,9 +99,8 @@ class Info(BaseModel):
     max_tokens_per_request: int = 262_144
     adds_bos: bool
     versions: Versions
-    #: How the server computes the answers: "pooled" (reduced in the vLLM worker: any k up to
-    #: k_max, temperature, sampled targets) or "prompt-logprobs" (vLLM's API: top-k at T=1 only).
-    scoring: Literal["pooled", "prompt-logprobs"] = "prompt-logprobs"
+    #: How the server computes the answers (``schemas.scoring.ScoringBackend``).
+    scoring: ScoringBackend = "prompt-logprobs"
     #: Why: asked for, the architecture, or the pooled backend's failed start-up self-test (with the
     #: vLLM release) that made ``--scoring auto`` fall back to prompt logprobs.
     scoring_reason: str = ""

@@ -125,15 +125,16 @@ async def topk(request: Request, engine: Any = Depends(loaded_engine), settings:
     if not arrow:
         how += f", or ask for Arrow (Accept: {ARROW_STREAM})"
     results, _, release = await score_admitted(
-        request, engine, req, settings, lambda n: topk_answer_bytes(req, n, len(req.inputs), arrow), how,
+        request, engine, req, settings, lambda n: topk_answer_bytes(req.scoring, n, len(req.inputs), arrow), how,
     )
     try:
         headers = {FINGERPRINT_HEADER: engine.info.fingerprint}
         if arrow:
             chunks, media_type = [await asyncio.to_thread(_arrow_payload, results, req)], ARROW_STREAM
         else:
-            answer = {"model": engine.info.model, "k": req.k,
-                      "results": [_json_result(r, req.targets) for r in results]}
+            scoring = req.scoring
+            answer = {"model": engine.info.model, "k": scoring.k,
+                      "results": [_json_result(r, scoring.targets) for r in results]}
             del results
             chunks, media_type = await asyncio.to_thread(json_chunks, answer), "application/json"
     except BaseException:
@@ -155,7 +156,7 @@ def _json_result(r: ScoredSequence, targets: str) -> dict[str, Any]:
 
 
 def _arrow_payload(results: list[ScoredSequence], req: TopkRequest) -> bytes:
-    table = cast_logprobs(results_to_table(results, req.k, req.targets), req.logprob_dtype)
+    table = cast_logprobs(results_to_table(results, req.scoring.k, req.scoring.targets), req.logprob_dtype)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(table)

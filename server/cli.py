@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from teacher_farm.schemas.scoring import SCORING_CHOICES
 from teacher_farm.server.preflight import check_model, exposure_warning
 from teacher_farm.server.settings import ServerSettings, configure
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0)")
     ours.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
     ours.add_argument("--k-max", type=int, default=None, help="largest k a request may ask for (default 256)")
-    ours.add_argument("--scoring", choices=["auto", "pooled", "prompt-logprobs"], default=None,
+    ours.add_argument("--scoring", choices=SCORING_CHOICES, default=None,
                       help="pooled: reduce logits inside the vLLM worker (temperature, sampled targets, any k); "
                       "prompt-logprobs: vLLM's API; auto (default): pooled where the architecture allows")
     ours.add_argument("--slice-rows", type=int, default=None,

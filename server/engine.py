@@ -33,7 +33,9 @@ from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.draws import draw_seed
 from teacher_farm.server.packed import compact_samples, top_entropy, unpack
 from teacher_farm.schemas.errors import InputError, SelfTestFailed, TeacherFarmError
-from teacher_farm.schemas.scoring import DEFAULT_MAX_SAMPLES, Scoring
+from teacher_farm.schemas.scoring import (
+    DEFAULT_MAX_SAMPLES, SCORING_CHOICES, Scoring, ScoringBackend, ScoringChoice,
+)
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 from teacher_farm.server import vllm_seam
 from teacher_farm.schemas.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -48,14 +50,12 @@ CPU_MEMORY_UTILIZATION = 0.4
 #: logits to stay in its caches (measured with vocabulary 4096: 256 rows ran 1.5x faster than 4096).
 SLICE_ROWS = {"gpu": 1024, "cpu": 256}
 
-SCORING_BACKENDS = ("auto", "pooled", "prompt-logprobs")
-
 
 @dataclass(frozen=True)
 class Backend:
     """How this server scores: ``pooled`` with the wrapped architecture, or ``prompt-logprobs``."""
 
-    name: str
+    name: ScoringBackend
     arch: str | None = None
     #: Why it was chosen, for the log and ``/v1/info``.
     reason: str = ""
@@ -66,8 +66,8 @@ def choose_backend(requested: str, model: str, trust_remote_code: bool = False, 
     its self-test on the installed vLLM, else prompt-logprobs; ``pooled``: that, or ``SelfTestFailed``."""
     from transformers import AutoConfig
 
-    if requested not in SCORING_BACKENDS:
-        raise InputError(f"--scoring must be one of {', '.join(SCORING_BACKENDS)}, not {requested!r}")
+    if requested not in SCORING_CHOICES:
+        raise InputError(f"--scoring must be one of {', '.join(SCORING_CHOICES)}, not {requested!r}")
     if requested == "prompt-logprobs":
         return Backend("prompt-logprobs", reason="asked for")
     try:
@@ -270,8 +270,8 @@ class Engine:
 
     @classmethod
     def load(
-        cls, engine_args: dict[str, Any], k_max: int, *, scoring: str = "auto", slice_rows: int | None = None,
-        max_samples: int = DEFAULT_MAX_SAMPLES,
+        cls, engine_args: dict[str, Any], k_max: int, *, scoring: ScoringChoice = "auto",
+        slice_rows: int | None = None, max_samples: int = DEFAULT_MAX_SAMPLES,
     ) -> Engine:
         """Start vLLM (blocking: tens of seconds to minutes) and read the model's facts."""
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -339,7 +339,7 @@ class Engine:
         Text goes through the teacher's tokenizer (special tokens included); everything is cut to
         ``max_length``, and to what the engine can hold.
         """
-        self.check_options(req.scoring())
+        self.check_options(req.scoring)
         limit = self.info.max_input_tokens
         max_length = min(req.max_length or limit, limit)
         out: list[list[int]] = []
@@ -445,9 +445,9 @@ class Engine:
     async def score_request(self, req: TopkRequest, token_ids: list[list[int]]) -> list[ScoredSequence]:
         """Score a request's inputs (``prepare``'s token ids) as it asks, its position rule included."""
         selected = None
-        if req.positions == "assistant":
+        if req.scoring.positions == "assistant":
             selected = await asyncio.to_thread(self.selected_positions, req, token_ids)
-        return await self.score([x.id for x in req.inputs], token_ids, req.scoring(), selected)
+        return await self.score([x.id for x in req.inputs], token_ids, req.scoring, selected)
 
     async def score(
         self, ids: Sequence[str | None], token_ids: Sequence[list[int]], scoring: Scoring,

@@ -304,7 +304,9 @@ async def disconnected(request: Request) -> None:
 
 
 def _problems(errors: list[dict]) -> list[str]:
-    return [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors]
+    # Errors of the scoring options a TopkRequest holds name the body's fields they came from.
+    where = (".".join(str(p) for p in TopkRequest.body_loc(e["loc"])) or "body" for e in errors)
+    return [f"{loc}: {e['msg']}" for loc, e in zip(where, errors)]
 
 
 def parse_body(model: type[Model], body: bytes, problems: Callable[[list[dict]], list[str]] = _problems) -> Model:
@@ -344,7 +346,7 @@ async def score_admitted(
         raise RequestTooLarge(
             f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: send fewer inputs"
         )
-    estimate = (answer_bytes or (lambda n: topk_answer_bytes(req, n, len(req.inputs), arrow=False)))(total)
+    estimate = (answer_bytes or (lambda n: topk_answer_bytes(req.scoring, n, len(req.inputs), arrow=False)))(total)
     check_answer_size(estimate, settings, how)
     admission: Admission = request.app.state.admission
     release = admission.acquire(total, settings.retry_after_s, estimate)

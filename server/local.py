@@ -14,23 +14,24 @@ from typing import Any
 import pyarrow as pa
 
 from teacher_farm.schemas.arrow import results_to_table
-from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring
+from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring, ScoringChoice
 from teacher_farm.schemas.wire import Info, TopkInput, TopkRequest
 
 
 def _input(line: Any) -> TopkInput:
     """A corpus line (``client.inputs.Line``: text, chat messages or token ids) as a request input."""
-    if line.input_ids is not None:
-        return TopkInput(id=line.id, token_ids=line.input_ids.tolist())
-    if line.messages is not None:
-        return TopkInput(id=line.id, messages=line.messages)
-    return TopkInput(id=line.id, text=line.text)
+    fields = line.wire_input()
+    if line.kind == "ids":
+        fields["token_ids"] = line.input_ids.tolist()  # the request model takes ints, not numpy's
+    return TopkInput(**fields)
 
 
 class LocalTeacher:
     """An in-process engine behind the client's ``Teacher`` protocol (one machine, no server)."""
 
-    def __init__(self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: str = "auto") -> None:
+    def __init__(
+        self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: ScoringChoice = "auto",
+    ) -> None:
         from teacher_farm.server.engine import Engine
 
         self._engine = Engine.load(engine_args, k_max, scoring=scoring)
@@ -39,11 +40,15 @@ class LocalTeacher:
     async def info(self) -> Info:
         return self._engine.info
 
-    async def score(self, lines: Sequence[Any], scoring: Scoring, max_length: int | None) -> pa.Table:
+    # In process the answer stays float32 whatever ``wire_dtype`` asks: no wire to save, the writer casts.
+    async def score(
+        self, lines: Sequence[Any], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+    ) -> pa.Table:
         return await self._answer([_input(x) for x in lines], scoring, max_length)
 
     async def score_ids(
         self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
+        *, wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences in process."""
         inputs = [TopkInput(id=i, token_ids=[int(t) for t in tokens]) for i, tokens in ids_and_tokens]
@@ -51,7 +56,7 @@ class LocalTeacher:
 
     async def _answer(self, inputs: list[TopkInput], scoring: Scoring, max_length: int | None) -> pa.Table:
         """What a server's ``/v1/topk`` answers for ``inputs``: the same steps, without HTTP."""
-        req = TopkRequest(**scoring.model_dump(), max_length=max_length, inputs=inputs)
+        req = TopkRequest(scoring=scoring, max_length=max_length, inputs=inputs)
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
         results = await self._engine.score_request(req, token_ids)
         return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)

@@ -58,25 +58,24 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def reduce_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    inv_temperature: torch.Tensor | None,
-    k: int,
-    samples: int = 0,
+    layout: PackedLayout,
+    inv_temperature: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
-    count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_at_least,
+    *,
     row_samples: torch.Tensor | None = None,
-    entropy: bool = False,
+    count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_at_least,
 ) -> torch.Tensor:
-    """Packed int32 rows (``schemas.scoring.PackedLayout``) for ``logits`` (rows × vocabulary).
+    """Rows of ``layout`` (``schemas.scoring.PackedLayout``) for ``logits`` (rows × vocabulary).
 
     ``targets`` holds each row's next token (any valid id where there is none: its columns are then
     ignored); ``inv_temperature`` is 1/T per row (None: T = 1 everywhere, saving a pass);
-    ``seeds`` and ``positions`` key the draws. ``count`` counts ranks (by default the way this process
-    chose, ``server/kernels.py``).
-    ``row_samples`` holds each row's own draw count where rows of one batch ask for fewer than
-    ``samples``: a row's own draws then come first, sorted, whatever its neighbours asked for.
-    With ``entropy`` each row also carries the entropy of ``softmax(logits / T)`` in nats (one more
-    pass over the vocabulary, for the ``entropy:F`` position rule).
+    ``seeds`` and ``positions`` key the layout's draws. ``row_samples`` holds each row's own draw
+    count where rows of one batch ask for fewer than ``layout.samples``: a row's own draws then come
+    first, sorted, whatever its neighbours asked for. A layout with ``entropy`` also carries the
+    entropy of ``softmax(logits / T)`` in nats (one more pass over the vocabulary, for the
+    ``entropy:F`` position rule). ``count`` counts ranks (by default the way this process chose,
+    ``server/kernels.py``).
     """
     lp = logits.float()
     if inv_temperature is not None:
@@ -84,16 +83,16 @@ def reduce_rows(
         # logit stays -inf.
         lp = (lp * inv_temperature[:, None]).clamp_(max=FLOAT32_MAX)
     lp = torch.log_softmax(lp, dim=-1)
-    top_lp, top_ids = top_k(lp, k)
+    top_lp, top_ids = top_k(lp, layout.k)
     target_lp = lp.gather(1, targets.to(torch.int64)[:, None])
     # Rank 1 is the argmax; ties rank together, as vLLM's prompt logprobs count them.
     target_rank = count(lp, target_lp).to(torch.int32)[:, None]
-    layout = PackedLayout(k, samples, entropy)
     out = torch.empty((lp.shape[0], layout.width), dtype=torch.int32, device=lp.device)
     out[:, layout.topk_ids] = top_ids.to(torch.int32)
     out[:, layout.topk_logprobs] = top_lp.view(torch.int32)
     out[:, layout.target_logprob] = target_lp.view(torch.int32)[:, 0]
     out[:, layout.target_rank] = target_rank[:, 0]
+    samples = layout.samples
     if samples:
         assert seeds is not None and positions is not None
         cdf = lp.exp().cumsum(dim=-1)
@@ -109,6 +108,6 @@ def reduce_rows(
             drawn = drawn.sort(dim=-1).values
         out[:, layout.sample_ids] = drawn.to(torch.int32)
         out[:, layout.sample_logprobs] = lp.gather(1, drawn).view(torch.int32)
-    if entropy:
+    if layout.entropy:
         out[:, layout.entropy_column] = kernels.active().entropy_of(lp).view(torch.int32)
     return out

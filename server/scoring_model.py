@@ -130,10 +130,10 @@ class ReductionPooler(Pooler):
         requests = len(sizes)
         asked = [Scoring.from_pooler_kwargs(p.extra_kwargs or self.worst_case) for p in pooling_metadata.pooling_params]
         layouts = [scoring.layout for scoring, _ in asked]
-        ks = [layout.k for layout in layouts]
         ns = [layout.samples for layout in layouts]
-        k, n = max(ks), max(ns)
-        wide = PackedLayout(k, n, entropy=any(layout.entropy for layout in layouts))
+        wide = PackedLayout(
+            max(layout.k for layout in layouts), max(ns), entropy=any(layout.entropy for layout in layouts),
+        )
 
         # Per row (one scheduled position): its request, its position in the prompt, its target.
         row_req = torch.repeat_interleave(torch.arange(requests), sizes)
@@ -157,7 +157,7 @@ class ReductionPooler(Pooler):
         # Where requests ask for different sample counts, each row's draws beyond its own are
         # masked before sorting, so a request's draws never depend on its batch neighbours.
         row_n = None
-        if n and any(req_n != n for req_n in ns):
+        if wide.samples and any(req_n != wide.samples for req_n in ns):
             row_n = torch.tensor(ns, dtype=torch.int64)[row_req].to(device, non_blocking=True)
         rows = hidden_states.shape[0]
         out = torch.empty((rows, wide.width), dtype=torch.int32, device=device)
@@ -175,9 +175,9 @@ class ReductionPooler(Pooler):
                     slice_rows=self.slice_rows, report=self.kernel_report, counts={"compiled": _count_at_least},
                 )
             out[a:b] = reduce_rows(
-                logits, targets[a:b], None if inv_t is None else inv_t[a:b], k, n, seeds[a:b], positions_d[a:b],
-                count=self.kernels.count_at_least, row_samples=None if row_n is None else row_n[a:b],
-                entropy=wide.entropy,
+                logits, targets[a:b], wide, None if inv_t is None else inv_t[a:b], seeds[a:b],
+                positions_d[a:b],
+                row_samples=None if row_n is None else row_n[a:b], count=self.kernels.count_at_least,
             )
             del logits
 

@@ -84,8 +84,8 @@ def _alone(case: Case, hidden: torch.Tensor, prompt: list[int], compute_logits) 
     scoring = case.scoring
     inv_t = None if scoring.temperature == 1.0 else torch.full((n,), 1.0 / scoring.temperature)
     return reduce_rows(
-        compute_logits(hidden), targets, inv_t, scoring.topk, scoring.draws,
-        torch.full((n,), scoring.seed, dtype=torch.int64), torch.arange(n), entropy=scoring.layout.entropy,
+        compute_logits(hidden), targets, scoring.layout, inv_t,
+        torch.full((n,), scoring.seed, dtype=torch.int64), torch.arange(n),
     )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from teacher_farm.schemas.scoring import DEFAULT_K_MAX, DEFAULT_MAX_SAMPLES, ScoringChoice
 
 
 class ServerSettings(BaseSettings):
@@ -16,8 +18,8 @@ class ServerSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: SecretStr | None = Field(None, description="bearer token required on all but /health")
-    k_max: int = Field(256, ge=1, le=4096, description="largest k a request may ask for")
-    scoring: Literal["auto", "pooled", "prompt-logprobs"] = Field(
+    k_max: int = Field(DEFAULT_K_MAX, ge=1, le=4096, description="largest k a request may ask for")
+    scoring: ScoringChoice = Field(
         "auto", description="pooled: the reduction inside the vLLM worker (where the architecture can be "
         "wrapped, which auto prefers); prompt-logprobs: vLLM's API (top-k at temperature 1 only)",
     )
@@ -25,7 +27,9 @@ class ServerSettings(BaseSettings):
         None, ge=1, description="positions whose fp32 logits the worker holds at once (pooled; default 1024 on "
         "a GPU, 256 on a CPU): the peak is about slice_rows x vocabulary x 15 bytes",
     )
-    max_samples: int = Field(256, ge=1, le=4096, description="largest 'samples' a request may ask for (pooled)")
+    max_samples: int = Field(
+        DEFAULT_MAX_SAMPLES, ge=1, le=4096, description="largest 'samples' a request may ask for (pooled)"
+    )
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="larger request bodies get 413")
     max_inputs_per_request: int = Field(1024, ge=1)
     max_tokens_per_request: int = Field(262_144, ge=1, description="after truncation; larger gets 413")

@@ -8,12 +8,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import get_args
 
 from teacher_farm.client.progress import setup_logging
 from teacher_farm.exits import Terminated, quiet_engine, release_engine, run_async, stop_on_sigterm
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
-from teacher_farm.schemas.formats import FORMATS
+from teacher_farm.schemas.formats import DEFAULT_FORMAT, FORMATS
 
 USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
 
@@ -29,6 +30,8 @@ Run 'teacher-farm COMMAND --help' for a command's flags.
 
 def cache_parser() -> argparse.ArgumentParser:
     """Flags of ``teacher-farm cache``; the seed script's spellings are accepted too."""
+    from teacher_farm.schemas.scoring import SCORING_CHOICES, Targets
+
     p = argparse.ArgumentParser(
         prog="teacher-farm cache",
         description="Cache a teacher's top-k next-token distributions for every line of a corpus (JSONL and Parquet files).",
@@ -57,19 +60,22 @@ def cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="input lines per Parquet shard")
     p.add_argument("--batch-lines", type=int, default=32, help="lines per request (default 32)")
-    p.add_argument("--num-shards", type=int, default=1,
-                   help="split the corpus across this many client processes (e.g. a SLURM array)")
-    p.add_argument("--shard-index", type=int, default=0, help="which of --num-shards this process is (0-based)")
-    p.add_argument("--logprob-dtype", choices=list(FORMATS), default="float16",
-                   help="how logprobs are stored: float32, float16 (the default) or uint8-gap (the top-1 in "
+    p.add_argument("--parts", type=int, default=1,
+                   help="split the corpus into this many parts, one per client process (e.g. a SLURM array)")
+    p.add_argument("--part", type=int, default=0, help="which of --parts this process caches (0-based)")
+    # Their first names, still accepted: a part is not a shard (a shard is one Parquet file of the cache).
+    p.add_argument("--num-shards", dest="parts", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--shard-index", dest="part", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--logprob-dtype", choices=list(FORMATS), default=DEFAULT_FORMAT,
+                   help="how logprobs are stored: float32, float16 or uint8-gap (the top-1 in "
                         "float16 and 1/16-nat steps below it, worst error 1/32 nat; sampled ids as differences; "
-                        "the smallest): see the README")
+                        "the smallest): see the README (default %(default)s)")
     p.add_argument("--sample-logprobs", action="store_true",
                    help="with sampled targets, also store their logprobs (what SampledKDLoss(entropy=True) reads; "
                         "off by default: the loss itself needs only the ids and counts)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="store log softmax(logits / T) (default 1; needs the pooled scoring backend otherwise)")
-    p.add_argument("--targets", choices=["topk", "sampled", "both"], default="topk",
+    p.add_argument("--targets", choices=get_args(Targets), default="topk",
                    help="top-k per position, tokens sampled from the teacher (unbiased; Random-Sampling KD), or both")
     p.add_argument("--samples", type=int, default=64, help="draws per position with sampled targets (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws: same seed and input, same draws (default 0)")
@@ -92,7 +98,7 @@ def cache_parser() -> argparse.ArgumentParser:
     engine.add_argument("--gpu-memory-utilization", type=float, default=None)
     engine.add_argument("--tensor-parallel-size", type=int, default=None)
     engine.add_argument("--enforce-eager", action="store_true", default=None)
-    engine.add_argument("--scoring", choices=["auto", "pooled", "prompt-logprobs"], default="auto",
+    engine.add_argument("--scoring", choices=SCORING_CHOICES, default="auto",
                         help="how the engine scores (see 'teacher-farm serve --help'; default auto)")
     p.add_argument("--log-every", type=float, default=10.0,
                    help="seconds between progress log lines when stderr is not a terminal (default 10)")
@@ -108,49 +114,41 @@ def cache_main(argv: list[str]) -> int:
     from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring
 
     a = cache_parser().parse_args(argv)
-    for name in ("concurrency", "rows_per_shard", "batch_lines", "max_length", "stride"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            cache_parser().error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         scoring = Scoring(k=a.k, temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed,
                           positions=a.positions)
     except ValueError as exc:
         problem = exc.errors()[0]
         cache_parser().error(f"--{problem['loc'][0]}: {problem['msg'].lower()}")
-    if not 0 <= a.shard_index < a.num_shards:
-        cache_parser().error(f"--shard-index must be in 0..{a.num_shards - 1}")
-    if a.stride is not None and a.long_lines != "window":
-        cache_parser().error("--stride applies to --long-lines window only")
-    if a.sample_logprobs and a.targets == "topk":
-        cache_parser().error("--sample-logprobs applies to --targets sampled or both only")
+    opts = CacheOptions(
+        input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), max_length=a.max_length, text_field=a.text_field,
+        id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
+        batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype, sample_logprobs=a.sample_logprobs,
+        log_every_s=a.log_every,
+        scoring=scoring, parts=a.parts, part=a.part,
+        ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride, retry_rejects=a.retry_rejects,
+    )
+    try:
+        opts.check()
+    except InputError as exc:  # flags that cannot work together: a usage error
+        cache_parser().error(str(exc))
     if a.ca_bundle is not None and not Path(a.ca_bundle).is_file():
         raise InputError(f"--ca-bundle {a.ca_bundle}: no such file")
     if a.model:
         from teacher_farm.server.preflight import check_model
 
         check_model(a.model)
-    opts = CacheOptions(
-        input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), max_length=a.max_length, text_field=a.text_field,
-        id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
-        batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype, sample_logprobs=a.sample_logprobs,
-        log_every_s=a.log_every,
-        scoring=scoring, parts=a.num_shards, part=a.shard_index,
-        ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride, retry_rejects=a.retry_rejects,
-    )
-    # Bad inputs are refused before a teacher is reached (or an engine loaded).
-    from teacher_farm.client.inputs import check_parquet_columns, discover
     from teacher_farm.memory import pin_mmap_threshold
 
     pin_mmap_threshold()  # flat memory over a long run (see teacher_farm/memory.py)
-
-    check_parquet_columns(discover(opts.inputs), opts.text_field, opts.id_field, opts.ids_field)
+    # Bad inputs are refused before a teacher is reached (or an engine loaded), and found once.
+    files = opts.input_files()
 
     async def go():
         if a.server:
             urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
             teacher = TeacherPool(
-                [HttpTeacher(u, api_key=a.api_key, logprob_dtype=FORMATS[a.logprob_dtype].wire_dtype,
-                             ca_bundle=a.ca_bundle) for u in urls],
+                [HttpTeacher(u, api_key=a.api_key, ca_bundle=a.ca_bundle) for u in urls],
                 retry_for_s=a.retry_for,
             )
         else:
@@ -162,7 +160,7 @@ def cache_main(argv: list[str]) -> int:
             from teacher_farm.server.local import LocalTeacher
 
             teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(DEFAULT_K_MAX, a.k), scoring=a.scoring)
-        return await run_cache(opts, teacher)
+        return await run_cache(opts, teacher, files)
 
     summary = run_async(go())
     print(summary.render())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.jsonl"
@@ -87,12 +88,6 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 def kill_all(procs: list[psutil.Process]) -> None:
     for p in alive(procs):
         p.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def teacher_farm(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -61,6 +61,8 @@ class StandInTeacher:
         self.tokens_scored = 0
         #: Full tokenizations asked for (text and chat records).
         self.tokenizations = 0
+        #: The wire dtypes scoring requests asked for.
+        self.wire_dtypes: set[str] = set()
 
     async def info(self) -> Info:
         return Info(model="stand-in", model_fingerprint="f" * 16, tokenizer_fingerprint="t" * 16, vocab_size=self.vocab,
@@ -79,16 +81,18 @@ class StandInTeacher:
             raise ServerRejected(f"token id {ids.max()} is outside the vocabulary (size {self.vocab})", 422)
         return ids[:max_length]
 
-    async def score(self, lines: Sequence[Line], scoring, max_length: int | None) -> "pa.Table":  # noqa: F821
+    async def score(self, lines: Sequence[Line], scoring, max_length: int | None, *, wire_dtype: str = "float32",
+                    ) -> "pa.Table":  # noqa: F821
         self.requests += 1
+        self.wire_dtypes.add(wire_dtype)
         k = scoring.k
         scored = [score(x.id, self._ids(x, max_length), k, self.vocab) for x in lines]
         self.tokens_scored += sum(len(x.input_ids) for x in scored)
         return results_to_table(scored, k)
 
-    async def score_ids(self, ids_and_tokens, scoring, max_length: int | None = None):
+    async def score_ids(self, ids_and_tokens, scoring, max_length: int | None = None, *, wire_dtype: str = "float32"):
         lines = [Line(-1, i, None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
-        return await self.score(lines, scoring, max_length)
+        return await self.score(lines, scoring, max_length, wire_dtype=wire_dtype)
 
     async def tokenize(self, text: str) -> list[int]:
         self.tokenizations += 1

@@ -56,8 +56,8 @@ class FakeTeacher:
                 ScoredSequence(
                     id=x.id,
                     input_ids=np.asarray(ids, np.int32),
-                    topk_ids=np.zeros((n, req.k), np.int32),
-                    topk_logprobs=np.full((n, req.k), -1.5, np.float32),
+                    topk_ids=np.zeros((n, req.scoring.k), np.int32),
+                    topk_logprobs=np.full((n, req.scoring.k), -1.5, np.float32),
                     target_logprobs=np.full(n - 1, -2.0, np.float32),
                     target_ranks=np.ones(n - 1, np.int32),
                 )
@@ -238,6 +238,7 @@ def test_a_long_chats_turns_are_found_in_linear_time_and_as_by_every_prefix(tiny
 
 def test_a_temperature_too_small_for_fp32_is_refused_and_the_reduction_stays_finite(app_on):
     import torch
+    from teacher_farm.schemas.scoring import PackedLayout
     from teacher_farm.server.reduce import reduce_rows
 
     with pytest.raises(ValidationError, match="temperature"):
@@ -246,7 +247,7 @@ def test_a_temperature_too_small_for_fp32_is_refused_and_the_reduction_stays_fin
     r = served.client.post("/v1/topk", json={"k": 2, "temperature": 1e-40, "inputs": [{"token_ids": [1, 2]}]})
     assert r.status_code == 422 and "temperature" in r.json()["error"]
     logits = torch.randn(4, 64) * 30
-    rows = reduce_rows(logits, torch.zeros(4, dtype=torch.int64), torch.full((4,), 1e38), 8, entropy=True)
+    rows = reduce_rows(logits, torch.zeros(4, dtype=torch.int64), PackedLayout(8, 0, entropy=True), torch.full((4,), 1e38))
     assert torch.isfinite(rows[:, 8:16].view(torch.float32)).all()
     assert torch.isfinite(rows[:, -1].view(torch.float32)).all()
 

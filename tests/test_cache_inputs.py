@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.cache import CacheOptions, CacheRun
+from teacher_farm.schemas.errors import InputError
+from teacher_farm.schemas.formats import FORMATS
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.client.manifest import save_manifest
 from teacher_farm.schemas.cache_dir import load_manifests
@@ -73,6 +75,73 @@ def test_a_directory_of_jsonl_gz_and_parquet_caches_in_one_run(tmp_path):
     assert all(len(f.head_sha256) == 16 for f in manifest.identity.inputs)
     assert [(s.first_line, s.end_line) for s in manifest.shards.values()] == [(0, 3), (3, 6), (6, 8)]
     assert summary.rows == 6 and summary.rejects == 2
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_cache_asks_the_wire_for_what_its_format_keeps(tmp_path, fmt):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": LONG}) + "\n")
+    teacher = StandInTeacher(VOCAB)
+    run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, logprob_dtype=fmt, max_length=64, long_lines="window")
+    assert teacher.wire_dtypes == {FORMATS[fmt].wire_dtype} and teacher.requests > 1  # the windows' too
+
+
+def test_the_http_teacher_sends_the_wire_dtype_it_is_asked_for():
+    import httpx
+
+    from teacher_farm.client.transport import HttpTeacher
+    from teacher_farm.schemas.errors import ServerRejected
+
+    bodies = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(422, json={"error": "no", "kind": "InputError"})
+
+    async def ask():
+        teacher = HttpTeacher("http://teacher", transport=httpx.MockTransport(answer))
+        for dtype in ("float16", "float32"):
+            with pytest.raises(ServerRejected):
+                await teacher.score_ids([("a", [1, 2])], Scoring(k=2), wire_dtype=dtype)
+        with pytest.raises(ServerRejected):
+            await teacher.score_ids([("a", [1, 2])], Scoring(k=2))
+        await teacher.aclose()
+
+    asyncio.run(ask())
+    assert [b["logprob_dtype"] for b in bodies] == ["float16", "float32", "float32"]
+
+
+def test_a_run_is_checked_in_one_place_and_finds_its_inputs_once(tmp_path, monkeypatch):
+    from teacher_farm.cli import main
+    from teacher_farm.client import cache, transport
+
+    found = []
+    discover = cache.discover
+    monkeypatch.setattr(cache, "discover", lambda inputs: found.append(inputs) or discover(inputs))
+    monkeypatch.setattr(transport, "TeacherPool", lambda teachers, retry_for_s: StandInTeacher(VOCAB))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    assert main(["cache", "--server", "http://x", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
+                 "--k", "4"]) == 0
+    assert len(found) == 1 and rows(tmp_path / "o")
+    # A library caller meets the checks the command line does.
+    for bad, words in [({"sample_logprobs": True}, "--sample-logprobs applies"), ({"parts": 2, "part": 2}, r"--part must be in 0\.\.1"),
+                       ({"stride": 4}, "--stride applies"), ({"concurrency": 0}, "--concurrency must be at least 1")]:
+        with pytest.raises(InputError, match=words):
+            run(tmp_path, str(tmp_path / "a.jsonl"), "bad", **bad)
+
+
+def test_a_split_is_named_parts_and_the_former_shard_flags_still_work(capsys):
+    from teacher_farm.cli import cache_parser, main
+
+    base = ["--server", "http://x", "--input", "a.jsonl", "--out", "o"]
+    for flags in (["--parts", "4", "--part", "2"], ["--num-shards", "4", "--shard-index", "2"]):
+        args = cache_parser().parse_args([*base, *flags])
+        assert (args.parts, args.part) == (4, 2)
+    args = cache_parser().parse_args(base)
+    assert (args.parts, args.part) == (1, 0)
+    assert "--num-shards" not in cache_parser().format_help()
+    with pytest.raises(SystemExit):
+        main(["cache", *base, "--num-shards", "2", "--shard-index", "2"])
+    assert "--part must be in 0..1" in capsys.readouterr().err
 
 
 def test_resume_and_split_across_files_cache_every_line_once(tmp_path):

@@ -73,7 +73,7 @@ def test_the_cache_command_pins_mallocs_mmap_threshold(monkeypatch, tmp_path):
         def render(self):
             return "done"
 
-    async def no_run(opts, teacher):
+    async def no_run(opts, teacher, files=None):
         await teacher.aclose()
         return Done()
 

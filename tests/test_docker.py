@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import free_port, tool
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 SLURM = DOCKER / "slurm"
@@ -34,15 +35,6 @@ SBATCH = {"serve": SLURM / "serve.sbatch", "cache-array": SLURM / "cache-array.s
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def tool(name: str) -> str | None:
-    """A command on PATH, or installed beside this Python (a virtualenv's bin/ need not be on PATH)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -115,12 +107,6 @@ def seconds(duration: str) -> float:
     assert parts and "".join(n + u for n, u in parts) == str(duration), f"bad duration {duration!r}"
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     return sum(float(n) * scale[u] for n, u in parts)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StubHealth:

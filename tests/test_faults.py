@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import (
-    API_KEY, ROOT, SAMPLE, Server, alive, descendants, free_port, kill_all, read_lines, teacher_farm, wait_for,
+    API_KEY, ROOT, SAMPLE, Server, alive, descendants, kill_all, read_lines, teacher_farm, wait_for,
 )
+from tests.helpers import free_port
 from tests.reference_check import assert_same_rows
 
 pytestmark = pytest.mark.engine

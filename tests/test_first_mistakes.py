@@ -11,16 +11,8 @@ import pytest
 
 from teacher_farm.schemas import __version__
 from teacher_farm.server.preflight import exposure_warning
-from tests.conftest import SAMPLE, free_port, teacher_farm
-
-
-def one_line_error(proc) -> str:
-    """The command failed with exactly one line on stderr and no traceback; that line."""
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+from tests.conftest import SAMPLE, teacher_farm
+from tests.helpers import free_port, one_line_error
 
 
 def test_version():

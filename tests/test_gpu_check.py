@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_docker import tool
+from tests.helpers import tool
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 

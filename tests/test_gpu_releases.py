@@ -57,7 +57,7 @@ def test_a_broken_pooler_fails_through_the_v2_runner():
 
         def with_swapped_columns(*args, **kwargs):
             rows = reduce_rows(*args, **kwargs)
-            return rows[:, [1, 0, *range(2, rows.shape[1])]] if args[3] > 1 else rows
+            return rows[:, [1, 0, *range(2, rows.shape[1])]] if args[2].k > 1 else rows
 
         scoring_model.reduce_rows = with_swapped_columns
         selftest.check_pooler(gpu_releases.v2_steps)

@@ -6,6 +6,7 @@ import gzip
 import json
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -157,3 +158,16 @@ def test_the_cli_refuses_a_missing_input_or_a_stray_stride_before_reaching_a_ser
     assert missing.stderr.strip().splitlines()[-1] == f"teacher-farm cache: error: --input {tmp_path / 'nope'}: no such file or directory"
     stray = teacher_farm(*base, "--input", str(tmp_path / "a.jsonl"), "--stride", "8", timeout=120)
     assert stray.returncode == 2 and "--stride applies to --long-lines window only" in stray.stderr
+
+
+def test_the_three_kinds_of_record_are_one_type_that_says_which_it_is():
+    from teacher_farm.client.inputs import parse_line
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    text, ids, messages = (parse_line(0, orjson.dumps(r), "text", "id") for r in
+                           ({"text": "abc"}, {"input_ids": [4, 5, 6]}, {"messages": chat}))
+    assert (text.kind, ids.kind, messages.kind) == ("text", "ids", "chat")
+    assert text.content == "abc" and ids.content.tolist() == [4, 5, 6] and messages.content == chat
+    assert text.wire_input() == {"id": "0", "text": "abc"} and messages.wire_input() == {"id": "0", "messages": chat}
+    assert ids.wire_input()["token_ids"].tolist() == [4, 5, 6]
+    assert (text.weight(4), ids.weight(4), ids.weight(5), messages.weight(4)) == (3, 12, 15, 7)

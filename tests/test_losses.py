@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from teacher_farm.training.losses import ChunkedKDLoss, SampledKDLoss, TopkRenormKLLoss, TopkTailKLLoss  # noqa: E402
 from teacher_farm.training import TopkDataset, collate_topk, kd_loss, sampled_kd_loss  # noqa: E402
 
-from tests.test_training import SHARDS, VOCAB, items, true_tail, write_cache  # noqa: E402
+from tests.helpers import SHARDS, VOCAB, items, true_tail, write_cache  # noqa: E402
 
 T_CACHE = 2.0  # the caches here are written at temperature 2: the losses must work at it, unrescaled
 

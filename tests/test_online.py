@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 
 from teacher_farm.training import OnlineTeacher, TopkDataset, TopkTailKLLoss, collate_topk  # noqa: E402
 
-from tests.conftest import API_KEY, SAMPLE, free_port, teacher_farm  # noqa: E402
+from tests.conftest import API_KEY, SAMPLE, teacher_farm  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 SCORING = {"k": 8, "temperature": 1.5, "targets": "both", "samples": 16, "seed": 3}
 

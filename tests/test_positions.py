@@ -44,8 +44,8 @@ def test_the_worker_entropy_equals_dense_math(temperature):
     logits[3, 100:] = -np.inf  # a teacher that rules tokens out: 0 log 0 counts as 0
     rows = logits.shape[0]
     packed = reduce_rows(
-        torch.from_numpy(logits), torch.zeros(rows, dtype=torch.int64), torch.full((rows,), 1.0 / temperature), 4, 8,
-        torch.zeros(rows, dtype=torch.int64), torch.arange(rows), entropy=True,
+        torch.from_numpy(logits), torch.zeros(rows, dtype=torch.int64), PackedLayout(4, 8, entropy=True),
+        torch.full((rows,), 1.0 / temperature), torch.zeros(rows, dtype=torch.int64), torch.arange(rows),
     ).numpy()
     layout = PackedLayout(4, 8, entropy=True)
     assert packed.shape == (rows, layout.width)
@@ -58,8 +58,8 @@ def test_the_worker_entropy_equals_dense_math(temperature):
     np.testing.assert_allclose(got, dense, rtol=2e-5, atol=2e-5)
     # The rest of the row is what the rule-less reduction gives.
     plain = reduce_rows(
-        torch.from_numpy(logits), torch.zeros(rows, dtype=torch.int64), torch.full((rows,), 1.0 / temperature), 4, 8,
-        torch.zeros(rows, dtype=torch.int64), torch.arange(rows),
+        torch.from_numpy(logits), torch.zeros(rows, dtype=torch.int64), PackedLayout(4, 8),
+        torch.full((rows,), 1.0 / temperature), torch.zeros(rows, dtype=torch.int64), torch.arange(rows),
     ).numpy()
     np.testing.assert_array_equal(packed[:, layout.columns_of(PackedLayout(4, 8))], plain)
 

@@ -22,8 +22,8 @@ def dense_logprobs(logits: np.ndarray, temperature: float) -> np.ndarray:
 def reduce(logits: np.ndarray, targets: np.ndarray, temperature: float, k: int, samples: int = 0, seed: int = 0):
     rows = logits.shape[0]
     packed = reduce_rows(
-        torch.from_numpy(logits), torch.from_numpy(targets), torch.full((rows,), 1.0 / temperature), k, samples,
-        torch.full((rows,), seed, dtype=torch.int64), torch.arange(rows),
+        torch.from_numpy(logits), torch.from_numpy(targets), PackedLayout(k, samples),
+        torch.full((rows,), 1.0 / temperature), torch.full((rows,), seed, dtype=torch.int64), torch.arange(rows),
     ).numpy()
     assert packed.shape == (rows, PackedLayout(k, samples).width) and packed.dtype == np.int32
     # Every row has a target here: pretend one more position follows, so unpack keeps them all.
@@ -79,7 +79,7 @@ def test_top_k_of_a_slice_view_reads_the_slice():
 
 def test_bfloat16_logits_are_reduced_in_float32(logits):
     bf16 = torch.from_numpy(logits).to(torch.bfloat16)
-    packed = reduce_rows(bf16, torch.zeros(64, dtype=torch.int64), torch.ones(64), 4).numpy()
+    packed = reduce_rows(bf16, torch.zeros(64, dtype=torch.int64), PackedLayout(4, 0), torch.ones(64)).numpy()
     lps = unpack(packed, PackedLayout(4, 0)).topk_logprobs
     ref = dense_logprobs(bf16.float().numpy(), 1.0)
     np.testing.assert_allclose(lps, np.sort(ref, axis=1)[:, ::-1][:, :4], atol=1e-5)
@@ -140,14 +140,14 @@ def test_a_rows_draws_do_not_depend_on_what_its_batch_neighbours_ask_for(logits)
     t = torch.from_numpy(logits)
     targets, seeds, positions = torch.zeros(rows, dtype=torch.int64), torch.full((rows,), 3), torch.arange(rows)
     own = torch.where(positions % 2 == 0, 8, 64)
-    mixed = reduce_rows(t, targets, None, 2, 64, seeds, positions, row_samples=own).numpy()
-    alone = reduce_rows(t, targets, None, 2, 8, seeds, positions).numpy()
+    mixed = reduce_rows(t, targets, PackedLayout(2, 64), None, seeds, positions, row_samples=own).numpy()
+    alone = reduce_rows(t, targets, PackedLayout(2, 8), None, seeds, positions).numpy()
     base = PackedLayout(2, 0).width
     ids, lps = mixed[:, base:base + 64], mixed[:, base + 64:]
     np.testing.assert_array_equal(ids[::2, :8], alone[::2, base:base + 8])
     np.testing.assert_array_equal(lps[::2, :8], alone[::2, base + 8:])
     # Rows that asked for all 64 are untouched by the mask.
-    full = reduce_rows(t, targets, None, 2, 64, seeds, positions).numpy()
+    full = reduce_rows(t, targets, PackedLayout(2, 64), None, seeds, positions).numpy()
     np.testing.assert_array_equal(mixed[1::2], full[1::2])
 
 

@@ -17,14 +17,13 @@ import pytest
 pytest.importorskip("matplotlib", reason="the report extra is not installed: pip install 'teacher-farm[report]'")
 from PIL import Image  # noqa: E402 - matplotlib's own dependency
 
-from teacher_farm.client.manifest import save_manifest  # noqa: E402
 from teacher_farm.client.report import BINS, COLORS, scan, write_report  # noqa: E402
-from teacher_farm.client.shards import ShardWriter  # noqa: E402
 from teacher_farm.schemas.arrow import (  # noqa: E402
     ScoredSequence, cache_schema, encode_rows, results_to_table, with_source_columns,
 )
-from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord  # noqa: E402
+from teacher_farm.schemas.cache_dir import CacheIdentity  # noqa: E402
 from teacher_farm.schemas.scoring import Scoring  # noqa: E402
+from tests.helpers import write_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, K, N = 300, 8, 16
@@ -78,20 +77,17 @@ def write_cache(
         scoring=Scoring(k=K, targets=targets, samples=N, seed=0), logprob_dtype=fmt or "float32",
     )
     schema = identity.schema() if fmt else cache_schema("float32", targets).with_metadata(identity.metadata())
-    rows, records = [], {}
+    rows, shards = [], {}
     for j, (source, lengths) in enumerate(sources.items()):
         seqs = [scored(rng, n) for n in lengths]
         rows += [(source, s) for s in seqs]
-        writer = ShardWriter(out, j, schema, row_group_bytes=1)
+        tables = []
         for i in range(0, len(seqs), 2):
             table = with_source_columns(results_to_table(seqs[i:i + 2], K, targets), range(i, i + len(seqs[i:i + 2])),
                                         [source] * len(seqs[i:i + 2]))
-            writer.write(encode_rows(table, schema) if fmt else table.cast(schema))
-        stats = writer.commit()
-        records[j] = ShardRecord(index=j, file=stats.file, first_line=100 * j, end_line=100 * j + len(lengths),
-                                 rows=stats.rows, rejects=0, tokens=stats.tokens, bytes=stats.bytes,
-                                 sha256=stats.sha256)
-    save_manifest(Manifest(identity=identity.entries(), shards=records, complete=True), out)
+            tables.append(encode_rows(table, schema) if fmt else table.cast(schema))
+        shards[j] = (range(100 * j, 100 * j + len(lengths)), tables)
+    write_shards(out, schema, shards, identity.entries())
     return rows
 
 

@@ -42,7 +42,7 @@ def without_row_samples(*args, **kwargs):
 def with_swapped_columns(*args, **kwargs):
     """reduce_rows with its first two top-k columns swapped."""
     rows = reduce_rows(*args, **kwargs)
-    return rows[:, [1, 0, *range(2, rows.shape[1])]] if args[3] > 1 else rows
+    return rows[:, [1, 0, *range(2, rows.shape[1])]] if args[2].k > 1 else rows
 
 
 def test_the_pooler_passes_on_the_installed_vllm_in_seconds():

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import SAMPLE, Server, read_lines, teacher_farm
-from tests.test_first_mistakes import one_line_error
+from tests.helpers import one_line_error
 
 pytestmark = pytest.mark.engine
 

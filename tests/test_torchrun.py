@@ -101,7 +101,7 @@ def echo_teacher() -> Iterator[tuple[str, list[int]]]:
     from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
     from teacher_farm.schemas.arrow import results_to_table
     from teacher_farm.schemas.wire import Info, Versions
-    from tests.conftest import free_port
+    from tests.helpers import free_port
     from tests.standin import score
 
     info = Info(model="echo", model_fingerprint="e" * 16, tokenizer_fingerprint="t" * 16, vocab_size=VOCAB, k_max=64,
@@ -160,7 +160,7 @@ def echo_teacher() -> Iterator[tuple[str, list[int]]]:
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory) -> dict:
-    from tests.test_training import UNEVEN, write_cache, write_window_cache
+    from tests.helpers import UNEVEN, write_cache, write_window_cache
 
     root = tmp_path_factory.mktemp("torchrun")
     uneven = write_cache(root / "uneven", UNEVEN)  # row groups of 3, 3, 1 and 3, 1 rows: 11 rows
@@ -175,7 +175,7 @@ def caches(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def ranks(caches) -> list[dict]:
     """Launch two ranks with ``torchrun`` over every case; what each rank saw."""
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     spec = {"datasets": {
         "uneven": {"path": str(caches["uneven"][0]), "kwargs": {}, "spawn": True},

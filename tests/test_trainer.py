@@ -24,12 +24,10 @@ pytest.importorskip("accelerate")
 import torch.nn.functional as F  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
 
-from teacher_farm.client.manifest import save_manifest  # noqa: E402
-from teacher_farm.client.shards import ShardWriter  # noqa: E402
 from teacher_farm.schemas.arrow import (  # noqa: E402
     ScoredSequence, cache_schema, results_to_table, with_source_columns,
 )
-from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord  # noqa: E402
+from teacher_farm.schemas.cache_dir import CacheIdentity  # noqa: E402
 from teacher_farm.schemas.fingerprints import tokenizer_fingerprint  # noqa: E402
 from teacher_farm.schemas.scoring import Scoring  # noqa: E402
 from teacher_farm.server.tinymodel import make_tiny_model  # noqa: E402
@@ -37,6 +35,7 @@ from teacher_farm.training import (  # noqa: E402
     ChunkedKDLoss, DistillationTrainer, SampledKDLoss, TopkDataset, TopkRenormKLLoss, TopkTailKLLoss, collate_topk,
     default_kd_loss,
 )
+from tests.helpers import write_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.jsonl"
@@ -108,19 +107,15 @@ def write_cache(out: Path, teacher_dir: Path, targets: str) -> Path:
     schema = cache_schema("float32", targets).with_metadata(identity.metadata())
     rng = np.random.default_rng(0)
     out.mkdir(parents=True)
-    records = {}
+    shards = {}
     for j, first in enumerate(range(0, LINES, ROWS_PER_SHARD)):
-        writer = ShardWriter(out, j, schema, row_group_bytes=1)
+        tables = []
         for start in range(first, first + ROWS_PER_SHARD, ROWS_PER_GROUP):
             lines = range(start, start + ROWS_PER_GROUP)
             table = results_to_table([teacher_row(model, token_ids[i], rng) for i in lines], K, targets)
-            writer.write(with_source_columns(table, list(lines), [SAMPLE.name] * len(lines)).cast(schema))
-        stats = writer.commit()
-        records[j] = ShardRecord(
-            index=j, file=stats.file, first_line=first, end_line=first + ROWS_PER_SHARD, rows=stats.rows, rejects=0,
-            tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
-        )
-    save_manifest(Manifest(identity=identity.entries(), shards=records, complete=True), out)
+            tables.append(with_source_columns(table, list(lines), [SAMPLE.name] * len(lines)).cast(schema))
+        shards[j] = (range(first, first + ROWS_PER_SHARD), tables)
+    write_shards(out, schema, shards, identity.entries())
     return out
 
 

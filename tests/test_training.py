@@ -16,140 +16,25 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from teacher_farm.client.manifest import save_manifest  # noqa: E402
-from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, RunIdentity, ShardRecord  # noqa: E402
-from teacher_farm.schemas.scoring import Scoring  # noqa: E402
-from teacher_farm.client.shards import ShardWriter  # noqa: E402
+from teacher_farm.schemas.cache_dir import Manifest, RunIdentity  # noqa: E402
 from teacher_farm.training import (  # noqa: E402
     TAIL_FLOOR, TopkDataset, assert_same_tokenizer, cache_metadata_of, check_alignment, collate_topk, kd_loss,
     shard_paths,
 )
-from teacher_farm.schemas.arrow import (  # noqa: E402
-    ScoredSequence, cache_schema, cast_logprobs, encode_rows, results_to_table, with_source_columns,
-)
+from teacher_farm.schemas.arrow import ScoredSequence, results_to_table  # noqa: E402
 from teacher_farm.schemas.errors import CacheMismatch, InputError  # noqa: E402
 from teacher_farm.schemas.fingerprints import tokenizer_fingerprint  # noqa: E402
 
+from tests.helpers import (  # noqa: E402
+    K, SHARDS, UNEVEN, VOCAB, Cache, FakeTokenizer, items, true_tail, write_cache, write_window_cache,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB, K, ROWS_PER_SHARD = 50, 5, 8
-
-
-class FakeTokenizer:
-    """Enough of a tokenizer for the fingerprint: a vocabulary and the special ids."""
-
-    def __init__(self, vocab: int = VOCAB, bos: int = 1) -> None:
-        self.vocab, self.bos_token_id, self.eos_token_id = vocab, bos, 2
-
-    def get_vocab(self) -> dict[str, int]:
-        return {f"t{i}": i for i in range(self.vocab)}
-
-
-class Cache:
-    """A cache directory written with the project's own writer, and the full distributions behind it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.full: dict[int, np.ndarray] = {}  # line -> (n, VOCAB) float32 teacher log-softmax
-        self.rows: dict[int, ScoredSequence] = {}
-
-
-def draws(rng: np.random.Generator, full: np.ndarray, samples: int) -> dict[str, np.ndarray]:
-    """N draws per position from exp(full), as the server stores them: distinct ids ascending, counts."""
-    lengths, ids, counts, lps = [], [], [], []
-    p = np.exp(full.astype(np.float64))
-    for row, probs in zip(full, p):
-        drawn, count = np.unique(rng.choice(len(probs), size=samples, p=probs / probs.sum()), return_counts=True)
-        lengths.append(len(drawn))
-        ids.append(drawn)
-        counts.append(count)
-        lps.append(row[drawn])
-    return {
-        "sample_lengths": np.array(lengths, np.int32), "sample_ids": np.concatenate(ids).astype(np.int32),
-        "sample_counts": np.concatenate(counts).astype(np.int16), "sample_logprobs": np.concatenate(lps).astype(np.float32),
-    }
-
-
-def scored(
-    rng: np.random.Generator, line: int, n: int, temperature: float = 1.0, targets: str = "topk", samples: int = 16,
-) -> tuple[ScoredSequence, np.ndarray]:
-    logits = torch.from_numpy(rng.standard_normal((n, VOCAB)).astype(np.float32) * 2.5)
-    full = torch.log_softmax(logits / temperature, dim=-1)
-    values, ids = torch.topk(full, K, dim=-1)
-    input_ids = rng.integers(0, VOCAB, n)
-    target = full[torch.arange(n - 1), torch.from_numpy(input_ids[1:])]
-    ranks = 1 + (full[: n - 1] > target[:, None]).sum(-1)
-    seq = ScoredSequence(
-        id=f"doc-{line}", input_ids=input_ids.astype(np.int32), topk_ids=ids.numpy().astype(np.int32),
-        topk_logprobs=values.numpy(), target_logprobs=target.numpy(), target_ranks=ranks.numpy().astype(np.int32),
-        **(draws(rng, full.numpy(), samples) if targets != "topk" else {}),
-    )
-    return seq, full.numpy()
-
-
-def write_cache(
-    out: Path, shards: dict[int, list[int]], *, dtype: str = "float32", manifests: dict[str, list[int]] | None = None,
-    fingerprint: str | None = None, seed: int = 0, temperature: float = 1.0, targets: str = "topk", samples: int = 16,
-    fmt: str | None = None, sample_logprobs: bool = True,
-) -> Cache:
-    """Shard j holds lines [j*R, (j+1)*R) (its last line rejected) with the given token counts,
-    several rows per row group; ``manifests`` splits the shard records over several manifest files.
-    Every column as the server sends it (the layout of schema 2) in ``dtype``, or with ``fmt`` in the
-    layout a cache run writes, in that format."""
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Cache(out)
-    rng = np.random.default_rng(seed)
-    ident = CacheIdentity(
-        model="teacher", model_fingerprint="mf", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-        vocab_size=VOCAB, scoring=Scoring(k=K, temperature=temperature, targets=targets, samples=samples, seed=0),
-        logprob_dtype=fmt or dtype, sample_logprobs=sample_logprobs and targets != "topk",
-    )
-    schema = ident.schema() if fmt else cache_schema(dtype, targets).with_metadata(ident.metadata())
-    records = {}
-    for j, lengths in shards.items():
-        assert len(lengths) < ROWS_PER_SHARD
-        lines = [j * ROWS_PER_SHARD + i for i in range(len(lengths))]
-        results = []
-        for line, n in zip(lines, lengths):
-            seq, full = scored(rng, line, n, temperature, targets, samples)
-            results.append(seq)
-            cache.rows[line], cache.full[line] = seq, full
-        writer = ShardWriter(out, j, schema, row_group_bytes=1)  # every write is one row group
-        for i in range(0, len(results), 3):
-            table = results_to_table(results[i:i + 3], K, targets)
-            table = with_source_columns(table, lines[i:i + 3])
-            writer.write(encode_rows(table, schema) if fmt else cast_logprobs(table, dtype).cast(schema))
-        stats = writer.commit()
-        records[j] = ShardRecord(
-            index=j, file=stats.file, first_line=j * ROWS_PER_SHARD, end_line=(j + 1) * ROWS_PER_SHARD,
-            rows=stats.rows, rejects=ROWS_PER_SHARD - len(lengths), tokens=stats.tokens, bytes=stats.bytes,
-            sha256=stats.sha256,
-        )
-    identity = RunIdentity(cache=ident, rows_per_shard=ROWS_PER_SHARD)
-    for name, indices in (manifests or {"manifest.json": list(shards)}).items():
-        save_manifest(Manifest(identity=identity, shards={j: records[j] for j in indices}, complete=True), out, name)
-    return cache
-
-
-SHARDS = {2: [3, 1, 9, 4], 0: [5, 2, 7, 1, 6], 1: [4, 8, 3]}
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Cache:
     return write_cache(tmp_path_factory.mktemp("cache"), SHARDS)
-
-
-def items(ds) -> dict[int, dict[str, torch.Tensor]]:
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for item in ds:
-        line = int(item["line"])
-        assert line not in out, f"line {line} yielded twice"
-        out[line] = item
-    return out
-
-
-def true_tail(full: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
-    p = np.exp(full.astype(np.float64))
-    np.put_along_axis(p, topk_ids.astype(np.int64), 0.0, axis=1)
-    return np.log(p.sum(axis=1))
 
 
 # ------------------------------------------------------------------------------------ shard_paths
@@ -277,7 +162,6 @@ def test_ranks_and_shuffle_split_the_rows_without_overlap(cache):
 
 
 #: Row groups of 3, 3, 1 and 3, 1 rows: 11 rows, which no world of 2, 3 or 4 ranks divides.
-UNEVEN = {0: [5, 2, 7, 1, 6, 3, 4], 1: [4, 8, 3, 2]}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -327,26 +211,6 @@ def test_workers_of_each_rank_split_its_share(tmp_path):
     assert [steps for _, steps in per_rank] == [4, 4]
     assert sorted(per_rank[0][0]) == [0, 1, 2, 3, 4, 5]
     assert sorted(per_rank[1][0]) == [0, 6, 8, 9, 10, 11]
-
-
-def write_window_cache(out: Path, lengths: list[int], max_length: int = 12, stride: int = 5) -> dict[int, list[int]]:
-    """A ``--long-lines window`` cache (the stand-in teacher, 3 lines a shard) of pre-tokenized lines
-    of the given lengths; returns each line's full token ids."""
-    import asyncio
-    import json
-
-    from teacher_farm.client.cache import CacheOptions, CacheRun
-
-    from tests.standin import StandInTeacher
-
-    rng = np.random.default_rng(0)
-    lines = {i: rng.integers(3, 900, n).tolist() for i, n in enumerate(lengths)}
-    src = out.parent / f"{out.name}.jsonl"
-    src.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in lines.values()))
-    opts = CacheOptions(input=str(src), out_dir=out, scoring=Scoring(k=4), max_length=max_length,
-                        long_lines="window", stride=stride, rows_per_shard=3)
-    asyncio.run(CacheRun(opts, StandInTeacher(1000)).run())
-    return lines
 
 
 def test_joined_windows_split_by_whole_lines_over_ranks(tmp_path):

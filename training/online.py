@@ -120,8 +120,7 @@ class OnlineTeacher:
             return asyncio.run_coroutine_threadsafe(coro, loop)
 
         pool = TeacherPool(
-            [HttpTeacher(u, api_key=self.api_key, timeout_s=self.timeout_s, logprob_dtype=self.logprob_dtype)
-             for u in self.urls],
+            [HttpTeacher(u, api_key=self.api_key, timeout_s=self.timeout_s) for u in self.urls],
             retry_for_s=self.retry_for_s,
         )
         pending: deque[Future] = deque()
@@ -170,7 +169,9 @@ class OnlineTeacher:
             yield round_[rank % len(round_)]
 
     async def _fetch(self, pool: TeacherPool, seqs: list[np.ndarray], lines: list[int]) -> dict[str, torch.Tensor]:
-        table = await pool.score_ids([(str(i), s) for i, s in enumerate(seqs)], self.scoring)
+        table = await pool.score_ids(
+            [(str(i), s) for i, s in enumerate(seqs)], self.scoring, wire_dtype=self.logprob_dtype,
+        )
         return await asyncio.to_thread(self._collate, table, seqs, lines)
 
     def _collate(self, table: pa.Table, seqs: list[np.ndarray], lines: list[int]) -> dict[str, torch.Tensor]:
