@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from teacher_farm.client.cache import CacheOptions, CacheRun  # noqa: E402
 from teacher_farm.schemas.arrow import ScoredSequence, results_to_table  # noqa: E402
-from teacher_farm.schemas.wire import Info, Versions  # noqa: E402
 from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.wire import Info, Versions  # noqa: E402
 
 
 class InstantTeacher:
@@ -41,9 +41,18 @@ class InstantTeacher:
         self.lines = 0
 
     async def info(self) -> Info:
-        return Info(model="instant", model_fingerprint="0" * 16, tokenizer_fingerprint="0" * 16, vocab_size=1000,
-                    k_max=64, max_model_len=8192, max_input_tokens=8191, max_inputs_per_request=1024, adds_bos=True,
-                    versions=Versions(teacher_farm="-", schema_version=1, vllm="-"))
+        return Info(
+            model="instant",
+            model_fingerprint="0" * 16,
+            tokenizer_fingerprint="0" * 16,
+            vocab_size=1000,
+            k_max=64,
+            max_model_len=8192,
+            max_input_tokens=8191,
+            max_inputs_per_request=1024,
+            adds_bos=True,
+            versions=Versions(teacher_farm="-", schema_version=1, vllm="-"),
+        )
 
     async def score(self, lines, scoring, max_length, *, wire_dtype="float32"):
         k = scoring.k
@@ -51,8 +60,14 @@ class InstantTeacher:
         if self.lines // 20_000 > len(self.samples):
             self.samples.append((self.lines, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
         rows = [
-            ScoredSequence(x.id, np.array([1], np.int32), np.zeros((1, k), np.int32), np.zeros((1, k), np.float32),
-                           np.zeros(0, np.float32), np.zeros(0, np.int32))
+            ScoredSequence(
+                x.id,
+                np.array([1], np.int32),
+                np.zeros((1, k), np.int32),
+                np.zeros((1, k), np.float32),
+                np.zeros(0, np.float32),
+                np.zeros(0, np.int32),
+            )
             for x in lines
         ]
         return results_to_table(rows, k)
@@ -75,9 +90,21 @@ def main() -> None:
             f.write(line)
     teacher = InstantTeacher(16)
     started = time.monotonic()
-    summary = asyncio.run(CacheRun(CacheOptions(input=str(corpus), out_dir=a.work / "out", scoring=Scoring(k=16),
-                                                rows_per_shard=50_000, concurrency=8), teacher).run())
-    print(f"{corpus.stat().st_size / 2**30:.2f} GiB, {summary.rows:,} lines in {time.monotonic() - started:.0f} s")
+    summary = asyncio.run(
+        CacheRun(
+            CacheOptions(
+                input=str(corpus),
+                out_dir=a.work / "out",
+                scoring=Scoring(k=16),
+                rows_per_shard=50_000,
+                concurrency=8,
+            ),
+            teacher,
+        ).run()
+    )
+    print(
+        f"{corpus.stat().st_size / 2**30:.2f} GiB, {summary.rows:,} lines in {time.monotonic() - started:.0f} s"
+    )
     print("lines read -> peak RSS (MiB): " + ", ".join(f"{n:,} -> {rss:.0f}" for n, rss in teacher.samples))
 
 

@@ -43,8 +43,11 @@ def answer_row(tokens: int, k: int, rng: np.random.Generator) -> ScoredSequence:
     probs = np.maximum(rng.dirichlet(np.full(k + 1, 0.3), size=tokens)[:, :k], 1e-30)
     lps = np.sort(np.log(probs).astype(np.float32), axis=1)[:, ::-1]
     return ScoredSequence(
-        None, rng.integers(0, VOCAB, tokens, dtype=np.int32), rng.integers(0, VOCAB, (tokens, k), dtype=np.int32),
-        np.ascontiguousarray(lps), np.log(np.maximum(rng.random(tokens - 1, dtype=np.float32), 1e-30)),
+        None,
+        rng.integers(0, VOCAB, tokens, dtype=np.int32),
+        rng.integers(0, VOCAB, (tokens, k), dtype=np.int32),
+        np.ascontiguousarray(lps),
+        np.log(np.maximum(rng.random(tokens - 1, dtype=np.float32), 1e-30)),
         rng.integers(1, 50, tokens - 1, dtype=np.int32),
     )
 
@@ -65,11 +68,20 @@ def arrow_answer(table: pa.Table, ids: list) -> bytes:
 
 def serve(port: int, tokens: int, ready: mp.Event) -> None:
     """The stand-in teacher: answers from a cache of prebuilt bodies, one per (inputs, k, dtype)."""
-    info = orjson.dumps({
-        "model": "stand-in", "model_fingerprint": "0" * 16, "tokenizer_fingerprint": "0" * 16, "vocab_size": VOCAB,
-        "k_max": 64, "max_model_len": 1 << 20, "max_input_tokens": (1 << 20) - 1, "max_inputs_per_request": 4096,
-        "adds_bos": True, "versions": {"teacher_farm": "-", "schema_version": 2, "vllm": "-"},
-    })
+    info = orjson.dumps(
+        {
+            "model": "stand-in",
+            "model_fingerprint": "0" * 16,
+            "tokenizer_fingerprint": "0" * 16,
+            "vocab_size": VOCAB,
+            "k_max": 64,
+            "max_model_len": 1 << 20,
+            "max_input_tokens": (1 << 20) - 1,
+            "max_inputs_per_request": 4096,
+            "adds_bos": True,
+            "versions": {"teacher_farm": "-", "schema_version": 2, "vllm": "-"},
+        }
+    )
     bodies: dict[tuple, pa.Table] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -77,7 +89,9 @@ def serve(port: int, tokens: int, ready: mp.Event) -> None:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 request_line, *headers = head.decode("latin-1").split("\r\n")
-                length = next((int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")), 0)
+                length = next(
+                    (int(h.split(":", 1)[1]) for h in headers if h.lower().startswith("content-length:")), 0
+                )
                 body = await reader.readexactly(length) if length else b""
                 if request_line.startswith("GET /v1/info"):
                     payload, ctype = info, b"application/json"
@@ -88,9 +102,18 @@ def serve(port: int, tokens: int, ready: mp.Event) -> None:
                         bodies[key] = answer_table(key[0], tokens, key[1], key[2])
                     payload = arrow_answer(bodies[key], [x.get("id") for x in req["inputs"]])
                     ctype = b"application/vnd.apache.arrow.stream"
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nX-Teacher-Fingerprint: "
-                             + b"0" * 16 + b"/" + b"0" * 16 + b"\r\nContent-Length: " + str(len(payload)).encode()
-                             + b"\r\n\r\n" + payload)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: "
+                    + ctype
+                    + b"\r\nX-Teacher-Fingerprint: "
+                    + b"0" * 16
+                    + b"/"
+                    + b"0" * 16
+                    + b"\r\nContent-Length: "
+                    + str(len(payload)).encode()
+                    + b"\r\n\r\n"
+                    + payload
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -125,7 +148,12 @@ def main() -> None:
     corpus = a.work / "corpus.jsonl"
     with open(corpus, "wb") as f:
         for i in range(lines):
-            f.write(orjson.dumps({"id": f"doc-{i}", "text": "lorem ipsum dolor sit amet " * (a.tokens_per_line // 6)}) + b"\n")
+            f.write(
+                orjson.dumps(
+                    {"id": f"doc-{i}", "text": "lorem ipsum dolor sit amet " * (a.tokens_per_line // 6)}
+                )
+                + b"\n"
+            )
 
     port = free_port()
     ctx = mp.get_context("spawn")
@@ -153,8 +181,22 @@ def main() -> None:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cache_main(["--server", f"http://127.0.0.1:{port}", "--input", str(corpus), "--out", str(a.work / "cache"),
-                    "--k", str(a.k), "--logprob-dtype", a.logprob_dtype, "--max-length", str(1 << 19)])
+        cache_main(
+            [
+                "--server",
+                f"http://127.0.0.1:{port}",
+                "--input",
+                str(corpus),
+                "--out",
+                str(a.work / "cache"),
+                "--k",
+                str(a.k),
+                "--logprob-dtype",
+                a.logprob_dtype,
+                "--max-length",
+                str(1 << 19),
+            ]
+        )
     seconds = time.monotonic() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     stop.set()
@@ -165,21 +207,31 @@ def main() -> None:
     cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     rss = [r for _, r, _ in samples]
     result = {
-        "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
-        "client_cpu_s": round(cpu, 1), "parquet_bytes_per_token": round(parquet / tokens, 1),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "client_cpu_s": round(cpu, 1),
+        "parquet_bytes_per_token": round(parquet / tokens, 1),
         "rss_mib_first_quarter_max": round(max(rss[: max(1, len(rss) // 4)]), 0) if rss else None,
         "rss_mib_max": round(max(rss), 0) if rss else None,
-        "k": a.k, "logprob_dtype": a.logprob_dtype, "tokens_per_line": a.tokens_per_line, "lines": lines,
+        "k": a.k,
+        "logprob_dtype": a.logprob_dtype,
+        "tokens_per_line": a.tokens_per_line,
+        "lines": lines,
     }
     shutil.rmtree(a.work / "cache", ignore_errors=True)
     if a.json:
         print(json.dumps(result))
         return
     print(out.getvalue().strip())
-    print(f"client: {tokens:,} tokens in {seconds:.1f} s = {tokens / seconds:,.0f} tokens/s "
-          f"(CPU {cpu:.1f} s; {parquet / tokens:.1f} Parquet bytes/token)")
-    print("RSS over the run (s -> MiB, of which Arrow): "
-          + ", ".join(f"{t:.0f}->{r:.0f} ({a:.0f})" for t, r, a in samples[:: max(1, len(samples) // 16)]))
+    print(
+        f"client: {tokens:,} tokens in {seconds:.1f} s = {tokens / seconds:,.0f} tokens/s "
+        f"(CPU {cpu:.1f} s; {parquet / tokens:.1f} Parquet bytes/token)"
+    )
+    print(
+        "RSS over the run (s -> MiB, of which Arrow): "
+        + ", ".join(f"{t:.0f}->{r:.0f} ({a:.0f})" for t, r, a in samples[:: max(1, len(samples) // 16)])
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from teacher_farm.training import (
-    SampledKDLoss, TopkDataset, TopkRenormKLLoss, TopkTailKLLoss, assert_same_tokenizer, collate_topk, shard_paths,
+    SampledKDLoss,
+    TopkDataset,
+    TopkRenormKLLoss,
+    TopkTailKLLoss,
+    assert_same_tokenizer,
+    collate_topk,
+    shard_paths,
 )
 
 SEQ = 128  # tokens per document (the cache's --max-length)
@@ -77,7 +83,9 @@ def pad(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of position t's logits on token t+1, over real pairs."""
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100
+    )
 
 
 def train_teacher(model_dir: Path, train: list[str], steps: int, seed: int) -> dict:
@@ -90,14 +98,16 @@ def train_teacher(model_dir: Path, train: list[str], steps: int, seed: int) -> d
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     # A fixed number of steps, not of seconds: the same teacher however busy the machine is.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps)
+    )
     t0, losses = time.monotonic(), []
     while len(losses) < steps:
         order = rng.permutation(len(seqs))
         for start in range(0, len(seqs) - 31, 32):
             if len(losses) == steps:
                 break
-            b = pad([seqs[i] for i in order[start:start + 32]])
+            b = pad([seqs[i] for i in order[start : start + 32]])
             loss = next_token_ce(model(**b).logits, b["input_ids"], b["attention_mask"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,15 +119,51 @@ def train_teacher(model_dir: Path, train: list[str], steps: int, seed: int) -> d
     return {"steps": steps, "final_train_ce": float(np.mean(losses[-20:])), "seconds": time.monotonic() - t0}
 
 
-def run_cache(model_dir: Path, train: list[str], out: Path, k: int, samples: int, seed: int,
-              logprob_dtype: str = "float16", targets: str = "both", positions: str = "all") -> float:
+def run_cache(
+    model_dir: Path,
+    train: list[str],
+    out: Path,
+    k: int,
+    samples: int,
+    seed: int,
+    logprob_dtype: str = "float16",
+    targets: str = "both",
+    positions: str = "all",
+) -> float:
     src = out.parent / "train.jsonl"
     src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(train)))
     cmd = [
-        sys.executable, "-m", "teacher_farm.cli", "cache", "--model", str(model_dir), "--input", str(src),
-        "--out", str(out), "--k", str(k), "--targets", targets, "--samples", str(samples), "--seed", str(seed),
-        "--max-length", str(SEQ), "--logprob-dtype", logprob_dtype, "--dtype", "float32", "--enforce-eager",
-        "--gpu-memory-utilization", "0.2", "--max-model-len", "1024", "--positions", positions,
+        sys.executable,
+        "-m",
+        "teacher_farm.cli",
+        "cache",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(src),
+        "--out",
+        str(out),
+        "--k",
+        str(k),
+        "--targets",
+        targets,
+        "--samples",
+        str(samples),
+        "--seed",
+        str(seed),
+        "--max-length",
+        str(SEQ),
+        "--logprob-dtype",
+        logprob_dtype,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.2",
+        "--max-model-len",
+        "1024",
+        "--positions",
+        positions,
     ]
     t0 = time.monotonic()
     for attempt in (1, 2):  # an engine start can fail on a busy shared machine (memory); the cache resumes
@@ -154,8 +200,16 @@ def make_student(vocab: int, bos: int, eos: int, seed: int):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=SEQ, bos_token_id=bos, eos_token_id=eos,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=SEQ,
+        bos_token_id=bos,
+        eos_token_id=eos,
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(cfg).to(torch.float32)
@@ -179,8 +233,12 @@ def kd_where_kept_ce_elsewhere(kd, logits: torch.Tensor, batch: dict) -> torch.T
     # Position t predicts token t+1: its cross-entropy counts where t is real, not kept, and t+1 exists.
     other = real[:, :-1] & real[:, 1:] & ~kept[:, :-1]
     labels = batch["input_ids"][:, 1:].masked_fill(~other, -100)
-    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=-100, reduction="sum")
+    ce_sum = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
     return (kd_sum + ce_sum) / (n_kd + other.sum()).clamp_min(1)
 
 
@@ -189,8 +247,11 @@ def train_student(method: str, items: list[dict], teacher, args, vocab: int, bos
     opt = torch.optim.AdamW(student.parameters(), lr=args.student_lr, weight_decay=0.01)
     losses = {"topk_tail": TopkTailKLLoss(), "topk_renorm": TopkRenormKLLoss(), "sampled": SampledKDLoss()}
     # The compact and position-rule rows train with the loss of their kind, on their own cache's items.
-    losses |= {"topk_tail_compact": losses["topk_tail"], "sampled_compact": losses["sampled"],
-               "sampled_entropy": losses["sampled"]}
+    losses |= {
+        "topk_tail_compact": losses["topk_tail"],
+        "sampled_compact": losses["sampled"],
+        "sampled_entropy": losses["sampled"],
+    }
     steps_per_epoch = -(-len(items) // args.batch_size)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / total))
@@ -198,13 +259,15 @@ def train_student(method: str, items: list[dict], teacher, args, vocab: int, bos
     for epoch in range(args.epochs):
         order = np.random.default_rng([args.seed, epoch]).permutation(len(items))
         for start in range(0, len(items), args.batch_size):
-            batch = collate_topk([items[i] for i in order[start:start + args.batch_size]], PAD)
+            batch = collate_topk([items[i] for i in order[start : start + args.batch_size]], PAD)
             logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if method == "no_kd":
                 loss = next_token_ce(logits, batch["input_ids"], batch["attention_mask"])
             elif method == "full_kd":
                 with torch.no_grad():
-                    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    t_logits = teacher(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
                 loss = full_kl(t_logits, logits, batch["attention_mask"])
             elif method == "sampled_entropy_ce":
                 loss = kd_where_kept_ce_elsewhere(losses["sampled"], logits, batch)
@@ -225,7 +288,7 @@ def evaluate(model, teacher, heldout: list[torch.Tensor]) -> dict[str, float]:
     n_ce = n_kl = 0
     conf, correct = [], []
     for start in range(0, len(heldout), 32):
-        b = pad(heldout[start:start + 32])
+        b = pad(heldout[start : start + 32])
         ids, mask = b["input_ids"], b["attention_mask"]
         logits = model(**b).logits.float()
         t_logits = teacher(**b).logits.float()
@@ -266,14 +329,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student-lr", type=float, default=3e-3)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--logprob-dtype", default="float16", help="the cache's format (teacher-farm cache --logprob-dtype)")
-    p.add_argument("--methods",
-                   default="no_kd,full_kd,topk_tail,topk_renorm,sampled,topk_tail_compact,sampled_compact,"
-                           "sampled_entropy,sampled_entropy_ce")
+    p.add_argument(
+        "--logprob-dtype", default="float16", help="the cache's format (teacher-farm cache --logprob-dtype)"
+    )
+    p.add_argument(
+        "--methods",
+        default="no_kd,full_kd,topk_tail,topk_renorm,sampled,topk_tail_compact,sampled_compact,"
+        "sampled_entropy,sampled_entropy_ce",
+    )
     p.add_argument("--compact", default="uint8-gap", help="the compact rows' format")
-    p.add_argument("--entropy-share", type=float, default=0.25, help="F of the entropy:F rows (sampled targets)")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep the teacher, caches and results of an earlier run in --out; run only --methods")
+    p.add_argument(
+        "--entropy-share", type=float, default=0.25, help="F of the entropy:F rows (sampled targets)"
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the teacher, caches and results of an earlier run in --out; run only --methods",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -287,10 +359,21 @@ def main(argv: list[str] | None = None) -> None:
     corpus.write_text("\n".join(train))
     model_dir = args.out / "teacher"
     if not (args.reuse and (args.out / "teacher-training.json").exists()):
-        make_tiny_model(model_dir, [corpus], vocab_size=args.vocab, hidden_size=128, num_layers=2, num_heads=2,
-                        max_position_embeddings=1024, seed=args.seed)
-    print(f"{len(train)} training and {len(heldout)} held-out documents; training the teacher "
-          f"for {args.teacher_steps} steps", flush=True)
+        make_tiny_model(
+            model_dir,
+            [corpus],
+            vocab_size=args.vocab,
+            hidden_size=128,
+            num_layers=2,
+            num_heads=2,
+            max_position_embeddings=1024,
+            seed=args.seed,
+        )
+    print(
+        f"{len(train)} training and {len(heldout)} held-out documents; training the teacher "
+        f"for {args.teacher_steps} steps",
+        flush=True,
+    )
     trained = args.out / "teacher-training.json"
     if args.reuse and trained.exists():  # the same seed's teacher and caches, from an earlier run
         teacher_stats = json.loads(trained.read_text())
@@ -313,8 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.reuse and earlier.exists():
         results = json.loads(earlier.read_text())["results"] | results
     per_token = bytes_per_token(cache)
-    cost = {"no_kd": None, "full_kd": None, "topk_tail": per_token["topk"], "topk_renorm": per_token["topk"],
-            "sampled": per_token["sampled"]}
+    cost = {
+        "no_kd": None,
+        "full_kd": None,
+        "topk_tail": per_token["topk"],
+        "topk_renorm": per_token["topk"],
+        "sampled": per_token["sampled"],
+    }
     methods = args.methods.split(",")
     items_of = dict.fromkeys(methods, items)
     if {"topk_tail_compact", "sampled_compact"} & set(methods):
@@ -322,45 +410,81 @@ def main(argv: list[str] | None = None) -> None:
         secs = run_cache(model_dir, train, compact, args.k, args.samples, args.seed, args.compact)
         compact_items = list(TopkDataset(compact))
         per_token["compact"] = bytes_per_token(compact)
-        cost |= {"topk_tail_compact": per_token["compact"]["topk"], "sampled_compact": per_token["compact"]["sampled"]}
+        cost |= {
+            "topk_tail_compact": per_token["compact"]["topk"],
+            "sampled_compact": per_token["compact"]["sampled"],
+        }
         items_of |= {"topk_tail_compact": compact_items, "sampled_compact": compact_items}
         print(f"{args.compact} cache: {per_token['compact']} in {secs:.0f} s", flush=True)
     if {"sampled_entropy", "sampled_entropy_ce"} & set(methods):
         thin = args.out / "cache-entropy"
-        secs = run_cache(model_dir, train, thin, args.k, args.samples, args.seed, args.compact, targets="sampled",
-                         positions=f"entropy:{args.entropy_share:g}")
+        secs = run_cache(
+            model_dir,
+            train,
+            thin,
+            args.k,
+            args.samples,
+            args.seed,
+            args.compact,
+            targets="sampled",
+            positions=f"entropy:{args.entropy_share:g}",
+        )
         items_of["sampled_entropy"] = items_of["sampled_entropy_ce"] = list(TopkDataset(thin))
         per_token["entropy"] = bytes_per_token(thin)
         cost["sampled_entropy"] = cost["sampled_entropy_ce"] = per_token["entropy"]["sampled"]
         print(f"entropy:{args.entropy_share:g} cache: {per_token['entropy']} in {secs:.0f} s", flush=True)
     for method in methods:
-        student, secs = train_student(method, items_of[method], teacher, args, len(tok), tok.bos_token_id,
-                                      tok.eos_token_id)
-        results[method] = {**evaluate(student, teacher, held), "bytes_per_token": cost[method], "train_s": secs}
+        student, secs = train_student(
+            method, items_of[method], teacher, args, len(tok), tok.bos_token_id, tok.eos_token_id
+        )
+        results[method] = {
+            **evaluate(student, teacher, held),
+            "bytes_per_token": cost[method],
+            "train_s": secs,
+        }
         print(f"{method}: {results[method]}", flush=True)
 
-    names = {"teacher": "the teacher itself", "no_kd": "no KD (cross-entropy on the text)",
-             "full_kd": "full-distribution KD, online (reference)", "topk_tail": f"top-k k={args.k}, with tail",
-             "topk_renorm": f"top-k k={args.k}, renormalised", "sampled": f"sampled N={args.samples}",
-             "topk_tail_compact": f"top-k k={args.k}, with tail, {args.compact}",
-             "sampled_compact": f"sampled N={args.samples}, {args.compact}",
-             "sampled_entropy": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}",
-             "sampled_entropy_ce": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}, "
-                                   "text CE at the other positions"}
+    names = {
+        "teacher": "the teacher itself",
+        "no_kd": "no KD (cross-entropy on the text)",
+        "full_kd": "full-distribution KD, online (reference)",
+        "topk_tail": f"top-k k={args.k}, with tail",
+        "topk_renorm": f"top-k k={args.k}, renormalised",
+        "sampled": f"sampled N={args.samples}",
+        "topk_tail_compact": f"top-k k={args.k}, with tail, {args.compact}",
+        "sampled_compact": f"sampled N={args.samples}, {args.compact}",
+        "sampled_entropy": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}",
+        "sampled_entropy_ce": f"sampled N={args.samples}, {args.compact}, entropy:{args.entropy_share:g}, "
+        "text CE at the other positions",
+    }
     full_bytes = len(tok) * 2  # the whole vocabulary at float16, were it cached
-    print(f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {args.threads} threads; held-out: {sum(map(len, held))} tokens\n")
+    print(
+        f"\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads; held-out: {sum(map(len, held))} tokens\n"
+    )
     print("| targets | held-out CE (nats) | KL(teacher ‖ student), full vocab | ECE | cache bytes/token |")
     print("|---|---|---|---|---|")
     for key, r in results.items():
         b = r.get("bytes_per_token")
-        b = f"{b:.1f}" if b is not None else (f"(online; {full_bytes} if cached)" if key == "full_kd" else "-")
+        b = (
+            f"{b:.1f}"
+            if b is not None
+            else (f"(online; {full_bytes} if cached)" if key == "full_kd" else "-")
+        )
         print(f"| {names[key]} | {r['ce']:.3f} | {r['kl']:.3f} | {r['ece']:.3f} | {b} |")
-    (args.out / "results.json").write_text(json.dumps(
-        {"results": results, "names": names, "teacher_training": teacher_stats, "bytes_per_token": per_token,
-         "args": vars(args)},
-        default=str, indent=1,
-    ))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "results": results,
+                "names": names,
+                "teacher_training": teacher_stats,
+                "bytes_per_token": per_token,
+                "args": vars(args),
+            },
+            default=str,
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ def gap_closed(results: dict, key: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="--out directories of benchmarks/distill.py (one per seed)")
+    p.add_argument(
+        "runs", nargs="+", type=Path, help="--out directories of benchmarks/distill.py (one per seed)"
+    )
     p.add_argument("--png", type=Path, required=True)
     a = p.parse_args(argv)
     runs = [json.loads((d / "results.json").read_text()) for d in a.runs]
@@ -55,11 +57,23 @@ def main(argv: list[str] | None = None) -> None:
         color = f"C{i}"
         for j, (x, y) in enumerate(zip(xs, ys)):
             shown = max(y, floor)
-            ax.scatter(x, shown, color=color, marker="v" if y < floor else markers[j % len(markers)], s=50,
-                       label=names[key] if j == 0 else None)
+            ax.scatter(
+                x,
+                shown,
+                color=color,
+                marker="v" if y < floor else markers[j % len(markers)],
+                s=50,
+                label=names[key] if j == 0 else None,
+            )
             if y < floor:
-                ax.annotate(f"{y:.1f}", (x, shown), textcoords="offset points", xytext=(6, 4 + 10 * j), fontsize=7,
-                            color=color)
+                ax.annotate(
+                    f"{y:.1f}",
+                    (x, shown),
+                    textcoords="offset points",
+                    xytext=(6, 4 + 10 * j),
+                    fontsize=7,
+                    color=color,
+                )
         ax.plot(xs, [max(y, floor) for y in ys], color=color, alpha=0.3)
     ax.set_ylim(floor - 0.1, 1.15)
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
@@ -70,9 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("cache bytes per token (log scale)")
     ax.set_ylabel("share of the KL gap closed (no KD = 0, full KD = 1)")
-    shapes = ", ".join(f"{'circle square triangle diamond'.split()[j % 4]}: seed {seed}" for j, seed in enumerate(seeds))
-    ax.set_title(f"Quality for bytes: the distillation benchmark ({shapes}; a ▼ is below the axis, its value beside)",
-                 fontsize=9)
+    shapes = ", ".join(
+        f"{'circle square triangle diamond'.split()[j % 4]}: seed {seed}" for j, seed in enumerate(seeds)
+    )
+    ax.set_title(
+        f"Quality for bytes: the distillation benchmark ({shapes}; a ▼ is below the axis, its value beside)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     a.png.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,12 @@ import pyarrow.parquet as pq
 
 from teacher_farm.client.shards import ShardWriter
 from teacher_farm.schemas.arrow import (
-    cache_schema, cast_logprobs, encode_rows, flat_values, list_lengths, topk_logprobs_of,
+    cache_schema,
+    cast_logprobs,
+    encode_rows,
+    flat_values,
+    list_lengths,
+    topk_logprobs_of,
 )
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity
 from teacher_farm.training.reader import row_group_arrays
@@ -54,7 +59,9 @@ def load(cache: Path) -> tuple[pa.Table, CacheIdentity]:
 def respread(table: pa.Table, vocab: int, spread: str, seed: int = 0) -> pa.Table:
     """Every id i as an id of [w i, w i + w), w = vocab // the cache's vocabulary (see the module's doc)."""
     rng = np.random.default_rng(seed)
-    top = int(max(pc.max(flat_values(table.column(c))).as_py() for c in ("input_ids", "topk_ids", "sample_ids")))
+    top = int(
+        max(pc.max(flat_values(table.column(c))).as_py() for c in ("input_ids", "topk_ids", "sample_ids"))
+    )
     width = vocab // (top + 1)
     offset = rng.integers(0, width, top + 1)
 
@@ -86,9 +93,14 @@ def respread(table: pa.Table, vocab: int, spread: str, seed: int = 0) -> pa.Tabl
 def old_options() -> dict:
     """The writer options of schema 2 (before the encodings were measured per column)."""
     return {
-        "compression": "zstd", "compression_level": 3, "use_dictionary": ["id", "source"],
-        "use_byte_stream_split": ["topk_logprobs.list.element.list.element", "target_logprobs.list.element",
-                                  "sample_logprobs.list.element.list.element"],
+        "compression": "zstd",
+        "compression_level": 3,
+        "use_dictionary": ["id", "source"],
+        "use_byte_stream_split": [
+            "topk_logprobs.list.element.list.element",
+            "target_logprobs.list.element",
+            "sample_logprobs.list.element.list.element",
+        ],
         "write_statistics": ["line"],
     }
 
@@ -133,7 +145,9 @@ def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs:
     return {
         "per_token": {name: b / tokens for name, b in sizes.items()},
         "worst_error": float(np.abs(got[finite].astype(np.float64) - want[finite]).max()),
-        "write_tokens_per_s": tokens / write_s, "read_tokens_per_s": tokens / read_s, "tokens": tokens,
+        "write_tokens_per_s": tokens / write_s,
+        "read_tokens_per_s": tokens / read_s,
+        "tokens": tokens,
     }
 
 
@@ -142,7 +156,12 @@ def kinds(per_token: dict[str, float]) -> dict[str, float]:
     common = sum(v for k, v in per_token.items() if k in COMMON)
     topk = sum(v for k, v in per_token.items() if k in TOPK)
     sampled = sum(v for k, v in per_token.items() if k in SAMPLED or k == "sample_logprobs")
-    return {"rest": common, "topk": common + topk, "sampled": common + sampled, "both": common + topk + sampled}
+    return {
+        "rest": common,
+        "topk": common + topk,
+        "sampled": common + sampled,
+        "both": common + topk + sampled,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         label = f"vocabulary {a.vocab:,} ({a.spread} spread of {identity.vocab_size:,})"
     runs = [("float16, schema 2 (before)", "v2", True)] + [
         (f"{fmt}{'' if keep else ', no sample logprobs'}", fmt, keep)
-        for fmt in ("float32", "float16", "uint8-gap") for keep in (True, False)
+        for fmt in ("float32", "float16", "uint8-gap")
+        for keep in (True, False)
     ]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,17 +186,34 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = measure(table, identity, fmt, keep, Path(tmp))
     tokens = next(iter(results.values()))["tokens"]
     print(f"{a.cache}: {tokens:,} tokens, k={identity.scoring.k}, N={identity.scoring.samples}, {label}\n")
-    columns = ["input_ids", "target_logprobs", "target_ranks", "topk_ids", "topk_logprobs", "topk_top1", "topk_gaps",
-               "sample_ids", "sample_id_gaps", "sample_counts", "sample_logprobs"]
-    print("| format | " + " | ".join(columns) + " | rest | top-k cache | sampled cache | both | worst error (nat) "
-          "| write Mtok/s | read Mtok/s |")
+    columns = [
+        "input_ids",
+        "target_logprobs",
+        "target_ranks",
+        "topk_ids",
+        "topk_logprobs",
+        "topk_top1",
+        "topk_gaps",
+        "sample_ids",
+        "sample_id_gaps",
+        "sample_counts",
+        "sample_logprobs",
+    ]
+    print(
+        "| format | "
+        + " | ".join(columns)
+        + " | rest | top-k cache | sampled cache | both | worst error (nat) "
+        "| write Mtok/s | read Mtok/s |"
+    )
     print("|---" * (len(columns) + 8) + "|")
     for name, r in results.items():
         cells = [f"{r['per_token'][c]:.1f}" if c in r["per_token"] else "-" for c in columns]
         k = kinds(r["per_token"])
-        print(f"| {name} | " + " | ".join(cells) + f" | {k['rest']:.1f} | {k['topk']:.1f} | {k['sampled']:.1f} "
-              f"| {k['both']:.1f} | {r['worst_error']:.3g} | {r['write_tokens_per_s'] / 1e6:.2f} "
-              f"| {r['read_tokens_per_s'] / 1e6:.2f} |")
+        print(
+            f"| {name} | " + " | ".join(cells) + f" | {k['rest']:.1f} | {k['topk']:.1f} | {k['sampled']:.1f} "
+            f"| {k['both']:.1f} | {r['worst_error']:.3g} | {r['write_tokens_per_s'] / 1e6:.2f} "
+            f"| {r['read_tokens_per_s'] / 1e6:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def make_corpus(work: Path, model: Path, lengths: list[int]) -> tuple[Path, list
     starts = np.cumsum([0, *lengths])
     with open(out, "w", encoding="utf-8") as f:
         for i in range(len(lengths)):
-            chunk = ids[starts[i]: starts[i + 1] - 1]
+            chunk = ids[starts[i] : starts[i + 1] - 1]
             text = tok.decode(chunk)
             f.write(json.dumps({"id": f"doc-{i}", "text": text}, ensure_ascii=False) + "\n")
             token_ids.append(tok(text, add_special_tokens=True)["input_ids"])
@@ -99,8 +99,14 @@ def make_corpus(work: Path, model: Path, lengths: list[int]) -> tuple[Path, list
 
 def engine_flags(a) -> list[str]:
     """The same engine settings for every path."""
-    flags = ["--dtype", a.dtype, "--max-model-len", str(a.max_model_len),
-             "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    flags = [
+        "--dtype",
+        a.dtype,
+        "--max-model-len",
+        str(a.max_model_len),
+        "--gpu-memory-utilization",
+        str(a.gpu_memory_utilization),
+    ]
     if a.max_num_batched_tokens:
         flags += ["--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     if a.enforce_eager:
@@ -116,9 +122,27 @@ class OursServer:
         self.url = f"http://127.0.0.1:{self.port}"
         log = open(work / f"ours-{scoring}-server.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "teacher_farm.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-             "--port", str(self.port), "--k-max", str(max(a.ks)), "--scoring", scoring, *engine_flags(a)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "teacher_farm.cli",
+                "serve",
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--k-max",
+                str(max(a.ks)),
+                "--scoring",
+                scoring,
+                *engine_flags(a),
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_health(self.url + "/health", self.proc)
 
@@ -130,10 +154,29 @@ def run_ours(a, server: OursServer, corpus: Path, work: Path, k: int, tag: str =
     out = work / f"ours-{tag}-{server.port}-{k}"
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "teacher_farm.cli", "cache", "--server", server.url, "--input", str(corpus),
-         "--out", str(out), "--k", str(k), "--logprob-dtype", a.logprob_dtype, "--concurrency", str(a.concurrency),
-         "--log-every", "0.2"],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "teacher_farm.cli",
+            "cache",
+            "--server",
+            server.url,
+            "--input",
+            str(corpus),
+            "--out",
+            str(out),
+            "--k",
+            str(k),
+            "--logprob-dtype",
+            a.logprob_dtype,
+            "--concurrency",
+            str(a.concurrency),
+            "--log-every",
+            "0.2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - started
     if proc.returncode:
@@ -141,8 +184,13 @@ def run_ours(a, server: OursServer, corpus: Path, work: Path, k: int, tag: str =
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in manifest["shards"].values())
     parquet = sum(s["bytes"] for s in manifest["shards"].values())
-    return {"tokens": tokens, "seconds": seconds, "parquet": parquet, "wire": _wire_from(proc.stdout),
-            "steady": steady_rate(proc.stderr, tokens)}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "parquet": parquet,
+        "wire": _wire_from(proc.stdout),
+        "steady": steady_rate(proc.stderr, tokens),
+    }
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -188,9 +236,25 @@ def run_openai(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -
     url = f"http://127.0.0.1:{port}"
     log = open(work / "openai-server.log", "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
-         "--port", str(port), "--no-enable-prefix-caching", "--max-logprobs", str(max(a.ks)), *engine_flags(a)],
-        cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-enable-prefix-caching",
+            "--max-logprobs",
+            str(max(a.ks)),
+            *engine_flags(a),
+        ],
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_health(url + "/health", server)
@@ -198,10 +262,18 @@ def run_openai(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -
 
         async def one(client, ids):
             nonlocal wire
-            r = await client.post("/v1/completions", json={
-                "model": str(model), "prompt": ids, "max_tokens": 1, "temperature": 0,
-                "prompt_logprobs": k, "logprobs": k, "return_tokens_as_token_ids": True,
-            })
+            r = await client.post(
+                "/v1/completions",
+                json={
+                    "model": str(model),
+                    "prompt": ids,
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "prompt_logprobs": k,
+                    "logprobs": k,
+                    "return_tokens_as_token_ids": True,
+                },
+            )
             r.raise_for_status()
             wire += len(r.content)
             choice = r.json()["choices"][0]
@@ -215,8 +287,10 @@ def run_openai(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -
                 topk_ids[i] = [t for _, t, _ in top]
                 topk_lps[i] = [lp for _, _, lp in top]
                 tgt[i] = pos[str(ids[i + 1])]["logprob"]
-            last = sorted(((lp, int(t.split(":")[-1])) for t, lp in choice["logprobs"]["top_logprobs"][0].items()),
-                          reverse=True)[:k]
+            last = sorted(
+                ((lp, int(t.split(":")[-1])) for t, lp in choice["logprobs"]["top_logprobs"][0].items()),
+                reverse=True,
+            )[:k]
             topk_lps[-1] = [lp for lp, _ in last]
             topk_ids[-1] = [t for _, t in last]
             return ids, topk_ids, topk_lps, tgt
@@ -224,19 +298,23 @@ def run_openai(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -
         async def main():
             sem = asyncio.Semaphore(a.concurrency)
             async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
+
                 async def bounded(ids):
                     async with sem:
                         return await one(client, ids)
+
                 return await asyncio.gather(*(bounded(ids) for ids in token_ids))
 
         started = time.perf_counter()
         results = asyncio.run(main())
-        table = pa.table({
-            "input_ids": [r[0] for r in results],
-            "topk_ids": [r[1].tolist() for r in results],
-            "topk_logprobs": [r[2].tolist() for r in results],
-            "target_logprobs": [r[3].tolist() for r in results],
-        })
+        table = pa.table(
+            {
+                "input_ids": [r[0] for r in results],
+                "topk_ids": [r[1].tolist() for r in results],
+                "topk_logprobs": [r[2].tolist() for r in results],
+                "target_logprobs": [r[3].tolist() for r in results],
+            }
+        )
         path = work / "openai.parquet"
         pq.write_table(table, path, compression="zstd")
         seconds = time.perf_counter() - started
@@ -249,7 +327,7 @@ def run_openai(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -
 #: Documents run once at each k, untimed, before every timed path.
 WARM_DOCS = 32
 
-IN_PROCESS = r'''
+IN_PROCESS = r"""
 import asyncio, json, sys, time
 import numpy as np
 from vllm import SamplingParams
@@ -298,14 +376,23 @@ async def main(args, token_ids, ks, pooled, repeat):
 if __name__ == "__main__":
     spec = json.load(open(sys.argv[1]))
     asyncio.run(main(spec["args"], spec["token_ids"], spec["ks"], spec["pooled"], spec["repeat"]))
-'''
+"""
 
 
-def run_in_process(a, model: Path, token_ids: list[list[int]], work: Path, ks: list[int], pooled: bool = False) -> dict[int, dict]:
+def run_in_process(
+    a, model: Path, token_ids: list[list[int]], work: Path, ks: list[int], pooled: bool = False
+) -> dict[int, dict]:
     """One engine in process, each k in turn: prefill only (k=0: the ceiling), flat prompt logprobs, or pooled."""
-    args = {"model": str(model), "dtype": a.dtype, "max_model_len": a.max_model_len,
-            "enable_prefix_caching": False, "disable_log_stats": True, "enforce_eager": a.enforce_eager,
-            "max_logprobs": max(a.ks), "gpu_memory_utilization": a.gpu_memory_utilization}
+    args = {
+        "model": str(model),
+        "dtype": a.dtype,
+        "max_model_len": a.max_model_len,
+        "enable_prefix_caching": False,
+        "disable_log_stats": True,
+        "enforce_eager": a.enforce_eager,
+        "max_logprobs": max(a.ks),
+        "gpu_memory_utilization": a.gpu_memory_utilization,
+    }
     if a.max_num_batched_tokens:
         args["max_num_batched_tokens"] = a.max_num_batched_tokens
     if pooled:
@@ -313,15 +400,28 @@ def run_in_process(a, model: Path, token_ids: list[list[int]], work: Path, ks: l
 
         args = engine_defaults(args, max(a.ks), choose_backend("pooled", str(model)))
     (work / "in_process.py").write_text(IN_PROCESS % WARM_DOCS)
-    (work / "in_process.json").write_text(json.dumps({"args": args, "token_ids": token_ids, "ks": ks, "pooled": pooled, "repeat": a.repeat}))
-    proc = subprocess.run([sys.executable, str(work / "in_process.py"), str(work / "in_process.json"), str(work / "in_process.out")],
-                          cwd=work, capture_output=True, text=True)
+    (work / "in_process.json").write_text(
+        json.dumps({"args": args, "token_ids": token_ids, "ks": ks, "pooled": pooled, "repeat": a.repeat})
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(work / "in_process.py"),
+            str(work / "in_process.json"),
+            str(work / "in_process.out"),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     seconds = json.loads((work / "in_process.out").read_text())
     tokens = sum(len(x) for x in token_ids)
-    return {int(k): median_run([{"tokens": tokens, "seconds": s, "parquet": None, "wire": None} for s in v])
-            for k, v in seconds.items()}
+    return {
+        int(k): median_run([{"tokens": tokens, "seconds": s, "parquet": None, "wire": None} for s in v])
+        for k, v in seconds.items()
+    }
 
 
 def run_seed(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -> dict:
@@ -345,14 +445,21 @@ def run_seed(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -> 
     path = work / "seed.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, compression="zstd")
     seconds = time.perf_counter() - started
-    return {"tokens": sum(len(x) for x in token_ids), "seconds": seconds, "parquet": path.stat().st_size, "wire": None}
+    return {
+        "tokens": sum(len(x) for x in token_ids),
+        "seconds": seconds,
+        "parquet": path.stat().st_size,
+        "wire": None,
+    }
 
 
 def model_header(model: Path) -> str:
     """What the model is, read from its config (not from the flags)."""
     cfg = json.loads((model / "config.json").read_text())
-    return (f"{(cfg.get('architectures') or ['?'])[0]}: vocabulary {cfg.get('vocab_size')}, hidden "
-            f"{cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, {cfg.get('num_attention_heads')} heads")
+    return (
+        f"{(cfg.get('architectures') or ['?'])[0]}: vocabulary {cfg.get('vocab_size')}, hidden "
+        f"{cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, {cfg.get('num_attention_heads')} heads"
+    )
 
 
 def main() -> None:
@@ -360,7 +467,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "bench-out")
     p.add_argument("--model", type=Path, help="an existing model; default: make a random Llama")
     p.add_argument("--docs", type=int, default=96)
-    p.add_argument("--doc-tokens", type=int, default=500, help="tokens per document (the median with --corpus realistic)")
+    p.add_argument(
+        "--doc-tokens", type=int, default=500, help="tokens per document (the median with --corpus realistic)"
+    )
     p.add_argument("--corpus", choices=["uniform", "realistic"], default="uniform")
     p.add_argument("--ks", default="16", help="comma-separated k values (default 16)")
     p.add_argument("--vocab", type=int, default=4096)
@@ -373,7 +482,9 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per path and k; the table gives the median run")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="timed runs per path and k; the table gives the median run"
+    )
     p.add_argument("--paths", default="c,e,p,a,l,b,d", help="which of c,e,p,a,l,b,d to run")
     a = p.parse_args()
     a.ks = [int(k) for k in a.ks.split(",")]
@@ -389,13 +500,21 @@ def main() -> None:
     if model is None:
         from teacher_farm.server.tinymodel import make_tiny_model
 
-        model = make_tiny_model(a.work / "model", [ROOT / "examples" / "sample.jsonl"], vocab_size=a.vocab,
-                                hidden_size=a.hidden, num_layers=a.layers, num_heads=max(1, a.hidden // 64))
+        model = make_tiny_model(
+            a.work / "model",
+            [ROOT / "examples" / "sample.jsonl"],
+            vocab_size=a.vocab,
+            hidden_size=a.hidden,
+            num_layers=a.layers,
+            num_heads=max(1, a.hidden // 64),
+        )
     lengths = doc_lengths(a.corpus, a.docs, a.doc_tokens, a.max_model_len)
     corpus, token_ids = make_corpus(a.work, model, lengths)
     paths = a.paths.split(",")
     warm_corpus = a.work / "warm.jsonl"
-    warm_corpus.write_text("".join(corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:WARM_DOCS]), encoding="utf-8")
+    warm_corpus.write_text(
+        "".join(corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:WARM_DOCS]), encoding="utf-8"
+    )
     rows: list[tuple[str, dict]] = []
 
     def run(name: str, fn) -> None:
@@ -406,8 +525,14 @@ def main() -> None:
     if flat_ks:
         print("running (c)/(e) in process ...", file=sys.stderr, flush=True)
         for k, r in run_in_process(a, model, token_ids, a.work, flat_ks).items():
-            rows.append(("(c) engine prefill only, in process (ceiling)" if k == 0 else
-                         f"(e) vLLM in process, flat prompt logprobs, k={k}", r))
+            rows.append(
+                (
+                    "(c) engine prefill only, in process (ceiling)"
+                    if k == 0
+                    else f"(e) vLLM in process, flat prompt logprobs, k={k}",
+                    r,
+                )
+            )
     if "p" in paths:
         print("running (p) in process ...", file=sys.stderr, flush=True)
         for k, r in run_in_process(a, model, token_ids, a.work, a.ks, pooled=True).items():
@@ -420,24 +545,42 @@ def main() -> None:
             # The same warm-up as in process: the first documents once, at the largest k, untimed.
             run_ours(a, server, warm_corpus, a.work, max(a.ks), tag="warm")
             for k in a.ks:
-                run(f"({key}) teacher-farm serve ({scoring}) + cache into Parquet, k={k}",
-                    lambda: median_run([run_ours(a, server, corpus, a.work, k, tag=f"cache{r}") for r in range(a.repeat)]))
+                run(
+                    f"({key}) teacher-farm serve ({scoring}) + cache into Parquet, k={k}",
+                    lambda: median_run(
+                        [run_ours(a, server, corpus, a.work, k, tag=f"cache{r}") for r in range(a.repeat)]
+                    ),
+                )
         finally:
             server.close()
     for k in a.ks:
         if "b" in paths:
-            run(f"(b) vLLM OpenAI server + JSON client into Parquet, k={k}", lambda: run_openai(a, model, token_ids, a.work, k))
+            run(
+                f"(b) vLLM OpenAI server + JSON client into Parquet, k={k}",
+                lambda: run_openai(a, model, token_ids, a.work, k),
+            )
     if "d" in paths:
-        run(f"(d) seed script: HF transformers, batch 1, k={a.ks[0]}", lambda: run_seed(a, model, token_ids, a.work, a.ks[0]))
+        run(
+            f"(d) seed script: HF transformers, batch 1, k={a.ks[0]}",
+            lambda: run_seed(a, model, token_ids, a.work, a.ks[0]),
+        )
 
     ceiling = next((r for name, r in rows if name.startswith("(c)")), None)
     base = ceiling["tokens"] / ceiling["seconds"] if ceiling else None
     import torch
 
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} cores"
-    print(f"\n{len(lengths)} docs, {a.corpus} lengths (median {int(np.median(lengths))}, max {max(lengths)}, "
-          f"{sum(lengths):,} tokens); {model_header(model)}; {a.dtype}; {where}; {time.strftime('%Y-%m-%d')}\n")
-    print("| path | tokens/s | vs ceiling | steady tokens/s | runs (tokens/s) | wire B/token | Parquet B/token |")
+    where = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(
+        f"\n{len(lengths)} docs, {a.corpus} lengths (median {int(np.median(lengths))}, max {max(lengths)}, "
+        f"{sum(lengths):,} tokens); {model_header(model)}; {a.dtype}; {where}; {time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        "| path | tokens/s | vs ceiling | steady tokens/s | runs (tokens/s) | wire B/token | Parquet B/token |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         tps = r["tokens"] / r["seconds"]
@@ -445,7 +588,9 @@ def main() -> None:
         steady = f"{r['steady']:,.0f}" if r.get("steady") else "-"
         ratio = f"{tps / base:.2f}" if base else "-"
         runs = ", ".join(f"{r['tokens'] / x:,.0f}" for x in r.get("runs", [r["seconds"]]))
-        print(f"| {name} | {tps:,.0f} | {ratio} | {steady} | {runs} | {fmt(r['wire'])} | {fmt(r['parquet'])} |")
+        print(
+            f"| {name} | {tps:,.0f} | {ratio} | {steady} | {runs} | {fmt(r['wire'])} | {fmt(r['parquet'])} |"
+        )
 
 
 if __name__ == "__main__":

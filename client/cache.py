@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -26,22 +26,34 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from teacher_farm.client.inputs import InputFile, Line, Reject, check_parquet_columns, discover, read_inputs
 from teacher_farm.client.fsutil import create_exclusive, fsync_dir, open_nofollow
+from teacher_farm.client.inputs import InputFile, Line, Reject, check_parquet_columns, discover, read_inputs
 from teacher_farm.client.lock import OutputLock
 from teacher_farm.client.manifest import check_identity, save_manifest
 from teacher_farm.client.progress import Progress
 from teacher_farm.client.shards import ShardWriter, shard_name
 from teacher_farm.client.transport import Teacher
-from teacher_farm.schemas.windows import default_stride, window_starts
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import encode_rows, with_source_columns
 from teacher_farm.schemas.cache_dir import (
-    CacheIdentity, InputFingerprint, Manifest, RunIdentity, ShardRecord, load_manifests, manifest_name,
+    CacheIdentity,
+    InputFingerprint,
+    Manifest,
+    RunIdentity,
+    ShardRecord,
+    load_manifests,
+    manifest_name,
 )
-from teacher_farm.schemas.errors import CacheMismatch, InputError, OutputLocked, OutputWriteError, ServerRejected
+from teacher_farm.schemas.errors import (
+    CacheMismatch,
+    InputError,
+    OutputLocked,
+    OutputWriteError,
+    ServerRejected,
+)
 from teacher_farm.schemas.formats import DEFAULT_FORMAT, logprob_format
 from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.windows import default_stride, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +123,10 @@ class CacheOptions:
             raise InputError("--sample-logprobs applies to --targets sampled or both only")
         if self.scoring.positions == "assistant" and self.long_lines == "window":
             # Windows after the first are scored as token ids, which carry no turns to keep.
-            raise InputError("--positions assistant keeps a chat's assistant turns in truncated records "
-                             "only: use --long-lines truncate")
+            raise InputError(
+                "--positions assistant keeps a chat's assistant turns in truncated records "
+                "only: use --long-lines truncate"
+            )
 
     def input_files(self) -> list[InputFile]:
         """The run's input files, found once, each readable as these options read it (else ``InputError``)."""
@@ -174,8 +188,11 @@ class Summary:
             + (f"; max length {self.max_length} tokens" if self.max_length else "")
             + f"; this run: {self.new_tokens} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s)"
             + (f", {self.skipped_shards} shards already done" if self.skipped_shards else "")
-            + (f"; {self.wire_bytes:,} wire bytes ({self.wire_bytes / self.new_tokens:.1f}/token)"
-               if self.wire_bytes and self.new_tokens else "")
+            + (
+                f"; {self.wire_bytes:,} wire bytes ({self.wire_bytes / self.new_tokens:.1f}/token)"
+                if self.wire_bytes and self.new_tokens
+                else ""
+            )
         )
 
 
@@ -230,7 +247,11 @@ class RequestLimits:
 
 
 async def score_batch(
-    teacher: Teacher, batch: Batch, opts: CacheOptions, max_length: int, limits: RequestLimits = RequestLimits(),
+    teacher: Teacher,
+    batch: Batch,
+    opts: CacheOptions,
+    max_length: int,
+    limits: RequestLimits = RequestLimits(),
 ) -> tuple[pa.Table | None, list[Reject]]:
     """The batch's result rows (with ``line``, ``source``, ``offset``), and the lines the server refused as bad."""
     if not batch.lines:
@@ -243,7 +264,11 @@ async def score_batch(
     except ServerRejected as exc:
         if len(batch.lines) == 1:
             line = batch.lines[0]
-            return None, [Reject(line.line, f"refused by the server: {exc}", line.id, source=line.source, index=line.record)]
+            return None, [
+                Reject(
+                    line.line, f"refused by the server: {exc}", line.id, source=line.source, index=line.record
+                )
+            ]
         # Find the bad lines: each line alone, so the good ones still land.
         parts = await asyncio.gather(
             *(score_batch(teacher, Batch(batch.shard, [x]), opts, max_length, limits) for x in batch.lines)
@@ -267,7 +292,11 @@ async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
 
 
 async def split_long_lines(
-    teacher: Teacher, lines: list[Line], table: pa.Table, opts: CacheOptions, max_length: int,
+    teacher: Teacher,
+    lines: list[Line],
+    table: pa.Table,
+    opts: CacheOptions,
+    max_length: int,
     limits: RequestLimits = RequestLimits(),
 ) -> pa.Table:
     """Replace every row cut at ``max_length`` by windows over the line's full token sequence.
@@ -291,15 +320,19 @@ async def split_long_lines(
             continue
         starts = window_starts(len(full), max_length, stride)
         keep = int(np.array_equal(ids[int(i)].values.to_numpy(zero_copy_only=False), full[:max_length]))
-        wanted = [(line.id, full[s:s + max_length]) for s in starts[keep:]]
+        wanted = [(line.id, full[s : s + max_length]) for s in starts[keep:]]
         # A long line's windows go in as many requests as the server's limits need, scored together.
-        parts = await asyncio.gather(*(
-            teacher.score_ids(wanted[g], opts.scoring, max_length, wire_dtype=opts.wire_dtype)
-            for g in limits.groups([len(t) for _, t in wanted])
-        ))
+        parts = await asyncio.gather(
+            *(
+                teacher.score_ids(wanted[g], opts.scoring, max_length, wire_dtype=opts.wire_dtype)
+                for g in limits.groups([len(t) for _, t in wanted])
+            )
+        )
         windows = pa.concat_tables(parts) if parts else table.slice(0, 0)
         if windows.num_rows != len(starts) - keep:
-            raise InputError(f"{teacher.name} answered {windows.num_rows} rows for {len(starts) - keep} windows")
+            raise InputError(
+                f"{teacher.name} answered {windows.num_rows} rows for {len(starts) - keep} windows"
+            )
         pieces += [table.slice(done, i + keep - done), windows.select(table.column_names).cast(table.schema)]
         line_no += [x.line for x in lines[done:i]] + [line.line] * len(starts)
         sources += [x.source for x in lines[done:i]] + [line.source] * len(starts)
@@ -322,7 +355,9 @@ class LineHashes:
     run reads past it, before any later shard is committed. Costs one sha256 pass over the input.
     """
 
-    def __init__(self, rows_per_shard: int, mine: Callable[[int], bool], done: dict[int, ShardRecord], where: Path) -> None:
+    def __init__(
+        self, rows_per_shard: int, mine: Callable[[int], bool], done: dict[int, ShardRecord], where: Path
+    ) -> None:
         self.rows_per_shard, self.mine, self.done, self.where = rows_per_shard, mine, done, where
         self.digests: dict[int, str] = {}
         self._shard = -1
@@ -383,20 +418,34 @@ class CacheRun:
         if opts.max_length and opts.max_length > info.max_input_tokens:
             log.warning(
                 "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
-                opts.max_length, info.max_model_len, max_length,
+                opts.max_length,
+                info.max_model_len,
+                max_length,
             )
         stride = (opts.stride or default_stride(max_length)) if opts.long_lines == "window" else None
         if stride is not None and not 1 <= stride < max_length:
-            raise InputError(f"--stride {opts.stride} must be in 1..{max_length - 1} (below the max length, {max_length})")
+            raise InputError(
+                f"--stride {opts.stride} must be in 1..{max_length - 1} (below the max length, {max_length})"
+            )
         # The cache's identity and how this run reads its inputs: a rerun must match them all.
         identity = RunIdentity(
             cache=CacheIdentity(
-                model_fingerprint=info.model_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
-                vocab_size=info.vocab_size, scoring=scoring, logprob_dtype=opts.logprob_dtype,
-                sample_logprobs=opts.sample_logprobs and scoring.targets != "topk", model=info.model,
+                model_fingerprint=info.model_fingerprint,
+                tokenizer_fingerprint=info.tokenizer_fingerprint,
+                vocab_size=info.vocab_size,
+                scoring=scoring,
+                logprob_dtype=opts.logprob_dtype,
+                sample_logprobs=opts.sample_logprobs and scoring.targets != "topk",
+                model=info.model,
             ),
-            max_length=max_length, text_field=opts.text_field, id_field=opts.id_field, ids_field=opts.ids_field,
-            rows_per_shard=opts.rows_per_shard, parts=opts.parts, long_lines=opts.long_lines, stride=stride,
+            max_length=max_length,
+            text_field=opts.text_field,
+            id_field=opts.id_field,
+            ids_field=opts.ids_field,
+            rows_per_shard=opts.rows_per_shard,
+            parts=opts.parts,
+            long_lines=opts.long_lines,
+            stride=stride,
             inputs=tuple(InputFingerprint(**f.fingerprint()) for f in self.files),
         )
         name = manifest_name(opts.parts, opts.part)
@@ -413,7 +462,9 @@ class CacheRun:
             manifest = Manifest(
                 identity=identity,
                 provenance={
-                    "input_paths": [os.path.abspath(f.source) if f.source != "-" else "-" for f in self.files],
+                    "input_paths": [
+                        os.path.abspath(f.source) if f.source != "-" else "-" for f in self.files
+                    ],
                     "model": info.model,
                     "teacher": self.teacher.name,
                     "versions": info.versions.model_dump(),
@@ -458,7 +509,7 @@ class CacheRun:
             pass
         others = sorted(p.name for p in self.out.glob(f"{SPLIT_MARKER}*") if p != mine)
         if others:
-            theirs = ", ".join(o[len(SPLIT_MARKER):] for o in others)
+            theirs = ", ".join(o[len(SPLIT_MARKER) :] for o in others)
             self._unmark()
             raise CacheMismatch(
                 f"{self.out} is (being) written by a run split into --num-shards {theirs}, not {self.opts.parts}: "
@@ -477,7 +528,7 @@ class CacheRun:
         created exclusively, so a file found later belongs to another writer."""
         N, I = self.opts.parts, self.opts.part
         for tmp in self.out.glob(".part-*.parquet.tmp"):
-            index = tmp.name[len(".part-"):-len(".parquet.tmp")]
+            index = tmp.name[len(".part-") : -len(".parquet.tmp")]
             if index.isdigit() and int(index) % N == I:
                 tmp.unlink(missing_ok=True)
         (self.out / f".{name}.tmp").unlink(missing_ok=True)
@@ -515,17 +566,27 @@ class CacheRun:
         if not manifest.complete:
             R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
             self.hashes = LineHashes(R, lambda j: j % N == I, manifest.shards, self.out)
-            records = _then(read_inputs(
-                self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
-                ids_field=self.opts.ids_field, skip=lambda n: (n // R) % N != I or n // R in done,
-                tap=self.hashes.feed,
-            ), self.hashes.close)
+            records = _then(
+                read_inputs(
+                    self.files,
+                    text_field=self.opts.text_field,
+                    id_field=self.opts.id_field,
+                    ids_field=self.opts.ids_field,
+                    skip=lambda n: (n // R) % N != I or n // R in done,
+                    tap=self.hashes.feed,
+                ),
+                self.hashes.close,
+            )
             self.progress = Progress(input_size(self.files), every_s=self.opts.log_every_s)
             try:
                 # A request of whole lines, each up to max_length tokens, stays within the server's limits.
-                per_request = min(self.opts.batch_lines, self.limits.inputs, max(1, self.limits.tokens // max_length))
+                per_request = min(
+                    self.opts.batch_lines, self.limits.inputs, max(1, self.limits.tokens // max_length)
+                )
                 batching = dataclasses.replace(self.opts, batch_lines=per_request)
-                new_tokens = await self._pipeline(make_batches(records, batching), manifest, max_length, schema)
+                new_tokens = await self._pipeline(
+                    make_batches(records, batching), manifest, max_length, schema
+                )
             finally:
                 self.progress.close()
             manifest.complete = True
@@ -534,10 +595,17 @@ class CacheRun:
         if self.opts.retry_rejects and manifest.rejects_bytes:
             new_tokens += await self._retry_rejects(manifest, max_length, schema)
         return Summary(
-            out_dir=self.out, shards=len(manifest.shards), rows=manifest.rows, rejects=manifest.rejects,
-            tokens=manifest.tokens, bytes=sum(s.bytes for s in manifest.shards.values()),
-            seconds=time.monotonic() - started, new_tokens=new_tokens, skipped_shards=len(done),
-            rejects_file=self.opts.rejects_name, wire_bytes=getattr(self.teacher, "bytes_received", None),
+            out_dir=self.out,
+            shards=len(manifest.shards),
+            rows=manifest.rows,
+            rejects=manifest.rejects,
+            tokens=manifest.tokens,
+            bytes=sum(s.bytes for s in manifest.shards.values()),
+            seconds=time.monotonic() - started,
+            new_tokens=new_tokens,
+            skipped_shards=len(done),
+            rejects_file=self.opts.rejects_name,
+            wire_bytes=getattr(self.teacher, "bytes_received", None),
             max_length=max_length,
         )
 
@@ -554,9 +622,16 @@ class CacheRun:
         with open_nofollow(path) as f:
             committed = f.read(manifest.rejects_bytes)
         wanted = {(e.get("source"), e["line"]) for e in map(orjson.loads, committed.splitlines()) if e}
-        records = [rec for rec in read_inputs(self.files, text_field=self.opts.text_field, id_field=self.opts.id_field,
-                                              ids_field=self.opts.ids_field)
-                   if (rec.source, rec.line) in wanted]
+        records = [
+            rec
+            for rec in read_inputs(
+                self.files,
+                text_field=self.opts.text_field,
+                id_field=self.opts.id_field,
+                ids_field=self.opts.ids_field,
+            )
+            if (rec.source, rec.line) in wanted
+        ]
         if not records:
             return 0
         known = [rec.index for m in load_manifests(self.out).values() for rec in m.shards.values()]
@@ -577,7 +652,12 @@ class CacheRun:
             self.opts, self._rewriting = opts, False
             self.progress.close()
         again = manifest.shards[index].rejects
-        log.info("retried %d rejected lines: %d cached now, %d refused again", len(records), len(records) - again, again)
+        log.info(
+            "retried %d rejected lines: %d cached now, %d refused again",
+            len(records),
+            len(records) - again,
+            again,
+        )
         return tokens
 
     def _rewrite_rejects(self, manifest: Manifest, rejects: list[Reject]) -> None:
@@ -603,7 +683,9 @@ class CacheRun:
         manifest.rejects_pending = None
         save_manifest(manifest, self.out, self.manifest_name)
 
-    async def _pipeline(self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema) -> int:
+    async def _pipeline(
+        self, batches: Iterator[Batch], manifest: Manifest, max_length: int, schema: pa.Schema
+    ) -> int:
         """Keep ``concurrency`` requests in flight; write answers in input order."""
         slots = asyncio.Semaphore(self.opts.concurrency)
         queue: asyncio.Queue = asyncio.Queue()
@@ -616,7 +698,9 @@ class CacheRun:
                 if writer.done():
                     acquire.cancel()
                     break
-                task = asyncio.create_task(score_batch(self.teacher, batch, self.opts, max_length, self.limits))
+                task = asyncio.create_task(
+                    score_batch(self.teacher, batch, self.opts, max_length, self.limits)
+                )
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
                 queue.put_nowait((batch, task))
@@ -626,7 +710,9 @@ class CacheRun:
             for task in (*in_flight, writer):
                 task.cancel()
 
-    async def _write_in_order(self, queue: asyncio.Queue, slots: asyncio.Semaphore, manifest: Manifest, schema: pa.Schema) -> int:
+    async def _write_in_order(
+        self, queue: asyncio.Queue, slots: asyncio.Semaphore, manifest: Manifest, schema: pa.Schema
+    ) -> int:
         shard: ShardWriter | None = None
         rejects: list[Reject] = []
         first_line = None
@@ -662,10 +748,19 @@ class CacheRun:
                     if self._rewriting:
                         await asyncio.to_thread(self._rewrite_rejects, manifest, rejects)
                     else:
-                        manifest.rejects_bytes = await asyncio.to_thread(self._append_rejects, rejects, manifest.rejects_bytes)
+                        manifest.rejects_bytes = await asyncio.to_thread(
+                            self._append_rejects, rejects, manifest.rejects_bytes
+                        )
                 manifest.shards[batch.shard] = ShardRecord(
-                    index=batch.shard, file=stats.file, first_line=first_line, end_line=batch.last_line + 1,
-                    rows=stats.rows, rejects=len(rejects), tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
+                    index=batch.shard,
+                    file=stats.file,
+                    first_line=first_line,
+                    end_line=batch.last_line + 1,
+                    rows=stats.rows,
+                    rejects=len(rejects),
+                    tokens=stats.tokens,
+                    bytes=stats.bytes,
+                    sha256=stats.sha256,
                     input_sha256=None if self._rewriting else self.hashes.digests.get(batch.shard),
                 )
                 with self._writing(self.out / self.manifest_name):
@@ -674,7 +769,13 @@ class CacheRun:
                         self._finish_rejects_rewrite(manifest)
                 self.bytes_written += stats.bytes
                 tokens += stats.tokens
-                log.info("shard %d: %d rows, %d tokens, %d rejected", batch.shard, stats.rows, stats.tokens, len(rejects))
+                log.info(
+                    "shard %d: %d rows, %d tokens, %d rejected",
+                    batch.shard,
+                    stats.rows,
+                    stats.tokens,
+                    len(rejects),
+                )
                 shard, rejects = None, []
         return tokens
 

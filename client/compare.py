@@ -39,8 +39,13 @@ def split_rows(a: RowGroupArrays, ids: list[str | None]) -> list[Row]:
     for r in range(a.rows):
         p0, p1 = int(a.offsets[r]), int(a.offsets[r + 1])
         t0, t1 = int(a.target_offsets[r]), int(a.target_offsets[r + 1])
-        row: Row = {"id": ids[r], "line": int(a.line[r]), "input_ids": a.input_ids[p0:p1],
-                    "target_logprobs": a.target_logprobs[t0:t1], "target_ranks": a.target_ranks[t0:t1]}
+        row: Row = {
+            "id": ids[r],
+            "line": int(a.line[r]),
+            "input_ids": a.input_ids[p0:p1],
+            "target_logprobs": a.target_logprobs[t0:t1],
+            "target_ranks": a.target_ranks[t0:t1],
+        }
         if a.kept is not None:
             row["kept"] = a.kept[p0:p1]
         if a.topk_ids is not None:
@@ -48,8 +53,11 @@ def split_rows(a: RowGroupArrays, ids: list[str | None]) -> list[Row]:
         if width is not None:
             lengths = a.sample_lengths[p0:p1]
             drawn = width < lengths[:, None]  # the padded block's filled slots, position by position
-            row.update(sample_lengths=lengths, sample_ids=a.sample_ids[p0:p1][drawn],
-                       sample_counts=a.sample_counts[p0:p1][drawn])
+            row.update(
+                sample_lengths=lengths,
+                sample_ids=a.sample_ids[p0:p1][drawn],
+                sample_counts=a.sample_counts[p0:p1][drawn],
+            )
         rows.append(row)
     return rows
 
@@ -88,8 +96,10 @@ def _sequence_problem(cached: Row, fresh: Row) -> str | None:
     if np.array_equal(ck, fk):
         return None
     where = np.flatnonzero(ck != fk)
-    return (f"the positions whose targets were kept differ at {len(where)} of {n} (first: position "
-            f"{int(where[0])}): the teacher keeps other positions under the cache's --positions rule")
+    return (
+        f"the positions whose targets were kept differ at {len(where)} of {n} (first: position "
+        f"{int(where[0])}): the teacher keeps other positions under the cache's --positions rule"
+    )
 
 
 def _shape_problems(cached: Row, fresh: Row, n: int, k: int) -> list[str]:
@@ -108,9 +118,13 @@ def _shape_problems(cached: Row, fresh: Row, n: int, k: int) -> list[str]:
         return problems
     f_ids, f_lp = fresh["topk_ids"], fresh["topk_logprobs"]
     if (
-        f_ids is None or f_lp is None or f_ids.shape != f_lp.shape
-        or f_ids.shape[0] != n or f_ids.shape[1] < k
-        or len(fresh["target_logprobs"]) != n - 1 or len(fresh["target_ranks"]) != n - 1
+        f_ids is None
+        or f_lp is None
+        or f_ids.shape != f_lp.shape
+        or f_ids.shape[0] != n
+        or f_ids.shape[1] < k
+        or len(fresh["target_logprobs"]) != n - 1
+        or len(fresh["target_ranks"]) != n - 1
     ):
         return [f"the teacher's answer does not have {n} positions of at least {k} candidates"]
     return []
@@ -143,8 +157,10 @@ def _logprob_problems(v: _Values, n: int, k: int) -> tuple[list[str], float]:
     if len(bad):
         problems.append(
             f"topk_logprobs differ at {len(bad)} of {n * k} entries: "
-            + _where(bad, lambda p, c: f"position {p} candidate {c + 1}: cached {cl[p, c]:.6g}, "
-                     f"teacher {fl[p, c]:.6g}")
+            + _where(
+                bad,
+                lambda p, c: f"position {p} candidate {c + 1}: cached {cl[p, c]:.6g}, teacher {fl[p, c]:.6g}",
+            )
         )
     bad = np.flatnonzero(~(d_target <= v.atol + np.maximum(v.fmt.value_ulp(ct), v.fmt.value_ulp(ft))))
     if len(bad):
@@ -156,7 +172,12 @@ def _logprob_problems(v: _Values, n: int, k: int) -> tuple[list[str], float]:
 
 
 def _found_across(
-    ids: np.ndarray, lps: np.ndarray, want: np.ndarray, want_lp: np.ndarray, want_tol: np.ndarray, last: int,
+    ids: np.ndarray,
+    lps: np.ndarray,
+    want: np.ndarray,
+    want_lp: np.ndarray,
+    want_tol: np.ndarray,
+    last: int,
 ) -> np.ndarray:
     """Per moved candidate: it appears among ``ids`` with a logprob within tolerance, or (just past the
     last visible place) ties with the last candidate there."""
@@ -171,17 +192,24 @@ def _id_problems(cached: Row, fresh: Row, v: _Values, n: int, k: int) -> list[st
     rows, cols = np.nonzero(c_ids != f_ids[:, :k])
     if not len(rows):
         return []
-    ok = _found_across(f_ids[rows], v.fl[rows], c_ids[rows, cols], v.cl[rows, cols], v.tol_c[rows, cols],
-                       f_ids.shape[1] - 1)
-    ok &= _found_across(c_ids[rows], v.cl[rows], f_ids[rows, cols], v.fl[rows, cols], v.tol_f[rows, cols],
-                        k - 1)
+    ok = _found_across(
+        f_ids[rows], v.fl[rows], c_ids[rows, cols], v.cl[rows, cols], v.tol_c[rows, cols], f_ids.shape[1] - 1
+    )
+    ok &= _found_across(
+        c_ids[rows], v.cl[rows], f_ids[rows, cols], v.fl[rows, cols], v.tol_f[rows, cols], k - 1
+    )
     bad = np.flatnonzero(~ok)
     if not len(bad):
         return []
     return [
         f"topk_ids differ beyond ties at {len(bad)} of {n * k} entries: "
-        + _where(bad[:, None], lambda j: f"position {rows[j]} candidate {cols[j] + 1}: cached "
-                 f"{c_ids[rows[j], cols[j]]}, teacher {f_ids[rows[j], cols[j]]}")
+        + _where(
+            bad[:, None],
+            lambda j: (
+                f"position {rows[j]} candidate {cols[j] + 1}: cached "
+                f"{c_ids[rows[j], cols[j]]}, teacher {f_ids[rows[j], cols[j]]}"
+            ),
+        )
     ]
 
 
@@ -199,7 +227,8 @@ def _rank_problems(cached: Row, fresh: Row, v: _Values, n: int) -> list[str]:
     rc, rf = c_r[pos].astype(np.int64), f_r[pos].astype(np.int64)
     visible = lo <= kf
     ok = np.where(
-        visible & (hi < kf), (rc >= lo) & (rc <= hi),
+        visible & (hi < kf),
+        (rc >= lo) & (rc <= hi),
         np.where(visible, rc >= lo, (rc > kf) & (np.abs(rc - rf) <= np.maximum(2, rf // 100))),
     )
     bad = np.flatnonzero(~ok)
@@ -212,7 +241,12 @@ def _rank_problems(cached: Row, fresh: Row, v: _Values, n: int) -> list[str]:
 
 
 def compare_row(
-    cached: Row, fresh: Row, *, k: int, atol: float, logprob_dtype: str = "float32",
+    cached: Row,
+    fresh: Row,
+    *,
+    k: int,
+    atol: float,
+    logprob_dtype: str = "float32",
 ) -> tuple[list[str], float]:
     """What differs between a cached row and its re-scoring (empty when they agree), and max |diff|.
 
@@ -250,26 +284,33 @@ def compare_draws(cached: Row, fresh: Row, samples: int) -> tuple[list[str], Dra
     cmp = moved_draws(a, b)
     if cmp.jumped:
         bad = np.argwhere(np.abs(a - b) > 1)
-        return [f"sampled targets differ beyond a neighbouring token at {cmp.jumped} of {cmp.draws} draws: "
-                + _where(bad, lambda p, j: f"position {p}: cached {a[p, j]}, teacher {b[p, j]}")], cmp
+        return [
+            f"sampled targets differ beyond a neighbouring token at {cmp.jumped} of {cmp.draws} draws: "
+            + _where(bad, lambda p, j: f"position {p}: cached {a[p, j]}, teacher {b[p, j]}")
+        ], cmp
     return [], cmp
 
 
 def _kept_draws(row: Row, kept: np.ndarray) -> Row:
     lengths = np.asarray(row["sample_lengths"])
     flat = np.repeat(kept, lengths)
-    return {"sample_lengths": lengths[kept], "sample_ids": np.asarray(row["sample_ids"])[flat],
-            "sample_counts": np.asarray(row["sample_counts"])[flat]}
+    return {
+        "sample_lengths": lengths[kept],
+        "sample_ids": np.asarray(row["sample_ids"])[flat],
+        "sample_counts": np.asarray(row["sample_counts"])[flat],
+    }
 
 
-def compare_answer(cached: Row, fresh: Row, *, k: int, samples: int | None, atol: float,
-                   logprob_dtype: str) -> tuple[list[str], float, DrawComparison | None]:
+def compare_answer(
+    cached: Row, fresh: Row, *, k: int, samples: int | None, atol: float, logprob_dtype: str
+) -> tuple[list[str], float, DrawComparison | None]:
     """Every check of one row: its top-k (a cache of sampled targets only: the rest) and its draws."""
     if k:
         problems, diff = compare_row(cached, fresh, k=k, atol=atol, logprob_dtype=logprob_dtype)
     else:
-        problems, diff = compare_row(without_topk(cached), without_topk(fresh), k=0, atol=atol,
-                                     logprob_dtype=logprob_dtype)
+        problems, diff = compare_row(
+            without_topk(cached), without_topk(fresh), k=0, atol=atol, logprob_dtype=logprob_dtype
+        )
     draws = None
     if samples:
         drawn, draws = compare_draws(cached, fresh, samples)

@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 
 from teacher_farm.schemas.errors import InputError
 
-
 #: The three kinds of record a line holds: text, a chat record (its messages) or pre-tokenized ids.
 Kind = Literal["text", "chat", "ids"]
 #: Each kind's field in a ``/v1/topk`` input (``schemas.wire.TopkInput``).
@@ -129,7 +128,9 @@ def open_input(path: str | Path) -> BinaryIO:
     return open(p, "rb")
 
 
-def parse_line(number: int, raw: bytes, text_field: str, id_field: str, ids_field: str = "input_ids") -> Line | Reject:
+def parse_line(
+    number: int, raw: bytes, text_field: str, id_field: str, ids_field: str = "input_ids"
+) -> Line | Reject:
     """Validate one raw line; the reason of a reject says what is wrong with it."""
     if not raw.strip():
         return Reject(number, "blank line")
@@ -145,7 +146,9 @@ def parse_line(number: int, raw: bytes, text_field: str, id_field: str, ids_fiel
     elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
         seq_id = str(raw_id)
     else:
-        return Reject(number, f"field '{id_field}' must be a string or an integer, got {type(raw_id).__name__}")
+        return Reject(
+            number, f"field '{id_field}' must be a string or an integer, got {type(raw_id).__name__}"
+        )
     if ids_field in record:
         return token_ids_line(number, seq_id, record[ids_field], ids_field)
     if text_field not in record and "messages" in record:
@@ -172,17 +175,38 @@ def token_ids_line(number: int, seq_id: str, ids: object, ids_field: str) -> Lin
 
 def _chat_line(number: int, seq_id: str, messages: object) -> Line | Reject:
     ok = (
-        isinstance(messages, list) and messages
-        and all(isinstance(m, dict) and set(m) == {"role", "content"}
-                and isinstance(m["role"], str) and isinstance(m["content"], str) for m in messages)
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict)
+            and set(m) == {"role", "content"}
+            and isinstance(m["role"], str)
+            and isinstance(m["content"], str)
+            for m in messages
+        )
     )
     if not ok:
-        return Reject(number, "field 'messages' must be a non-empty list of {\"role\": str, \"content\": str}", seq_id)
+        return Reject(
+            number, 'field \'messages\' must be a non-empty list of {"role": str, "content": str}', seq_id
+        )
     return Line(number, seq_id, None, messages=messages)
 
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz",
-                  ".jsonl.zst", ".json.zst", ".ndjson.zst", ".jsonl.zstd", ".gz", ".zst", ".zstd")
+JSONL_SUFFIXES = (
+    ".jsonl",
+    ".json",
+    ".ndjson",
+    ".jsonl.gz",
+    ".json.gz",
+    ".ndjson.gz",
+    ".jsonl.zst",
+    ".json.zst",
+    ".ndjson.zst",
+    ".jsonl.zstd",
+    ".gz",
+    ".zst",
+    ".zstd",
+)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _COMPRESSED = (".gz", ".zst", ".zstd")
 
@@ -233,10 +257,17 @@ def discover(specs: Sequence[str]) -> list[InputFile]:
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            files = [str(f) for f in p.rglob("*") if f.is_file() and _kind(f.name)
-                     and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+            files = [
+                str(f)
+                for f in p.rglob("*")
+                if f.is_file()
+                and _kind(f.name)
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            ]
             if not files:
-                raise InputError(f"--input {spec}: no .jsonl, .jsonl.gz, .jsonl.zst or .parquet file under it")
+                raise InputError(
+                    f"--input {spec}: no .jsonl, .jsonl.gz, .jsonl.zst or .parquet file under it"
+                )
         elif p.is_file():
             files = [spec]
         elif glob.has_magic(spec):
@@ -268,20 +299,35 @@ def check_parquet_columns(files: Sequence[InputFile], text_field: str, id_field:
                 f"{f.source} has no column '{text_field}' nor '{ids_field}' (its columns: {', '.join(names)}); "
                 "name the text column with --text-field or the token ids column with --ids-field"
             )
-        if text_field in names and not (pa.types.is_string(t := schema.field(text_field).type) or pa.types.is_large_string(t)):
-            raise InputError(f"{f.source}: column '{text_field}' is {t}, not a string column; name the text column with --text-field")
+        if text_field in names and not (
+            pa.types.is_string(t := schema.field(text_field).type) or pa.types.is_large_string(t)
+        ):
+            raise InputError(
+                f"{f.source}: column '{text_field}' is {t}, not a string column; name the text column with --text-field"
+            )
         if ids_field in names:
             t = schema.field(ids_field).type
-            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
-                raise InputError(f"{f.source}: column '{ids_field}' is {t}, not a list of integers; name the token ids column with --ids-field")
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(
+                t.value_type
+            ):
+                raise InputError(
+                    f"{f.source}: column '{ids_field}' is {t}, not a list of integers; name the token ids column with --ids-field"
+                )
         if id_field in names:
             t = schema.field(id_field).type
             if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
-                raise InputError(f"{f.source}: column '{id_field}' is {t}, not strings or integers; name the id column with --id-field")
+                raise InputError(
+                    f"{f.source}: column '{id_field}' is {t}, not strings or integers; name the id column with --id-field"
+                )
 
 
 def read_parquet(
-    f: InputFile, *, text_field: str, id_field: str, ids_field: str, skip: Callable[[int], bool] | None = None,
+    f: InputFile,
+    *,
+    text_field: str,
+    id_field: str,
+    ids_field: str,
+    skip: Callable[[int], bool] | None = None,
 ) -> Generator[Line | Reject, None, int]:
     """Every row of a Parquet file, one row group in memory at a time; returns the row count.
 
@@ -313,9 +359,11 @@ def read_parquet(
                 continue
             seq_id = str(number) if ids is None or ids[i] is None else str(ids[i])
             if tok_valid is not None and tok_valid[i] and tok_offsets[i + 1] > tok_offsets[i]:
-                seg = tok_values[tok_offsets[i]:tok_offsets[i + 1]]
+                seg = tok_values[tok_offsets[i] : tok_offsets[i + 1]]
                 if seg.min() < 0 or seg.max() >= 2**31:
-                    yield Reject(number, f"field '{ids_field}' holds a token id outside 0..2**31-1", seq_id, end)
+                    yield Reject(
+                        number, f"field '{ids_field}' holds a token id outside 0..2**31-1", seq_id, end
+                    )
                 else:
                     yield Line(number, seq_id, None, end=end, input_ids=seg.astype(np.int32))
             elif texts is not None and texts[i]:
@@ -329,7 +377,12 @@ def read_parquet(
 
 
 def read_jsonl(
-    f: InputFile, *, text_field: str, id_field: str, ids_field: str, skip: Callable[[int], bool] | None = None,
+    f: InputFile,
+    *,
+    text_field: str,
+    id_field: str,
+    ids_field: str,
+    skip: Callable[[int], bool] | None = None,
     tap: Callable[[int, bytes], None] | None = None,
 ) -> Generator[Line | Reject, None, int]:
     """Every line of a JSONL file (plain, .gz, .zst or stdin), without loading it whole; returns the line count.
@@ -349,8 +402,13 @@ def read_jsonl(
 
 
 def read_inputs(
-    files: Sequence[InputFile], *, text_field: str = "text", id_field: str = "id", ids_field: str = "input_ids",
-    skip: Callable[[int], bool] | None = None, tap: Callable[[int, bytes], None] | None = None,
+    files: Sequence[InputFile],
+    *,
+    text_field: str = "text",
+    id_field: str = "id",
+    ids_field: str = "input_ids",
+    skip: Callable[[int], bool] | None = None,
+    tap: Callable[[int, bytes], None] | None = None,
 ) -> Iterator[Line | Reject]:
     """The lines of every file in order; ``Line.index`` counts across files and ``skip`` sees it.
 
@@ -363,10 +421,18 @@ def read_inputs(
         local_skip = None if skip is None else (lambda n, b=base: skip(b + n))
         local_tap = None if tap is None else (lambda n, raw, b=base: tap(b + n, raw))
         if f.kind == "parquet":
-            records = read_parquet(f, text_field=text_field, id_field=id_field, ids_field=ids_field, skip=local_skip)
+            records = read_parquet(
+                f, text_field=text_field, id_field=id_field, ids_field=ids_field, skip=local_skip
+            )
         else:
-            records = read_jsonl(f, text_field=text_field, id_field=id_field, ids_field=ids_field, skip=local_skip,
-                                 tap=local_tap)
+            records = read_jsonl(
+                f,
+                text_field=text_field,
+                id_field=id_field,
+                ids_field=ids_field,
+                skip=local_skip,
+                tap=local_tap,
+            )
         while True:
             try:
                 rec = next(records)

@@ -41,8 +41,11 @@ def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str
         f"model:      {manifest.provenance.get('model')} (fingerprint {ident.model_fingerprint})",
         f"tokenizer:  fingerprint {ident.tokenizer_fingerprint}, vocab {ident.vocab_size}",
         f"k:          {scoring.k}, logprobs {ident.logprob_dtype}"
-        + ("" if scoring.targets == "topk" else
-           f", {scoring.samples} draws ({'with' if ident.sample_logprobs else 'without'} their logprobs)")
+        + (
+            ""
+            if scoring.targets == "topk"
+            else f", {scoring.samples} draws ({'with' if ident.sample_logprobs else 'without'} their logprobs)"
+        )
         + f", max length {run.max_length}",
         f"rows:       {manifest.rows} in {len(manifest.shards)} shards, {manifest.rejects} lines rejected",
         f"tokens:     {manifest.tokens}",

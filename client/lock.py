@@ -98,8 +98,11 @@ class OutputLock:
             holder = self._read()
             if self._alive_elsewhere(holder):
                 raise OutputLocked(self._refusal(holder))
-            self._me = {"host": socket.gethostname(), "pid": os.getpid(),
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self._me = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             self._write()
             time.sleep(SETTLE_S)
             if (now := self._read()).get("pid") != self._me["pid"] or now.get("host") != self._me["host"]:
@@ -110,7 +113,11 @@ class OutputLock:
             raise
         if holder.get("pid") is not None:
             self.took_over = holder
-            log.warning("%s: taking over a stale lock from %s, which is no longer running", self.path, _describe(holder))
+            log.warning(
+                "%s: taking over a stale lock from %s, which is no longer running",
+                self.path,
+                _describe(holder),
+            )
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True)
         self._beat.start()

@@ -8,6 +8,7 @@ holds, and how readers find a cache's shards, is the output directory contract
 from __future__ import annotations
 
 from pathlib import Path
+
 from teacher_farm.client.fsutil import atomic_write
 from teacher_farm.schemas import SCHEMA_VERSION
 from teacher_farm.schemas.cache_dir import MANIFEST, Manifest, RunIdentity

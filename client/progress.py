@@ -49,12 +49,18 @@ class Progress:
         self._last_log = self.started
         self._bar = None
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
 
             self._bar = Bar(
-                TextColumn("[bold]caching"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                TextColumn("{task.fields[lines]:,} lines  {task.fields[tokens]:,} tokens  {task.fields[rate]:,.0f} tok/s"),
-                TimeRemainingColumn(), transient=True,
+                TextColumn("[bold]caching"),
+                BarColumn(),
+                TextColumn("{task.percentage:>5.1f}%"),
+                TextColumn(
+                    "{task.fields[lines]:,} lines  {task.fields[tokens]:,} tokens  {task.fields[rate]:,.0f} tok/s"
+                ),
+                TimeRemainingColumn(),
+                transient=True,
             )
             self._task = self._bar.add_task("cache", total=total_bytes, lines=0, tokens=0, rate=0.0)
             self._bar.start()
@@ -67,11 +73,16 @@ class Progress:
         now = time.monotonic()
         rate = self.tokens / max(now - self.started, 1e-9)
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.offset, lines=self.lines, tokens=self.tokens, rate=rate)
+            self._bar.update(
+                self._task, completed=self.offset, lines=self.lines, tokens=self.tokens, rate=rate
+            )
         elif now - self._last_log >= self.every_s:
             self._last_log = now
             fields = {
-                "lines": self.lines, "tokens": self.tokens, "tokens_per_s": round(rate), "bytes_read": self.offset,
+                "lines": self.lines,
+                "tokens": self.tokens,
+                "tokens_per_s": round(rate),
+                "bytes_read": self.offset,
                 "elapsed_s": round(now - self.started, 3),
             }
             if self.total:

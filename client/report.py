@@ -47,8 +47,13 @@ CHUNK_POSITIONS = 1 << 18
 MAX_SOURCE_BARS = 24
 #: Inches at 100 dpi. Each figure has a colour of its own (matplotlib's default cycle), marks in red.
 FIGSIZE = (7.0, 3.6)
-COLORS = {"topk-mass": "#1f77b4", "entropy": "#2ca02c", "rank": "#9467bd", "sources": "#ff7f0e",
-          "distinct-draws": "#17becf"}
+COLORS = {
+    "topk-mass": "#1f77b4",
+    "entropy": "#2ca02c",
+    "rank": "#9467bd",
+    "sources": "#ff7f0e",
+    "distinct-draws": "#17becf",
+}
 MARK = "#d62728"
 
 #: The columns read, when a shard has them (in any format: ``schemas.reader.stored_columns``).
@@ -96,7 +101,9 @@ class CacheStats:
         elif "sample_counts" in names:
             n = list_lengths(combined(table, "sample_counts"))
         else:
-            raise InputError("cache rows with neither top-k (topk_logprobs) nor sampled (sample_counts) targets")
+            raise InputError(
+                "cache rows with neither top-k (topk_logprobs) nor sampled (sample_counts) targets"
+            )
         if "sample_counts" in names:
             self._add_samples(combined(table, "sample_counts"), n, kept)
         ranks = combined(table, "target_ranks").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
@@ -107,8 +114,10 @@ class CacheStats:
         self.rows += table.num_rows
         self.tokens += int(n.sum())
         source = combined(table, "source") if "source" in names else pa.nulls(table.num_rows, pa.string())
-        sums = pa.table({"source": source, "n": pa.array(n)}).group_by("source").aggregate(
-            [("n", "sum"), ("n", "count")]
+        sums = (
+            pa.table({"source": source, "n": pa.array(n)})
+            .group_by("source")
+            .aggregate([("n", "sum"), ("n", "count")])
         )
         for src, tokens, rows in zip(*(sums.column(c).to_pylist() for c in ("source", "n_sum", "n_count"))):
             entry = self.sources.setdefault(src, [0, 0])
@@ -124,7 +133,7 @@ class CacheStats:
         self.has_topk = True
         positions = lp.shape[0]
         for lo in range(0, positions, CHUNK_POSITIONS):
-            chunk = lp[lo:lo + CHUNK_POSITIONS].astype(np.float64)
+            chunk = lp[lo : lo + CHUNK_POSITIONS].astype(np.float64)
             p = np.exp(chunk)
             mass = p.sum(axis=1)
             tail = np.clip(1.0 - mass, 0.0, 1.0)
@@ -179,25 +188,47 @@ class CacheStats:
             mean_entropy = self.entropy_sum / self.topk_positions
             rows += [
                 ("mean_topk_mass", f"mean top-k mass (k = {self.k})", mean_mass, f"{mean_mass:.4f}"),
-                ("mean_entropy_lower_bound", "mean entropy, lower bound (nats)", mean_entropy, f"{mean_entropy:.4f}"),
+                (
+                    "mean_entropy_lower_bound",
+                    "mean entropy, lower bound (nats)",
+                    mean_entropy,
+                    f"{mean_entropy:.4f}",
+                ),
             ]
         median = self.median_rank()
         if median is not None:
             rows.append(("median_rank", "median rank of the actual next token", median, f"{median:g}"))
             top1 = self.share_rank_at_most(1)
-            rows.append(("share_rank_1", "share of positions whose actual next token is the argmax",
-                         top1, f"{top1:.2%}"))
+            rows.append(
+                (
+                    "share_rank_1",
+                    "share of positions whose actual next token is the argmax",
+                    top1,
+                    f"{top1:.2%}",
+                )
+            )
             if self.has_topk:
                 in_topk = self.share_rank_at_most(self.k)
-                rows.append(("share_in_topk",
-                             f"share of positions whose actual next token is in the top-k (rank ≤ {self.k})",
-                             in_topk, f"{in_topk:.2%}"))
+                rows.append(
+                    (
+                        "share_in_topk",
+                        f"share of positions whose actual next token is in the top-k (rank ≤ {self.k})",
+                        in_topk,
+                        f"{in_topk:.2%}",
+                    )
+                )
         if self.has_samples:
             positions = int(self.distinct_counts.sum())
             drawn = float((self.distinct_counts * np.arange(len(self.distinct_counts))).sum())
             mean = drawn / positions if positions else 0.0
-            rows.append(("mean_distinct_draws", f"mean distinct tokens among the {self.samples} draws per position",
-                         mean, f"{mean:.3f}"))
+            rows.append(
+                (
+                    "mean_distinct_draws",
+                    f"mean distinct tokens among the {self.samples} draws per position",
+                    mean,
+                    f"{mean:.3f}",
+                )
+            )
         return rows
 
 
@@ -227,7 +258,9 @@ def scan(out_dir: Path) -> tuple[CacheStats, dict[str, str]]:
     for rec in records:
         path = out_dir / rec.file
         if not path.is_file() or path.stat().st_size != rec.bytes:
-            skipped.append(f"{rec.file}: {'missing' if not path.is_file() else 'size differs from the manifest'}")
+            skipped.append(
+                f"{rec.file}: {'missing' if not path.is_file() else 'size differs from the manifest'}"
+            )
             continue
         if stats is None:
             schema = pq.read_schema(path)
@@ -305,7 +338,9 @@ def _short_names(sources: list[str | None]) -> list[str]:
 
 def _histogram(plt, edges: np.ndarray, share: np.ndarray, mean: float, color: str, legend: str):
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    ax.bar(edges[:-1], share, width=np.diff(edges), align="edge", color=color, edgecolor="white", linewidth=0.3)
+    ax.bar(
+        edges[:-1], share, width=np.diff(edges), align="edge", color=color, edgecolor="white", linewidth=0.3
+    )
     ax.axvline(mean, color=MARK, linestyle="--", linewidth=1.2, label=f"mean {mean:.3f}")
     ax.legend(loc=legend)
     return fig, ax
@@ -313,28 +348,55 @@ def _histogram(plt, edges: np.ndarray, share: np.ndarray, mean: float, color: st
 
 def _mass_figure(plt, stats: CacheStats) -> Figure:
     mean = stats.mass_sum / stats.topk_positions
-    fig, ax = _histogram(plt, np.linspace(0.0, 1.0, BINS + 1), stats.mass_hist / stats.topk_positions, mean,
-                         COLORS["topk-mass"], "upper left")
+    fig, ax = _histogram(
+        plt,
+        np.linspace(0.0, 1.0, BINS + 1),
+        stats.mass_hist / stats.topk_positions,
+        mean,
+        COLORS["topk-mass"],
+        "upper left",
+    )
     title = f"Top-k mass: Σ exp(top-k logprobs) per position (k = {stats.k})"
-    ax.set(title=title, xlabel="probability held by the stored top-k", ylabel="share of positions", xlim=(0, 1))
-    return Figure("topk-mass", title, (
-        "How much of the teacher's next-token probability the k stored tokens hold, per position: "
-        f"{stats.topk_positions:,} positions in {BINS} bins of width {1 / BINS:g}. The rest (1 − mass) is the "
-        "tail a top-k loss cannot see."), _png(fig))
+    ax.set(
+        title=title, xlabel="probability held by the stored top-k", ylabel="share of positions", xlim=(0, 1)
+    )
+    return Figure(
+        "topk-mass",
+        title,
+        (
+            "How much of the teacher's next-token probability the k stored tokens hold, per position: "
+            f"{stats.topk_positions:,} positions in {BINS} bins of width {1 / BINS:g}. The rest (1 − mass) is the "
+            "tail a top-k loss cannot see."
+        ),
+        _png(fig),
+    )
 
 
 def _entropy_figure(plt, stats: CacheStats) -> Figure:
     top = stats.entropy_max
     mean = stats.entropy_sum / stats.topk_positions
-    fig, ax = _histogram(plt, np.linspace(0.0, top, BINS + 1), stats.entropy_hist / stats.topk_positions, mean,
-                         COLORS["entropy"], "upper right")
+    fig, ax = _histogram(
+        plt,
+        np.linspace(0.0, top, BINS + 1),
+        stats.entropy_hist / stats.topk_positions,
+        mean,
+        COLORS["entropy"],
+        "upper right",
+    )
     title = "Teacher entropy, lower bound: top-k + tail as one bucket (nats)"
-    ax.set(title=title, xlabel="−Σ p log p − t log t,  t = 1 − Σ p", ylabel="share of positions",
-           xlim=(0, top))
-    return Figure("entropy", title, (
-        "The entropy of the k stored probabilities p plus the tail mass t as one more outcome. Merging the "
-        "tail's tokens into one bucket can only lower the entropy, so the teacher's full entropy is at least "
-        f"this (equal when the tail is empty). At most log(k + 1) = {top:.3f} nats."), _png(fig))
+    ax.set(
+        title=title, xlabel="−Σ p log p − t log t,  t = 1 − Σ p", ylabel="share of positions", xlim=(0, top)
+    )
+    return Figure(
+        "entropy",
+        title,
+        (
+            "The entropy of the k stored probabilities p plus the tail mass t as one more outcome. Merging the "
+            "tail's tokens into one bucket can only lower the entropy, so the teacher's full entropy is at least "
+            f"this (equal when the tail is empty). At most log(k + 1) = {top:.3f} nats."
+        ),
+        _png(fig),
+    )
 
 
 def _rank_figure(plt, stats: CacheStats) -> Figure:
@@ -347,19 +409,38 @@ def _rank_figure(plt, stats: CacheStats) -> Figure:
     ax.xaxis.set_major_formatter(_thousands())
     if stats.has_topk:
         in_k = stats.share_rank_at_most(stats.k)
-        ax.axvline(stats.k, color="#7f7f7f", linestyle=":", linewidth=1.2,
-                   label=f"k = {stats.k}: {in_k:.1%} ranked ≤ k")
+        ax.axvline(
+            stats.k,
+            color="#7f7f7f",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"k = {stats.k}: {in_k:.1%} ranked ≤ k",
+        )
     median = stats.median_rank()
     ax.axvline(median, color=MARK, linestyle="--", linewidth=1.2, label=f"median {median:g}")
     ax.legend(loc="upper left")
     title = "Rank of the actual next token (1 = the teacher's argmax): cumulative share"
-    ax.set(title=title, xlabel="rank (log scale)", ylabel="share of positions ranked ≤ x", ylim=(0, 1.02),
-           xlim=(0.8, max(2.0, ranks[-1] * 1.2)))
-    return Figure("rank", title, (
-        f"Exact counts of target_ranks over {stats.target_positions:,} positions (every position but a row's last "
-        "has an actual next token); ties rank together."
-        + (" Left of the dotted line at k, the actual token is among the stored top-k." if stats.has_topk else "")),
-        _png(fig))
+    ax.set(
+        title=title,
+        xlabel="rank (log scale)",
+        ylabel="share of positions ranked ≤ x",
+        ylim=(0, 1.02),
+        xlim=(0.8, max(2.0, ranks[-1] * 1.2)),
+    )
+    return Figure(
+        "rank",
+        title,
+        (
+            f"Exact counts of target_ranks over {stats.target_positions:,} positions (every position but a row's last "
+            "has an actual next token); ties rank together."
+            + (
+                " Left of the dotted line at k, the actual token is among the stored top-k."
+                if stats.has_topk
+                else ""
+            )
+        ),
+        _png(fig),
+    )
 
 
 def _sources_figure(plt, stats: CacheStats) -> Figure:
@@ -378,9 +459,15 @@ def _sources_figure(plt, stats: CacheStats) -> Figure:
     ax.xaxis.set_major_formatter(_thousands())
     title = f"Tokens per source file ({len(stats.sources):,} files)"
     ax.set(title=title, xlabel="tokens stored")
-    return Figure("sources", title, (
-        "Tokens stored per input file (the source column), largest first; windows of a long line are counted "
-        "whole, overlap included."), _png(fig))
+    return Figure(
+        "sources",
+        title,
+        (
+            "Tokens stored per input file (the source column), largest first; windows of a long line are counted "
+            "whole, overlap included."
+        ),
+        _png(fig),
+    )
 
 
 def _draws_figure(plt, stats: CacheStats) -> Figure:
@@ -390,11 +477,21 @@ def _draws_figure(plt, stats: CacheStats) -> Figure:
     fig, ax = plt.subplots(figsize=FIGSIZE)
     ax.bar(d[1:], stats.distinct_counts[1:] / max(positions, 1), width=0.9, color=COLORS["distinct-draws"])
     title = f"Distinct tokens among the N = {n_draws} draws per position"
-    ax.set(title=title, xlabel="distinct tokens drawn", ylabel="share of positions",
-           xlim=(0.4, max(n_draws, int(d[-1])) + 0.6))
-    return Figure("distinct-draws", title, (
-        "Length of sample_ids at each position: 1 where the teacher is near-certain, up to N where every draw "
-        f"differs. {positions:,} positions."), _png(fig))
+    ax.set(
+        title=title,
+        xlabel="distinct tokens drawn",
+        ylabel="share of positions",
+        xlim=(0.4, max(n_draws, int(d[-1])) + 0.6),
+    )
+    return Figure(
+        "distinct-draws",
+        title,
+        (
+            "Length of sample_ids at each position: 1 where the teacher is near-certain, up to N where every draw "
+            f"differs. {positions:,} positions."
+        ),
+        _png(fig),
+    )
 
 
 def draw(stats: CacheStats) -> list[Figure]:

@@ -55,7 +55,8 @@ def _leaves(schema: pa.Schema) -> list[tuple[str, str, str]]:
 def _writer_options(encodings: dict[str, str], compression_level: int) -> dict:
     """``pq.ParquetWriter`` keywords giving each leaf path its encoding."""
     return {
-        "compression": "zstd", "compression_level": compression_level,
+        "compression": "zstd",
+        "compression_level": compression_level,
         "use_dictionary": [path for path, e in encodings.items() if e == "RLE_DICTIONARY"] or False,
         "column_encoding": {path: e for path, e in encodings.items() if e != "RLE_DICTIONARY"},
         "write_statistics": ["line"],
@@ -112,8 +113,13 @@ class ShardWriter:
     """Writes one shard; ``commit`` makes it visible, anything else leaves only a temporary file."""
 
     def __init__(
-        self, out_dir: Path, index: int, schema: pa.Schema, *,
-        compression_level: int = 3, row_group_bytes: int = 64 << 20,
+        self,
+        out_dir: Path,
+        index: int,
+        schema: pa.Schema,
+        *,
+        compression_level: int = 3,
+        row_group_bytes: int = 64 << 20,
     ) -> None:
         self.path = out_dir / shard_name(index)
         self.tmp = out_dir / f".{shard_name(index)}.tmp"
@@ -145,7 +151,9 @@ class ShardWriter:
         if self._writer is None:
             self.encodings = choose_encodings(first, self.compression_level)
             self._writer = pq.ParquetWriter(
-                self._sink, self.schema, **_writer_options(self.encodings, self.compression_level),
+                self._sink,
+                self.schema,
+                **_writer_options(self.encodings, self.compression_level),
             )
         return self._writer
 

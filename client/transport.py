@@ -30,8 +30,19 @@ from tenacity.stop import stop_base
 from teacher_farm.client.inputs import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.errors import (
-    AuthError, CacheMismatch, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTooLarge, RetryableError,
-    ServerBusy, ServerRejected, ServerUnreachable, TeacherFarmError, TransportError,
+    AuthError,
+    CacheMismatch,
+    EngineDead,
+    EngineNotReady,
+    InputError,
+    MalformedBody,
+    RequestTooLarge,
+    RetryableError,
+    ServerBusy,
+    ServerRejected,
+    ServerUnreachable,
+    TeacherFarmError,
+    TransportError,
 )
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
@@ -59,12 +70,21 @@ class Teacher(Protocol):
     async def info(self) -> Info: ...
 
     async def score(
-        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+        self,
+        lines: Sequence[Line],
+        scoring: Scoring,
+        max_length: int | None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table: ...
 
     async def score_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
-        *, wire_dtype: str = "float32",
+        self,
+        ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]],
+        scoring: Scoring,
+        max_length: int | None = None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table: ...
 
     async def tokenize(self, text: str) -> list[int]: ...
@@ -133,7 +153,9 @@ def raise_for_answer(response: httpx.Response) -> None:
         raise ServerRejected(msg, status)
     if status >= 500 and kind is not None:
         raise TransportError(msg, retry_after=_retry_after(response))
-    raise TransportError(describe_answer(response) + "; not a teacher-farm answer", retry_after=_retry_after(response))
+    raise TransportError(
+        describe_answer(response) + "; not a teacher-farm answer", retry_after=_retry_after(response)
+    )
 
 
 def _cost(line: Line) -> int:
@@ -172,8 +194,9 @@ def _lengths(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def check_answer(table: pa.Table, inputs: Sequence[dict], scoring: Scoring, max_length: int | None,
-                 vocab_size: int | None) -> str | None:
+def check_answer(
+    table: pa.Table, inputs: Sequence[dict], scoring: Scoring, max_length: int | None, vocab_size: int | None
+) -> str | None:
     """What is wrong with a ``/v1/topk`` answer to ``inputs``, or None; every check is on whole columns.
 
     The row ids and count; each row's ``input_ids`` (exactly the ids sent, cut at ``max_length``, or
@@ -199,7 +222,8 @@ def check_answer(table: pa.Table, inputs: Sequence[dict], scoring: Scoring, max_
     if sent:
         want = [np.asarray(inputs[i]["token_ids"])[:cap] for i in sent]
         if not np.array_equal(n[sent], [len(w) for w in want]) or not np.array_equal(
-                _values(ids.take(pa.array(sent))), np.concatenate(want)):
+            _values(ids.take(pa.array(sent))), np.concatenate(want)
+        ):
             return "its input_ids are not the token ids sent"
     vocab = vocab_size or np.iinfo(np.int64).max
     every = scoring.positions == "all"
@@ -214,8 +238,9 @@ def check_answer(table: pa.Table, inputs: Sequence[dict], scoring: Scoring, max_
                 return f"{name} does not hold n positions for a row of n tokens"
         inner_ids, inner_lps = _inner(table.column("topk_ids")), _inner(table.column("topk_logprobs"))
         width = _lengths(inner_ids)
-        if not ((width == scoring.k) | (not every and (width == 0))).all() \
-                or not np.array_equal(_lengths(inner_lps), width):
+        if not ((width == scoring.k) | (not every and (width == 0))).all() or not np.array_equal(
+            _lengths(inner_lps), width
+        ):
             return f"its top-k lists are not {scoring.k} wide"
         top = _values(inner_lps).astype(np.float32).reshape(-1, scoring.k)
         if (np.diff(top, axis=1) > LOGPROB_SLACK).any():
@@ -235,7 +260,9 @@ def check_answer(table: pa.Table, inputs: Sequence[dict], scoring: Scoring, max_
         if (c < 1).any() or not ((per_position == scoring.samples) | (not every and (length == 0))).all():
             return f"its sample counts do not sum to {scoring.samples} at every position"
         rising = np.diff(values) > 0
-        first = (ends - length)[(length > 0) & (ends - length > 0)]  # a position's first draw may be below the last's
+        first = (ends - length)[
+            (length > 0) & (ends - length > 0)
+        ]  # a position's first draw may be below the last's
         rising[first - 1] = True
         if not rising.all():
             return "its sampled ids are not ascending and distinct at every position"
@@ -293,15 +320,23 @@ class HttpTeacher:
     """One teacher-farm server at ``url``; every call is a single attempt (``TeacherPool`` retries)."""
 
     def __init__(
-        self, url: str, *, api_key: str | None = None, timeout_s: float = 600.0,
-        transport: httpx.AsyncBaseTransport | None = None, ca_bundle: str | None = None,
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        ca_bundle: str | None = None,
     ) -> None:
         self.name = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # https:// servers are checked against the system's CAs, or only those of ``ca_bundle``.
         verify = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
         self._http = httpx.AsyncClient(
-            base_url=self.name, headers=headers, transport=transport, verify=verify,
+            base_url=self.name,
+            headers=headers,
+            transport=transport,
+            verify=verify,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
@@ -312,12 +347,19 @@ class HttpTeacher:
         #: The teacher's vocabulary, once known: every id of an answer must be below it.
         self.vocab_size: int | None = None
 
-    async def _call(self, method: str, path: str, *, limit: int | None = None, **kwargs: Any) -> httpx.Response:
+    async def _call(
+        self, method: str, path: str, *, limit: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
         """One request; an answer whose body would pass ``limit`` bytes is not read (``TransportError``)."""
         try:
             async with self._http.stream(method, path, **kwargs) as response:
                 declared = response.headers.get("content-length")
-                if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+                if (
+                    limit is not None
+                    and declared is not None
+                    and declared.isdigit()
+                    and int(declared) > limit
+                ):
                     raise TransportError(self._too_large(path, f"{int(declared):,} bytes", limit))
                 chunks, size = [], 0
                 async for chunk in response.aiter_bytes():
@@ -334,8 +376,10 @@ class HttpTeacher:
         return response
 
     def _too_large(self, path: str, size: str, limit: int) -> str:
-        return (f"{self.name}{path} answered {size}, more than the {limit:,} bytes that request can produce: "
-                "not a teacher-farm answer to it")
+        return (
+            f"{self.name}{path} answered {size}, more than the {limit:,} bytes that request can produce: "
+            "not a teacher-farm answer to it"
+        )
 
     async def info(self) -> Info:
         """The server's model facts (its vocabulary then bounds the ids of every answer)."""
@@ -344,14 +388,23 @@ class HttpTeacher:
         return info
 
     async def score(
-        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+        self,
+        lines: Sequence[Line],
+        scoring: Scoring,
+        max_length: int | None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score ``lines`` (text, tokenized by the teacher)."""
         return await self._post([x.wire_input() for x in lines], scoring, max_length, wire_dtype)
 
     async def score_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
-        *, wire_dtype: str = "float32",
+        self,
+        ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]],
+        scoring: Scoring,
+        max_length: int | None = None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences, ``(id, token_ids)`` pairs (ints or numpy arrays)."""
         inputs = [{"id": i, "token_ids": t} for i, t in ids_and_tokens]
@@ -368,19 +421,31 @@ class HttpTeacher:
         return (await self._call("POST", "/tokenize", json=body)).json()["tokens"]
 
     async def _post(
-        self, inputs: list[dict], scoring: Scoring, max_length: int | None, wire_dtype: str,
+        self,
+        inputs: list[dict],
+        scoring: Scoring,
+        max_length: int | None,
+        wire_dtype: str,
     ) -> pa.Table:
         """One ``POST /v1/topk``; the answer comes back as an Arrow IPC stream from the expected teacher."""
         body = orjson.dumps(
-            {**scoring.wire_fields(), "max_length": max_length, "logprob_dtype": wire_dtype,
-             "inputs": inputs},
+            {
+                **scoring.wire_fields(),
+                "max_length": max_length,
+                "logprob_dtype": wire_dtype,
+                "inputs": inputs,
+            },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
-        tokens = sum(len(x["token_ids"]) if x.get("token_ids") is not None else max_length or 1 << 20 for x in inputs)
+        tokens = sum(
+            len(x["token_ids"]) if x.get("token_ids") is not None else max_length or 1 << 20 for x in inputs
+        )
         if max_length:
             tokens = min(tokens, max_length * len(inputs))
         response = await self._call(
-            "POST", "/v1/topk", content=body,
+            "POST",
+            "/v1/topk",
+            content=body,
             headers={"Content-Type": "application/json", "Accept": ARROW_STREAM},
             limit=answer_limit(tokens, len(inputs), scoring, wire_dtype),
         )
@@ -499,13 +564,15 @@ class TeacherPool:
         for m in self.members:
             m.teacher.expected_fingerprint = first.fingerprint
             m.teacher.vocab_size = first.vocab_size
-        return first.model_copy(update={
-            "k_max": min(i.k_max for _, i in infos),
-            "max_input_tokens": min(i.max_input_tokens for _, i in infos),
-            "max_model_len": min(i.max_model_len for _, i in infos),
-            "max_inputs_per_request": min(i.max_inputs_per_request for _, i in infos),
-            "max_tokens_per_request": min(i.max_tokens_per_request for _, i in infos),
-        })
+        return first.model_copy(
+            update={
+                "k_max": min(i.k_max for _, i in infos),
+                "max_input_tokens": min(i.max_input_tokens for _, i in infos),
+                "max_model_len": min(i.max_model_len for _, i in infos),
+                "max_inputs_per_request": min(i.max_inputs_per_request for _, i in infos),
+                "max_tokens_per_request": min(i.max_tokens_per_request for _, i in infos),
+            }
+        )
 
     async def _attempt_on(self, member: _Member, call: Any, refused_for_s: float | None = None) -> Any:
         stop = stop_after_delay(self.retry_for_s)
@@ -527,20 +594,30 @@ class TeacherPool:
         return sum(m.teacher.bytes_received for m in self.members)
 
     async def score(
-        self, lines: Sequence[Line], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+        self,
+        lines: Sequence[Line],
+        scoring: Scoring,
+        max_length: int | None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score ``lines`` on the best server, with the pool's retries."""
         cost = sum(_cost(x) for x in lines)
         return await self._attempt(lambda t: t.score(lines, scoring, max_length, wire_dtype=wire_dtype), cost)
 
     async def score_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
-        *, wire_dtype: str = "float32",
+        self,
+        ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]],
+        scoring: Scoring,
+        max_length: int | None = None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences on the best server, with the pool's retries."""
         cost = sum(len(tokens) for _, tokens in ids_and_tokens)
         return await self._attempt(
-            lambda t: t.score_ids(ids_and_tokens, scoring, max_length, wire_dtype=wire_dtype), cost,
+            lambda t: t.score_ids(ids_and_tokens, scoring, max_length, wire_dtype=wire_dtype),
+            cost,
         )
 
     async def tokenize(self, text: str) -> list[int]:
@@ -549,7 +626,9 @@ class TeacherPool:
 
     async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]:
         """The teacher's tokens of a chat record in full, with the pool's retries."""
-        return await self._attempt(lambda t: t.tokenize_chat(messages), sum(len(m["content"]) for m in messages))
+        return await self._attempt(
+            lambda t: t.tokenize_chat(messages), sum(len(m["content"]) for m in messages)
+        )
 
     async def aclose(self) -> None:
         for m in self.members:

@@ -45,8 +45,18 @@ from teacher_farm.schemas.reader import row_group_arrays
 from teacher_farm.schemas.wire import Info
 
 __all__ = [
-    "CACHE_COLUMNS", "Mismatch", "VerifyOptions", "VerifyReport", "compare_draws", "compare_row", "read_rows",
-    "run_verify", "sample_positions", "table_rows", "teacher_problem", "verify_cache",
+    "CACHE_COLUMNS",
+    "Mismatch",
+    "VerifyOptions",
+    "VerifyReport",
+    "compare_draws",
+    "compare_row",
+    "read_rows",
+    "run_verify",
+    "sample_positions",
+    "table_rows",
+    "teacher_problem",
+    "verify_cache",
 ]
 
 #: Default tolerance of logprobs beyond the rounding of the cache's format, by format.
@@ -130,8 +140,11 @@ class VerifyReport:
         self.positions_checked += len(row["input_ids"])
         self.max_abs_diff = max(self.max_abs_diff, diff)
         if draws is not None and self.draws is not None:
-            self.draws = DrawComparison(self.draws.draws + draws.draws, self.draws.moved + draws.moved,
-                                        self.draws.jumped + draws.jumped)
+            self.draws = DrawComparison(
+                self.draws.draws + draws.draws,
+                self.draws.moved + draws.moved,
+                self.draws.jumped + draws.jumped,
+            )
 
     def render(self) -> str:
         lines = [f"verify:     {self.out_dir}", f"teacher:    {self.teacher}"]
@@ -174,14 +187,13 @@ def sample_positions(records: Sequence[ShardRecord], n: int, seed: int) -> dict[
     picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
     starts = offsets(counts)
     which = np.searchsorted(starts, picks, side="right") - 1
-    return {
-        records[s].index: picks[which == s] - starts[s]
-        for s in np.unique(which)
-    }
+    return {records[s].index: picks[which == s] - starts[s] for s in np.unique(which)}
 
 
 def read_rows(
-    path: Path, rows: np.ndarray, columns: Sequence[str] = CACHE_COLUMNS,
+    path: Path,
+    rows: np.ndarray,
+    columns: Sequence[str] = CACHE_COLUMNS,
 ) -> tuple[pa.Table, list[str]]:
     """The sampled rows of a shard, of the columns verify compares (``schemas.reader.read_rows``)."""
     return reader.read_rows(path, rows, columns)
@@ -227,8 +239,9 @@ def teacher_problem(info: Info, identity: CacheIdentity) -> str | None:
 class _Verification:
     """One verification under way: sampled shards re-hashed and read, their rows re-scored and compared."""
 
-    def __init__(self, opts: VerifyOptions, teacher: Any, identity: CacheIdentity, info: Info,
-                 report: VerifyReport) -> None:
+    def __init__(
+        self, opts: VerifyOptions, teacher: Any, identity: CacheIdentity, info: Info, report: VerifyReport
+    ) -> None:
         self.opts, self.teacher, self.info, self.report = opts, teacher, info, report
         self.dtype = identity.logprob_dtype
         scoring = identity.scoring
@@ -287,8 +300,14 @@ class _Verification:
         if n == 0:
             self.report.add(Mismatch(file, row["line"], row["id"], "empty input_ids"))
         elif n > most:
-            self.report.add(Mismatch(file, row["line"], row["id"],
-                                     f"{n} tokens, more than the server holds ({most}); not re-scored"))
+            self.report.add(
+                Mismatch(
+                    file,
+                    row["line"],
+                    row["id"],
+                    f"{n} tokens, more than the server holds ({most}); not re-scored",
+                )
+            )
         return 0 < n <= most
 
     async def check(self, batch: list[dict[str, Any]], file: str) -> None:
@@ -307,8 +326,9 @@ class _Verification:
                 self.report.add(Mismatch(file, row["line"], row["id"], why))
             return
         for row, answer in zip(batch, fresh):
-            problems, diff, draws = compare_answer(row, answer, k=self.k, samples=self.samples,
-                                                   atol=self.report.atol, logprob_dtype=self.dtype)
+            problems, diff, draws = compare_answer(
+                row, answer, k=self.k, samples=self.samples, atol=self.report.atol, logprob_dtype=self.dtype
+            )
             self.report.count(row, diff, draws)
             for what in problems:
                 self.report.add(Mismatch(file, row["line"], row["id"], what))
@@ -321,8 +341,10 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     identity = cache.identity
     dtype = identity.logprob_dtype
     report = VerifyReport(
-        out_dir=out, seed=opts.seed if opts.seed is not None else secrets.randbits(32),
-        atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2), logprob_dtype=dtype,
+        out_dir=out,
+        seed=opts.seed if opts.seed is not None else secrets.randbits(32),
+        atol=opts.atol if opts.atol is not None else DEFAULT_ATOL.get(dtype, 1e-2),
+        logprob_dtype=dtype,
         k=identity.scoring.topk,
     )
     info = await teacher.info()
@@ -343,8 +365,15 @@ async def verify_cache(opts: VerifyOptions, teacher: Any) -> VerifyReport:
     report.sampled_shards = len(picks)
     await _Verification(opts, teacher, identity, info, report).run({r.index: r for r in records}, picks)
     if report.draws is not None and report.draws.jumped == 0 and not report.draws.holds:
-        report.add(Mismatch(out.name, None, None, f"sampled targets: {report.draws}, more than the "
-                            f"{report.draws.allowed} a CDF boundary explains"))
+        report.add(
+            Mismatch(
+                out.name,
+                None,
+                None,
+                f"sampled targets: {report.draws}, more than the "
+                f"{report.draws.allowed} a CDF boundary explains",
+            )
+        )
     return report
 
 

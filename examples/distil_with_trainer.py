@@ -25,13 +25,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", required=True, help="the directory teacher-farm cache wrote")
     p.add_argument("--student", required=True, help="model name or directory (with the teacher's tokenizer)")
     p.add_argument("--out", required=True, help="where checkpoints and the final model go")
-    p.add_argument("--loss", choices=LOSSES, default=None,
-                   help="tail: TopkTailKLLoss, renorm: TopkRenormKLLoss, sampled: SampledKDLoss "
-                        "(default: tail, or sampled for a cache of sampled targets only)")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="weight of the KD loss; 1 - alpha weighs the text's CE")
-    p.add_argument("--chunks", type=int, default=1,
-                   help="compute the KD loss in this many chunks (ChunkedKDLoss)")
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=None,
+        help="tail: TopkTailKLLoss, renorm: TopkRenormKLLoss, sampled: SampledKDLoss "
+        "(default: tail, or sampled for a cache of sampled targets only)",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="weight of the KD loss; 1 - alpha weighs the text's CE"
+    )
+    p.add_argument(
+        "--chunks", type=int, default=1, help="compute the KD loss in this many chunks (ChunkedKDLoss)"
+    )
     p.add_argument("--max-steps", type=int, required=True, help="optimizer steps (the cache is streamed)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per device and micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -40,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None, help="truncate longer cached sequences")
     p.add_argument("--save-steps", type=int, default=500)
     p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2,
-                   help="DataLoader workers (each reads its own row groups)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers (each reads its own row groups)"
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     p.add_argument("--seed", type=int, default=0)
@@ -54,8 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from teacher_farm.training import (
-        ChunkedKDLoss, DistillationTrainer, SampledKDLoss, TopkDataset, TopkRenormKLLoss, TopkTailKLLoss,
-        assert_same_tokenizer, default_kd_loss,
+        ChunkedKDLoss,
+        DistillationTrainer,
+        SampledKDLoss,
+        TopkDataset,
+        TopkRenormKLLoss,
+        TopkTailKLLoss,
+        assert_same_tokenizer,
+        default_kd_loss,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(args.student)
@@ -63,10 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.student)
 
     # rank=0, world_size=1: under torchrun the Trainer gives each process its share of the batches.
-    dataset = TopkDataset(args.cache, shuffle_shards=True, seed=args.seed, max_length=args.max_length,
-                          rank=0, world_size=1)
-    kd = {"tail": TopkTailKLLoss, "renorm": TopkRenormKLLoss, "sampled": SampledKDLoss}[args.loss]() \
-        if args.loss else default_kd_loss(dataset)
+    dataset = TopkDataset(
+        args.cache, shuffle_shards=True, seed=args.seed, max_length=args.max_length, rank=0, world_size=1
+    )
+    kd = (
+        {"tail": TopkTailKLLoss, "renorm": TopkRenormKLLoss, "sampled": SampledKDLoss}[args.loss]()
+        if args.loss
+        else default_kd_loss(dataset)
+    )
     if args.chunks > 1:
         kd = ChunkedKDLoss(kd, num_output_chunks=args.chunks)
 
@@ -89,7 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
     trainer = DistillationTrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, kd_loss=kd,
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        kd_loss=kd,
         alpha=args.alpha,
     )
     trainer.train()

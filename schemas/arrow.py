@@ -31,7 +31,12 @@ import pyarrow.compute as pc
 
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import (
-    count_dtype, decode_gaps, encode_gaps, id_gaps, ids_from_gaps, logprob_format,
+    count_dtype,
+    decode_gaps,
+    encode_gaps,
+    id_gaps,
+    ids_from_gaps,
+    logprob_format,
 )
 
 #: The wire's logprob dtypes (``TopkRequest.logprob_dtype``); a cache's formats are ``schemas.formats.FORMATS``.
@@ -101,11 +106,19 @@ def result_schema(logprob_dtype: str = "float32", targets: str = "topk") -> pa.S
 #: Columns the client adds to the server's results: where each row comes from in the input.
 #: ``line`` is the 0-based line (or Parquet row) in its file ``source``; ``offset`` is the index, in
 #: the line's full token sequence, of the row's first token (0 unless the line was split into windows).
-SOURCE_FIELDS = [pa.field("line", pa.int64()), pa.field("source", pa.string()), pa.field("offset", pa.int64())]
+SOURCE_FIELDS = [
+    pa.field("line", pa.int64()),
+    pa.field("source", pa.string()),
+    pa.field("offset", pa.int64()),
+]
 
 
 def cache_schema(
-    logprob_dtype: str = "float32", targets: str = "topk", *, k: int | None = None, samples: int | None = None,
+    logprob_dtype: str = "float32",
+    targets: str = "topk",
+    *,
+    k: int | None = None,
+    samples: int | None = None,
     sample_logprobs: bool = True,
 ) -> pa.Schema:
     """Schema of one cache row: ``id``, ``line``, ``source``, ``offset``, then the stored result columns.
@@ -150,14 +163,18 @@ def cache_schema(
 
 
 def with_source_columns(
-    table: pa.Table, line: Sequence[int] | np.ndarray, source: Sequence[str | None] | pa.Array | None = None,
+    table: pa.Table,
+    line: Sequence[int] | np.ndarray,
+    source: Sequence[str | None] | pa.Array | None = None,
     offset: Sequence[int] | np.ndarray | None = None,
 ) -> pa.Table:
     """A result table with the client-side columns ``line``, ``source`` and ``offset`` after ``id``."""
     n = table.num_rows
     columns = [
         pa.array(line, type=pa.int64()),
-        source if isinstance(source, pa.Array) else pa.array([None] * n if source is None else source, type=pa.string()),
+        source
+        if isinstance(source, pa.Array)
+        else pa.array([None] * n if source is None else source, type=pa.string()),
         pa.array(np.zeros(n, np.int64) if offset is None else offset, type=pa.int64()),
     ]
     for i, (f, col) in enumerate(zip(SOURCE_FIELDS, columns)):
@@ -214,7 +231,9 @@ def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "
     if any(r.selected is not None for r in results):
         from teacher_farm.schemas.positions import thin
 
-        kept = np.concatenate([np.ones(len(r.input_ids), bool) if r.selected is None else r.selected for r in results])
+        kept = np.concatenate(
+            [np.ones(len(r.input_ids), bool) if r.selected is None else r.selected for r in results]
+        )
         table = thin(table, kept)
     return table
 
@@ -298,9 +317,12 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
         if "topk_gaps" in names:
             inner = schema.field("topk_gaps").type.value_type
             if gaps.shape[1] != inner.list_size:
-                raise ValueError(f"top-k lists of {gaps.shape[1] + 1} entries, the schema's k is {inner.list_size + 1}")
+                raise ValueError(
+                    f"top-k lists of {gaps.shape[1] + 1} entries, the schema's k is {inner.list_size + 1}"
+                )
             made["topk_gaps"] = pa.ListArray.from_arrays(
-                cut, pa.FixedSizeListArray.from_arrays(pa.array(gaps.reshape(-1)), type=inner),
+                cut,
+                pa.FixedSizeListArray.from_arrays(pa.array(gaps.reshape(-1)), type=inner),
                 type=schema.field("topk_gaps").type,
             )
     if "sample_id_gaps" in names:

@@ -168,12 +168,21 @@ class CacheIdentity(BaseModel):
         """The Arrow schema of this cache's rows, its identity in the metadata (what a run writes)."""
         s = self.scoring
         return cache_schema(
-            self.logprob_dtype, s.targets, k=s.k, samples=s.samples, sample_logprobs=self.sample_logprobs,
+            self.logprob_dtype,
+            s.targets,
+            k=s.k,
+            samples=s.samples,
+            sample_logprobs=self.sample_logprobs,
         ).with_metadata(self.metadata())
 
     def metadata(self) -> dict[bytes, bytes]:
         """Parquet key-value metadata that makes a shard self-describing."""
-        values = {"schema_version": SCHEMA_VERSION, "model": self.model, **self.entries(), "package_version": __version__}
+        values = {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            **self.entries(),
+            "package_version": __version__,
+        }
         return {
             (METADATA_PREFIX + key).encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
             for key, v in values.items()
@@ -182,8 +191,11 @@ class CacheIdentity(BaseModel):
     @classmethod
     def from_entries(cls, entries: Mapping[str, Any]) -> CacheIdentity:
         """Read back from a manifest's identity or a shard's metadata (``read_metadata``)."""
-        scoring = {name: entries[name] for name in ("k", "temperature", "targets", "samples", "seed", "positions")
-                   if name in entries}
+        scoring = {
+            name: entries[name]
+            for name in ("k", "temperature", "targets", "samples", "seed", "positions")
+            if name in entries
+        }
         try:
             sampled = Scoring(**scoring).targets != "topk"
             return cls(
@@ -198,7 +210,6 @@ class CacheIdentity(BaseModel):
             )
         except (KeyError, ValueError) as exc:
             raise InputError(f"not a teacher-farm cache identity ({exc})") from exc
-
 
     @classmethod
     def from_metadata(cls, schema: pa.Schema) -> CacheIdentity:
@@ -262,8 +273,12 @@ class RunIdentity(BaseModel):
         would weigh on every shard's footer), so a shard's identity reads back with none.
         """
         entries = {key: v for key, v in self.entries().items() if key != "inputs"}
-        values = {"schema_version": SCHEMA_VERSION, "model": self.cache.model, **entries,
-                  "package_version": __version__}
+        values = {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.cache.model,
+            **entries,
+            "package_version": __version__,
+        }
         return {
             (METADATA_PREFIX + key).encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
             for key, v in values.items()
@@ -301,7 +316,7 @@ def read_metadata(schema: Any) -> dict[str, str]:
     """The teacher-farm key-value metadata of a shard's Arrow schema, keys without the prefix."""
     raw = schema.metadata or {}
     return {
-        k.decode()[len(METADATA_PREFIX):]: v.decode()
+        k.decode()[len(METADATA_PREFIX) :]: v.decode()
         for k, v in raw.items()
         if k.decode().startswith(METADATA_PREFIX)
     }
@@ -340,7 +355,9 @@ class CacheDir:
         """One view of a cache written by one or several client processes."""
         first = next(iter(self.manifests.values()))
         shards = {i: rec for m in self.manifests.values() for i, rec in m.shards.items()}
-        return first.model_copy(update={"shards": shards, "complete": all(m.complete for m in self.manifests.values())})
+        return first.model_copy(
+            update={"shards": shards, "complete": all(m.complete for m in self.manifests.values())}
+        )
 
     def records(self) -> list[ShardRecord]:
         """Every complete shard in input line order (manifests naming one index differently are refused)."""
@@ -348,8 +365,11 @@ class CacheDir:
         seen: dict[int, tuple[str, ShardRecord]] = {}
         for name, manifest in self.manifests.items():
             if not manifest.complete:
-                log.warning("%s: its cache run has not finished; reading the %d shards done",
-                            self.path / name, len(manifest.shards))
+                log.warning(
+                    "%s: its cache run has not finished; reading the %d shards done",
+                    self.path / name,
+                    len(manifest.shards),
+                )
             for rec in manifest.shards.values():
                 if rec.index in seen and seen[rec.index][1] != rec:
                     raise InputError(

@@ -51,10 +51,14 @@ def uniforms(seeds: np.ndarray, positions: np.ndarray, samples: int) -> np.ndarr
     h = _fmix32(seeds ^ np.uint64(0x9E3779B9))
     h = _fmix32(h[:, None] ^ positions[:, None])
     h = _fmix32(h ^ ((draw[None, :] * np.uint64(0x27D4EB2F)) & m))
-    return (((h >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 24))).astype(np.float32)
+    return (((h >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 24))).astype(
+        np.float32
+    )
 
 
-def expand(sample_lengths: np.ndarray, sample_ids: np.ndarray, sample_counts: np.ndarray, samples: int) -> np.ndarray:
+def expand(
+    sample_lengths: np.ndarray, sample_ids: np.ndarray, sample_counts: np.ndarray, samples: int
+) -> np.ndarray:
     """A sequence's compacted draws (distinct ids with counts) as (positions, samples) sorted ids."""
     drawn = np.repeat(np.asarray(sample_ids, dtype=np.int64), np.asarray(sample_counts, dtype=np.int64))
     if len(drawn) != len(sample_lengths) * samples:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _sha256_file_sample(path: Path, h: "hashlib._Hash", chunk: int = 1 << 20) -> None:
+def _sha256_file_sample(path: Path, h: hashlib._Hash, chunk: int = 1 << 20) -> None:
     """Hash a weights file's size, head and tail: cheap, and catches a different checkpoint."""
     size = path.stat().st_size
     h.update(f"{path.name}:{size}".encode())
@@ -49,7 +49,5 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
             payload = plain.to_str()
     else:
         payload = json.dumps(sorted(tokenizer.get_vocab().items()))
-    special = json.dumps(
-        [getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
-    )
+    special = json.dumps([getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)])
     return hashlib.sha256((payload + special).encode()).hexdigest()[:16]

@@ -16,7 +16,13 @@ from teacher_farm.schemas.arrow import list_lengths, offsets, whole
 
 #: The per-position target columns a rule thins out (on the wire and in every stored format).
 THINNED_COLUMNS = (
-    "topk_ids", "topk_logprobs", "topk_top1", "topk_gaps", "sample_ids", "sample_id_gaps", "sample_counts",
+    "topk_ids",
+    "topk_logprobs",
+    "topk_top1",
+    "topk_gaps",
+    "sample_ids",
+    "sample_id_gaps",
+    "sample_counts",
     "sample_logprobs",
 )
 

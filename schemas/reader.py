@@ -31,7 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teacher_farm.schemas.arrow import (
-    GAP_COLUMNS, combined, list_lengths, offsets, sample_ids_of, topk_logprobs_of,
+    GAP_COLUMNS,
+    combined,
+    list_lengths,
+    offsets,
+    sample_ids_of,
+    topk_logprobs_of,
 )
 from teacher_farm.schemas.cache_dir import CacheDir
 from teacher_farm.schemas.errors import InputError
@@ -45,8 +50,17 @@ TAIL_FLOOR = 1e-12
 #: The columns the dataset reads when a cache has them (``id`` and ``target_ranks`` are left on disk):
 #: every format's (``topk_top1``, ``topk_gaps`` and ``sample_id_gaps`` are ``uint8-gap``'s).
 COLUMNS = [
-    "line", "input_ids", "topk_ids", "topk_logprobs", "topk_top1", "topk_gaps", "target_logprobs",
-    "sample_ids", "sample_id_gaps", "sample_counts", "sample_logprobs",
+    "line",
+    "input_ids",
+    "topk_ids",
+    "topk_logprobs",
+    "topk_top1",
+    "topk_gaps",
+    "target_logprobs",
+    "sample_ids",
+    "sample_id_gaps",
+    "sample_counts",
+    "sample_logprobs",
 ]
 
 #: Sampled-target arrays: n lists per row, each of the distinct tokens drawn at that position
@@ -107,7 +121,9 @@ class RowGroupArrays:
         return len(self.line)
 
 
-def _topk_arrays(table: pa.Table, n: np.ndarray, renormalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _topk_arrays(
+    table: pa.Table, n: np.ndarray, renormalize: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(topk_ids, topk_logprobs, tail_logprob) of the rows, (P, k), (P, k), (P,)."""
     outer = combined(table, "topk_ids")
     if not np.array_equal(list_lengths(outer), n):
@@ -149,7 +165,11 @@ def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
     # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
     dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - offsets(lengths)[:-1], lengths)
     out: dict[str, np.ndarray] = {"sample_lengths": lengths}
-    for name, dtype in (("sample_ids", np.int64), ("sample_counts", np.int16), ("sample_logprobs", np.float32)):
+    for name, dtype in (
+        ("sample_ids", np.int64),
+        ("sample_counts", np.int16),
+        ("sample_logprobs", np.float32),
+    ):
         if name == "sample_ids":
             values = ids
         elif name not in table.column_names:
@@ -207,9 +227,17 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False, ranks: bool 
             raise InputError("malformed cache rows: target_ranks does not match target_logprobs")
         target_ranks = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     return RowGroupArrays(
-        line=lines, offsets=offsets(n), input_ids=input_ids, topk_ids=topk_ids,
-        topk_logprobs=topk_logprobs, tail_logprob=tail,
-        target_logprobs=target_logprobs, target_offsets=offsets(tn), kept=kept, target_ranks=target_ranks, **samples,
+        line=lines,
+        offsets=offsets(n),
+        input_ids=input_ids,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+        tail_logprob=tail,
+        target_logprobs=target_logprobs,
+        target_offsets=offsets(tn),
+        kept=kept,
+        target_ranks=target_ranks,
+        **samples,
     )
 
 
@@ -231,7 +259,9 @@ def join_windows(a: RowGroupArrays, offset: np.ndarray) -> RowGroupArrays:
     tn = np.diff(a.target_offsets)
     first = np.flatnonzero(offset == 0)
     if len(first) == 0 or first[0] != 0:
-        raise InputError("cannot join windows: a row group starts inside a line (its first row has offset > 0)")
+        raise InputError(
+            "cannot join windows: a row group starts inside a line (its first row has offset > 0)"
+        )
     try:
         pos_lo, target_lo = owned_positions(offset, n)
     except ValueError as exc:
@@ -241,12 +271,24 @@ def join_windows(a: RowGroupArrays, offset: np.ndarray) -> RowGroupArrays:
     lengths = np.add.reduceat(n - pos_lo, first)
     per_position = {
         name: None if getattr(a, name) is None else getattr(a, name)[take]
-        for name in ("topk_ids", "topk_logprobs", "tail_logprob", "sample_lengths", "sample_ids", "sample_counts",
-                     "sample_logprobs", "kept")
+        for name in (
+            "topk_ids",
+            "topk_logprobs",
+            "tail_logprob",
+            "sample_lengths",
+            "sample_ids",
+            "sample_counts",
+            "sample_logprobs",
+            "kept",
+        )
     }
     return RowGroupArrays(
-        line=a.line[first], offsets=offsets(lengths), input_ids=a.input_ids[take], **per_position,
-        target_logprobs=a.target_logprobs[take_t], target_offsets=offsets(np.maximum(lengths - 1, 0)),
+        line=a.line[first],
+        offsets=offsets(lengths),
+        input_ids=a.input_ids[take],
+        **per_position,
+        target_logprobs=a.target_logprobs[take_t],
+        target_offsets=offsets(np.maximum(lengths - 1, 0)),
         target_ranks=None if a.target_ranks is None else a.target_ranks[take_t],
     )
 

@@ -40,14 +40,19 @@ class Scoring(BaseModel):
 
     k: int = Field(16, ge=1, description="how many most likely next tokens to return per position")
     temperature: float = Field(
-        1.0, ge=MIN_TEMPERATURE, le=1000,
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=1000,
         description="logprobs (and draws) are those of softmax(logits / temperature)",
     )
-    targets: Targets = Field("topk", description="the top-k per position, tokens sampled from the teacher, or both")
+    targets: Targets = Field(
+        "topk", description="the top-k per position, tokens sampled from the teacher, or both"
+    )
     samples: int = Field(64, ge=1, le=4096, description="draws per position, with sampled targets")
     seed: int = Field(0, ge=0, lt=2**32, description="same seed and input, same draws")
     positions: str = Field(
-        "all", description="where targets are kept: all positions, 'entropy:F' (the share F of each sequence's "
+        "all",
+        description="where targets are kept: all positions, 'entropy:F' (the share F of each sequence's "
         "positions where the teacher's entropy is highest) or 'assistant' (inside a chat's assistant turns)",
     )
 
@@ -95,14 +100,20 @@ class Scoring(BaseModel):
         if teacher.scoring != "pooled" and (self.temperature != 1.0 or self.targets != "topk"):
             return (
                 "temperature and sampled targets need the pooled scoring backend; the server scores through "
-                "vLLM's prompt logprobs (top-k at temperature 1 only)", "--scoring pooled",
+                "vLLM's prompt logprobs (top-k at temperature 1 only)",
+                "--scoring pooled",
             )
         if self.entropy_share is not None and teacher.scoring != "pooled":
-            return ("positions by entropy need the pooled scoring backend (the entropy is computed beside the "
-                    "reduction, in the vLLM worker)", "--scoring pooled")
+            return (
+                "positions by entropy need the pooled scoring backend (the entropy is computed beside the "
+                "reduction, in the vLLM worker)",
+                "--scoring pooled",
+            )
         if self.draws > teacher.max_samples:
-            return (f"samples={self.samples} is over the server's max_samples={teacher.max_samples}",
-                    f"--max-samples {self.samples}")
+            return (
+                f"samples={self.samples} is over the server's max_samples={teacher.max_samples}",
+                f"--max-samples {self.samples}",
+            )
         return None
 
     def wire_fields(self) -> dict[str, Any]:
@@ -126,17 +137,20 @@ class Scoring(BaseModel):
     def worst_case(cls, k_max: int, max_samples: int) -> Scoring:
         """The largest request a server answers: what vLLM's start-up profiling should run with."""
         if max_samples:
-            return cls.model_construct(k=k_max, temperature=1.0, targets="both", samples=max_samples, seed=0,
-                                       positions="entropy:1")
-        return cls.model_construct(k=k_max, temperature=1.0, targets="topk", samples=1, seed=0, positions="entropy:1")
+            return cls.model_construct(
+                k=k_max, temperature=1.0, targets="both", samples=max_samples, seed=0, positions="entropy:1"
+            )
+        return cls.model_construct(
+            k=k_max, temperature=1.0, targets="topk", samples=1, seed=0, positions="entropy:1"
+        )
 
 
 @dataclass(frozen=True)
 class PackedLayout:
     """The int32 row the worker's reduction hands back per position (floats bit-cast, nothing rounded)::
 
-        [ topk_ids (k) | topk_logprobs (k) | target_logprob | target_rank
-          | sample_ids (N, ascending) | sample_logprobs (N) | entropy (with an entropy rule) ]
+    [ topk_ids (k) | topk_logprobs (k) | target_logprob | target_rank
+      | sample_ids (N, ascending) | sample_logprobs (N) | entropy (with an entropy rule) ]
     """
 
     k: int
@@ -180,9 +194,14 @@ class PackedLayout:
         """Column indices that turn rows of this layout into rows of ``narrower`` (fewer k or draws)."""
         if narrower.k > self.k or narrower.samples > self.samples or (narrower.entropy and not self.entropy):
             raise ValueError(f"{narrower} is not narrower than {self}")
-        cols = [*range(self.topk_ids.start, self.topk_ids.start + narrower.k),
-                *range(self.topk_logprobs.start, self.topk_logprobs.start + narrower.k),
-                self.target_logprob, self.target_rank]
-        cols += [*range(self.sample_ids.start, self.sample_ids.start + narrower.samples),
-                 *range(self.sample_logprobs.start, self.sample_logprobs.start + narrower.samples)]
+        cols = [
+            *range(self.topk_ids.start, self.topk_ids.start + narrower.k),
+            *range(self.topk_logprobs.start, self.topk_logprobs.start + narrower.k),
+            self.target_logprob,
+            self.target_rank,
+        ]
+        cols += [
+            *range(self.sample_ids.start, self.sample_ids.start + narrower.samples),
+            *range(self.sample_logprobs.start, self.sample_logprobs.start + narrower.samples),
+        ]
         return cols + ([self.entropy_column] if narrower.entropy else [])

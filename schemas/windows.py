@@ -57,5 +57,7 @@ def owned_positions(offset: np.ndarray, length: np.ndarray) -> tuple[np.ndarray,
     pos_lo = np.where(first, 0, prev_end - offset)
     target_lo = np.where(first, 0, prev_end - 1 - offset)
     if ((~first) & ((pos_lo < 0) | (pos_lo > length) | (target_lo < 0))).any():
-        raise ValueError("windows of a line are not consecutive overlapping rows (was the cache written in window mode?)")
+        raise ValueError(
+            "windows of a line are not consecutive overlapping rows (was the cache written in window mode?)"
+        )
     return pos_lo, target_lo

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from contextlib import asynccontextmanager
 from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -24,14 +24,30 @@ from fastapi.responses import JSONResponse, Response
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
 from teacher_farm.schemas.arrow import ScoredSequence, cast_logprobs, results_to_table
 from teacher_farm.schemas.errors import (
-    AuthError, ClientGone, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTimeout,
-    RequestTooLarge, ServerBusy, TeacherFarmError,
+    AuthError,
+    ClientGone,
+    EngineDead,
+    EngineNotReady,
+    InputError,
+    MalformedBody,
+    RequestTimeout,
+    RequestTooLarge,
+    ServerBusy,
+    TeacherFarmError,
 )
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
 from teacher_farm.server.intake import (
-    Admission, AnswerResponse, check_numbers, engine_dead, json_chunks, loaded_engine, parse_body, read_body,
-    score_admitted, topk_answer_bytes,
+    Admission,
+    AnswerResponse,
+    check_numbers,
+    engine_dead,
+    json_chunks,
+    loaded_engine,
+    parse_body,
+    read_body,
+    score_admitted,
+    topk_answer_bytes,
 )
 from teacher_farm.server.openai_compat import router as openai_router
 from teacher_farm.server.settings import ServerSettings, get_settings
@@ -65,7 +81,9 @@ class RequireKey:
         scheme, _, token = header.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token, key.get_secret_value().encode()):
             return await self.app(scope, receive, send)
-        response = _error_response(None, AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'"))
+        response = _error_response(
+            None, AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+        )
         await response(scope, receive, send)
 
 
@@ -103,15 +121,21 @@ def engine_requests(engine: Any) -> int:
 
 
 @router.get("/v1/info")
-async def info(engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)) -> Response:
+async def info(
+    engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
+) -> Response:
     """What a client must know to trust and resume a cache."""
-    limits = {"max_inputs_per_request": settings.max_inputs_per_request,
-              "max_tokens_per_request": settings.max_tokens_per_request}
+    limits = {
+        "max_inputs_per_request": settings.max_inputs_per_request,
+        "max_tokens_per_request": settings.max_tokens_per_request,
+    }
     return JSONResponse(engine.info.model_copy(update=limits).model_dump())
 
 
 @router.post("/v1/topk")
-async def topk(request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)) -> Response:
+async def topk(
+    request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
+) -> Response:
     """Score inputs; JSON by default, an Arrow IPC stream when asked for by ``Accept``.
 
     Admitted by the size of its answer too, which is encoded in a thread and held until it is sent.
@@ -125,7 +149,12 @@ async def topk(request: Request, engine: Any = Depends(loaded_engine), settings:
     if not arrow:
         how += f", or ask for Arrow (Accept: {ARROW_STREAM})"
     results, _, release = await score_admitted(
-        request, engine, req, settings, lambda n: topk_answer_bytes(req.scoring, n, len(req.inputs), arrow), how,
+        request,
+        engine,
+        req,
+        settings,
+        lambda n: topk_answer_bytes(req.scoring, n, len(req.inputs), arrow),
+        how,
     )
     try:
         headers = {FINGERPRINT_HEADER: engine.info.fingerprint}
@@ -133,15 +162,17 @@ async def topk(request: Request, engine: Any = Depends(loaded_engine), settings:
             chunks, media_type = [await asyncio.to_thread(_arrow_payload, results, req)], ARROW_STREAM
         else:
             scoring = req.scoring
-            answer = {"model": engine.info.model, "k": scoring.k,
-                      "results": [_json_result(r, scoring.targets) for r in results]}
+            answer = {
+                "model": engine.info.model,
+                "k": scoring.k,
+                "results": [_json_result(r, scoring.targets) for r in results],
+            }
             del results
             chunks, media_type = await asyncio.to_thread(json_chunks, answer), "application/json"
     except BaseException:
         release()
         raise
     return AnswerResponse(chunks, media_type, headers, release, settings.body_timeout_s)
-
 
 
 def _json_result(r: ScoredSequence, targets: str) -> dict[str, Any]:
@@ -208,14 +239,18 @@ async def watch_engine(state: Any, on_engine_dead: Callable[[], None]) -> None:
 
 async def linger_then_exit(what: str, on_engine_dead: Callable[[], None]) -> None:
     """Answer 503 for ``DEAD_LINGER_S`` (clients and health checks see why), then ask to exit."""
-    log.error("%s; telling clients so, then exiting in %.0f s (run serve under a supervisor that restarts it)",
-              what, DEAD_LINGER_S)
+    log.error(
+        "%s; telling clients so, then exiting in %.0f s (run serve under a supervisor that restarts it)",
+        what,
+        DEAD_LINGER_S,
+    )
     await asyncio.sleep(DEAD_LINGER_S)
     on_engine_dead()
 
 
 def create_app(
-    load_engine: Callable[[], Any], on_engine_dead: Callable[[], None] = lambda: None,
+    load_engine: Callable[[], Any],
+    on_engine_dead: Callable[[], None] = lambda: None,
     warm_up: Callable[[Any], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """The ASGI app; ``load_engine`` runs in a thread at start-up and returns an ``Engine``, which
@@ -244,7 +279,9 @@ def create_app(
             except Exception as exc:  # noqa: BLE001 - reported on /health and every request
                 log.exception("the engine failed to start")
                 state.load_error = f"{type(exc).__name__}: {exc}"
-                watch.append(asyncio.create_task(linger_then_exit("the engine failed to start", on_engine_dead)))
+                watch.append(
+                    asyncio.create_task(linger_then_exit("the engine failed to start", on_engine_dead))
+                )
                 return
             watch.append(asyncio.create_task(watch_engine(state, on_engine_dead)))
 

@@ -34,7 +34,7 @@ def _spans_by_window(tokenizer: Any, messages: list[dict], text: str) -> list[tu
     pieces do not add up to ``text`` exactly."""
     spans, pos = [], 0
     for j, message in enumerate(messages):
-        window = messages[max(0, j - WINDOW):j]
+        window = messages[max(0, j - WINDOW) : j]
         if not window and message["role"] == "assistant":
             return None  # its header is that of an empty conversation, which tokenizers refuse to render
         try:
@@ -45,7 +45,7 @@ def _spans_by_window(tokenizer: Any, messages: list[dict], text: str) -> list[tu
             return None
         if not (after.startswith(before) and prompt.startswith(before)):
             return None
-        piece = after[len(before):]
+        piece = after[len(before) :]
         if not text.startswith(piece, pos):
             return None
         if message["role"] == "assistant":
@@ -60,7 +60,7 @@ def _spans_by_prefixes(tokenizer: Any, messages: list[dict], text: str) -> list[
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        through = _render(tokenizer, messages[:j + 1], False)
+        through = _render(tokenizer, messages[: j + 1], False)
         if not text.startswith(through):
             raise InputError(
                 "the teacher's chat template does not render a conversation as the rendering of its first turns "

@@ -36,22 +36,44 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0)")
     ours.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
     ours.add_argument("--k-max", type=int, default=None, help="largest k a request may ask for (default 256)")
-    ours.add_argument("--scoring", choices=SCORING_CHOICES, default=None,
-                      help="pooled: reduce logits inside the vLLM worker (temperature, sampled targets, any k); "
-                      "prompt-logprobs: vLLM's API; auto (default): pooled where the architecture allows")
-    ours.add_argument("--slice-rows", type=int, default=None,
-                      help="positions reduced at once in the worker (pooled; default 1024 on a GPU, 256 on a CPU): "
-                      "peak ~ rows x vocab x 15 B")
-    ours.add_argument("--max-samples", type=int, default=None, help="largest 'samples' a request may ask for (default 256)")
+    ours.add_argument(
+        "--scoring",
+        choices=SCORING_CHOICES,
+        default=None,
+        help="pooled: reduce logits inside the vLLM worker (temperature, sampled targets, any k); "
+        "prompt-logprobs: vLLM's API; auto (default): pooled where the architecture allows",
+    )
+    ours.add_argument(
+        "--slice-rows",
+        type=int,
+        default=None,
+        help="positions reduced at once in the worker (pooled; default 1024 on a GPU, 256 on a CPU): "
+        "peak ~ rows x vocab x 15 B",
+    )
+    ours.add_argument(
+        "--max-samples", type=int, default=None, help="largest 'samples' a request may ask for (default 256)"
+    )
     ours.add_argument("--api-key", default=None, help="require this bearer token (or TEACHER_FARM_API_KEY)")
     ours.add_argument("--max-queued-tokens", type=int, default=None, help="beyond this, answer 429")
-    ours.add_argument("--max-answer-bytes", type=int, default=None,
-                      help="estimated answer size of one request beyond which it gets 413 (default 8 GiB)")
-    ours.add_argument("--max-answer-bytes-in-flight", type=int, default=None,
-                      help="estimated answer bytes admitted and not yet sent beyond which requests get 429 "
-                      "(default 16 GiB)")
-    ours.add_argument("--max-connections", type=int, default=None,
-                      help="connections and requests at once beyond which requests get 503 (default 512)")
+    ours.add_argument(
+        "--max-answer-bytes",
+        type=int,
+        default=None,
+        help="estimated answer size of one request beyond which it gets 413 (default 8 GiB)",
+    )
+    ours.add_argument(
+        "--max-answer-bytes-in-flight",
+        type=int,
+        default=None,
+        help="estimated answer bytes admitted and not yet sent beyond which requests get 429 "
+        "(default 16 GiB)",
+    )
+    ours.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="connections and requests at once beyond which requests get 503 (default 512)",
+    )
     ours.add_argument("--uvicorn-log-level", default="info", help="log level of the HTTP server")
     ours.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
     ours.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
@@ -64,7 +86,8 @@ def connection_limits(settings: ServerSettings) -> dict:
     from teacher_farm.server.connections import protocol
 
     return {
-        "limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_s,
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
         "http": protocol(settings.header_timeout_s),
         # A request line and headers larger than this (h11's default) are refused with 400.
         "h11_max_incomplete_event_size": 16 * 1024,
@@ -93,10 +116,22 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     if "model" not in args:
         parser.error("--model is required (a local checkpoint directory or a model name)")
-    ours = {name: args.pop(name) for name in (
-        "host", "port", "k_max", "api_key", "max_queued_tokens", "scoring", "slice_rows", "max_samples",
-        "max_answer_bytes", "max_answer_bytes_in_flight", "max_connections",
-    )}
+    ours = {
+        name: args.pop(name)
+        for name in (
+            "host",
+            "port",
+            "k_max",
+            "api_key",
+            "max_queued_tokens",
+            "scoring",
+            "slice_rows",
+            "max_samples",
+            "max_answer_bytes",
+            "max_answer_bytes_in_flight",
+            "max_connections",
+        )
+    }
     log_level = args.pop("uvicorn_log_level")
     args.pop("verbose")  # read before vLLM was imported (teacher_farm.exits.quiet_engine)
     tls = {"ssl_certfile": args.pop("ssl_certfile"), "ssl_keyfile": args.pop("ssl_keyfile")}
@@ -114,22 +149,39 @@ def main(argv: list[str] | None = None) -> None:
     if settings.scoring == "pooled":
         # A pooled backend that cannot run here stops serve now, in one line, not after the app starts.
         engine_args = settings.engine_args
-        choose_backend("pooled", engine_args["model"], bool(engine_args.get("trust_remote_code")),
-                       engine_args.get("hf_overrides"))
+        choose_backend(
+            "pooled",
+            engine_args["model"],
+            bool(engine_args.get("trust_remote_code")),
+            engine_args.get("hf_overrides"),
+        )
 
     def stop_dead() -> None:
         # What SIGTERM does, with less grace: the process then exits with ENGINE_DEAD_EXIT.
         config.timeout_graceful_shutdown = DEAD_GRACEFUL_S
         server.should_exit = True
 
-    app = create_app(lambda: Engine.load(
-        settings.engine_args, settings.k_max, scoring=settings.scoring,
-        slice_rows=settings.slice_rows, max_samples=settings.max_samples,
-    ), on_engine_dead=stop_dead, warm_up=Engine.warm_up)
+    app = create_app(
+        lambda: Engine.load(
+            settings.engine_args,
+            settings.k_max,
+            scoring=settings.scoring,
+            slice_rows=settings.slice_rows,
+            max_samples=settings.max_samples,
+        ),
+        on_engine_dead=stop_dead,
+        warm_up=Engine.warm_up,
+    )
     # uvicorn.run's steps, with the server at hand so that the app can stop it.
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=GRACEFUL_S, access_log=False, **tls, **connection_limits(settings),
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_S,
+        access_log=False,
+        **tls,
+        **connection_limits(settings),
     )
     server = uvicorn.Server(config)
     try:

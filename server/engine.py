@@ -22,8 +22,8 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,15 +31,19 @@ import numpy as np
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.draws import draw_seed
-from teacher_farm.server.packed import compact_samples, top_entropy, unpack
 from teacher_farm.schemas.errors import InputError, SelfTestFailed, TeacherFarmError
+from teacher_farm.schemas.fingerprints import model_fingerprint, tokenizer_fingerprint
 from teacher_farm.schemas.scoring import (
-    DEFAULT_MAX_SAMPLES, SCORING_CHOICES, Scoring, ScoringBackend, ScoringChoice,
+    DEFAULT_MAX_SAMPLES,
+    SCORING_CHOICES,
+    Scoring,
+    ScoringBackend,
+    ScoringChoice,
 )
 from teacher_farm.schemas.wire import Info, TopkRequest, Versions
 from teacher_farm.server import vllm_seam
-from teacher_farm.schemas.fingerprints import model_fingerprint, tokenizer_fingerprint
 from teacher_farm.server.lifecycle import ENGINE_STOP_S, mark_engine_owner
+from teacher_farm.server.packed import compact_samples, top_entropy, unpack
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,9 @@ class Backend:
     reason: str = ""
 
 
-def choose_backend(requested: str, model: str, trust_remote_code: bool = False, hf_overrides: Any = None) -> Backend:
+def choose_backend(
+    requested: str, model: str, trust_remote_code: bool = False, hf_overrides: Any = None
+) -> Backend:
     """``auto``: pooled where the checkpoint's causal-LM architecture can be wrapped and the pooler passes
     its self-test on the installed vLLM, else prompt-logprobs; ``pooled``: that, or ``SelfTestFailed``."""
     from transformers import AutoConfig
@@ -77,10 +83,16 @@ def choose_backend(requested: str, model: str, trust_remote_code: bool = False, 
     except Exception as exc:  # noqa: BLE001 - a vLLM whose internals moved: the reason is one line
         from teacher_farm.server.selftest import first_line
 
-        return _without_pooled(requested, SelfTestFailed(
-            f"the pooled scoring model does not load on vLLM {vllm_seam.version_string()}: {first_line(exc)}"
-        ))
-    archs = list(getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "architectures", None) or [])
+        return _without_pooled(
+            requested,
+            SelfTestFailed(
+                f"the pooled scoring model does not load on vLLM {vllm_seam.version_string()}: {first_line(exc)}"
+            ),
+        )
+    archs = list(
+        getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "architectures", None)
+        or []
+    )
     if isinstance(hf_overrides, dict) and hf_overrides.get("architectures"):
         archs = list(hf_overrides["architectures"])
     known = vllm_seam.supported_archs()
@@ -134,8 +146,12 @@ def read_kernel_report() -> dict[str, Any]:
 
 
 def engine_defaults(
-    engine_args: dict[str, Any], k_max: int, backend: Backend | None = None, *,
-    slice_rows: int | None = None, max_samples: int = 0,
+    engine_args: dict[str, Any],
+    k_max: int,
+    backend: Backend | None = None,
+    *,
+    slice_rows: int | None = None,
+    max_samples: int = 0,
 ) -> dict[str, Any]:
     """vLLM engine arguments for scoring: ours first, then what the user passed wins."""
     backend = backend or Backend("prompt-logprobs")
@@ -159,11 +175,16 @@ def engine_defaults(
         if str(args.get("dtype") or "auto").lower() == "auto":
             # The dtype vLLM would generate in: its pooling runner's own choice differs.
             args["dtype"] = vllm_seam.generation_dtype(
-                args["model"], bool(args.get("trust_remote_code")), args.get("revision"),
+                args["model"],
+                bool(args.get("trust_remote_code")),
+                args.get("revision"),
             )
         args["hf_overrides"] = {
-            **(user or {}), "architectures": [backend.arch], "teacher_farm_slice_rows": slice_rows,
-            "teacher_farm_k_max": k_max, "teacher_farm_max_samples": max_samples,
+            **(user or {}),
+            "architectures": [backend.arch],
+            "teacher_farm_slice_rows": slice_rows,
+            "teacher_farm_k_max": k_max,
+            "teacher_farm_max_samples": max_samples,
             # The worker writes the reduction kernels it chose here (server/kernels.py), for /v1/info.
             "teacher_farm_kernel_report": str(kernel_report_path()),
         }
@@ -185,7 +206,9 @@ def checkpoint_config_json(hf_config: Any) -> str:
     from teacher_farm.server.scoring_model import SCORING_SUFFIX, causal_arch
 
     config = {k: v for k, v in config.items() if not k.startswith("teacher_farm_")}
-    config["architectures"] = [causal_arch(a) if a.endswith(SCORING_SUFFIX) else a for a in config.get("architectures") or []]
+    config["architectures"] = [
+        causal_arch(a) if a.endswith(SCORING_SUFFIX) else a for a in config.get("architectures") or []
+    ]
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -203,7 +226,10 @@ def _flat_arrays(flat: Any, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 def from_packed(
-    seq_id: str | None, input_ids: Sequence[int], packed: np.ndarray, scoring: Scoring,
+    seq_id: str | None,
+    input_ids: Sequence[int],
+    packed: np.ndarray,
+    scoring: Scoring,
     selected: np.ndarray | None = None,
 ) -> ScoredSequence:
     """Turn the pooled backend's packed rows for one sequence into numpy arrays (no loop per position).
@@ -221,7 +247,12 @@ def from_packed(
     sampled = {}
     if layout.samples:
         lengths, ids, counts, lps = compact_samples(u.sample_ids, u.sample_logprobs)
-        sampled = {"sample_lengths": lengths, "sample_ids": ids, "sample_counts": counts, "sample_logprobs": lps}
+        sampled = {
+            "sample_lengths": lengths,
+            "sample_ids": ids,
+            "sample_counts": counts,
+            "sample_logprobs": lps,
+        }
     return ScoredSequence(
         id=seq_id,
         input_ids=np.asarray(input_ids, dtype=np.int32),
@@ -235,7 +266,11 @@ def from_packed(
 
 
 def to_scored(
-    seq_id: str | None, input_ids: Sequence[int], output: Any, k: int, selected: np.ndarray | None = None,
+    seq_id: str | None,
+    input_ids: Sequence[int],
+    output: Any,
+    k: int,
+    selected: np.ndarray | None = None,
 ) -> ScoredSequence:
     """Turn one vLLM ``RequestOutput`` into numpy arrays, one step per array."""
     n = len(input_ids)
@@ -270,20 +305,30 @@ class Engine:
 
     @classmethod
     def load(
-        cls, engine_args: dict[str, Any], k_max: int, *, scoring: ScoringChoice = "auto",
-        slice_rows: int | None = None, max_samples: int = DEFAULT_MAX_SAMPLES,
+        cls,
+        engine_args: dict[str, Any],
+        k_max: int,
+        *,
+        scoring: ScoringChoice = "auto",
+        slice_rows: int | None = None,
+        max_samples: int = DEFAULT_MAX_SAMPLES,
     ) -> Engine:
         """Start vLLM (blocking: tens of seconds to minutes) and read the model's facts."""
+        from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
-        from transformers import AutoTokenizer
 
         backend = choose_backend(
-            scoring, engine_args["model"], bool(engine_args.get("trust_remote_code")), engine_args.get("hf_overrides")
+            scoring,
+            engine_args["model"],
+            bool(engine_args.get("trust_remote_code")),
+            engine_args.get("hf_overrides"),
         )
         log.info("scoring backend: %s (%s)", backend.name, backend.reason)
         pooled = backend.name == "pooled"
-        args = engine_defaults(engine_args, k_max, backend, slice_rows=slice_rows, max_samples=max_samples if pooled else 0)
+        args = engine_defaults(
+            engine_args, k_max, backend, slice_rows=slice_rows, max_samples=max_samples if pooled else 0
+        )
         log.info("starting vLLM engine: %s", args)
         mark_engine_owner()  # the engine's processes end with this one (server/lifecycle.py)
         kernel_report_path().unlink(missing_ok=True)
@@ -315,7 +360,9 @@ class Engine:
             max_samples=max_samples if pooled else 0,
             scoring_reason=backend.reason,
             versions=Versions(
-                teacher_farm=__version__, schema_version=SCHEMA_VERSION, vllm=vllm_seam.version_string(),
+                teacher_farm=__version__,
+                schema_version=SCHEMA_VERSION,
+                vllm=vllm_seam.version_string(),
             ),
         )
         return cls(llm, tokenizer, info)
@@ -382,8 +429,13 @@ class Engine:
         return out
 
     def render_chats(
-        self, chats: list[list[dict]], max_length: int | None, *, add_generation_prompt: bool = False,
-        continue_final_message: bool = False, add_special_tokens: bool = False,
+        self,
+        chats: list[list[dict]],
+        max_length: int | None,
+        *,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
     ) -> list[list[int]]:
         """Token ids of chat records through the teacher's chat template, cut to ``max_length`` (None: in full).
 
@@ -393,10 +445,15 @@ class Engine:
         ``/tokenize`` option); scoring never does.
         """
         if not getattr(self.tokenizer, "chat_template", None):
-            raise InputError("the teacher's tokenizer has no chat template: send 'text' instead of 'messages'")
+            raise InputError(
+                "the teacher's tokenizer has no chat template: send 'text' instead of 'messages'"
+            )
         from jinja2 import TemplateError
 
-        ending = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+        ending = {
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+        }
         try:
             if add_special_tokens:
                 texts = self.tokenizer.apply_chat_template(chats, tokenize=False, **ending)
@@ -409,7 +466,11 @@ class Engine:
         return [list(x[:max_length]) for x in ids]
 
     async def score_one(
-        self, seq_id: str | None, input_ids: list[int], scoring: Scoring, selected: np.ndarray | None = None,
+        self,
+        seq_id: str | None,
+        input_ids: list[int],
+        scoring: Scoring,
+        selected: np.ndarray | None = None,
     ) -> ScoredSequence:
         """The teacher's distribution at every position of ``input_ids``, reduced as ``scoring`` asks.
 
@@ -424,7 +485,9 @@ class Engine:
 
             from teacher_farm.server.scoring_model import TASK
 
-            params = PoolingParams(task=TASK, extra_kwargs=scoring.pooler_kwargs(draw_seed(scoring.seed, input_ids)))
+            params = PoolingParams(
+                task=TASK, extra_kwargs=scoring.pooler_kwargs(draw_seed(scoring.seed, input_ids))
+            )
             final = None
             async for final in self.llm.encode(prompt, params, request_id):
                 pass
@@ -434,8 +497,12 @@ class Engine:
 
         k = scoring.k
         params = SamplingParams(
-            max_tokens=1, temperature=0.0, prompt_logprobs=k, logprobs=k,
-            detokenize=False, flat_logprobs=True,
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=k,
+            logprobs=k,
+            detokenize=False,
+            flat_logprobs=True,
         )
         final = None
         async for final in self.llm.generate(prompt, params, request_id):
@@ -450,12 +517,19 @@ class Engine:
         return await self.score([x.id for x in req.inputs], token_ids, req.scoring, selected)
 
     async def score(
-        self, ids: Sequence[str | None], token_ids: Sequence[list[int]], scoring: Scoring,
+        self,
+        ids: Sequence[str | None],
+        token_ids: Sequence[list[int]],
+        scoring: Scoring,
         selected: Sequence[np.ndarray | None] | None = None,
     ) -> list[ScoredSequence]:
         """Score many sequences at once; the engine batches them."""
         selected = selected or [None] * len(token_ids)
-        return list(await asyncio.gather(*(self.score_one(i, t, scoring, s) for i, t, s in zip(ids, token_ids, selected))))
+        return list(
+            await asyncio.gather(
+                *(self.score_one(i, t, scoring, s) for i, t, s in zip(ids, token_ids, selected))
+            )
+        )
 
     async def warm_up(self) -> None:
         """Score one two-token prompt before serving: the pooled worker chooses its reduction kernels on

@@ -19,8 +19,15 @@ from pydantic import BaseModel, ValidationError
 
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import (
-    ClientGone, EngineDead, EngineNotReady, InputError, MalformedBody, RequestTimeout, RequestTooLarge,
-    ServerBusy, TeacherFarmError,
+    ClientGone,
+    EngineDead,
+    EngineNotReady,
+    InputError,
+    MalformedBody,
+    RequestTimeout,
+    RequestTooLarge,
+    ServerBusy,
+    TeacherFarmError,
 )
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import TopkRequest
@@ -54,7 +61,8 @@ class Admission:
         if self.answer_bytes and self.answer_bytes + answer_bytes > self.max_answer_bytes:
             raise ServerBusy(
                 f"server busy: answers of {self.answer_bytes} bytes in flight "
-                f"(limit {self.max_answer_bytes}); retry later", retry_after=retry_after,
+                f"(limit {self.max_answer_bytes}); retry later",
+                retry_after=retry_after,
             )
         self.queued += tokens
         self.answer_bytes += answer_bytes
@@ -146,10 +154,13 @@ def json_chunks(obj: Any) -> list[bytes]:
             step = max(1, JSON_CHUNK_NUMBERS // max(1, x[0].size))
             put(b"[")
             for start in range(0, len(x), step):
-                put((b"," if start else b"") + dumps(x[start:start + step])[1:-1])
+                put((b"," if start else b"") + dumps(x[start : start + step])[1:-1])
             put(b"]")
-        elif isinstance(x, list) and x and isinstance(x[0], dict) and any(
-            isinstance(v, (list, dict, np.ndarray)) for v in x[0].values()
+        elif (
+            isinstance(x, list)
+            and x
+            and isinstance(x[0], dict)
+            and any(isinstance(v, (list, dict, np.ndarray)) for v in x[0].values())
         ):
             put(b"[")  # results or choices: one at a time
             for i, item in enumerate(x):
@@ -159,12 +170,15 @@ def json_chunks(obj: Any) -> list[bytes]:
             put(b"]")
         elif isinstance(x, list) and len(x) > 1:
             first = next((v for v in x[:8] if v is not None), x[0])  # echo's top_logprobs start with null
-            width = first.size if isinstance(first, np.ndarray) else (
-                len(first) if isinstance(first, (dict, list)) else 1)
+            width = (
+                first.size
+                if isinstance(first, np.ndarray)
+                else (len(first) if isinstance(first, (dict, list)) else 1)
+            )
             step = max(1, JSON_CHUNK_NUMBERS // max(1, width))
             put(b"[")
             for start in range(0, len(x), step):
-                put((b"," if start else b"") + dumps(x[start:start + step])[1:-1])
+                put((b"," if start else b"") + dumps(x[start : start + step])[1:-1])
             put(b"]")
         else:
             put(dumps(x))
@@ -182,7 +196,11 @@ class AnswerResponse(Response):
     """
 
     def __init__(
-        self, chunks: list[bytes], media_type: str, headers: dict[str, str], release: Callable[[], None],
+        self,
+        chunks: list[bytes],
+        media_type: str,
+        headers: dict[str, str],
+        release: Callable[[], None],
         send_timeout_s: float,
     ) -> None:
         size = sum(map(len, chunks))
@@ -194,8 +212,9 @@ class AnswerResponse(Response):
         try:
             # A client that stops reading would hold the answer's memory for ever.
             async with asyncio.timeout(self.send_timeout_s):
-                await send({"type": "http.response.start", "status": self.status_code,
-                            "headers": self.raw_headers})
+                await send(
+                    {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+                )
                 for i, chunk in enumerate(chunks):
                     more = i + 1 < len(chunks)
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
@@ -309,7 +328,9 @@ def _problems(errors: list[dict]) -> list[str]:
     return [f"{loc}: {e['msg']}" for loc, e in zip(where, errors)]
 
 
-def parse_body(model: type[Model], body: bytes, problems: Callable[[list[dict]], list[str]] = _problems) -> Model:
+def parse_body(
+    model: type[Model], body: bytes, problems: Callable[[list[dict]], list[str]] = _problems
+) -> Model:
     """Validate a JSON body into ``model``; the message names each bad field (``problems`` words it)."""
     try:
         return model.model_validate_json(body)
@@ -320,8 +341,12 @@ def parse_body(model: type[Model], body: bytes, problems: Callable[[list[dict]],
 
 
 async def score_admitted(
-    request: Request, engine: Any, req: TopkRequest, settings: ServerSettings,
-    answer_bytes: Callable[[int], int] | None = None, how: str = "send fewer inputs",
+    request: Request,
+    engine: Any,
+    req: TopkRequest,
+    settings: ServerSettings,
+    answer_bytes: Callable[[int], int] | None = None,
+    how: str = "send fewer inputs",
 ) -> tuple[list[ScoredSequence], int, Callable[[], None]]:
     """Check a request's limits, admit its tokens and answer bytes, and score it.
 
@@ -346,7 +371,9 @@ async def score_admitted(
         raise RequestTooLarge(
             f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: send fewer inputs"
         )
-    estimate = (answer_bytes or (lambda n: topk_answer_bytes(req.scoring, n, len(req.inputs), arrow=False)))(total)
+    estimate = (answer_bytes or (lambda n: topk_answer_bytes(req.scoring, n, len(req.inputs), arrow=False)))(
+        total
+    )
     check_answer_size(estimate, settings, how)
     admission: Admission = request.app.state.admission
     release = admission.acquire(total, settings.retry_after_s, estimate)

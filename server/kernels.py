@@ -54,7 +54,9 @@ def topk_numpy(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = np.argpartition(a, a.shape[1] - k, axis=1)[:, -k:]
     values = np.take_along_axis(a, ids, axis=1)
     order = np.argsort(values, axis=1)[:, ::-1]
-    return torch.from_numpy(np.take_along_axis(values, order, 1)), torch.from_numpy(np.take_along_axis(ids, order, 1))
+    return torch.from_numpy(np.take_along_axis(values, order, 1)), torch.from_numpy(
+        np.take_along_axis(ids, order, 1)
+    )
 
 
 def topk_blocks(block: int, last: TopK) -> TopK:
@@ -144,16 +146,22 @@ class Kernels:
     def summary(self) -> dict[str, Any]:
         """What ``/v1/info`` shows: the ways chosen, the shape they were timed on, the timings."""
         return {
-            "device": self.device, "rows": self.shape[0], "vocab": self.shape[1],
-            "topk": {str(k): v for k, v in self.topk.items()}, "count": self.count, "entropy": self.entropy,
+            "device": self.device,
+            "rows": self.shape[0],
+            "vocab": self.shape[1],
+            "topk": {str(k): v for k, v in self.topk.items()},
+            "count": self.count,
+            "entropy": self.entropy,
             "timings_ms": self.timings,
         }
 
     def line(self) -> str:
         """The choice in one log line."""
         topk = ", ".join(f"k<={k} {name}" for k, name in self.topk.items())
-        return (f"reduction kernels on {self.device}, {self.shape[0]} x {self.shape[1]} rows timed: top-k {topk}; "
-                f"rank count {self.count}; entropy {self.entropy}")
+        return (
+            f"reduction kernels on {self.device}, {self.shape[0]} x {self.shape[1]} rows timed: top-k {topk}; "
+            f"rank count {self.count}; entropy {self.entropy}"
+        )
 
 
 ENTROPY: dict[str, Entropy] = {"entr": entropy_entr, "dot": entropy_dot}
@@ -179,7 +187,10 @@ def timing_rows(vocab: int, slice_rows: int) -> int:
 
 
 def choose(
-    vocab: int, k_max: int, device: torch.device | str = "cpu", rows: int = 64,
+    vocab: int,
+    k_max: int,
+    device: torch.device | str = "cpu",
+    rows: int = 64,
     counts: dict[str, Count] | None = None,
 ) -> Kernels:
     """Time every way of each step on ``rows`` x ``vocab`` logprobs on ``device`` and keep the fastest.
@@ -222,8 +233,13 @@ def active() -> Kernels:
 
 
 def select(
-    vocab: int, k_max: int, device: torch.device | str = "cpu", *, slice_rows: int = 256,
-    report: str | None = None, counts: dict[str, Count] | None = None,
+    vocab: int,
+    k_max: int,
+    device: torch.device | str = "cpu",
+    *,
+    slice_rows: int = 256,
+    report: str | None = None,
+    counts: dict[str, Count] | None = None,
 ) -> Kernels:
     """Choose this process's kernels once for ``vocab`` and ``k_max`` (later calls reuse them).
 
@@ -231,7 +247,11 @@ def select(
     the server process to show (the worker that reduces may be another process).
     """
     global _ACTIVE
-    if _ACTIVE.shape[1] == vocab and _ACTIVE.device == str(torch.device(device)) and max(_ACTIVE.topk, default=0) >= k_max:
+    if (
+        _ACTIVE.shape[1] == vocab
+        and _ACTIVE.device == str(torch.device(device))
+        and max(_ACTIVE.topk, default=0) >= k_max
+    ):
         return _ACTIVE
     started = time.perf_counter()
     _ACTIVE = choose(vocab, k_max, device, timing_rows(vocab, slice_rows), counts=counts)

@@ -30,7 +30,10 @@ class LocalTeacher:
     """An in-process engine behind the client's ``Teacher`` protocol (one machine, no server)."""
 
     def __init__(
-        self, engine_args: dict[str, Any], k_max: int = DEFAULT_K_MAX, scoring: ScoringChoice = "auto",
+        self,
+        engine_args: dict[str, Any],
+        k_max: int = DEFAULT_K_MAX,
+        scoring: ScoringChoice = "auto",
     ) -> None:
         from teacher_farm.server.engine import Engine
 
@@ -42,13 +45,22 @@ class LocalTeacher:
 
     # In process the answer stays float32 whatever ``wire_dtype`` asks: no wire to save, the writer casts.
     async def score(
-        self, lines: Sequence[Any], scoring: Scoring, max_length: int | None, *, wire_dtype: str = "float32",
+        self,
+        lines: Sequence[Any],
+        scoring: Scoring,
+        max_length: int | None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table:
         return await self._answer([_input(x) for x in lines], scoring, max_length)
 
     async def score_ids(
-        self, ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]], scoring: Scoring, max_length: int | None = None,
-        *, wire_dtype: str = "float32",
+        self,
+        ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]],
+        scoring: Scoring,
+        max_length: int | None = None,
+        *,
+        wire_dtype: str = "float32",
     ) -> pa.Table:
         """Score exact token sequences in process."""
         inputs = [TopkInput(id=i, token_ids=[int(t) for t in tokens]) for i, tokens in ids_and_tokens]

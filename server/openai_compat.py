@@ -35,7 +35,13 @@ from teacher_farm.schemas.errors import InputError, RequestTooLarge
 from teacher_farm.schemas.wire import ChatMessage, TopkInput, TopkRequest
 from teacher_farm.server import metrics
 from teacher_farm.server.intake import (
-    AnswerResponse, check_numbers, completion_answer_bytes, json_chunks, loaded_engine, parse_body, read_body,
+    AnswerResponse,
+    check_numbers,
+    completion_answer_bytes,
+    json_chunks,
+    loaded_engine,
+    parse_body,
+    read_body,
     score_admitted,
 )
 from teacher_farm.server.settings import ServerSettings, get_settings
@@ -46,6 +52,7 @@ router = APIRouter()
 MIN_LOGPROB = -9999.0
 #: When this server started (its routes were loaded): the ``created`` of its model card.
 STARTED = int(time.time())
+
 
 class CompletionRequest(BaseModel):
     """The fields of an OpenAI completions request that matter for scoring a prompt.
@@ -129,8 +136,10 @@ def _completion_problems(errors: list[dict]) -> list[str]:
 def check_completion(req: CompletionRequest, k_max: int) -> None:
     """Refuse what this server cannot answer faithfully, saying what to send instead."""
     if req.max_tokens is None or req.max_tokens not in (0, 1):
-        given = f"max_tokens={req.max_tokens}" if "max_tokens" in req.model_fields_set else (
-            "max_tokens is not set (OpenAI's default is 16)"
+        given = (
+            f"max_tokens={req.max_tokens}"
+            if "max_tokens" in req.model_fields_set
+            else ("max_tokens is not set (OpenAI's default is 16)")
         )
         raise InputError(
             f"{given}: this server scores prompts only; send max_tokens=0 or 1 "
@@ -247,7 +256,9 @@ def completion_choices(
             tops.insert(0, None)
         text = ""
         if req.echo:
-            text = texts[index] if texts is not None else tokenizer.decode(token_ids, skip_special_tokens=False)
+            text = (
+                texts[index] if texts is not None else tokenizer.decode(token_ids, skip_special_tokens=False)
+            )
         if gen:
             next_id = int(s.topk_ids[-1, 0])
             token_ids.append(next_id)
@@ -258,18 +269,22 @@ def completion_choices(
         offsets = np.zeros(len(tokens), dtype=np.int64)
         if tokens:
             np.cumsum([len(t) for t in tokens[:-1]], out=offsets[1:])
-        choices.append({
-            "index": index,
-            "text": text,
-            "logprobs": None if req.logprobs is None else {
-                "tokens": tokens,
-                "token_logprobs": token_lps,
-                "top_logprobs": tops,
-                "text_offset": offsets.tolist(),
-            },
-            "finish_reason": "length",
-            "stop_reason": None,
-        })
+        choices.append(
+            {
+                "index": index,
+                "text": text,
+                "logprobs": None
+                if req.logprobs is None
+                else {
+                    "tokens": tokens,
+                    "token_logprobs": token_lps,
+                    "top_logprobs": tops,
+                    "text_offset": offsets.tolist(),
+                },
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+        )
     return choices
 
 
@@ -289,16 +304,23 @@ async def completions(
     texts, token_ids = _prompts(req)
     count = len(texts if texts is not None else token_ids)
     if count > settings.max_inputs_per_request:
-        raise RequestTooLarge(f"{count} prompts in one request; the limit is {settings.max_inputs_per_request}")
+        raise RequestTooLarge(
+            f"{count} prompts in one request; the limit is {settings.max_inputs_per_request}"
+        )
     if texts is not None:
         token_ids = await asyncio.to_thread(engine.tokenize, texts, None)
     await asyncio.to_thread(_check_token_ids, token_ids, engine.info.vocab_size, engine.info.max_input_tokens)
 
     # The one scoring path: the same request model, limits, admission and engine call as /v1/topk.
-    topk_req = TopkRequest(k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids])
+    topk_req = TopkRequest(
+        k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids]
+    )
     del token_ids
     scored, total, release = await score_admitted(
-        request, engine, topk_req, settings,
+        request,
+        engine,
+        topk_req,
+        settings,
         lambda tokens: completion_answer_bytes(req.logprobs or 0, tokens, count),
         "send fewer or shorter prompts, or a smaller logprobs",
     )
@@ -312,8 +334,11 @@ async def completions(
             "created": int(time.time()),
             "model": engine.info.model,
             "choices": choices,
-            "usage": {"prompt_tokens": total, "completion_tokens": generated,
-                      "total_tokens": total + generated},
+            "usage": {
+                "prompt_tokens": total,
+                "completion_tokens": generated,
+                "total_tokens": total + generated,
+            },
         }
         del choices
         chunks = await asyncio.to_thread(json_chunks, answer)
@@ -326,8 +351,11 @@ async def completions(
 def chat_ids(engine: Any, req: TokenizeChatRequest) -> list[int]:
     """A chat record's token ids in full, rendered by the same call as ``/v1/topk``'s ``messages``."""
     return engine.render_chats(
-        [[m.model_dump() for m in req.messages]], None, add_generation_prompt=req.add_generation_prompt,
-        continue_final_message=req.continue_final_message, add_special_tokens=req.add_special_tokens,
+        [[m.model_dump() for m in req.messages]],
+        None,
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        add_special_tokens=req.add_special_tokens,
     )[0]
 
 
@@ -395,7 +423,9 @@ async def detokenize(
             f"{settings.max_tokens_per_request} (max_tokens_per_request) at once: send them in parts"
         )
     if req.tokens and max(req.tokens) >= engine.info.vocab_size:
-        raise InputError(f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {engine.info.vocab_size})")
+        raise InputError(
+            f"tokens: token id {max(req.tokens)} is outside the vocabulary (size {engine.info.vocab_size})"
+        )
     text = await asyncio.to_thread(engine.tokenizer.decode, req.tokens, skip_special_tokens=False)
     return JSONResponse({"prompt": text})
 
@@ -463,7 +493,9 @@ def model_card(engine: Any) -> ModelCard:
     """The served model's card: its name, and as ``root`` the checkpoint the engine loaded."""
     config = getattr(getattr(engine, "llm", None), "model_config", None)
     return ModelCard(
-        id=engine.info.model, created=STARTED, root=getattr(config, "model", None) or engine.info.model,
+        id=engine.info.model,
+        created=STARTED,
+        root=getattr(config, "model", None) or engine.info.model,
         max_model_len=engine.info.max_model_len,
     )
 
@@ -475,7 +507,8 @@ async def list_models(engine: Any = Depends(loaded_engine)) -> ModelList:
 
 
 @router.get(
-    "/v1/models/{model_id:path}", response_model=ModelCard,
+    "/v1/models/{model_id:path}",
+    response_model=ModelCard,
     responses={404: {"description": "no model of that name is served here"}},
 )
 async def retrieve_model(model_id: str, engine: Any = Depends(loaded_engine)) -> ModelCard | Response:

@@ -35,7 +35,10 @@ def unpack(packed: np.ndarray, layout: PackedLayout) -> Unpacked:
     floats = packed.view(np.float32)
     sampled = {}
     if layout.samples:
-        sampled = {"sample_ids": packed[:, layout.sample_ids], "sample_logprobs": floats[:, layout.sample_logprobs]}
+        sampled = {
+            "sample_ids": packed[:, layout.sample_ids],
+            "sample_logprobs": floats[:, layout.sample_logprobs],
+        }
     if layout.entropy:
         sampled["entropy"] = floats[:, layout.entropy_column]
     return Unpacked(
@@ -47,7 +50,9 @@ def unpack(packed: np.ndarray, layout: PackedLayout) -> Unpacked:
     )
 
 
-def compact_samples(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def compact_samples(
+    ids: np.ndarray, logprobs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Distinct drawn tokens per row, vectorized: (per-row distinct counts, ids, counts, logprobs).
 
     ``ids`` (rows × N) must be ascending within each row (as ``reduce_rows`` returns them); the flat

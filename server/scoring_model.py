@@ -68,6 +68,7 @@ def __getattr__(name: str) -> Any:
 
 def as_scoring_model(cls: type) -> type:
     """Subclass a vLLM causal LM: same layers and weights, plus the reduction as its pooler."""
+
     class ModelForTeacherScoring(cls, vllm_seam.VllmModelForPooling):  # type: ignore[misc, valid-type]
         is_pooling_model = True
         default_tok_pooling_type = vllm_seam.TOKEN_POOLING
@@ -96,7 +97,11 @@ class ReductionPooler(Pooler):
     """Reduces each scheduled chunk to packed rows; hands a request its rows when its prompt ends."""
 
     def __init__(
-        self, compute_logits: Any, slice_rows: int, worst_case: Scoring, reduces: bool = True,
+        self,
+        compute_logits: Any,
+        slice_rows: int,
+        worst_case: Scoring,
+        reduces: bool = True,
         kernel_report: str | None = None,
     ) -> None:
         super().__init__()
@@ -128,11 +133,16 @@ class ReductionPooler(Pooler):
         cursor = pooling_metadata.get_pooling_cursor()
         sizes = cursor.num_scheduled_tokens_cpu.to(torch.int64)
         requests = len(sizes)
-        asked = [Scoring.from_pooler_kwargs(p.extra_kwargs or self.worst_case) for p in pooling_metadata.pooling_params]
+        asked = [
+            Scoring.from_pooler_kwargs(p.extra_kwargs or self.worst_case)
+            for p in pooling_metadata.pooling_params
+        ]
         layouts = [scoring.layout for scoring, _ in asked]
         ns = [layout.samples for layout in layouts]
         wide = PackedLayout(
-            max(layout.k for layout in layouts), max(ns), entropy=any(layout.entropy for layout in layouts),
+            max(layout.k for layout in layouts),
+            max(ns),
+            entropy=any(layout.entropy for layout in layouts),
         )
 
         # Per row (one scheduled position): its request, its position in the prompt, its target.
@@ -171,13 +181,22 @@ class ReductionPooler(Pooler):
                 # Once, on the first chunk (vLLM's start-up profiling run): the ways of each step timed
                 # on this device at this vocabulary, up to the largest k a request may ask for.
                 self.kernels = kernels.select(
-                    logits.shape[1], self.k_max, logits.device,
-                    slice_rows=self.slice_rows, report=self.kernel_report, counts={"compiled": _count_at_least},
+                    logits.shape[1],
+                    self.k_max,
+                    logits.device,
+                    slice_rows=self.slice_rows,
+                    report=self.kernel_report,
+                    counts={"compiled": _count_at_least},
                 )
             out[a:b] = reduce_rows(
-                logits, targets[a:b], wide, None if inv_t is None else inv_t[a:b], seeds[a:b],
+                logits,
+                targets[a:b],
+                wide,
+                None if inv_t is None else inv_t[a:b],
+                seeds[a:b],
                 positions_d[a:b],
-                row_samples=None if row_n is None else row_n[a:b], count=self.kernels.count_at_least,
+                row_samples=None if row_n is None else row_n[a:b],
+                count=self.kernels.count_at_least,
             )
             del logits
 

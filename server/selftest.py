@@ -40,11 +40,21 @@ class Case:
 
 CASES = (
     Case("a prompt split over three steps", 23, Scoring(k=8)),
-    Case("a prompt done in one step, sampled at T=0.7, with its entropy", 9,
-         Scoring(k=4, temperature=0.7, targets="both", samples=16, seed=5, positions="entropy:0.5")),
-    Case("a request joining late, sampled targets only at T=1.3", 14,
-         Scoring(temperature=1.3, targets="sampled", samples=32, seed=123)),
-    Case("a one-token prompt beside requests with more samples", 1, Scoring(k=16, targets="both", samples=4, seed=7)),
+    Case(
+        "a prompt done in one step, sampled at T=0.7, with its entropy",
+        9,
+        Scoring(k=4, temperature=0.7, targets="both", samples=16, seed=5, positions="entropy:0.5"),
+    ),
+    Case(
+        "a request joining late, sampled targets only at T=1.3",
+        14,
+        Scoring(temperature=1.3, targets="sampled", samples=32, seed=123),
+    ),
+    Case(
+        "a one-token prompt beside requests with more samples",
+        1,
+        Scoring(k=16, targets="both", samples=4, seed=7),
+    ),
 )
 
 #: Per step, (case index, tokens scheduled): mixed k, samples, temperature and seed in one step.
@@ -84,8 +94,12 @@ def _alone(case: Case, hidden: torch.Tensor, prompt: list[int], compute_logits) 
     scoring = case.scoring
     inv_t = None if scoring.temperature == 1.0 else torch.full((n,), 1.0 / scoring.temperature)
     return reduce_rows(
-        compute_logits(hidden), targets, scoring.layout, inv_t,
-        torch.full((n,), scoring.seed, dtype=torch.int64), torch.arange(n),
+        compute_logits(hidden),
+        targets,
+        scoring.layout,
+        inv_t,
+        torch.full((n,), scoring.seed, dtype=torch.int64),
+        torch.arange(n),
     )
 
 
@@ -105,8 +119,12 @@ def v1_steps(pooler: Any, params: list[Any], prompts: list[list[int]]) -> Step:
     def step(scheduled: list[tuple[int, int]], computed: list[int], chunk: torch.Tensor) -> list[Any]:
         ids = [i for i, _ in scheduled]
         metadata = vllm_seam.pooling_metadata(
-            [prompts[i] for i in ids], [params[i] for i in ids], [states[i] for i in ids],
-            [n for _, n in scheduled], computed, pad_id=VOCAB,
+            [prompts[i] for i in ids],
+            [params[i] for i in ids],
+            [states[i] for i in ids],
+            [n for _, n in scheduled],
+            computed,
+            pad_id=VOCAB,
         )
         return pooler(hidden_states=chunk, pooling_metadata=metadata)
 
@@ -127,7 +145,9 @@ def check_pooler(steps: Callable[[Any, list[Any], list[list[int]]], Step] = v1_s
 
         from teacher_farm.server.scoring_model import ReductionPooler
     except Exception as exc:  # noqa: BLE001 - whatever moved, the reason is one line
-        raise SelfTestFailed(f"the pooled scoring model does not load on vLLM {version}: {first_line(exc)}") from exc
+        raise SelfTestFailed(
+            f"the pooled scoring model does not load on vLLM {version}: {first_line(exc)}"
+        ) from exc
 
     def fail(what: str) -> SelfTestFailed:
         return SelfTestFailed(f"pooled scoring self-test on vLLM {version}: {what}")
@@ -147,7 +167,7 @@ def check_pooler(steps: Callable[[Any, list[Any], list[list[int]]], Step] = v1_s
     with torch.compiler.set_stance("force_eager"):
         for step, scheduled in enumerate(STEPS, 1):
             try:
-                chunk = torch.cat([hidden[i][done[i]:done[i] + n] for i, n in scheduled])
+                chunk = torch.cat([hidden[i][done[i] : done[i] + n] for i, n in scheduled])
                 out = run_step(list(scheduled), [done[i] for i, _ in scheduled], chunk)
             except Exception as exc:  # noqa: BLE001
                 raise fail(f"step {step}: the pooler raised {first_line(exc)}") from exc
@@ -164,7 +184,9 @@ def check_pooler(steps: Callable[[Any, list[Any], list[list[int]]], Step] = v1_s
         got = results.get(i)
         if got is None or got.shape != expected.shape or not torch.equal(got, expected):
             shape = None if got is None else tuple(got.shape)
-            raise fail(f"{case.name}: rows {shape} differ from reduce_rows on the whole prompt {tuple(expected.shape)}")
+            raise fail(
+                f"{case.name}: rows {shape} differ from reduce_rows on the whole prompt {tuple(expected.shape)}"
+            )
 
 
 def first_line(exc: BaseException) -> str:

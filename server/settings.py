@@ -20,11 +20,14 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="bearer token required on all but /health")
     k_max: int = Field(DEFAULT_K_MAX, ge=1, le=4096, description="largest k a request may ask for")
     scoring: ScoringChoice = Field(
-        "auto", description="pooled: the reduction inside the vLLM worker (where the architecture can be "
+        "auto",
+        description="pooled: the reduction inside the vLLM worker (where the architecture can be "
         "wrapped, which auto prefers); prompt-logprobs: vLLM's API (top-k at temperature 1 only)",
     )
     slice_rows: int | None = Field(
-        None, ge=1, description="positions whose fp32 logits the worker holds at once (pooled; default 1024 on "
+        None,
+        ge=1,
+        description="positions whose fp32 logits the worker holds at once (pooled; default 1024 on "
         "a GPU, 256 on a CPU): the peak is about slice_rows x vocabulary x 15 bytes",
     )
     max_samples: int = Field(
@@ -37,19 +40,27 @@ class ServerSettings(BaseSettings):
         2_097_152, ge=1, description="tokens admitted but not yet answered; beyond it new requests get 429"
     )
     max_answer_bytes: int = Field(
-        8 * 2**30, ge=2**20, description="estimated memory of one request's answer (its arrays and their "
+        8 * 2**30,
+        ge=2**20,
+        description="estimated memory of one request's answer (its arrays and their "
         "encoding); larger gets 413 saying how to stay under it (fewer inputs, smaller k or samples, Arrow)",
     )
     max_answer_bytes_in_flight: int = Field(
-        16 * 2**30, ge=2**20, description="estimated answer memory of all requests admitted and not yet sent; "
+        16 * 2**30,
+        ge=2**20,
+        description="estimated answer memory of all requests admitted and not yet sent; "
         "beyond it new requests get 429 (with max_queued_tokens, what bounds the server's own memory)",
     )
     max_chat_turns: int = Field(1024, ge=1, description="messages in one chat record; more gets 413")
     max_connections: int = Field(
-        512, ge=1, description="open connections (and requests) at once; beyond it new requests get 503",
+        512,
+        ge=1,
+        description="open connections (and requests) at once; beyond it new requests get 503",
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="a connection whose request line and headers are not in by then is closed",
+        10.0,
+        gt=0,
+        description="a connection whose request line and headers are not in by then is closed",
     )
     body_timeout_s: float = Field(120.0, gt=0, description="a request body not all in by then gets 408")
     keep_alive_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")

@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     path = make_tiny_model(
-        a.out_dir, a.corpus, vocab_size=a.vocab_size, hidden_size=a.hidden_size,
-        num_layers=a.num_layers, seed=a.seed,
+        a.out_dir,
+        a.corpus,
+        vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size,
+        num_layers=a.num_layers,
+        seed=a.seed,
     )
     print(f"tiny model written to {path}")

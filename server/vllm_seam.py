@@ -169,8 +169,12 @@ def take_rows(state: Any) -> Any:
 
 
 def pooling_metadata(
-    prompt_token_ids: list[list[int]], params: list[Any], states: list[Any], scheduled: list[int],
-    computed: list[int], pad_id: int,
+    prompt_token_ids: list[list[int]],
+    params: list[Any],
+    states: list[Any],
+    scheduled: list[int],
+    computed: list[int],
+    pad_id: int,
 ) -> Any:
     """A step's ``PoolingMetadata`` with its cursor, built as vLLM's model runner builds it on a CPU.
 
@@ -187,8 +191,11 @@ def pooling_metadata(
         row[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
     prompt_lens = torch.tensor([len(ids) for ids in prompt_token_ids], dtype=torch.int32)
     metadata = _internal("PoolingMetadata")(
-        prompt_lens=prompt_lens, prompt_token_ids=None, prompt_token_ids_cpu=token_ids,
-        pooling_params=params, pooling_states=states,
+        prompt_lens=prompt_lens,
+        prompt_token_ids=None,
+        prompt_token_ids_cpu=token_ids,
+        pooling_params=params,
+        pooling_states=states,
     )
     seq_lens = torch.tensor([c + s for c, s in zip(computed, scheduled)], dtype=torch.int32)
     # The runner passes its query start offsets; without them vLLM allocates pinned memory, which on a
@@ -196,6 +203,9 @@ def pooling_metadata(
     starts = torch.zeros(len(scheduled) + 1, dtype=torch.int64)
     torch.cumsum(torch.tensor(scheduled, dtype=torch.int64), 0, out=starts[1:])
     metadata.build_pooling_cursor(
-        np.array(scheduled, dtype=np.int32), seq_lens, device=torch.device("cpu"), query_start_loc_gpu=starts,
+        np.array(scheduled, dtype=np.int32),
+        seq_lens,
+        device=torch.device("cpu"),
+        query_start_loc_gpu=starts,
     )
     return metadata

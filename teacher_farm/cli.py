@@ -37,72 +37,147 @@ def cache_parser() -> argparse.ArgumentParser:
         description="Cache a teacher's top-k next-token distributions for every line of a corpus (JSONL and Parquet files).",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--server", action="append",
-                     help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several")
+    src.add_argument(
+        "--server",
+        action="append",
+        help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several",
+    )
     src.add_argument("--model", help="run the teacher in this process instead (no server)")
-    p.add_argument("--input", "--input_jsonl", dest="input", required=True, action="append",
-                   help="JSONL (.jsonl, .gz, .zst) or Parquet file, a directory of them or a glob; repeat for "
-                        "more (all are read in sorted order); - for stdin")
-    p.add_argument("--out", "--out_dir", dest="out", required=True, help="output directory (resumed if it exists)")
+    p.add_argument(
+        "--input",
+        "--input_jsonl",
+        dest="input",
+        required=True,
+        action="append",
+        help="JSONL (.jsonl, .gz, .zst) or Parquet file, a directory of them or a glob; repeat for "
+        "more (all are read in sorted order); - for stdin",
+    )
+    p.add_argument(
+        "--out", "--out_dir", dest="out", required=True, help="output directory (resumed if it exists)"
+    )
     p.add_argument("--k", type=int, default=16, help="top-k tokens per position (default 16)")
-    p.add_argument("--max-length", "--max_length", dest="max_length", type=int, default=None,
-                   help="truncate lines to this many tokens (default 8192, or what the teacher holds if less)")
+    p.add_argument(
+        "--max-length",
+        "--max_length",
+        dest="max_length",
+        type=int,
+        default=None,
+        help="truncate lines to this many tokens (default 8192, or what the teacher holds if less)",
+    )
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
-    p.add_argument("--ids-field", default="input_ids",
-                   help="field (JSONL) or list column (Parquet) of pre-tokenized records, scored on exactly "
-                        "those ids (default input_ids)")
-    p.add_argument("--long-lines", choices=["truncate", "window"], default="truncate",
-                   help="a line over --max-length tokens: keep its first tokens (truncate, the default) or "
-                        "score every token in overlapping windows (window)")
-    p.add_argument("--stride", type=int, default=None,
-                   help="with --long-lines window: tokens between window starts (default: half --max-length)")
+    p.add_argument(
+        "--ids-field",
+        default="input_ids",
+        help="field (JSONL) or list column (Parquet) of pre-tokenized records, scored on exactly "
+        "those ids (default input_ids)",
+    )
+    p.add_argument(
+        "--long-lines",
+        choices=["truncate", "window"],
+        default="truncate",
+        help="a line over --max-length tokens: keep its first tokens (truncate, the default) or "
+        "score every token in overlapping windows (window)",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="with --long-lines window: tokens between window starts (default: half --max-length)",
+    )
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     p.add_argument("--rows-per-shard", type=int, default=4096, help="input lines per Parquet shard")
     p.add_argument("--batch-lines", type=int, default=32, help="lines per request (default 32)")
-    p.add_argument("--parts", type=int, default=1,
-                   help="split the corpus into this many parts, one per client process (e.g. a SLURM array)")
+    p.add_argument(
+        "--parts",
+        type=int,
+        default=1,
+        help="split the corpus into this many parts, one per client process (e.g. a SLURM array)",
+    )
     p.add_argument("--part", type=int, default=0, help="which of --parts this process caches (0-based)")
     # Their first names, still accepted: a part is not a shard (a shard is one Parquet file of the cache).
     p.add_argument("--num-shards", dest="parts", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--shard-index", dest="part", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--logprob-dtype", choices=list(FORMATS), default=DEFAULT_FORMAT,
-                   help="how logprobs are stored: float32, float16 or uint8-gap (the top-1 in "
-                        "float16 and 1/16-nat steps below it, worst error 1/32 nat; sampled ids as differences; "
-                        "the smallest): see the README (default %(default)s)")
-    p.add_argument("--sample-logprobs", action="store_true",
-                   help="with sampled targets, also store their logprobs (what SampledKDLoss(entropy=True) reads; "
-                        "off by default: the loss itself needs only the ids and counts)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="store log softmax(logits / T) (default 1; needs the pooled scoring backend otherwise)")
-    p.add_argument("--targets", choices=get_args(Targets), default="topk",
-                   help="top-k per position, tokens sampled from the teacher (unbiased; Random-Sampling KD), or both")
-    p.add_argument("--samples", type=int, default=64, help="draws per position with sampled targets (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws: same seed and input, same draws (default 0)")
-    p.add_argument("--positions", default="all",
-                   help="where targets are kept: all (default), entropy:F (the share F of each line's positions where "
-                        "the teacher's entropy is highest) or assistant (chat records: inside the assistant turns); "
-                        "target logprobs and ranks stay at every position")
-    p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
-                   help="bearer token of the server (or TEACHER_FARM_API_KEY)")
-    p.add_argument("--retry-for", type=float, default=600.0,
-                   help="give up on a request after retrying this many seconds (default 600)")
-    p.add_argument("--retry-rejects", action="store_true",
-                   help="once the cache is complete, score the lines of its rejects file again (after a limit was "
-                        "raised, say): those scored now go into a new shard and leave the rejects, exactly once")
-    p.add_argument("--ca-bundle", default=None,
-                   help="trust https:// servers whose certificate this CA file (PEM) signed")
+    p.add_argument(
+        "--logprob-dtype",
+        choices=list(FORMATS),
+        default=DEFAULT_FORMAT,
+        help="how logprobs are stored: float32, float16 or uint8-gap (the top-1 in "
+        "float16 and 1/16-nat steps below it, worst error 1/32 nat; sampled ids as differences; "
+        "the smallest): see the README (default %(default)s)",
+    )
+    p.add_argument(
+        "--sample-logprobs",
+        action="store_true",
+        help="with sampled targets, also store their logprobs (what SampledKDLoss(entropy=True) reads; "
+        "off by default: the loss itself needs only the ids and counts)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="store log softmax(logits / T) (default 1; needs the pooled scoring backend otherwise)",
+    )
+    p.add_argument(
+        "--targets",
+        choices=get_args(Targets),
+        default="topk",
+        help="top-k per position, tokens sampled from the teacher (unbiased; Random-Sampling KD), or both",
+    )
+    p.add_argument(
+        "--samples", type=int, default=64, help="draws per position with sampled targets (default 64)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the draws: same seed and input, same draws (default 0)"
+    )
+    p.add_argument(
+        "--positions",
+        default="all",
+        help="where targets are kept: all (default), entropy:F (the share F of each line's positions where "
+        "the teacher's entropy is highest) or assistant (chat records: inside the assistant turns); "
+        "target logprobs and ranks stay at every position",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TEACHER_FARM_API_KEY"),
+        help="bearer token of the server (or TEACHER_FARM_API_KEY)",
+    )
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        default=600.0,
+        help="give up on a request after retrying this many seconds (default 600)",
+    )
+    p.add_argument(
+        "--retry-rejects",
+        action="store_true",
+        help="once the cache is complete, score the lines of its rejects file again (after a limit was "
+        "raised, say): those scored now go into a new shard and leave the rejects, exactly once",
+    )
+    p.add_argument(
+        "--ca-bundle", default=None, help="trust https:// servers whose certificate this CA file (PEM) signed"
+    )
     engine = p.add_argument_group("in-process engine (with --model)")
     engine.add_argument("--dtype", default=None, help="auto, bfloat16, float16 or float32")
     engine.add_argument("--max-model-len", type=int, default=None)
     engine.add_argument("--gpu-memory-utilization", type=float, default=None)
     engine.add_argument("--tensor-parallel-size", type=int, default=None)
     engine.add_argument("--enforce-eager", action="store_true", default=None)
-    engine.add_argument("--scoring", choices=SCORING_CHOICES, default="auto",
-                        help="how the engine scores (see 'teacher-farm serve --help'; default auto)")
-    p.add_argument("--log-every", type=float, default=10.0,
-                   help="seconds between progress log lines when stderr is not a terminal (default 10)")
-    p.add_argument("--batch_size", type=int, default=None, help=argparse.SUPPRESS)  # the seed's; batching is automatic
+    engine.add_argument(
+        "--scoring",
+        choices=SCORING_CHOICES,
+        default="auto",
+        help="how the engine scores (see 'teacher-farm serve --help'; default auto)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=float,
+        default=10.0,
+        help="seconds between progress log lines when stderr is not a terminal (default 10)",
+    )
+    p.add_argument(
+        "--batch_size", type=int, default=None, help=argparse.SUPPRESS
+    )  # the seed's; batching is automatic
     p.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own INFO logs")
     return p
 
@@ -115,18 +190,36 @@ def cache_main(argv: list[str]) -> int:
 
     a = cache_parser().parse_args(argv)
     try:
-        scoring = Scoring(k=a.k, temperature=a.temperature, targets=a.targets, samples=a.samples, seed=a.seed,
-                          positions=a.positions)
+        scoring = Scoring(
+            k=a.k,
+            temperature=a.temperature,
+            targets=a.targets,
+            samples=a.samples,
+            seed=a.seed,
+            positions=a.positions,
+        )
     except ValueError as exc:
         problem = exc.errors()[0]
         cache_parser().error(f"--{problem['loc'][0]}: {problem['msg'].lower()}")
     opts = CacheOptions(
-        input=a.input if len(a.input) > 1 else a.input[0], out_dir=Path(a.out), max_length=a.max_length, text_field=a.text_field,
-        id_field=a.id_field, concurrency=a.concurrency, rows_per_shard=a.rows_per_shard,
-        batch_lines=a.batch_lines, logprob_dtype=a.logprob_dtype, sample_logprobs=a.sample_logprobs,
+        input=a.input if len(a.input) > 1 else a.input[0],
+        out_dir=Path(a.out),
+        max_length=a.max_length,
+        text_field=a.text_field,
+        id_field=a.id_field,
+        concurrency=a.concurrency,
+        rows_per_shard=a.rows_per_shard,
+        batch_lines=a.batch_lines,
+        logprob_dtype=a.logprob_dtype,
+        sample_logprobs=a.sample_logprobs,
         log_every_s=a.log_every,
-        scoring=scoring, parts=a.parts, part=a.part,
-        ids_field=a.ids_field, long_lines=a.long_lines, stride=a.stride, retry_rejects=a.retry_rejects,
+        scoring=scoring,
+        parts=a.parts,
+        part=a.part,
+        ids_field=a.ids_field,
+        long_lines=a.long_lines,
+        stride=a.stride,
+        retry_rejects=a.retry_rejects,
     )
     try:
         opts.check()
@@ -153,13 +246,18 @@ def cache_main(argv: list[str]) -> int:
             )
         else:
             engine_args = {
-                "model": a.model, "dtype": a.dtype, "max_model_len": a.max_model_len,
+                "model": a.model,
+                "dtype": a.dtype,
+                "max_model_len": a.max_model_len,
                 "gpu_memory_utilization": a.gpu_memory_utilization,
-                "tensor_parallel_size": a.tensor_parallel_size, "enforce_eager": a.enforce_eager,
+                "tensor_parallel_size": a.tensor_parallel_size,
+                "enforce_eager": a.enforce_eager,
             }
             from teacher_farm.server.local import LocalTeacher
 
-            teacher = start_local_teacher(LocalTeacher, engine_args, k_max=max(DEFAULT_K_MAX, a.k), scoring=a.scoring)
+            teacher = start_local_teacher(
+                LocalTeacher, engine_args, k_max=max(DEFAULT_K_MAX, a.k), scoring=a.scoring
+            )
         return await run_cache(opts, teacher, files)
 
     summary = run_async(go())
@@ -175,7 +273,9 @@ def start_local_teacher(factory, engine_args: dict, **options):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever vLLM raises, the person needs one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TeacherFarmError(f"--model {engine_args['model']}: the engine failed to start: {reason}") from exc
+        raise TeacherFarmError(
+            f"--model {engine_args['model']}: the engine failed to start: {reason}"
+        ) from exc
 
 
 def inspect_main(argv: list[str]) -> int:
@@ -185,8 +285,12 @@ def inspect_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="teacher-farm inspect", description="Summarize a cache directory.")
     p.add_argument("dir")
     p.add_argument("--checksums", action="store_true", help="also re-hash every shard against the manifest")
-    p.add_argument("--report", metavar="PATH", default=None,
-                   help="also write an HTML report with figures of the cached distributions (needs the report extra)")
+    p.add_argument(
+        "--report",
+        metavar="PATH",
+        default=None,
+        help="also write an HTML report with figures of the cached distributions (needs the report extra)",
+    )
     a = p.parse_args(argv)
     report, problems = inspect_cache(Path(a.dir), a.checksums)
     print(report)
@@ -208,17 +312,29 @@ def verify_main(argv: list[str]) -> int:
         description="Re-score a random sample of cached rows with the teacher and fail on any mismatch.",
     )
     p.add_argument("dir")
-    p.add_argument("--server", action="append", required=True,
-                   help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several")
+    p.add_argument(
+        "--server",
+        action="append",
+        required=True,
+        help="URL of a running 'teacher-farm serve'; repeat (or comma-separate) for several",
+    )
     p.add_argument("--sample", type=int, required=True, help="rows to re-score (all of them if fewer)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sample (default: random, printed)")
-    p.add_argument("--atol", type=float, default=None,
-                   help="logprob tolerance beyond the cache's own rounding (default 1e-3 for float32 caches, "
-                        "1e-2 for float16 and uint8-gap)")
-    p.add_argument("--api-key", default=os.environ.get("TEACHER_FARM_API_KEY"),
-                   help="bearer token of the server (or TEACHER_FARM_API_KEY)")
-    p.add_argument("--ca-bundle", default=None,
-                   help="trust https:// servers whose certificate this CA file (PEM) signed")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="logprob tolerance beyond the cache's own rounding (default 1e-3 for float32 caches, "
+        "1e-2 for float16 and uint8-gap)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TEACHER_FARM_API_KEY"),
+        help="bearer token of the server (or TEACHER_FARM_API_KEY)",
+    )
+    p.add_argument(
+        "--ca-bundle", default=None, help="trust https:// servers whose certificate this CA file (PEM) signed"
+    )
     a = p.parse_args(argv)
     if a.sample < 1:
         p.error("--sample must be at least 1")
@@ -227,10 +343,17 @@ def verify_main(argv: list[str]) -> int:
     if not Path(a.dir).is_dir():
         p.error(f"{a.dir}: no such directory")
     urls = [u.strip() for arg in a.server for u in arg.split(",") if u.strip()]
-    report = run_verify(VerifyOptions(
-        out_dir=Path(a.dir), servers=urls, sample=a.sample, seed=a.seed, atol=a.atol, api_key=a.api_key,
-        ca_bundle=a.ca_bundle,
-    ))
+    report = run_verify(
+        VerifyOptions(
+            out_dir=Path(a.dir),
+            servers=urls,
+            sample=a.sample,
+            seed=a.seed,
+            atol=a.atol,
+            api_key=a.api_key,
+            ca_bundle=a.ca_bundle,
+        )
+    )
     print(report.render())
     return 0 if report.ok else 1
 

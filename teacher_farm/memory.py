@@ -43,8 +43,11 @@ def mallopt(param: int, value: int) -> bool:
 
 def _set_by_user() -> bool:
     """The user's own malloc settings, which win over ours."""
-    return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
-                or "malloc" in os.environ.get("GLIBC_TUNABLES", ""))
+    return bool(
+        os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+        or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    )
 
 
 def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:

@@ -93,8 +93,12 @@ def kill_all(procs: list[psutil.Process]) -> None:
 def teacher_farm(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a child process (within an engine start's timeout by default)."""
     return subprocess.run(
-        [sys.executable, "-m", "teacher_farm.cli", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=kwargs.pop("timeout", None) or engine_timeout(), **kwargs,
+        [sys.executable, "-m", "teacher_farm.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=kwargs.pop("timeout", None) or engine_timeout(),
+        **kwargs,
     )
 
 
@@ -129,7 +133,14 @@ def tiny_model(tmp_path_factory) -> Path:
     """A random Llama (head_dim 64) with a BPE tokenizer trained on the sample corpus."""
     from teacher_farm.server.tinymodel import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny", [SAMPLE], vocab_size=2048, hidden_size=128, num_layers=2, num_heads=2)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("model") / "tiny",
+        [SAMPLE],
+        vocab_size=2048,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=2,
+    )
 
 
 class Server:
@@ -140,9 +151,24 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.args = [
-            sys.executable, "-m", "teacher_farm.cli", "serve", "--model", str(model), "--dtype", "float32",
-            "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN),
-            "--enforce-eager", "--gpu-memory-utilization", "0.2", *extra,
+            sys.executable,
+            "-m",
+            "teacher_farm.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--dtype",
+            "float32",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.2",
+            *extra,
         ]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -151,7 +177,14 @@ class Server:
         self.log = open(self.log_path, "ab")
         self.log_offset = self.log.tell()
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
 
     def healthy(self) -> bool:
         try:
@@ -171,8 +204,10 @@ class Server:
                 ENGINE_STARTS.append(time.monotonic() - self.started)
                 return
             time.sleep(1)
-        raise RuntimeError(f"server not ready {timeout:.0f} s after its start (engine starts so far: "
-                           f"{[round(t) for t in ENGINE_STARTS]} s):\n{self.tail()}")
+        raise RuntimeError(
+            f"server not ready {timeout:.0f} s after its start (engine starts so far: "
+            f"{[round(t) for t in ENGINE_STARTS]} s):\n{self.tail()}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -186,7 +221,7 @@ class Server:
 
     def output_of_this_start(self) -> str:
         """What the server wrote since its last ``start`` (a restarted server appends to its log)."""
-        return self.log_path.read_bytes()[self.log_offset:].decode(errors="replace")
+        return self.log_path.read_bytes()[self.log_offset :].decode(errors="replace")
 
     def tail(self, n: int = 4000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")
@@ -205,20 +240,34 @@ def running(srv: Server):
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory) -> Server:
     """The shared server: API key required, small body limit so 413 is testable."""
-    yield from running(Server(
-        tiny_model, tmp_path_factory.mktemp("logs") / "server.log", "--api-key", API_KEY,
-        "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
-        env={"TEACHER_FARM_MAX_BODY_BYTES": str(2 << 20), "TEACHER_FARM_MAX_INPUTS_PER_REQUEST": "256"},
-    ))
+    yield from running(
+        Server(
+            tiny_model,
+            tmp_path_factory.mktemp("logs") / "server.log",
+            "--api-key",
+            API_KEY,
+            "--max-num-batched-tokens",
+            str(MAX_BATCHED_TOKENS),
+            env={"TEACHER_FARM_MAX_BODY_BYTES": str(2 << 20), "TEACHER_FARM_MAX_INPUTS_PER_REQUEST": "256"},
+        )
+    )
 
 
 @pytest.fixture(scope="session")
 def logprobs_server(tiny_model, tmp_path_factory) -> Server:
     """A server on vLLM's prompt-logprobs backend (the fallback): it must make the same caches."""
-    yield from running(Server(
-        tiny_model, tmp_path_factory.mktemp("logs") / "logprobs-server.log", "--api-key", API_KEY,
-        "--scoring", "prompt-logprobs", "--k-max", "64",
-    ))
+    yield from running(
+        Server(
+            tiny_model,
+            tmp_path_factory.mktemp("logs") / "logprobs-server.log",
+            "--api-key",
+            API_KEY,
+            "--scoring",
+            "prompt-logprobs",
+            "--k-max",
+            "64",
+        )
+    )
 
 
 @pytest.fixture(params=["pooled", "prompt-logprobs"])
@@ -245,7 +294,9 @@ class Reference:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     def tokenize(self, text: str, max_length: int | None = None) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)["input_ids"]
+        return self.tokenizer(
+            text, add_special_tokens=True, truncation=max_length is not None, max_length=max_length
+        )["input_ids"]
 
     def topk(self, input_ids: list[int], k: int, temperature: float = 1.0):
         """(topk_ids, topk_logprobs, full logprobs) as numpy, positions × k, at ``temperature``."""
@@ -295,11 +346,13 @@ def table_to_results(table):
         if "sample_ids" in t.column_names:
             samples = {
                 "sample_lengths": pc.list_value_length(t.column("sample_ids").combine_chunks().flatten())
-                .to_numpy(zero_copy_only=False).astype(np.int32),
+                .to_numpy(zero_copy_only=False)
+                .astype(np.int32),
                 "sample_ids": flat("sample_ids"),
                 "sample_counts": flat("sample_counts"),
                 "sample_logprobs": flat("sample_logprobs").astype(np.float32)
-                if "sample_logprobs" in t.column_names else None,
+                if "sample_logprobs" in t.column_names
+                else None,
             }
         out.append(
             ScoredSequence(
@@ -307,7 +360,8 @@ def table_to_results(table):
                 input_ids=flat("input_ids"),
                 topk_ids=flat("topk_ids").reshape(n, -1) if has_topk else np.empty((n, 0), np.int32),
                 topk_logprobs=flat("topk_logprobs").astype(np.float32).reshape(n, -1)
-                if has_topk else np.empty((n, 0), np.float32),
+                if has_topk
+                else np.empty((n, 0), np.float32),
                 target_logprobs=flat("target_logprobs").astype(np.float32),
                 target_ranks=flat("target_ranks"),
                 **samples,
@@ -321,8 +375,15 @@ def fake_engine_info(**changes):
     from teacher_farm.schemas.wire import Info, Versions
 
     fields = dict(
-        model="fake", model_fingerprint="m", tokenizer_fingerprint="t", vocab_size=16, k_max=4, max_model_len=64,
-        max_input_tokens=63, max_inputs_per_request=1 << 30, adds_bos=False,
+        model="fake",
+        model_fingerprint="m",
+        tokenizer_fingerprint="t",
+        vocab_size=16,
+        k_max=4,
+        max_model_len=64,
+        max_input_tokens=63,
+        max_inputs_per_request=1 << 30,
+        adds_bos=False,
         versions=Versions(teacher_farm="0", schema_version=2, vllm="0"),
     )
     return Info(**(fields | changes))

@@ -29,9 +29,17 @@ DEFAULT_CACHE = Path.home() / ".cache" / "teacher-farm" / "vllm-wheels"
 
 #: What pip prints when it cannot reach the registry (as opposed to a release or wheel that is wrong).
 UNREACHABLE = (
-    "NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
-    "Name or service not known", "Network is unreachable", "ConnectTimeoutError", "ReadTimeoutError",
-    "ProxyError", "Max retries exceeded", "No route to host", "Connection refused",
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ProxyError",
+    "Max retries exceeded",
+    "No route to host",
+    "Connection refused",
 )
 
 
@@ -70,10 +78,25 @@ def release_sources(version: str) -> Path:
 def _download(version: str, into: Path) -> Path:
     """The wheel PyPI serves a Linux x86-64 GPU node (Python 3.12), without its dependencies."""
     command = [
-        sys.executable, "-m", "pip", "download", f"vllm=={version}", "--no-deps", "--only-binary=:all:",
-        "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "--dest", str(into),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        f"vllm=={version}",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--dest",
+        str(into),
         # Offline, fail in a minute rather than after pip's default retries.
-        "--retries", "2", "--timeout", "20", "--quiet",
+        "--retries",
+        "2",
+        "--timeout",
+        "20",
+        "--quiet",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     output = proc.stdout + proc.stderr
@@ -82,7 +105,9 @@ def _download(version: str, into: Path) -> Path:
         reason = next((line for line in lines if any(mark in line for mark in UNREACHABLE)), None)
         if reason is not None:
             raise RegistryUnreachable(f"pip download vllm=={version}: {reason}")
-        raise RuntimeError(f"pip download vllm=={version} failed ({proc.returncode}): {' | '.join(lines[-3:])}")
+        raise RuntimeError(
+            f"pip download vllm=={version} failed ({proc.returncode}): {' | '.join(lines[-3:])}"
+        )
     [wheel] = into.glob("vllm-*.whl")
     return wheel
 
@@ -92,8 +117,12 @@ def check_release(version: str) -> subprocess.CompletedProcess[str]:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(release_sources(version))}
     return subprocess.run(
-        [sys.executable, "-m", "tests.gpu_releases", version], cwd=root, env=env,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "tests.gpu_releases", version],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -131,10 +160,14 @@ def v2_steps(pooler: Any, params: list[Any], prompts: list[list[int]]) -> Any:
     from teacher_farm.server import vllm_seam
 
     slots = len(params) + 2
-    model_config = SimpleNamespace(pooler_config=vllm_seam.PoolerConfig(), architectures=["LlamaForTeacherScoring"])
+    model_config = SimpleNamespace(
+        pooler_config=vllm_seam.PoolerConfig(), architectures=["LlamaForTeacherScoring"]
+    )
     # The task the engine's model config selects for this model, by vLLM's own rule.
     model_config.get_pooling_task = lambda tasks: vllm_seam.ModelConfig.get_pooling_task(model_config, tasks)
-    vllm_config = SimpleNamespace(model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=slots))
+    vllm_config = SimpleNamespace(
+        model_config=model_config, scheduler_config=SimpleNamespace(max_num_seqs=slots)
+    )
     runner = vllm_seam.PoolingRunner(_PoolingModel(pooler=pooler), vllm_config)
     req_states = SimpleNamespace(prompt_len=SimpleNamespace(np=np.zeros(slots, dtype=np.int32)))
     free = list(range(slots))
@@ -149,7 +182,9 @@ def v2_steps(pooler: Any, params: list[Any], prompts: list[list[int]]) -> Any:
         sizes = np.array([n for _, n in scheduled], dtype=np.int32)
         tokens = int(sizes.sum())
         batch = vllm_seam.InputBatch.make_dummy(
-            len(scheduled), tokens, vllm_seam.InputBuffers(slots, tokens + PADDING, torch.device("cpu")),
+            len(scheduled),
+            tokens,
+            vllm_seam.InputBuffers(slots, tokens + PADDING, torch.device("cpu")),
         )
         starts = np.zeros(len(scheduled) + 1, dtype=np.int32)
         np.cumsum(sizes, out=starts[1:])
@@ -159,8 +194,9 @@ def v2_steps(pooler: Any, params: list[Any], prompts: list[list[int]]) -> Any:
         batch.num_scheduled_tokens = sizes
         batch.query_start_loc_np = starts
         batch.query_start_loc = torch.from_numpy(starts)
-        batch.seq_lens_cpu_upper_bound = torch.tensor([c + n for c, (_, n) in zip(computed, scheduled)],
-                                                      dtype=torch.int32)
+        batch.seq_lens_cpu_upper_bound = torch.tensor(
+            [c + n for c, (_, n) in zip(computed, scheduled)], dtype=torch.int32
+        )
         batch.num_computed_tokens_np = np.array(computed, dtype=np.int32)
         batch.num_tokens_after_padding = tokens + PADDING
         padded = torch.cat([chunk, torch.full((PADDING, chunk.shape[1]), 1e4)])

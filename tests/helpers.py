@@ -21,7 +21,12 @@ import pyarrow as pa
 from teacher_farm.client.manifest import save_manifest
 from teacher_farm.client.shards import ShardWriter
 from teacher_farm.schemas.arrow import (
-    ScoredSequence, cache_schema, cast_logprobs, encode_rows, results_to_table, with_source_columns,
+    ScoredSequence,
+    cache_schema,
+    cast_logprobs,
+    encode_rows,
+    results_to_table,
+    with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord
 from teacher_farm.schemas.fingerprints import tokenizer_fingerprint
@@ -57,8 +62,11 @@ def one_line_error(proc) -> str:
 
 
 def write_shards(
-    out: Path, schema: pa.Schema, shards: Mapping[int, tuple[range, Iterable[pa.Table]]],
-    identity: Mapping[str, Any], manifests: Mapping[str, list[int]] | None = None,
+    out: Path,
+    schema: pa.Schema,
+    shards: Mapping[int, tuple[range, Iterable[pa.Table]]],
+    identity: Mapping[str, Any],
+    manifests: Mapping[str, list[int]] | None = None,
 ) -> dict[int, ShardRecord]:
     """Shard j of ``shards`` (the input lines it covers, its tables in ``schema``) written as a run writes it.
 
@@ -73,11 +81,22 @@ def write_shards(
             writer.write(table)
         stats = writer.commit()
         records[j] = ShardRecord(
-            index=j, file=stats.file, first_line=lines.start, end_line=lines.stop, rows=stats.rows,
-            rejects=len(lines) - stats.rows, tokens=stats.tokens, bytes=stats.bytes, sha256=stats.sha256,
+            index=j,
+            file=stats.file,
+            first_line=lines.start,
+            end_line=lines.stop,
+            rows=stats.rows,
+            rejects=len(lines) - stats.rows,
+            tokens=stats.tokens,
+            bytes=stats.bytes,
+            sha256=stats.sha256,
         )
     for name, indices in (manifests or {"manifest.json": list(shards)}).items():
-        save_manifest(Manifest(identity=dict(identity), shards={j: records[j] for j in indices}, complete=True), out, name)
+        save_manifest(
+            Manifest(identity=dict(identity), shards={j: records[j] for j in indices}, complete=True),
+            out,
+            name,
+        )
     return records
 
 
@@ -111,19 +130,28 @@ def draws(rng: np.random.Generator, full: np.ndarray, samples: int) -> dict[str,
     lengths, ids, counts, lps = [], [], [], []
     p = np.exp(full.astype(np.float64))
     for row, probs in zip(full, p):
-        drawn, count = np.unique(rng.choice(len(probs), size=samples, p=probs / probs.sum()), return_counts=True)
+        drawn, count = np.unique(
+            rng.choice(len(probs), size=samples, p=probs / probs.sum()), return_counts=True
+        )
         lengths.append(len(drawn))
         ids.append(drawn)
         counts.append(count)
         lps.append(row[drawn])
     return {
-        "sample_lengths": np.array(lengths, np.int32), "sample_ids": np.concatenate(ids).astype(np.int32),
-        "sample_counts": np.concatenate(counts).astype(np.int16), "sample_logprobs": np.concatenate(lps).astype(np.float32),
+        "sample_lengths": np.array(lengths, np.int32),
+        "sample_ids": np.concatenate(ids).astype(np.int32),
+        "sample_counts": np.concatenate(counts).astype(np.int16),
+        "sample_logprobs": np.concatenate(lps).astype(np.float32),
     }
 
 
 def scored(
-    rng: np.random.Generator, line: int, n: int, temperature: float = 1.0, targets: str = "topk", samples: int = 16,
+    rng: np.random.Generator,
+    line: int,
+    n: int,
+    temperature: float = 1.0,
+    targets: str = "topk",
+    samples: int = 16,
 ) -> tuple[ScoredSequence, np.ndarray]:
     import torch
 
@@ -134,17 +162,30 @@ def scored(
     target = full[torch.arange(n - 1), torch.from_numpy(input_ids[1:])]
     ranks = 1 + (full[: n - 1] > target[:, None]).sum(-1)
     seq = ScoredSequence(
-        id=f"doc-{line}", input_ids=input_ids.astype(np.int32), topk_ids=ids.numpy().astype(np.int32),
-        topk_logprobs=values.numpy(), target_logprobs=target.numpy(), target_ranks=ranks.numpy().astype(np.int32),
+        id=f"doc-{line}",
+        input_ids=input_ids.astype(np.int32),
+        topk_ids=ids.numpy().astype(np.int32),
+        topk_logprobs=values.numpy(),
+        target_logprobs=target.numpy(),
+        target_ranks=ranks.numpy().astype(np.int32),
         **(draws(rng, full.numpy(), samples) if targets != "topk" else {}),
     )
     return seq, full.numpy()
 
 
 def write_cache(
-    out: Path, shards: dict[int, list[int]], *, dtype: str = "float32", manifests: dict[str, list[int]] | None = None,
-    fingerprint: str | None = None, seed: int = 0, temperature: float = 1.0, targets: str = "topk", samples: int = 16,
-    fmt: str | None = None, sample_logprobs: bool = True,
+    out: Path,
+    shards: dict[int, list[int]],
+    *,
+    dtype: str = "float32",
+    manifests: dict[str, list[int]] | None = None,
+    fingerprint: str | None = None,
+    seed: int = 0,
+    temperature: float = 1.0,
+    targets: str = "topk",
+    samples: int = 16,
+    fmt: str | None = None,
+    sample_logprobs: bool = True,
 ) -> Cache:
     """Shard j holds lines [j*R, (j+1)*R) (its last line rejected) with the given token counts,
     several rows per row group; ``manifests`` splits the shard records over several manifest files.
@@ -153,9 +194,13 @@ def write_cache(
     cache = Cache(out)
     rng = np.random.default_rng(seed)
     ident = CacheIdentity(
-        model="teacher", model_fingerprint="mf", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-        vocab_size=VOCAB, scoring=Scoring(k=K, temperature=temperature, targets=targets, samples=samples, seed=0),
-        logprob_dtype=fmt or dtype, sample_logprobs=sample_logprobs and targets != "topk",
+        model="teacher",
+        model_fingerprint="mf",
+        tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(FakeTokenizer()),
+        vocab_size=VOCAB,
+        scoring=Scoring(k=K, temperature=temperature, targets=targets, samples=samples, seed=0),
+        logprob_dtype=fmt or dtype,
+        sample_logprobs=sample_logprobs and targets != "topk",
     )
     schema = ident.schema() if fmt else cache_schema(dtype, targets).with_metadata(ident.metadata())
     written = {}
@@ -169,13 +214,18 @@ def write_cache(
             cache.rows[line], cache.full[line] = seq, full
         tables = []
         for i in range(0, len(results), 3):
-            table = with_source_columns(results_to_table(results[i:i + 3], K, targets), lines[i:i + 3])
+            table = with_source_columns(results_to_table(results[i : i + 3], K, targets), lines[i : i + 3])
             tables.append(encode_rows(table, schema) if fmt else cast_logprobs(table, dtype).cast(schema))
         written[j] = (range(j * ROWS_PER_SHARD, (j + 1) * ROWS_PER_SHARD), tables)
     identity = {
-        "model_fingerprint": "mf", "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(FakeTokenizer()),
-        "vocab_size": VOCAB, "k": K, "logprob_dtype": fmt or dtype, "rows_per_shard": ROWS_PER_SHARD,
-        "temperature": temperature, "targets": targets,
+        "model_fingerprint": "mf",
+        "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(FakeTokenizer()),
+        "vocab_size": VOCAB,
+        "k": K,
+        "logprob_dtype": fmt or dtype,
+        "rows_per_shard": ROWS_PER_SHARD,
+        "temperature": temperature,
+        "targets": targets,
     }
     write_shards(out, schema, written, identity, manifests)
     return cache
@@ -198,21 +248,29 @@ def true_tail(full: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
     return np.log(p.sum(axis=1))
 
 
-def write_window_cache(out: Path, lengths: list[int], max_length: int = 12, stride: int = 5) -> dict[int, list[int]]:
+def write_window_cache(
+    out: Path, lengths: list[int], max_length: int = 12, stride: int = 5
+) -> dict[int, list[int]]:
     """A ``--long-lines window`` cache (the stand-in teacher, 3 lines a shard) of pre-tokenized lines
     of the given lengths; returns each line's full token ids."""
     import asyncio
     import json
 
     from teacher_farm.client.cache import CacheOptions, CacheRun
-
     from tests.standin import StandInTeacher
 
     rng = np.random.default_rng(0)
     lines = {i: rng.integers(3, 900, n).tolist() for i, n in enumerate(lengths)}
     src = out.parent / f"{out.name}.jsonl"
     src.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in lines.values()))
-    opts = CacheOptions(input=str(src), out_dir=out, scoring=Scoring(k=4), max_length=max_length,
-                        long_lines="window", stride=stride, rows_per_shard=3)
+    opts = CacheOptions(
+        input=str(src),
+        out_dir=out,
+        scoring=Scoring(k=4),
+        max_length=max_length,
+        long_lines="window",
+        stride=stride,
+        rows_per_shard=3,
+    )
     asyncio.run(CacheRun(opts, StandInTeacher(1000)).run())
     return lines

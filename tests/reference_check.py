@@ -17,7 +17,9 @@ def assert_matches_reference(row: ScoredSequence, reference, k: int, atol: float
     # The logprobs, position by position, most likely first.
     np.testing.assert_allclose(row.topk_logprobs, ref_lps, atol=atol, rtol=0)
     # Each returned id really has the logprob returned for it in the reference.
-    np.testing.assert_allclose(np.take_along_axis(full, row.topk_ids.astype(np.int64), axis=1), row.topk_logprobs, atol=atol, rtol=0)
+    np.testing.assert_allclose(
+        np.take_along_axis(full, row.topk_ids.astype(np.int64), axis=1), row.topk_logprobs, atol=atol, rtol=0
+    )
     # The ids equal the reference's, except where two candidates are tied within atol (the k-th
     # may be tied with the (k+1)-th, which the reference's own top-k leaves out).
     differ = row.topk_ids != ref_ids
@@ -42,7 +44,9 @@ def assert_same_rows(a: list[dict], b: list[dict], atol: float = ATOL) -> None:
     The engine batches differently from run to run, so float results may differ in the last bits,
     and the order of two candidates tied within ``atol`` may swap.
     """
-    assert [(r["id"], r["line"], r["input_ids"]) for r in a] == [(r["id"], r["line"], r["input_ids"]) for r in b]
+    assert [(r["id"], r["line"], r["input_ids"]) for r in a] == [
+        (r["id"], r["line"], r["input_ids"]) for r in b
+    ]
     for x, y in zip(a, b):
         lx, ly = np.array(x["topk_logprobs"], np.float32), np.array(y["topk_logprobs"], np.float32)
         np.testing.assert_allclose(lx, ly, atol=atol, rtol=0)

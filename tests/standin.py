@@ -44,8 +44,14 @@ def expected_topk(ids: np.ndarray, k: int, vocab: int) -> np.ndarray:
 def score(seq_id: str | None, ids: np.ndarray, k: int, vocab: int) -> ScoredSequence:
     n = len(ids)
     lps = -np.log(np.arange(2, k + 2, dtype=np.float32))[None, :].repeat(n, 0)
-    return ScoredSequence(seq_id, ids.astype(np.int32), expected_topk(ids, k, vocab), lps,
-                          np.full(n - 1, -3.0, np.float32), np.full(n - 1, 7, np.int32))
+    return ScoredSequence(
+        seq_id,
+        ids.astype(np.int32),
+        expected_topk(ids, k, vocab),
+        lps,
+        np.full(n - 1, -3.0, np.float32),
+        np.full(n - 1, 7, np.int32),
+    )
 
 
 class StandInTeacher:
@@ -65,10 +71,18 @@ class StandInTeacher:
         self.wire_dtypes: set[str] = set()
 
     async def info(self) -> Info:
-        return Info(model="stand-in", model_fingerprint="f" * 16, tokenizer_fingerprint="t" * 16, vocab_size=self.vocab,
-                    k_max=64, max_model_len=self.max_model_len, max_input_tokens=self.max_model_len - 1,
-                    max_inputs_per_request=1024, adds_bos=True,
-                    versions=Versions(teacher_farm="-", schema_version=1, vllm="-"))
+        return Info(
+            model="stand-in",
+            model_fingerprint="f" * 16,
+            tokenizer_fingerprint="t" * 16,
+            vocab_size=self.vocab,
+            k_max=64,
+            max_model_len=self.max_model_len,
+            max_input_tokens=self.max_model_len - 1,
+            max_inputs_per_request=1024,
+            adds_bos=True,
+            versions=Versions(teacher_farm="-", schema_version=1, vllm="-"),
+        )
 
     def _ids(self, line: Line, max_length: int | None) -> np.ndarray:
         if line.input_ids is not None:
@@ -81,8 +95,14 @@ class StandInTeacher:
             raise ServerRejected(f"token id {ids.max()} is outside the vocabulary (size {self.vocab})", 422)
         return ids[:max_length]
 
-    async def score(self, lines: Sequence[Line], scoring, max_length: int | None, *, wire_dtype: str = "float32",
-                    ) -> "pa.Table":  # noqa: F821
+    async def score(
+        self,
+        lines: Sequence[Line],
+        scoring,
+        max_length: int | None,
+        *,
+        wire_dtype: str = "float32",
+    ) -> pa.Table:  # noqa: F821
         self.requests += 1
         self.wire_dtypes.add(wire_dtype)
         k = scoring.k
@@ -90,7 +110,9 @@ class StandInTeacher:
         self.tokens_scored += sum(len(x.input_ids) for x in scored)
         return results_to_table(scored, k)
 
-    async def score_ids(self, ids_and_tokens, scoring, max_length: int | None = None, *, wire_dtype: str = "float32"):
+    async def score_ids(
+        self, ids_and_tokens, scoring, max_length: int | None = None, *, wire_dtype: str = "float32"
+    ):
         lines = [Line(-1, i, None, input_ids=np.asarray(t, np.int32)) for i, t in ids_and_tokens]
         return await self.score(lines, scoring, max_length, wire_dtype=wire_dtype)
 
@@ -114,8 +136,15 @@ class StandInServer:
     may change an honest answer before it is sent.
     """
 
-    def __init__(self, vocab: int = 1000, max_model_len: int = 16384, *, max_tokens_per_request: int = 262_144,
-                 fault=None, mangle=None) -> None:
+    def __init__(
+        self,
+        vocab: int = 1000,
+        max_model_len: int = 16384,
+        *,
+        max_tokens_per_request: int = 262_144,
+        fault=None,
+        mangle=None,
+    ) -> None:
         self.teacher = StandInTeacher(vocab, max_model_len)
         self.max_tokens_per_request = max_tokens_per_request
         self.fault, self.mangle = fault, mangle
@@ -160,19 +189,31 @@ class StandInServer:
         body = orjson.loads(request.content)
         if request.url.path == "/tokenize":
             if "messages" in body:
-                return httpx.Response(200, json={"tokens": await self.teacher.tokenize_chat(body["messages"])})
+                return httpx.Response(
+                    200, json={"tokens": await self.teacher.tokenize_chat(body["messages"])}
+                )
             return httpx.Response(200, json={"tokens": await self.teacher.tokenize(body["prompt"])})
-        lines = [Line(-1, x.get("id"), x.get("text"), messages=x.get("messages"),
-                      input_ids=None if x.get("token_ids") is None else np.asarray(x["token_ids"], np.int32))
-                 for x in body["inputs"]]
+        lines = [
+            Line(
+                -1,
+                x.get("id"),
+                x.get("text"),
+                messages=x.get("messages"),
+                input_ids=None if x.get("token_ids") is None else np.asarray(x["token_ids"], np.int32),
+            )
+            for x in body["inputs"]
+        ]
         ml = body.get("max_length")
         try:
             n = sum(len(self.teacher._ids(x, ml)) for x in lines)
         except ServerRejected as exc:
             return self.error(422, "InputError", str(exc))
         if n > self.max_tokens_per_request:
-            return self.error(413, "RequestTooLarge", f"{n} tokens in one request; the limit is "
-                              f"{self.max_tokens_per_request}: send fewer inputs")
+            return self.error(
+                413,
+                "RequestTooLarge",
+                f"{n} tokens in one request; the limit is {self.max_tokens_per_request}: send fewer inputs",
+            )
         self.request_tokens.append(n)
         scoring = Scoring(**{f: body[f] for f in Scoring.model_fields if f in body})
         table = await self.teacher.score(lines, scoring, ml)
@@ -182,5 +223,8 @@ class StandInServer:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
-        return httpx.Response(200, content=sink.getvalue().to_pybytes(),
-                              headers={"content-type": ARROW_STREAM, FINGERPRINT_HEADER: info.fingerprint})
+        return httpx.Response(
+            200,
+            content=sink.getvalue().to_pybytes(),
+            headers={"content-type": ARROW_STREAM, FINGERPRINT_HEADER: info.fingerprint},
+        )

@@ -10,13 +10,17 @@ import pytest
 
 from teacher_farm.schemas import SCHEMA_VERSION, __version__
 from teacher_farm.schemas.arrow import (
-    ScoredSequence, cache_schema, cast_logprobs,
-    result_schema, results_to_table, with_source_columns,
+    ScoredSequence,
+    cache_schema,
+    cast_logprobs,
+    result_schema,
+    results_to_table,
+    with_source_columns,
 )
-from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import METADATA_PREFIX, CacheIdentity, read_metadata
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.scoring import Scoring
+from tests.conftest import table_to_results
 
 LENGTHS = [1, 2, 7, 33]
 
@@ -90,8 +94,12 @@ def test_cast_to_float16_changes_only_the_logprob_columns():
         assert half.column(name).equals(table.column(name)), name
     for want, got in zip(results, table_to_results(half.drop_columns(["line", "source", "offset"]))):
         np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
-        np.testing.assert_array_equal(got.topk_logprobs, want.topk_logprobs.astype(np.float16).astype(np.float32))
-        np.testing.assert_array_equal(got.target_logprobs, want.target_logprobs.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(
+            got.topk_logprobs, want.topk_logprobs.astype(np.float16).astype(np.float32)
+        )
+        np.testing.assert_array_equal(
+            got.target_logprobs, want.target_logprobs.astype(np.float16).astype(np.float32)
+        )
 
 
 def test_cast_to_the_dtype_it_already_has_keeps_the_table():
@@ -111,8 +119,12 @@ def test_cache_schema_puts_where_a_row_comes_from_after_its_id():
 
 def test_cache_identity_round_trips_through_parquet_metadata_and_the_manifest():
     identity = CacheIdentity(
-        model="org/Model-7B", model_fingerprint="m" * 16, tokenizer_fingerprint="t" * 16, vocab_size=151_936,
-        scoring=Scoring(k=16, temperature=0.5, targets="both", samples=32, seed=7), logprob_dtype="uint8-gap",
+        model="org/Model-7B",
+        model_fingerprint="m" * 16,
+        tokenizer_fingerprint="t" * 16,
+        vocab_size=151_936,
+        scoring=Scoring(k=16, temperature=0.5, targets="both", samples=32, seed=7),
+        logprob_dtype="uint8-gap",
         sample_logprobs=True,
     )
     metadata = identity.metadata()
@@ -135,7 +147,9 @@ def test_cache_identity_round_trips_through_parquet_metadata_and_the_manifest():
     }
     assert CacheIdentity.from_entries(read_metadata(schema)) == identity
     # The manifest holds the same entries (the model's name is provenance there).
-    assert CacheIdentity.from_entries(json.loads(json.dumps(identity.entries()))) == identity.model_copy(update={"model": ""})
+    assert CacheIdentity.from_entries(json.loads(json.dumps(identity.entries()))) == identity.model_copy(
+        update={"model": ""}
+    )
     # N, the seed and whether sampled logprobs are kept are part of a cache's identity only with sampled targets.
     topk = identity.model_copy(update={"scoring": Scoring(k=16), "sample_logprobs": False})
     assert not {"samples", "seed", "sample_logprobs"} & set(topk.entries())
@@ -143,8 +157,17 @@ def test_cache_identity_round_trips_through_parquet_metadata_and_the_manifest():
 
 
 def test_an_identity_of_schema_2_kept_its_sampled_logprobs_and_an_unknown_format_is_refused():
-    entries = {"model_fingerprint": "m", "tokenizer_fingerprint": "t", "vocab_size": 10, "k": 4, "temperature": 1.0,
-               "targets": "both", "samples": 8, "seed": 0, "logprob_dtype": "float16"}
+    entries = {
+        "model_fingerprint": "m",
+        "tokenizer_fingerprint": "t",
+        "vocab_size": 10,
+        "k": 4,
+        "temperature": 1.0,
+        "targets": "both",
+        "samples": 8,
+        "seed": 0,
+        "logprob_dtype": "float16",
+    }
     assert CacheIdentity.from_entries(entries).sample_logprobs
     with pytest.raises(InputError, match="logprob_dtype 'float64' is none of float32, float16, uint8-gap"):
         CacheIdentity.from_entries({**entries, "logprob_dtype": "float64"})

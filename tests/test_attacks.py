@@ -21,6 +21,7 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+
 from teacher_farm.schemas import ARROW_STREAM
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import ServerBusy
@@ -29,7 +30,6 @@ from teacher_farm.server import intake
 from teacher_farm.server import settings as settings_module
 from teacher_farm.server.app import create_app
 from teacher_farm.server.settings import ServerSettings
-
 from tests.conftest import API_KEY, Server, descendants, fake_engine_info, running, wait_for
 
 MiB = 2**20
@@ -219,8 +219,9 @@ def test_a_chat_of_too_many_turns_is_refused_before_it_is_rendered(app_on):
 
 
 def test_a_long_chats_turns_are_found_in_linear_time_and_as_by_every_prefix(tiny_model):
-    from teacher_farm.server import chat
     from transformers import AutoTokenizer
+
+    from teacher_farm.server import chat
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     short = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}, said"} for i in range(40)]
@@ -238,6 +239,7 @@ def test_a_long_chats_turns_are_found_in_linear_time_and_as_by_every_prefix(tiny
 
 def test_a_temperature_too_small_for_fp32_is_refused_and_the_reduction_stays_finite(app_on):
     import torch
+
     from teacher_farm.schemas.scoring import PackedLayout
     from teacher_farm.server.reduce import reduce_rows
 
@@ -247,7 +249,9 @@ def test_a_temperature_too_small_for_fp32_is_refused_and_the_reduction_stays_fin
     r = served.client.post("/v1/topk", json={"k": 2, "temperature": 1e-40, "inputs": [{"token_ids": [1, 2]}]})
     assert r.status_code == 422 and "temperature" in r.json()["error"]
     logits = torch.randn(4, 64) * 30
-    rows = reduce_rows(logits, torch.zeros(4, dtype=torch.int64), PackedLayout(8, 0, entropy=True), torch.full((4,), 1e38))
+    rows = reduce_rows(
+        logits, torch.zeros(4, dtype=torch.int64), PackedLayout(8, 0, entropy=True), torch.full((4,), 1e38)
+    )
     assert torch.isfinite(rows[:, 8:16].view(torch.float32)).all()
     assert torch.isfinite(rows[:, -1].view(torch.float32)).all()
 

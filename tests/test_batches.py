@@ -13,7 +13,10 @@ from teacher_farm.client.inputs import Line, Reject
 
 def opts(rows_per_shard: int = 10, batch_lines: int = 4, batch_chars: int = 10_000) -> CacheOptions:
     return CacheOptions(
-        input="-", out_dir=Path("unused"), rows_per_shard=rows_per_shard, batch_lines=batch_lines,
+        input="-",
+        out_dir=Path("unused"),
+        rows_per_shard=rows_per_shard,
+        batch_lines=batch_lines,
         batch_chars=batch_chars,
     )
 
@@ -62,7 +65,11 @@ def test_batch_lines_caps_the_lines_of_a_batch():
 
 
 def test_batch_chars_ends_a_batch_once_reached():
-    batches = list(make_batches(lines(range(10), text="x" * 40), opts(rows_per_shard=100, batch_lines=100, batch_chars=100)))
+    batches = list(
+        make_batches(
+            lines(range(10), text="x" * 40), opts(rows_per_shard=100, batch_lines=100, batch_chars=100)
+        )
+    )
     assert [len(b.lines) for b in batches] == [3, 3, 3, 1]
     for b in batches:
         assert b.chars == sum(len(x.text) for x in b.lines)
@@ -71,7 +78,11 @@ def test_batch_chars_ends_a_batch_once_reached():
 
 
 def test_reaching_batch_chars_exactly_ends_the_batch():
-    batches = list(make_batches(lines(range(5), text="x" * 50), opts(rows_per_shard=100, batch_lines=100, batch_chars=100)))
+    batches = list(
+        make_batches(
+            lines(range(5), text="x" * 50), opts(rows_per_shard=100, batch_lines=100, batch_chars=100)
+        )
+    )
     assert [b.chars for b in batches] == [100, 100, 50]
 
 

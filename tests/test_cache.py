@@ -9,16 +9,30 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.manifest import save_manifest
-from tests.conftest import load_manifest
-from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
+from tests.conftest import API_KEY, SAMPLE, load_manifest, read_lines, teacher_farm
 from tests.reference_check import assert_same_rows
 
 pytestmark = pytest.mark.engine
 
 
 def cache(server, inp, out, *extra, **kwargs):
-    return teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out), "--k", "4",
-                        "--logprob-dtype", "float32", *extra, **kwargs)
+    return teacher_farm(
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--logprob-dtype",
+        "float32",
+        *extra,
+        **kwargs,
+    )
 
 
 def rows(out):
@@ -60,13 +74,32 @@ def test_truncation_custom_fields_and_seed_flag_names(server, tmp_path):
         for i in range(5):
             f.write(json.dumps({"doc": f"d{i}", "content": "long text " * 50}) + "\n")
     proc = teacher_farm(
-        "cache", "--server", server.url, "--api-key", API_KEY, "--input_jsonl", str(inp), "--out_dir", str(tmp_path / "o"),
-        "--max_length", "16", "--batch_size", "1", "--k", "3", "--text-field", "content", "--id-field", "doc",
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input_jsonl",
+        str(inp),
+        "--out_dir",
+        str(tmp_path / "o"),
+        "--max_length",
+        "16",
+        "--batch_size",
+        "1",
+        "--k",
+        "3",
+        "--text-field",
+        "content",
+        "--id-field",
+        "doc",
     )
     assert proc.returncode == 0, proc.stderr
     got = rows(tmp_path / "o")
     assert [r["id"] for r in got] == [f"d{i}" for i in range(5)]
-    assert all(len(r["input_ids"]) == 16 and len(r["topk_ids"]) == 16 and len(r["topk_ids"][0]) == 3 for r in got)
+    assert all(
+        len(r["input_ids"]) == 16 and len(r["topk_ids"]) == 16 and len(r["topk_ids"][0]) == 3 for r in got
+    )
     assert load_manifest(tmp_path / "o").identity.max_length == 16
 
 
@@ -109,7 +142,19 @@ def test_rerun_with_other_settings_is_refused(server, tmp_path):
     out = tmp_path / "o"
     assert cache(server, inp, out).returncode == 0
     before = sorted(p.name for p in out.iterdir())
-    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out), "--k", "8")
+    proc = teacher_farm(
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--k",
+        "8",
+    )
     assert proc.returncode == 1
     assert "k: 4 there, 8 now" in proc.stderr and "new --out directory" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == before
@@ -118,21 +163,40 @@ def test_rerun_with_other_settings_is_refused(server, tmp_path):
 def test_wrong_api_key_fails_with_advice(server, tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text(read_lines(SAMPLE, 1)[0] + "\n", encoding="utf-8")
-    proc = teacher_farm("cache", "--server", server.url, "--api-key", "wrong", "--input", str(inp), "--out", str(tmp_path / "o"))
+    proc = teacher_farm(
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        "wrong",
+        "--input",
+        str(inp),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert proc.returncode == 1 and "--api-key" in proc.stderr
 
 
 def test_chat_records_render_with_the_teachers_chat_template(server, reference, tmp_path):
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wie geht's? 🧪"},
-            {"role": "assistant", "content": "Gut, danke."}]
-    docs = [{"id": "chat", "messages": chat}, {"id": "bad", "messages": [{"role": "user"}]}, {"id": "plain", "text": "plain text"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Wie geht's? 🧪"},
+        {"role": "assistant", "content": "Gut, danke."},
+    ]
+    docs = [
+        {"id": "chat", "messages": chat},
+        {"id": "bad", "messages": [{"role": "user"}]},
+        {"id": "plain", "text": "plain text"},
+    ]
     inp = tmp_path / "chat.jsonl"
     inp.write_text("\n".join(json.dumps(d, ensure_ascii=False) for d in docs) + "\n", encoding="utf-8")
     proc = cache(server, inp, tmp_path / "o")
     assert proc.returncode == 0, proc.stderr
     got = rows(tmp_path / "o")
     assert [r["id"] for r in got] == ["chat", "plain"]
-    expected = reference.tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=False, return_dict=False)
+    expected = reference.tokenizer.apply_chat_template(
+        chat, tokenize=True, add_generation_prompt=False, return_dict=False
+    )
     assert got[0]["input_ids"] == expected and expected.count(reference.tokenizer.bos_token_id) == 1
     assert len(got[0]["topk_ids"]) == len(expected)
     (rej,) = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.cache import CacheOptions, CacheRun
+from teacher_farm.client.manifest import save_manifest
+from teacher_farm.schemas.cache_dir import load_manifests
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import FORMATS
 from teacher_farm.schemas.scoring import Scoring
-from teacher_farm.client.manifest import save_manifest
-from teacher_farm.schemas.cache_dir import load_manifests
-from tests.conftest import load_manifest
 from teacher_farm.schemas.windows import window_starts
+from tests.conftest import load_manifest
 from tests.standin import StandInTeacher, chat_tokens, expected_topk, tokens
 
 VOCAB = 1000
@@ -31,23 +31,39 @@ def run(tmp_path, inp, out="out", teacher=None, **kw):
 
 
 def rows(out):
-    shards = sorted((s for m in load_manifests(out).values() for s in m.shards.values()), key=lambda s: s.index)
+    shards = sorted(
+        (s for m in load_manifests(out).values() for s in m.shards.values()), key=lambda s: s.index
+    )
     return pq.read_table([out / s.file for s in shards]).to_pylist()
 
 
 def make_corpus(root):
     root.mkdir(parents=True)
-    (root / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"id": "text", "text": "hello"},
-        {"id": "ids", "input_ids": [7, 8, 9, 10]},
-        {"id": "oov", "input_ids": [3, VOCAB + 5]},
-        {"id": "none", "body": "neither text nor ids"},
-    ]) + "\n")
+    (root / "a.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "text", "text": "hello"},
+                {"id": "ids", "input_ids": [7, 8, 9, 10]},
+                {"id": "oov", "input_ids": [3, VOCAB + 5]},
+                {"id": "none", "body": "neither text nor ids"},
+            ]
+        )
+        + "\n"
+    )
     with gzip.open(root / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"id": "long", "text": LONG}) + "\n")
-    pq.write_table(pa.table({"id": ["p0", "p1", "p2"], "text": ["pa", None, "pc"],
-                             "input_ids": pa.array([None, [4, 4], None], pa.list_(pa.int32()))}),
-                   root / "c.parquet", row_group_size=2)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["p0", "p1", "p2"],
+                "text": ["pa", None, "pc"],
+                "input_ids": pa.array([None, [4, 4], None], pa.list_(pa.int32())),
+            }
+        ),
+        root / "c.parquet",
+        row_group_size=2,
+    )
     return root
 
 
@@ -57,8 +73,12 @@ def test_a_directory_of_jsonl_gz_and_parquet_caches_in_one_run(tmp_path):
     got = rows(tmp_path / "out")
     src = {str(root / n): n for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")}
     assert [(r["id"], src[r["source"]], r["line"], r["offset"]) for r in got] == [
-        ("text", "a.jsonl", 0, 0), ("ids", "a.jsonl", 1, 0), ("long", "b.jsonl.gz", 0, 0),
-        ("p0", "c.parquet", 0, 0), ("p1", "c.parquet", 1, 0), ("p2", "c.parquet", 2, 0),
+        ("text", "a.jsonl", 0, 0),
+        ("ids", "a.jsonl", 1, 0),
+        ("long", "b.jsonl.gz", 0, 0),
+        ("p0", "c.parquet", 0, 0),
+        ("p1", "c.parquet", 1, 0),
+        ("p2", "c.parquet", 2, 0),
     ]
     by_id = {r["id"]: r for r in got}
     assert by_id["text"]["input_ids"] == tokens("hello", VOCAB).tolist()
@@ -67,11 +87,15 @@ def test_a_directory_of_jsonl_gz_and_parquet_caches_in_one_run(tmp_path):
     assert by_id["ids"]["topk_ids"] == expected_topk(np.array([7, 8, 9, 10]), 4, VOCAB).tolist()
     assert len(by_id["long"]["input_ids"]) == 64  # truncate is the default
     rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
-    assert [(src[r["source"]], r["line"], r["id"]) for r in rejects] == [("a.jsonl", 2, "oov"), ("a.jsonl", 3, "none")]
+    assert [(src[r["source"]], r["line"], r["id"]) for r in rejects] == [
+        ("a.jsonl", 2, "oov"),
+        ("a.jsonl", 3, "none"),
+    ]
     assert "outside the vocabulary" in rejects[0]["reason"] and "no field 'text'" in rejects[1]["reason"]
     manifest = load_manifest(tmp_path / "out")
     assert [(f.name, f.size) for f in manifest.identity.inputs] == [
-        (n, (root / n).stat().st_size) for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
+        (n, (root / n).stat().st_size) for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")
+    ]
     assert all(len(f.head_sha256) == 16 for f in manifest.identity.inputs)
     assert [(s.first_line, s.end_line) for s in manifest.shards.values()] == [(0, 3), (3, 6), (6, 8)]
     assert summary.rows == 6 and summary.rejects == 2
@@ -81,7 +105,14 @@ def test_a_directory_of_jsonl_gz_and_parquet_caches_in_one_run(tmp_path):
 def test_a_cache_asks_the_wire_for_what_its_format_keeps(tmp_path, fmt):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": LONG}) + "\n")
     teacher = StandInTeacher(VOCAB)
-    run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, logprob_dtype=fmt, max_length=64, long_lines="window")
+    run(
+        tmp_path,
+        str(tmp_path / "a.jsonl"),
+        teacher=teacher,
+        logprob_dtype=fmt,
+        max_length=64,
+        long_lines="window",
+    )
     assert teacher.wire_dtypes == {FORMATS[fmt].wire_dtype} and teacher.requests > 1  # the windows' too
 
 
@@ -119,12 +150,30 @@ def test_a_run_is_checked_in_one_place_and_finds_its_inputs_once(tmp_path, monke
     monkeypatch.setattr(cache, "discover", lambda inputs: found.append(inputs) or discover(inputs))
     monkeypatch.setattr(transport, "TeacherPool", lambda teachers, retry_for_s: StandInTeacher(VOCAB))
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
-    assert main(["cache", "--server", "http://x", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
-                 "--k", "4"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--server",
+                "http://x",
+                "--input",
+                str(tmp_path / "a.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--k",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert len(found) == 1 and rows(tmp_path / "o")
     # A library caller meets the checks the command line does.
-    for bad, words in [({"sample_logprobs": True}, "--sample-logprobs applies"), ({"parts": 2, "part": 2}, r"--part must be in 0\.\.1"),
-                       ({"stride": 4}, "--stride applies"), ({"concurrency": 0}, "--concurrency must be at least 1")]:
+    for bad, words in [
+        ({"sample_logprobs": True}, "--sample-logprobs applies"),
+        ({"parts": 2, "part": 2}, r"--part must be in 0\.\.1"),
+        ({"stride": 4}, "--stride applies"),
+        ({"concurrency": 0}, "--concurrency must be at least 1"),
+    ]:
         with pytest.raises(InputError, match=words):
             run(tmp_path, str(tmp_path / "a.jsonl"), "bad", **bad)
 
@@ -151,8 +200,9 @@ def test_resume_and_split_across_files_cache_every_line_once(tmp_path):
     # Two client processes, each a half of the shards, write one cache.
     for i in range(2):
         run(tmp_path, str(root), "split", rows_per_shard=2, parts=2, part=i)
-    assert sorted(rows(tmp_path / "split"), key=lambda r: (r["source"], r["line"])) == \
-        sorted(whole, key=lambda r: (r["source"], r["line"]))
+    assert sorted(rows(tmp_path / "split"), key=lambda r: (r["source"], r["line"])) == sorted(
+        whole, key=lambda r: (r["source"], r["line"])
+    )
     # A run that died after shard 2 (lines 4, 5: across b.jsonl.gz and c.parquet) resumes the rest.
     out = tmp_path / "whole"
     manifest = load_manifest(out)
@@ -180,13 +230,16 @@ def test_a_changed_input_file_is_refused_on_resume(tmp_path):
 # --- long lines ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, L, S, starts", [
-    (10, 10, 4, [0]),
-    (11, 10, 4, [0, 4]),
-    (14, 10, 4, [0, 4]),
-    (15, 10, 4, [0, 4, 8]),
-    (100, 10, 9, [0, 9, 18, 27, 36, 45, 54, 63, 72, 81, 90]),
-])
+@pytest.mark.parametrize(
+    "n, L, S, starts",
+    [
+        (10, 10, 4, [0]),
+        (11, 10, 4, [0, 4]),
+        (14, 10, 4, [0, 4]),
+        (15, 10, 4, [0, 4, 8]),
+        (100, 10, 9, [0, 9, 18, 27, 36, 45, 54, 63, 72, 81, 90]),
+    ],
+)
 def test_windows_start_every_stride_until_one_reaches_the_last_token(n, L, S, starts):
     got = window_starts(n, L, S)
     assert got.tolist() == starts
@@ -197,12 +250,18 @@ def test_long_lines_in_window_mode_cover_every_token_with_windows_scored_alone(t
     root = tmp_path / "corpus"
     root.mkdir()
     long_ids = np.arange(2, 2 + 150) % 997
-    (root / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"id": "short", "text": "short"},
-        {"id": "long-text", "text": LONG},
-        {"id": "long-ids", "input_ids": long_ids.tolist()},
-        {"id": "exact", "text": "x" * 39},  # 40 tokens: fits, not split
-    ]) + "\n")
+    (root / "a.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "short", "text": "short"},
+                {"id": "long-text", "text": LONG},
+                {"id": "long-ids", "input_ids": long_ids.tolist()},
+                {"id": "exact", "text": "x" * 39},  # 40 tokens: fits, not split
+            ]
+        )
+        + "\n"
+    )
     L, S = 40, 15
     run(tmp_path, str(root), max_length=L, long_lines="window", stride=S, batch_lines=3)
     got = rows(tmp_path / "out")
@@ -213,13 +272,16 @@ def test_long_lines_in_window_mode_cover_every_token_with_windows_scored_alone(t
         covered = np.zeros(len(full), bool)
         for w in windows:
             s = w["offset"]
-            assert w["input_ids"] == full[s:s + L].tolist() and w["line"] == windows[0]["line"]
+            assert w["input_ids"] == full[s : s + L].tolist() and w["line"] == windows[0]["line"]
             # The teacher saw the window's tokens alone.
-            assert w["topk_ids"] == expected_topk(full[s:s + L], 4, VOCAB).tolist()
+            assert w["topk_ids"] == expected_topk(full[s : s + L], 4, VOCAB).tolist()
             assert len(w["target_logprobs"]) == len(w["input_ids"]) - 1
-            covered[s:s + L] = True
+            covered[s : s + L] = True
         assert covered.all()
-    assert [(r["id"], r["offset"]) for r in got if r["id"] in ("short", "exact")] == [("short", 0), ("exact", 0)]
+    assert [(r["id"], r["offset"]) for r in got if r["id"] in ("short", "exact")] == [
+        ("short", 0),
+        ("exact", 0),
+    ]
     assert load_manifest(tmp_path / "out").identity.stride == S
 
 
@@ -237,17 +299,26 @@ def test_a_stride_not_below_the_max_length_is_refused(tmp_path):
         run(tmp_path, str(tmp_path / "a.jsonl"), max_length=100, long_lines="window", stride=100)
 
 
-CHAT = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": LONG},
-        {"role": "assistant", "content": "A fox jumps over a dog, " * 3}]
+CHAT = [
+    {"role": "system", "content": "Answer in one line."},
+    {"role": "user", "content": LONG},
+    {"role": "assistant", "content": "A fox jumps over a dog, " * 3},
+]
 
 
 def test_a_chat_record_longer_than_the_max_length_is_windowed_like_text(tmp_path):
     from teacher_farm.training import TopkDataset
 
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"id": "chat", "messages": CHAT},
-        {"id": "short-chat", "messages": [{"role": "user", "content": "hi"}]},
-    ]) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "chat", "messages": CHAT},
+                {"id": "short-chat", "messages": [{"role": "user", "content": "hi"}]},
+            ]
+        )
+        + "\n"
+    )
     L, S = 64, 24
     run(tmp_path, str(tmp_path / "a.jsonl"), max_length=L, long_lines="window", stride=S)
     got = rows(tmp_path / "out")
@@ -258,13 +329,15 @@ def test_a_chat_record_longer_than_the_max_length_is_windowed_like_text(tmp_path
     for w in got[:-1]:
         s = w["offset"]
         # Each window holds the rendered record's tokens from its offset, and the teacher saw them alone.
-        assert w["input_ids"] == full[s:s + L].tolist() and w["line"] == 0
-        assert w["topk_ids"] == expected_topk(full[s:s + L], 4, VOCAB).tolist()
+        assert w["input_ids"] == full[s : s + L].tolist() and w["line"] == 0
+        assert w["topk_ids"] == expected_topk(full[s : s + L], 4, VOCAB).tolist()
     assert got[-1]["input_ids"] == chat_tokens([{"role": "user", "content": "hi"}], VOCAB).tolist()
     # Joined for training, the windows give back the record's one token stream.
     items = list(TopkDataset(tmp_path / "out", join_windows=True))
     assert [int(x["line"]) for x in items] == [0, 1]
-    assert items[0]["input_ids"].tolist() == full.tolist() and items[0]["target_logprobs"].shape == (len(full) - 1,)
+    assert items[0]["input_ids"].tolist() == full.tolist() and items[0]["target_logprobs"].shape == (
+        len(full) - 1,
+    )
 
 
 def test_a_chat_record_is_still_truncated_by_default(tmp_path):
@@ -279,20 +352,34 @@ def test_a_chat_record_is_still_truncated_by_default(tmp_path):
 def test_window_0_of_a_long_line_is_the_cut_row_scored_once(tmp_path):
     """The batch's row of a line cut at L is its first window: only the later windows are scored."""
     long_ids = (np.arange(150) * 3 + 2) % 997
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"id": "text", "text": LONG},
-        {"id": "chat", "messages": CHAT},
-        {"id": "ids", "input_ids": long_ids.tolist()},
-        {"id": "short", "text": "short"},
-    ]) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "text", "text": LONG},
+                {"id": "chat", "messages": CHAT},
+                {"id": "ids", "input_ids": long_ids.tolist()},
+                {"id": "short", "text": "short"},
+            ]
+        )
+        + "\n"
+    )
     L, S = 40, 15
     teacher = StandInTeacher(VOCAB)
-    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S)
+    summary = run(
+        tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S
+    )
     got = rows(tmp_path / "out")
-    for seq_id, full in (("text", tokens(LONG, VOCAB)), ("chat", chat_tokens(CHAT, VOCAB)), ("ids", long_ids)):
+    for seq_id, full in (
+        ("text", tokens(LONG, VOCAB)),
+        ("chat", chat_tokens(CHAT, VOCAB)),
+        ("ids", long_ids),
+    ):
         windows = [r for r in got if r["id"] == seq_id]
         assert [w["offset"] for w in windows] == window_starts(len(full), L, S).tolist()
-        assert [w["input_ids"] for w in windows] == [full[s:s + L].tolist() for s in window_starts(len(full), L, S)]
+        assert [w["input_ids"] for w in windows] == [
+            full[s : s + L].tolist() for s in window_starts(len(full), L, S)
+        ]
     # Every token the teacher scored is in the cache exactly once: no window was scored twice.
     assert teacher.tokens_scored == summary.tokens == sum(len(r["input_ids"]) for r in got)
     # One request for the batch, one for the later windows of each long line; text and chat tokenized once.
@@ -308,7 +395,9 @@ def test_window_0_is_scored_on_its_own_when_the_cut_row_is_not_the_lines_first_t
             if line.text is None:
                 return super()._ids(line, max_length)
             ids = np.append(tokens(line.text, self.vocab), EOS).astype(np.int32)
-            return ids if max_length is None or len(ids) <= max_length else np.append(ids[:max_length - 1], EOS)
+            return (
+                ids if max_length is None or len(ids) <= max_length else np.append(ids[: max_length - 1], EOS)
+            )
 
         async def tokenize(self, text):
             return tokens(text, self.vocab).tolist() + [EOS]
@@ -316,10 +405,12 @@ def test_window_0_is_scored_on_its_own_when_the_cut_row_is_not_the_lines_first_t
     (tmp_path / "a.jsonl").write_text(json.dumps({"id": "text", "text": LONG}) + "\n")
     L, S = 40, 15
     teacher = EndsWithEos(VOCAB)
-    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S)
+    summary = run(
+        tmp_path, str(tmp_path / "a.jsonl"), teacher=teacher, max_length=L, long_lines="window", stride=S
+    )
     full = np.append(tokens(LONG, VOCAB), EOS)
     got = rows(tmp_path / "out")
-    assert [r["input_ids"] for r in got] == [full[s:s + L].tolist() for s in window_starts(len(full), L, S)]
+    assert [r["input_ids"] for r in got] == [full[s : s + L].tolist() for s in window_starts(len(full), L, S)]
     assert got[0]["topk_ids"] == expected_topk(full[:L], 4, VOCAB).tolist()
     # The cut row was scored and dropped; every window, window 0 included, was scored once more.
     assert teacher.tokens_scored == summary.tokens + L
@@ -354,11 +445,17 @@ def test_training_reader_joins_windows_into_one_stream_taking_each_position_from
     root = tmp_path / "corpus"
     root.mkdir()
     long_ids = (np.arange(137) * 7 + 3) % 997
-    (root / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"id": "short", "input_ids": [5, 6, 7]},
-        {"id": "long", "input_ids": long_ids.tolist()},
-        {"id": "after", "text": "after"},
-    ]) + "\n")
+    (root / "a.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "short", "input_ids": [5, 6, 7]},
+                {"id": "long", "input_ids": long_ids.tolist()},
+                {"id": "after", "text": "after"},
+            ]
+        )
+        + "\n"
+    )
     L, S = 40, 15
     run(tmp_path, str(root), max_length=L, long_lines="window", stride=S)
     items = list(TopkDataset(tmp_path / "out", join_windows=True))
@@ -367,12 +464,16 @@ def test_training_reader_joins_windows_into_one_stream_taking_each_position_from
     assert long["input_ids"].tolist() == long_ids.tolist()
     # Position p comes from the earliest window holding it: window i (start iS) owns [(i-1)S + L, iS + L).
     starts = window_starts(len(long_ids), L, S)
-    want = np.concatenate([
-        expected_topk(long_ids[s:s + L], 4, VOCAB)[(0 if i == 0 else starts[i - 1] + L - s):]
-        for i, s in enumerate(starts)
-    ])
+    want = np.concatenate(
+        [
+            expected_topk(long_ids[s : s + L], 4, VOCAB)[(0 if i == 0 else starts[i - 1] + L - s) :]
+            for i, s in enumerate(starts)
+        ]
+    )
     assert long["topk_ids"].tolist() == want.tolist()
-    assert long["target_logprobs"].shape == (len(long_ids) - 1,) and long["tail_logprob"].shape == (len(long_ids),)
+    assert long["target_logprobs"].shape == (len(long_ids) - 1,) and long["tail_logprob"].shape == (
+        len(long_ids),
+    )
     assert items[0]["input_ids"].tolist() == [5, 6, 7]
     # Without joining every window is an item.
     assert len(list(TopkDataset(tmp_path / "out"))) == 2 + len(starts)
@@ -395,9 +496,16 @@ def test_joined_targets_come_from_the_earliest_window_holding_both_tokens():
     targets = np.concatenate([w * 100 + np.arange(m - 1) for w, m in enumerate(lengths)]).astype(np.float32)
     pos = np.concatenate([w * 100 + np.arange(m) for w, m in enumerate(lengths)])
     offsets = np.r_[0, np.cumsum(lengths)]
-    a = RowGroupArrays(line=np.zeros(3, np.int64), offsets=offsets, input_ids=pos, topk_ids=pos[:, None],
-                       topk_logprobs=np.zeros((len(pos), 1), np.float32), tail_logprob=np.zeros(len(pos), np.float32),
-                       target_logprobs=targets, target_offsets=np.r_[0, np.cumsum(lengths - 1)])
+    a = RowGroupArrays(
+        line=np.zeros(3, np.int64),
+        offsets=offsets,
+        input_ids=pos,
+        topk_ids=pos[:, None],
+        topk_logprobs=np.zeros((len(pos), 1), np.float32),
+        tail_logprob=np.zeros(len(pos), np.float32),
+        target_logprobs=targets,
+        target_offsets=np.r_[0, np.cumsum(lengths - 1)],
+    )
     j = join_windows(a, starts)
     # positions 0-5 from window 0, 6-7 from window 1 (local 4, 5), 8-9 from window 2 (local 4, 5)
     assert j.input_ids.tolist() == [0, 1, 2, 3, 4, 5, 104, 105, 204, 205]
@@ -414,9 +522,13 @@ def test_a_long_line_the_server_will_not_tokenize_is_a_reject_and_the_run_goes_o
                 raise ServerRejected("body too large", 413)
             return await super().tokenize(text)
 
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(
-        ["huge " + LONG, LONG, "short"])) + "\n")
-    summary = run(tmp_path, str(tmp_path / "a.jsonl"), teacher=Picky(VOCAB), max_length=100, long_lines="window")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(["huge " + LONG, LONG, "short"]))
+        + "\n"
+    )
+    summary = run(
+        tmp_path, str(tmp_path / "a.jsonl"), teacher=Picky(VOCAB), max_length=100, long_lines="window"
+    )
     assert summary.rejects == 1
     assert sorted({r["id"] for r in rows(tmp_path / "out")}) == ["1", "2"]
     (rej,) = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
@@ -434,7 +546,9 @@ def test_the_default_max_length_is_capped_at_the_teachers_limit_without_a_warnin
     assert summary.max_length == 4095 and "max length 4095 tokens" in summary.render()
     assert load_manifest(tmp_path / "default").identity.max_length == 4095
     # Below the teacher's limit, the default is 8192 as before.
-    assert run(tmp_path, str(inp), "big", teacher=StandInTeacher(VOCAB, max_model_len=16384)).max_length == 8192
+    assert (
+        run(tmp_path, str(inp), "big", teacher=StandInTeacher(VOCAB, max_model_len=16384)).max_length == 8192
+    )
     with caplog.at_level("WARNING"):
         asked = run(tmp_path, str(inp), "asked", teacher=small, max_length=8192)
     assert asked.max_length == 4095 and "--max-length 8192 is over what the teacher holds" in caplog.text

@@ -27,7 +27,9 @@ def python_lines_of_a_cache_run(tmp_path, tokens_per_line: int, lines: int = 48)
         work = tmp_path / str(tokens_per_line)
         work.mkdir()
         corpus = work / "corpus.jsonl"
-        corpus.write_bytes(b"".join(orjson.dumps({"id": f"d{i}", "text": "lorem ipsum"}) + b"\n" for i in range(lines)))
+        corpus.write_bytes(
+            b"".join(orjson.dumps({"id": f"d{i}", "text": "lorem ipsum"}) + b"\n" for i in range(lines))
+        )
         counts: Counter = Counter()
 
         def local(frame, event, arg):
@@ -44,8 +46,20 @@ def python_lines_of_a_cache_run(tmp_path, tokens_per_line: int, lines: int = 48)
         sys.settrace(trace)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                code = cache_main(["--server", url, "--input", str(corpus),
-                                   "--out", str(work / "cache"), "--k", "16", "--max-length", str(1 << 19)])
+                code = cache_main(
+                    [
+                        "--server",
+                        url,
+                        "--input",
+                        str(corpus),
+                        "--out",
+                        str(work / "cache"),
+                        "--k",
+                        "16",
+                        "--max-length",
+                        str(1 << 19),
+                    ]
+                )
         finally:
             sys.settrace(None)
             threading.settrace(None)
@@ -58,13 +72,16 @@ def test_the_cache_pipeline_runs_no_python_line_per_token(tmp_path):
     long = python_lines_of_a_cache_run(tmp_path, 64 * 32)
     # 32 times the tokens: the same requests, files and rows, so about the same lines (a few more
     # for larger buffers). One Python line per token would add ~100k.
-    assert sum(long.values()) < 1.25 * sum(short.values()), (sum(short.values()), sum(long.values()), long.most_common(5))
+    assert sum(long.values()) < 1.25 * sum(short.values()), (
+        sum(short.values()),
+        sum(long.values()),
+        long.most_common(5),
+    )
 
 
 def test_the_cache_command_pins_mallocs_mmap_threshold(monkeypatch, tmp_path):
     """Without it glibc's rising mmap threshold lets a long run's resident memory creep up."""
-    from teacher_farm import memory
-    from teacher_farm import cli
+    from teacher_farm import cli, memory
 
     calls = []
     monkeypatch.setattr(memory, "pin_mmap_threshold", lambda: calls.append(True) or True)
@@ -79,7 +96,19 @@ def test_the_cache_command_pins_mallocs_mmap_threshold(monkeypatch, tmp_path):
 
     monkeypatch.setattr("teacher_farm.client.cache.run_cache", no_run)
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
-    assert cli.cache_main(["--server", "http://127.0.0.1:9", "--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o")]) == 0
+    assert (
+        cli.cache_main(
+            [
+                "--server",
+                "http://127.0.0.1:9",
+                "--input",
+                str(tmp_path / "a.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     assert calls == [True]
 
 

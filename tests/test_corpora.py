@@ -12,10 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import load_manifest
 from teacher_farm.schemas.windows import window_starts
-from tests.conftest import table_to_results
-from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
+from tests.conftest import API_KEY, SAMPLE, load_manifest, read_lines, table_to_results, teacher_farm
 from tests.reference_check import assert_matches_reference
 
 pytestmark = pytest.mark.engine
@@ -29,19 +27,51 @@ def test_a_mixed_directory_caches_in_one_command_and_windows_match_the_reference
     pretok = reference.tokenizer(texts[20], add_special_tokens=False)["input_ids"][:50]
     root = tmp_path / "corpus"
     (root / "part").mkdir(parents=True)
-    (root / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"id": "t0", "text": texts[0]},
-        {"id": "ids", "input_ids": pretok},
-        {"id": "oov", "input_ids": [5, 10**6]},
-    ]) + "\n")
+    (root / "a.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "t0", "text": texts[0]},
+                {"id": "ids", "input_ids": pretok},
+                {"id": "oov", "input_ids": [5, 10**6]},
+            ]
+        )
+        + "\n"
+    )
     with gzip.open(root / "part" / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"id": "book", "text": book}) + "\n")
-    pq.write_table(pa.table({"id": ["p0", "p1"], "text": [texts[30], None],
-                             "input_ids": pa.array([None, pretok[:10]], pa.list_(pa.int32()))}),
-                   root / "part" / "c.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["p0", "p1"],
+                "text": [texts[30], None],
+                "input_ids": pa.array([None, pretok[:10]], pa.list_(pa.int32())),
+            }
+        ),
+        root / "part" / "c.parquet",
+    )
     out = tmp_path / "out"
-    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(root), "--out", str(out),
-                        "--k", str(K), "--max-length", str(L), "--long-lines", "window", "--stride", str(S), "--logprob-dtype", "float32")
+    proc = teacher_farm(
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(root),
+        "--out",
+        str(out),
+        "--k",
+        str(K),
+        "--max-length",
+        str(L),
+        "--long-lines",
+        "window",
+        "--stride",
+        str(S),
+        "--logprob-dtype",
+        "float32",
+    )
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     rows = table.to_pylist()
@@ -64,11 +94,16 @@ def test_a_mixed_directory_caches_in_one_command_and_windows_match_the_reference
         assert [w["offset"] for w in windows] == window_starts(len(full), L, S).tolist()
         covered = np.zeros(len(full), bool)
         for w in windows:
-            assert w["input_ids"] == full[w["offset"]:w["offset"] + L]
-            covered[w["offset"]:w["offset"] + len(w["input_ids"])] = True
+            assert w["input_ids"] == full[w["offset"] : w["offset"] + L]
+            covered[w["offset"] : w["offset"] + len(w["input_ids"])] = True
         assert covered.all(), seq_id
     assert {(r["source"].removeprefix(str(root) + "/"), r["line"]) for r in rows} == {
-        ("a.jsonl", 0), ("a.jsonl", 1), ("part/b.jsonl.gz", 0), ("part/c.parquet", 0), ("part/c.parquet", 1)}
+        ("a.jsonl", 0),
+        ("a.jsonl", 1),
+        ("part/b.jsonl.gz", 0),
+        ("part/c.parquet", 0),
+        ("part/c.parquet", 1),
+    }
     (rej,) = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert rej["id"] == "oov" and rej["source"] == str(root / "a.jsonl") and "vocabulary" in rej["reason"]
     manifest = load_manifest(out)
@@ -79,15 +114,20 @@ def test_a_mixed_directory_caches_in_one_command_and_windows_match_the_reference
 SHORT_CHAT = [{"role": "user", "content": "Hi."}]
 
 
-def test_a_long_chat_record_is_windowed_by_the_real_teacher_scoring_window_0_once(server, reference, tmp_path):
+def test_a_long_chat_record_is_windowed_by_the_real_teacher_scoring_window_0_once(
+    server, reference, tmp_path
+):
     import httpx
 
     from teacher_farm.training import TopkDataset
 
     texts = [json.loads(x)["text"] for x in read_lines(SAMPLE)]
     chat = [{"role": "system", "content": "Be brief."}] + [
-        {"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts[5:8])]
-    full = reference.tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=False, return_dict=False)
+        {"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts[5:8])
+    ]
+    full = reference.tokenizer.apply_chat_template(
+        chat, tokenize=True, add_generation_prompt=False, return_dict=False
+    )
     assert len(full) > 3 * L
     # The teacher's text cut at L is the first L tokens of its full tokenization (its window 0).
     for text in texts[:10]:
@@ -99,33 +139,69 @@ def test_a_long_chat_record_is_windowed_by_the_real_teacher_scoring_window_0_onc
 
         def tokens_scored() -> float:
             lines = http.get("/metrics").text.splitlines()
-            return float(next(x for x in lines if x.startswith("teacher_farm_tokens_scored_total ")).split()[1])
+            return float(
+                next(x for x in lines if x.startswith("teacher_farm_tokens_scored_total ")).split()[1]
+            )
 
         inp = tmp_path / "chat.jsonl"
-        inp.write_text("\n".join(json.dumps(r) for r in [
-            {"id": "chat", "messages": chat}, {"id": "book", "text": " ".join(texts[:3])},
-            {"id": "short", "messages": SHORT_CHAT},
-        ]) + "\n")
+        inp.write_text(
+            "\n".join(
+                json.dumps(r)
+                for r in [
+                    {"id": "chat", "messages": chat},
+                    {"id": "book", "text": " ".join(texts[:3])},
+                    {"id": "short", "messages": SHORT_CHAT},
+                ]
+            )
+            + "\n"
+        )
         out = tmp_path / "out"
         before = tokens_scored()
-        proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out),
-                            "--k", str(K), "--max-length", str(L), "--long-lines", "window", "--stride", str(S),
-                            "--logprob-dtype", "float32")
+        proc = teacher_farm(
+            "cache",
+            "--server",
+            server.url,
+            "--api-key",
+            API_KEY,
+            "--input",
+            str(inp),
+            "--out",
+            str(out),
+            "--k",
+            str(K),
+            "--max-length",
+            str(L),
+            "--long-lines",
+            "window",
+            "--stride",
+            str(S),
+            "--logprob-dtype",
+            "float32",
+        )
         assert proc.returncode == 0, proc.stderr
         scored = tokens_scored() - before
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     rows = table.to_pylist()
     # No window was scored twice: the teacher scored exactly the tokens the cache holds.
     assert scored == sum(len(r["input_ids"]) for r in rows)
-    windows = [(r, s) for r, s in zip(rows, table_to_results(table.drop_columns(["line", "source", "offset"])))
-               if r["id"] == "chat"]
+    windows = [
+        (r, s)
+        for r, s in zip(rows, table_to_results(table.drop_columns(["line", "source", "offset"])))
+        if r["id"] == "chat"
+    ]
     assert [w["offset"] for w, _ in windows] == window_starts(len(full), L, S).tolist()
     for w, s in windows:
-        assert w["input_ids"] == full[w["offset"]:w["offset"] + L] and w["line"] == 0 and w["source"] == str(inp)
+        assert (
+            w["input_ids"] == full[w["offset"] : w["offset"] + L]
+            and w["line"] == 0
+            and w["source"] == str(inp)
+        )
         # The teacher's distribution on the window's own tokens.
         assert_matches_reference(s, reference, K)
     assert [r["offset"] for r in rows if r["id"] == "short"] == [0]
     items = list(TopkDataset(out, join_windows=True))
-    short = reference.tokenizer.apply_chat_template(SHORT_CHAT, tokenize=True, add_generation_prompt=False, return_dict=False)
+    short = reference.tokenizer.apply_chat_template(
+        SHORT_CHAT, tokenize=True, add_generation_prompt=False, return_dict=False
+    )
     assert [x["input_ids"].tolist() for x in items] == [full, reference.tokenize(" ".join(texts[:3])), short]
     assert [x["source"] for x in items] == [str(inp)] * 3

@@ -73,8 +73,12 @@ def test_a_dead_engine_turns_health_and_requests_to_503_then_asks_to_exit(served
     client = served.client
     served.teacher.llm.errored = True
     died = time.monotonic()
-    wait_for(lambda: client.get("/health").status_code == 503, 2 * app_module.WATCH_S + 3, "/health to answer 503",
-             interval=0.05)
+    wait_for(
+        lambda: client.get("/health").status_code == 503,
+        2 * app_module.WATCH_S + 3,
+        "/health to answer 503",
+        interval=0.05,
+    )
     assert client.get("/health").json() == {"status": "engine dead"}
     r = client.post("/v1/topk", json=BODY)
     assert r.status_code == 503 and r.json()["kind"] == "EngineDead" and "died" in r.json()["error"]
@@ -93,7 +97,12 @@ def test_an_engine_that_fails_to_start_is_reported_then_the_app_asks_to_exit():
 
     app = create_app(fails, on_engine_dead=asked_to_exit.set)
     with TestClient(app) as client:
-        wait_for(lambda: client.get("/health").json()["status"] == "failed", 10, "/health to say failed", interval=0.05)
+        wait_for(
+            lambda: client.get("/health").json()["status"] == "failed",
+            10,
+            "/health to say failed",
+            interval=0.05,
+        )
         r = client.post("/v1/topk", json=BODY)
         assert r.status_code == 500 and "failed to start" in r.json()["error"]
         assert asked_to_exit.wait(app_module.DEAD_LINGER_S + 5)
@@ -115,7 +124,9 @@ def test_the_client_tells_a_dead_engine_from_one_loading():
     with pytest.raises(EngineDead):
         raise_for_answer(_answer(503, {"error": "the teacher's engine died", "kind": "EngineDead"}))
     with pytest.raises(EngineNotReady) as loading:
-        raise_for_answer(_answer(503, {"error": "the teacher model is still loading", "kind": "EngineNotReady"}))
+        raise_for_answer(
+            _answer(503, {"error": "the teacher model is still loading", "kind": "EngineNotReady"})
+        )
     assert not isinstance(loading.value, EngineDead)
 
 
@@ -131,8 +142,13 @@ def test_a_pool_moves_off_a_dead_engine_and_leaves_it_alone():
         return httpx.Response(200, json={"tokens": [1, 2]})
 
     async def run() -> TeacherPool:
-        pool = TeacherPool([HttpTeacher("http://dead", transport=httpx.MockTransport(dead)),
-                            HttpTeacher("http://live", transport=httpx.MockTransport(live))], retry_for_s=60)
+        pool = TeacherPool(
+            [
+                HttpTeacher("http://dead", transport=httpx.MockTransport(dead)),
+                HttpTeacher("http://live", transport=httpx.MockTransport(live)),
+            ],
+            retry_for_s=60,
+        )
         try:
             for _ in range(5):
                 assert await pool.tokenize("ab") == [1, 2]

@@ -397,7 +397,9 @@ def stubs(tmp_path):
     write_stub(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
     # `teacher-farm cache` only records; `teacher-farm serve` answers /health (503 once, then 200)
     # on its --port until the stop file appears.
-    write_stub(bin_dir / "teacher-farm", f"""#!{sys.executable}
+    write_stub(
+        bin_dir / "teacher-farm",
+        f"""#!{sys.executable}
 import http.server, json, os, sys, time
 from pathlib import Path
 Path(os.environ["ARGS_FILE"]).write_text(json.dumps(sys.argv[1:]))
@@ -416,7 +418,8 @@ if sys.argv[1] == "serve":
     deadline = time.monotonic() + 120
     while not stop.exists() and time.monotonic() < deadline:
         server.handle_request()
-""")
+""",
+    )
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -438,10 +441,16 @@ def recorded_args(tmp_path: Path) -> list[str]:
 
 def array_env(env: dict, task: int, count: int, first: int = 0) -> dict:
     return {
-        **env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count),
-        "SLURM_ARRAY_TASK_MIN": str(first), "SLURM_ARRAY_TASK_MAX": str(first + count - 1),
-        "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_ID": "79",
-        "CORPUS": "/shared/corpus.jsonl", "CACHE_DIR": "/shared/cache", "K": "32",
+        **env,
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_COUNT": str(count),
+        "SLURM_ARRAY_TASK_MIN": str(first),
+        "SLURM_ARRAY_TASK_MAX": str(first + count - 1),
+        "SLURM_ARRAY_JOB_ID": "77",
+        "SLURM_JOB_ID": "79",
+        "CORPUS": "/shared/corpus.jsonl",
+        "CACHE_DIR": "/shared/cache",
+        "K": "32",
     }
 
 
@@ -452,13 +461,17 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
     urls.write_text("http://node-a:8000\n\n# a note\nhttp://node-b:8000\n")
     run = subprocess.run(
         ["bash", str(SBATCH["cache-array"]), "--concurrency", "32"],
-        env=array_env(env, task=2, count=4), capture_output=True, text=True, timeout=60,
+        env=array_env(env, task=2, count=4),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 0, run.stderr
     args = recorded_args(tmp_path)
     assert args[0] == "cache"
     assert [args[i + 1] for i, a in enumerate(args) if a == "--server"] == [
-        "http://node-a:8000", "http://node-b:8000",
+        "http://node-a:8000",
+        "http://node-b:8000",
     ]
     pairs = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--") and a != "--server"}
     assert pairs["--num-shards"] == "4" and pairs["--shard-index"] == "2"
@@ -470,7 +483,9 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
 
     parser = cache_parser()
     if "--num-shards" not in parser._option_string_actions:
-        pytest.skip("teacher_farm/cli.py has no --num-shards/--shard-index yet: the command line is unchecked")
+        pytest.skip(
+            "teacher_farm/cli.py has no --num-shards/--shard-index yet: the command line is unchecked"
+        )
     try:
         parsed = parser.parse_args(args[1:])
     except SystemExit:
@@ -481,8 +496,11 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
 def test_cache_array_gives_up_without_servers(stubs):
     tmp_path, env = stubs
     run = subprocess.run(
-        ["bash", str(SBATCH["cache-array"])], env={**array_env(env, 0, 2), "WAIT_S": "0"},
-        capture_output=True, text=True, timeout=60,
+        ["bash", str(SBATCH["cache-array"])],
+        env={**array_env(env, 0, 2), "WAIT_S": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 1
     assert "fewer than 1" in run.stderr
@@ -492,8 +510,11 @@ def test_cache_array_gives_up_without_servers(stubs):
 def test_cache_array_refuses_an_array_not_from_zero(stubs):
     tmp_path, env = stubs
     run = subprocess.run(
-        ["bash", str(SBATCH["cache-array"])], env=array_env(env, task=3, count=4, first=1),
-        capture_output=True, text=True, timeout=60,
+        ["bash", str(SBATCH["cache-array"])],
+        env=array_env(env, task=3, count=4, first=1),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 2
     assert "0-based" in run.stderr
@@ -501,11 +522,20 @@ def test_cache_array_refuses_an_array_not_from_zero(stubs):
 
 
 def start_serve(env: dict, port: int, *extra: str) -> subprocess.Popen:
-    env = {**env, "PORT": str(port), "MODEL": "/shared/models/teacher", "SLURM_JOB_ID": "123",
-           "SLURM_JOB_NODELIST": "node-[1]"}
+    env = {
+        **env,
+        "PORT": str(port),
+        "MODEL": "/shared/models/teacher",
+        "SLURM_JOB_ID": "123",
+        "SLURM_JOB_NODELIST": "node-[1]",
+    }
     return subprocess.Popen(
-        ["bash", str(SBATCH["serve"]), *extra], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        ["bash", str(SBATCH["serve"]), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -589,7 +619,7 @@ def readme_commands(prefix: str) -> list[list[str]]:
         for command in re.sub(r"\\\n\s*", " ", block).splitlines():
             command = command.strip()
             if command.startswith(prefix):
-                commands.append(shlex.split(command, comments=True)[len(prefix.split()):])
+                commands.append(shlex.split(command, comments=True)[len(prefix.split()) :])
     return commands
 
 

@@ -28,5 +28,7 @@ def test_a_float32_checkpoint_under_auto_gets_the_same_dtype_from_both_backends(
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_dtype_the_user_names_wins(tiny_model, dtype):
-    args = engine_defaults({"model": str(tiny_model), "dtype": dtype}, 16, Backend("pooled", "LlamaForTeacherScoring"))
+    args = engine_defaults(
+        {"model": str(tiny_model), "dtype": dtype}, 16, Backend("pooled", "LlamaForTeacherScoring")
+    )
     assert args["dtype"] == dtype

@@ -15,16 +15,44 @@ import time
 import pytest
 
 from tests.conftest import (
-    ROOT, SAMPLE, alive, descendants, engine_timeout, kill_all, read_lines, stand_in_teacher, wait_exit, wait_for,
+    ROOT,
+    SAMPLE,
+    alive,
+    descendants,
+    engine_timeout,
+    kill_all,
+    read_lines,
+    stand_in_teacher,
+    wait_exit,
+    wait_for,
 )
 
 UNTIDY = ("Traceback", "leaked", "Exception ignored")
 
 
 def local_cache(inp, out, *extra) -> list[str]:
-    return [sys.executable, "-m", "teacher_farm.cli", "cache", "--model", str(extra[0]), "--dtype", "float32",
-            "--enforce-eager", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2",
-            "--input", str(inp), "--out", str(out), "--k", "4", *extra[1:]]
+    return [
+        sys.executable,
+        "-m",
+        "teacher_farm.cli",
+        "cache",
+        "--model",
+        str(extra[0]),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--gpu-memory-utilization",
+        "0.2",
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        *extra[1:],
+    ]
 
 
 def default_sigint() -> None:
@@ -60,12 +88,19 @@ def long_corpus(tmp_path):
 
 
 @pytest.mark.engine
-def test_an_interrupted_in_process_cache_says_it_is_resumable_and_exits_tidily(tiny_model, long_corpus, tmp_path):
-    proc, log = start(local_cache(long_corpus, tmp_path / "out", tiny_model, "--rows-per-shard", "64"), tmp_path / "log")
+def test_an_interrupted_in_process_cache_says_it_is_resumable_and_exits_tidily(
+    tiny_model, long_corpus, tmp_path
+):
+    proc, log = start(
+        local_cache(long_corpus, tmp_path / "out", tiny_model, "--rows-per-shard", "64"), tmp_path / "log"
+    )
     engine = []
     try:
-        wait_for(lambda: (tmp_path / "out" / "manifest.json").exists() or proc.poll() is not None, engine_timeout(),
-                 "the run to start scoring")
+        wait_for(
+            lambda: (tmp_path / "out" / "manifest.json").exists() or proc.poll() is not None,
+            engine_timeout(),
+            "the run to start scoring",
+        )
         time.sleep(2)
         engine = descendants(proc.pid)
         proc.send_signal(signal.SIGINT)
@@ -85,14 +120,36 @@ def test_sigterm_stops_a_cache_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     corpus.write_text("".join(f'{{"text": "line {i}"}}\n' for i in range(200_000)), encoding="utf-8")
     out = tmp_path / "out"
     with stand_in_teacher(512) as url:
-        proc, log = start([sys.executable, "-m", "teacher_farm.cli", "cache", "--server", url, "--input",
-                           str(corpus), "--out", str(out), "--k", "16", "--rows-per-shard", "256"], tmp_path / "log")
+        proc, log = start(
+            [
+                sys.executable,
+                "-m",
+                "teacher_farm.cli",
+                "cache",
+                "--server",
+                url,
+                "--input",
+                str(corpus),
+                "--out",
+                str(out),
+                "--k",
+                "16",
+                "--rows-per-shard",
+                "256",
+            ],
+            tmp_path / "log",
+        )
         try:
-            wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2 or proc.poll() is not None, 300,
-                     "the run to commit two shards")
+            wait_for(
+                lambda: len(list(out.glob("part-*.parquet"))) >= 2 or proc.poll() is not None,
+                300,
+                "the run to commit two shards",
+            )
             assert proc.poll() is None, output(log)[-3000:]
             proc.send_signal(signal.SIGTERM)
-            assert wait_exit(proc, "the run to stop after SIGTERM", 120) == 128 + signal.SIGTERM, output(log)[-3000:]
+            assert wait_exit(proc, "the run to stop after SIGTERM", 120) == 128 + signal.SIGTERM, output(log)[
+                -3000:
+            ]
             text = output(log)
             assert "resumable" in text
             assert not [word for word in UNTIDY if word in text], text[-3000:]
@@ -105,8 +162,11 @@ def test_sigkill_of_an_in_process_cache_takes_its_engine_with_it(tiny_model, lon
     proc, log = start(local_cache(long_corpus, tmp_path / "out", tiny_model), tmp_path / "log")
     engine = []
     try:
-        wait_for(lambda: (tmp_path / "out" / "manifest.json").exists() or proc.poll() is not None, engine_timeout(),
-                 "the run to start scoring")
+        wait_for(
+            lambda: (tmp_path / "out" / "manifest.json").exists() or proc.poll() is not None,
+            engine_timeout(),
+            "the run to start scoring",
+        )
         assert proc.poll() is None, output(log)[-3000:]
         engine = descendants(proc.pid)
         assert len(engine) >= 2  # EngineCore and a Worker at least

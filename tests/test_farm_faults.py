@@ -9,8 +9,8 @@ import time
 from types import SimpleNamespace
 
 import httpx
-import numpy as np
 import hypothesis  # noqa: F401 - imported before the runs: CPython 3.11.7's ast.parse fails after them (gh-106905)
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -33,29 +33,45 @@ def quick_backoff(monkeypatch):
 
 
 def corpus(path, n=40):
-    path.write_text("".join(json.dumps({"id": f"l{i}", "text": f"line number {i} " * (1 + i % 3)}) + "\n"
-                            for i in range(n)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"l{i}", "text": f"line number {i} " * (1 + i % 3)}) + "\n" for i in range(n)
+        )
+    )
     return path
 
 
 def cache(tmp_path, server, inp, *, retry_for_s=30.0, out="out", **kw):
-    opts = CacheOptions(input=str(inp), out_dir=tmp_path / out, scoring=Scoring(k=4), rows_per_shard=8,
-                        batch_lines=4, concurrency=4, **kw)
+    opts = CacheOptions(
+        input=str(inp),
+        out_dir=tmp_path / out,
+        scoring=Scoring(k=4),
+        rows_per_shard=8,
+        batch_lines=4,
+        concurrency=4,
+        **kw,
+    )
     pool = TeacherPool([server.http_teacher()], retry_for_s=retry_for_s)
     return asyncio.run(CacheRun(opts, pool).run())
 
 
 def cached_ids(out):
-    shards = sorted((s for m in load_manifests(out).values() for s in m.shards.values()), key=lambda s: s.index)
+    shards = sorted(
+        (s for m in load_manifests(out).values() for s in m.shards.values()), key=lambda s: s.index
+    )
     return pq.read_table([out / s.file for s in shards], columns=["id"]).column("id").to_pylist()
 
 
 def proxy_pages(count):
     """A proxy in front of the teacher answering its own 404, 403, 408, 502 and a bare 422 to the first
     ``count`` scoring requests (a deploy), then passing them through."""
-    pages = [(404, b"<html><body>404 Not Found</body></html>"), (403, b"<html>403 Forbidden</html>"),
-             (408, b"<html>408 Request Timeout</html>"), (502, b"<html>502 Bad Gateway</html>"),
-             (422, b'{"detail": "unknown field"}')]
+    pages = [
+        (404, b"<html><body>404 Not Found</body></html>"),
+        (403, b"<html>403 Forbidden</html>"),
+        (408, b"<html>408 Request Timeout</html>"),
+        (502, b"<html>502 Bad Gateway</html>"),
+        (422, b'{"detail": "unknown field"}'),
+    ]
     seen = []
 
     def fault(request):
@@ -99,10 +115,12 @@ def test_the_teachers_own_refusal_of_a_line_still_rejects_only_that_line(tmp_pat
 
 def lie(change):
     """A mangle that applies ``change(rows)`` to the rows of an answer (Python dicts)."""
+
     def mangle(table):
         rows = table.to_pylist()
         change(rows)
         return pa.Table.from_pylist(rows, schema=table.schema)
+
     return mangle
 
 
@@ -144,8 +162,9 @@ LIES = [_ids, _oov, _nan, _positive, _ascending, _swapped, _short, _narrow]
 
 
 def ids_corpus(path, n=16):
-    path.write_text("".join(json.dumps({"id": f"l{i}", "input_ids": [5 + i, 6, 7, 8 + i % 5]}) + "\n"
-                            for i in range(n)))
+    path.write_text(
+        "".join(json.dumps({"id": f"l{i}", "input_ids": [5 + i, 6, 7, 8 + i % 5]}) + "\n" for i in range(n))
+    )
     return path
 
 
@@ -169,7 +188,9 @@ def test_a_server_that_lied_for_a_while_is_asked_again_and_every_row_is_the_true
     honest_dir = tmp_path / "honest"
     cache(tmp_path, StandInServer(VOCAB), tmp_path / "in.jsonl", out="honest")
     assert len(told) > 10
-    assert pq.read_table(tmp_path / "out" / "part-000000.parquet").equals(pq.read_table(honest_dir / "part-000000.parquet"))
+    assert pq.read_table(tmp_path / "out" / "part-000000.parquet").equals(
+        pq.read_table(honest_dir / "part-000000.parquet")
+    )
 
 
 def test_an_answer_larger_than_its_request_can_produce_is_not_read(tmp_path):
@@ -187,12 +208,21 @@ def sampled_answer(counts=((3, 1), (4,), (2, 2))):
     from teacher_farm.schemas.arrow import ScoredSequence, results_to_table
 
     lengths = np.array([len(c) for c in counts], np.int32)
-    ids = np.concatenate([np.arange(10, 10 + len(c)) * (i + 1) for i, c in enumerate(counts)]).astype(np.int32)
-    seq = ScoredSequence("a", np.array([5, 6, 7], np.int32), np.tile(np.arange(2, dtype=np.int32), (3, 1)),
-                         np.tile(np.array([-0.1, -2.0], np.float32), (3, 1)), np.full(2, -1.0, np.float32),
-                         np.zeros(2, np.int32), sample_lengths=lengths, sample_ids=ids,
-                         sample_counts=np.concatenate(counts).astype(np.int16),
-                         sample_logprobs=np.full(len(ids), -1.0, np.float32))
+    ids = np.concatenate([np.arange(10, 10 + len(c)) * (i + 1) for i, c in enumerate(counts)]).astype(
+        np.int32
+    )
+    seq = ScoredSequence(
+        "a",
+        np.array([5, 6, 7], np.int32),
+        np.tile(np.arange(2, dtype=np.int32), (3, 1)),
+        np.tile(np.array([-0.1, -2.0], np.float32), (3, 1)),
+        np.full(2, -1.0, np.float32),
+        np.zeros(2, np.int32),
+        sample_lengths=lengths,
+        sample_ids=ids,
+        sample_counts=np.concatenate(counts).astype(np.int16),
+        sample_logprobs=np.full(len(ids), -1.0, np.float32),
+    )
     return results_to_table([seq], 2, "both")
 
 
@@ -211,17 +241,26 @@ def test_sampled_targets_are_checked_counts_summing_to_n_and_ids_ascending():
 
 
 @pytest.mark.parametrize("published", [None, 50_000], ids=["default-limit", "published-limit"])
-def test_a_300k_token_line_in_window_mode_is_cached_whole_in_requests_within_the_servers_limit(tmp_path, published):
+def test_a_300k_token_line_in_window_mode_is_cached_whole_in_requests_within_the_servers_limit(
+    tmp_path, published
+):
     limit = published or 262_144
     server = StandInServer(VOCAB, max_model_len=16384, max_tokens_per_request=limit)
     if published is None:  # a server older than the published limit: the client assumes the default
         server.publish_limits = False
     inp = tmp_path / "in.jsonl"
-    inp.write_text(json.dumps({"id": "long", "text": "ab" * 150_000}) + "\n" + json.dumps({"id": "s", "text": "x"}) + "\n")
+    inp.write_text(
+        json.dumps({"id": "long", "text": "ab" * 150_000})
+        + "\n"
+        + json.dumps({"id": "s", "text": "x"})
+        + "\n"
+    )
     summary = cache(tmp_path, server, inp, long_lines="window", max_length=8192)
     assert summary.rejects == 0
     assert max(server.request_tokens) <= limit and len(server.request_tokens) > 2
-    rows = pq.read_table(tmp_path / "out" / "part-000000.parquet", columns=["id", "offset", "input_ids"]).to_pylist()
+    rows = pq.read_table(
+        tmp_path / "out" / "part-000000.parquet", columns=["id", "offset", "input_ids"]
+    ).to_pylist()
     long = [r for r in rows if r["id"] == "long"]
     assert long[-1]["offset"] + len(long[-1]["input_ids"]) == 300_001  # BOS and every character
 
@@ -238,7 +277,9 @@ def test_the_server_publishes_its_request_limits_in_info():
 
     engine = NS(info=asyncio.run(StandInTeacher(VOCAB).info()), shutdown=lambda: None)
     app = create_app(lambda: engine)
-    app.dependency_overrides[get_settings] = lambda: ServerSettings(max_tokens_per_request=5000, max_inputs_per_request=7)
+    app.dependency_overrides[get_settings] = lambda: ServerSettings(
+        max_tokens_per_request=5000, max_inputs_per_request=7
+    )
     with TestClient(app) as client:
         deadline = time.monotonic() + 10
         while (r := client.get("/v1/info")).status_code == 503 and time.monotonic() < deadline:
@@ -251,8 +292,16 @@ def test_the_server_publishes_its_request_limits_in_info():
 
 def foreign_lock(path, age_s):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"host": "node-17.other", "pid": 4242, "started": "2026-12-06T10:00:00Z",
-                                "heartbeat": time.time() - age_s}))
+    path.write_text(
+        json.dumps(
+            {
+                "host": "node-17.other",
+                "pid": 4242,
+                "started": "2026-12-06T10:00:00Z",
+                "heartbeat": time.time() - age_s,
+            }
+        )
+    )
 
 
 def test_another_hosts_live_lock_is_never_taken_over(tmp_path):
@@ -325,7 +374,9 @@ def unfinish(out, keep):
 
 def test_a_resume_onto_an_input_edited_after_its_first_mib_is_refused(tmp_path):
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps({"id": f"l{i}", "text": f"{i:08d} " + "x" * 2000}) + "\n" for i in range(1200)))
+    inp.write_text(
+        "".join(json.dumps({"id": f"l{i}", "text": f"{i:08d} " + "x" * 2000}) + "\n" for i in range(1200))
+    )
     assert inp.stat().st_size > 2 << 20
     cache(tmp_path, StandInServer(VOCAB), inp, max_length=64)
     records = load_manifests(tmp_path / "out")["manifest.json"].shards
@@ -333,7 +384,7 @@ def test_a_resume_onto_an_input_edited_after_its_first_mib_is_refused(tmp_path):
     unfinish(tmp_path / "out", keep=100)
     raw = bytearray(inp.read_bytes())
     at = raw.index(b"00000700")  # line 700: past the first MiB, in a finished shard; same size
-    raw[at:at + 8] = b"00000701"
+    raw[at : at + 8] = b"00000701"
     inp.write_bytes(bytes(raw))
     with pytest.raises(CacheMismatch, match="differ from those its finished shard was made from"):
         cache(tmp_path, StandInServer(VOCAB), inp, max_length=64)
@@ -399,7 +450,9 @@ def test_a_retry_that_dies_after_its_commit_is_completed_by_the_next_run(tmp_pat
     inp = corpus(tmp_path / "in.jsonl", 20)
     cache(tmp_path, StandInServer(VOCAB, max_tokens_per_request=30), inp, batch_chars=1)
     finish = Run._finish_rejects_rewrite
-    monkeypatch.setattr(Run, "_finish_rejects_rewrite", lambda self, m: (_ for _ in ()).throw(OSError(5, "power cut")))
+    monkeypatch.setattr(
+        Run, "_finish_rejects_rewrite", lambda self, m: (_ for _ in ()).throw(OSError(5, "power cut"))
+    )
     with pytest.raises(Exception, match="power cut"):
         cache(tmp_path, StandInServer(VOCAB), inp, retry_rejects=True)
     monkeypatch.setattr(Run, "_finish_rejects_rewrite", finish)

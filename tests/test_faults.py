@@ -17,7 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import (
-    API_KEY, ROOT, SAMPLE, Server, alive, descendants, kill_all, read_lines, teacher_farm, wait_for,
+    API_KEY,
+    ROOT,
+    SAMPLE,
+    Server,
+    alive,
+    descendants,
+    kill_all,
+    read_lines,
+    teacher_farm,
+    wait_for,
 )
 from tests.helpers import free_port
 from tests.reference_check import assert_same_rows
@@ -36,13 +45,38 @@ def rejects(out, name="rejects.jsonl"):
 
 
 def cache_args(url, inp, out, key=API_KEY, *extra):
-    return ["cache", "--server", url, "--api-key", key, "--input", str(inp), "--out", str(out), "--k", "4",
-            "--rows-per-shard", "6", "--batch-lines", "2", "--concurrency", "2", "--logprob-dtype", "float32", *extra]
+    return [
+        "cache",
+        "--server",
+        url,
+        "--api-key",
+        key,
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--rows-per-shard",
+        "6",
+        "--batch-lines",
+        "2",
+        "--concurrency",
+        "2",
+        "--logprob-dtype",
+        "float32",
+        *extra,
+    ]
 
 
 def start_client(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "teacher_farm.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "teacher_farm.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_until(predicate, timeout=300.0, proc=None):
@@ -90,7 +124,9 @@ def audit(out, expected):
 
 
 @pytest.mark.parametrize("moment", ["at start", "after a shard", "mid shard"])
-def test_client_killed_at_any_moment_then_rerun_caches_everything_once(server, corpus, expected, tmp_path, moment):
+def test_client_killed_at_any_moment_then_rerun_caches_everything_once(
+    server, corpus, expected, tmp_path, moment
+):
     out = tmp_path / "o"
     client = start_client(*cache_args(server.url, corpus, out))
     if moment == "at start":
@@ -120,9 +156,15 @@ def fault_server(tiny_model, tmp_path_factory):
     Small prefill chunks make it slow enough that requests are surely in flight when it is hit.
     """
     srv = Server(
-        tiny_model, tmp_path_factory.mktemp("fault-logs") / "server.log", "--max-num-batched-tokens", "64",
-        env={"TEACHER_FARM_API_KEY": FAULT_KEY, "TEACHER_FARM_MAX_QUEUED_TOKENS": "1500",
-             "TEACHER_FARM_MAX_TOKENS_PER_REQUEST": "900"},
+        tiny_model,
+        tmp_path_factory.mktemp("fault-logs") / "server.log",
+        "--max-num-batched-tokens",
+        "64",
+        env={
+            "TEACHER_FARM_API_KEY": FAULT_KEY,
+            "TEACHER_FARM_MAX_QUEUED_TOKENS": "1500",
+            "TEACHER_FARM_MAX_TOKENS_PER_REQUEST": "900",
+        },
     )
     srv.start()
     srv.wait_ready()
@@ -140,7 +182,11 @@ def test_server_refusals_name_the_bad_lines_and_the_rest_lands(fault_server, tmp
     assert [r["id"] for r in rows(tmp_path / "o")] == ["s0", "s1", "s3", "s4", "s5"]
     (rej,) = rejects(tmp_path / "o")
     assert rej["line"] == 2 and rej["id"] == "huge"
-    assert "refused by the server" in rej["reason"] and "413" in rej["reason"] and "limit is 900" in rej["reason"]
+    assert (
+        "refused by the server" in rej["reason"]
+        and "413" in rej["reason"]
+        and "limit is 900" in rej["reason"]
+    )
 
 
 def test_overload_answers_429_and_every_client_still_finishes(fault_server, tmp_path):
@@ -150,8 +196,23 @@ def test_overload_answers_429_and_every_client_still_finishes(fault_server, tmp_
     server_proc = psutil.Process(fault_server.proc.pid)
     rss_before = sum(p.memory_info().rss for p in [server_proc, *server_proc.children(recursive=True)])
     busy_before = _metric(fault_server, 'teacher_farm_errors_total{kind="ServerBusy"}')
-    clients = [start_client(*cache_args(fault_server.url, inp, tmp_path / f"o{i}", FAULT_KEY, "--concurrency", "8",
-                                        "--batch-lines", "1", "--logprob-dtype", "float32")) for i in range(6)]
+    clients = [
+        start_client(
+            *cache_args(
+                fault_server.url,
+                inp,
+                tmp_path / f"o{i}",
+                FAULT_KEY,
+                "--concurrency",
+                "8",
+                "--batch-lines",
+                "1",
+                "--logprob-dtype",
+                "float32",
+            )
+        )
+        for i in range(6)
+    ]
     for c in clients:
         _, err = c.communicate(timeout=600)
         assert c.returncode == 0, err[-2000:]
@@ -189,8 +250,11 @@ def test_server_killed_and_restarted_mid_run(fault_server, corpus, expected, tmp
             time.sleep(0.1)
     assert loading is not None and loading.status_code == 503 and loading.json() == {"status": "loading"}
     assert loading.headers["retry-after"]
-    busy = httpx.post(fault_server.url + "/v1/topk", json={"k": 1, "inputs": [{"text": "x"}]},
-                      headers={"Authorization": f"Bearer {FAULT_KEY}"})
+    busy = httpx.post(
+        fault_server.url + "/v1/topk",
+        json={"k": 1, "inputs": [{"text": "x"}]},
+        headers={"Authorization": f"Bearer {FAULT_KEY}"},
+    )
     assert busy.status_code == 503 and "loading" in busy.json()["error"] and busy.headers["retry-after"]
     fault_server.wait_ready()
     _, err = client.communicate(timeout=600)
@@ -211,8 +275,14 @@ def test_sigterm_lets_requests_in_flight_finish_and_stops_tidily(fault_server):
         yield raw[20:]
 
     def call():
-        results.append(httpx.post(fault_server.url + "/v1/topk", content=slow_body(), timeout=120,
-                                  headers={"Authorization": f"Bearer {FAULT_KEY}", "Content-Type": "application/json"}))
+        results.append(
+            httpx.post(
+                fault_server.url + "/v1/topk",
+                content=slow_body(),
+                timeout=120,
+                headers={"Authorization": f"Bearer {FAULT_KEY}", "Content-Type": "application/json"},
+            )
+        )
 
     caller = threading.Thread(target=call)
     caller.start()

@@ -13,16 +13,29 @@ from teacher_farm.client.inspect import inspect_cache
 from teacher_farm.client.manifest import save_manifest
 from teacher_farm.client.shards import ShardWriter
 from teacher_farm.schemas.arrow import (
-    ScoredSequence, cache_schema, cast_logprobs, decode_rows, encode_rows, results_to_table,
+    ScoredSequence,
+    cache_schema,
+    cast_logprobs,
+    decode_rows,
+    encode_rows,
+    results_to_table,
     with_source_columns,
 )
-from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord
 from teacher_farm.schemas.formats import (
-    FORMATS, GAP_CLIP, GAP_STEP, decode_gaps, encode_gaps, id_gaps, ids_from_gaps, logprob_format, value_ulp,
+    FORMATS,
+    GAP_CLIP,
+    GAP_STEP,
+    decode_gaps,
+    encode_gaps,
+    id_gaps,
+    ids_from_gaps,
+    logprob_format,
+    value_ulp,
 )
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.training.reader import RowGroupArrays, row_group_arrays
+from tests.conftest import table_to_results
 
 #: Ids need 18 bits here: more than any 16-bit type holds.
 VOCAB = 150_000
@@ -32,9 +45,11 @@ K = 16
 def sorted_logprobs(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     """Top-k logprobs as a peaked teacher gives them: most likely first, steps of a fraction of a nat."""
     top1 = -rng.exponential(0.8, (n, 1))
-    return (top1 - np.cumsum(rng.exponential(0.35, (n, k)), axis=1) + rng.exponential(0.35, (n, 1))).astype(
-        np.float32
-    ).clip(max=top1.astype(np.float32))
+    return (
+        (top1 - np.cumsum(rng.exponential(0.35, (n, k)), axis=1) + rng.exponential(0.35, (n, 1)))
+        .astype(np.float32)
+        .clip(max=top1.astype(np.float32))
+    )
 
 
 def zipf_ids(rng: np.random.Generator, size, vocab: int = VOCAB) -> np.ndarray:
@@ -52,32 +67,47 @@ def draws(rng: np.random.Generator, n: int, samples: int) -> dict[str, np.ndarra
         counts.append(count)
     total = int(sum(lengths))
     return {
-        "sample_lengths": np.array(lengths, np.int32), "sample_ids": np.concatenate(ids).astype(np.int32),
+        "sample_lengths": np.array(lengths, np.int32),
+        "sample_ids": np.concatenate(ids).astype(np.int32),
         "sample_counts": np.concatenate(counts).astype(np.int16),
         "sample_logprobs": -rng.exponential(2.0, total).astype(np.float32),
     }
 
 
-def sequence(rng: np.random.Generator, i: int, n: int, k: int = K, samples: int = 64, hard: bool = True) -> ScoredSequence:
+def sequence(
+    rng: np.random.Generator, i: int, n: int, k: int = K, samples: int = 64, hard: bool = True
+) -> ScoredSequence:
     lp = sorted_logprobs(rng, n, k)
     if hard and n >= 4 and k >= 4:
-        lp[0, k // 2:] = -np.inf  # tokens the teacher rules out
-        lp[1, 1:] = lp[1, 0] - np.array([15.8, 15.9, 16.0, 40.0, 300.0, 1e4, *([2e4] * (k - 7))])[: k - 1]  # at the clip
+        lp[0, k // 2 :] = -np.inf  # tokens the teacher rules out
+        lp[1, 1:] = (
+            lp[1, 0] - np.array([15.8, 15.9, 16.0, 40.0, 300.0, 1e4, *([2e4] * (k - 7))])[: k - 1]
+        )  # at the clip
         lp[2, 0] = -1e-6  # a certain token; the rest far below
         lp[3, :] = lp[3, 0]  # ties
     ids = np.stack([rng.choice(VOCAB, k, replace=False) for _ in range(n)]).astype(np.int32)
     ids[:, 0] = VOCAB - 1 - i  # ids near the top of the vocabulary
     return ScoredSequence(
-        id=f"doc-{i}", input_ids=zipf_ids(rng, n), topk_ids=ids, topk_logprobs=lp,
+        id=f"doc-{i}",
+        input_ids=zipf_ids(rng, n),
+        topk_ids=ids,
+        topk_logprobs=lp,
         target_logprobs=-rng.exponential(3.0, n - 1).astype(np.float32) - (rng.random(n - 1) < 0.1) * 30,
-        target_ranks=rng.integers(1, 5000, n - 1).astype(np.int32), **draws(rng, n, samples),
+        target_ranks=rng.integers(1, 5000, n - 1).astype(np.int32),
+        **draws(rng, n, samples),
     )
 
 
-def identity(fmt: str, targets: str = "both", k: int = K, samples: int = 64, sample_logprobs: bool = True) -> CacheIdentity:
+def identity(
+    fmt: str, targets: str = "both", k: int = K, samples: int = 64, sample_logprobs: bool = True
+) -> CacheIdentity:
     return CacheIdentity(
-        model="teacher", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=VOCAB,
-        scoring=Scoring(k=k, targets=targets, samples=samples), logprob_dtype=fmt,
+        model="teacher",
+        model_fingerprint="mf",
+        tokenizer_fingerprint="tf",
+        vocab_size=VOCAB,
+        scoring=Scoring(k=k, targets=targets, samples=samples),
+        logprob_dtype=fmt,
         sample_logprobs=sample_logprobs and targets != "topk",
     )
 
@@ -138,13 +168,20 @@ def test_every_format_reads_back_within_its_stated_error(tmp_path, fmt):
     assert a.topk_ids.max() == VOCAB - 1
     check_within(a.topk_logprobs, want, *stated_bound(fmt, want), f"{fmt} top-k")
     value = FORMATS[fmt].value_dtype
-    for name, got in (("target_logprobs", a.target_logprobs), ("sample_logprobs", np.concatenate(per_position(a, "sample_logprobs")))):
+    for name, got in (
+        ("target_logprobs", a.target_logprobs),
+        ("sample_logprobs", np.concatenate(per_position(a, "sample_logprobs"))),
+    ):
         w = np.concatenate([getattr(r, name) for r in results])
         half = value_ulp(w, value) / 2
         check_within(got, w, half, half, f"{fmt} {name}")
     np.testing.assert_array_equal(a.sample_lengths, np.concatenate([r.sample_lengths for r in results]))
-    np.testing.assert_array_equal(np.concatenate(per_position(a, "sample_ids")), np.concatenate([r.sample_ids for r in results]))
-    np.testing.assert_array_equal(np.concatenate(per_position(a, "sample_counts")), np.concatenate([r.sample_counts for r in results]))
+    np.testing.assert_array_equal(
+        np.concatenate(per_position(a, "sample_ids")), np.concatenate([r.sample_ids for r in results])
+    )
+    np.testing.assert_array_equal(
+        np.concatenate(per_position(a, "sample_counts")), np.concatenate([r.sample_counts for r in results])
+    )
     # The per-sequence view (verify, tests) decodes the same way.
     for r, back in zip(results, table_to_results(stored.drop_columns(["line", "source", "offset"]))):
         check_within(back.topk_logprobs, r.topk_logprobs, *stated_bound(fmt, r.topk_logprobs), f"{fmt} row")
@@ -163,12 +200,20 @@ def test_the_worst_error_of_uint8_gap_is_half_a_step_and_it_is_reached():
 
 def test_uint8_gap_at_its_edges():
     top = np.float32(-0.5)
-    lp = np.array([
-        [top, top - 1, -np.inf, -np.inf],            # -inf stays -inf
-        [-np.inf] * 4,                                 # a row the teacher ruled out entirely
-        [top, top + 1e-4, top - 15.85, top - 15.95],  # a tie float16 rounding puts above the top-1; the clip
-        [top, top - 2, top - 1, top - 3],              # not sorted: the entry above its predecessor reads as it
-    ], np.float32)
+    lp = np.array(
+        [
+            [top, top - 1, -np.inf, -np.inf],  # -inf stays -inf
+            [-np.inf] * 4,  # a row the teacher ruled out entirely
+            [
+                top,
+                top + 1e-4,
+                top - 15.85,
+                top - 15.95,
+            ],  # a tie float16 rounding puts above the top-1; the clip
+            [top, top - 2, top - 1, top - 3],  # not sorted: the entry above its predecessor reads as it
+        ],
+        np.float32,
+    )
     top1, gaps = encode_gaps(lp)
     got = decode_gaps(top1, gaps)
     np.testing.assert_array_equal(got[0, 2:], [-np.inf, -np.inf])
@@ -195,7 +240,9 @@ def test_k_of_one_and_rows_of_one_token(tmp_path):
 def test_counts_take_the_smallest_type_that_holds_n(tmp_path, samples, counts):
     rng = np.random.default_rng(samples)
     results = [sequence(rng, i, n, samples=samples, hard=False) for i, n in enumerate([3, 4])]
-    stored = write_shard(tmp_path, results, identity("float16", targets="sampled", samples=samples, sample_logprobs=False))
+    stored = write_shard(
+        tmp_path, results, identity("float16", targets="sampled", samples=samples, sample_logprobs=False)
+    )
     assert stored.schema.field("sample_counts").type.value_type.value_type == counts
     assert "sample_logprobs" not in stored.column_names and "topk_ids" not in stored.column_names
     a = row_group_arrays(stored)
@@ -264,20 +311,39 @@ def test_the_compact_format_is_smaller_than_float16(tmp_path):
 def write_v2_cache(out, results: list[ScoredSequence], dtype: str = "float16") -> None:
     """A cache as schema 2 wrote it: every column as the server sent it, float logprobs, version 2 metadata."""
     out.mkdir(parents=True)
-    ident = CacheIdentity(model="teacher", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=VOCAB,
-                          scoring=Scoring(k=K, targets="both", samples=64), logprob_dtype=dtype)
+    ident = CacheIdentity(
+        model="teacher",
+        model_fingerprint="mf",
+        tokenizer_fingerprint="tf",
+        vocab_size=VOCAB,
+        scoring=Scoring(k=K, targets="both", samples=64),
+        logprob_dtype=dtype,
+    )
     entries = {key: value for key, value in ident.entries().items() if key != "sample_logprobs"}
-    metadata = {f"teacher_farm.{key}".encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
-                for key, v in {"schema_version": 2, "model": "teacher", **entries, "package_version": "0.1.0"}.items()}
+    metadata = {
+        f"teacher_farm.{key}".encode(): (v if isinstance(v, str) else json.dumps(v)).encode()
+        for key, v in {"schema_version": 2, "model": "teacher", **entries, "package_version": "0.1.0"}.items()
+    }
     schema = cache_schema(dtype, "both").with_metadata(metadata)
     table = with_source_columns(results_to_table(results, K, "both"), range(len(results)))
     table = cast_logprobs(table, dtype).cast(schema)
     pq.write_table(table, out / "part-000000.parquet", compression="zstd")
     size = (out / "part-000000.parquet").stat().st_size
-    record = ShardRecord(index=0, file="part-000000.parquet", first_line=0, end_line=len(results), rows=len(results),
-                         rejects=0, tokens=sum(len(r.input_ids) for r in results), bytes=size, sha256="0" * 64)
-    save_manifest(Manifest(schema_version=2, identity={**entries, "max_length": 64}, shards={0: record},
-                           complete=True), out)
+    record = ShardRecord(
+        index=0,
+        file="part-000000.parquet",
+        first_line=0,
+        end_line=len(results),
+        rows=len(results),
+        rejects=0,
+        tokens=sum(len(r.input_ids) for r in results),
+        bytes=size,
+        sha256="0" * 64,
+    )
+    save_manifest(
+        Manifest(schema_version=2, identity={**entries, "max_length": 64}, shards={0: record}, complete=True),
+        out,
+    )
 
 
 def test_a_schema_2_cache_still_reads_everywhere(tmp_path):
@@ -296,9 +362,13 @@ def test_a_schema_2_cache_still_reads_everywhere(tmp_path):
     items = sorted(TopkDataset(out), key=lambda x: int(x["line"]))
     for r, item in zip(results, items):
         np.testing.assert_array_equal(item["topk_ids"].numpy(), r.topk_ids)
-        np.testing.assert_array_equal(item["topk_logprobs"].numpy(), r.topk_logprobs.astype(np.float16).astype(np.float32))
-        np.testing.assert_array_equal(item["sample_logprobs"][:, 0].numpy(),
-                                      r.sample_logprobs[np.cumsum(r.sample_lengths) - r.sample_lengths].astype(np.float16))
+        np.testing.assert_array_equal(
+            item["topk_logprobs"].numpy(), r.topk_logprobs.astype(np.float16).astype(np.float32)
+        )
+        np.testing.assert_array_equal(
+            item["sample_logprobs"][:, 0].numpy(),
+            r.sample_logprobs[np.cumsum(r.sample_lengths) - r.sample_lengths].astype(np.float16),
+        )
     batch = collate_topk(items)
     assert batch["sample_logprobs"].dtype == torch.float32 and batch["sample_counts"].sum() == 64 * 13
     stats, meta = scan(out)
@@ -312,20 +382,36 @@ def test_inspect_names_the_format_and_what_the_draws_keep(tmp_path):
     ident = identity("uint8-gap", sample_logprobs=False)
     write_shard(tmp_path, [sequence(rng, 0, 5, hard=False)], ident)
     stats = pq.ParquetFile(tmp_path / "part-000000.parquet").metadata
-    record = ShardRecord(index=0, file="part-000000.parquet", first_line=0, end_line=1, rows=1, rejects=0, tokens=5,
-                         bytes=(tmp_path / "part-000000.parquet").stat().st_size, sha256="0" * 64)
-    save_manifest(Manifest(identity={**ident.entries(), "max_length": 64}, shards={0: record}, complete=True), tmp_path)
+    record = ShardRecord(
+        index=0,
+        file="part-000000.parquet",
+        first_line=0,
+        end_line=1,
+        rows=1,
+        rejects=0,
+        tokens=5,
+        bytes=(tmp_path / "part-000000.parquet").stat().st_size,
+        sha256="0" * 64,
+    )
+    save_manifest(
+        Manifest(identity={**ident.entries(), "max_length": 64}, shards={0: record}, complete=True), tmp_path
+    )
     summary, problems = inspect_cache(tmp_path)
     assert problems == [] and stats.num_rows == 1
     assert "logprobs uint8-gap, 64 draws (without their logprobs)" in summary
-    assert "schema:     v3" in summary and "topk_gaps: list<element: fixed_size_list<element: uint8>[15]>" in summary
+    assert (
+        "schema:     v3" in summary
+        and "topk_gaps: list<element: fixed_size_list<element: uint8>[15]>" in summary
+    )
 
 
 def test_the_cache_command_offers_every_format_and_keeps_draw_logprobs_only_when_asked(capsys):
     from teacher_farm.cli import cache_parser, main
 
     for fmt in FORMATS:
-        args = cache_parser().parse_args(["--server", "http://x", "--input", "a.jsonl", "--out", "o", "--logprob-dtype", fmt])
+        args = cache_parser().parse_args(
+            ["--server", "http://x", "--input", "a.jsonl", "--out", "o", "--logprob-dtype", fmt]
+        )
         assert args.logprob_dtype == fmt and not args.sample_logprobs
     with pytest.raises(SystemExit):
         main(["cache", "--server", "http://x", "--input", "a.jsonl", "--out", "o", "--logprob-dtype", "q4"])

@@ -9,8 +9,18 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.engine
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=12,
+)
 
 inputs = st.fixed_dictionaries(
     {},
@@ -21,19 +31,22 @@ inputs = st.fixed_dictionaries(
         "extra": json_values,
     },
 )
-bodies = st.fixed_dictionaries(
-    {},
-    optional={
-        "k": st.integers(-3, 70) | json_scalars,
-        "inputs": st.lists(inputs, max_size=4) | json_values,
-        "max_length": st.integers(-2, 40) | json_scalars,
-        "logprob_dtype": st.sampled_from(["float32", "float16", "float64", ""]) | json_scalars,
-        "temperature": st.floats(-1, 5, allow_nan=False) | json_scalars,
-        "targets": st.sampled_from(["topk", "sampled", "both", "all"]) | json_scalars,
-        "samples": st.integers(-2, 300) | json_scalars,
-        "seed": st.integers(-2, 2**33) | json_scalars,
-    },
-) | json_values
+bodies = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "k": st.integers(-3, 70) | json_scalars,
+            "inputs": st.lists(inputs, max_size=4) | json_values,
+            "max_length": st.integers(-2, 40) | json_scalars,
+            "logprob_dtype": st.sampled_from(["float32", "float16", "float64", ""]) | json_scalars,
+            "temperature": st.floats(-1, 5, allow_nan=False) | json_scalars,
+            "targets": st.sampled_from(["topk", "sampled", "both", "all"]) | json_scalars,
+            "samples": st.integers(-2, 300) | json_scalars,
+            "seed": st.integers(-2, 2**33) | json_scalars,
+        },
+    )
+    | json_values
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -47,7 +60,9 @@ def test_random_bodies_get_an_answer_or_a_clear_4xx(http, body):
         for res in results:
             n = len(res["input_ids"])
             if body.get("targets", "topk") != "sampled":
-                assert len(res["topk_ids"]) == n and all(len(row) == body.get("k", 16) for row in res["topk_ids"])
+                assert len(res["topk_ids"]) == n and all(
+                    len(row) == body.get("k", 16) for row in res["topk_ids"]
+                )
             if body.get("targets", "topk") != "topk":
                 assert [sum(c) for c in res["sample_counts"]] == [body.get("samples", 64)] * n
     else:

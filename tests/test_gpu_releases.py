@@ -50,7 +50,7 @@ def test_the_pooled_backend_passes_on_the_release(version):
 
 
 def test_a_broken_pooler_fails_through_the_v2_runner():
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         from teacher_farm.server import scoring_model, selftest
         from teacher_farm.server.reduce import reduce_rows
         from tests import gpu_releases
@@ -63,10 +63,14 @@ def test_a_broken_pooler_fails_through_the_v2_runner():
         selftest.check_pooler(gpu_releases.v2_steps)
     """)
     env = {**os.environ, "PYTHONPATH": str(sources(NEWEST))}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0
-    assert f"SelfTestFailed: pooled scoring self-test on vLLM {NEWEST}: a prompt split over three steps" in proc.stderr
+    assert (
+        f"SelfTestFailed: pooled scoring self-test on vLLM {NEWEST}: a prompt split over three steps"
+        in proc.stderr
+    )
 
 
 def test_an_unreachable_registry_skips_and_a_missing_release_fails(tmp_path, monkeypatch):

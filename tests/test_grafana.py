@@ -50,7 +50,17 @@ MUST_QUERY = {
 # ----------------------------------------------------------------------------- reading PromQL
 
 _KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
 }
 _TOKENS = re.compile(
     r"(?P<number>0x[0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
@@ -77,7 +87,7 @@ def metric_names(expr: str) -> set[str]:
         name = m["name"]
         if name is None or name.lower() in _KEYWORDS or name.lower() in ("inf", "nan"):
             continue
-        if text[m.end():].lstrip().startswith("("):
+        if text[m.end() :].lstrip().startswith("("):
             continue
         if m.start() > 0 and text[m.start() - 1] == "$":
             continue  # a Grafana variable outside a matcher
@@ -92,13 +102,14 @@ def variable_query(query: str) -> str:
 
 def test_metric_names_reads_promql_as_prometheus_does():
     cases = {
-        'histogram_quantile(0.99, sum by (le) (rate(a_bucket{job=~"$job", le!="+Inf"}[$__rate_interval])))':
-            {"a_bucket"},
+        'histogram_quantile(0.99, sum by (le) (rate(a_bucket{job=~"$job", le!="+Inf"}[$__rate_interval])))': {
+            "a_bucket"
+        },
         "sum(rate(b_sum[5m])) / sum(rate(b_count[5m]))": {"b_sum", "b_count"},
         'c{x="y"} or on(instance) (up{x="y"} * 0)': {"c", "up"},
         "time() - d offset 1h": {"d"},
         "max_over_time(e[1h:5m]) > 1e3 and vllm:num_requests_running": {"e", "vllm:num_requests_running"},
-        'sum without (pod) (f) unless ignoring(a, b) g * on(i) group_left(k) h': {"f", "g", "h"},
+        "sum without (pod) (f) unless ignoring(a, b) g * on(i) group_left(k) h": {"f", "g", "h"},
         'label_replace(i, "dst", "$1", "src", "(.*)") or vector(0)': {"i"},
         "sum by(kind) (increase(j_total[$__range]))": {"j_total"},
     }
@@ -231,7 +242,7 @@ class FakeTeacher:
     """A loaded teacher whose scoring waits for ``release``; its engine can be made to die."""
 
     def __init__(self) -> None:
-        
+
         self.llm = FakeLLM()
         self.info = fake_engine_info()
         self.release = threading.Event()
@@ -273,12 +284,19 @@ def test_engine_up_and_requests_in_flight_follow_the_server(monkeypatch):
         assert gauge(client, "teacher_farm_engine_up") == 1
 
         answer: list[httpx.Response] = []
-        request = threading.Thread(target=lambda: answer.append(
-            client.post("/v1/topk", json={"k": 2, "inputs": [{"token_ids": [1, 2, 3]}]})))
+        request = threading.Thread(
+            target=lambda: answer.append(
+                client.post("/v1/topk", json={"k": 2, "inputs": [{"token_ids": [1, 2, 3]}]})
+            )
+        )
         request.start()
         try:
-            wait_for(lambda: gauge(client, "teacher_farm_requests_in_flight") == 1, 10,
-                     "one request in flight", interval=0.05)
+            wait_for(
+                lambda: gauge(client, "teacher_farm_requests_in_flight") == 1,
+                10,
+                "one request in flight",
+                interval=0.05,
+            )
             assert gauge(client, "teacher_farm_queued_tokens") == 3
         finally:
             fake.release.set()
@@ -288,8 +306,9 @@ def test_engine_up_and_requests_in_flight_follow_the_server(monkeypatch):
         assert gauge(client, "teacher_farm_queued_tokens") == 0
 
         fake.llm.errored = True  # the engine died
-        wait_for(lambda: gauge(client, "teacher_farm_engine_up") == 0, 10, "engine_up to fall to 0",
-                 interval=0.05)
+        wait_for(
+            lambda: gauge(client, "teacher_farm_engine_up") == 0, 10, "engine_up to fall to 0", interval=0.05
+        )
 
 
 # ----------------------------------------------------------------------------- provisioning and compose
@@ -302,7 +321,8 @@ def compose_services() -> dict:
 def mount(service: dict, source: Path) -> dict:
     """The bind mount of ``source`` (a path of this repository) in a compose service."""
     found = [
-        v for v in service["volumes"]
+        v
+        for v in service["volumes"]
         if v["type"] == "bind" and (DOCKER / v["source"]).resolve() == source.resolve()
     ]
     assert len(found) == 1, f"{source.relative_to(ROOT)} is not mounted once"
@@ -374,8 +394,13 @@ def test_monitoring_images_are_pinned_and_optional():
 
 def grafana_to_promql(expr: str) -> str:
     """A panel's query as Grafana sends it with every server selected."""
-    for variable, value in {"$__rate_interval": "1m", "$__range": "1h", "$__interval": "15s",
-                            "$job": ".*", "$instance": ".*"}.items():
+    for variable, value in {
+        "$__rate_interval": "1m",
+        "$__range": "1h",
+        "$__interval": "15s",
+        "$job": ".*",
+        "$instance": ".*",
+    }.items():
         expr = expr.replace(variable, value)
     assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
     return expr
@@ -397,15 +422,25 @@ def test_every_query_runs_in_prometheus(server, scraped, tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     promtool = shutil.which("promtool")
     if promtool:
-        check = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                               capture_output=True, text=True, timeout=60)
+        check = subprocess.run(
+            [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert check.returncode == 0, check.stdout + check.stderr
 
     port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")
     proc = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     api = f"http://127.0.0.1:{port}/api/v1"
 
@@ -426,8 +461,12 @@ def test_every_query_runs_in_prometheus(server, scraped, tmp_path):
         up = query('up{job="teacher-farm"}')["result"][0]["value"][1]
         assert up == "1", "the scrape fails (the API key?)"
         # A scored request between two scrapes, so that rates are not all zero.
-        httpx.post(server.url + "/v1/topk", json={"k": 2, "inputs": [{"token_ids": [1, 2, 3]}]},
-                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300).raise_for_status()
+        httpx.post(
+            server.url + "/v1/topk",
+            json={"k": 2, "inputs": [{"token_ids": [1, 2, 3]}]},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=300,
+        ).raise_for_status()
         time.sleep(2.5)
         empty = []
         for place, expr in queries(dashboard()).items():

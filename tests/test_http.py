@@ -10,14 +10,15 @@ import pytest
 
 from teacher_farm.schemas import ARROW_STREAM, SCHEMA_VERSION
 from teacher_farm.schemas.arrow import result_schema
-from tests.conftest import table_to_results
-from tests.conftest import API_KEY, MAX_MODEL_LEN
+from tests.conftest import API_KEY, MAX_MODEL_LEN, table_to_results
 
 pytestmark = pytest.mark.engine
 
 
 def topk(http, body, **headers):
-    return http.post("/v1/topk", content=orjson.dumps(body), headers={"Content-Type": "application/json", **headers})
+    return http.post(
+        "/v1/topk", content=orjson.dumps(body), headers={"Content-Type": "application/json", **headers}
+    )
 
 
 def test_health_is_open_and_info_describes_the_teacher(server, http, tiny_model):
@@ -33,7 +34,9 @@ def test_health_is_open_and_info_describes_the_teacher(server, http, tiny_model)
     kernels = info["kernels"]
     assert kernels["vocab"] == 2048 and set(kernels["topk"]) == {"16", "64", "256"}
     for bucket, way in kernels["topk"].items():
-        assert kernels["timings_ms"][f"topk k<={bucket}"][way] == min(kernels["timings_ms"][f"topk k<={bucket}"].values())
+        assert kernels["timings_ms"][f"topk k<={bucket}"][way] == min(
+            kernels["timings_ms"][f"topk k<={bucket}"].values()
+        )
 
 
 @pytest.mark.parametrize("path", ["/v1/info", "/metrics", "/openapi.json"])
@@ -64,7 +67,10 @@ def test_json_answer_text_and_token_ids(http, reference):
 
 
 def test_arrow_answer_equals_json_answer(http):
-    body = {"k": 8, "inputs": [{"id": "u", "text": "Ünïcödé 🧪 tëxt"}, {"id": "v", "text": "plain text here"}]}
+    body = {
+        "k": 8,
+        "inputs": [{"id": "u", "text": "Ünïcödé 🧪 tëxt"}, {"id": "v", "text": "plain text here"}],
+    }
     as_json = topk(http, body).json()["results"]
     r = topk(http, body, Accept=ARROW_STREAM)
     assert r.headers["content-type"] == ARROW_STREAM
@@ -81,7 +87,9 @@ def test_arrow_answer_equals_json_answer(http):
 
 def test_max_length_truncates_and_single_token_input_works(http):
     long = "word " * 400
-    r = topk(http, {"k": 3, "max_length": 17, "inputs": [{"text": long}, {"token_ids": [5]}]}).json()["results"]
+    r = topk(http, {"k": 3, "max_length": 17, "inputs": [{"text": long}, {"token_ids": [5]}]}).json()[
+        "results"
+    ]
     assert len(r[0]["input_ids"]) == 17 and len(r[0]["topk_ids"]) == 17
     assert r[1]["input_ids"] == [5] and len(r[1]["topk_ids"]) == 1 and r[1]["target_logprobs"] == []
     capped = topk(http, {"k": 3, "inputs": [{"token_ids": [5] * (MAX_MODEL_LEN + 50)}]}).json()["results"][0]

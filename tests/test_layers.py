@@ -21,8 +21,22 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 def built(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("built") / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
-        check=True, capture_output=True, timeout=300, cwd=target.parent,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=target.parent,
     )
     return target
 
@@ -30,7 +44,11 @@ def built(tmp_path_factory) -> Path:
 def lint_imports(site: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(LINT_IMPORTS), str(ROOT / "pyproject.toml"), "--no-cache"],
-        cwd=site, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=300,
+        cwd=site,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -40,12 +58,19 @@ def test_every_import_contract_holds(built):
     assert "4 kept, 0 broken" in proc.stdout
 
 
-@pytest.mark.parametrize("module, line, contract", [
-    ("client/inspect.py", "import teacher_farm.server.engine", "the client runs on any node"),
-    ("client/inspect.py", "import torch", "the client runs on any node"),
-    ("training/reader.py", "import teacher_farm.server.packed", "the student's side never imports the server"),
-    ("schemas/wire.py", "import teacher_farm.client.inputs", "schemas at the bottom"),
-])
+@pytest.mark.parametrize(
+    "module, line, contract",
+    [
+        ("client/inspect.py", "import teacher_farm.server.engine", "the client runs on any node"),
+        ("client/inspect.py", "import torch", "the client runs on any node"),
+        (
+            "training/reader.py",
+            "import teacher_farm.server.packed",
+            "the student's side never imports the server",
+        ),
+        ("schemas/wire.py", "import teacher_farm.client.inputs", "schemas at the bottom"),
+    ],
+)
 def test_a_forbidden_import_breaks_a_contract(built, tmp_path, module, line, contract):
     site = tmp_path / "site"
     shutil.copytree(built, site)

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
 from importlib.metadata import entry_points
 
 import psutil
+import tomllib
 
 from teacher_farm.server import lifecycle
 from tests.conftest import ROOT
@@ -55,7 +55,9 @@ def test_the_owner_and_unmarked_processes_are_left_alone(monkeypatch):
 
 
 def test_the_plugin_is_registered_with_vllm():
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
+        "vllm.general_plugins"
+    ]
     assert "teacher_farm.server.lifecycle:register" in declared.values()
     installed = {e.value for e in entry_points(group="vllm.general_plugins")}
     assert "teacher_farm.server.lifecycle:register" in installed, "reinstall: pip install -e ."

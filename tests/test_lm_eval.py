@@ -26,8 +26,14 @@ def post(http, path, body):
 def complete(http, prompt, *, max_tokens=0, logprobs=1, **extra):
     """lm-eval's ``local-completions`` loglikelihood request, field for field."""
     body = {
-        "model": "teacher", "prompt": prompt, "temperature": 0, "max_tokens": max_tokens,
-        "logprobs": logprobs, "seed": 1234, "echo": True, **extra,
+        "model": "teacher",
+        "prompt": prompt,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+        "seed": 1234,
+        "echo": True,
+        **extra,
     }
     r = post(http, "/v1/completions", body)
     assert r.status_code == 200, r.text
@@ -86,7 +92,9 @@ def test_completions_are_topk_reshaped(http, reference, prompts, max_tokens, log
         assert lengths == {n + max_tokens}
         assert lp["tokens"][:n] == [decode(i) for i in ids]
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-        assert lp["text_offset"][0] == 0 and np.all(np.diff(lp["text_offset"]) == [len(t) for t in lp["tokens"][:-1]])
+        assert lp["text_offset"][0] == 0 and np.all(
+            np.diff(lp["text_offset"]) == [len(t) for t in lp["tokens"][:-1]]
+        )
 
         # The prompt's logprobs are /v1/topk's target_logprobs, to float32 precision.
         got = np.array(lp["token_logprobs"][1:n], dtype=np.float64)
@@ -126,8 +134,8 @@ def test_lm_eval_style_parse_finds_the_greedy_continuation(http, prompts):
         lp = choice["logprobs"]
         conts, tops = lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]
         is_greedy = all(tok == max(top.values()) for tok, top in zip(conts, tops))
-        assert is_greedy == all(r == 1 for r in ref["target_ranks"][ctxlen - 1:])
-        assert sum(conts) == pytest.approx(sum(ref["target_logprobs"][ctxlen - 1:]), abs=1e-5)
+        assert is_greedy == all(r == 1 for r in ref["target_ranks"][ctxlen - 1 :])
+        assert sum(conts) == pytest.approx(sum(ref["target_logprobs"][ctxlen - 1 :]), abs=1e-5)
     assert is_greedy  # the greedy prompt came last
 
 
@@ -155,8 +163,10 @@ def test_text_prompts_go_through_the_teacher_tokenizer(http, reference):
         assert choice["text"] == text
         assert choice["logprobs"]["tokens"] == [f"token_id:{i}" for i in ref["input_ids"]]
         np.testing.assert_allclose(
-            np.array(choice["logprobs"]["token_logprobs"][1:], dtype=np.float64), ref["target_logprobs"],
-            rtol=0, atol=1e-6,
+            np.array(choice["logprobs"]["token_logprobs"][1:], dtype=np.float64),
+            ref["target_logprobs"],
+            rtol=0,
+            atol=1e-6,
         )
     assert single["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
         body["choices"][0]["logprobs"]["token_logprobs"], abs=1e-6
@@ -180,10 +190,17 @@ def test_single_token_prompt_without_echo_and_without_logprobs(http):
 @pytest.mark.parametrize("add_special_tokens", [True, False])
 def test_tokenize_uses_the_teacher_tokenizer(http, reference, add_special_tokens):
     text = "Ünïcödé 🧪 " + TEXT
-    r = post(http, "/tokenize", {"model": "teacher", "prompt": text, "add_special_tokens": add_special_tokens})
+    r = post(
+        http, "/tokenize", {"model": "teacher", "prompt": text, "add_special_tokens": add_special_tokens}
+    )
     assert r.status_code == 200, r.text
     want = reference.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-    assert r.json() == {"tokens": want, "count": len(want), "max_model_len": MAX_MODEL_LEN, "token_strs": None}
+    assert r.json() == {
+        "tokens": want,
+        "count": len(want),
+        "max_model_len": MAX_MODEL_LEN,
+        "token_strs": None,
+    }
     strs = post(http, "/tokenize", {"prompt": text, "return_token_strs": True}).json()["token_strs"]
     assert strs == reference.tokenizer.convert_ids_to_tokens(reference.tokenize(text))
     back = post(http, "/detokenize", {"tokens": want}).json()["prompt"]
@@ -195,7 +212,11 @@ def test_tokenizer_info_describes_the_teacher_tokenizer(http, reference):
     assert r.status_code == 200, r.text
     info, tok = r.json(), reference.tokenizer
     assert info["tokenizer_class"] == type(tok).__name__
-    assert (info["bos_token"], info["bos_token_id"]) == (tok.bos_token, tok.bos_token_id) == ("<|begin_of_text|>", 0)
+    assert (
+        (info["bos_token"], info["bos_token_id"])
+        == (tok.bos_token, tok.bos_token_id)
+        == ("<|begin_of_text|>", 0)
+    )
     assert (info["eos_token"], info["eos_token_id"]) == (tok.eos_token, tok.eos_token_id)
     assert info["vocab_size"] == len(tok) and info["model_max_length"] == tok.model_max_length
     assert info["max_model_len"] == MAX_MODEL_LEN
@@ -220,7 +241,10 @@ def test_compat_endpoints_need_the_key(server, path):
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": False, "logprobs": 1}, "echo=true"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "logprobs": 257}, "k_max=256"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "logprobs": -1}, "logprobs=-1"),
-        ({"prompt": [[1, 2]], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0.7}, "temperature=0"),
+        (
+            {"prompt": [[1, 2]], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0.7},
+            "temperature=0",
+        ),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "stream": True}, "stream"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "n": 2}, "n and best_of"),
         ({"prompt": [], "max_tokens": 0, "echo": True}, "prompt is empty"),
@@ -257,7 +281,9 @@ def lm_eval_api():
 
 def test_lm_eval_payload_and_parse_logprobs(server, http, lm_eval_api, prompts):
     lm = lm_eval_api.LocalCompletionsAPI(
-        base_url=server.url + "/v1/completions", model="teacher", tokenizer_backend=None,
+        base_url=server.url + "/v1/completions",
+        model="teacher",
+        tokenizer_backend=None,
     )
     payload = lm._create_payload(prompts, generate=False, seed=1234)
     assert payload["echo"] is True and payload["max_tokens"] in (0, 1)
@@ -267,8 +293,8 @@ def test_lm_eval_payload_and_parse_logprobs(server, http, lm_eval_api, prompts):
     parsed = lm.parse_logprobs(r.json(), tokens=prompts, ctxlens=ctxlens)
     expected = topk(http, prompts, 1)
     for (ll, greedy), ref, ctxlen in zip(parsed, expected, ctxlens):
-        assert ll == pytest.approx(sum(ref["target_logprobs"][ctxlen - 1:]), abs=1e-5)
-        assert greedy == all(rank == 1 for rank in ref["target_ranks"][ctxlen - 1:])
+        assert ll == pytest.approx(sum(ref["target_logprobs"][ctxlen - 1 :]), abs=1e-5)
+        assert greedy == all(rank == 1 for rank in ref["target_ranks"][ctxlen - 1 :])
     assert parsed[2][1] is True
 
 
@@ -282,8 +308,12 @@ def test_lm_eval_loglikelihood_end_to_end_with_remote_tokenizer(server, http, re
 
     (served,) = http.get("/v1/models").json()["data"]
     lm = lm_eval_api.LocalCompletionsAPI(
-        base_url=server.url + "/v1/completions", model=served["id"], tokenizer_backend="auto",
-        auth_token=API_KEY, header={"Authorization": f"Bearer {API_KEY}"}, batch_size=2,
+        base_url=server.url + "/v1/completions",
+        model=served["id"],
+        tokenizer_backend="auto",
+        auth_token=API_KEY,
+        header={"Authorization": f"Bearer {API_KEY}"},
+        batch_size=2,
         max_length=MAX_MODEL_LEN,
     )
     assert lm.tokenizer_backend == "remote"
@@ -303,7 +333,7 @@ def test_lm_eval_loglikelihood_end_to_end_with_remote_tokenizer(server, http, re
         # lm-eval's split: an empty context becomes the prefix (BOS) token; trailing spaces move over.
         ctx = encode(context) if context else [prefix]
         whole = encode(context + continuation) if context else ctx + encode(continuation)
-        cont = whole[len(ctx):]
+        cont = whole[len(ctx) :]
         (ref,) = topk(http, [ctx + cont], 1)
-        assert ll == pytest.approx(sum(ref["target_logprobs"][len(ctx) - 1:]), abs=1e-5)
-        assert greedy == all(rank == 1 for rank in ref["target_ranks"][len(ctx) - 1:])
+        assert ll == pytest.approx(sum(ref["target_logprobs"][len(ctx) - 1 :]), abs=1e-5)
+        assert greedy == all(rank == 1 for rank in ref["target_ranks"][len(ctx) - 1 :])

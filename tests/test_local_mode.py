@@ -13,13 +13,29 @@ pytestmark = pytest.mark.engine
 UNTIDY = ("Traceback", "leaked", "Exception ignored")
 
 
-def test_in_process_engine_writes_the_same_cache_as_the_server_and_prints_nothing_untidy(server, tiny_model, tmp_path):
+def test_in_process_engine_writes_the_same_cache_as_the_server_and_prints_nothing_untidy(
+    server, tiny_model, tmp_path
+):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(read_lines(SAMPLE, 6) + ['{"id": "bad"}']) + "\n", encoding="utf-8")
     # The demo's command: the default logprob dtype, vLLM's own logs off.
     local = teacher_farm(
-        "cache", "--model", str(tiny_model), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-        "--gpu-memory-utilization", "0.2", "--input", str(inp), "--out", str(tmp_path / "local"), "--k", "6",
+        "cache",
+        "--model",
+        str(tiny_model),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--gpu-memory-utilization",
+        "0.2",
+        "--input",
+        str(inp),
+        "--out",
+        str(tmp_path / "local"),
+        "--k",
+        "6",
     )
     assert local.returncode == 0, local.stderr[-3000:]
     assert "6 rows" in local.stdout and "1 lines rejected" in local.stdout and "bytes/token" in local.stdout
@@ -27,7 +43,17 @@ def test_in_process_engine_writes_the_same_cache_as_the_server_and_prints_nothin
     assert not [word for word in UNTIDY if word in text], text[-3000:]
     assert ") INFO " not in text, "vLLM's INFO logs should be off without -v"
     remote = teacher_farm(
-        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(tmp_path / "remote"), "--k", "6",
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(inp),
+        "--out",
+        str(tmp_path / "remote"),
+        "--k",
+        "6",
     )
     assert remote.returncode == 0, remote.stderr
     a = pq.read_table(sorted((tmp_path / "local").glob("part-*.parquet")))

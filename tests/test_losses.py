@@ -8,9 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from teacher_farm.training.losses import ChunkedKDLoss, SampledKDLoss, TopkRenormKLLoss, TopkTailKLLoss  # noqa: E402
 from teacher_farm.training import TopkDataset, collate_topk, kd_loss, sampled_kd_loss  # noqa: E402
-
+from teacher_farm.training.losses import ChunkedKDLoss, SampledKDLoss, TopkRenormKLLoss, TopkTailKLLoss  # noqa: E402
 from tests.helpers import SHARDS, VOCAB, items, true_tail, write_cache  # noqa: E402
 
 T_CACHE = 2.0  # the caches here are written at temperature 2: the losses must work at it, unrescaled
@@ -18,7 +17,9 @@ T_CACHE = 2.0  # the caches here are written at temperature 2: the losses must w
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return write_cache(tmp_path_factory.mktemp("both"), SHARDS, temperature=T_CACHE, targets="both", samples=16, seed=5)
+    return write_cache(
+        tmp_path_factory.mktemp("both"), SHARDS, temperature=T_CACHE, targets="both", samples=16, seed=5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,8 @@ def dense_sampled(cache, batch, logits, entropy: bool) -> float:
     vals = []
     for p, q, row, i in positions(cache, batch, logits):
         cut = np.concatenate([[0], np.cumsum(row.sample_lengths)])
-        ids = row.sample_ids[cut[i]:cut[i + 1]].astype(np.int64)
-        w = row.sample_counts[cut[i]:cut[i + 1]] / row.sample_counts[cut[i]:cut[i + 1]].sum()
+        ids = row.sample_ids[cut[i] : cut[i + 1]].astype(np.int64)
+        w = row.sample_counts[cut[i] : cut[i + 1]] / row.sample_counts[cut[i] : cut[i + 1]].sum()
         vals.append((w * ((p[ids] if entropy else 0.0) - q[ids])).sum())
     return T_CACHE**2 * float(np.mean(vals))
 
@@ -116,7 +117,9 @@ def teacher_as_student(cache, batch) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("loss", [TopkTailKLLoss(), TopkRenormKLLoss(), SampledKDLoss(entropy=True)], ids=type)
+@pytest.mark.parametrize(
+    "loss", [TopkTailKLLoss(), TopkRenormKLLoss(), SampledKDLoss(entropy=True)], ids=type
+)
 def test_every_kl_is_zero_for_the_teacher_itself_and_ignores_padding(cache, batch, loss):
     logits = teacher_as_student(cache, batch)
     pad = batch["attention_mask"] == 0
@@ -130,8 +133,12 @@ def test_every_kl_is_zero_for_the_teacher_itself_and_ignores_padding(cache, batc
 def test_tail_loss_reads_renormalised_rows_the_same(cache, batch, student):
     got = items(TopkDataset(cache.path, renormalize=True))
     renorm = collate_topk([got[line] for line in sorted(got)])
-    assert TopkTailKLLoss()(student, renorm).item() == pytest.approx(TopkTailKLLoss()(student, batch).item(), rel=1e-5)
-    assert TopkRenormKLLoss()(student, renorm).item() == pytest.approx(TopkRenormKLLoss()(student, batch).item(), rel=1e-5)
+    assert TopkTailKLLoss()(student, renorm).item() == pytest.approx(
+        TopkTailKLLoss()(student, batch).item(), rel=1e-5
+    )
+    assert TopkRenormKLLoss()(student, renorm).item() == pytest.approx(
+        TopkRenormKLLoss()(student, batch).item(), rel=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------ temperature
@@ -147,7 +154,9 @@ def test_a_temperature_other_than_the_caches_is_an_error(batch, student, cls):
 
 def test_a_hand_built_batch_without_temperature_is_at_the_asked_one(batch, student):
     bare = {k: v for k, v in batch.items() if k != "temperature"}
-    assert TopkTailKLLoss(temperature=T_CACHE)(student, bare).item() == TopkTailKLLoss()(student, batch).item()
+    assert (
+        TopkTailKLLoss(temperature=T_CACHE)(student, bare).item() == TopkTailKLLoss()(student, batch).item()
+    )
     assert TopkTailKLLoss()(student, bare).item() != TopkTailKLLoss()(student, batch).item()  # 1 by default
 
 
@@ -162,7 +171,9 @@ def test_a_loss_names_what_the_cache_lacks(tmp_path, student):
 # ------------------------------------------------------------------------------------ chunked
 
 
-@pytest.mark.parametrize("loss", [TopkTailKLLoss(), TopkRenormKLLoss(), SampledKDLoss(entropy=True)], ids=type)
+@pytest.mark.parametrize(
+    "loss", [TopkTailKLLoss(), TopkRenormKLLoss(), SampledKDLoss(entropy=True)], ids=type
+)
 def test_chunked_gives_the_same_value_and_gradient(batch, student, loss):
     whole = loss(student, batch)
     whole.backward()
@@ -217,7 +228,9 @@ def test_sampled_estimator_is_unbiased_for_the_full_cross_entropy():
     full_ce = -(teacher.exp() * q).sum(-1)  # (P,)
     # R independent batches of draws, one "sequence" per draw set: (R, P, N) ids -> counts per id.
     drawn = torch.multinomial(teacher.exp().repeat(R, 1), N, replacement=True, generator=gen).view(R, P, N)
-    counts = torch.zeros(R, P, V, dtype=torch.int16).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=torch.int16))
+    counts = torch.zeros(R, P, V, dtype=torch.int16).scatter_add_(
+        -1, drawn, torch.ones_like(drawn, dtype=torch.int16)
+    )
     batch = {
         "attention_mask": torch.ones(R, P, dtype=torch.long),
         "sample_ids": torch.arange(V).expand(R, P, V).contiguous(),  # every id a slot, most with count 0
@@ -225,10 +238,14 @@ def test_sampled_estimator_is_unbiased_for_the_full_cross_entropy():
         "temperature": torch.ones(R),
     }
     logits = student_logits.float().expand(R, P, V)
-    per_draw = torch.stack([
-        SampledKDLoss()(logits[:, p:p + 1], {k: (v[:, p:p + 1] if v.dim() > 1 else v) for k, v in batch.items()})
-        for p in range(P)
-    ])  # (P,) each the mean over R draws
+    per_draw = torch.stack(
+        [
+            SampledKDLoss()(
+                logits[:, p : p + 1], {k: (v[:, p : p + 1] if v.dim() > 1 else v) for k, v in batch.items()}
+            )
+            for p in range(P)
+        ]
+    )  # (P,) each the mean over R draws
     w = counts.double() / N
     per_sample = -(w * q).sum(-1)  # (R, P) the estimator draw by draw, for its standard error
     se = per_sample.std(0) / R**0.5

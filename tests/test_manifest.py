@@ -7,17 +7,28 @@ import json
 import pytest
 
 from teacher_farm.client.manifest import check_identity, save_manifest
-from teacher_farm.schemas.cache_dir import (
-    MANIFEST, CacheDir, CacheIdentity, InputFingerprint, Manifest, RunIdentity, ShardRecord,
-)
-from tests.conftest import load_manifest
 from teacher_farm.schemas import SCHEMA_VERSION
+from teacher_farm.schemas.cache_dir import (
+    MANIFEST,
+    CacheDir,
+    CacheIdentity,
+    InputFingerprint,
+    Manifest,
+    RunIdentity,
+    ShardRecord,
+)
 from teacher_farm.schemas.errors import CacheMismatch
 from teacher_farm.schemas.scoring import Scoring
+from tests.conftest import load_manifest
 
 IDENTITY = RunIdentity(
-    cache=CacheIdentity(model_fingerprint="abc123", tokenizer_fingerprint="tok456", vocab_size=32000,
-                        scoring=Scoring(k=16), logprob_dtype="float32"),
+    cache=CacheIdentity(
+        model_fingerprint="abc123",
+        tokenizer_fingerprint="tok456",
+        vocab_size=32000,
+        scoring=Scoring(k=16),
+        logprob_dtype="float32",
+    ),
     max_length=8192,
     inputs=(InputFingerprint(name="corpus.jsonl", size=1234, head_sha256="ffee"),),
 )
@@ -31,15 +42,25 @@ def changed(**entries) -> RunIdentity:
 
 def shard(index: int, rows: int, tokens: int, rejects: int = 0) -> ShardRecord:
     return ShardRecord(
-        index=index, file=f"part-{index:06d}.parquet", first_line=index * 100, end_line=index * 100 + 100,
-        rows=rows, rejects=rejects, tokens=tokens, bytes=1000 + index, sha256=f"{index:064x}",
+        index=index,
+        file=f"part-{index:06d}.parquet",
+        first_line=index * 100,
+        end_line=index * 100 + 100,
+        rows=rows,
+        rejects=rejects,
+        tokens=tokens,
+        bytes=1000 + index,
+        sha256=f"{index:064x}",
     )
 
 
 def manifest() -> Manifest:
     return Manifest(
-        identity=IDENTITY, provenance={"teacher": "http://x:8000", "created": "2024-01-01T00:00:00Z"},
-        shards={0: shard(0, 98, 5000, 2), 3: shard(3, 100, 7000)}, rejects_bytes=77, complete=True,
+        identity=IDENTITY,
+        provenance={"teacher": "http://x:8000", "created": "2024-01-01T00:00:00Z"},
+        shards={0: shard(0, 98, 5000, 2), 3: shard(3, 100, 7000)},
+        rejects_bytes=77,
+        complete=True,
     )
 
 
@@ -98,7 +119,9 @@ def test_other_schema_version_refuses_to_resume(tmp_path):
     data = json.loads(path.read_text())
     data["schema_version"] = SCHEMA_VERSION + 1
     path.write_text(json.dumps(data))
-    with pytest.raises(CacheMismatch, match=f"schema version {SCHEMA_VERSION + 1}.*writes version {SCHEMA_VERSION}"):
+    with pytest.raises(
+        CacheMismatch, match=f"schema version {SCHEMA_VERSION + 1}.*writes version {SCHEMA_VERSION}"
+    ):
         check_identity(load_manifest(tmp_path), IDENTITY, tmp_path)
 
 
@@ -118,11 +141,20 @@ def test_the_identity_is_written_flat_with_parts_and_read_back_the_same(tmp_path
 
 def test_a_manifest_written_before_parts_reads_and_resumes(tmp_path):
     # What teacher-farm wrote before the client processes were called parts: ``num_shards``.
-    old = {**IDENTITY.entries(), "num_shards": 2, "rows_per_shard": 64, "text_field": "text",
-           "id_field": "id", "ids_field": "input_ids", "long_lines": "truncate", "stride": None}
+    old = {
+        **IDENTITY.entries(),
+        "num_shards": 2,
+        "rows_per_shard": 64,
+        "text_field": "text",
+        "id_field": "id",
+        "ids_field": "input_ids",
+        "long_lines": "truncate",
+        "stride": None,
+    }
     del old["parts"]
-    (tmp_path / MANIFEST).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "identity": old,
-                                                 "shards": {}, "complete": True}))
+    (tmp_path / MANIFEST).write_text(
+        json.dumps({"schema_version": SCHEMA_VERSION, "identity": old, "shards": {}, "complete": True})
+    )
     loaded = load_manifest(tmp_path)
     assert loaded.identity.parts == 2 and loaded.identity.cache == IDENTITY.cache
     assert CacheDir(tmp_path).identity == IDENTITY.cache

@@ -31,8 +31,13 @@ def test_models_list_is_openai_shaped_and_names_the_served_model(server, http, t
     created = card.pop("created")
     assert body["object"] == "list"
     assert card == {
-        "id": str(tiny_model), "object": "model", "owned_by": "teacher-farm", "root": str(tiny_model),
-        "parent": None, "max_model_len": MAX_MODEL_LEN, "permission": [],
+        "id": str(tiny_model),
+        "object": "model",
+        "owned_by": "teacher-farm",
+        "root": str(tiny_model),
+        "parent": None,
+        "max_model_len": MAX_MODEL_LEN,
+        "permission": [],
     }
     # ``created`` is when the server started: after its process was started, not per request.
     started = time.time() - (time.monotonic() - server.started)
@@ -51,7 +56,12 @@ def test_openai_client_discovers_the_model_and_completes_with_it(server, http, r
 
     text = "Teachers distil knowledge into students."
     done = openai_client.completions.create(
-        model=model.id, prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0,
+        model=model.id,
+        prompt=text,
+        max_tokens=0,
+        echo=True,
+        logprobs=2,
+        temperature=0,
     )
     assert done.model == model.id
     (choice,) = done.choices

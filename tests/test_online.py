@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from teacher_farm.training import OnlineTeacher, TopkDataset, TopkTailKLLoss, collate_topk  # noqa: E402
-
 from tests.conftest import API_KEY, SAMPLE, teacher_farm  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
@@ -25,20 +24,42 @@ def cached_batches(server, tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     src.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:24]))
     out = src.parent / "cache"
     proc = teacher_farm(
-        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(src), "--out", str(out),
-        "--max-length", "128", "--k", str(SCORING["k"]), "--temperature", str(SCORING["temperature"]),
-        "--targets", SCORING["targets"], "--samples", str(SCORING["samples"]), "--seed", str(SCORING["seed"]),
-        "--logprob-dtype", "float32", "--sample-logprobs",  # what the online teacher receives
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(src),
+        "--out",
+        str(out),
+        "--max-length",
+        "128",
+        "--k",
+        str(SCORING["k"]),
+        "--temperature",
+        str(SCORING["temperature"]),
+        "--targets",
+        SCORING["targets"],
+        "--samples",
+        str(SCORING["samples"]),
+        "--seed",
+        str(SCORING["seed"]),
+        "--logprob-dtype",
+        "float32",
+        "--sample-logprobs",  # what the online teacher receives
     )
     assert proc.returncode == 0, proc.stderr
     items = list(TopkDataset(out))
-    return [collate_topk(items[i:i + 4]) for i in range(0, len(items), 4)]
+    return [collate_topk(items[i : i + 4]) for i in range(0, len(items), 4)]
 
 
 def test_online_batches_are_the_cached_batches(server, cached_batches):
     """Cached or online, a training loop gets the same keys, shapes, dtypes and values."""
-    source = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "line": b["line"]}
-              for b in cached_batches]
+    source = [
+        {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "line": b["line"]}
+        for b in cached_batches
+    ]
     online = list(OnlineTeacher(source, server.url, api_key=API_KEY, **SCORING))
     assert len(online) == len(cached_batches)
     for got, want in zip(online, cached_batches):
@@ -74,7 +95,9 @@ def test_prefetch_is_bounded_and_plain_token_batches_work(server):
     # Sequences of different lengths as a list; lines are counted when the batches carry none.
     ragged = [[np.arange(5, 12), np.arange(20, 23)]]
     (batch,) = OnlineTeacher(ragged, server.url, api_key=API_KEY, k=4, targets="sampled", samples=8)
-    assert batch["lengths"].tolist() == [7, 3] and batch["line"].tolist() == [0, 1] and "topk_ids" not in batch
+    assert (
+        batch["lengths"].tolist() == [7, 3] and batch["line"].tolist() == [0, 1] and "topk_ids" not in batch
+    )
     assert (batch["sample_counts"].sum(-1)[batch["attention_mask"].bool()] == 8).all()
 
 
@@ -92,10 +115,14 @@ def test_online_throughput(server, capsys):
     rates = {}
     for prefetch in (1, 4):
         t0 = time.perf_counter()
-        n = sum(int(b["attention_mask"].sum()) for b in OnlineTeacher(batches, server.url, api_key=API_KEY, k=16,
-                                                                       prefetch=prefetch))
+        n = sum(
+            int(b["attention_mask"].sum())
+            for b in OnlineTeacher(batches, server.url, api_key=API_KEY, k=16, prefetch=prefetch)
+        )
         rates[prefetch] = n / (time.perf_counter() - t0)
     with capsys.disabled():
-        print(f"\nonline teacher, k=16, 16 batches of 8 x 128 tokens: "
-              + ", ".join(f"prefetch {p}: {r:,.0f} tokens/s" for p, r in rates.items()))
+        print(
+            "\nonline teacher, k=16, 16 batches of 8 x 128 tokens: "
+            + ", ".join(f"prefetch {p}: {r:,.0f} tokens/s" for p, r in rates.items())
+        )
     assert all(r > 0 for r in rates.values())

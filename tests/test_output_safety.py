@@ -17,12 +17,10 @@ import pytest
 from teacher_farm.client import cache as cache_module
 from teacher_farm.client import shards
 from teacher_farm.client.cache import CacheOptions, CacheRun
-from teacher_farm.schemas.errors import OutputWriteError
-from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.client.lock import OutputLock
-from teacher_farm.schemas.errors import OutputLocked
-from tests.conftest import load_manifest
-from tests.conftest import ROOT
+from teacher_farm.schemas.errors import OutputLocked, OutputWriteError
+from teacher_farm.schemas.scoring import Scoring
+from tests.conftest import ROOT, load_manifest
 from tests.standin import StandInTeacher
 
 HOLD = """
@@ -37,12 +35,16 @@ with OutputLock(Path(sys.argv[1])):
 
 def corpus(tmp_path, n=40):
     path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({"id": f"l{i}", "text": f"line number {i} " * 20}) + "\n" for i in range(n)))
+    path.write_text(
+        "".join(json.dumps({"id": f"l{i}", "text": f"line number {i} " * 20}) + "\n" for i in range(n))
+    )
     return path
 
 
 def run(tmp_path, inp, out="out", **kw):
-    opts = CacheOptions(input=str(inp), out_dir=tmp_path / out, scoring=Scoring(k=4), rows_per_shard=10, batch_lines=5, **kw)
+    opts = CacheOptions(
+        input=str(inp), out_dir=tmp_path / out, scoring=Scoring(k=4), rows_per_shard=10, batch_lines=5, **kw
+    )
     return asyncio.run(CacheRun(opts, StandInTeacher()).run())
 
 
@@ -50,7 +52,9 @@ def rows(out):
     import pyarrow.parquet as pq
 
     manifest = load_manifest(out)
-    return pq.read_table([out / s.file for s in sorted(manifest.shards.values(), key=lambda s: s.index)]).to_pylist()
+    return pq.read_table(
+        [out / s.file for s in sorted(manifest.shards.values(), key=lambda s: s.index)]
+    ).to_pylist()
 
 
 # --- one writer ---------------------------------------------------------------------------
@@ -59,8 +63,12 @@ def rows(out):
 def test_a_second_writer_is_refused_naming_the_first(tmp_path):
     inp = corpus(tmp_path)
     (tmp_path / "out").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out" / "manifest.json.lock")],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "out" / "manifest.json.lock")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputLocked) as exc:
@@ -84,7 +92,9 @@ def test_a_stale_lock_is_taken_over_and_says_so(tmp_path, caplog):
     dead.wait()
     lock = tmp_path / "out" / "manifest.json.lock"
     lock.parent.mkdir()
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00Z"}))
+    lock.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "2026-01-01T00:00:00Z"})
+    )
     with caplog.at_level(logging.WARNING):
         assert run(tmp_path, corpus(tmp_path)).rows == 40
     assert f"taking over a stale lock from pid {dead.pid} on host {socket.gethostname()}" in caplog.text
@@ -143,7 +153,9 @@ def test_a_full_disk_stops_the_run_with_what_was_written_and_the_same_command_re
     clean = rows(tmp_path / "clean")
     one_shard = (tmp_path / "clean" / "part-000000.parquet").stat().st_size
     FillingDisk.written = 0
-    monkeypatch.setattr(shards, "open_sink", lambda path: pa.PythonFile(FillingDisk(path, int(2.5 * one_shard)), mode="w"))
+    monkeypatch.setattr(
+        shards, "open_sink", lambda path: pa.PythonFile(FillingDisk(path, int(2.5 * one_shard)), mode="w")
+    )
     with pytest.raises(OutputWriteError) as exc:
         run(tmp_path, inp)
     out = tmp_path / "out"
@@ -199,4 +211,3 @@ sys.exit(cli.main(["cache", "--server", "http://unused", "--input", {str(inp)!r}
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("teacher-farm cache: error: cannot write") and "No space left on device" in last
     assert "Traceback" not in proc.stderr
-

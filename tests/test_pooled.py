@@ -12,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.schemas import ARROW_STREAM
-from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import read_metadata
 from teacher_farm.schemas.draws import draw_seed, expand, moved_draws, uniforms
-from tests.conftest import API_KEY, MAX_BATCHED_TOKENS, SAMPLE, read_lines, teacher_farm
+from tests.conftest import API_KEY, MAX_BATCHED_TOKENS, SAMPLE, read_lines, table_to_results, teacher_farm
 from tests.reference_check import assert_matches_reference, assert_same_rows
 
 pytestmark = pytest.mark.engine
@@ -38,7 +37,9 @@ def prompts(reference) -> list[list[int]]:
 
 @pytest.mark.parametrize("temperature, k", [(2.0, 8), (0.5, 3), (1.0, 256)])
 def test_temperature_and_k_match_the_reference(server, reference, prompts, temperature, k):
-    rows = score(server.url, {"k": k, "temperature": temperature, "inputs": [{"token_ids": p} for p in prompts]})
+    rows = score(
+        server.url, {"k": k, "temperature": temperature, "inputs": [{"token_ids": p} for p in prompts]}
+    )
     for row in rows:
         assert_matches_reference(row, _AtTemperature(reference, temperature), k)
 
@@ -56,8 +57,21 @@ def test_both_backends_make_the_same_cache(server, logprobs_server, tmp_path):
     tables = []
     for name, srv in (("pooled", server), ("logprobs", logprobs_server)):
         out = tmp_path / name
-        proc = teacher_farm("cache", "--server", srv.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out), "--k", "8",
-                            "--logprob-dtype", "float32")
+        proc = teacher_farm(
+            "cache",
+            "--server",
+            srv.url,
+            "--api-key",
+            API_KEY,
+            "--input",
+            str(corpus),
+            "--out",
+            str(out),
+            "--k",
+            "8",
+            "--logprob-dtype",
+            "float32",
+        )
         assert proc.returncode == 0, proc.stderr
         tables.append(pq.read_table(sorted(out.glob("part-*.parquet"))))
         manifest = json.loads((out / "manifest.json").read_text())
@@ -69,19 +83,38 @@ def test_both_backends_make_the_same_cache(server, logprobs_server, tmp_path):
 
 def test_prompt_logprobs_backend_refuses_what_it_cannot_compute(logprobs_server, tmp_path):
     for extra in ({"temperature": 2.0}, {"targets": "sampled"}):
-        r = httpx.post(logprobs_server.url + "/v1/topk", json={"k": 2, "inputs": [{"text": "hi"}], **extra}, headers=AUTH)
+        r = httpx.post(
+            logprobs_server.url + "/v1/topk", json={"k": 2, "inputs": [{"text": "hi"}], **extra}, headers=AUTH
+        )
         assert r.status_code == 422 and "pooled scoring backend" in r.json()["error"]
     assert httpx.get(logprobs_server.url + "/v1/info", headers=AUTH).json()["scoring"] == "prompt-logprobs"
     # The client refuses before it starts, naming the flag that would allow it.
-    proc = teacher_farm("cache", "--server", logprobs_server.url, "--api-key", API_KEY, "--input", str(SAMPLE),
-                        "--out", str(tmp_path / "o"), "--temperature", "2")
+    proc = teacher_farm(
+        "cache",
+        "--server",
+        logprobs_server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(SAMPLE),
+        "--out",
+        str(tmp_path / "o"),
+        "--temperature",
+        "2",
+    )
     assert proc.returncode == 1 and "start it with --scoring pooled" in proc.stderr
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def sampled(server, prompts, seed: int, temperature: float = 0.7, samples: int = 256) -> list:
-    body = {"k": 4, "targets": "both", "samples": samples, "seed": seed, "temperature": temperature,
-            "inputs": [{"token_ids": p} for p in prompts]}
+    body = {
+        "k": 4,
+        "targets": "both",
+        "samples": samples,
+        "seed": seed,
+        "temperature": temperature,
+        "inputs": [{"token_ids": p} for p in prompts],
+    }
     return score(server.url, body)
 
 
@@ -148,7 +181,10 @@ def test_batch_neighbours_of_other_k_n_temperature_and_seed_change_nothing(serve
         {"k": 2, "targets": "topk", "temperature": 1.0},
         {"k": 1, "targets": "sampled", "samples": 32, "temperature": 1.5, "seed": 3},
     ]
-    bodies = [{**settings[i % len(settings)], "inputs": [{"token_ids": prompts[i % len(prompts)]}]} for i in range(24)]
+    bodies = [
+        {**settings[i % len(settings)], "inputs": [{"token_ids": prompts[i % len(prompts)]}]}
+        for i in range(24)
+    ]
     alone = [score(server.url, body)[0] for body in bodies]
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = [rows[0] for rows in pool.map(lambda body: score(server.url, body), bodies)]
@@ -166,15 +202,37 @@ def test_cache_with_sampled_targets_and_temperature(server, tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(read_lines(SAMPLE, 12)) + "\n", encoding="utf-8")
     out = tmp_path / "o"
-    args = ("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out),
-            "--targets", "sampled", "--samples", "32", "--seed", "4", "--temperature", "2")
+    args = (
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--targets",
+        "sampled",
+        "--samples",
+        "32",
+        "--seed",
+        "4",
+        "--temperature",
+        "2",
+    )
     proc = teacher_farm(*args)
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     assert "topk_ids" not in table.column_names and "sample_logprobs" not in table.column_names
     assert table.schema.field("sample_counts").type == pa.list_(pa.list_(pa.uint8()))  # N = 32 fits a byte
     meta = read_metadata(table.schema)
-    assert (meta["targets"], meta["samples"], meta["seed"], meta["temperature"]) == ("sampled", "32", "4", "2.0")
+    assert (meta["targets"], meta["samples"], meta["seed"], meta["temperature"]) == (
+        "sampled",
+        "32",
+        "4",
+        "2.0",
+    )
     first = table.slice(0, 1).to_pylist()[0]
     assert [sum(c) for c in first["sample_counts"]] == [32] * len(first["input_ids"])
     # The same command resumes (nothing to do); another temperature is refused.
@@ -197,7 +255,11 @@ def test_the_cpu_worker_keeps_freed_memory_instead_of_faulting_it_in_again(serve
     """Each slice's blocks of megabytes are reused from the heap: no page faults once warm."""
     import psutil
 
-    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "Worker" in " ".join(p.cmdline())]
+    workers = [
+        p
+        for p in psutil.Process(server.proc.pid).children(recursive=True)
+        if "Worker" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 1, workers
     body = {"inputs": [{"token_ids": ids} for ids in prompts * 8], "k": 64}
     score(server.url, body)  # warm: the heap grows to the working set

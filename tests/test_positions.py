@@ -44,8 +44,12 @@ def test_the_worker_entropy_equals_dense_math(temperature):
     logits[3, 100:] = -np.inf  # a teacher that rules tokens out: 0 log 0 counts as 0
     rows = logits.shape[0]
     packed = reduce_rows(
-        torch.from_numpy(logits), torch.zeros(rows, dtype=torch.int64), PackedLayout(4, 8, entropy=True),
-        torch.full((rows,), 1.0 / temperature), torch.zeros(rows, dtype=torch.int64), torch.arange(rows),
+        torch.from_numpy(logits),
+        torch.zeros(rows, dtype=torch.int64),
+        PackedLayout(4, 8, entropy=True),
+        torch.full((rows,), 1.0 / temperature),
+        torch.zeros(rows, dtype=torch.int64),
+        torch.arange(rows),
     ).numpy()
     layout = PackedLayout(4, 8, entropy=True)
     assert packed.shape == (rows, layout.width)
@@ -58,8 +62,12 @@ def test_the_worker_entropy_equals_dense_math(temperature):
     np.testing.assert_allclose(got, dense, rtol=2e-5, atol=2e-5)
     # The rest of the row is what the rule-less reduction gives.
     plain = reduce_rows(
-        torch.from_numpy(logits), torch.zeros(rows, dtype=torch.int64), PackedLayout(4, 8),
-        torch.full((rows,), 1.0 / temperature), torch.zeros(rows, dtype=torch.int64), torch.arange(rows),
+        torch.from_numpy(logits),
+        torch.zeros(rows, dtype=torch.int64),
+        PackedLayout(4, 8),
+        torch.full((rows,), 1.0 / temperature),
+        torch.zeros(rows, dtype=torch.int64),
+        torch.arange(rows),
     ).numpy()
     np.testing.assert_array_equal(packed[:, layout.columns_of(PackedLayout(4, 8))], plain)
 
@@ -85,7 +93,9 @@ def test_assistant_turns_are_found_in_the_tokens(tiny_model):
         {"role": "assistant", "content": "Six, of course."},
     ]
     ids, inside = assistant_tokens(tok, chat)
-    assert ids == list(tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False, return_dict=False))
+    assert ids == list(
+        tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=False, return_dict=False)
+    )
     # The marked tokens decode to the assistant's words and end-of-turn tokens, and nothing else.
     runs = np.split(np.flatnonzero(inside), np.flatnonzero(np.diff(np.flatnonzero(inside)) > 1) + 1)
     texts = [tok.decode([ids[i] for i in run]) for run in runs]
@@ -101,11 +111,20 @@ def test_a_template_that_is_not_prefix_consistent_is_refused():
 
     class Odd:
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-            return "|".join(m["content"] for m in reversed(messages)) + ("|A:" if add_generation_prompt else "")
+            return "|".join(m["content"] for m in reversed(messages)) + (
+                "|A:" if add_generation_prompt else ""
+            )
 
     with pytest.raises(InputError, match="cannot be found"):
-        assistant_tokens(Odd(), [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
-                                 {"role": "user", "content": "v"}, {"role": "assistant", "content": "b"}])
+        assistant_tokens(
+            Odd(),
+            [
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "v"},
+                {"role": "assistant", "content": "b"},
+            ],
+        )
 
 
 def test_dropped_positions_are_null_lists_and_cost_no_values(tmp_path):
@@ -119,10 +138,17 @@ def test_dropped_positions_are_null_lists_and_cost_no_values(tmp_path):
     def seq(n, selected):
         lengths = rng.integers(1, 5, n).astype(np.int32)
         return ScoredSequence(
-            "s", np.arange(n, dtype=np.int32), rng.integers(0, 99, (n, 4)).astype(np.int32),
-            rng.normal(size=(n, 4)).astype(np.float32), rng.normal(size=n - 1).astype(np.float32),
-            np.ones(n - 1, np.int32), lengths, rng.integers(0, 99, lengths.sum()).astype(np.int32),
-            np.ones(lengths.sum(), np.int16), rng.normal(size=lengths.sum()).astype(np.float32), selected=selected,
+            "s",
+            np.arange(n, dtype=np.int32),
+            rng.integers(0, 99, (n, 4)).astype(np.int32),
+            rng.normal(size=(n, 4)).astype(np.float32),
+            rng.normal(size=n - 1).astype(np.float32),
+            np.ones(n - 1, np.int32),
+            lengths,
+            rng.integers(0, 99, lengths.sum()).astype(np.int32),
+            np.ones(lengths.sum(), np.int16),
+            rng.normal(size=lengths.sum()).astype(np.float32),
+            selected=selected,
         )
 
     a, b, c = seq(6, np.array([1, 0, 0, 1, 0, 1], bool)), seq(3, None), seq(4, np.zeros(4, bool))
@@ -143,9 +169,12 @@ def test_dropped_positions_are_null_lists_and_cost_no_values(tmp_path):
 
     def target_bytes(path):
         meta = pq.ParquetFile(path).metadata.row_group(0)
-        return sum(meta.column(i).total_compressed_size for i in range(meta.num_columns)
-                   if meta.column(i).path_in_schema.split(".")[0] in ("topk_ids", "topk_logprobs", "sample_ids",
-                                                                      "sample_counts", "sample_logprobs"))
+        return sum(
+            meta.column(i).total_compressed_size
+            for i in range(meta.num_columns)
+            if meta.column(i).path_in_schema.split(".")[0]
+            in ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs")
+        )
 
     # A quarter of the positions kept: about a quarter of the target bytes (the nulls cost a bit each).
     assert target_bytes(tmp_path / "thin.parquet") < 0.35 * target_bytes(tmp_path / "dense.parquet")
@@ -162,8 +191,27 @@ def test_a_cache_keeps_targets_at_the_highest_entropy_positions_of_each_line(ser
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(read_lines(SAMPLE, 10)) + "\n", encoding="utf-8")
     out = tmp_path / "o"
-    args = ("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out),
-            "--k", "4", "--targets", "both", "--samples", "8", "--temperature", "0.8", "--positions", "entropy:0.25")
+    args = (
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--targets",
+        "both",
+        "--samples",
+        "8",
+        "--temperature",
+        "0.8",
+        "--positions",
+        "entropy:0.25",
+    )
     proc = teacher_farm(*args)
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
@@ -174,7 +222,7 @@ def test_a_cache_keeps_targets_at_the_highest_entropy_positions_of_each_line(ser
     for row in table.to_pylist():
         ids = row["input_ids"]
         n = len(ids)
-        mine = kept[start:start + n]
+        mine = kept[start : start + n]
         start += n
         assert mine.sum() == int(np.ceil(0.25 * n - 1e-9))
         assert len(row["target_logprobs"]) == n - 1  # the target logprob stays at every position
@@ -203,13 +251,35 @@ def test_a_chat_keeps_targets_where_the_next_token_is_the_assistants(server, ref
     from teacher_farm.schemas.positions import kept_mask
     from tests.conftest import API_KEY, teacher_farm
 
-    chat = [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps over"},
-            {"role": "user", "content": "the lazy dog"}, {"role": "assistant", "content": "and sleeps"}]
+    chat = [
+        {"role": "user", "content": "the quick brown fox"},
+        {"role": "assistant", "content": "jumps over"},
+        {"role": "user", "content": "the lazy dog"},
+        {"role": "assistant", "content": "and sleeps"},
+    ]
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text(json.dumps({"id": "c", "messages": chat}) + "\n" + json.dumps({"id": "t", "text": "plain text"}) + "\n")
+    corpus.write_text(
+        json.dumps({"id": "c", "messages": chat})
+        + "\n"
+        + json.dumps({"id": "t", "text": "plain text"})
+        + "\n"
+    )
     out = tmp_path / "o"
-    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out),
-                        "--k", "4", "--positions", "assistant")
+    proc = teacher_farm(
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--positions",
+        "assistant",
+    )
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     rows = {r["id"]: r for r in table.to_pylist()}
@@ -219,7 +289,9 @@ def test_a_chat_keeps_targets_where_the_next_token_is_the_assistants(server, ref
     next_tokens = [rows["c"]["input_ids"][i + 1] for i in np.flatnonzero(chat_kept)]
     text = reference.tokenizer.decode(next_tokens)
     assert "jumps over" in text and "and sleeps" in text and "fox" not in text and "lazy" not in text
-    assert rows["t"]["topk_ids"][0] is not None and all(x is not None for x in rows["t"]["topk_ids"])  # not a chat
+    assert rows["t"]["topk_ids"][0] is not None and all(
+        x is not None for x in rows["t"]["topk_ids"]
+    )  # not a chat
 
 
 def test_the_losses_average_over_the_kept_positions_only():
@@ -231,8 +303,13 @@ def test_the_losses_average_over_the_kept_positions_only():
     def item(kept):
         lp = torch.log_softmax(torch.tensor(rng.normal(size=(n, V)), dtype=torch.float32), -1)
         top = lp.topk(k, -1)
-        out = {"input_ids": torch.arange(n), "topk_ids": top.indices, "topk_logprobs": top.values,
-               "tail_logprob": torch.log1p(-top.values.exp().sum(-1)), "target_logprobs": torch.zeros(n - 1)}
+        out = {
+            "input_ids": torch.arange(n),
+            "topk_ids": top.indices,
+            "topk_logprobs": top.values,
+            "tail_logprob": torch.log1p(-top.values.exp().sum(-1)),
+            "target_logprobs": torch.zeros(n - 1),
+        }
         return out | ({"kept": torch.tensor(kept)} if kept is not None else {})
 
     kept = [True, False, True, False, False, True]
@@ -253,9 +330,15 @@ def test_assistant_positions_and_windows_are_refused_together(tmp_path):
 
     (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(InputError, match="--long-lines truncate"):
-        CacheRun(CacheOptions(input=str(tmp_path / "x.jsonl"), out_dir=tmp_path / "o", long_lines="window",
-                              scoring=Scoring(positions="assistant")), teacher=None)
-
+        CacheRun(
+            CacheOptions(
+                input=str(tmp_path / "x.jsonl"),
+                out_dir=tmp_path / "o",
+                long_lines="window",
+                scoring=Scoring(positions="assistant"),
+            ),
+            teacher=None,
+        )
 
 
 @pytest.mark.parametrize("fmt", ["float32", "float16", "uint8-gap"])
@@ -264,7 +347,12 @@ def test_every_format_stores_only_the_kept_positions_and_reads_them_back(tmp_pat
     import pyarrow.parquet as pq
 
     from teacher_farm.schemas.arrow import (
-        ScoredSequence, cache_schema, cast_logprobs, encode_rows, results_to_table, with_source_columns,
+        ScoredSequence,
+        cache_schema,
+        cast_logprobs,
+        encode_rows,
+        results_to_table,
+        with_source_columns,
     )
     from teacher_farm.schemas.formats import FORMATS
     from teacher_farm.training.reader import row_group_arrays
@@ -277,9 +365,16 @@ def test_every_format_stores_only_the_kept_positions_and_reads_them_back(tmp_pat
         lengths = rng.integers(1, 5, n).astype(np.int32)
         ids = np.concatenate([np.sort(rng.choice(300, m, replace=False)) for m in lengths]).astype(np.int32)
         return ScoredSequence(
-            None, rng.integers(0, 300, n).astype(np.int32), rng.integers(0, 300, (n, k)).astype(np.int32), lp,
-            rng.normal(-2, 1, n - 1).astype(np.float32), np.ones(n - 1, np.int32), lengths, ids,
-            rng.integers(1, 9, lengths.sum()).astype(np.int16), rng.normal(-2, 1, lengths.sum()).astype(np.float32),
+            None,
+            rng.integers(0, 300, n).astype(np.int32),
+            rng.integers(0, 300, (n, k)).astype(np.int32),
+            lp,
+            rng.normal(-2, 1, n - 1).astype(np.float32),
+            np.ones(n - 1, np.int32),
+            lengths,
+            ids,
+            rng.integers(1, 9, lengths.sum()).astype(np.int16),
+            rng.normal(-2, 1, lengths.sum()).astype(np.float32),
             selected=selected,
         )
 

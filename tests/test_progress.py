@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from teacher_farm.client.progress import JsonFormatter, Progress
 from teacher_farm.client.inputs import Line, discover, read_inputs
+from teacher_farm.client.progress import JsonFormatter, Progress
 
 
 def read_corpus(path, **kwargs):
@@ -15,7 +15,9 @@ def read_corpus(path, **kwargs):
 
 
 def test_json_log_lines_carry_the_message_and_fields():
-    record = logging.LogRecord("teacher_farm.progress", logging.INFO, __file__, 1, "progress %s", ("now",), None)
+    record = logging.LogRecord(
+        "teacher_farm.progress", logging.INFO, __file__, 1, "progress %s", ("now",), None
+    )
     record.fields = {"lines": 3, "tokens": 120}
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "progress now" and entry["level"] == "info"

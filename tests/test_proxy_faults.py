@@ -58,10 +58,18 @@ class Proxy:
                 if fault:
                     status, kind, text = page
                     return self._answer(status, {"Content-Type": kind, "Server": "nginx/1.25.3"}, text)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                r = httpx.request(self.command, upstream + self.path, headers=headers, content=body, timeout=120)
-                keep = {k: v for k, v in r.headers.items()
-                        if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
+                }
+                r = httpx.request(
+                    self.command, upstream + self.path, headers=headers, content=body, timeout=120
+                )
+                keep = {
+                    k: v
+                    for k, v in r.headers.items()
+                    if k.lower()
+                    not in ("content-length", "transfer-encoding", "connection", "content-encoding")
+                }
                 self._answer(r.status_code, keep, r.content)
 
             do_GET = do_POST = _handle
@@ -86,8 +94,23 @@ def test_a_proxys_error_pages_in_front_of_serve_are_retried_and_no_line_is_rejec
     out = tmp_path / "out"
     with Proxy(server.url, faults=10) as proxy:
         proc = teacher_farm(
-            "cache", "--server", proxy.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out),
-            "--k", "4", "--rows-per-shard", "6", "--batch-lines", "3", "--retry-for", "120",
+            "cache",
+            "--server",
+            proxy.url,
+            "--api-key",
+            API_KEY,
+            "--input",
+            str(inp),
+            "--out",
+            str(out),
+            "--k",
+            "4",
+            "--rows-per-shard",
+            "6",
+            "--batch-lines",
+            "3",
+            "--retry-for",
+            "120",
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(proxy.pages_sent) == 10 and {404, 403, 408, 502, 422} <= set(proxy.pages_sent)

@@ -8,7 +8,7 @@ import json
 import pytest
 import zstandard
 
-from teacher_farm.client.inputs import Line, Reject, parse_line, discover, read_inputs
+from teacher_farm.client.inputs import Line, Reject, discover, parse_line, read_inputs
 
 
 def read_corpus(path, **kwargs):
@@ -83,7 +83,7 @@ EXPECTED = [
     Line(0, "a", "first"),
     Reject(1, "blank line"),
     "not valid JSON",
-    Line(3, "3", "fourth \U0001F642"),
+    Line(3, "3", "fourth \U0001f642"),
     Line(4, "9", "last, no newline"),
 ]
 
@@ -136,6 +136,12 @@ def test_chat_records_are_lines_with_messages_and_bad_ones_are_rejected():
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     line = parse_line(4, json.dumps({"id": "c", "messages": chat}).encode(), "text", "id")
     assert isinstance(line, Line) and line.messages == chat and line.text is None and line.id == "c"
-    for bad in ([], [{"role": "user"}], [{"role": "user", "content": 3}], "hi", [{"role": "u", "content": "x", "extra": 1}]):
+    for bad in (
+        [],
+        [{"role": "user"}],
+        [{"role": "user", "content": 3}],
+        "hi",
+        [{"role": "u", "content": "x", "extra": 1}],
+    ):
         rec = parse_line(5, json.dumps({"messages": bad}).encode(), "text", "id")
         assert isinstance(rec, Reject) and "messages" in rec.reason

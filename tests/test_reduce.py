@@ -19,11 +19,17 @@ def dense_logprobs(logits: np.ndarray, temperature: float) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def reduce(logits: np.ndarray, targets: np.ndarray, temperature: float, k: int, samples: int = 0, seed: int = 0):
+def reduce(
+    logits: np.ndarray, targets: np.ndarray, temperature: float, k: int, samples: int = 0, seed: int = 0
+):
     rows = logits.shape[0]
     packed = reduce_rows(
-        torch.from_numpy(logits), torch.from_numpy(targets), PackedLayout(k, samples),
-        torch.full((rows,), 1.0 / temperature), torch.full((rows,), seed, dtype=torch.int64), torch.arange(rows),
+        torch.from_numpy(logits),
+        torch.from_numpy(targets),
+        PackedLayout(k, samples),
+        torch.full((rows,), 1.0 / temperature),
+        torch.full((rows,), seed, dtype=torch.int64),
+        torch.arange(rows),
     ).numpy()
     assert packed.shape == (rows, PackedLayout(k, samples).width) and packed.dtype == np.int32
     # Every row has a target here: pretend one more position follows, so unpack keeps them all.
@@ -138,14 +144,18 @@ def test_a_rows_draws_do_not_depend_on_what_its_batch_neighbours_ask_for(logits)
     """Rows asking for 8 draws, reduced beside rows asking for 64, get exactly their draws alone."""
     rows = len(logits)
     t = torch.from_numpy(logits)
-    targets, seeds, positions = torch.zeros(rows, dtype=torch.int64), torch.full((rows,), 3), torch.arange(rows)
+    targets, seeds, positions = (
+        torch.zeros(rows, dtype=torch.int64),
+        torch.full((rows,), 3),
+        torch.arange(rows),
+    )
     own = torch.where(positions % 2 == 0, 8, 64)
     mixed = reduce_rows(t, targets, PackedLayout(2, 64), None, seeds, positions, row_samples=own).numpy()
     alone = reduce_rows(t, targets, PackedLayout(2, 8), None, seeds, positions).numpy()
     base = PackedLayout(2, 0).width
-    ids, lps = mixed[:, base:base + 64], mixed[:, base + 64:]
-    np.testing.assert_array_equal(ids[::2, :8], alone[::2, base:base + 8])
-    np.testing.assert_array_equal(lps[::2, :8], alone[::2, base + 8:])
+    ids, lps = mixed[:, base : base + 64], mixed[:, base + 64 :]
+    np.testing.assert_array_equal(ids[::2, :8], alone[::2, base : base + 8])
+    np.testing.assert_array_equal(lps[::2, :8], alone[::2, base + 8 :])
     # Rows that asked for all 64 are untouched by the mask.
     full = reduce_rows(t, targets, PackedLayout(2, 64), None, seeds, positions).numpy()
     np.testing.assert_array_equal(mixed[1::2], full[1::2])
@@ -160,7 +170,9 @@ def test_compact_samples_counts_distinct_tokens_per_position():
     assert counts.tolist() == [2, 1, 1, 4, 1, 1, 1, 1] and counts.dtype == np.int16
     assert flat_lps.tolist() == [-3, -5, -9, -1, 0, -2, -4, -6]
     # A new row starts a new run even when its first id equals the previous row's last.
-    per_row, flat_ids, counts, _ = compact_samples(np.array([[1, 2], [2, 2]], np.int32), np.zeros((2, 2), np.float32))
+    per_row, flat_ids, counts, _ = compact_samples(
+        np.array([[1, 2], [2, 2]], np.int32), np.zeros((2, 2), np.float32)
+    )
     assert per_row.tolist() == [2, 1] and flat_ids.tolist() == [1, 2, 2] and counts.tolist() == [1, 1, 2]
 
 

@@ -9,9 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.schemas import SCHEMA_VERSION
-from tests.conftest import table_to_results
 from teacher_farm.schemas.cache_dir import read_metadata
-from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
+from tests.conftest import API_KEY, SAMPLE, read_lines, table_to_results, teacher_farm
 from tests.reference_check import assert_matches_reference
 
 pytestmark = pytest.mark.engine
@@ -30,8 +29,21 @@ def corpus(tmp_path_factory):
 def test_cache_matches_transformers_reference(any_server, reference, corpus, tmp_path, k):
     out = tmp_path / "cache"
     proc = teacher_farm(
-        "cache", "--server", any_server.url, "--api-key", API_KEY, "--input", str(corpus),
-        "--out", str(out), "--k", str(k), "--rows-per-shard", "10", "--logprob-dtype", "float32",
+        "cache",
+        "--server",
+        any_server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--k",
+        str(k),
+        "--rows-per-shard",
+        "10",
+        "--logprob-dtype",
+        "float32",
     )
     assert proc.returncode == 0, proc.stderr
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
@@ -43,15 +55,32 @@ def test_cache_matches_transformers_reference(any_server, reference, corpus, tmp
         assert row.input_ids[0] == reference.tokenizer.bos_token_id
         assert_matches_reference(row, reference, k)
     meta = read_metadata(pq.read_schema(out / "part-000000.parquet"))
-    assert meta["k"] == str(k) and meta["logprob_dtype"] == "float32" and meta["schema_version"] == str(SCHEMA_VERSION)
+    assert (
+        meta["k"] == str(k)
+        and meta["logprob_dtype"] == "float32"
+        and meta["schema_version"] == str(SCHEMA_VERSION)
+    )
     assert meta["vocab_size"] == str(reference.model.config.vocab_size)
 
 
 def test_reference_check_catches_a_wrong_answer(server, reference, corpus, tmp_path):
     """The comparison itself must fail on a corrupted row, or it proves nothing."""
     out = tmp_path / "cache"
-    proc = teacher_farm("cache", "--server", server.url, "--api-key", API_KEY, "--input", str(corpus), "--out", str(out), "--k", "4",
-                        "--logprob-dtype", "float32")
+    proc = teacher_farm(
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--logprob-dtype",
+        "float32",
+    )
     assert proc.returncode == 0, proc.stderr
     row = table_to_results(pq.read_table(sorted(out.glob("part-*.parquet"))).slice(0, 1))[0]
     shifted = row.__class__(**{**row.__dict__, "topk_ids": np.roll(row.topk_ids, 1, axis=0)})

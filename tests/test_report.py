@@ -14,12 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib", reason="the report extra is not installed: pip install 'teacher-farm[report]'")
+pytest.importorskip(
+    "matplotlib", reason="the report extra is not installed: pip install 'teacher-farm[report]'"
+)
 from PIL import Image  # noqa: E402 - matplotlib's own dependency
 
 from teacher_farm.client.report import BINS, COLORS, scan, write_report  # noqa: E402
 from teacher_farm.schemas.arrow import (  # noqa: E402
-    ScoredSequence, cache_schema, encode_rows, results_to_table, with_source_columns,
+    ScoredSequence,
+    cache_schema,
+    encode_rows,
+    results_to_table,
+    with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity  # noqa: E402
 from teacher_farm.schemas.scoring import Scoring  # noqa: E402
@@ -46,9 +52,12 @@ def draws(rng: np.random.Generator, full: np.ndarray) -> dict[str, np.ndarray]:
     starts = np.flatnonzero(first)
     ids = drawn.reshape(-1)[starts]
     counts = np.diff(np.append(starts, drawn.size))
-    return {"sample_lengths": first.sum(1).astype(np.int32), "sample_ids": ids.astype(np.int32),
-            "sample_counts": counts.astype(np.int16),
-            "sample_logprobs": np.take_along_axis(full, drawn, 1).reshape(-1)[starts].astype(np.float32)}
+    return {
+        "sample_lengths": first.sum(1).astype(np.int32),
+        "sample_ids": ids.astype(np.int32),
+        "sample_counts": counts.astype(np.int16),
+        "sample_logprobs": np.take_along_axis(full, drawn, 1).reshape(-1)[starts].astype(np.float32),
+    }
 
 
 def scored(rng: np.random.Generator, n: int) -> ScoredSequence:
@@ -59,22 +68,33 @@ def scored(rng: np.random.Generator, n: int) -> ScoredSequence:
     target = full[np.arange(n - 1), input_ids[1:]]
     ranks = 1 + (full[: n - 1] > target[:, None]).sum(-1)
     return ScoredSequence(
-        id=None, input_ids=input_ids.astype(np.int32), topk_ids=top.astype(np.int32),
-        topk_logprobs=np.take_along_axis(full, top, 1), target_logprobs=target, target_ranks=ranks.astype(np.int32),
+        id=None,
+        input_ids=input_ids.astype(np.int32),
+        topk_ids=top.astype(np.int32),
+        topk_logprobs=np.take_along_axis(full, top, 1),
+        target_logprobs=target,
+        target_ranks=ranks.astype(np.int32),
         **draws(rng, full),
     )
 
 
 def write_cache(
-    out: Path, sources: dict[str, list[int]], targets: str = "both", fmt: str | None = None,
+    out: Path,
+    sources: dict[str, list[int]],
+    targets: str = "both",
+    fmt: str | None = None,
 ) -> list[tuple[str, ScoredSequence]]:
     """One shard per source file (rows of the given lengths), a row group per two rows, and the manifest:
     every column as the server sends it, float32, or with ``fmt`` as a cache run writes that format."""
     out.mkdir(parents=True)
     rng = np.random.default_rng(7)
     identity = CacheIdentity(
-        model="teacher", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=VOCAB,
-        scoring=Scoring(k=K, targets=targets, samples=N, seed=0), logprob_dtype=fmt or "float32",
+        model="teacher",
+        model_fingerprint="mf",
+        tokenizer_fingerprint="tf",
+        vocab_size=VOCAB,
+        scoring=Scoring(k=K, targets=targets, samples=N, seed=0),
+        logprob_dtype=fmt or "float32",
     )
     schema = identity.schema() if fmt else cache_schema("float32", targets).with_metadata(identity.metadata())
     rows, shards = [], {}
@@ -83,8 +103,11 @@ def write_cache(
         rows += [(source, s) for s in seqs]
         tables = []
         for i in range(0, len(seqs), 2):
-            table = with_source_columns(results_to_table(seqs[i:i + 2], K, targets), range(i, i + len(seqs[i:i + 2])),
-                                        [source] * len(seqs[i:i + 2]))
+            table = with_source_columns(
+                results_to_table(seqs[i : i + 2], K, targets),
+                range(i, i + len(seqs[i : i + 2])),
+                [source] * len(seqs[i : i + 2]),
+            )
             tables.append(encode_rows(table, schema) if fmt else table.cast(schema))
         shards[j] = (range(100 * j, 100 * j + len(lengths)), tables)
     write_shards(out, schema, shards, identity.entries())
@@ -99,10 +122,13 @@ def expected_numbers(rows: list[tuple[str, ScoredSequence]]) -> dict[str, float]
     entropy = -(p * lp).sum(1) - np.where(tail > 0, tail * np.log(np.where(tail > 0, tail, 1)), 0)
     ranks = np.concatenate([s.target_ranks for _, s in rows])
     return {
-        "rows": len(rows), "tokens": sum(len(s.input_ids) for _, s in rows),
+        "rows": len(rows),
+        "tokens": sum(len(s.input_ids) for _, s in rows),
         "source_files": len({src for src, _ in rows}),
-        "mean_topk_mass": p.sum(1).mean(), "mean_entropy_lower_bound": entropy.mean(),
-        "median_rank": float(np.median(ranks)), "share_rank_1": float((ranks == 1).mean()),
+        "mean_topk_mass": p.sum(1).mean(),
+        "mean_entropy_lower_bound": entropy.mean(),
+        "median_rank": float(np.median(ranks)),
+        "share_rank_1": float((ranks == 1).mean()),
         "share_in_topk": float((ranks <= K).mean()),
         "mean_distinct_draws": float(np.concatenate([s.sample_lengths for _, s in rows]).mean()),
     }
@@ -140,9 +166,21 @@ def chromium() -> str:
 
 def browse(report: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-extensions",
-         f"--user-data-dir={tmp_path / 'profile'}", *args, report.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--disable-extensions",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            *args,
+            report.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
 
 
@@ -150,12 +188,17 @@ def browse(report: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProc
 def rendered(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     corpus = tmp / "corpus"
-    rows = write_cache(tmp / "cache", {str(corpus / "a.jsonl"): [40, 3, 25, 60, 12],
-                                       str(corpus / "web" / "b.jsonl"): [90, 2, 31]})
+    rows = write_cache(
+        tmp / "cache",
+        {str(corpus / "a.jsonl"): [40, 3, 25, 60, 12], str(corpus / "web" / "b.jsonl"): [90, 2, 31]},
+    )
     report = tmp / "out" / "report.html"
     proc = subprocess.run(
         [sys.executable, "-m", "teacher_farm.cli", "inspect", str(tmp / "cache"), "--report", str(report)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"report:     {report}" in proc.stdout
@@ -178,7 +221,10 @@ def test_the_report_is_one_file_whose_figures_are_real_pngs(rendered):
             im.verify()
         with Image.open(io.BytesIO(png)) as im:
             assert im.width > 500 and im.height > 150, (name, im.size)
-    assert "lower bound" in page.images["entropy"]["alt"] and "tail as one bucket" in page.images["entropy"]["alt"]
+    assert (
+        "lower bound" in page.images["entropy"]["alt"]
+        and "tail as one bucket" in page.images["entropy"]["alt"]
+    )
 
 
 def test_the_numbers_table_matches_the_arrays_written(rendered):
@@ -187,7 +233,9 @@ def test_the_numbers_table_matches_the_arrays_written(rendered):
     assert set(page.numbers) == set(expected)
     for key, value in expected.items():
         assert float(page.numbers[key]) == pytest.approx(value, rel=1e-9, abs=1e-12), key
-    assert 0 < expected["share_in_topk"] < 1 and expected["mean_distinct_draws"] > 1  # the data exercises them
+    assert (
+        0 < expected["share_in_topk"] < 1 and expected["mean_distinct_draws"] > 1
+    )  # the data exercises them
 
 
 def test_chromium_paints_every_figure(rendered):
@@ -197,7 +245,7 @@ def test_chromium_paints_every_figure(rendered):
         px = np.asarray(im.convert("RGB")).astype(np.int16)
     assert px.shape[:2] == (2000, 1500)
     for name in FIGURES:
-        rgb = np.array([int(COLORS[name][i:i + 2], 16) for i in (1, 3, 5)])
+        rgb = np.array([int(COLORS[name][i : i + 2], 16) for i in (1, 3, 5)])
         near = (np.abs(px - rgb).max(-1) <= 12).sum()
         assert near > 300, f"{name}: {near} pixels of its colour in the screenshot"
 
@@ -215,8 +263,10 @@ def test_the_histograms_count_every_position_once_in_its_bin(tmp_path):
     np.testing.assert_array_equal(np.trim_zeros(stats.rank_counts, "b"), np.bincount(ranks))
     distinct = np.concatenate([s.sample_lengths for _, s in rows])
     np.testing.assert_array_equal(np.trim_zeros(stats.distinct_counts, "b"), np.bincount(distinct))
-    assert stats.sources == {src: [sum(1 for f, _ in rows if f == src), sum(len(s.input_ids) for f, s in rows if f == src)]
-                             for src in ("a.jsonl", "b.jsonl", "c.jsonl")}
+    assert stats.sources == {
+        src: [sum(1 for f, _ in rows if f == src), sum(len(s.input_ids) for f, s in rows if f == src)]
+        for src in ("a.jsonl", "b.jsonl", "c.jsonl")
+    }
 
 
 @pytest.mark.parametrize("fmt", ["float16", "uint8-gap"])
@@ -226,18 +276,23 @@ def test_a_compact_cache_reports_the_values_it_reads_back(tmp_path, fmt):
     rows = write_cache(tmp_path / "cache", {"a.jsonl": [40, 3, 25], "b.jsonl": [60]}, fmt=fmt)
     stats, meta = scan(tmp_path / "cache")
     assert meta["logprob_dtype"] == fmt and stats.has_samples
-    read_back = [(src, ScoredSequence(**{**s.__dict__, "topk_logprobs": FORMATS[fmt].round_trip(s.topk_logprobs)}))
-                 for src, s in rows]
+    read_back = [
+        (src, ScoredSequence(**{**s.__dict__, "topk_logprobs": FORMATS[fmt].round_trip(s.topk_logprobs)}))
+        for src, s in rows
+    ]
     expected = expected_numbers(read_back)
     for key, label, value, _ in stats.headline():
         assert value == pytest.approx(expected[key], rel=1e-6), key
     assert expected["mean_topk_mass"] == pytest.approx(expected_numbers(rows)["mean_topk_mass"], rel=0.05)
 
 
-@pytest.mark.parametrize(("targets", "figures"), [
-    ("topk", ["topk-mass", "entropy", "rank", "sources"]),
-    ("sampled", ["rank", "sources", "distinct-draws"]),
-])
+@pytest.mark.parametrize(
+    ("targets", "figures"),
+    [
+        ("topk", ["topk-mass", "entropy", "rank", "sources"]),
+        ("sampled", ["rank", "sources", "distinct-draws"]),
+    ],
+)
 def test_a_cache_gets_the_figures_its_columns_allow(tmp_path, targets, figures):
     write_cache(tmp_path / "cache", {"a.jsonl": [30, 4]}, targets)
     page = Page()
@@ -255,8 +310,14 @@ def test_without_matplotlib_only_the_report_needs_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "teacher_farm.cli", *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120, env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "teacher_farm.cli", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
 
     assert cli("cache", "--help").returncode == 0
     assert cli("inspect", str(tmp_path / "cache")).returncode == 0

@@ -29,7 +29,9 @@ def fresh_self_test():
 @pytest.fixture
 def llama(tmp_path):
     """A checkpoint directory as far as choosing a backend reads it: its config."""
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    )
     return tmp_path
 
 
@@ -55,16 +57,19 @@ def test_the_synthetic_logits_are_exact_whatever_the_batch():
     hidden, _, compute_logits = selftest.synthetic_logits()
     rows = torch.cat(hidden)
     together = compute_logits(rows)
-    alone = torch.cat([compute_logits(rows[i:i + 1]) for i in range(len(rows))])
+    alone = torch.cat([compute_logits(rows[i : i + 1]) for i in range(len(rows))])
     assert torch.equal(together, alone)
     top = together.topk(2, dim=-1).values
     assert bool((top[:, 0] > top[:, 1]).all())
 
 
-@pytest.mark.parametrize("broken, case", [
-    (without_row_samples, "a one-token prompt beside requests with more samples"),
-    (with_swapped_columns, "a prompt split over three steps"),
-])
+@pytest.mark.parametrize(
+    "broken, case",
+    [
+        (without_row_samples, "a one-token prompt beside requests with more samples"),
+        (with_swapped_columns, "a prompt split over three steps"),
+    ],
+)
 def test_a_broken_pooler_fails_naming_the_case_and_the_vllm_release(monkeypatch, broken, case):
     monkeypatch.setattr(scoring_model, "reduce_rows", broken)
     with pytest.raises(SelfTestFailed, match=f"vLLM {VERSION}: {case}"):

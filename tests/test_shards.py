@@ -10,7 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_farm.client.shards import ShardWriter, shard_name
-from teacher_farm.schemas.arrow import ScoredSequence, cache_schema, cast_logprobs, results_to_table, with_source_columns
+from teacher_farm.schemas.arrow import (
+    ScoredSequence,
+    cache_schema,
+    cast_logprobs,
+    results_to_table,
+    with_source_columns,
+)
 from teacher_farm.schemas.cache_dir import CacheIdentity, read_metadata
 from teacher_farm.schemas.scoring import Scoring
 
@@ -19,8 +25,14 @@ K = 4
 
 def schema_for(dtype: str = "float32") -> pa.Schema:
     return cache_schema(dtype).with_metadata(
-        CacheIdentity(model="m", model_fingerprint="mf", tokenizer_fingerprint="tf", vocab_size=1000, scoring=Scoring(k=K),
-                      logprob_dtype=dtype).metadata()
+        CacheIdentity(
+            model="m",
+            model_fingerprint="mf",
+            tokenizer_fingerprint="tf",
+            vocab_size=1000,
+            scoring=Scoring(k=K),
+            logprob_dtype=dtype,
+        ).metadata()
     )
 
 
@@ -38,7 +50,9 @@ def cache_rows(lengths, first_line: int, dtype: str = "float32", seed: int = 0) 
         for i, n in enumerate(lengths)
     ]
     table = results_to_table(results, K)
-    table = with_source_columns(table, range(first_line, first_line + len(lengths)), ["corpus.jsonl"] * len(lengths))
+    table = with_source_columns(
+        table, range(first_line, first_line + len(lengths)), ["corpus.jsonl"] * len(lengths)
+    )
     return cast_logprobs(table, dtype).cast(cache_schema(dtype))
 
 
@@ -115,9 +129,16 @@ def test_each_integer_column_takes_the_encoding_that_measures_smallest(tmp_path)
     few = rng.choice(np.array([3, 70_000, 1_000_000, 77], np.int32), (n, K))  # four ids: a dictionary's case
     wide = rng.integers(0, 2**24, (n, K)).astype(np.int32)  # random 24-bit ids: no dictionary pays
     table = cache_rows([n], first_line=0)
-    table = table.set_column(table.schema.get_field_index("topk_ids"), "topk_ids",
-                             pa.array([few.tolist()], type=table.schema.field("topk_ids").type))
-    table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids", pa.array([wide[:, 0].tolist()], type=pa.list_(pa.int32())))
+    table = table.set_column(
+        table.schema.get_field_index("topk_ids"),
+        "topk_ids",
+        pa.array([few.tolist()], type=table.schema.field("topk_ids").type),
+    )
+    table = table.set_column(
+        table.schema.get_field_index("input_ids"),
+        "input_ids",
+        pa.array([wide[:, 0].tolist()], type=pa.list_(pa.int32())),
+    )
     writer = ShardWriter(tmp_path, 0, schema_for())
     writer.write(table)
     writer.commit()

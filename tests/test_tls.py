@@ -29,18 +29,28 @@ def self_signed(directory):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "teacher-farm test")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption(),
-    ))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
@@ -76,7 +86,20 @@ def corpus(tmp_path):
 
 
 def cache(srv, corpus, out, *extra):
-    return teacher_farm("cache", "--server", srv.url, "--input", str(corpus), "--out", str(out), "--k", "4", "--max-length", "512", *extra)
+    return teacher_farm(
+        "cache",
+        "--server",
+        srv.url,
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--k",
+        "4",
+        "--max-length",
+        "512",
+        *extra,
+    )
 
 
 def test_cache_over_https_with_the_servers_ca(tls_server, corpus, tmp_path):
@@ -95,7 +118,9 @@ def test_serve_on_loopback_without_a_key_does_not_warn(tls_server):
 
 
 def test_k_over_the_servers_k_max(tls_server, corpus, tmp_path):
-    line = one_line_error(cache(tls_server, corpus, tmp_path / "o", "--ca-bundle", str(tls_server.cert), "--k", "257"))
+    line = one_line_error(
+        cache(tls_server, corpus, tmp_path / "o", "--ca-bundle", str(tls_server.cert), "--k", "257")
+    )
     assert "k_max=256" in line and "--k-max 257" in line
 
 

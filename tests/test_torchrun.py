@@ -67,8 +67,13 @@ def rank_main(spec: dict, out: Path) -> None:
             epochs = []
             for epoch in (0, 1):
                 ds.set_epoch(epoch)
-                loader = DataLoader(ds, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_topk,
-                                    multiprocessing_context=context)
+                loader = DataLoader(
+                    ds,
+                    batch_size=BATCH_SIZE,
+                    num_workers=workers,
+                    collate_fn=collate_topk,
+                    multiprocessing_context=context,
+                )
                 lines, steps = [], 0
                 for batch in loader:
                     lines += batch["line"].tolist()
@@ -104,16 +109,28 @@ def echo_teacher() -> Iterator[tuple[str, list[int]]]:
     from tests.helpers import free_port
     from tests.standin import score
 
-    info = Info(model="echo", model_fingerprint="e" * 16, tokenizer_fingerprint="t" * 16, vocab_size=VOCAB, k_max=64,
-                max_model_len=4096, max_input_tokens=4095, max_inputs_per_request=1024, adds_bos=True,
-                versions=Versions(teacher_farm="-", schema_version=1, vllm="-"), scoring="pooled")
+    info = Info(
+        model="echo",
+        model_fingerprint="e" * 16,
+        tokenizer_fingerprint="t" * 16,
+        vocab_size=VOCAB,
+        k_max=64,
+        max_model_len=4096,
+        max_input_tokens=4095,
+        max_inputs_per_request=1024,
+        adds_bos=True,
+        versions=Versions(teacher_farm="-", schema_version=1, vllm="-"),
+        scoring="pooled",
+    )
     seen: list[int] = []
 
     def answer(body: bytes) -> bytes:
         req = json.loads(body)
         seen.append(req["inputs"][0]["token_ids"][0])
         table = results_to_table(
-            [score(x["id"], np.asarray(x["token_ids"], np.int32), req["k"], VOCAB) for x in req["inputs"]], req["k"])
+            [score(x["id"], np.asarray(x["token_ids"], np.int32), req["k"], VOCAB) for x in req["inputs"]],
+            req["k"],
+        )
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
@@ -123,14 +140,19 @@ def echo_teacher() -> Iterator[tuple[str, list[int]]]:
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                length = next((int(h.split(":", 1)[1]) for h in head[1:] if h.lower().startswith("content-length:")), 0)
+                length = next(
+                    (int(h.split(":", 1)[1]) for h in head[1:] if h.lower().startswith("content-length:")), 0
+                )
                 body = await reader.readexactly(length) if length else b""
                 if head[0].startswith("GET /v1/info"):
                     payload, ctype = info.model_dump_json().encode(), "application/json"
                 else:
                     payload, ctype = answer(body), ARROW_STREAM
-                writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n{FINGERPRINT_HEADER}: {info.fingerprint}\r\n"
-                             f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                writer.write(
+                    f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n{FINGERPRINT_HEADER}: {info.fingerprint}\r\n"
+                    f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -167,8 +189,10 @@ def caches(tmp_path_factory) -> dict:
     demo = write_cache(root / "demo", {0: [6, 3, 5]})  # the demo's shape: one shard, one row group
     lines = write_window_cache(root / "windows", [30, 4, 17, 9, 40, 3, 12, 25, 6])
     return {
-        "uneven": (uneven.path, sorted(uneven.rows)), "demo": (demo.path, sorted(demo.rows)),
-        "windows": (root / "windows", sorted(lines)), "root": root,
+        "uneven": (uneven.path, sorted(uneven.rows)),
+        "demo": (demo.path, sorted(demo.rows)),
+        "windows": (root / "windows", sorted(lines)),
+        "root": root,
     }
 
 
@@ -177,12 +201,14 @@ def ranks(caches) -> list[dict]:
     """Launch two ranks with ``torchrun`` over every case; what each rank saw."""
     from tests.helpers import free_port
 
-    spec = {"datasets": {
-        "uneven": {"path": str(caches["uneven"][0]), "kwargs": {}, "spawn": True},
-        "uneven-drop": {"path": str(caches["uneven"][0]), "kwargs": {"drop_last": True}},
-        "demo": {"path": str(caches["demo"][0]), "kwargs": {}},
-        "windows": {"path": str(caches["windows"][0]), "kwargs": {"join_windows": True}},
-    }}
+    spec = {
+        "datasets": {
+            "uneven": {"path": str(caches["uneven"][0]), "kwargs": {}, "spawn": True},
+            "uneven-drop": {"path": str(caches["uneven"][0]), "kwargs": {"drop_last": True}},
+            "demo": {"path": str(caches["demo"][0]), "kwargs": {}},
+            "windows": {"path": str(caches["windows"][0]), "kwargs": {"join_windows": True}},
+        }
+    }
     out = caches["root"] / "ranks"
     out.mkdir()
     with echo_teacher() as (url, requests):
@@ -190,17 +216,38 @@ def ranks(caches) -> list[dict]:
         (out / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(free_port()), __file__, "--spec", str(out / "spec.json"), "--out", str(out)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+                __file__,
+                "--spec",
+                str(out / "spec.json"),
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         try:
             output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
-            pytest.fail(f"torchrun hung: not done within {LAUNCH_TIMEOUT_S} s (a rank waiting on a collective "
-                        f"the other never joined?)\n{output[-6000:]}")
+            pytest.fail(
+                f"torchrun hung: not done within {LAUNCH_TIMEOUT_S} s (a rank waiting on a collective "
+                f"the other never joined?)\n{output[-6000:]}"
+            )
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-6000:]}"
     results = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1] and all(r["world"] == 2 for r in results)
@@ -224,17 +271,23 @@ def test_ranks_share_the_cache_padded_to_equal_steps(ranks, caches):
     orders = {}
     for run, epoch, lines, steps in shares(ranks, "uneven"):
         assert [len(x) for x in lines] == [6, 6], run
-        assert steps[0] == steps[1] == (3 if run == "uneven/0" else 4), run  # 2 workers: 3 + 3 rows, 2 + 2 batches
+        assert steps[0] == steps[1] == (3 if run == "uneven/0" else 4), (
+            run
+        )  # 2 workers: 3 + 3 rows, 2 + 2 batches
         every = lines[0] + lines[1]
         assert sorted(set(every)) == rows, f"{run}, epoch {epoch}: rows left out"
-        assert len(set(lines[0]) & set(lines[1])) == 1, f"{run}, epoch {epoch}: ranks overlap beyond the padding"
+        assert len(set(lines[0]) & set(lines[1])) == 1, (
+            f"{run}, epoch {epoch}: ranks overlap beyond the padding"
+        )
         orders.setdefault(run, []).append(every)
     assert set(orders) == {"uneven/0", "uneven/2", "uneven/2/spawn"}
     for run, (first, second) in orders.items():
         assert first != second, f"{run}: the same order in both epochs"
     # Workers only split a rank's share: the same rows per rank however many there are.
     for epoch in (0, 1):
-        per_run = {run: [sorted(x) for x in lines] for run, e, lines, _ in shares(ranks, "uneven") if e == epoch}
+        per_run = {
+            run: [sorted(x) for x in lines] for run, e, lines, _ in shares(ranks, "uneven") if e == epoch
+        }
         assert per_run["uneven/0"] == per_run["uneven/2"] == per_run["uneven/2/spawn"]
 
 
@@ -271,7 +324,10 @@ def test_the_online_teacher_gives_each_rank_its_own_batches(ranks):
     assert got["drop"] == [[0, 2, 4], [1, 3, 5]]
     for r in ranks[:2]:
         for b in r["online"]["pad"] + r["online"]["drop"]:
-            assert b["lines"] == [2 * b["batch"], 2 * b["batch"] + 1]  # sequences counted over every rank's batches
+            assert b["lines"] == [
+                2 * b["batch"],
+                2 * b["batch"] + 1,
+            ]  # sequences counted over every rank's batches
     # The teacher scored each rank's own batches, the padding once more, nothing else.
     assert Counter(t - 10 for t in ranks[2]["requests"]) == Counter([*range(7), 6, *range(6)])
 
@@ -284,10 +340,15 @@ def test_online_ranks_take_turns_without_a_process_group():
 
     batches = [torch.full((2, 4 + i), 10 + i) for i in range(ONLINE_BATCHES)]
     with echo_teacher() as (url, _):
+
         def taken(world: int, **kwargs) -> list[list[int]]:
-            return [[int(b["input_ids"][0, 0]) - 10 for b in OnlineTeacher(batches, url, k=4, rank=r, world_size=world,
-                                                                              **kwargs)]
-                    for r in range(world)]
+            return [
+                [
+                    int(b["input_ids"][0, 0]) - 10
+                    for b in OnlineTeacher(batches, url, k=4, rank=r, world_size=world, **kwargs)
+                ]
+                for r in range(world)
+            ]
 
         assert taken(1) == [list(range(7))]
         assert taken(3) == [[0, 3, 6], [1, 4, 6], [2, 5, 6]]

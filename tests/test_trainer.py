@@ -25,14 +25,23 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments  # noqa: E402
 
 from teacher_farm.schemas.arrow import (  # noqa: E402
-    ScoredSequence, cache_schema, results_to_table, with_source_columns,
+    ScoredSequence,
+    cache_schema,
+    results_to_table,
+    with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity  # noqa: E402
 from teacher_farm.schemas.fingerprints import tokenizer_fingerprint  # noqa: E402
 from teacher_farm.schemas.scoring import Scoring  # noqa: E402
 from teacher_farm.server.tinymodel import make_tiny_model  # noqa: E402
 from teacher_farm.training import (  # noqa: E402
-    ChunkedKDLoss, DistillationTrainer, SampledKDLoss, TopkDataset, TopkRenormKLLoss, TopkTailKLLoss, collate_topk,
+    ChunkedKDLoss,
+    DistillationTrainer,
+    SampledKDLoss,
+    TopkDataset,
+    TopkRenormKLLoss,
+    TopkTailKLLoss,
+    collate_topk,
     default_kd_loss,
 )
 from tests.helpers import write_shards  # noqa: E402
@@ -49,7 +58,9 @@ STEPS, ALPHA = 40, 0.5
 def models(tmp_path_factory) -> tuple[Path, Path]:
     """A teacher and a smaller student: random Llamas sharing a tokenizer trained on the sample corpus."""
     root = tmp_path_factory.mktemp("models")
-    teacher = make_tiny_model(root / "teacher", [SAMPLE], vocab_size=VOCAB, hidden_size=64, num_layers=1, num_heads=2)
+    teacher = make_tiny_model(
+        root / "teacher", [SAMPLE], vocab_size=VOCAB, hidden_size=64, num_layers=1, num_heads=2
+    )
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     model = AutoModelForCausalLM.from_pretrained(teacher)
     # A random Llama's next-token distributions are nearly flat (entropy 5.5 nats of log 320 = 5.8);
@@ -57,8 +68,12 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)
     model.save_pretrained(teacher)
-    config = model.config.to_dict() | {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 1,
-                                       "num_key_value_heads": 1}
+    config = model.config.to_dict() | {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 1,
+        "num_key_value_heads": 1,
+    }
     torch.manual_seed(1)
     student = root / "student"
     AutoModelForCausalLM.from_config(type(model.config).from_dict(config)).save_pretrained(student)
@@ -85,10 +100,15 @@ def teacher_row(model, ids: list[int], rng: np.random.Generator) -> ScoredSequen
         counts.append(count)
         slp.append(row[drawn])
     return ScoredSequence(
-        id=None, input_ids=np.array(ids, np.int32), topk_ids=top.astype(np.int32),
-        topk_logprobs=np.take_along_axis(full, top, 1).astype(np.float32), target_logprobs=target.astype(np.float32),
-        target_ranks=ranks.astype(np.int32), sample_lengths=np.array(lengths, np.int32),
-        sample_ids=np.concatenate(sid).astype(np.int32), sample_counts=np.concatenate(counts).astype(np.int16),
+        id=None,
+        input_ids=np.array(ids, np.int32),
+        topk_ids=top.astype(np.int32),
+        topk_logprobs=np.take_along_axis(full, top, 1).astype(np.float32),
+        target_logprobs=target.astype(np.float32),
+        target_ranks=ranks.astype(np.int32),
+        sample_lengths=np.array(lengths, np.int32),
+        sample_ids=np.concatenate(sid).astype(np.int32),
+        sample_counts=np.concatenate(counts).astype(np.int16),
         sample_logprobs=np.concatenate(slp).astype(np.float32),
     )
 
@@ -101,8 +121,12 @@ def write_cache(out: Path, teacher_dir: Path, targets: str) -> Path:
     # Lengths from 14 to MAX_TOKENS, so batches have padding and micro-batches differ in tokens.
     token_ids = [tokenizer(t)["input_ids"][: 14 + 5 * i % (MAX_TOKENS - 13)] for i, t in enumerate(texts)]
     identity = CacheIdentity(
-        model="teacher", model_fingerprint="tiny-teacher", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        vocab_size=VOCAB, scoring=Scoring(k=K, targets=targets, samples=N, seed=0), logprob_dtype="float32",
+        model="teacher",
+        model_fingerprint="tiny-teacher",
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=VOCAB,
+        scoring=Scoring(k=K, targets=targets, samples=N, seed=0),
+        logprob_dtype="float32",
     )
     schema = cache_schema("float32", targets).with_metadata(identity.metadata())
     rng = np.random.default_rng(0)
@@ -126,9 +150,18 @@ def cache(tmp_path_factory, models) -> Path:
 
 def arguments(out: Path, **overrides) -> TrainingArguments:
     base = dict(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=3e-3,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=STEPS, use_cpu=True,
-        report_to=[], seed=0, disable_tqdm=True,
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=STEPS,
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
     )
     return TrainingArguments(**{**base, **overrides})
 
@@ -152,7 +185,9 @@ def text_ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tenso
 def trained(tmp_path_factory, models, cache):
     out = tmp_path_factory.mktemp("run")
     trainer = DistillationTrainer(
-        model=student(models), args=arguments(out), train_dataset=TopkDataset(cache, shuffle_shards=True, seed=0),
+        model=student(models),
+        args=arguments(out),
+        train_dataset=TopkDataset(cache, shuffle_shards=True, seed=0),
         alpha=ALPHA,
     )
     trainer.train()
@@ -166,7 +201,9 @@ def test_the_kd_loss_falls_and_each_step_logs_both_parts(trained):
     kd = np.array([e["kd_loss"] for e in steps])
     assert kd[-5:].mean() < 0.8 * kd[:5].mean(), kd
     for e in steps:  # one micro-batch a step: the step's loss is the mix of the two parts logged
-        assert e["loss"] == pytest.approx(ALPHA * e["kd_loss"] + (1 - ALPHA) * e["ce_loss"], rel=1e-3, abs=1e-4)
+        assert e["loss"] == pytest.approx(
+            ALPHA * e["kd_loss"] + (1 - ALPHA) * e["ce_loss"], rel=1e-3, abs=1e-4
+        )
 
 
 def test_a_checkpoint_with_the_trained_weights_is_saved(trained, cache):
@@ -189,27 +226,39 @@ def test_on_the_whole_cache_the_trained_student_is_closer_to_the_teacher(trained
     assert {"eval_loss", "eval_kd_loss", "eval_ce_loss"} <= set(metrics)
     # Three batches of 8: the Trainer's eval_loss weighs batches by their size, the parts equally.
     assert metrics["eval_loss"] == pytest.approx(
-        ALPHA * metrics["eval_kd_loss"] + (1 - ALPHA) * metrics["eval_ce_loss"], rel=1e-5)
+        ALPHA * metrics["eval_kd_loss"] + (1 - ALPHA) * metrics["eval_ce_loss"], rel=1e-5
+    )
     untrained = DistillationTrainer(model=student(models), args=arguments(tmp_path), alpha=ALPHA)
     before = untrained.evaluate(eval_dataset=TopkDataset(cache))
     assert metrics["eval_kd_loss"] < 0.75 * before["eval_kd_loss"], (before, metrics)
     assert metrics["eval_ce_loss"] < before["eval_ce_loss"]
-    assert {"val_kd_loss", "val_ce_loss"} <= set(trainer.evaluate(TopkDataset(cache), metric_key_prefix="val"))
+    assert {"val_kd_loss", "val_ce_loss"} <= set(
+        trainer.evaluate(TopkDataset(cache), metric_key_prefix="val")
+    )
 
 
 def test_alpha_zero_is_the_students_own_cross_entropy(tmp_path, models, cache):
     model = student(models)
     trainer = DistillationTrainer(model=model, args=arguments(tmp_path), alpha=0.0)
     batch = first_batch(cache)
-    assert (batch["attention_mask"] == 0).any(), "the batch should have padding for the check to mean something"
+    assert (batch["attention_mask"] == 0).any(), (
+        "the batch should have padding for the check to mean something"
+    )
     loss = trainer.compute_loss(model, dict(batch))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(loss, text_ce(logits, batch))
 
 
-@pytest.mark.parametrize("kd", [
-    TopkTailKLLoss(), TopkRenormKLLoss(), SampledKDLoss(entropy=True), ChunkedKDLoss(TopkTailKLLoss(), 3),
-], ids=["tail", "renorm", "sampled", "chunked"])
+@pytest.mark.parametrize(
+    "kd",
+    [
+        TopkTailKLLoss(),
+        TopkRenormKLLoss(),
+        SampledKDLoss(entropy=True),
+        ChunkedKDLoss(TopkTailKLLoss(), 3),
+    ],
+    ids=["tail", "renorm", "sampled", "chunked"],
+)
 def test_alpha_one_is_the_kd_loss_on_the_same_logits(tmp_path, models, cache, kd):
     model = student(models)
     trainer = DistillationTrainer(model=model, args=arguments(tmp_path), kd_loss=kd, alpha=1.0)
@@ -235,8 +284,17 @@ def test_gradient_accumulation_sums_micro_batches_by_their_tokens(tmp_path, mode
     sum_j mix_j * tokens_j / tokens: the Trainer neither divides the loss again nor weighs them equally."""
     model = student(models)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = arguments(tmp_path, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                     optim="sgd", learning_rate=1.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no")
+    args = arguments(
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        optim="sgd",
+        learning_rate=1.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+    )
     DistillationTrainer(model=model, args=args, train_dataset=TopkDataset(cache), alpha=ALPHA).train()
 
     reference = student(models)
@@ -293,9 +351,21 @@ def test_under_torchrun_each_process_trains_on_its_own_share_of_the_cache(tmp_pa
     script, out = tmp_path / "two_processes.py", tmp_path / "out"
     script.write_text(TWO_PROCESSES)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(cache), str(models[1]), str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(cache),
+            str(models[1]),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for rank in (0, 1):
@@ -307,28 +377,36 @@ def test_under_torchrun_each_process_trains_on_its_own_share_of_the_cache(tmp_pa
 
 def test_the_teachers_targets_reach_compute_loss_even_with_remove_unused_columns(tmp_path, models, cache):
     trainer = DistillationTrainer(
-        model=student(models), args=arguments(tmp_path, remove_unused_columns=True), train_dataset=TopkDataset(cache),
+        model=student(models),
+        args=arguments(tmp_path, remove_unused_columns=True),
+        train_dataset=TopkDataset(cache),
     )
     assert trainer.args.remove_unused_columns is False
     batch = next(iter(trainer.get_train_dataloader()))
-    assert {"topk_ids", "topk_logprobs", "tail_logprob", "sample_ids", "sample_counts", "temperature"} <= set(batch)
+    assert {"topk_ids", "topk_logprobs", "tail_logprob", "sample_ids", "sample_counts", "temperature"} <= set(
+        batch
+    )
 
 
 def test_the_default_loss_follows_the_caches_targets(tmp_path, models, cache):
     sampled = write_cache(tmp_path / "sampled", models[0], "sampled")
     assert type(default_kd_loss(TopkDataset(cache))) is TopkTailKLLoss
-    trainer = DistillationTrainer(model=student(models), args=arguments(tmp_path / "run"),
-                                  train_dataset=TopkDataset(sampled))
+    trainer = DistillationTrainer(
+        model=student(models), args=arguments(tmp_path / "run"), train_dataset=TopkDataset(sampled)
+    )
     assert type(trainer.kd_loss) is SampledKDLoss
     batch = first_batch(sampled)
     assert "topk_ids" not in batch
     assert math.isfinite(trainer.compute_loss(trainer.model, dict(batch)).item())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"alpha": 1.5}, "in \\[0, 1\\]"),
-    ({"compute_loss_func": lambda outputs, labels, num_items_in_batch: 0}, "pass kd_loss="),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 1.5}, "in \\[0, 1\\]"),
+        ({"compute_loss_func": lambda outputs, labels, num_items_in_batch: 0}, "pass kd_loss="),
+    ],
+)
 def test_a_misconfigured_trainer_says_what_to_do(tmp_path, models, kwargs, message):
     with pytest.raises(ValueError, match=message):
         DistillationTrainer(model=student(models), args=arguments(tmp_path), **kwargs)
@@ -348,12 +426,37 @@ def test_the_training_package_imports_without_transformers():
 
 def test_the_example_distils_and_saves(tmp_path, models, cache, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", [
-        str(EXAMPLE), "--cache", str(cache), "--student", str(models[1]), "--out", str(out), "--max-steps", "3",
-        "--batch-size", "4", "--lr", "3e-3", "--save-steps", "3", "--logging-steps", "1", "--workers", "0", "--cpu",
-        "--chunks", "2",
-    ])
-    runpy.run_path(str(EXAMPLE), run_name="__main__")  # as `python examples/distil_with_trainer.py ...` runs it
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(EXAMPLE),
+            "--cache",
+            str(cache),
+            "--student",
+            str(models[1]),
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--save-steps",
+            "3",
+            "--logging-steps",
+            "1",
+            "--workers",
+            "0",
+            "--cpu",
+            "--chunks",
+            "2",
+        ],
+    )
+    runpy.run_path(
+        str(EXAMPLE), run_name="__main__"
+    )  # as `python examples/distil_with_trainer.py ...` runs it
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 3 and summary["kd_loss"] > 0 and summary["ce_loss"] > 0
     assert (out / "checkpoint-3" / "model.safetensors").is_file()

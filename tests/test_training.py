@@ -16,17 +16,31 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from teacher_farm.client.manifest import save_manifest  # noqa: E402
-from teacher_farm.schemas.cache_dir import Manifest, RunIdentity  # noqa: E402
-from teacher_farm.training import (  # noqa: E402
-    TAIL_FLOOR, TopkDataset, assert_same_tokenizer, cache_metadata_of, check_alignment, collate_topk, kd_loss,
-    shard_paths,
-)
 from teacher_farm.schemas.arrow import ScoredSequence, results_to_table  # noqa: E402
+from teacher_farm.schemas.cache_dir import Manifest, RunIdentity  # noqa: E402
 from teacher_farm.schemas.errors import CacheMismatch, InputError  # noqa: E402
 from teacher_farm.schemas.fingerprints import tokenizer_fingerprint  # noqa: E402
-
+from teacher_farm.training import (  # noqa: E402
+    TAIL_FLOOR,
+    TopkDataset,
+    assert_same_tokenizer,
+    cache_metadata_of,
+    check_alignment,
+    collate_topk,
+    kd_loss,
+    shard_paths,
+)
 from tests.helpers import (  # noqa: E402
-    K, SHARDS, UNEVEN, VOCAB, Cache, FakeTokenizer, items, true_tail, write_cache, write_window_cache,
+    SHARDS,
+    UNEVEN,
+    VOCAB,
+    Cache,
+    FakeTokenizer,
+    K,
+    items,
+    true_tail,
+    write_cache,
+    write_window_cache,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +65,11 @@ def test_shard_paths_are_the_manifests_shards_in_line_order(cache, tmp_path):
 
 
 def test_shard_paths_union_split_manifests(tmp_path):
-    write_cache(tmp_path, SHARDS, manifests={"manifest-00000-of-00002.json": [0, 2], "manifest-00001-of-00002.json": [1]})
+    write_cache(
+        tmp_path,
+        SHARDS,
+        manifests={"manifest-00000-of-00002.json": [0, 2], "manifest-00001-of-00002.json": [1]},
+    )
     assert [p.name for p in shard_paths(tmp_path)] == [f"part-{j:06d}.parquet" for j in (0, 1, 2)]
 
 
@@ -68,7 +86,9 @@ def test_shard_paths_refuse_a_directory_without_manifest_or_with_a_missing_shard
 def test_shard_paths_refuse_manifests_of_different_teachers(tmp_path):
     write_cache(tmp_path, {0: [3]}, manifests={"manifest-a.json": [0]})
     other = Manifest.model_validate_json((tmp_path / "manifest-a.json").read_bytes())
-    other.identity = RunIdentity.from_entries({**other.identity.entries(), "tokenizer_fingerprint": "someone-else"})
+    other.identity = RunIdentity.from_entries(
+        {**other.identity.entries(), "tokenizer_fingerprint": "someone-else"}
+    )
     other.shards = {}
     save_manifest(other, tmp_path, "manifest-b.json")
     with pytest.raises(InputError, match="tokenizer_fingerprint"):
@@ -101,7 +121,10 @@ def test_dataset_yields_every_row_once_with_exact_values(cache):
 def test_hugging_face_datasets_reads_the_same_rows(cache, tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.load_dataset(
-        "parquet", data_files=[str(p) for p in shard_paths(cache.path)], split="train", cache_dir=str(tmp_path)
+        "parquet",
+        data_files=[str(p) for p in shard_paths(cache.path)],
+        split="train",
+        cache_dir=str(tmp_path),
     )
     assert ds.num_rows == len(cache.rows)
     for row in ds:
@@ -121,8 +144,12 @@ def test_renormalize_gives_a_distribution_over_the_topk(cache):
     raw = items(TopkDataset(cache.path))
     for line, item in items(TopkDataset(cache.path, renormalize=True)).items():
         lp = item["topk_logprobs"]
-        torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(lp.shape[0], dtype=torch.float64), atol=1e-6, rtol=0)
-        torch.testing.assert_close(lp, torch.log_softmax(raw[line]["topk_logprobs"], dim=-1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            lp.double().exp().sum(-1), torch.ones(lp.shape[0], dtype=torch.float64), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            lp, torch.log_softmax(raw[line]["topk_logprobs"], dim=-1), atol=1e-6, rtol=0
+        )
         torch.testing.assert_close(item["tail_logprob"], raw[line]["tail_logprob"])
         torch.testing.assert_close(item["topk_ids"], raw[line]["topk_ids"])
 
@@ -148,7 +175,9 @@ def test_two_dataloader_workers_read_every_row_exactly_once(cache):
 
 
 def test_ranks_and_shuffle_split_the_rows_without_overlap(cache):
-    per_rank = [items(TopkDataset(cache.path, rank=r, world_size=2, shuffle_shards=True, seed=3)) for r in (0, 1)]
+    per_rank = [
+        items(TopkDataset(cache.path, rank=r, world_size=2, shuffle_shards=True, seed=3)) for r in (0, 1)
+    ]
     assert per_rank[0] and per_rank[1]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted([*per_rank[0], *per_rank[1]]) == sorted(cache.rows)
@@ -169,8 +198,10 @@ def test_every_rank_yields_as_many_rows_padded_by_default_or_dropped(tmp_path, w
     cache = write_cache(tmp_path, UNEVEN)
     n = len(cache.rows)
     for drop_last in (False, True):
-        datasets = [TopkDataset(tmp_path, rank=r, world_size=world, shuffle_shards=True, seed=1, drop_last=drop_last)
-                    for r in range(world)]
+        datasets = [
+            TopkDataset(tmp_path, rank=r, world_size=world, shuffle_shards=True, seed=1, drop_last=drop_last)
+            for r in range(world)
+        ]
         per_rank = -(-n // world) if not drop_last else n // world
         assert [ds.sequences_per_rank() for ds in datasets] == [per_rank] * world
         seen_epochs = []
@@ -194,7 +225,9 @@ def test_a_cache_of_one_row_group_feeds_every_rank(tmp_path):
     assert len(TopkDataset(tmp_path).units) == 1
     got = [[int(x["line"]) for x in TopkDataset(tmp_path, rank=r, world_size=2)] for r in (0, 1)]
     assert got == [[0, 1], [2, 0]]  # 3 rows for 2 ranks: the third row's rank repeats the first
-    got = [[int(x["line"]) for x in TopkDataset(tmp_path, rank=r, world_size=2, drop_last=True)] for r in (0, 1)]
+    got = [
+        [int(x["line"]) for x in TopkDataset(tmp_path, rank=r, world_size=2, drop_last=True)] for r in (0, 1)
+    ]
     assert got == [[0], [1]] and sorted(cache.rows) == [0, 1, 2]
 
 
@@ -219,8 +252,15 @@ def test_joined_windows_split_by_whole_lines_over_ranks(tmp_path):
     for drop_last in (False, True):
         got = []
         for r in (0, 1):
-            ds = TopkDataset(tmp_path / "windows", join_windows=True, rank=r, world_size=2, drop_last=drop_last,
-                             shuffle_shards=True, seed=2)
+            ds = TopkDataset(
+                tmp_path / "windows",
+                join_windows=True,
+                rank=r,
+                world_size=2,
+                drop_last=drop_last,
+                shuffle_shards=True,
+                seed=2,
+            )
             items_r = list(ds)
             assert len(items_r) == ds.sequences_per_rank() == (4 if drop_last else 5)
             for item in items_r:  # every line whole: all of its windows were read by this rank
@@ -244,10 +284,21 @@ def test_float16_shards_read_back_as_float32(tmp_path):
     assert cache_metadata_of(tmp_path)["logprob_dtype"] == "float16"
     for line, item in items(TopkDataset(tmp_path)).items():
         seq = cache.rows[line]
-        assert item["topk_logprobs"].dtype == item["target_logprobs"].dtype == item["tail_logprob"].dtype == torch.float32
-        np.testing.assert_array_equal(item["topk_logprobs"].numpy(), seq.topk_logprobs.astype(np.float16).astype(np.float32))
-        np.testing.assert_array_equal(item["target_logprobs"].numpy(), seq.target_logprobs.astype(np.float16).astype(np.float32))
-        np.testing.assert_allclose(item["tail_logprob"].numpy(), true_tail(cache.full[line], seq.topk_ids), atol=5e-3)
+        assert (
+            item["topk_logprobs"].dtype
+            == item["target_logprobs"].dtype
+            == item["tail_logprob"].dtype
+            == torch.float32
+        )
+        np.testing.assert_array_equal(
+            item["topk_logprobs"].numpy(), seq.topk_logprobs.astype(np.float16).astype(np.float32)
+        )
+        np.testing.assert_array_equal(
+            item["target_logprobs"].numpy(), seq.target_logprobs.astype(np.float16).astype(np.float32)
+        )
+        np.testing.assert_allclose(
+            item["tail_logprob"].numpy(), true_tail(cache.full[line], seq.topk_ids), atol=5e-3
+        )
 
 
 # ------------------------------------------------------------------------------------ collate
@@ -270,8 +321,10 @@ def test_collate_pads_and_masks(cache):
         torch.testing.assert_close(batch["topk_ids"][b, :n], s["topk_ids"])
         torch.testing.assert_close(batch["tail_logprob"][b, :n], s["tail_logprob"])
         torch.testing.assert_close(batch["target_logprobs"][b, : n - 1], s["target_logprobs"])
-        assert (batch["target_logprobs"][b, n - 1:] == 0).all()
-        assert torch.isfinite(batch["topk_logprobs"][b]).all() and torch.isfinite(batch["tail_logprob"][b]).all()
+        assert (batch["target_logprobs"][b, n - 1 :] == 0).all()
+        assert (
+            torch.isfinite(batch["topk_logprobs"][b]).all() and torch.isfinite(batch["tail_logprob"][b]).all()
+        )
     assert collate_topk(seqs, pad_to_multiple_of=8)["input_ids"].shape == (3, 8)
 
 
@@ -401,7 +454,9 @@ else:
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 
@@ -412,11 +467,19 @@ def test_tail_floor_is_what_a_full_topk_reports(tmp_path):
 
     full = torch.log_softmax(torch.randn(3, 4), dim=-1)
     values, ids = torch.topk(full, 4, dim=-1)
-    seq = ScoredSequence("x", np.arange(3, dtype=np.int32), ids.numpy().astype(np.int32), values.numpy(),
-                         np.zeros(2, np.float32), np.ones(2, np.int32))
+    seq = ScoredSequence(
+        "x",
+        np.arange(3, dtype=np.int32),
+        ids.numpy().astype(np.int32),
+        values.numpy(),
+        np.zeros(2, np.float32),
+        np.ones(2, np.int32),
+    )
     table = results_to_table([seq], 4).add_column(1, "line", pa.array([0], type=pa.int64()))
     arrays = row_group_arrays(table)
-    assert np.all(arrays.tail_logprob <= np.log(1e-6)) and np.all(arrays.tail_logprob >= np.float32(np.log(TAIL_FLOOR)))
+    assert np.all(arrays.tail_logprob <= np.log(1e-6)) and np.all(
+        arrays.tail_logprob >= np.float32(np.log(TAIL_FLOOR))
+    )
 
 
 # ------------------------------------------------------------------------------------ sampled targets
@@ -433,14 +496,22 @@ def test_sampled_targets_stream_back_padded_per_position(tmp_path, targets):
         assert item["temperature"].item() == 1.5
         cut = np.concatenate([[0], np.cumsum(seq.sample_lengths)])
         S = int(seq.sample_lengths.max())
-        assert item["sample_ids"].shape == item["sample_counts"].shape == item["sample_logprobs"].shape == (n, S)
+        assert (
+            item["sample_ids"].shape == item["sample_counts"].shape == item["sample_logprobs"].shape == (n, S)
+        )
         assert item["sample_ids"].dtype == torch.long and item["sample_counts"].dtype == torch.int16
         assert item["sample_logprobs"].dtype == torch.float32
         for i in range(n):
             m = int(seq.sample_lengths[i])
-            np.testing.assert_array_equal(item["sample_ids"][i, :m].numpy(), seq.sample_ids[cut[i]:cut[i + 1]])
-            np.testing.assert_array_equal(item["sample_counts"][i, :m].numpy(), seq.sample_counts[cut[i]:cut[i + 1]])
-            np.testing.assert_array_equal(item["sample_logprobs"][i, :m].numpy(), seq.sample_logprobs[cut[i]:cut[i + 1]])
+            np.testing.assert_array_equal(
+                item["sample_ids"][i, :m].numpy(), seq.sample_ids[cut[i] : cut[i + 1]]
+            )
+            np.testing.assert_array_equal(
+                item["sample_counts"][i, :m].numpy(), seq.sample_counts[cut[i] : cut[i + 1]]
+            )
+            np.testing.assert_array_equal(
+                item["sample_logprobs"][i, :m].numpy(), seq.sample_logprobs[cut[i] : cut[i + 1]]
+            )
             assert (item["sample_counts"][i, m:] == 0).all() and (item["sample_ids"][i, m:] == 0).all()
         assert (item["sample_counts"].sum(-1) == 12).all()
 
@@ -451,7 +522,9 @@ def test_collate_pads_sampled_targets_with_a_mask(tmp_path):
     seqs = [got[line] for line in (0, 1, 2)]
     batch = collate_topk(seqs)
     S = max(int(s["sample_ids"].shape[1]) for s in seqs)
-    assert batch["sample_ids"].shape == batch["sample_counts"].shape == batch["sample_mask"].shape == (3, 4, S)
+    assert (
+        batch["sample_ids"].shape == batch["sample_counts"].shape == batch["sample_mask"].shape == (3, 4, S)
+    )
     assert "topk_ids" not in batch and batch["temperature"].tolist() == [1.0] * 3
     for b, s in enumerate(seqs):
         n, w = s["sample_ids"].shape
@@ -521,7 +594,9 @@ def test_a_loss_needing_sample_logprobs_says_which_cache_has_them(tmp_path):
     assert "sample_logprobs" not in batch and batch["sample_ids"].shape == batch["sample_mask"].shape
     logits = torch.randn(*batch["input_ids"].shape, VOCAB)
     assert torch.isfinite(SampledKDLoss()(logits, batch))
-    with pytest.raises(ValueError, match="needs sample_logprobs in the batch: a cache written with --sample-logprobs"):
+    with pytest.raises(
+        ValueError, match="needs sample_logprobs in the batch: a cache written with --sample-logprobs"
+    ):
         SampledKDLoss(entropy=True)(logits, batch)
 
 

@@ -11,10 +11,9 @@ import pytest
 
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.manifest import save_manifest
-from teacher_farm.schemas.cache_dir import RunIdentity, ShardRecord
-from tests.conftest import load_manifest
 from teacher_farm.client.verify import CACHE_COLUMNS, compare_row, read_rows, sample_positions, table_rows
-from tests.conftest import API_KEY, SAMPLE, read_lines, teacher_farm
+from teacher_farm.schemas.cache_dir import RunIdentity, ShardRecord
+from tests.conftest import API_KEY, SAMPLE, load_manifest, read_lines, teacher_farm
 
 pytestmark = pytest.mark.engine
 
@@ -30,8 +29,23 @@ def cached(server, tmp_path_factory):
     inp.write_text("\n".join(read_lines(SAMPLE, LINES)) + "\n", encoding="utf-8")
     out = root / "cache"
     proc = teacher_farm(
-        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out),
-        "--k", str(K), "--rows-per-shard", "3", "--max-length", "96", "--logprob-dtype", "float32",
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--k",
+        str(K),
+        "--rows-per-shard",
+        "3",
+        "--max-length",
+        "96",
+        "--logprob-dtype",
+        "float32",
     )
     assert proc.returncode == 0, proc.stderr
     return out
@@ -102,8 +116,21 @@ def test_a_float16_cache_verifies_at_its_own_tolerance(server, tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(read_lines(SAMPLE, 3)) + "\n", encoding="utf-8")
     proc = teacher_farm(
-        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(tmp_path / "o"),
-        "--k", str(K), "--max-length", "64", "--logprob-dtype", "float16",
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(inp),
+        "--out",
+        str(tmp_path / "o"),
+        "--k",
+        str(K),
+        "--max-length",
+        "64",
+        "--logprob-dtype",
+        "float16",
     )
     assert proc.returncode == 0, proc.stderr
     proc = verify(server, tmp_path / "o", "--sample", "3")
@@ -116,8 +143,21 @@ def test_a_uint8_gap_cache_verifies_and_a_value_moved_beyond_its_step_is_caught(
     inp.write_text("\n".join(read_lines(SAMPLE, 3)) + "\n", encoding="utf-8")
     out = tmp_path / "o"
     proc = teacher_farm(
-        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out),
-        "--k", str(K), "--max-length", "64", "--logprob-dtype", "uint8-gap",
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--k",
+        str(K),
+        "--max-length",
+        "64",
+        "--logprob-dtype",
+        "uint8-gap",
     )
     assert proc.returncode == 0, proc.stderr
     (path,) = out.glob("part-*.parquet")
@@ -162,7 +202,9 @@ def test_a_corruption_behind_a_matching_checksum_is_caught_by_rescoring(server, 
 
 def test_a_different_teacher_is_refused(server, cache_copy):
     manifest = load_manifest(cache_copy)
-    manifest.identity = RunIdentity.from_entries({**manifest.identity.entries(), "model_fingerprint": "0" * 16})
+    manifest.identity = RunIdentity.from_entries(
+        {**manifest.identity.entries(), "model_fingerprint": "0" * 16}
+    )
     save_manifest(manifest, cache_copy)
     proc = verify(server, cache_copy, "--sample", "3")
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -185,9 +227,29 @@ def test_sampled_targets_are_drawn_again_and_a_moved_draw_is_caught(server, tmp_
     inp.write_text("\n".join(read_lines(SAMPLE, 4)) + "\n", encoding="utf-8")
     out = tmp_path / "o"
     proc = teacher_farm(
-        "cache", "--server", server.url, "--api-key", API_KEY, "--input", str(inp), "--out", str(out), "--k", str(K),
-        "--max-length", "64", "--targets", targets, "--samples", "16", "--seed", "5", "--temperature", "1.5",
-        "--rows-per-shard", "4",
+        "cache",
+        "--server",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--input",
+        str(inp),
+        "--out",
+        str(out),
+        "--k",
+        str(K),
+        "--max-length",
+        "64",
+        "--targets",
+        targets,
+        "--samples",
+        "16",
+        "--seed",
+        "5",
+        "--temperature",
+        "1.5",
+        "--rows-per-shard",
+        "4",
     )
     assert proc.returncode == 0, proc.stderr
     proc = verify(server, out, "--sample", "4")
@@ -202,7 +264,10 @@ def test_sampled_targets_are_drawn_again_and_a_moved_draw_is_caught(server, tmp_
     recommit(out, path)
     proc = verify(server, out, "--sample", "4")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "sampled targets differ beyond a neighbouring token at 1 of" in proc.stdout and "position 3" in proc.stdout
+    assert (
+        "sampled targets differ beyond a neighbouring token at 1 of" in proc.stdout
+        and "position 3" in proc.stdout
+    )
 
 
 # --- the comparison itself, on made-up rows ------------------------------------------------------
@@ -218,8 +283,11 @@ def made_up_row(n=5, k=K, extra=1, seed=0):
     input_ids = rng.integers(0, 2048, size=n).astype(np.int32)
     target_ranks = np.full(n - 1, 2, np.int32)
     fresh = {
-        "input_ids": input_ids, "topk_ids": ids, "topk_logprobs": lps,
-        "target_logprobs": lps[:-1, 1].copy(), "target_ranks": target_ranks,
+        "input_ids": input_ids,
+        "topk_ids": ids,
+        "topk_logprobs": lps,
+        "target_logprobs": lps[:-1, 1].copy(),
+        "target_ranks": target_ranks,
     }
     cached = {key: (v[:, :k].copy() if v.ndim == 2 else v.copy()) for key, v in fresh.items()}
     return cached, fresh
@@ -265,7 +333,10 @@ def test_target_ranks_may_differ_only_between_ties():
     assert compare_row(cached, fresh, k=K, atol=1e-3)[0] == []
     cached["target_ranks"][1] = 1
     (problem,) = compare_row(cached, fresh, k=K, atol=1e-3)[0]
-    assert problem.startswith("target_ranks differ beyond ties at 1 of 4") and "position 1: cached 1, teacher 2" in problem
+    assert (
+        problem.startswith("target_ranks differ beyond ties at 1 of 4")
+        and "position 1: cached 1, teacher 2" in problem
+    )
 
 
 def test_input_ids_and_shapes_must_match():
@@ -291,11 +362,19 @@ def test_float16_caches_compare_at_their_own_precision():
 
 def test_a_corrupted_value_in_a_table_is_found_by_row():
     cached, fresh = made_up_row(n=3)
-    rows = table_rows(pa.table({
-        "id": ["a"], "line": [9], "input_ids": [cached["input_ids"].tolist()],
-        "topk_ids": [cached["topk_ids"].tolist()], "topk_logprobs": [cached["topk_logprobs"].tolist()],
-        "target_logprobs": [cached["target_logprobs"].tolist()], "target_ranks": [cached["target_ranks"].tolist()],
-    }))
+    rows = table_rows(
+        pa.table(
+            {
+                "id": ["a"],
+                "line": [9],
+                "input_ids": [cached["input_ids"].tolist()],
+                "topk_ids": [cached["topk_ids"].tolist()],
+                "topk_logprobs": [cached["topk_logprobs"].tolist()],
+                "target_logprobs": [cached["target_logprobs"].tolist()],
+                "target_ranks": [cached["target_ranks"].tolist()],
+            }
+        )
+    )
     assert rows[0]["line"] == 9 and rows[0]["topk_ids"].shape == (3, K)
     assert compare_row(rows[0], fresh, k=K, atol=1e-3)[0] == []
     rows[0]["topk_logprobs"] = rows[0]["topk_logprobs"] + np.eye(3, K, 2)  # +1 at (1, 3) and (0, 2)
@@ -306,11 +385,25 @@ def test_a_corrupted_value_in_a_table_is_found_by_row():
 
 def test_the_sample_is_uniform_over_shards_without_repeats():
     records = [
-        ShardRecord(index=i, file=f"part-{i}", first_line=0, end_line=0, rows=rows, rejects=0, tokens=0, bytes=0, sha256="")
+        ShardRecord(
+            index=i,
+            file=f"part-{i}",
+            first_line=0,
+            end_line=0,
+            rows=rows,
+            rejects=0,
+            tokens=0,
+            bytes=0,
+            sha256="",
+        )
         for i, rows in enumerate([5, 0, 7, 3])
     ]
     picks = sample_positions(records, 1000, seed=1)
-    assert {i: v.tolist() for i, v in picks.items()} == {0: list(range(5)), 2: list(range(7)), 3: list(range(3))}
+    assert {i: v.tolist() for i, v in picks.items()} == {
+        0: list(range(5)),
+        2: list(range(7)),
+        3: list(range(3)),
+    }
     picks = sample_positions(records, 6, seed=3)
     assert sum(len(v) for v in picks.values()) == 6
     again = sample_positions(records, 6, seed=3)
@@ -321,16 +414,25 @@ def test_the_sample_is_uniform_over_shards_without_repeats():
 
 def test_only_the_row_groups_holding_sampled_rows_are_read(tmp_path, monkeypatch):
     n = 7
-    table = pa.table({
-        "id": [f"r{i}" for i in range(n)], "line": list(range(n)), "input_ids": [[i, i + 1] for i in range(n)],
-        "topk_ids": [[[1], [2]]] * n, "topk_logprobs": [[[-0.5], [-0.7]]] * n,
-        "target_logprobs": [[-1.0]] * n, "target_ranks": [[3]] * n, "extra": list(range(n)),
-    })
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "line": list(range(n)),
+            "input_ids": [[i, i + 1] for i in range(n)],
+            "topk_ids": [[[1], [2]]] * n,
+            "topk_logprobs": [[[-0.5], [-0.7]]] * n,
+            "target_logprobs": [[-1.0]] * n,
+            "target_ranks": [[3]] * n,
+            "extra": list(range(n)),
+        }
+    )
     path = tmp_path / "part.parquet"
     pq.write_table(table, path, row_group_size=2)
     read = []
     original = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or original(self, i, **kw))
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or original(self, i, **kw)
+    )
     got, problems = read_rows(path, np.array([1, 4, 5, 9]))
     assert got.column("line").to_pylist() == [1, 4, 5] and got.column_names == CACHE_COLUMNS
     assert read == [0, 2]
@@ -359,8 +461,11 @@ def test_one_changed_count_of_the_draws_is_caught():
     from teacher_farm.client.verify import compare_draws
 
     # Two positions of N=8 draws: tokens 3, 40, 41 and 7, 300.
-    fresh = {"sample_lengths": np.array([3, 2]), "sample_ids": np.array([3, 40, 41, 7, 300]),
-             "sample_counts": np.array([5, 2, 1, 6, 2])}
+    fresh = {
+        "sample_lengths": np.array([3, 2]),
+        "sample_ids": np.array([3, 40, 41, 7, 300]),
+        "sample_counts": np.array([5, 2, 1, 6, 2]),
+    }
     assert compare_draws(fresh, fresh, 8) == ([], compare_draws(fresh, fresh, 8)[1])
     assert compare_draws(fresh, fresh, 8)[1].jumped == 0
     # One draw counted at token 3 instead of 40: the ids are the same, one count is not.

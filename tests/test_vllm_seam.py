@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from teacher_farm.server import vllm_seam
 
@@ -27,8 +27,11 @@ def _imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
             found.append((node.lineno, node.module))
             found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
         elif (
-            isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
         ):
             found.append((node.lineno, node.args[0].value))
     return found
@@ -88,9 +91,19 @@ def test_the_gpu_extra_pins_the_seams_range():
 
 
 def test_the_seam_names_every_internal_it_promises():
-    for name in ("Pooler", "PoolingParamsUpdate", "VllmModelForPooling", "batched_count_greater_than",
-                 "PoolingMetadata", "PoolingStates", "PoolingRunner", "InputBatch", "InputBuffers", "ModelConfig",
-                 "PoolerConfig"):
+    for name in (
+        "Pooler",
+        "PoolingParamsUpdate",
+        "VllmModelForPooling",
+        "batched_count_greater_than",
+        "PoolingMetadata",
+        "PoolingStates",
+        "PoolingRunner",
+        "InputBatch",
+        "InputBuffers",
+        "ModelConfig",
+        "PoolerConfig",
+    ):
         assert getattr(vllm_seam, name) is not None
     assert "LlamaForCausalLM" in vllm_seam.supported_archs()
     assert (vllm_seam.RUNNER, vllm_seam.TASK, vllm_seam.TOKEN_POOLING) == ("pooling", "token_classify", "ALL")

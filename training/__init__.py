@@ -35,13 +35,23 @@ from typing import Any
 _EXPORTS = {
     "collate_topk": "collate",
     "TopkDataset": "dataset",
-    "ChunkedKDLoss": "losses", "SampledKDLoss": "losses", "TopkRenormKLLoss": "losses", "TopkTailKLLoss": "losses",
-    "kd_loss": "losses", "sampled_kd_loss": "losses",
+    "ChunkedKDLoss": "losses",
+    "SampledKDLoss": "losses",
+    "TopkRenormKLLoss": "losses",
+    "TopkTailKLLoss": "losses",
+    "kd_loss": "losses",
+    "sampled_kd_loss": "losses",
     "OnlineTeacher": "online",
-    "DistillationTrainer": "trainer", "default_kd_loss": "trainer",
-    "TAIL_FLOOR": "reader", "RowGroupArrays": "reader", "cache_metadata_of": "reader", "join_windows": "reader",
-    "row_group_arrays": "reader", "shard_paths": "reader",
-    "assert_same_tokenizer": "tokenizer", "check_alignment": "tokenizer",
+    "DistillationTrainer": "trainer",
+    "default_kd_loss": "trainer",
+    "TAIL_FLOOR": "reader",
+    "RowGroupArrays": "reader",
+    "cache_metadata_of": "reader",
+    "join_windows": "reader",
+    "row_group_arrays": "reader",
+    "shard_paths": "reader",
+    "assert_same_tokenizer": "tokenizer",
+    "check_alignment": "tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -60,7 +70,9 @@ def __getattr__(name: str) -> Any:
         extra = _EXTRA_OF.get(exc.name)
         if extra is None:
             raise
-        raise ImportError(f"teacher_farm.training.{name} needs {exc.name}: pip install 'teacher-farm[{extra}]'") from exc
+        raise ImportError(
+            f"teacher_farm.training.{name} needs {exc.name}: pip install 'teacher-farm[{extra}]'"
+        ) from exc
     globals()[name] = value
     return value
 

@@ -12,7 +12,10 @@ from teacher_farm.training.reader import SAMPLE_COLUMNS, TAIL_FLOOR
 
 
 def collate_topk(
-    batch: Sequence[dict[str, torch.Tensor]], pad_id: int = 0, *, pad_to_multiple_of: int | None = None,
+    batch: Sequence[dict[str, torch.Tensor]],
+    pad_id: int = 0,
+    *,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pad a list of :class:`TopkDataset` items to the longest one (B sequences, T positions).
 

@@ -13,7 +13,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from teacher_farm.schemas.cache_dir import CacheDir
 from teacher_farm.schemas.errors import InputError
-from teacher_farm.schemas.reader import COLUMNS, SAMPLE_COLUMNS, RowGroupArrays, join_windows, row_group_arrays
+from teacher_farm.schemas.reader import (
+    COLUMNS,
+    SAMPLE_COLUMNS,
+    RowGroupArrays,
+    join_windows,
+    row_group_arrays,
+)
 
 
 def _units(paths: Sequence[Path]) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -50,7 +56,12 @@ def _per_rank(total: int, world_size: int, drop_last: bool) -> int:
 
 
 def reader_share(
-    sizes: np.ndarray, order: np.ndarray, rank: int, world_size: int, worker: int = 0, workers: int = 1,
+    sizes: np.ndarray,
+    order: np.ndarray,
+    rank: int,
+    world_size: int,
+    worker: int = 0,
+    workers: int = 1,
     drop_last: bool = False,
 ) -> list[tuple[int, int, int]]:
     """The items one reader yields in an epoch: ``(unit, first, end)`` spans, in the epoch's order.
@@ -72,8 +83,12 @@ def reader_share(
     while lo < hi:  # past the end, the padding wraps around to the epoch's first items
         a = lo % total
         b = min(a + hi - lo, total)
-        for j in range(int(np.searchsorted(ends, a, side="right")), int(np.searchsorted(starts, b, side="left"))):
-            spans.append((int(order[j]), int(max(a, starts[j]) - starts[j]), int(min(b, ends[j]) - starts[j])))
+        for j in range(
+            int(np.searchsorted(ends, a, side="right")), int(np.searchsorted(starts, b, side="left"))
+        ):
+            spans.append(
+                (int(order[j]), int(max(a, starts[j]) - starts[j]), int(min(b, ends[j]) - starts[j]))
+            )
         lo += b - a
     return spans
 
@@ -120,9 +135,16 @@ class TopkDataset(IterableDataset):
     """
 
     def __init__(
-        self, cache_dir: str | Path, *, renormalize: bool = False, shuffle_shards: bool = False,
-        seed: int = 0, max_length: int | None = None,
-        rank: int | None = None, world_size: int | None = None, join_windows: bool = False,
+        self,
+        cache_dir: str | Path,
+        *,
+        renormalize: bool = False,
+        shuffle_shards: bool = False,
+        seed: int = 0,
+        max_length: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        join_windows: bool = False,
         drop_last: bool = False,
     ) -> None:
         super().__init__()
@@ -136,7 +158,9 @@ class TopkDataset(IterableDataset):
         # Join mode deals whole lines: the rows where each line starts, per row group.
         self._line_starts = _line_starts(self.paths, self.units) if join_windows else None
         #: What the shares are counted in, per row group: rows, or lines with ``join_windows``.
-        self.unit_sizes = rows if self._line_starts is None else np.array([len(x) for x in self._line_starts], np.int64)
+        self.unit_sizes = (
+            rows if self._line_starts is None else np.array([len(x) for x in self._line_starts], np.int64)
+        )
         _check_shards_agree(cache, self.paths)
         #: The first shard's metadata as stored, for people.
         self.metadata = cache.shard_metadata(self.paths[0]) if self.paths else {}
@@ -223,7 +247,10 @@ def _check_shards_agree(cache: CacheDir, paths: Sequence[Path]) -> None:
 
 
 def sequence_items(
-    a: RowGroupArrays, max_length: int | None, temperature: float = 1.0, source: Sequence[str | None] | None = None,
+    a: RowGroupArrays,
+    max_length: int | None,
+    temperature: float = 1.0,
+    source: Sequence[str | None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Slice a converted row group into per-sequence tensors (one loop step per row, none per token).
 
@@ -231,8 +258,13 @@ def sequence_items(
     """
     import torch
 
-    per_position = {"input_ids": a.input_ids, "topk_ids": a.topk_ids, "topk_logprobs": a.topk_logprobs,
-                    "tail_logprob": a.tail_logprob, "kept": a.kept}
+    per_position = {
+        "input_ids": a.input_ids,
+        "topk_ids": a.topk_ids,
+        "topk_logprobs": a.topk_logprobs,
+        "tail_logprob": a.tail_logprob,
+        "kept": a.kept,
+    }
     per_position = {k: torch.from_numpy(v) for k, v in per_position.items() if v is not None}
     samples = {k: torch.from_numpy(getattr(a, k)) for k in SAMPLE_COLUMNS if getattr(a, k) is not None}
     targets = torch.from_numpy(a.target_logprobs)
@@ -249,7 +281,7 @@ def sequence_items(
         if samples:
             width = int(a.sample_lengths[start:end].max())
             item.update({k: v[start:end, :width].clone() for k, v in samples.items()})
-        item["target_logprobs"] = targets[t0:t0 + end - start - 1].clone()
+        item["target_logprobs"] = targets[t0 : t0 + end - start - 1].clone()
         item["line"] = torch.tensor(int(a.line[r]))
         item["temperature"] = temp.clone()
         if source is not None:

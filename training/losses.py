@@ -39,7 +39,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "ChunkedKDLoss", "SampledKDLoss", "TopkRenormKLLoss", "TopkTailKLLoss", "cache_temperature", "kd_loss",
+    "ChunkedKDLoss",
+    "SampledKDLoss",
+    "TopkRenormKLLoss",
+    "TopkTailKLLoss",
+    "cache_temperature",
+    "kd_loss",
     "sampled_kd_loss",
 ]
 
@@ -96,11 +101,14 @@ class _KDLoss(torch.nn.Module):
         if missing:
             raise ValueError(
                 f"{type(self).__name__} needs {', '.join(missing)} in the batch: "
-                + ("a cache written with --targets sampled or both" if "sample_ids" in missing
-                   else "a cache written with --sample-logprobs (the teacher's logprobs of its draws), which "
-                   "this one was not; without entropy=True the loss needs only the draws"
-                   if missing == ["sample_logprobs"]
-                   else "a cache written with --targets topk or both")
+                + (
+                    "a cache written with --targets sampled or both"
+                    if "sample_ids" in missing
+                    else "a cache written with --sample-logprobs (the teacher's logprobs of its draws), which "
+                    "this one was not; without entropy=True the loss needs only the draws"
+                    if missing == ["sample_logprobs"]
+                    else "a cache written with --targets topk or both"
+                )
             )
         want = tuple(batch["attention_mask"].shape)
         if tuple(student_logits.shape[:2]) != want:
@@ -109,7 +117,9 @@ class _KDLoss(torch.nn.Module):
             )
         return cache_temperature(batch, self.temperature)
 
-    def sum_and_count(self, logits: torch.Tensor, batch: Batch, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def sum_and_count(
+        self, logits: torch.Tensor, batch: Batch, T: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked sum of the per-position loss over ``logits`` (B, t, V), and the number of positions."""
         mask = batch["attention_mask"].to(logits.device).bool()
         if "kept_mask" in batch:  # a position rule kept targets at these positions only
@@ -126,7 +136,9 @@ class _KDLoss(torch.nn.Module):
 
 
 def _on(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 class TopkTailKLLoss(_KDLoss):
@@ -153,7 +165,10 @@ class TopkTailKLLoss(_KDLoss):
         # The top-k's shape times their mass 1 - p_tail: the raw logprobs again, from raw and from
         # renormalised rows alike.
         t_top = torch.log1p(-t_tail.exp()).clamp_min(_LOG_ZERO)
-        t_lp = F.log_softmax(batch["topk_logprobs"][:, :t].float().clamp_min(_LOG_ZERO), dim=-1) + t_top[..., None]
+        t_lp = (
+            F.log_softmax(batch["topk_logprobs"][:, :t].float().clamp_min(_LOG_ZERO), dim=-1)
+            + t_top[..., None]
+        )
         z = logits / T
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         s_lp = z.gather(-1, ids) - lse
@@ -221,7 +236,9 @@ class SampledKDLoss(_KDLoss):
             per = per + (w * t_lp).sum(-1)
         return per
 
-    def sum_and_count(self, logits: torch.Tensor, batch: Batch, T: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def sum_and_count(
+        self, logits: torch.Tensor, batch: Batch, T: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         has = batch["sample_counts"][:, : logits.shape[1]].sum(-1) > 0
         batch = {**batch, "attention_mask": batch["attention_mask"].bool() & has}
         return super().sum_and_count(logits, batch, T)
@@ -248,7 +265,8 @@ class ChunkedKDLoss(torch.nn.Module):
         """Mean per-position loss over ``batch["attention_mask"]``: a 0-d float32 tensor."""
         chunks = (
             list(student_logits.chunk(self.num_output_chunks, dim=1))
-            if isinstance(student_logits, torch.Tensor) else list(student_logits)
+            if isinstance(student_logits, torch.Tensor)
+            else list(student_logits)
         )
         if not chunks:
             raise ValueError("no logits")
@@ -282,7 +300,10 @@ def _slice(value: torch.Tensor, start: int, stop: int, B: int, T: int) -> torch.
 
 
 def kd_loss(
-    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float | None = None, tail: bool = True,
+    student_logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    temperature: float | None = None,
+    tail: bool = True,
 ) -> torch.Tensor:
     """Forward KL(teacher || student) per position from the cached top-k, mean over the attention mask.
 
@@ -299,7 +320,9 @@ def kd_loss(
 
 
 def sampled_kd_loss(
-    student_logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float | None = None,
+    student_logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    temperature: float | None = None,
     entropy: bool = False,
 ) -> torch.Tensor:
     """Random-Sampling KD from cached draws (:class:`SampledKDLoss`), mean over the attention mask.

@@ -90,11 +90,26 @@ class OnlineTeacher:
     """
 
     def __init__(
-        self, batches: Iterable[Any], servers: str | Sequence[str], *, k: int = 16, temperature: float = 1.0,
-        targets: str = "topk", samples: int = 64, seed: int = 0, api_key: str | None = None, prefetch: int = 4,
-        renormalize: bool = False, pad_id: int = 0, pad_to_multiple_of: int | None = None,
-        logprob_dtype: str = "float32", retry_for_s: float = 600.0, timeout_s: float = 600.0,
-        rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+        self,
+        batches: Iterable[Any],
+        servers: str | Sequence[str],
+        *,
+        k: int = 16,
+        temperature: float = 1.0,
+        targets: str = "topk",
+        samples: int = 64,
+        seed: int = 0,
+        api_key: str | None = None,
+        prefetch: int = 4,
+        renormalize: bool = False,
+        pad_id: int = 0,
+        pad_to_multiple_of: int | None = None,
+        logprob_dtype: str = "float32",
+        retry_for_s: float = 600.0,
+        timeout_s: float = 600.0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
@@ -168,9 +183,13 @@ class OnlineTeacher:
         if round_ and not self.drop_last:
             yield round_[rank % len(round_)]
 
-    async def _fetch(self, pool: TeacherPool, seqs: list[np.ndarray], lines: list[int]) -> dict[str, torch.Tensor]:
+    async def _fetch(
+        self, pool: TeacherPool, seqs: list[np.ndarray], lines: list[int]
+    ) -> dict[str, torch.Tensor]:
         table = await pool.score_ids(
-            [(str(i), s) for i, s in enumerate(seqs)], self.scoring, wire_dtype=self.logprob_dtype,
+            [(str(i), s) for i, s in enumerate(seqs)],
+            self.scoring,
+            wire_dtype=self.logprob_dtype,
         )
         return await asyncio.to_thread(self._collate, table, seqs, lines)
 

@@ -73,9 +73,13 @@ class DistillationTrainer(transformers.Trainer):
     """
 
     def __init__(
-        self, model: Any = None, args: transformers.TrainingArguments | None = None, *,
+        self,
+        model: Any = None,
+        args: transformers.TrainingArguments | None = None,
+        *,
         kd_loss: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
-        alpha: float = 0.5, **kwargs: Any,
+        alpha: float = 0.5,
+        **kwargs: Any,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha is the weight of the distillation loss, in [0, 1]; got {alpha}")
@@ -97,7 +101,8 @@ class DistillationTrainer(transformers.Trainer):
         self.alpha = float(alpha)
         #: Each loss part of every micro-batch since the last log, by mode.
         self._parts: dict[str, dict[str, list[torch.Tensor]]] = {
-            "train": defaultdict(list), "eval": defaultdict(list),
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
         }
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
@@ -126,7 +131,10 @@ class DistillationTrainer(transformers.Trainer):
             )
 
     def compute_loss(
-        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor | Any], return_outputs: bool = False,
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """``alpha * kd + (1 - alpha) * ce`` on one micro-batch of :func:`collate_topk`."""
