@@ -55,6 +55,31 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels.active().top_k(x, k)
 
 
+def rank_of(
+    lp: torch.Tensor,
+    target_lp: torch.Tensor,
+    top_lp: torch.Tensor,
+    count: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = count_at_least,
+) -> torch.Tensor:
+    """Each row's rank of its target (1 = the argmax; ties rank together, as vLLM's prompt logprobs
+    count them): how many logprobs are >= the target's.
+
+    Where the target is above the row's k-th largest value, every value >= it is among the top k,
+    so the top k alone give the count; only the other rows pass over the vocabulary again. A trained
+    teacher's next token is in its top 16 at most positions (84% for SmolLM2-135M on real text).
+    """
+    if top_lp.shape[1] == 0:
+        return count(lp, target_lp)
+    inside = target_lp[:, 0] > top_lp[:, -1]
+    ranks = (top_lp >= target_lp).sum(dim=-1)
+    outside = (~inside).nonzero()[:, 0]
+    if len(outside) * 2 > len(inside):  # most rows: one pass over all, no copy of their rows
+        return torch.where(inside, ranks, count(lp, target_lp))
+    if len(outside):
+        ranks[outside] = count(lp[outside], target_lp[outside])
+    return ranks
+
+
 def reduce_rows(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -85,8 +110,7 @@ def reduce_rows(
     lp = torch.log_softmax(lp, dim=-1)
     top_lp, top_ids = top_k(lp, layout.k)
     target_lp = lp.gather(1, targets.to(torch.int64)[:, None])
-    # Rank 1 is the argmax; ties rank together, as vLLM's prompt logprobs count them.
-    target_rank = count(lp, target_lp).to(torch.int32)[:, None]
+    target_rank = rank_of(lp, target_lp, top_lp, count).to(torch.int32)[:, None]
     out = torch.empty((lp.shape[0], layout.width), dtype=torch.int32, device=lp.device)
     out[:, layout.topk_ids] = top_ids.to(torch.int32)
     out[:, layout.topk_logprobs] = top_lp.view(torch.int32)

@@ -81,3 +81,20 @@ def test_select_uses_the_choice_for_the_reduction_and_reports_it(tmp_path, monke
     assert summary["vocab"] == 1024 and summary["rows"] == 32 and set(summary["topk"]) == {"16", "64"}
     x = rows_with_ties(2)[:, :1024]
     assert torch.equal(chosen.top_k(x, 40)[0], x.topk(40, dim=-1).values)
+
+
+@pytest.mark.parametrize("k", [0, 1, 16, 64])
+@pytest.mark.parametrize("peak", [0.5, 4.0, 12.0])
+def test_ranks_from_the_top_k_where_the_target_is_in_it_equal_the_full_count(k, peak):
+    from teacher_farm.server.reduce import rank_of
+
+    g = torch.Generator().manual_seed(k)
+    lp = torch.log_softmax(torch.randn(300, 2000, generator=g) * peak, dim=-1)
+    lp[5] = lp[5, 0]  # a row of ties
+    lp[6, :40] = lp[6].max()  # ties at the top, beyond k
+    argmax_or_any = torch.where(
+        torch.rand(300, generator=g) < 0.8, lp.argmax(-1), torch.randint(0, 2000, (300,), generator=g)
+    )
+    target = lp.gather(1, argmax_or_any[:, None])
+    top = lp.topk(k, dim=-1).values
+    assert torch.equal(rank_of(lp, target, top), kernels.count_at_least(lp, target))
