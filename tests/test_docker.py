@@ -474,7 +474,7 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
         "http://node-b:8000",
     ]
     pairs = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--") and a != "--server"}
-    assert pairs["--num-shards"] == "4" and pairs["--shard-index"] == "2"
+    assert pairs["--parts"] == "4" and pairs["--part"] == "2"
     assert pairs["--input"] == "/shared/corpus.jsonl" and pairs["--out"] == "/shared/cache"
     assert pairs["--k"] == "32" and pairs["--concurrency"] == "32"
 
@@ -482,15 +482,12 @@ def test_cache_array_task_gets_its_shard_and_every_server(stubs):
     from teacher_farm.cli import cache_parser
 
     parser = cache_parser()
-    if "--num-shards" not in parser._option_string_actions:
-        pytest.skip(
-            "teacher_farm/cli.py has no --num-shards/--shard-index yet: the command line is unchecked"
-        )
     try:
         parsed = parser.parse_args(args[1:])
     except SystemExit:
         pytest.fail(f"`teacher-farm cache` rejects {shlex.join(args[1:])}")
     assert parsed.server == ["http://node-a:8000", "http://node-b:8000"], "--server must accumulate"
+    assert (parsed.parts, parsed.part) == (4, 2)
 
 
 def test_cache_array_gives_up_without_servers(stubs):
