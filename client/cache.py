@@ -1,10 +1,12 @@
-"""``teacher-farm cache``: a corpus (JSONL and Parquet files) in, Parquet shards of teacher top-k out, resumably.
+"""``teacher-farm cache``: a corpus (JSONL and Parquet files) in, Parquet shards of teacher top-k out,
+resumably.
 
 The input (every file, in sorted order, as one stream of lines) is split into fixed ranges of
-``rows_per_shard`` lines; shard j holds lines ``[j*R, (j+1)*R)`` of that stream. Requests of a few lines each stay in flight (``concurrency``), and one writer
-takes their answers in input order, so memory is bounded by the requests in flight and one row
-group. A shard is renamed into place when complete and only then named in the manifest: a rerun
-skips named shards and redoes the rest, so every good line lands exactly once.
+``rows_per_shard`` lines; shard j holds lines ``[j*R, (j+1)*R)`` of that stream. Requests of a few
+lines each stay in flight (``concurrency``), and one writer takes their answers in input order, so
+memory is bounded by the requests in flight and one row group. A shard is renamed into place when
+complete and only then named in the manifest: a rerun skips named shards and redoes the rest, so
+every good line lands exactly once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -56,6 +58,7 @@ from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.windows import default_stride, window_starts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REJECTS = "rejects.jsonl"
 #: A run split into N client processes marks its directory ``.num-shards-N`` (``CacheRun._claim_split``).
@@ -199,7 +202,8 @@ class Summary:
 def input_size(files: list[InputFile]) -> int | None:
     """Bytes a run reads when known up front (plain files only), for the progress ETA."""
     sizes = [f.plain_size for f in files]
-    return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+    known = [s for s in sizes if s is not None]
+    return sum(known) if len(known) == len(sizes) else None
 
 
 def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterator[Batch]:
@@ -230,7 +234,8 @@ def make_batches(records: Iterable[Line | Reject], opts: CacheOptions) -> Iterat
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one ``/v1/topk`` request may hold (``Info``): the defaults are those of a server that did not say."""
+    """What one ``/v1/topk`` request may hold (``Info``): the defaults are those of a server that did not
+    say."""
 
     tokens: int = 262_144
     inputs: int = 1024
@@ -246,14 +251,21 @@ class RequestLimits:
         return out + [slice(start, len(lengths))] if lengths else out
 
 
+#: A batch's result rows (or None) and the lines the server refused as bad.
+Scored = tuple[pa.Table | None, list[Reject]]
+#: A batch on its way through the pipeline, and the request scoring it.
+_Scoring = tuple[Batch, asyncio.Task[Scored]]
+
+
 async def score_batch(
     teacher: Teacher,
     batch: Batch,
     opts: CacheOptions,
     max_length: int,
     limits: RequestLimits = RequestLimits(),
-) -> tuple[pa.Table | None, list[Reject]]:
-    """The batch's result rows (with ``line``, ``source``, ``offset``), and the lines the server refused as bad."""
+) -> Scored:
+    """The batch's result rows (with ``line``, ``source``, ``offset``), and the lines the server refused as
+    bad."""
     if not batch.lines:
         return None, []
     try:
@@ -284,11 +296,14 @@ async def score_batch(
 
 
 async def full_ids(teacher: Teacher, line: Line) -> np.ndarray:
-    """A line's whole token sequence, as the teacher scores it: a text's or a chat record's tokens, or its own ids."""
-    if line.kind == "ids":
-        return line.input_ids  # type: ignore[return-value]
-    tokenize = teacher.tokenize_chat if line.kind == "chat" else teacher.tokenize
-    return np.asarray(await tokenize(line.content), np.int32)  # type: ignore[arg-type]
+    """A line's whole token sequence, as the teacher scores it: a text's or a chat record's tokens, or its own
+    ids."""
+    if line.input_ids is not None:
+        return line.input_ids
+    if line.messages is not None:
+        return np.asarray(await teacher.tokenize_chat(line.messages), np.int32)
+    assert line.text is not None, "a text line holds its text"
+    return np.asarray(await teacher.tokenize(line.text), np.int32)
 
 
 async def split_long_lines(
@@ -381,8 +396,9 @@ class LineHashes:
         rec = self.done.get(self._shard)
         if rec is not None and rec.input_sha256 is not None and rec.input_sha256 != digest:
             raise CacheMismatch(
-                f"{self.where}: input lines {rec.first_line}..{rec.end_line - 1} (shard {rec.index}) differ from "
-                "those its finished shard was made from: the input changed since. Restore it, or cache it into a new --out"
+                f"{self.where}: input lines {rec.first_line}..{rec.end_line - 1} (shard {rec.index}) differ "
+                "from those its finished shard was made from: the input changed since. Restore it, or cache "
+                "it into a new --out"
             )
 
 
@@ -417,7 +433,8 @@ class CacheRun:
         self.limits = RequestLimits(info.max_tokens_per_request, info.max_inputs_per_request)
         if opts.max_length and opts.max_length > info.max_input_tokens:
             log.warning(
-                "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d tokens",
+                "--max-length %d is over what the teacher holds (max_model_len %d); truncating lines to %d "
+                "tokens",
                 opts.max_length,
                 info.max_model_len,
                 max_length,
@@ -446,7 +463,7 @@ class CacheRun:
             parts=opts.parts,
             long_lines=opts.long_lines,
             stride=stride,
-            inputs=tuple(InputFingerprint(**f.fingerprint()) for f in self.files),
+            inputs=tuple(InputFingerprint.model_validate(f.fingerprint()) for f in self.files),
         )
         name = manifest_name(opts.parts, opts.part)
         others = load_manifests(self.out)
@@ -512,8 +529,8 @@ class CacheRun:
             theirs = ", ".join(o[len(SPLIT_MARKER) :] for o in others)
             self._unmark()
             raise CacheMismatch(
-                f"{self.out} is (being) written by a run split into --num-shards {theirs}, not {self.opts.parts}: "
-                "use the original split or a new --out"
+                f"{self.out} is (being) written by a run split into --num-shards {theirs}, not "
+                f"{self.opts.parts}: use the original split or a new --out"
             )
 
     def _unmark(self) -> None:
@@ -526,10 +543,10 @@ class CacheRun:
     def _remove_unfinished(self, name: str) -> None:
         """Remove this part's temporary files left by a run that died (its lock is now ours): new ones are
         created exclusively, so a file found later belongs to another writer."""
-        N, I = self.opts.parts, self.opts.part
+        N, P = self.opts.parts, self.opts.part
         for tmp in self.out.glob(".part-*.parquet.tmp"):
             index = tmp.name[len(".part-") : -len(".parquet.tmp")]
-            if index.isdigit() and int(index) % N == I:
+            if index.isdigit() and int(index) % N == P:
                 tmp.unlink(missing_ok=True)
         (self.out / f".{name}.tmp").unlink(missing_ok=True)
         manifest = load_manifests(self.out).get(name)
@@ -546,8 +563,9 @@ class CacheRun:
             why = exc.strerror or str(exc)
             raise OutputWriteError(
                 f"cannot write {path}: {why}; this run had written {self.bytes_written:,} bytes of finished "
-                f"shards before it stopped, all named in the manifest (nothing unfinished is). Free space (or "
-                f"make {self.out} writable) and run the same command again: it resumes where this one stopped"
+                "shards before it stopped, all named in the manifest (nothing unfinished is). Free space "
+                f"(or make {self.out} writable) and run the same command again: it resumes where this one "
+                "stopped"
             ) from exc
 
     async def _run(self) -> Summary:
@@ -564,15 +582,15 @@ class CacheRun:
             f.truncate(manifest.rejects_bytes)
         new_tokens = 0
         if not manifest.complete:
-            R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
-            self.hashes = LineHashes(R, lambda j: j % N == I, manifest.shards, self.out)
+            R, N, P = self.opts.rows_per_shard, self.opts.parts, self.opts.part
+            self.hashes = LineHashes(R, lambda j: j % N == P, manifest.shards, self.out)
             records = _then(
                 read_inputs(
                     self.files,
                     text_field=self.opts.text_field,
                     id_field=self.opts.id_field,
                     ids_field=self.opts.ids_field,
-                    skip=lambda n: (n // R) % N != I or n // R in done,
+                    skip=lambda n: (n // R) % N != P or n // R in done,
                     tap=self.hashes.feed,
                 ),
                 self.hashes.close,
@@ -617,7 +635,7 @@ class CacheRun:
         cache as it was (the stray files are replaced by the next try), one after it is completed by
         the next run (``rejects_pending``). So every line is cached, or a reject, exactly once.
         """
-        R, N, I = self.opts.rows_per_shard, self.opts.parts, self.opts.part
+        R, N, P = self.opts.rows_per_shard, self.opts.parts, self.opts.part
         path = self.out / self.opts.rejects_name
         with open_nofollow(path) as f:
             committed = f.read(manifest.rejects_bytes)
@@ -637,7 +655,7 @@ class CacheRun:
         known = [rec.index for m in load_manifests(self.out).values() for rec in m.shards.values()]
         last_line = max(rec.end_line for m in load_manifests(self.out).values() for rec in m.shards.values())
         index = max([*known, -(-last_line // R) + N]) + 1
-        index += (I - index) % N  # a shard of this part: past every shard any part has or will have
+        index += (P - index) % N  # a shard of this part: past every shard any part has or will have
         # One shard of the retried lines, in their input order, whatever their number.
         width = max(R, len(records))
         lines = [dataclasses.replace(rec, index=index * width + k) for k, rec in enumerate(records)]
@@ -675,7 +693,9 @@ class CacheRun:
         manifest.rejects_pending, manifest.rejects_bytes = pending, len(data)
 
     def _finish_rejects_rewrite(self, manifest: Manifest) -> None:
-        """Rename a committed, rewritten rejects file into place (again, after a crash) and say so in the manifest."""
+        """Rename a committed, rewritten rejects file into place (again, after a crash) and say so in the
+        manifest."""
+        assert manifest.rejects_pending is not None, "a rewrite of the rejects is pending"
         pending = self.out / manifest.rejects_pending
         if pending.exists():
             os.replace(pending, self.out / self.opts.rejects_name)
@@ -688,9 +708,9 @@ class CacheRun:
     ) -> int:
         """Keep ``concurrency`` requests in flight; write answers in input order."""
         slots = asyncio.Semaphore(self.opts.concurrency)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[_Scoring | None] = asyncio.Queue()
         writer = asyncio.create_task(self._write_in_order(queue, slots, manifest, schema))
-        in_flight: set[asyncio.Task] = set()
+        in_flight: set[asyncio.Task[Scored]] = set()
         try:
             for batch in batches:
                 acquire = asyncio.ensure_future(slots.acquire())
@@ -707,15 +727,19 @@ class CacheRun:
             queue.put_nowait(None)
             return await writer
         finally:
-            for task in (*in_flight, writer):
-                task.cancel()
+            for pending in (*in_flight, writer):
+                pending.cancel()
 
     async def _write_in_order(
-        self, queue: asyncio.Queue, slots: asyncio.Semaphore, manifest: Manifest, schema: pa.Schema
+        self,
+        queue: asyncio.Queue[_Scoring | None],
+        slots: asyncio.Semaphore,
+        manifest: Manifest,
+        schema: pa.Schema,
     ) -> int:
         shard: ShardWriter | None = None
         rejects: list[Reject] = []
-        first_line = None
+        first_line = 0  # the first line of the shard being written, set as it opens
         tokens = 0
         while (item := await queue.get()) is not None:
             batch, task = item
@@ -728,8 +752,9 @@ class CacheRun:
                 except OutputWriteError as exc:
                     if isinstance(exc.__cause__, FileExistsError):
                         raise OutputLocked(
-                            f"{self.out / ('.' + shard_name(batch.shard) + '.tmp')} appeared while this run held "
-                            "the lock: another writer is caching into the same directory; run one at a time"
+                            f"{self.out / ('.' + shard_name(batch.shard) + '.tmp')} appeared while this run "
+                            "held the lock: another writer is caching into the same directory; run one at a "
+                            "time"
                         ) from exc
                     raise
                 first_line = batch.shard * self.opts.rows_per_shard
@@ -792,7 +817,7 @@ class CacheRun:
             return f.tell()
 
 
-def _then(items: Iterable, done: Callable[[], None]) -> Iterator:
+def _then(items: Iterable[T], done: Callable[[], None]) -> Iterator[T]:
     """``items``, then ``done()`` once they are exhausted."""
     yield from items
     done()

@@ -35,7 +35,12 @@ Row = dict[str, Any]
 def split_rows(a: RowGroupArrays, ids: list[str | None]) -> list[Row]:
     """The rows of converted cache rows (``row_group_arrays(..., ranks=True)``) as dicts of array views."""
     rows = []
-    width = np.arange(a.sample_ids.shape[1]) if a.sample_ids is not None else None
+    ranks = a.target_ranks
+    assert ranks is not None, "rows converted with ranks=True"
+    samples = None
+    if a.sample_ids is not None:
+        assert a.sample_lengths is not None and a.sample_counts is not None  # held with the ids
+        samples = np.arange(a.sample_ids.shape[1]), a.sample_lengths, a.sample_ids, a.sample_counts
     for r in range(a.rows):
         p0, p1 = int(a.offsets[r]), int(a.offsets[r + 1])
         t0, t1 = int(a.target_offsets[r]), int(a.target_offsets[r + 1])
@@ -44,19 +49,20 @@ def split_rows(a: RowGroupArrays, ids: list[str | None]) -> list[Row]:
             "line": int(a.line[r]),
             "input_ids": a.input_ids[p0:p1],
             "target_logprobs": a.target_logprobs[t0:t1],
-            "target_ranks": a.target_ranks[t0:t1],
+            "target_ranks": ranks[t0:t1],
         }
         if a.kept is not None:
             row["kept"] = a.kept[p0:p1]
-        if a.topk_ids is not None:
+        if a.topk_ids is not None and a.topk_logprobs is not None:
             row["topk_ids"], row["topk_logprobs"] = a.topk_ids[p0:p1], a.topk_logprobs[p0:p1]
-        if width is not None:
-            lengths = a.sample_lengths[p0:p1]
+        if samples is not None:
+            width, sample_lengths, sample_ids, sample_counts = samples
+            lengths = sample_lengths[p0:p1]
             drawn = width < lengths[:, None]  # the padded block's filled slots, position by position
             row.update(
                 sample_lengths=lengths,
-                sample_ids=a.sample_ids[p0:p1][drawn],
-                sample_counts=a.sample_counts[p0:p1][drawn],
+                sample_ids=sample_ids[p0:p1][drawn],
+                sample_counts=sample_counts[p0:p1][drawn],
             )
         rows.append(row)
     return rows
@@ -71,7 +77,8 @@ def without_topk(row: Row) -> Row:
 def _near(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> np.ndarray:
     """``a`` within ``tol`` of ``b``, elementwise; equal values (two -inf) are near."""
     with np.errstate(invalid="ignore"):
-        return (a == b) | (np.abs(a - b) <= tol)
+        near: np.ndarray = (a == b) | (np.abs(a - b) <= tol)
+    return near
 
 
 def _where(positions: np.ndarray, describe: Callable[..., str]) -> str:
@@ -183,7 +190,8 @@ def _found_across(
     last visible place) ties with the last candidate there."""
     eq = ids == want[:, None]
     found = (eq & _near(lps, want_lp[:, None], want_tol[:, None])).any(axis=1)
-    return found | (~eq.any(axis=1) & _near(lps[:, last], want_lp, want_tol))
+    hit: np.ndarray = found | (~eq.any(axis=1) & _near(lps[:, last], want_lp, want_tol))
+    return hit
 
 
 def _id_problems(cached: Row, fresh: Row, v: _Values, n: int, k: int) -> list[str]:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
+from typing import IO
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,7 +28,7 @@ def create_exclusive(path: Path) -> int:
     return os.open(path, CREATE_FLAGS, 0o644)
 
 
-def open_nofollow(path: Path, mode: str = "r+b"):
+def open_nofollow(path: Path, mode: str = "r+b") -> IO[bytes]:
     """``path`` opened for reading and writing (created if missing), never through a symbolic link."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     return os.fdopen(fd, mode)

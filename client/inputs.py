@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypeGuard
 
 import numpy as np
 import orjson
@@ -49,7 +49,7 @@ class Line:
     id: str
     text: str | None
     #: A chat record (``[{"role", "content"}, ...]``), rendered by the teacher's chat template.
-    messages: list[dict] | None = field(default=None, compare=False)
+    messages: list[dict[str, str]] | None = field(default=None, compare=False)
     #: Byte offset just past this line in the (uncompressed) input: how far a run has read.
     end: int = field(default=0, compare=False)
     #: A pre-tokenized record: exactly these ids are scored (int32), no tokenizer, no BOS added.
@@ -72,23 +72,26 @@ class Line:
         return "chat" if self.messages is not None else "text"
 
     @property
-    def content(self) -> str | list[dict] | np.ndarray:
+    def content(self) -> str | list[dict[str, str]] | np.ndarray:
         """The record: its text, its chat messages or its token ids."""
-        kind = self.kind
-        content = self.input_ids if kind == "ids" else self.messages if kind == "chat" else self.text
-        return content  # type: ignore[return-value]
+        if self.input_ids is not None:
+            return self.input_ids
+        if self.messages is not None:
+            return self.messages
+        assert self.text is not None, "a text line holds its text"
+        return self.text
 
-    def wire_input(self) -> dict:
+    def wire_input(self) -> dict[str, Any]:
         """The line as a ``/v1/topk`` input (token ids as numpy, which orjson writes)."""
         return {"id": self.id, WIRE_FIELDS[self.kind]: self.content}
 
     def weight(self, per_token_id: int) -> int:
-        """Characters of the record, a token id counting as ``per_token_id`` (what batches and pools weigh)."""
-        kind = self.kind
-        if kind == "ids":
-            return per_token_id * len(self.input_ids)  # type: ignore[arg-type]
-        if kind == "chat":
-            return sum(len(m["content"]) for m in self.messages)  # type: ignore[union-attr]
+        """Characters of the record, a token id counting as ``per_token_id`` (what batches and pools
+        weigh)."""
+        if self.input_ids is not None:
+            return per_token_id * len(self.input_ids)
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages)
         return len(self.text or "")
 
 
@@ -120,7 +123,7 @@ def open_input(path: str | Path) -> BinaryIO:
         return sys.stdin.buffer
     p = Path(path)
     if p.suffix == ".gz":
-        return gzip.open(p, "rb")  # type: ignore[return-value]
+        return gzip.open(p, "rb")  # type: ignore[return-value]  # a GzipFile is a binary stream
     if p.suffix in (".zst", ".zstd"):
         import zstandard
 
@@ -173,8 +176,9 @@ def token_ids_line(number: int, seq_id: str, ids: object, ids_field: str) -> Lin
     return Line(number, seq_id, None, input_ids=arr.astype(np.int32, copy=False))
 
 
-def _chat_line(number: int, seq_id: str, messages: object) -> Line | Reject:
-    ok = (
+def _is_chat(messages: object) -> TypeGuard[list[dict[str, str]]]:
+    """Whether ``messages`` is a non-empty list of ``{"role": str, "content": str}``."""
+    return bool(
         isinstance(messages, list)
         and messages
         and all(
@@ -185,7 +189,10 @@ def _chat_line(number: int, seq_id: str, messages: object) -> Line | Reject:
             for m in messages
         )
     )
-    if not ok:
+
+
+def _chat_line(number: int, seq_id: str, messages: object) -> Line | Reject:
+    if not _is_chat(messages):
         return Reject(
             number, 'field \'messages\' must be a non-empty list of {"role": str, "content": str}', seq_id
         )
@@ -224,7 +231,8 @@ class InputFile:
 
     @property
     def plain_size(self) -> int | None:
-        """Bytes read from it when known up front (plain JSONL; Parquet by its file size), for the progress ETA."""
+        """Bytes read from it when known up front (plain JSONL; Parquet by its file size), for the progress
+        ETA."""
         if self.source == "-" or self.source.endswith(_COMPRESSED):
             return None
         return self.path.stat().st_size
@@ -296,14 +304,16 @@ def check_parquet_columns(files: Sequence[InputFile], text_field: str, id_field:
         names = schema.names
         if text_field not in names and ids_field not in names:
             raise InputError(
-                f"{f.source} has no column '{text_field}' nor '{ids_field}' (its columns: {', '.join(names)}); "
-                "name the text column with --text-field or the token ids column with --ids-field"
+                f"{f.source} has no column '{text_field}' nor '{ids_field}' (its columns: "
+                f"{', '.join(names)}); name the text column with --text-field or the token ids column with "
+                "--ids-field"
             )
         if text_field in names and not (
             pa.types.is_string(t := schema.field(text_field).type) or pa.types.is_large_string(t)
         ):
             raise InputError(
-                f"{f.source}: column '{text_field}' is {t}, not a string column; name the text column with --text-field"
+                f"{f.source}: column '{text_field}' is {t}, not a string column; name the text column with "
+                "--text-field"
             )
         if ids_field in names:
             t = schema.field(ids_field).type
@@ -311,13 +321,15 @@ def check_parquet_columns(files: Sequence[InputFile], text_field: str, id_field:
                 t.value_type
             ):
                 raise InputError(
-                    f"{f.source}: column '{ids_field}' is {t}, not a list of integers; name the token ids column with --ids-field"
+                    f"{f.source}: column '{ids_field}' is {t}, not a list of integers; name the token ids "
+                    "column with --ids-field"
                 )
         if id_field in names:
             t = schema.field(id_field).type
             if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
                 raise InputError(
-                    f"{f.source}: column '{id_field}' is {t}, not strings or integers; name the id column with --id-field"
+                    f"{f.source}: column '{id_field}' is {t}, not strings or integers; name the id column "
+                    "with --id-field"
                 )
 
 
@@ -347,7 +359,9 @@ def read_parquet(
         table = pf.read_row_group(rg, columns=columns)
         texts = table.column(text_field).to_pylist() if text_field in names else None
         ids = table.column(id_field).to_pylist() if id_field in names else None
-        tok_offsets = tok_values = tok_valid = None
+        # Without an ids column no row holds ids.
+        tok_offsets = tok_values = np.zeros(0, np.int64)
+        tok_valid = np.zeros(n, bool)
         if ids_field in names:
             arr = table.column(ids_field).combine_chunks()
             tok_offsets = np.asarray(arr.offsets)
@@ -358,7 +372,7 @@ def read_parquet(
             if skip is not None and skip(number):
                 continue
             seq_id = str(number) if ids is None or ids[i] is None else str(ids[i])
-            if tok_valid is not None and tok_valid[i] and tok_offsets[i + 1] > tok_offsets[i]:
+            if tok_valid[i] and tok_offsets[i + 1] > tok_offsets[i]:
                 seg = tok_values[tok_offsets[i] : tok_offsets[i + 1]]
                 if seg.min() < 0 or seg.max() >= 2**31:
                     yield Reject(
@@ -385,7 +399,8 @@ def read_jsonl(
     skip: Callable[[int], bool] | None = None,
     tap: Callable[[int, bytes], None] | None = None,
 ) -> Generator[Line | Reject, None, int]:
-    """Every line of a JSONL file (plain, .gz, .zst or stdin), without loading it whole; returns the line count.
+    """Every line of a JSONL file (plain, .gz, .zst or stdin), without loading it whole; returns the line
+    count.
 
     ``tap`` sees every line's number and bytes, skipped ones too (what a resumed run checks them by).
     """

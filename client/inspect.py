@@ -44,12 +44,14 @@ def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str
         + (
             ""
             if scoring.targets == "topk"
-            else f", {scoring.samples} draws ({'with' if ident.sample_logprobs else 'without'} their logprobs)"
+            else f", {scoring.samples} draws ({'with' if ident.sample_logprobs else 'without'} "
+            "their logprobs)"
         )
         + f", max length {run.max_length}",
         f"rows:       {manifest.rows} in {len(manifest.shards)} shards, {manifest.rejects} lines rejected",
         f"tokens:     {manifest.tokens}",
-        f"bytes:      {nbytes / 2**20:.1f} MiB, {nbytes / manifest.tokens if manifest.tokens else 0:.1f} bytes/token",
+        f"bytes:      {nbytes / 2**20:.1f} MiB, {nbytes / manifest.tokens if manifest.tokens else 0:.1f} "
+        "bytes/token",
         f"schema:     v{meta.get('schema_version', manifest.schema_version)}: {schema}",
     ]
     return "\n".join(lines), problems

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from teacher_farm.schemas.errors import OutputLocked
 
@@ -46,7 +47,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _describe(holder: dict) -> str:
+def _describe(holder: dict[str, Any]) -> str:
     age = holder.get("heartbeat")
     beat = f", heartbeat {time.time() - age:.0f} s ago" if isinstance(age, (int, float)) else ""
     return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started', '?')}{beat}"
@@ -60,22 +61,29 @@ class OutputLock:
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self._fd: int | None = None
         #: The holder this lock took over from, when the previous one died without letting go.
-        self.took_over: dict | None = None
-        self._me: dict = {}
+        self.took_over: dict[str, Any] | None = None
+        self._me: dict[str, Any] = {}
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         #: Set when the lock file was found naming another writer: this one must stop.
-        self.lost: dict | None = None
+        self.lost: dict[str, Any] | None = None
 
-    def _read(self) -> dict:
+    @property
+    def _held(self) -> int:
+        """The lock file's descriptor, while the lock is held."""
+        assert self._fd is not None, "the lock is not held"
+        return self._fd
+
+    def _read(self) -> dict[str, Any]:
         try:
-            holder = json.loads(os.pread(self._fd, 4096, 0) or b"{}")
+            holder = json.loads(os.pread(self._held, 4096, 0) or b"{}")
             return holder if isinstance(holder, dict) else {}
         except (ValueError, OSError):
             return {}
 
-    def _alive_elsewhere(self, holder: dict) -> bool:
-        """Whether ``holder`` is another live writer: a live pid of this host, or a fresh heartbeat of another."""
+    def _alive_elsewhere(self, holder: dict[str, Any]) -> bool:
+        """Whether ``holder`` is another live writer: a live pid of this host, or a fresh heartbeat of
+        another."""
         if not isinstance(holder.get("pid"), int):
             return False
         if holder.get("host") == socket.gethostname():
@@ -124,9 +132,9 @@ class OutputLock:
 
     def _write(self) -> None:
         data = json.dumps({**self._me, "heartbeat": time.time()}).encode() + b"\n"
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
-        os.fsync(self._fd)
+        os.ftruncate(self._held, 0)
+        os.pwrite(self._held, data, 0)
+        os.fsync(self._held)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -144,14 +152,15 @@ class OutputLock:
         if self.lost is not None:
             raise OutputLocked(
                 f"{self.path.parent}: another teacher-farm cache ({_describe(self.lost)}) took over the lock "
-                f"{self.path} while this one ran; this run stops without committing more. Run one writer at a time"
+                f"{self.path} while this one ran; this run stops without committing more. Run one writer at "
+                "a time"
             )
 
-    def _refusal(self, holder: dict) -> str:
+    def _refusal(self, holder: dict[str, Any]) -> str:
         who = _describe(holder) if holder.get("pid") is not None else "another process"
         return (
-            f"{self.path.parent} is being written by another teacher-farm cache ({who}; lock file {self.path}); "
-            "wait for it to finish or stop it, or choose another --out (or --shard-index)"
+            f"{self.path.parent} is being written by another teacher-farm cache ({who}; lock file "
+            f"{self.path}); wait for it to finish or stop it, or choose another --out (or --shard-index)"
         )
 
     def release(self) -> None:

@@ -57,7 +57,8 @@ class Progress:
                 BarColumn(),
                 TextColumn("{task.percentage:>5.1f}%"),
                 TextColumn(
-                    "{task.fields[lines]:,} lines  {task.fields[tokens]:,} tokens  {task.fields[rate]:,.0f} tok/s"
+                    "{task.fields[lines]:,} lines  {task.fields[tokens]:,} tokens  {task.fields[rate]:,.0f} "
+                    "tok/s"
                 ),
                 TimeRemainingColumn(),
                 transient=True,

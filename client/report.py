@@ -26,6 +26,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +40,11 @@ from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity, read_metadat
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.positions import thicken
 from teacher_farm.schemas.reader import row_groups
+
+if TYPE_CHECKING:  # matplotlib is imported only when a report is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure as PlotFigure
+    from matplotlib.ticker import FuncFormatter
 
 #: Histogram bins of the top-k mass (over [0, 1]) and of the entropy bound (over [0, log(k + 1)]).
 BINS = 50
@@ -233,7 +240,8 @@ class CacheStats:
 
 
 def _bin(values: np.ndarray, top: float) -> np.ndarray:
-    """Counts of ``values`` in ``BINS`` equal bins over [0, top]; beyond either end (rounding): the end bins."""
+    """Counts of ``values`` in ``BINS`` equal bins over [0, top]; beyond either end (rounding): the end
+    bins."""
     idx = np.floor(np.nan_to_num(values, nan=0.0) / top * BINS)
     return np.bincount(np.clip(idx, 0, BINS - 1).astype(np.int64), minlength=BINS)
 
@@ -290,12 +298,13 @@ class Figure:
     png: bytes
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
     except ImportError as exc:
         raise InputError(
-            "--report draws its figures with matplotlib, which is not installed: pip install 'teacher-farm[report]'"
+            "--report draws its figures with matplotlib, which is not installed: pip install "
+            "'teacher-farm[report]'"
         ) from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -303,7 +312,7 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def _png(fig: PlotFigure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     fig.clf()
@@ -313,7 +322,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _thousands():
+def _thousands() -> FuncFormatter:
     from matplotlib.ticker import FuncFormatter
 
     return FuncFormatter(lambda x, _: f"{x:,.0f}")
@@ -336,7 +345,9 @@ def _short_names(sources: list[str | None]) -> list[str]:
     return out
 
 
-def _histogram(plt, edges: np.ndarray, share: np.ndarray, mean: float, color: str, legend: str):
+def _histogram(
+    plt: ModuleType, edges: np.ndarray, share: np.ndarray, mean: float, color: str, legend: str
+) -> tuple[PlotFigure, Axes]:
     fig, ax = plt.subplots(figsize=FIGSIZE)
     ax.bar(
         edges[:-1], share, width=np.diff(edges), align="edge", color=color, edgecolor="white", linewidth=0.3
@@ -346,7 +357,7 @@ def _histogram(plt, edges: np.ndarray, share: np.ndarray, mean: float, color: st
     return fig, ax
 
 
-def _mass_figure(plt, stats: CacheStats) -> Figure:
+def _mass_figure(plt: ModuleType, stats: CacheStats) -> Figure:
     mean = stats.mass_sum / stats.topk_positions
     fig, ax = _histogram(
         plt,
@@ -365,14 +376,14 @@ def _mass_figure(plt, stats: CacheStats) -> Figure:
         title,
         (
             "How much of the teacher's next-token probability the k stored tokens hold, per position: "
-            f"{stats.topk_positions:,} positions in {BINS} bins of width {1 / BINS:g}. The rest (1 − mass) is the "
-            "tail a top-k loss cannot see."
+            f"{stats.topk_positions:,} positions in {BINS} bins of width {1 / BINS:g}. The rest (1 − mass) "
+            "is the tail a top-k loss cannot see."
         ),
         _png(fig),
     )
 
 
-def _entropy_figure(plt, stats: CacheStats) -> Figure:
+def _entropy_figure(plt: ModuleType, stats: CacheStats) -> Figure:
     top = stats.entropy_max
     mean = stats.entropy_sum / stats.topk_positions
     fig, ax = _histogram(
@@ -391,15 +402,15 @@ def _entropy_figure(plt, stats: CacheStats) -> Figure:
         "entropy",
         title,
         (
-            "The entropy of the k stored probabilities p plus the tail mass t as one more outcome. Merging the "
-            "tail's tokens into one bucket can only lower the entropy, so the teacher's full entropy is at least "
-            f"this (equal when the tail is empty). At most log(k + 1) = {top:.3f} nats."
+            "The entropy of the k stored probabilities p plus the tail mass t as one more outcome. Merging "
+            "the tail's tokens into one bucket can only lower the entropy, so the teacher's full entropy is "
+            f"at least this (equal when the tail is empty). At most log(k + 1) = {top:.3f} nats."
         ),
         _png(fig),
     )
 
 
-def _rank_figure(plt, stats: CacheStats) -> Figure:
+def _rank_figure(plt: ModuleType, stats: CacheStats) -> Figure:
     ranks = np.flatnonzero(stats.rank_counts)
     cum = np.cumsum(stats.rank_counts)[ranks] / stats.target_positions
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -431,8 +442,8 @@ def _rank_figure(plt, stats: CacheStats) -> Figure:
         "rank",
         title,
         (
-            f"Exact counts of target_ranks over {stats.target_positions:,} positions (every position but a row's last "
-            "has an actual next token); ties rank together."
+            f"Exact counts of target_ranks over {stats.target_positions:,} positions (every position but a "
+            "row's last has an actual next token); ties rank together."
             + (
                 " Left of the dotted line at k, the actual token is among the stored top-k."
                 if stats.has_topk
@@ -443,7 +454,7 @@ def _rank_figure(plt, stats: CacheStats) -> Figure:
     )
 
 
-def _sources_figure(plt, stats: CacheStats) -> Figure:
+def _sources_figure(plt: ModuleType, stats: CacheStats) -> Figure:
     names = sorted(stats.sources, key=lambda s: (-stats.sources[s][1], s or ""))
     shown, rest = names[:MAX_SOURCE_BARS], names[MAX_SOURCE_BARS:]
     # A '$' in a file name would start matplotlib's mathtext (``a$\foo$`` fails to draw): show it as typed.
@@ -463,14 +474,14 @@ def _sources_figure(plt, stats: CacheStats) -> Figure:
         "sources",
         title,
         (
-            "Tokens stored per input file (the source column), largest first; windows of a long line are counted "
-            "whole, overlap included."
+            "Tokens stored per input file (the source column), largest first; windows of a long line are "
+            "counted whole, overlap included."
         ),
         _png(fig),
     )
 
 
-def _draws_figure(plt, stats: CacheStats) -> Figure:
+def _draws_figure(plt: ModuleType, stats: CacheStats) -> Figure:
     positions = int(stats.distinct_counts.sum())
     d = np.arange(len(stats.distinct_counts))
     n_draws = stats.samples or int(d[-1])
@@ -487,8 +498,8 @@ def _draws_figure(plt, stats: CacheStats) -> Figure:
         "distinct-draws",
         title,
         (
-            "Length of sample_ids at each position: 1 where the teacher is near-certain, up to N where every draw "
-            f"differs. {positions:,} positions."
+            "Length of sample_ids at each position: 1 where the teacher is near-certain, up to N where "
+            f"every draw differs. {positions:,} positions."
         ),
         _png(fig),
     )

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +53,7 @@ def _leaves(schema: pa.Schema) -> list[tuple[str, str, str]]:
     return [(c.path.split(".")[0], c.path, c.physical_type) for c in leaves]
 
 
-def _writer_options(encodings: dict[str, str], compression_level: int) -> dict:
+def _writer_options(encodings: dict[str, str], compression_level: int) -> dict[str, Any]:
     """``pq.ParquetWriter`` keywords giving each leaf path its encoding."""
     return {
         "compression": "zstd",
@@ -85,7 +86,7 @@ def choose_encodings(table: pa.Table, compression_level: int = 3) -> dict[str, s
     return chosen
 
 
-def _size(table: pa.Table, options: dict) -> int:
+def _size(table: pa.Table, options: dict[str, Any]) -> int:
     """Compressed bytes of ``table``'s one column written with ``options``."""
     buf = io.BytesIO()
     pq.write_table(table, buf, **options)

@@ -16,15 +16,22 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 from tenacity.stop import stop_base
 
 from teacher_farm.client.inputs import Line
@@ -48,6 +55,7 @@ from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import Info
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: At the start of a run, a server that refuses every connection this long is reported, not waited for:
 #: a ``serve`` just started listens well within it (and then answers 503 while its model loads).
@@ -80,7 +88,7 @@ class Teacher(Protocol):
 
     async def score_ids(
         self,
-        ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]],
+        ids_and_tokens: Sequence[tuple[str | None, Sequence[int] | np.ndarray]],
         scoring: Scoring,
         max_length: int | None = None,
         *,
@@ -89,7 +97,7 @@ class Teacher(Protocol):
 
     async def tokenize(self, text: str) -> list[int]: ...
 
-    async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]: ...
+    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
 
     async def aclose(self) -> None: ...
 
@@ -124,7 +132,8 @@ INPUT_KINDS = frozenset({InputError.__name__, MalformedBody.__name__, RequestToo
 
 
 def describe_answer(response: httpx.Response) -> str:
-    """One line naming an answer that is not teacher-farm's: status, the server that sent it, its first bytes."""
+    """One line naming an answer that is not teacher-farm's: status, the server that sent it, its first
+    bytes."""
     server = response.headers.get("server", "no Server header")
     head = response.content[:120].decode("utf-8", "replace").replace("\n", " ").strip()
     return f"{response.request.url} answered {response.status_code} (server: {server}): {head!r}"
@@ -187,15 +196,23 @@ def _inner(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 def _values(arr: pa.Array) -> np.ndarray:
     """The values of a list array (its nulls skipped), or of a flat one, as numpy."""
     flat = arr.flatten() if pa.types.is_list(arr.type) else arr
-    return flat.to_numpy(zero_copy_only=False)
+    values: np.ndarray = flat.to_numpy(zero_copy_only=False)
+    return values
 
 
-def _lengths(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    return pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+def _lengths(arr: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.int64]:
+    lengths: npt.NDArray[np.int64] = (
+        pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    )
+    return lengths
 
 
 def check_answer(
-    table: pa.Table, inputs: Sequence[dict], scoring: Scoring, max_length: int | None, vocab_size: int | None
+    table: pa.Table,
+    inputs: Sequence[dict[str, Any]],
+    scoring: Scoring,
+    max_length: int | None,
+    vocab_size: int | None,
 ) -> str | None:
     """What is wrong with a ``/v1/topk`` answer to ``inputs``, or None; every check is on whole columns.
 
@@ -271,7 +288,10 @@ def check_answer(
             lps.append(_values(_inner(table.column("sample_logprobs"))))
     for values in all_ids:
         if len(values) and (values.min() < 0 or values.max() >= vocab):
-            return f"a token id in {int(values.min())}..{int(values.max())} is outside the vocabulary (size {vocab})"
+            return (
+                f"a token id in {int(values.min())}..{int(values.max())} is outside the vocabulary "
+                f"(size {vocab})"
+            )
     for values in lps:
         v = values.astype(np.float32)
         if len(v) and (not np.isfinite(v).all() or v.max() > LOGPROB_SLACK):
@@ -282,7 +302,7 @@ def check_answer(
 class _WaitRetryAfter(wait_exponential_jitter):
     """Exponential backoff with jitter, but never sooner than the server asked."""
 
-    def __call__(self, retry_state: Any) -> float:
+    def __call__(self, retry_state: RetryCallState) -> float:
         base = super().__call__(retry_state)
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         return max(base, getattr(exc, "retry_after", None) or 0.0)
@@ -306,14 +326,16 @@ def connect_error(url: str, exc: httpx.ConnectError) -> TeacherFarmError:
 
 
 class _StopRefused(stop_base):
-    """Stop once a server has refused every connection for ``seconds`` (a 503 while loading resets nothing)."""
+    """Stop once a server has refused every connection for ``seconds`` (a 503 while loading resets
+    nothing)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def __call__(self, retry_state: Any) -> bool:
+    def __call__(self, retry_state: RetryCallState) -> bool:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        return isinstance(exc, ServerUnreachable) and retry_state.seconds_since_start >= self.seconds
+        since = retry_state.seconds_since_start  # None only before the first outcome
+        return isinstance(exc, ServerUnreachable) and since is not None and since >= self.seconds
 
 
 class HttpTeacher:
@@ -400,7 +422,7 @@ class HttpTeacher:
 
     async def score_ids(
         self,
-        ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]],
+        ids_and_tokens: Sequence[tuple[str | None, Sequence[int] | np.ndarray]],
         scoring: Scoring,
         max_length: int | None = None,
         *,
@@ -413,16 +435,19 @@ class HttpTeacher:
     async def tokenize(self, text: str) -> list[int]:
         """The teacher's tokens of ``text`` in full (special tokens included, no truncation)."""
         response = await self._call("POST", "/tokenize", json={"prompt": text, "add_special_tokens": True})
-        return response.json()["tokens"]
+        tokens: list[int] = response.json()["tokens"]
+        return tokens
 
-    async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]:
-        """The teacher's tokens of a chat record in full: its chat template's rendering, as ``/v1/topk`` scores it."""
+    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The teacher's tokens of a chat record in full: its chat template's rendering, as ``/v1/topk``
+        scores it."""
         body = {"messages": list(messages), "add_generation_prompt": False}
-        return (await self._call("POST", "/tokenize", json=body)).json()["tokens"]
+        tokens: list[int] = (await self._call("POST", "/tokenize", json=body)).json()["tokens"]
+        return tokens
 
     async def _post(
         self,
-        inputs: list[dict],
+        inputs: list[dict[str, Any]],
         scoring: Scoring,
         max_length: int | None,
         wire_dtype: str,
@@ -506,7 +531,7 @@ class TeacherPool:
             return min(usable, key=lambda m: m.outstanding)
         return min(self.members, key=lambda m: m.down_until)
 
-    async def _attempt(self, call: Any, cost: int) -> Any:
+    async def _attempt(self, call: Callable[[HttpTeacher], Awaitable[T]], cost: int) -> T:
         """Run ``call(teacher)`` on the best server, retrying retryable failures on any server."""
         deadline = time.monotonic() + self.retry_for_s
         while True:
@@ -545,7 +570,9 @@ class TeacherPool:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         while not any(t.exception() is None for t in done):
             if not pending:
-                raise next(iter(done)).exception()
+                exc = next(iter(done)).exception()
+                assert exc is not None  # every task done so far failed
+                raise exc
             more, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             done |= more
         if pending:
@@ -574,8 +601,10 @@ class TeacherPool:
             }
         )
 
-    async def _attempt_on(self, member: _Member, call: Any, refused_for_s: float | None = None) -> Any:
-        stop = stop_after_delay(self.retry_for_s)
+    async def _attempt_on(
+        self, member: _Member, call: Callable[[HttpTeacher], Awaitable[T]], refused_for_s: float | None = None
+    ) -> T:
+        stop: stop_base = stop_after_delay(self.retry_for_s)
         if refused_for_s is not None:
             # Nobody listening at all is most likely a wrong URL: say so soon, not after --retry-for.
             stop = stop | _StopRefused(refused_for_s)
@@ -607,7 +636,7 @@ class TeacherPool:
 
     async def score_ids(
         self,
-        ids_and_tokens: Sequence[tuple[str | None, Sequence[int]]],
+        ids_and_tokens: Sequence[tuple[str | None, Sequence[int] | np.ndarray]],
         scoring: Scoring,
         max_length: int | None = None,
         *,
@@ -624,7 +653,7 @@ class TeacherPool:
         """The teacher's tokens of ``text`` in full, with the pool's retries."""
         return await self._attempt(lambda t: t.tokenize(text), len(text))
 
-    async def tokenize_chat(self, messages: Sequence[dict]) -> list[int]:
+    async def tokenize_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The teacher's tokens of a chat record in full, with the pool's retries."""
         return await self._attempt(
             lambda t: t.tokenize_chat(messages), sum(len(m["content"]) for m in messages)

@@ -200,7 +200,8 @@ def read_rows(
 
 
 def table_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """Each row of a cache or result table (any stored layout) as a dict of arrays (``compare.split_rows``)."""
+    """Each row of a cache or result table (any stored layout) as a dict of arrays
+    (``compare.split_rows``)."""
     ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows
     return split_rows(row_group_arrays(table, ranks=True), ids)
 
@@ -252,7 +253,7 @@ class _Verification:
         self.columns = [c for c in CACHE_COLUMNS if self.k or not c.startswith("topk_")]
         self.columns += SAMPLE_COLUMNS if self.samples else []
         self.slots = asyncio.Semaphore(opts.concurrency)
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: list[asyncio.Task[None]] = []
 
     async def run(self, records: dict[int, ShardRecord], picks: dict[int, np.ndarray]) -> None:
         """Check every sampled shard, keeping ``concurrency`` requests in flight."""

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -39,7 +40,8 @@ from teacher_farm.schemas.formats import (
     logprob_format,
 )
 
-#: The wire's logprob dtypes (``TopkRequest.logprob_dtype``); a cache's formats are ``schemas.formats.FORMATS``.
+#: The wire's logprob dtypes (``TopkRequest.logprob_dtype``); a cache's formats are
+#: ``schemas.formats.FORMATS``.
 LOGPROB_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 
 #: What a cache stores per position: the top-k, tokens sampled from the teacher, or both.
@@ -182,9 +184,9 @@ def with_source_columns(
     return table
 
 
-def offsets(lengths: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+def offsets(lengths: np.ndarray, dtype: type = np.int64) -> npt.NDArray[np.integer]:
     """List offsets from list lengths: ``[0, l0, l0 + l1, ...]``."""
-    out = np.zeros(len(lengths) + 1, dtype=dtype)
+    out: npt.NDArray[np.integer] = np.zeros(len(lengths) + 1, dtype=dtype)
     np.cumsum(lengths, out=out[1:])
     return out
 
@@ -211,7 +213,8 @@ def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "
     n = np.fromiter((len(r.input_ids) for r in results), dtype=np.int64, count=len(results))
 
     def cat(name: str, dtype: type) -> np.ndarray:
-        return np.concatenate([getattr(r, name).reshape(-1) for r in results]).astype(dtype, copy=False)
+        flat: np.ndarray = np.concatenate([getattr(r, name).reshape(-1) for r in results])
+        return flat.astype(dtype, copy=False)
 
     columns = {
         "id": pa.array([r.id for r in results], type=pa.string()),
@@ -239,7 +242,7 @@ def results_to_table(results: Sequence[ScoredSequence], k: int, targets: str = "
 
 
 def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_fixed_size_list(t)
+    return bool(pa.types.is_list(t) or pa.types.is_fixed_size_list(t))
 
 
 def whole(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -260,9 +263,11 @@ def combined(table: pa.Table, name: str) -> pa.Array:
     return whole(table.column(name))
 
 
-def list_lengths(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def list_lengths(arr: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
     """Length of each list of a list column (a null list counts 0), int64."""
-    return pc.list_value_length(whole(arr)).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.list_value_length(whole(arr)).fill_null(0).to_numpy(zero_copy_only=False)
+    out: npt.NDArray[np.int64] = lengths.astype(np.int64)
+    return out
 
 
 def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
@@ -286,7 +291,8 @@ def cast_logprobs(table: pa.Table, logprob_dtype: str) -> pa.Table:
 
 
 def _topk_matrix(outer: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row lengths and the (positions, width) values of an n-lists-of-width column; ``InputError`` when ragged."""
+    """Per-row lengths and the (positions, width) values of an n-lists-of-width column; ``InputError`` when
+    ragged."""
     inner = outer.flatten()
     widths = list_lengths(inner)
     width = int(widths[0]) if len(widths) else 0
@@ -362,7 +368,8 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
 
 
 def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids`` or ``sample_id_gaps``."""
+    """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids`` or
+    ``sample_id_gaps``."""
     name = "sample_id_gaps" if "sample_id_gaps" in table.column_names else "sample_ids"
     inner = combined(table, name).flatten()
     lengths = list_lengths(inner)
@@ -371,9 +378,9 @@ def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_rows(table: pa.Table) -> pa.Table:
-    """``table`` with every stored encoding undone: float32 ``topk_logprobs`` for ``topk_top1`` / ``topk_gaps``,
-    ``sample_ids`` for ``sample_id_gaps``; other layouts as they are. A ``--positions`` cache's dropped
-    positions stay null."""
+    """``table`` with every stored encoding undone: float32 ``topk_logprobs`` for ``topk_top1`` /
+    ``topk_gaps``, ``sample_ids`` for ``sample_id_gaps``; other layouts as they are. A ``--positions``
+    cache's dropped positions stay null."""
     from teacher_farm.schemas.positions import thicken, thin
 
     table, kept = thicken(table)

@@ -118,7 +118,8 @@ def _parse(path: Path) -> Manifest:
 
 
 def load_manifests(out_dir: Path) -> dict[str, Manifest]:
-    """Every manifest in ``out_dir`` by file name (``manifest.json`` first): the cache is the union of their shards."""
+    """Every manifest in ``out_dir`` by file name (``manifest.json`` first): the cache is the union of their
+    shards."""
     paths = sorted(Path(out_dir).glob("manifest*.json"), key=lambda p: (p.name != MANIFEST, p.name))
     return {p.name: _parse(p) for p in paths}
 
@@ -164,7 +165,7 @@ class CacheIdentity(BaseModel):
             "logprob_dtype": self.logprob_dtype,
         }
 
-    def schema(self) -> pa.Schema:
+    def schema(self) -> pa.Schema:  # type: ignore[override]  # shadows pydantic's deprecated v1 classmethod
         """The Arrow schema of this cache's rows, its identity in the metadata (what a run writes)."""
         s = self.scoring
         return cache_schema(
@@ -293,7 +294,7 @@ class RunIdentity(BaseModel):
             meta[name] = json.loads(meta[name])
         return cls.from_entries(meta)
 
-    def schema(self) -> pa.Schema:
+    def schema(self) -> pa.Schema:  # type: ignore[override]  # shadows pydantic's deprecated v1 classmethod
         """The Arrow schema of the run's rows, this identity in the metadata (what a run writes)."""
         return self.cache.schema().with_metadata(self.metadata())
 
@@ -373,7 +374,8 @@ class CacheDir:
             for rec in manifest.shards.values():
                 if rec.index in seen and seen[rec.index][1] != rec:
                     raise InputError(
-                        f"shard {rec.index} is named differently by {seen[rec.index][0]} and {name} in {self.path}"
+                        f"shard {rec.index} is named differently by {seen[rec.index][0]} and {name} in "
+                        f"{self.path}"
                     )
                 seen[rec.index] = (name, rec)
         return sorted((rec for _, rec in seen.values()), key=lambda r: (r.first_line, r.index))
@@ -389,7 +391,8 @@ class CacheDir:
                 raise InputError(f"{path} is named by the manifest but missing")
             if path.stat().st_size != rec.bytes:
                 raise InputError(
-                    f"{path} is {path.stat().st_size} bytes, the manifest says {rec.bytes}: not the shard named"
+                    f"{path} is {path.stat().st_size} bytes, the manifest says {rec.bytes}: not the shard "
+                    "named"
                 )
             paths.append(path)
         return paths

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 _MASK32 = 0xFFFFFFFF
 
@@ -34,15 +35,16 @@ def draw_seed(seed: int, input_ids: Sequence[int]) -> int:
     return (seed * 0x9E3779B1 ^ zlib.crc32(np.asarray(input_ids, dtype=np.int32).tobytes())) & _MASK32
 
 
-def _fmix32(h: np.ndarray) -> np.ndarray:
+def _fmix32(h: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     h = h ^ (h >> np.uint64(16))
     h = (h * np.uint64(0x85EBCA6B)) & np.uint64(_MASK32)
     h = h ^ (h >> np.uint64(13))
     h = (h * np.uint64(0xC2B2AE35)) & np.uint64(_MASK32)
-    return h ^ (h >> np.uint64(16))
+    out: npt.NDArray[np.uint64] = h ^ (h >> np.uint64(16))
+    return out
 
 
-def uniforms(seeds: np.ndarray, positions: np.ndarray, samples: int) -> np.ndarray:
+def uniforms(seeds: np.ndarray, positions: np.ndarray, samples: int) -> npt.NDArray[np.float32]:
     """(rows, samples) float32 in (0, 1): bit for bit what the worker draws (``server/reduce.py``)."""
     m = np.uint64(_MASK32)
     seeds = np.asarray(seeds, dtype=np.int64).astype(np.uint64) & m
@@ -51,9 +53,9 @@ def uniforms(seeds: np.ndarray, positions: np.ndarray, samples: int) -> np.ndarr
     h = _fmix32(seeds ^ np.uint64(0x9E3779B9))
     h = _fmix32(h[:, None] ^ positions[:, None])
     h = _fmix32(h ^ ((draw[None, :] * np.uint64(0x27D4EB2F)) & m))
-    return (((h >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 24))).astype(
-        np.float32
-    )
+    u = ((h >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / (1 << 24))
+    out: npt.NDArray[np.float32] = u.astype(np.float32)
+    return out
 
 
 def expand(

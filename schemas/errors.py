@@ -20,7 +20,8 @@
 
 ``ServerBusy``, ``EngineNotReady`` (with ``EngineDead``) and ``TransportError`` (with
 ``ServerUnreachable``) derive from ``RetryableError`` too: only they are retried. A 503 answer
-names ``EngineDead`` in its body's ``kind``, so that a client tells a dead engine (try another server) from one still loading (wait).
+names ``EngineDead`` in its body's ``kind``, so that a client tells a dead engine (try another server)
+from one still loading (wait).
 """
 
 from __future__ import annotations

@@ -37,10 +37,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 #: Nats per gap step of ``uint8-gap``.
 GAP_STEP = 1 / 16
-#: The furthest below the top-1 a finite entry is stored, in steps: 15.875 nat (one further below reads as this).
+#: The furthest below the top-1 a finite entry is stored, in steps: 15.875 nat (one further below reads as
+#: this).
 GAP_CLIP = 254
 #: Steps below the top-1 that mark -inf (the gaps of an entry sum to this).
 GAP_NEG_INF = 255
@@ -111,7 +113,8 @@ def value_ulp(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def encode_gaps(topk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(P, k) logprobs, most likely first, as ``uint8-gap``: the top-1 (P,) float16 and the gaps (P, k-1) uint8.
+    """(P, k) logprobs, most likely first, as ``uint8-gap``: the top-1 (P,) float16 and the gaps (P, k-1)
+    uint8.
 
     Each entry's distance below the float16 top-1 is rounded to the nearest whole step of ``GAP_STEP``
     (half a step is the error) and clipped at ``GAP_CLIP``; a -inf (or NaN) entry is ``GAP_NEG_INF``
@@ -143,7 +146,8 @@ def decode_gaps(top1: np.ndarray, gaps: np.ndarray) -> np.ndarray:
 
 
 def id_gaps(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat ids, ``lengths[i]`` of them at position i, as their differences within each position (the first as it is)."""
+    """Flat ids, ``lengths[i]`` of them at position i, as their differences within each position (the first as
+    it is)."""
     ids = np.asarray(ids, np.int64)
     gaps = np.diff(ids, prepend=0)
     starts = _starts(lengths)
@@ -151,19 +155,22 @@ def id_gaps(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return gaps
 
 
-def ids_from_gaps(gaps: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ids_from_gaps(gaps: np.ndarray, lengths: np.ndarray) -> npt.NDArray[np.int64]:
     """The flat ids back from ``id_gaps``, int64."""
     total = np.cumsum(np.asarray(gaps, np.int64))
     starts = _starts(lengths)
     before = total[starts] - np.asarray(gaps, np.int64)[starts]
-    return total - np.repeat(before, np.asarray(lengths, np.int64)[np.asarray(lengths) > 0])
+    ids: npt.NDArray[np.int64] = total - np.repeat(
+        before, np.asarray(lengths, np.int64)[np.asarray(lengths) > 0]
+    )
+    return ids
 
 
-def _starts(lengths: np.ndarray) -> np.ndarray:
+def _starts(lengths: np.ndarray) -> npt.NDArray[np.int64]:
     """Index of each non-empty position's first value in the flat array."""
-    lengths = np.asarray(lengths, np.int64)
-    first = np.cumsum(lengths) - lengths
-    return first[lengths > 0]
+    n = np.asarray(lengths, np.int64)
+    first = np.cumsum(n) - n
+    return first[n > 0]
 
 
 def count_dtype(samples: int) -> str:

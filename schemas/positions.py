@@ -9,6 +9,7 @@ reader turns the nulls into a mask (``kept``), and the losses average over the k
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -38,9 +39,10 @@ def _rewrap(outer: pa.Array, inner: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(cut, inner, type=pa.list_(inner.type))
 
 
-def kept_mask(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def kept_mask(column: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.bool_]:
     """(P,) bool over every position of the rows: where a per-position target column holds an entry."""
-    return _positions(column)[1].is_valid().to_numpy(zero_copy_only=False)
+    kept: npt.NDArray[np.bool_] = _positions(column)[1].is_valid().to_numpy(zero_copy_only=False)
+    return kept
 
 
 def _thin_lists(inner: pa.ListArray, kept: np.ndarray) -> pa.ListArray:

@@ -325,7 +325,8 @@ def read_rows(path: Path, rows: np.ndarray, columns: Sequence[str]) -> tuple[pa.
     problems = []
     if (missing := rows[rows >= meta.num_rows]).size:
         problems.append(
-            f"{meta.num_rows} rows in the file, fewer than the manifest says; rows {missing[:5].tolist()} absent"
+            f"{meta.num_rows} rows in the file, fewer than the manifest says; rows {missing[:5].tolist()} "
+            "absent"
         )
         rows = rows[rows < meta.num_rows]
     sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]

@@ -38,20 +38,20 @@ class Scoring(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    k: int = Field(16, ge=1, description="how many most likely next tokens to return per position")
+    k: int = Field(default=16, ge=1, description="how many most likely next tokens to return per position")
     temperature: float = Field(
-        1.0,
+        default=1.0,
         ge=MIN_TEMPERATURE,
         le=1000,
         description="logprobs (and draws) are those of softmax(logits / temperature)",
     )
     targets: Targets = Field(
-        "topk", description="the top-k per position, tokens sampled from the teacher, or both"
+        default="topk", description="the top-k per position, tokens sampled from the teacher, or both"
     )
-    samples: int = Field(64, ge=1, le=4096, description="draws per position, with sampled targets")
-    seed: int = Field(0, ge=0, lt=2**32, description="same seed and input, same draws")
+    samples: int = Field(default=64, ge=1, le=4096, description="draws per position, with sampled targets")
+    seed: int = Field(default=0, ge=0, lt=2**32, description="same seed and input, same draws")
     positions: str = Field(
-        "all",
+        default="all",
         description="where targets are kept: all positions, 'entropy:F' (the share F of each sequence's "
         "positions where the teacher's entropy is highest) or 'assistant' (inside a chat's assistant turns)",
     )
@@ -117,14 +117,16 @@ class Scoring(BaseModel):
         return None
 
     def wire_fields(self) -> dict[str, Any]:
-        """The ``/v1/topk`` body's scoring fields (``positions`` only where it is not the default, for older servers)."""
+        """The ``/v1/topk`` body's scoring fields (``positions`` only where it is not the default, for older
+        servers)."""
         fields = self.model_dump()
         if fields["positions"] == "all":
             del fields["positions"]
         return fields
 
     def pooler_kwargs(self, draw_seed: int) -> dict[str, Any]:
-        """What the pooler gets in ``PoolingParams.extra_kwargs``: these options and the request's draw seed."""
+        """What the pooler gets in ``PoolingParams.extra_kwargs``: these options and the request's draw
+        seed."""
         return {**self.model_dump(), "draw_seed": draw_seed}
 
     @classmethod
@@ -187,7 +189,8 @@ class PackedLayout:
 
     @property
     def entropy_column(self) -> int:
-        """The column of the position's entropy (in nats, at the request's temperature); only with ``entropy``."""
+        """The column of the position's entropy (in nats, at the request's temperature); only with
+        ``entropy``."""
         return 2 * self.k + 2 + 2 * self.samples
 
     def columns_of(self, narrower: PackedLayout) -> list[int]:

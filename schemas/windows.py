@@ -16,6 +16,7 @@ next window only.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 
 def window_starts(n: int, max_length: int, stride: int) -> np.ndarray:
@@ -33,7 +34,7 @@ def default_stride(max_length: int) -> int:
     return max(1, max_length // 2)
 
 
-def ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def ranges(lo: np.ndarray, hi: np.ndarray) -> npt.NDArray[np.int64]:
     """``concatenate([arange(l, h) for l, h in zip(lo, hi)])`` without a Python loop."""
     lengths = np.maximum(hi - lo, 0)
     total = int(lengths.sum())
@@ -41,7 +42,8 @@ def ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.int64)
     starts = np.zeros(len(lengths), np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    return np.arange(total, dtype=np.int64) - np.repeat(starts - lo, lengths)
+    out: npt.NDArray[np.int64] = np.arange(total, dtype=np.int64) - np.repeat(starts - lo, lengths)
+    return out
 
 
 def owned_positions(offset: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
