@@ -97,6 +97,12 @@ class Info(BaseModel):
     #: Tokens (after truncation) one ``/v1/topk`` request may hold; larger gets 413. A server older
     #: than this field held 262,144 (its default), which a client then assumes.
     max_tokens_per_request: int = 262_144
+    #: Bytes one answer may hold (estimated before scoring); larger gets 413. 0: not stated.
+    max_answer_bytes: int = 0
+    #: Bytes of a request's body the server reads; larger gets 413. 0: not stated.
+    max_body_bytes: int = 0
+    #: Turns one chat record may hold; more gets 413. 0: not stated.
+    max_chat_turns: int = 0
     adds_bos: bool
     versions: Versions
     #: How the server computes the answers (``schemas.scoring.ScoringBackend``).

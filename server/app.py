@@ -128,6 +128,9 @@ async def info(
     limits = {
         "max_inputs_per_request": settings.max_inputs_per_request,
         "max_tokens_per_request": settings.max_tokens_per_request,
+        "max_answer_bytes": settings.max_answer_bytes,
+        "max_body_bytes": settings.max_body_bytes,
+        "max_chat_turns": settings.max_chat_turns,
     }
     return JSONResponse(engine.info.model_copy(update=limits).model_dump())
 

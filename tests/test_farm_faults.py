@@ -278,13 +278,19 @@ def test_the_server_publishes_its_request_limits_in_info():
     engine = NS(info=asyncio.run(StandInTeacher(VOCAB).info()), shutdown=lambda: None)
     app = create_app(lambda: engine)
     app.dependency_overrides[get_settings] = lambda: ServerSettings(
-        max_tokens_per_request=5000, max_inputs_per_request=7
+        max_tokens_per_request=5000,
+        max_inputs_per_request=7,
+        max_answer_bytes=2**30,
+        max_chat_turns=64,
+        max_body_bytes=2**20,
     )
     with TestClient(app) as client:
         deadline = time.monotonic() + 10
         while (r := client.get("/v1/info")).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert r.json()["max_tokens_per_request"] == 5000 and r.json()["max_inputs_per_request"] == 7
+        assert r.json()["max_answer_bytes"] == 2**30 and r.json()["max_chat_turns"] == 64
+        assert r.json()["max_body_bytes"] == 2**20
 
 
 # --- one writer, across hosts -----------------------------------------------------------------
