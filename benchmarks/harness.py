@@ -383,8 +383,8 @@ if __name__ == "__main__":
 def run_in_process(
     a, model: Path, token_ids: list[list[int]], work: Path, ks: list[int], pooled: bool = False
 ) -> dict[int, dict]:
-    """One engine in process, each k in turn: prefill only (k=0: the ceiling), flat prompt logprobs, or
-    pooled."""
+    """One engine in process, each k in turn: prefill only (k=0: the ceiling), flat prompt logprobs,
+    or pooled."""
     args = {
         "model": str(model),
         "dtype": a.dtype,

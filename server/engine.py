@@ -112,8 +112,8 @@ def choose_backend(
 
 @functools.cache
 def pooler_self_test() -> SelfTestFailed | None:
-    """The pooled backend's start-up self-test (``server/selftest.py``), once per process: its failure or
-    None."""
+    """The pooled backend's start-up self-test (``server/selftest.py``), once per process:
+    its failure or None."""
     from teacher_farm.server.selftest import check_pooler
 
     try:
@@ -299,8 +299,8 @@ def to_scored(
 
 
 class Engine:
-    """The loaded teacher: vLLM in process, its tokenizer, and its facts (``info``, as ``/v1/info`` serves
-    them)."""
+    """The loaded teacher: vLLM in process, its tokenizer, and its facts (``info``,
+    as ``/v1/info`` serves them)."""
 
     def __init__(self, llm: Any, tokenizer: Any, info: Info) -> None:
         self.llm = llm
@@ -469,8 +469,8 @@ class Engine:
             else:
                 ids = self.tokenizer.apply_chat_template(chats, tokenize=True, return_dict=False, **ending)
         except TemplateError as exc:
-            # A template that refuses a record (roles that do not alternate, ...) refuses the request, not the
-            # server.
+            # A template that refuses a record (roles that do not alternate, ...) refuses the request,
+            # not the server.
             raise InputError(f"messages: the teacher's chat template refused them: {exc}") from exc
         return [list(x[:max_length]) for x in ids]
 

@@ -242,8 +242,8 @@ def _engine_dead_error(exc: BaseException) -> bool:
 
 
 def loaded_engine(request: Request) -> Any:
-    """The loaded teacher (a FastAPI dependency); 503 while it loads, the server drains, or once its engine
-    died."""
+    """The loaded teacher (a FastAPI dependency); 503 while it loads, the server drains,
+    or once its engine died."""
     state = request.app.state
     if state.engine_dead or engine_dead(state.engine):
         raise EngineDead(ENGINE_DEAD_MESSAGE)

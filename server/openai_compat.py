@@ -89,8 +89,8 @@ class TokenizeRequest(BaseModel):
 
 
 class TokenizeChatRequest(BaseModel):
-    """vLLM's ``TokenizeChatRequest``, for the chat records ``/v1/topk`` takes (string ``role`` and
-    ``content``)."""
+    """vLLM's ``TokenizeChatRequest``, for the chat records ``/v1/topk`` takes
+    (string ``role`` and ``content``)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -519,8 +519,8 @@ async def list_models(engine: Any = Depends(loaded_engine)) -> ModelList:
     responses={404: {"description": "no model of that name is served here"}},
 )
 async def retrieve_model(model_id: str, engine: Any = Depends(loaded_engine)) -> ModelCard | Response:
-    """OpenAI's model retrieval (``client.models.retrieve(id)``); 404 for a name this server does not
-    serve."""
+    """OpenAI's model retrieval (``client.models.retrieve(id)``);
+    404 for a name this server does not serve."""
     card = model_card(engine)
     if model_id == card.id:
         return card

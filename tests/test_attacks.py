@@ -434,8 +434,8 @@ def test_a_client_that_disconnects_has_its_engine_work_aborted(capped):
 
 @pytest.mark.engine
 def test_the_shared_server_refuses_answers_too_large_for_it(server):
-    """The shapes that built GBs of answer: 256 prompts of 1,023 ids with logprobs 256, and k=256 with
-    draws."""
+    """The shapes that built GBs of answer: 256 prompts of 1,023 ids with logprobs 256,
+    and k=256 with draws."""
     ids = [[1 + (i * 7 + j) % 2000 for j in range(1023)] for i in range(256)]
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
         r = c.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 256, "max_tokens": 0})

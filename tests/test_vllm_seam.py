@@ -1,5 +1,5 @@
-"""vLLM's internals are reached through server/vllm_seam.py alone, and its supported range is the
-package's."""
+"""vLLM's internals are reached through server/vllm_seam.py alone,
+and its supported range is the package's."""
 
 from __future__ import annotations
 
