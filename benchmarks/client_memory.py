@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from teacher_farm.client.cache import CacheOptions, CacheRun  # noqa: E402
 from teacher_farm.schemas.arrow import ScoredSequence, results_to_table  # noqa: E402
-from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.scoring import Scoring  # noqa: E402
 from teacher_farm.schemas.wire import Info, Versions  # noqa: E402
 
 
@@ -103,7 +103,8 @@ def main() -> None:
         ).run()
     )
     print(
-        f"{corpus.stat().st_size / 2**30:.2f} GiB, {summary.rows:,} lines in {time.monotonic() - started:.0f} s"
+        f"{corpus.stat().st_size / 2**30:.2f} GiB, {summary.rows:,} lines in "
+        f"{time.monotonic() - started:.0f} s"
     )
     print("lines read -> peak RSS (MiB): " + ", ".join(f"{n:,} -> {rss:.0f}" for n, rss in teacher.samples))
 

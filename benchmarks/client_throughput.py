@@ -1,6 +1,7 @@
 """How many tokens/s one ``teacher-farm cache`` process sustains when the teachers cost nothing.
 
-    python benchmarks/client_throughput.py [--seconds 20] [--tokens-per-line 2048] [--k 16] [--logprob-dtype float16]
+    python benchmarks/client_throughput.py [--seconds 20] [--tokens-per-line 2048] [--k 16] \
+        [--logprob-dtype float16]
 
 A stand-in teacher runs in a child process on loopback: a bare HTTP/1.1 server that answers
 ``/v1/info`` and ``/v1/topk`` at once, with the Arrow wire a teacher-farm server sends (a zstd IPC
@@ -58,7 +59,8 @@ def answer_table(rows: int, tokens: int, k: int, dtype: str) -> pa.Table:
 
 
 def arrow_answer(table: pa.Table, ids: list) -> bytes:
-    """``table`` as an answer to inputs of ``ids`` (the client checks that the rows are the inputs it sent)."""
+    """``table`` as an answer to inputs of ``ids`` (the client checks that the rows are the inputs it
+    sent)."""
     table = table.set_column(0, "id", pa.array(ids, pa.string()))
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:

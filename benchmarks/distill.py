@@ -225,7 +225,8 @@ def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: to
 
 
 def kd_where_kept_ce_elsewhere(kd, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Token-selective KD: the KD loss at the positions the cache kept, the text's cross-entropy at the others."""
+    """Token-selective KD: the KD loss at the positions the cache kept,
+    the text's cross-entropy at the others."""
     real = batch["attention_mask"].bool()
     kept = batch["kept_mask"] & real
     n_kd = kept.sum()

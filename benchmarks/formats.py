@@ -117,7 +117,8 @@ def column_bytes(path: Path) -> dict[str, int]:
 
 
 def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs: bool, out: Path) -> dict:
-    """Write ``table`` as a cache of ``fmt`` would (``fmt`` 'v2' for schema 2's float16); sizes, error, rates."""
+    """Write ``table`` as a cache of ``fmt`` would (``fmt`` 'v2' for schema 2's float16);
+    sizes, error, rates."""
     tokens = int(pc.sum(list_lengths(table.column("input_ids"))).as_py())
     started = time.perf_counter()
     if fmt == "v2":

@@ -345,10 +345,11 @@ async def main(args, token_ids, ks, pooled, repeat):
             from vllm import PoolingParams
             from teacher_farm.schemas.scoring import PackedLayout, Scoring
             from teacher_farm.server.packed import unpack
-            params = PoolingParams(task="token_classify", extra_kwargs=Scoring(k=k).pooler_kwargs(draw_seed=0))
+            params = PoolingParams(task="token_classify",
+                                   extra_kwargs=Scoring(k=k).pooler_kwargs(draw_seed=0))
         elif k:
-            params = SamplingParams(max_tokens=1, temperature=0, detokenize=False, prompt_logprobs=k, logprobs=k,
-                                    flat_logprobs=True)
+            params = SamplingParams(max_tokens=1, temperature=0, detokenize=False, prompt_logprobs=k,
+                                    logprobs=k, flat_logprobs=True)
         else:
             params = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
         async def one(i, ids):
@@ -382,7 +383,8 @@ if __name__ == "__main__":
 def run_in_process(
     a, model: Path, token_ids: list[list[int]], work: Path, ks: list[int], pooled: bool = False
 ) -> dict[int, dict]:
-    """One engine in process, each k in turn: prefill only (k=0: the ceiling), flat prompt logprobs, or pooled."""
+    """One engine in process, each k in turn: prefill only (k=0: the ceiling), flat prompt logprobs,
+    or pooled."""
     args = {
         "model": str(model),
         "dtype": a.dtype,
@@ -458,7 +460,8 @@ def model_header(model: Path) -> str:
     cfg = json.loads((model / "config.json").read_text())
     return (
         f"{(cfg.get('architectures') or ['?'])[0]}: vocabulary {cfg.get('vocab_size')}, hidden "
-        f"{cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, {cfg.get('num_attention_heads')} heads"
+        f"{cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers, "
+        f"{cfg.get('num_attention_heads')} heads"
     )
 
 
@@ -547,7 +550,7 @@ def main() -> None:
             for k in a.ks:
                 run(
                     f"({key}) teacher-farm serve ({scoring}) + cache into Parquet, k={k}",
-                    lambda: median_run(
+                    lambda server=server, k=k: median_run(
                         [run_ours(a, server, corpus, a.work, k, tag=f"cache{r}") for r in range(a.repeat)]
                     ),
                 )
@@ -557,7 +560,7 @@ def main() -> None:
         if "b" in paths:
             run(
                 f"(b) vLLM OpenAI server + JSON client into Parquet, k={k}",
-                lambda: run_openai(a, model, token_ids, a.work, k),
+                lambda k=k: run_openai(a, model, token_ids, a.work, k),
             )
     if "d" in paths:
         run(
@@ -579,12 +582,16 @@ def main() -> None:
         f"{sum(lengths):,} tokens); {model_header(model)}; {a.dtype}; {where}; {time.strftime('%Y-%m-%d')}\n"
     )
     print(
-        "| path | tokens/s | vs ceiling | steady tokens/s | runs (tokens/s) | wire B/token | Parquet B/token |"
+        "| path | tokens/s | vs ceiling | steady tokens/s | runs (tokens/s) "
+        "| wire B/token | Parquet B/token |"
     )
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
         tps = r["tokens"] / r["seconds"]
-        fmt = lambda v: f"{v / r['tokens']:.1f}" if v else "-"
+
+        def fmt(v: float, r: dict = r) -> str:
+            return f"{v / r['tokens']:.1f}" if v else "-"
+
         steady = f"{r['steady']:,.0f}" if r.get("steady") else "-"
         ratio = f"{tps / base:.2f}" if base else "-"
         runs = ", ".join(f"{r['tokens'] / x:,.0f}" for x in r.get("runs", [r["seconds"]]))

@@ -63,8 +63,8 @@ def _spans_by_prefixes(tokenizer: Any, messages: list[dict], text: str) -> list[
         through = _render(tokenizer, messages[: j + 1], False)
         if not text.startswith(through):
             raise InputError(
-                "the teacher's chat template does not render a conversation as the rendering of its first turns "
-                "followed by the rest: the assistant turns cannot be found (use --positions all)"
+                "the teacher's chat template does not render a conversation as the rendering of its first "
+                "turns followed by the rest: the assistant turns cannot be found (use --positions all)"
             )
         spans.append((len(_render(tokenizer, messages[:j], True)), len(through)))
     return spans

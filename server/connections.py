@@ -19,6 +19,7 @@ class HeaderTimeoutH11(H11Protocol):
     """uvicorn's h11 protocol, closing connections whose request headers are late."""
 
     header_timeout_s = 10.0
+    _header_deadline: asyncio.TimerHandle | None  # set once armed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

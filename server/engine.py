@@ -86,7 +86,8 @@ def choose_backend(
         return _without_pooled(
             requested,
             SelfTestFailed(
-                f"the pooled scoring model does not load on vLLM {vllm_seam.version_string()}: {first_line(exc)}"
+                f"the pooled scoring model does not load on vLLM {vllm_seam.version_string()}: "
+                f"{first_line(exc)}"
             ),
         )
     archs = list(
@@ -111,7 +112,8 @@ def choose_backend(
 
 @functools.cache
 def pooler_self_test() -> SelfTestFailed | None:
-    """The pooled backend's start-up self-test (``server/selftest.py``), once per process: its failure or None."""
+    """The pooled backend's start-up self-test (``server/selftest.py``), once per process:
+    its failure or None."""
     from teacher_farm.server.selftest import check_pooler
 
     try:
@@ -243,9 +245,11 @@ def from_packed(
         raise TeacherFarmError(f"the engine returned {packed.shape[0]} rows for {n} tokens")
     u = unpack(packed, layout)
     if scoring.entropy_share is not None:
+        assert u.entropy is not None  # an entropy rule's layout has the entropy column
         selected = top_entropy(u.entropy, scoring.entropy_share)
     sampled = {}
     if layout.samples:
+        assert u.sample_ids is not None and u.sample_logprobs is not None  # the layout has them
         lengths, ids, counts, lps = compact_samples(u.sample_ids, u.sample_logprobs)
         sampled = {
             "sample_lengths": lengths,
@@ -295,7 +299,8 @@ def to_scored(
 
 
 class Engine:
-    """The loaded teacher: vLLM in process, its tokenizer, and its facts (``info``, as ``/v1/info`` serves them)."""
+    """The loaded teacher: vLLM in process, its tokenizer, and its facts (``info``,
+    as ``/v1/info`` serves them)."""
 
     def __init__(self, llm: Any, tokenizer: Any, info: Info) -> None:
         self.llm = llm
@@ -402,9 +407,11 @@ class Engine:
             if x.messages is not None:
                 out.append(next(rendered))
                 continue
+            assert x.token_ids is not None  # an input gives exactly one of text, messages, token_ids
             if max(x.token_ids) >= vocab:
                 raise InputError(
-                    f"inputs.{i}.token_ids: token id {max(x.token_ids)} is outside the vocabulary (size {vocab})"
+                    f"inputs.{i}.token_ids: token id {max(x.token_ids)} is outside the vocabulary "
+                    f"(size {vocab})"
                 )
             out.append(x.token_ids[:max_length])
         return out
@@ -437,7 +444,8 @@ class Engine:
         continue_final_message: bool = False,
         add_special_tokens: bool = False,
     ) -> list[list[int]]:
-        """Token ids of chat records through the teacher's chat template, cut to ``max_length`` (None: in full).
+        """Token ids of chat records through the teacher's chat template, cut to ``max_length`` (None: in
+        full).
 
         A record cut to L tokens is exactly the first L of its full rendering, so a client can window
         the full ids (``/tokenize`` with ``messages``) and keep the cut row as its first window.
@@ -461,7 +469,8 @@ class Engine:
             else:
                 ids = self.tokenizer.apply_chat_template(chats, tokenize=True, return_dict=False, **ending)
         except TemplateError as exc:
-            # A template that refuses a record (roles that do not alternate, ...) refuses the request, not the server.
+            # A template that refuses a record (roles that do not alternate, ...) refuses the request,
+            # not the server.
             raise InputError(f"messages: the teacher's chat template refused them: {exc}") from exc
         return [list(x[:max_length]) for x in ids]
 
@@ -478,7 +487,9 @@ class Engine:
         """
         from vllm.inputs import TokensPrompt
 
-        prompt = TokensPrompt(prompt_token_ids=input_ids)
+        # vLLM marks its other keys typing.NotRequired, which mypy's Python 3.10 target lacks (it reads
+        # them as required).
+        prompt = TokensPrompt(prompt_token_ids=input_ids)  # type: ignore[typeddict-item]
         request_id = f"tf-{next(self._ids)}"
         if self.info.scoring == "pooled":
             from vllm import PoolingParams
@@ -488,15 +499,15 @@ class Engine:
             params = PoolingParams(
                 task=TASK, extra_kwargs=scoring.pooler_kwargs(draw_seed(scoring.seed, input_ids))
             )
-            final = None
-            async for final in self.llm.encode(prompt, params, request_id):
-                pass
+            final: Any = None
+            async for output in self.llm.encode(prompt, params, request_id):
+                final = output  # the last output is the finished one
             return from_packed(seq_id, input_ids, final.outputs.data.numpy(), scoring, selected)
 
         from vllm import SamplingParams
 
         k = scoring.k
-        params = SamplingParams(
+        sampling = SamplingParams(
             max_tokens=1,
             temperature=0.0,
             prompt_logprobs=k,
@@ -505,8 +516,8 @@ class Engine:
             flat_logprobs=True,
         )
         final = None
-        async for final in self.llm.generate(prompt, params, request_id):
-            pass
+        async for output in self.llm.generate(prompt, sampling, request_id):
+            final = output
         return to_scored(seq_id, input_ids, final, k, selected)
 
     async def score_request(self, req: TopkRequest, token_ids: list[list[int]]) -> list[ScoredSequence]:

@@ -16,6 +16,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import (
@@ -241,7 +242,8 @@ def _engine_dead_error(exc: BaseException) -> bool:
 
 
 def loaded_engine(request: Request) -> Any:
-    """The loaded teacher (a FastAPI dependency); 503 while it loads, the server drains, or once its engine died."""
+    """The loaded teacher (a FastAPI dependency); 503 while it loads, the server drains,
+    or once its engine died."""
     state = request.app.state
     if state.engine_dead or engine_dead(state.engine):
         raise EngineDead(ENGINE_DEAD_MESSAGE)
@@ -322,14 +324,14 @@ async def disconnected(request: Request) -> None:
             return
 
 
-def _problems(errors: list[dict]) -> list[str]:
+def _problems(errors: list[ErrorDetails]) -> list[str]:
     # Errors of the scoring options a TopkRequest holds name the body's fields they came from.
     where = (".".join(str(p) for p in TopkRequest.body_loc(e["loc"])) or "body" for e in errors)
     return [f"{loc}: {e['msg']}" for loc, e in zip(where, errors)]
 
 
 def parse_body(
-    model: type[Model], body: bytes, problems: Callable[[list[dict]], list[str]] = _problems
+    model: type[Model], body: bytes, problems: Callable[[list[ErrorDetails]], list[str]] = _problems
 ) -> Model:
     """Validate a JSON body into ``model``; the message names each bad field (``problems`` words it)."""
     try:
@@ -369,7 +371,8 @@ async def score_admitted(
     total = sum(len(ids) for ids in token_ids)
     if total > settings.max_tokens_per_request:
         raise RequestTooLarge(
-            f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: send fewer inputs"
+            f"{total} tokens in one request; the limit is {settings.max_tokens_per_request}: "
+            "send fewer inputs"
         )
     estimate = (answer_bytes or (lambda n: topk_answer_bytes(req.scoring, n, len(req.inputs), arrow=False)))(
         total

@@ -15,6 +15,7 @@ is what makes them reproducible.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -159,7 +160,8 @@ class Kernels:
         """The choice in one log line."""
         topk = ", ".join(f"k<={k} {name}" for k, name in self.topk.items())
         return (
-            f"reduction kernels on {self.device}, {self.shape[0]} x {self.shape[1]} rows timed: top-k {topk}; "
+            f"reduction kernels on {self.device}, {self.shape[0]} x {self.shape[1]} rows timed: "
+            f"top-k {topk}; "
             f"rank count {self.count}; entropy {self.entropy}"
         )
 
@@ -211,15 +213,15 @@ def choose(
         for name, way in ways.items():
             values, ids = way(lp, k)
             if torch.equal(values, expected) and torch.equal(lp.gather(1, ids.to(torch.int64)), values):
-                timed[name] = _best_ms(lambda way=way: way(lp, k), device)
+                timed[name] = _best_ms(functools.partial(way, lp, k), device)
         kernels.topk[bucket] = min(timed, key=timed.__getitem__)
         kernels.timings[f"topk k<={bucket}"] = timed
     target = lp[:, :1].clone()
     count_fns = {"eager": count_at_least, **(counts or {})}
-    timed = {name: _best_ms(lambda fn=fn: fn(lp, target), device) for name, fn in count_fns.items()}
+    timed = {name: _best_ms(functools.partial(fn, lp, target), device) for name, fn in count_fns.items()}
     kernels.count, kernels.timings["rank count"] = min(timed, key=timed.__getitem__), timed
     kernels._count_fns = count_fns
-    timed = {name: _best_ms(lambda fn=fn: fn(lp), device) for name, fn in ENTROPY.items()}
+    timed = {name: _best_ms(functools.partial(fn, lp), device) for name, fn in ENTROPY.items()}
     kernels.entropy, kernels.timings["entropy"] = min(timed, key=timed.__getitem__), timed
     return kernels
 

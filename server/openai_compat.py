@@ -29,9 +29,11 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic_core import ErrorDetails
 
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, RequestTooLarge
+from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import ChatMessage, TopkInput, TopkRequest
 from teacher_farm.server import metrics
 from teacher_farm.server.intake import (
@@ -87,7 +89,8 @@ class TokenizeRequest(BaseModel):
 
 
 class TokenizeChatRequest(BaseModel):
-    """vLLM's ``TokenizeChatRequest``, for the chat records ``/v1/topk`` takes (string ``role`` and ``content``)."""
+    """vLLM's ``TokenizeChatRequest``, for the chat records ``/v1/topk`` takes
+    (string ``role`` and ``content``)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -118,14 +121,15 @@ class DetokenizeRequest(BaseModel):
     tokens: list[Annotated[StrictInt, Field(ge=0)]]
 
 
-def _completion_problems(errors: list[dict]) -> list[str]:
+def _completion_problems(errors: list[ErrorDetails]) -> list[str]:
     """Field-by-field messages, with one line for the whole ``prompt`` union."""
     problems, prompt_is_bad = [], False
     for e in errors:
         if e["loc"][:1] == ("prompt",) and len(e["loc"]) > 1:
             if not prompt_is_bad:
                 problems.append(
-                    "prompt: must be a string, a list of strings, a list of token ids or a list of token-id lists"
+                    "prompt: must be a string, a list of strings, a list of token ids or a list of "
+                    "token-id lists"
                 )
             prompt_is_bad = True
         else:
@@ -216,9 +220,10 @@ class _Strings:
         return self.table[np.searchsorted(self.uniq, ids)]
 
 
-def _top_dicts(keys: np.ndarray, lps: list[list[float]]) -> list[dict[str, float]]:
+def _top_dicts(keys: np.ndarray, lps: list[list[float]]) -> list[dict[str, float] | None]:
     """One ``{token: logprob}`` per row, most likely first; a key two ids decode to keeps its best."""
-    out = []
+    # None-able: an echoed answer puts None before them, for the first token (nothing predicts it).
+    out: list[dict[str, float] | None] = []
     for row_keys, row_lps in zip(keys.tolist(), lps):
         d = dict(zip(row_keys, row_lps))
         if len(d) < len(row_keys):  # e.g. byte tokens that each decode to "�"
@@ -301,19 +306,20 @@ async def completions(
     req = parse_body(CompletionRequest, body, _completion_problems)
     del body
     check_completion(req, engine.info.k_max)
-    texts, token_ids = _prompts(req)
-    count = len(texts if texts is not None else token_ids)
+    texts, prompt_ids = _prompts(req)  # exactly one is set
+    count = len(texts) if texts is not None else len(prompt_ids or [])
     if count > settings.max_inputs_per_request:
         raise RequestTooLarge(
             f"{count} prompts in one request; the limit is {settings.max_inputs_per_request}"
         )
-    if texts is not None:
-        token_ids = await asyncio.to_thread(engine.tokenize, texts, None)
+    token_ids: list[list[int]] = (
+        await asyncio.to_thread(engine.tokenize, texts, None) if texts is not None else prompt_ids or []
+    )
     await asyncio.to_thread(_check_token_ids, token_ids, engine.info.vocab_size, engine.info.max_input_tokens)
 
     # The one scoring path: the same request model, limits, admission and engine call as /v1/topk.
     topk_req = TopkRequest(
-        k=max(req.logprobs or 0, 1), inputs=[TopkInput(token_ids=ids) for ids in token_ids]
+        scoring=Scoring(k=max(req.logprobs or 0, 1)), inputs=[TopkInput(token_ids=ids) for ids in token_ids]
     )
     del token_ids
     scored, total, release = await score_admitted(
@@ -363,7 +369,8 @@ def chat_ids(engine: Any, req: TokenizeChatRequest) -> list[int]:
 async def tokenize(
     request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
-    """vLLM's ``/tokenize``: a completion ``prompt`` or chat ``messages`` in; ``{"tokens", "count", "max_model_len"}``.
+    """vLLM's ``/tokenize``: a completion ``prompt`` or chat ``messages`` in; ``{"tokens", "count",
+    "max_model_len"}``.
 
     ``{"messages": [...], "add_generation_prompt": false}`` gives exactly the ids ``/v1/topk``
     scores for that chat record, untruncated: what the client windows a long chat record by.
@@ -512,7 +519,8 @@ async def list_models(engine: Any = Depends(loaded_engine)) -> ModelList:
     responses={404: {"description": "no model of that name is served here"}},
 )
 async def retrieve_model(model_id: str, engine: Any = Depends(loaded_engine)) -> ModelCard | Response:
-    """OpenAI's model retrieval (``client.models.retrieve(id)``); 404 for a name this server does not serve."""
+    """OpenAI's model retrieval (``client.models.retrieve(id)``);
+    404 for a name this server does not serve."""
     card = model_card(engine)
     if model_id == card.id:
         return card

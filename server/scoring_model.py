@@ -17,7 +17,7 @@ k and sample count a request may ask for) in the model config, set through ``hf_
 from __future__ import annotations
 
 from collections.abc import Set
-from typing import Any
+from typing import Any, Final
 
 import torch
 
@@ -33,7 +33,7 @@ SCORING_SUFFIX = "ForTeacherScoring"
 DEFAULT_SLICE_ROWS = 1024
 
 #: The pooling task our requests name (a token-wise task: one output row per prompt position).
-TASK = vllm_seam.TASK
+TASK: Final = vllm_seam.TASK
 
 
 def scoring_arch(causal_arch: str) -> str:
@@ -69,7 +69,7 @@ def __getattr__(name: str) -> Any:
 def as_scoring_model(cls: type) -> type:
     """Subclass a vLLM causal LM: same layers and weights, plus the reduction as its pooler."""
 
-    class ModelForTeacherScoring(cls, vllm_seam.VllmModelForPooling):  # type: ignore[misc, valid-type]
+    class ModelForTeacherScoring(cls, vllm_seam.VllmModelForPooling):
         is_pooling_model = True
         default_tok_pooling_type = vllm_seam.TOKEN_POOLING
 

@@ -185,7 +185,8 @@ def check_pooler(steps: Callable[[Any, list[Any], list[list[int]]], Step] = v1_s
         if got is None or got.shape != expected.shape or not torch.equal(got, expected):
             shape = None if got is None else tuple(got.shape)
             raise fail(
-                f"{case.name}: rows {shape} differ from reduce_rows on the whole prompt {tuple(expected.shape)}"
+                f"{case.name}: rows {shape} differ from reduce_rows on the whole prompt "
+                f"{tuple(expected.shape)}"
             )
 
 

@@ -93,10 +93,11 @@ def make_tiny_model(
         tie_word_embeddings=False,
         # Wider than the usual 0.02 so the random teacher's distributions are peaked, not flat.
         initializer_range=0.1,
-        torch_dtype="float32",
+        # transformers >= 4.56 types it as dtype; torch_dtype is the name every supported version reads.
+        torch_dtype="float32",  # type: ignore[call-arg]
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]  # transformers' stub of .to
     model.save_pretrained(out, safe_serialization=True)
     return out
 

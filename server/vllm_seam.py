@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any
+from typing import Any, Final
 
 #: Oldest vLLM release supported, and the first one beyond the range (0.24 up to 0.33 verified).
 OLDEST = (0, 24)
@@ -26,7 +26,7 @@ VERIFIED = ("0.24.0", "0.33.0")
 #: vLLM's runner for pooling models, the token-wise pooling task our requests name (one output row
 #: per prompt position) and the pooling type that keeps every token.
 RUNNER = "pooling"
-TASK = "token_classify"
+TASK: Final = "token_classify"
 TOKEN_POOLING = "ALL"
 
 #: Where each internal lives in the supported releases.

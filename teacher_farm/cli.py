@@ -34,7 +34,8 @@ def cache_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="teacher-farm cache",
-        description="Cache a teacher's top-k next-token distributions for every line of a corpus (JSONL and Parquet files).",
+        description="Cache a teacher's top-k next-token distributions for every line of a corpus "
+        "(JSONL and Parquet files).",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
@@ -184,6 +185,8 @@ def cache_parser() -> argparse.ArgumentParser:
 
 def cache_main(argv: list[str]) -> int:
     """Run ``teacher-farm cache``."""
+    from pydantic import ValidationError
+
     from teacher_farm.client.cache import CacheOptions, run_cache
     from teacher_farm.client.transport import HttpTeacher, TeacherPool
     from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring
@@ -198,7 +201,7 @@ def cache_main(argv: list[str]) -> int:
             seed=a.seed,
             positions=a.positions,
         )
-    except ValueError as exc:
+    except ValidationError as exc:
         problem = exc.errors()[0]
         cache_parser().error(f"--{problem['loc'][0]}: {problem['msg'].lower()}")
     opts = CacheOptions(

@@ -62,6 +62,7 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 
     async def cancellable() -> T:
         task = asyncio.current_task()
+        assert task is not None  # a coroutine that runs is in a task
 
         def on_sigterm() -> None:
             nonlocal terminated

@@ -337,7 +337,7 @@ def table_to_results(table):
     for row in range(table.num_rows):
         t = table.slice(row, 1)
 
-        def flat(name: str) -> np.ndarray:
+        def flat(name: str, t=t) -> np.ndarray:
             return flat_values(t.column(name)).to_numpy(zero_copy_only=False)
 
         n = len(flat("input_ids"))

@@ -150,7 +150,8 @@ def test_cache_identity_round_trips_through_parquet_metadata_and_the_manifest():
     assert CacheIdentity.from_entries(json.loads(json.dumps(identity.entries()))) == identity.model_copy(
         update={"model": ""}
     )
-    # N, the seed and whether sampled logprobs are kept are part of a cache's identity only with sampled targets.
+    # N, the seed and whether sampled logprobs are kept are part of a cache's identity only with sampled
+    # targets.
     topk = identity.model_copy(update={"scoring": Scoring(k=16), "sample_logprobs": False})
     assert not {"samples", "seed", "sample_logprobs"} & set(topk.entries())
     assert CacheIdentity.from_entries(topk.entries()) == topk.model_copy(update={"model": ""})

@@ -352,7 +352,8 @@ def test_the_heaviest_allowed_answers_in_parallel_keep_health_fast_and_memory_bo
         assert slowest[0] < 1.0, f"/health took {slowest[0]:.2f} s while answers were built"
         grew = peak[0] - baseline
         print(
-            f"server tree grew {grew / MiB:.0f} MiB at most; /health took {slowest[0]:.3f} s at most; {answers}"
+            f"server tree grew {grew / MiB:.0f} MiB at most; /health took {slowest[0]:.3f} s at most; "
+            f"{answers}"
         )
         assert grew < int(CAPS["TEACHER_FARM_MAX_ANSWER_BYTES_IN_FLIGHT"]) + RSS_SLACK, (
             f"grew {grew / MiB:.0f} MiB"
@@ -388,7 +389,8 @@ def test_half_open_connections_are_closed_and_a_request_is_still_answered(capped
 def test_a_trickled_body_gets_408(capped):
     with socket.create_connection(("127.0.0.1", capped.port), timeout=30) as s:
         s.sendall(
-            b"POST /v1/topk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+            b"POST /v1/topk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n"
         )
         s.sendall(b'{"k": 2, "inputs": [{"token_ids": [1, 2')
         started = time.monotonic()
@@ -432,7 +434,8 @@ def test_a_client_that_disconnects_has_its_engine_work_aborted(capped):
 
 @pytest.mark.engine
 def test_the_shared_server_refuses_answers_too_large_for_it(server):
-    """The shapes that built GBs of answer: 256 prompts of 1,023 ids with logprobs 256, and k=256 with draws."""
+    """The shapes that built GBs of answer: 256 prompts of 1,023 ids with logprobs 256,
+    and k=256 with draws."""
     ids = [[1 + (i * 7 + j) % 2000 for j in range(1023)] for i in range(256)]
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
         r = c.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 256, "max_tokens": 0})

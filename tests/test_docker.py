@@ -201,7 +201,8 @@ def test_dockerfile_installs_every_package_of_the_project(flavour):
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: no such path in the repository"
                 copied.add(source.rstrip("/"))
-    # [tool.setuptools] packages = [...] and [tool.setuptools.package-dir] (no tomllib: Python 3.10 is supported)
+    # [tool.setuptools] packages = [...] and [tool.setuptools.package-dir] (no tomllib:
+    # Python 3.10 is supported)
     text = (ROOT / "pyproject.toml").read_text()
     listed = re.search(r"^packages\s*=\s*\[(.*?)\]", text, re.M | re.S)
     mapped = dict(re.findall(r'^"([^"]+)"\s*=\s*"([^"]+)"', text, re.M))

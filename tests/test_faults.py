@@ -232,7 +232,8 @@ def test_server_killed_and_restarted_mid_run(fault_server, corpus, expected, tmp
     wait_until(lambda: committed_shards(out) >= 1, proc=client)
     engine = descendants(fault_server.proc.pid)
     assert len(engine) >= 2  # EngineCore and a Worker at least
-    fault_server.proc.kill()  # the server alone, as the OOM killer would: its children must notice by themselves
+    # The server alone, as the OOM killer would: its children must notice by themselves.
+    fault_server.proc.kill()
     fault_server.proc.wait()
     try:
         wait_for(lambda: alive(engine) == [], 30, "the engine's processes to end after SIGKILL of serve")

@@ -309,7 +309,8 @@ def test_the_compact_format_is_smaller_than_float16(tmp_path):
 
 
 def write_v2_cache(out, results: list[ScoredSequence], dtype: str = "float16") -> None:
-    """A cache as schema 2 wrote it: every column as the server sent it, float logprobs, version 2 metadata."""
+    """A cache as schema 2 wrote it: every column as the server sent it, float logprobs,
+    version 2 metadata."""
     out.mkdir(parents=True)
     ident = CacheIdentity(
         model="teacher",

@@ -30,7 +30,8 @@ def jsonl(records) -> bytes:
 
 
 def make_corpus(root):
-    """b.jsonl (2 lines), a/c.jsonl.gz (2), a/d.parquet (3 rows in 2 row groups), z.jsonl.zst (1), and noise."""
+    """b.jsonl (2 lines), a/c.jsonl.gz (2), a/d.parquet (3 rows in 2 row groups), z.jsonl.zst (1),
+    and noise."""
     (root / "a").mkdir(parents=True)
     (root / "b.jsonl").write_bytes(jsonl([{"id": "b0", "text": "bee"}, {"text": "bee two"}]))
     with gzip.open(root / "a" / "c.jsonl.gz", "wb") as f:

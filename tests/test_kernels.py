@@ -1,4 +1,5 @@
-"""The reduction's kernels: every way of a step gives the same answer, and the fastest where it runs is chosen."""
+"""The reduction's kernels: every way of a step gives the same answer,
+and the fastest where it runs is chosen."""
 
 from __future__ import annotations
 

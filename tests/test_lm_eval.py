@@ -106,7 +106,8 @@ def test_completions_are_topk_reshaped(http, reference, prompts, max_tokens, log
             want = first_wins([decode(t) for t in row_ids], row_lps)
             assert list(top) == list(want)
             np.testing.assert_allclose(list(top.values()), list(want.values()), rtol=0, atol=1e-6)
-            # lm-eval's is_greedy: the token's logprob equals the best of the top dict exactly when it is the argmax.
+            # lm-eval's is_greedy: the token's logprob equals the best of the top dict exactly when it is the
+            # argmax.
             rank = ref["target_ranks"][i - 1]
             assert (lp["token_logprobs"][i] == max(top.values())) == (rank == 1)
             if rank == 1:
@@ -130,7 +131,7 @@ def test_lm_eval_style_parse_finds_the_greedy_continuation(http, prompts):
     body = complete(http, prompts, max_tokens=1, logprobs=1)
     expected = topk(http, prompts, 1)
     ctxlen = len(prompts[2]) - 3  # the last prompt's final three tokens are greedy
-    for ids, choice, ref in zip(prompts, body["choices"], expected):
+    for _ids, choice, ref in zip(prompts, body["choices"], expected):
         lp = choice["logprobs"]
         conts, tops = lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]
         is_greedy = all(tok == max(top.values()) for tok, top in zip(conts, tops))

@@ -1,4 +1,5 @@
-"""OpenAI-style discovery: ``GET /v1/models`` and ``GET /v1/models/{id}``, read by the official ``openai`` client.
+"""OpenAI-style discovery: ``GET /v1/models`` and ``GET /v1/models/{id}``, read by the official ``openai``
+client.
 
 The name a client discovers there must be the one the completions answers carry, and the key guards
 these routes like every other ``/v1`` route.

@@ -204,7 +204,8 @@ from teacher_farm import cli
 from tests.standin import StandInTeacher
 import teacher_farm.client.transport as t
 t.TeacherPool = lambda *a, **k: StandInTeacher()
-sys.exit(cli.main(["cache", "--server", "http://unused", "--input", {str(inp)!r}, "--out", {str(tmp_path / "o")!r}]))
+sys.exit(cli.main(["cache", "--server", "http://unused", "--input", {str(inp)!r},
+                   "--out", {str(tmp_path / "o")!r}]))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr

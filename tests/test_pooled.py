@@ -1,4 +1,5 @@
-"""The pooled backend against the fp32 reference: temperature, every k, long chunked prompts, sampled targets."""
+"""The pooled backend against the fp32 reference: temperature, every k, long chunked prompts,
+sampled targets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Position rules: the entropy computed beside the reduction, the top-F selection, a chat's assistant turns."""
+"""Position rules: the entropy computed beside the reduction, the top-F selection,
+a chat's assistant turns."""
 
 from __future__ import annotations
 

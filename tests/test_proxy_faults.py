@@ -1,4 +1,5 @@
-"""A real proxy on loopback in front of the real server: its own error pages during a cache run lose no line."""
+"""A real proxy on loopback in front of the real server:
+its own error pages during a cache run lose no line."""
 
 from __future__ import annotations
 

@@ -281,7 +281,7 @@ def test_a_compact_cache_reports_the_values_it_reads_back(tmp_path, fmt):
         for src, s in rows
     ]
     expected = expected_numbers(read_back)
-    for key, label, value, _ in stats.headline():
+    for key, _label, value, _ in stats.headline():
         assert value == pytest.approx(expected[key], rel=1e-6), key
     assert expected["mean_topk_mass"] == pytest.approx(expected_numbers(rows)["mean_topk_mass"], rel=0.05)
 

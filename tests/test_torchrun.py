@@ -149,7 +149,8 @@ def echo_teacher() -> Iterator[tuple[str, list[int]]]:
                 else:
                     payload, ctype = answer(body), ARROW_STREAM
                 writer.write(
-                    f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n{FINGERPRINT_HEADER}: {info.fingerprint}\r\n"
+                    f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\n"
+                    f"{FINGERPRINT_HEADER}: {info.fingerprint}\r\n"
                     f"Content-Length: {len(payload)}\r\n\r\n".encode()
                     + payload
                 )
@@ -304,14 +305,14 @@ def test_ranks_share_the_cache_with_the_last_row_dropped(ranks, caches):
 
 def test_a_cache_of_one_row_group_feeds_both_ranks(ranks, caches):
     """The demo's shape, where one rank used to read every row and the other none."""
-    for run, epoch, lines, steps in shares(ranks, "demo"):
+    for run, _epoch, lines, steps in shares(ranks, "demo"):
         assert [len(x) for x in lines] == [2, 2] and steps[0] == steps[1] >= 1, run
         assert sorted(set(lines[0] + lines[1])) == caches["demo"][1], run
 
 
 def test_joined_windows_are_dealt_as_whole_lines(ranks, caches):
     lines_of_cache = caches["windows"][1]  # 9 lines in 19 windows: 5 lines a rank
-    for run, epoch, lines, steps in shares(ranks, "windows"):
+    for run, _epoch, lines, steps in shares(ranks, "windows"):
         assert [len(x) for x in lines] == [5, 5] and steps[0] == steps[1], run
         assert sorted(set(lines[0] + lines[1])) == lines_of_cache, run
         assert len(set(lines[0]) & set(lines[1])) == 1, run

@@ -556,7 +556,7 @@ def test_a_dataset_checks_each_shards_own_metadata(tmp_path):
         TopkDataset(tmp_path / "a")
 
 
-# ------------------------------------------------------------------------------------ every format, every loss
+# ----------------------------------------------------------------------------------- every format, every loss
 
 
 @pytest.mark.parametrize("fmt", ["float32", "float16", "uint8-gap"])

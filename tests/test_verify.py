@@ -452,7 +452,8 @@ def test_uint8_gap_caches_compare_within_one_step():
     cached["topk_logprobs"][2, 3] -= 2 * GAP_STEP  # two steps: beyond atol plus one step
     (problem,) = compare_row(cached, fresh, k=K, atol=1e-2, logprob_dtype="uint8-gap")[0]
     assert problem.startswith("topk_logprobs differ at 1 of 24 entries: position 2 candidate 4")
-    # Read as if it were float16, the rounding to whole steps alone is a mismatch: the tolerance is the format's.
+    # Read as if it were float16, the rounding to whole steps alone is a mismatch:
+    # the tolerance is the format's.
     cached["topk_logprobs"][2, 3] += 2 * GAP_STEP
     assert compare_row(cached, fresh, k=K, atol=1e-2, logprob_dtype="float16")[0]
 

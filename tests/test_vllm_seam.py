@@ -1,4 +1,5 @@
-"""vLLM's internals are reached through server/vllm_seam.py alone, and its supported range is the package's."""
+"""vLLM's internals are reached through server/vllm_seam.py alone,
+and its supported range is the package's."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_only_the_seam_imports_vllm_internals():
 def test_the_check_sees_every_kind_of_import(tmp_path):
     (tmp_path / "m.py").write_text(
         "import vllm.config\nfrom vllm.v1.pool.metadata import PoolingMetadata\nfrom vllm.v1 import worker\n"
-        "import importlib\nimportlib.import_module('vllm.model_executor.layers')\nfrom vllm import PoolingParams\n"
+        "import importlib\nimportlib.import_module('vllm.model_executor.layers')\n"
+        "from vllm import PoolingParams\n"
     )
     tree = ast.parse((tmp_path / "m.py").read_text())
     hits = [line for line, module in _imported_modules(tree) if _is_internal(module)]

@@ -57,7 +57,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 #: A missing package, and the extra that brings it.
-_EXTRA_OF = {"torch": "training", "transformers": "trainer", "accelerate": "trainer"}
+_EXTRA_OF: dict[str | None, str] = {"torch": "training", "transformers": "trainer", "accelerate": "trainer"}
 
 
 def __getattr__(name: str) -> Any:

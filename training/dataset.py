@@ -37,7 +37,8 @@ def _units(paths: Sequence[Path]) -> tuple[list[tuple[int, int]], np.ndarray]:
 
 def _line_starts(paths: Sequence[Path], units: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     """For each unit, the rows where a line starts (``offset`` 0): a window cache's lines, to deal whole."""
-    starts, current, pf = [], -1, None
+    starts, current = [], -1
+    pf: Any = None  # the open shard's pq.ParquetFile
     for shard, rg in units:
         if shard != current:
             current, pf = shard, pq.ParquetFile(paths[shard])
@@ -118,10 +119,10 @@ class TopkDataset(IterableDataset):
     of the sequence, padded with 0 (count 0 marks padding); a cache of sampled targets only
     has no top-k keys.
 
-    Every distributed rank (``torch.distributed``'s, read when the dataset is made, or else when
-    it is iterated; or ``rank``/``world_size`` given here) yields the same number of sequences per epoch, so a loop that runs a collective
-    every step never waits on a rank that has run out: the epoch's rows are split into equal
-    contiguous shares, the total rounded up and padded by repeating the epoch's first rows (with
+    Every distributed rank (``torch.distributed``'s, read when the dataset is made, or else when it is
+    iterated; or ``rank``/``world_size`` given here) yields the same number of sequences per epoch, so a loop
+    that runs a collective every step never waits on a rank that has run out: the epoch's rows are split into
+    equal contiguous shares, the total rounded up and padded by repeating the epoch's first rows (with
     ``drop_last``, rounded down and the epoch's last rows left out, fewer than ``world_size``).
     A rank's share is split again over its DataLoader workers (``get_worker_info``), and a
     reader reads only the row groups that hold its rows. ``shuffle_shards`` shuffles the row
@@ -209,7 +210,8 @@ class TopkDataset(IterableDataset):
         return reader_share(self.unit_sizes, order, rank, world, worker, workers, self.drop_last)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        current, pf = -1, None
+        current = -1
+        pf: Any = None  # the open shard's pq.ParquetFile
         columns = self.columns + ["offset"] if self.join_windows else self.columns
         for unit, first, end in self._spans():
             shard, rg = self.units[unit]
@@ -258,14 +260,14 @@ def sequence_items(
     """
     import torch
 
-    per_position = {
+    arrays = {
         "input_ids": a.input_ids,
         "topk_ids": a.topk_ids,
         "topk_logprobs": a.topk_logprobs,
         "tail_logprob": a.tail_logprob,
         "kept": a.kept,
     }
-    per_position = {k: torch.from_numpy(v) for k, v in per_position.items() if v is not None}
+    per_position = {k: torch.from_numpy(v) for k, v in arrays.items() if v is not None}
     samples = {k: torch.from_numpy(getattr(a, k)) for k in SAMPLE_COLUMNS if getattr(a, k) is not None}
     targets = torch.from_numpy(a.target_logprobs)
     temp = torch.tensor(temperature, dtype=torch.float32)
@@ -277,8 +279,9 @@ def sequence_items(
             end = min(end, start + max_length)
         t0 = int(a.target_offsets[r])
         # clone: an item must not keep the whole row group's storage alive (or ship it between processes)
-        item = {k: v[start:end].clone() for k, v in per_position.items()}
+        item: dict[str, Any] = {k: v[start:end].clone() for k, v in per_position.items()}
         if samples:
+            assert a.sample_lengths is not None  # with the sample columns
             width = int(a.sample_lengths[start:end].max())
             item.update({k: v[start:end, :width].clone() for k, v in samples.items()})
         item["target_logprobs"] = targets[t0 : t0 + end - start - 1].clone()

@@ -104,8 +104,8 @@ class _KDLoss(torch.nn.Module):
                 + (
                     "a cache written with --targets sampled or both"
                     if "sample_ids" in missing
-                    else "a cache written with --sample-logprobs (the teacher's logprobs of its draws), which "
-                    "this one was not; without entropy=True the loss needs only the draws"
+                    else "a cache written with --sample-logprobs (the teacher's logprobs of its draws), "
+                    "which this one was not; without entropy=True the loss needs only the draws"
                     if missing == ["sample_logprobs"]
                     else "a cache written with --targets topk or both"
                 )
@@ -146,8 +146,8 @@ class TopkTailKLLoss(_KDLoss):
 
     Reads ``topk_ids`` (B, T, k) long, ``topk_logprobs`` (B, T, k) float (the teacher's logprobs
     over the whole vocabulary at the cache's temperature, or renormalised over the top-k) and
-    ``tail_logprob`` (B, T) (log of the teacher's mass outside its top-k). With p the teacher and q = softmax(student_logits / T), per
-    position::
+    ``tail_logprob`` (B, T) (log of the teacher's mass outside its top-k). With p the teacher and
+    q = softmax(student_logits / T), per position::
 
         sum_i p_i (log p_i - log q_i)  +  p_tail (log p_tail - log q_tail)
 
@@ -216,7 +216,7 @@ class SampledKDLoss(_KDLoss):
     counts sum to 0 are skipped.
     """
 
-    needs = ("sample_ids", "sample_counts")
+    needs: tuple[str, ...] = ("sample_ids", "sample_counts")
 
     def __init__(self, temperature: float | None = None, *, entropy: bool = False) -> None:
         super().__init__(temperature)

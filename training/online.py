@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ import torch
 
 from teacher_farm.client.transport import HttpTeacher, TeacherPool
 from teacher_farm.schemas.errors import InputError
-from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.scoring import Scoring, Targets
 from teacher_farm.schemas.wire import Info
 from teacher_farm.training.collate import collate_topk
 from teacher_farm.training.dataset import rank_and_world, sequence_items
@@ -96,7 +96,7 @@ class OnlineTeacher:
         *,
         k: int = 16,
         temperature: float = 1.0,
-        targets: str = "topk",
+        targets: Targets = "topk",
         samples: int = 64,
         seed: int = 0,
         api_key: str | None = None,
@@ -187,7 +187,8 @@ class OnlineTeacher:
         self, pool: TeacherPool, seqs: list[np.ndarray], lines: list[int]
     ) -> dict[str, torch.Tensor]:
         table = await pool.score_ids(
-            [(str(i), s) for i, s in enumerate(seqs)],
+            # An int array serves as a token sequence: the client only encodes it into the request.
+            [(str(i), cast("Sequence[int]", s)) for i, s in enumerate(seqs)],
             self.scoring,
             wire_dtype=self.logprob_dtype,
         )

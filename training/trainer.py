@@ -29,7 +29,11 @@ from teacher_farm.training.losses import SampledKDLoss, TopkTailKLLoss
 __all__ = ["DistillationTrainer", "default_kd_loss"]
 
 #: The loss a trainer uses when none is given, by the cache's ``--targets``.
-_DEFAULT_LOSS = {"topk": TopkTailKLLoss, "both": TopkTailKLLoss, "sampled": SampledKDLoss}
+_DEFAULT_LOSS: dict[str | None, type[torch.nn.Module]] = {
+    "topk": TopkTailKLLoss,
+    "both": TopkTailKLLoss,
+    "sampled": SampledKDLoss,
+}
 
 
 def default_kd_loss(dataset: Any = None) -> torch.nn.Module:
@@ -89,11 +93,13 @@ class DistillationTrainer(transformers.Trainer):
             )
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = collate_topk
-        if args is not None and args.accelerator_config.dispatch_batches is None:
+        # transformers types accelerator_config as given (dict, str or None); TrainingArguments'
+        # __post_init__ has made it an AcceleratorConfig.
+        if args is not None and args.accelerator_config.dispatch_batches is None:  # type: ignore[union-attr]
             # accelerate's default for an iterable dataset: the first process reads every batch and
             # sends the others theirs, which needs batches of one shape; collate_topk pads each batch
             # to its own longest sequence. Each process reads its own batches instead.
-            args.accelerator_config.dispatch_batches = False
+            args.accelerator_config.dispatch_batches = False  # type: ignore[union-attr]
         super().__init__(model, args, **kwargs)
         # The Trainer removes every key the model's forward does not name, before collating.
         self.args.remove_unused_columns = False
@@ -112,7 +118,8 @@ class DistillationTrainer(transformers.Trainer):
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> torch.utils.data.DataLoader:
         """The Trainer's loader, after checking the dataset is not split between processes twice."""
-        chosen = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        # A name picks one of a dict of evaluation datasets (transformers' own rule).
+        chosen = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset  # type: ignore[index]
         self._check_split(chosen if chosen is not None else self.eval_dataset)
         return super().get_eval_dataloader(eval_dataset)
 
@@ -174,7 +181,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mean of each loss part since the last log (with the metrics' prefix in evaluation)."""
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if self.model.training else "eval"  # type: ignore[union-attr]  # set by __init__
         prefix = ""
         if mode == "eval":  # evaluate(metric_key_prefix=...) names its loss "<prefix>_loss"
             prefix = next((key[: -len("loss")] for key in logs if key.endswith("_loss")), "eval_")
