@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 import orjson
 from fastapi import Request
@@ -212,7 +213,7 @@ class AnswerResponse(Response):
         chunks, self.chunks = self.chunks, []
         try:
             # A client that stops reading would hold the answer's memory for ever.
-            async with asyncio.timeout(self.send_timeout_s):
+            with anyio.fail_after(self.send_timeout_s):  # asyncio.timeout is 3.11+
                 await send(
                     {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
                 )
@@ -264,7 +265,7 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     timeout_s = get_settings().body_timeout_s if timeout_s is None else timeout_s
     chunks, size = [], 0
     try:
-        async with asyncio.timeout(timeout_s):
+        with anyio.fail_after(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
