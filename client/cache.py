@@ -61,8 +61,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REJECTS = "rejects.jsonl"
-#: A run split into N client processes marks its directory ``.num-shards-N`` (``CacheRun._claim_split``).
-SPLIT_MARKER = ".num-shards-"
+#: A run split into N client processes marks its directory ``.parts-N`` (``CacheRun._claim_split``).
+SPLIT_MARKER = ".parts-"
 
 #: Where lines are cut when the user names no ``--max-length`` (and the teacher holds that many).
 DEFAULT_MAX_LENGTH = 8192
@@ -529,7 +529,7 @@ class CacheRun:
             theirs = ", ".join(o[len(SPLIT_MARKER) :] for o in others)
             self._unmark()
             raise CacheMismatch(
-                f"{self.out} is (being) written by a run split into --num-shards {theirs}, not "
+                f"{self.out} is (being) written by a run split into --parts {theirs}, not "
                 f"{self.opts.parts}: use the original split or a new --out"
             )
 

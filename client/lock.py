@@ -1,6 +1,6 @@
 """One writer per output: a lock file beside the manifest it guards, naming its holder and its heartbeat.
 
-``manifest.json.lock`` (one per ``--shard-index`` when a corpus is split) holds the host, pid, start
+``manifest.json.lock`` (one per ``--part`` when a corpus is split) holds the host, pid, start
 time and heartbeat of the ``teacher-farm cache`` writing into the directory, under an exclusive
 ``flock`` that the kernel drops when that process dies. A second writer is refused at once with the
 holder's name. Where ``flock`` is only node-local (Lustre ``localflock``, NFS ``local_lock=flock``)
@@ -160,7 +160,7 @@ class OutputLock:
         who = _describe(holder) if holder.get("pid") is not None else "another process"
         return (
             f"{self.path.parent} is being written by another teacher-farm cache ({who}; lock file "
-            f"{self.path}); wait for it to finish or stop it, or choose another --out (or --shard-index)"
+            f"{self.path}); wait for it to finish or stop it, or choose another --out (or --part)"
         )
 
     def release(self) -> None:

@@ -359,10 +359,10 @@ def test_a_shards_temporary_file_is_created_exclusively_never_through_a_link(tmp
 def test_a_run_split_otherwise_than_one_already_begun_is_refused_before_it_writes(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".num-shards-3").touch()  # a run split in 3 has begun: none of its manifests is written yet
-    with pytest.raises(CacheMismatch, match="--num-shards 3, not 2"):
+    (out / ".parts-3").touch()  # a run split in 3 has begun: none of its manifests is written yet
+    with pytest.raises(CacheMismatch, match="--parts 3, not 2"):
         cache(tmp_path, StandInServer(VOCAB), corpus(tmp_path / "in.jsonl"), parts=2, part=0)
-    assert sorted(p.name for p in out.iterdir()) == [".num-shards-3"]
+    assert sorted(p.name for p in out.iterdir()) == [".parts-3"]
 
 
 # --- resuming onto an edited input ------------------------------------------------------------
