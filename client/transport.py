@@ -21,10 +21,8 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 import numpy as np
-import numpy.typing as npt
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -36,6 +34,7 @@ from tenacity.stop import stop_base
 
 from teacher_farm.client.inputs import Line
 from teacher_farm.schemas import ARROW_STREAM, FINGERPRINT_HEADER
+from teacher_farm.schemas.arrow import flat_values, list_lengths, result_schema, whole
 from teacher_farm.schemas.errors import (
     AuthError,
     CacheMismatch,
@@ -187,24 +186,10 @@ def answer_limit(tokens: int, rows: int, scoring: Scoring, logprob_dtype: str) -
     return 2 * (tokens * (per_position + 3 * 4) + rows * 256) + ANSWER_SLACK_BYTES
 
 
-def _inner(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """The per-position lists of a list-of-lists column (one entry per position of every row)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return arr.flatten()
-
-
-def _values(arr: pa.Array) -> np.ndarray:
-    """The values of a list array (its nulls skipped), or of a flat one, as numpy."""
-    flat = arr.flatten() if pa.types.is_list(arr.type) else arr
-    values: np.ndarray = flat.to_numpy(zero_copy_only=False)
+def _numpy(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The values of a list column (its nulls skipped), or of a flat one, as numpy."""
+    values: np.ndarray = flat_values(arr).to_numpy(zero_copy_only=False)
     return values
-
-
-def _lengths(arr: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.int64]:
-    lengths: npt.NDArray[np.int64] = (
-        pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    )
-    return lengths
 
 
 def check_answer(
@@ -221,8 +206,6 @@ def check_answer(
     every id below the vocabulary; logprobs finite and not above 0; top-k k wide and descending;
     sampled ids ascending and distinct, their counts positive and summing to N.
     """
-    from teacher_farm.schemas.arrow import result_schema
-
     expected = result_schema(targets=scoring.targets).names
     if table.column_names != expected:
         return f"columns {table.column_names}, not {expected}"
@@ -231,7 +214,7 @@ def check_answer(
     if table.column("id").to_pylist() != [x.get("id") for x in inputs]:
         return "its row ids are not those of the inputs sent, in order"
     ids = table.column("input_ids").combine_chunks()
-    n = _lengths(ids)
+    n = list_lengths(ids)
     cap = max_length or np.iinfo(np.int64).max
     if ids.null_count or (n < 1).any() or (n > cap).any():
         return f"a row holds {int(n.min())}..{int(n.max())} tokens, not 1..{cap}"
@@ -239,38 +222,44 @@ def check_answer(
     if sent:
         want = [np.asarray(inputs[i]["token_ids"])[:cap] for i in sent]
         if not np.array_equal(n[sent], [len(w) for w in want]) or not np.array_equal(
-            _values(ids.take(pa.array(sent))), np.concatenate(want)
+            _numpy(ids.take(pa.array(sent))), np.concatenate(want)
         ):
             return "its input_ids are not the token ids sent"
     vocab = vocab_size or np.iinfo(np.int64).max
     every = scoring.positions == "all"
     for name in ("target_logprobs", "target_ranks"):
-        if not np.array_equal(_lengths(table.column(name)), n - 1):
+        if not np.array_equal(list_lengths(table.column(name)), n - 1):
             return f"{name} does not hold n - 1 values for a row of n tokens"
-    lps = [_values(table.column("target_logprobs").combine_chunks())]
-    all_ids = [_values(ids)]
+    lps = [_numpy(table.column("target_logprobs").combine_chunks())]
+    all_ids = [_numpy(ids)]
     if scoring.targets != "sampled":
         for name in ("topk_ids", "topk_logprobs"):
-            if not np.array_equal(_lengths(table.column(name)), n):
+            if not np.array_equal(list_lengths(table.column(name)), n):
                 return f"{name} does not hold n positions for a row of n tokens"
-        inner_ids, inner_lps = _inner(table.column("topk_ids")), _inner(table.column("topk_logprobs"))
-        width = _lengths(inner_ids)
+        inner_ids, inner_lps = (
+            whole(table.column("topk_ids")).flatten(),
+            whole(table.column("topk_logprobs")).flatten(),
+        )
+        width = list_lengths(inner_ids)
         if not ((width == scoring.k) | (not every and (width == 0))).all() or not np.array_equal(
-            _lengths(inner_lps), width
+            list_lengths(inner_lps), width
         ):
             return f"its top-k lists are not {scoring.k} wide"
-        top = _values(inner_lps).astype(np.float32).reshape(-1, scoring.k)
+        top = _numpy(inner_lps).astype(np.float32).reshape(-1, scoring.k)
         if (np.diff(top, axis=1) > LOGPROB_SLACK).any():
             return "its top-k logprobs are not in descending order"
         lps.append(top.reshape(-1))
-        all_ids.append(_values(inner_ids))
+        all_ids.append(_numpy(inner_ids))
     if scoring.targets != "topk":
-        inner_ids, counts = _inner(table.column("sample_ids")), _inner(table.column("sample_counts"))
-        length = _lengths(inner_ids)
-        if not np.array_equal(_lengths(counts), length) or len(length) != int(n.sum()):
+        inner_ids, counts = (
+            whole(table.column("sample_ids")).flatten(),
+            whole(table.column("sample_counts")).flatten(),
+        )
+        length = list_lengths(inner_ids)
+        if not np.array_equal(list_lengths(counts), length) or len(length) != int(n.sum()):
             return "its sample ids and counts do not match"
-        values = _values(inner_ids).astype(np.int64)
-        c = _values(counts).astype(np.int64)
+        values = _numpy(inner_ids).astype(np.int64)
+        c = _numpy(counts).astype(np.int64)
         ends = np.cumsum(length)
         sums = np.concatenate([[0], np.cumsum(c)])
         per_position = sums[ends] - sums[ends - length]
@@ -285,7 +274,7 @@ def check_answer(
             return "its sampled ids are not ascending and distinct at every position"
         all_ids.append(values)
         if "sample_logprobs" in table.column_names:
-            lps.append(_values(_inner(table.column("sample_logprobs"))))
+            lps.append(_numpy(whole(table.column("sample_logprobs")).flatten()))
     for values in all_ids:
         if len(values) and (values.min() < 0 or values.max() >= vocab):
             return (
