@@ -558,3 +558,5 @@ class Engine:
         if self.llm is not None:
             self.llm.shutdown(timeout=ENGINE_STOP_S)
             self.llm = None
+        # An in-process teacher never warms up, so its worker's report would stay behind.
+        kernel_report_path().unlink(missing_ok=True)

@@ -1,13 +1,14 @@
 """The reduction's steps that can be done more than one way, and the choice among them, made by timing.
 
 Which way is fastest depends on the device, the vocabulary, k and the libraries' builds: on one
-2-core x86 machine numpy's introselect beat ``torch.topk`` at k = 16 and 64, on another of the same
-kind it lost 3.9x at k = 16 and won at k = 64; a two-stage select over block maxima won 3–5x at a
-49k vocabulary on both. So nothing here is chosen in advance: :func:`choose` times every way of a
-step on the shapes the worker will reduce (its slice of rows at the model's vocabulary, at each k
-bucket up to k_max), checks that each gives the same values as ``torch.topk``, and keeps the
-fastest. It runs once per process (the worker, or the server's start-up self-test), in well under a
-second at a 4k vocabulary, and its verdict is logged in one line and shown in ``GET /v1/info``.
+2-core x86 machine numpy's introselect beat ``torch.topk`` at k = 16 and 64; on another of the same
+kind it lost 3.9x at k = 16 and won at k = 64, and there a two-stage select over block maxima was 3
+to 8x faster than either at a 49k vocabulary (one thread, 2026-12-06). So nothing here is chosen in
+advance: :func:`choose` times every way of a step on the shapes the worker will reduce (its slice
+of rows at the model's vocabulary, at each k bucket up to k_max), checks that each gives the same
+values as ``torch.topk``, and keeps the fastest. It runs once per process (the worker, or the
+server's start-up self-test), in well under a second at a 4k vocabulary, and its verdict is logged
+in one line and shown in ``GET /v1/info``.
 
 The draws (a searchsorted of hashed uniforms in the cumulative distribution) have one way only: it
 is what makes them reproducible.
