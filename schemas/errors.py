@@ -16,7 +16,8 @@
     ├── CacheMismatch         a resumed output directory was made with other settings
     ├── OutputLocked          another process writes into the same output directory (and part)
     ├── OutputWriteError      the output cannot be written (a full disk, a read-only directory)
-    └── SelfTestFailed        the pooled backend does not work on the installed vLLM
+    ├── SelfTestFailed        the pooled backend does not work on the installed vLLM
+    └── TeacherBuildError     a pretrained teacher could not be fetched or built (make-smollm2)
 
 ``ServerBusy``, ``EngineNotReady`` (with ``EngineDead``) and ``TransportError`` (with
 ``ServerUnreachable``) derive from ``RetryableError`` too: only they are retried. A 503 answer
@@ -106,3 +107,7 @@ class OutputLocked(TeacherFarmError):
 
 class OutputWriteError(TeacherFarmError):
     """The output could not be written (a full disk, a read-only directory): the run stops cleanly."""
+
+
+class TeacherBuildError(TeacherFarmError):
+    """A pretrained teacher could not be fetched from the package registry, or its build failed its check."""

