@@ -7,7 +7,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import sha256_file
+from teacher_farm.client.report import scan
 from teacher_farm.schemas.cache_dir import CacheDir, read_metadata
+
+#: The positions the summary's teacher line reads: enough for its shares, quick on any cache.
+SUMMARY_TOKENS = 1_000_000
 
 
 def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str]]:
@@ -54,4 +58,23 @@ def inspect_cache(out_dir: Path, checksums: bool = False) -> tuple[str, list[str
         "bytes/token",
         f"schema:     v{meta.get('schema_version', manifest.schema_version)}: {schema}",
     ]
+    if manifest.tokens and not problems:
+        lines.insert(-1, teacher_line(out_dir, manifest.tokens))
     return "\n".join(lines), problems
+
+
+def teacher_line(out_dir: Path, tokens: int, max_tokens: int = SUMMARY_TOKENS) -> str:
+    """How peaked the cached teacher is, over the cache's first ``max_tokens`` positions."""
+    stats, _ = scan(out_dir, max_tokens)
+    shown = {key: text for key, _, _, text in stats.headline()}
+    parts = []
+    if "mean_topk_mass" in shown:
+        parts.append(f"top-{stats.k} mass {shown['mean_topk_mass']} on average")
+    if "share_rank_1" in shown:
+        parts.append(f"next token the argmax at {shown['share_rank_1']}")
+    if "share_in_topk" in shown:
+        parts.append(f"in the top-{stats.k} at {shown['share_in_topk']}")
+    if "mean_distinct_draws" in shown:
+        parts.append(f"{shown['mean_distinct_draws']} distinct tokens in {stats.samples} draws")
+    of = "" if stats.tokens >= tokens else f" (first {stats.tokens:,} positions)"
+    return f"teacher:    {'; '.join(parts)}{of}"

@@ -257,8 +257,9 @@ def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- scan
 
 
-def scan(out_dir: Path) -> tuple[CacheStats, dict[str, str]]:
-    """Stream every complete shard of ``out_dir``; returns the statistics and the first shard's metadata."""
+def scan(out_dir: Path, max_tokens: int | None = None) -> tuple[CacheStats, dict[str, str]]:
+    """Stream every complete shard of ``out_dir`` (or its first row groups, until ``max_tokens`` positions
+    are read); returns the statistics and the first shard's metadata."""
     records = CacheDir(out_dir).records()
     stats: CacheStats | None = None
     meta: dict[str, str] = {}
@@ -277,7 +278,11 @@ def scan(out_dir: Path) -> tuple[CacheStats, dict[str, str]]:
             stats = CacheStats(k=scoring.k, samples=scoring.draws or None)
         for table in row_groups(path, _COLUMNS):
             stats.add(table)
+            if max_tokens is not None and stats.tokens >= max_tokens:
+                break
         stats.shards += 1
+        if max_tokens is not None and stats.tokens >= max_tokens:
+            break
     if stats is None:
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise InputError(f"{out_dir}: no complete shard to report on yet{why}")

@@ -325,3 +325,22 @@ def test_without_matplotlib_only_the_report_needs_it(tmp_path):
     assert proc.returncode == 1
     assert "pip install 'teacher-farm[report]'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "r.html").exists()
+
+
+def test_inspect_says_how_peaked_the_teacher_is_from_the_arrays_written(tmp_path):
+    from teacher_farm.client.inspect import inspect_cache, teacher_line
+
+    rows = write_cache(tmp_path / "cache", {"a.jsonl": [40, 3, 25, 60], "b.jsonl": [90, 31]})
+    want = expected_numbers(rows)
+    summary, problems = inspect_cache(tmp_path / "cache")
+    assert problems == []
+    line = next(x for x in summary.splitlines() if x.startswith("teacher:"))
+    assert line == (
+        f"teacher:    top-{K} mass {want['mean_topk_mass']:.4f} on average; next token the argmax at "
+        f"{want['share_rank_1']:.2%}; in the top-{K} at {want['share_in_topk']:.2%}; "
+        f"{want['mean_distinct_draws']:.3f} distinct tokens in {N} draws"
+    )
+    # Over the first row group only (two rows: 40 + 3 positions), and it says so.
+    first = expected_numbers(rows[:2])
+    short = teacher_line(tmp_path / "cache", sum(len(s.input_ids) for _, s in rows), max_tokens=1)
+    assert f"mass {first['mean_topk_mass']:.4f} on" in short and short.endswith("(first 43 positions)")
