@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -455,6 +456,61 @@ def run_seed(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -> 
     }
 
 
+CLAIM = re.compile(r"^([a-z])(\.steady)?/([a-z])(\.steady)?@(\d+)>=([0-9.]+)$")
+
+
+def rates_of(rows: list[tuple[str, dict]]) -> dict[str, float]:
+    """``{"p@16": tokens/s, "a.steady@16": ..., "c": ...}`` from the table's rows."""
+    rates = {}
+    for name, r in rows:
+        m = re.match(r"^\((\w)\).*?(?:k=(\d+))?$", name)
+        if not m:
+            continue
+        key = m.group(1) + (f"@{m.group(2)}" if m.group(2) else "")
+        rates[key] = r["tokens"] / r["seconds"]
+        if r.get("steady"):
+            rates[key.replace("@", ".steady@", 1) if "@" in key else key + ".steady"] = r["steady"]
+    return rates
+
+
+def _rate(rates: dict[str, float], path: str, steady: str | None, k: str) -> float | None:
+    base = path + (steady or "")
+    return rates.get(base) if path == "c" else rates.get(f"{base}@{k}")
+
+
+def check_claims(rates: dict[str, float], claims: list[str]) -> tuple[list[str], bool]:
+    """One line per claim ``X/Y@K>=R`` (path X's rate over path Y's at k = K, at least R; ``X.steady``
+    for X's steady-state rate; the ceiling ``c`` has no k) and whether every claim held."""
+    lines, ok = [], True
+    for claim in claims:
+        m = CLAIM.match(claim.replace(" ", ""))
+        if not m:
+            raise SystemExit(
+                f"--claim {claim!r}: write it as X/Y@K>=R, e.g. p/e@16>=1.2 or a.steady/p@64>=0.9"
+            )
+        x, xs, y, ys, k, least = m.groups()
+        num, den = _rate(rates, x, xs, k), _rate(rates, y, ys, k)
+        if num is None or den is None:
+            lines.append(f"claim {claim}: NOT MEASURED (run the paths it names at k={k})")
+            ok = False
+            continue
+        held = num / den >= float(least)
+        ok &= held
+        lines.append(f"claim {claim}: measured {num / den:.2f} {'ok' if held else 'BELOW THE CLAIM'}")
+    return lines, ok
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def model_header(model: Path) -> str:
     """What the model is, read from its config (not from the flags)."""
     cfg = json.loads((model / "config.json").read_text())
@@ -489,7 +545,16 @@ def main() -> None:
         "--repeat", type=int, default=1, help="timed runs per path and k; the table gives the median run"
     )
     p.add_argument("--paths", default="c,e,p,a,l,b,d", help="which of c,e,p,a,l,b,d to run")
+    p.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="X/Y@K>=R",
+        help="a ratio the docs claim, checked after the run (exit 1 below it): path X over path Y at k=K "
+        "at least R, e.g. p/e@16>=1.2; X.steady for X's steady-state rate (repeatable)",
+    )
     a = p.parse_args()
+    check_claims({}, [c for c in a.claim if not CLAIM.match(c.replace(" ", ""))])  # bad ones before the run
     a.ks = [int(k) for k in a.ks.split(",")]
     if a.gpu_memory_utilization is None:
         import torch
@@ -575,7 +640,7 @@ def main() -> None:
     where = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
-        else f"{platform.machine()}, {os.cpu_count()} cores"
+        else f"{cpu_model()}, {os.cpu_count()} cores"
     )
     print(
         f"\n{len(lengths)} docs, {a.corpus} lengths (median {int(np.median(lengths))}, max {max(lengths)}, "
@@ -598,6 +663,11 @@ def main() -> None:
         print(
             f"| {name} | {tps:,.0f} | {ratio} | {steady} | {runs} | {fmt(r['wire'])} | {fmt(r['parquet'])} |"
         )
+    if a.claim:
+        lines, ok = check_claims(rates_of(rows), a.claim)
+        print("\n" + "\n".join(lines))
+        if not ok:
+            sys.exit(1)
 
 
 if __name__ == "__main__":
