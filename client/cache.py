@@ -257,6 +257,11 @@ Scored = tuple[pa.Table | None, list[Reject]]
 _Scoring = tuple[Batch, asyncio.Task[Scored]]
 
 
+def _retrieve(task: asyncio.Task[Scored]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 async def score_batch(
     teacher: Teacher,
     batch: Batch,
@@ -723,6 +728,9 @@ class CacheRun:
                 )
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
+                # The writer re-raises the first failure; the others (every request in flight when an
+                # engine dies) are retrieved here, so that asyncio does not print each one's traceback.
+                task.add_done_callback(_retrieve)
                 queue.put_nowait((batch, task))
             queue.put_nowait(None)
             return await writer

@@ -37,11 +37,11 @@ from teacher_farm.schemas.errors import (
 )
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
+from teacher_farm.server.engine import engine_dead
 from teacher_farm.server.intake import (
     Admission,
     AnswerResponse,
     check_numbers,
-    engine_dead,
     json_chunks,
     loaded_engine,
     parse_body,

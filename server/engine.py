@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -296,6 +297,18 @@ def to_scored(
         target_ranks=target_ranks,
         selected=selected,
     )
+
+
+def engine_dead(engine: Any) -> bool:
+    """Whether the vLLM engine of ``engine`` died (it never recovers in this process)."""
+    llm = getattr(engine, "llm", None)
+    return llm is not None and bool(llm.errored)
+
+
+def is_engine_dead_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is vLLM's ``EngineDeadError`` (without importing vLLM, which takes seconds)."""
+    module = sys.modules.get("vllm.v1.engine.exceptions")
+    return module is not None and isinstance(exc, module.EngineDeadError)
 
 
 class Engine:

@@ -7,7 +7,6 @@ limits and count the same metrics.
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -34,6 +33,7 @@ from teacher_farm.schemas.errors import (
 from teacher_farm.schemas.scoring import Scoring
 from teacher_farm.schemas.wire import TopkRequest
 from teacher_farm.server import metrics
+from teacher_farm.server.engine import engine_dead, is_engine_dead_error
 from teacher_farm.server.settings import ServerSettings, get_settings
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -230,18 +230,6 @@ class AnswerResponse(Response):
 ENGINE_DEAD_MESSAGE = "the teacher's engine died; this server exits for its supervisor to restart it"
 
 
-def engine_dead(engine: Any) -> bool:
-    """Whether the vLLM engine of ``engine`` died (it never recovers in this process)."""
-    llm = getattr(engine, "llm", None)
-    return llm is not None and bool(llm.errored)
-
-
-def _engine_dead_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is vLLM's ``EngineDeadError`` (without importing vLLM, which takes seconds)."""
-    module = sys.modules.get("vllm.v1.engine.exceptions")
-    return module is not None and isinstance(exc, module.EngineDeadError)
-
-
 def loaded_engine(request: Request) -> Any:
     """The loaded teacher (a FastAPI dependency); 503 while it loads, the server drains,
     or once its engine died."""
@@ -387,7 +375,7 @@ async def score_admitted(
     except Exception as exc:
         release()
         # vLLM's EngineDeadError, or whatever a request in flight meets as its engine dies.
-        if engine_dead(engine) or _engine_dead_error(exc):
+        if engine_dead(engine) or is_engine_dead_error(exc):
             raise EngineDead(ENGINE_DEAD_MESSAGE) from exc
         raise
     except BaseException:

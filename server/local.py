@@ -14,8 +14,16 @@ from typing import Any
 import pyarrow as pa
 
 from teacher_farm.schemas.arrow import results_to_table
+from teacher_farm.schemas.errors import EngineDead
 from teacher_farm.schemas.scoring import DEFAULT_K_MAX, Scoring, ScoringChoice
 from teacher_farm.schemas.wire import Info, TopkInput, TopkRequest
+from teacher_farm.server.engine import engine_dead, is_engine_dead_error
+
+LOCAL_ENGINE_DEAD = (
+    "the in-process vLLM engine died (its log above says why; a worker the kernel killed for memory shows "
+    "in `dmesg`: lower --gpu-memory-utilization or free memory); what was committed stays: run the same "
+    "command again to go on"
+)
 
 
 def _input(line: Any) -> TopkInput:
@@ -70,7 +78,13 @@ class LocalTeacher:
         """What a server's ``/v1/topk`` answers for ``inputs``: the same steps, without HTTP."""
         req = TopkRequest(scoring=scoring, max_length=max_length, inputs=inputs)
         token_ids = await asyncio.to_thread(self._engine.prepare, req)
-        results = await self._engine.score_request(req, token_ids)
+        try:
+            results = await self._engine.score_request(req, token_ids)
+        except Exception as exc:
+            if engine_dead(self._engine) or is_engine_dead_error(exc):
+                # One line for the person at the terminal, not a traceback per request in flight.
+                raise EngineDead(LOCAL_ENGINE_DEAD) from None
+            raise
         return await asyncio.to_thread(results_to_table, results, scoring.k, scoring.targets)
 
     async def tokenize(self, text: str) -> list[int]:
