@@ -3,13 +3,13 @@
 ``lm_eval --model local-completions --model_args base_url=http://host:8000/v1/completions,...``
 sends loglikelihood requests as ``POST /v1/completions`` with ``echo=true``, ``max_tokens`` 0 or 1,
 ``logprobs`` N and ``temperature`` 0, and reads ``token_logprobs`` / ``top_logprobs`` of the prompt.
-TRL's, ms-swift's and verl's teacher clients send ``prompt_logprobs`` K with ``max_tokens`` 1 and
-their temperature T, and read vLLM's ``prompt_logprobs`` (``server/prompt_logprobs.py``), here those
-of ``softmax(logits / T)``. Both are exactly ``/v1/topk``'s ``target_logprobs`` and top-k rows at T,
-so this module only reshapes one ``Teacher.prepare`` / ``Teacher.score`` answer into the completions
-format; the one generated token is drawn at the last position by the same reduction (seeded by
-``seed``), or its argmax at T = 0. It scores prompts only: anything that asks for more than one
-generated token gets a 422.
+TRL's teacher client (trainers that reach a teacher as vLLM's server) sends ``prompt_logprobs`` K
+with ``max_tokens`` 1 and its temperature T, and reads vLLM's ``prompt_logprobs``
+(``server/prompt_logprobs.py``), here those of ``softmax(logits / T)``. Both are exactly
+``/v1/topk``'s ``target_logprobs`` and top-k rows at T, so this module only reshapes one
+``Teacher.prepare`` / ``Teacher.score`` answer into the completions format; the one generated token
+is drawn at the last position by the same reduction (seeded by ``seed``), or its argmax at T = 0. It
+scores prompts only: anything that asks for more than one generated token gets a 422.
 
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` are shaped like vLLM's own,
 so lm-eval's ``tokenizer_backend=remote`` works too; ``/tokenize`` also takes vLLM's chat form
@@ -39,7 +39,7 @@ from pydantic_core import ErrorDetails
 from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, RequestTooLarge
-from teacher_farm.schemas.scoring import MIN_TEMPERATURE, Scoring
+from teacher_farm.schemas.scoring import MAX_TEMPERATURE, MIN_TEMPERATURE, Scoring
 from teacher_farm.schemas.wire import ChatMessage, TopkInput, TopkRequest
 from teacher_farm.server import metrics
 from teacher_farm.server.intake import (
@@ -57,15 +57,13 @@ from teacher_farm.server.settings import ServerSettings, get_settings
 
 router = APIRouter()
 
-#: The highest temperature a request may ask for (``Scoring``'s limit).
-MAX_TEMPERATURE = float(Scoring.model_fields["temperature"].metadata[1].le)
 #: When this server started (its routes were loaded): the ``created`` of its model card.
 STARTED = int(time.time())
 
 
 class CompletionRequest(BaseModel):
     """The fields of an OpenAI completions request that matter for scoring a prompt, with vLLM's
-    ``prompt_logprobs`` (what TRL, ms-swift and verl ask a teacher for).
+    ``prompt_logprobs`` (what TRL's distillation trainers ask a teacher for).
 
     Other sampling fields (``top_p``, ``stop``, ``user``, ...) are accepted and ignored: prompt
     logprobs do not depend on them, and the one optional generated token is drawn at ``temperature``
@@ -308,7 +306,7 @@ def completion_choices(
     strings = _Strings(tokenizer, np.concatenate(parts), req.return_tokens_as_token_ids)
     table = None
     if req.prompt_logprobs is not None:
-        table = token_table(tokenizer, max(vocab_size, len(tokenizer)))
+        table = token_table(tokenizer, vocab_size or len(tokenizer))
 
     choices = []
     for index, s in enumerate(scored):

@@ -42,11 +42,14 @@ class TokenTable:
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         ids = list(range(vocab_size))
-        texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+        # A model's vocabulary may be padded beyond its tokenizer's: those ids decode to nothing.
+        known = ids[: min(vocab_size, len(tokenizer))] if hasattr(tokenizer, "__len__") else ids
+        texts = tokenizer.batch_decode([[i] for i in known], skip_special_tokens=False)
         marker = leading_space_marker(tokenizer)
         if marker is not None:
-            raws = tokenizer.convert_ids_to_tokens(ids)
+            raws = tokenizer.convert_ids_to_tokens(known)
             texts = [restore_leading_spaces(raw or "", text, marker) for raw, text in zip(raws, texts)]
+        texts += [""] * (vocab_size - len(known))
         self.tokenizer = tokenizer
         self.heads = np.array([b'"%d":{"logprob":' % i for i in ids], dtype=object)
         self.tails = np.array([tail(text or "") for text in texts], dtype=object)

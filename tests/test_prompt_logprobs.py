@@ -136,3 +136,18 @@ def test_half_characters_are_mended_with_the_prompt_before_them():
     assert {key: e["decoded_token"] for key, e in got[2].items()} == {"11": "é", "10": ""}
     # After 10 11 (a whole character) nothing completes a lone 10 or 11.
     assert {key: e["decoded_token"] for key, e in got[3].items()} == {"2": "t2", "10": "", "11": ""}
+
+
+def test_ids_beyond_the_tokenizer_decode_to_nothing():
+    # A model's vocabulary padded beyond its tokenizer's (Qwen's 151,936 over 151,665 tokens).
+    class Short(Tokenizer):
+        def __len__(self):
+            return 6
+
+        def batch_decode(self, ids, skip_special_tokens=False):
+            assert max(i for (i,) in ids) < 6
+            return super().batch_decode(ids)
+
+    s = sequence([1, 7], [[7, 2], [0, 1]], [[-0.5, -1.0], [-1, -2]], [-0.5], [1])
+    got = orjson.loads(prompt_logprobs_json(s, 2, TokenTable(Short(), 8)))
+    assert {key: e["decoded_token"] for key, e in got[1].items()} == {"7": "", "2": "t2"}

@@ -188,3 +188,25 @@ def test_server_distillation_trainer_steps(real_server, smollm2, tokenizer, tmp_
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), trainer.state.log_history
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_ms_swifts_parse_reads_the_answer(real_server, sequences, k):
+    """ms-swift's GKD and OPD-RL read a teacher's ``prompt_logprobs`` as
+    ``swift/rlhf_trainers/utils.py`` ``parse_prompt_logprobs`` does (modelscope/ms-swift at 3602360a,
+    2026-08-22), after asking for ``prompt_logprobs=K, max_tokens=1, temperature=0``: with K = 0 each
+    position's first (only) entry is the actual token; with K > 0 the K entries of highest logprob are
+    the top K. (Its transport is swift's own ``/infer/`` protocol of ``swift deploy``/``swift rollout``,
+    which this server does not speak; the parse is what a bridge would rely on.)"""
+    body = {"model": "x", "prompt": sequences, "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}
+    answer = httpx.post(real_server.url + "/v1/completions", json=body, timeout=300).json()
+    want = topk(real_server.url, sequences, max(k, 1), 1.0)
+    for ids, choice, ref in zip(sequences, answer["choices"], want):
+        for p, entry in enumerate(choice["prompt_logprobs"][1:], start=1):
+            if k == 0:
+                (token, info), *rest = entry.items()
+                assert not rest and int(token) == ids[p]
+                assert np.float32(info["logprob"]) == np.float32(ref["target_logprobs"][p - 1])
+            else:
+                best = sorted(entry.items(), key=lambda item: -item[1]["logprob"])[:k]
+                assert [int(t) for t, _ in best] == ref["topk_ids"][p - 1]
