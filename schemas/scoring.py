@@ -24,6 +24,8 @@ DEFAULT_K_MAX = 256
 DEFAULT_MAX_SAMPLES = 256
 #: The lowest temperature: logits / T must stay finite in fp32 (a T like 1e-40 turns them into inf, then NaN).
 MIN_TEMPERATURE = 0.01
+#: The highest temperature.
+MAX_TEMPERATURE = 1000.0
 
 #: How a teacher scores (``Info.scoring``): "pooled" reduces the logits inside the vLLM worker (any k up
 #: to k_max, temperature, sampled targets); "prompt-logprobs" is vLLM's API (top-k at temperature 1 only).
@@ -42,7 +44,7 @@ class Scoring(BaseModel):
     temperature: float = Field(
         default=1.0,
         ge=MIN_TEMPERATURE,
-        le=1000,
+        le=MAX_TEMPERATURE,
         description="logprobs (and draws) are those of softmax(logits / temperature)",
     )
     targets: Targets = Field(

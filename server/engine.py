@@ -493,10 +493,13 @@ class Engine:
         input_ids: list[int],
         scoring: Scoring,
         selected: np.ndarray | None = None,
+        draws_at_last: bool = False,
     ) -> ScoredSequence:
         """The teacher's distribution at every position of ``input_ids``, reduced as ``scoring`` asks.
 
-        ``selected`` marks the positions whose targets are kept (see ``selected_positions``).
+        ``selected`` marks the positions whose targets are kept (see ``selected_positions``);
+        ``draws_at_last`` draws ``scoring``'s samples at the last position only (the other positions'
+        draw columns then hold no draws: the one token a completion generates).
         """
         from vllm.inputs import TokensPrompt
 
@@ -507,11 +510,12 @@ class Engine:
         if self.info.scoring == "pooled":
             from vllm import PoolingParams
 
-            from teacher_farm.server.scoring_model import TASK
+            from teacher_farm.server.scoring_model import DRAWS_AT_LAST, TASK
 
-            params = PoolingParams(
-                task=TASK, extra_kwargs=scoring.pooler_kwargs(draw_seed(scoring.seed, input_ids))
-            )
+            kwargs = scoring.pooler_kwargs(draw_seed(scoring.seed, input_ids))
+            if draws_at_last:
+                kwargs[DRAWS_AT_LAST] = True
+            params = PoolingParams(task=TASK, extra_kwargs=kwargs)
             final: Any = None
             async for output in self.llm.encode(prompt, params, request_id):
                 final = output  # the last output is the finished one
@@ -533,12 +537,17 @@ class Engine:
             final = output
         return to_scored(seq_id, input_ids, final, k, selected)
 
-    async def score_request(self, req: TopkRequest, token_ids: list[list[int]]) -> list[ScoredSequence]:
-        """Score a request's inputs (``prepare``'s token ids) as it asks, its position rule included."""
+    async def score_request(
+        self, req: TopkRequest, token_ids: list[list[int]], *, draws_at_last: bool = False
+    ) -> list[ScoredSequence]:
+        """Score a request's inputs (``prepare``'s token ids) as it asks, its position rule included
+        (``draws_at_last``: see ``score_one``)."""
         selected = None
         if req.scoring.positions == "assistant":
             selected = await asyncio.to_thread(self.selected_positions, req, token_ids)
-        return await self.score([x.id for x in req.inputs], token_ids, req.scoring, selected)
+        return await self.score(
+            [x.id for x in req.inputs], token_ids, req.scoring, selected, draws_at_last=draws_at_last
+        )
 
     async def score(
         self,
@@ -546,12 +555,17 @@ class Engine:
         token_ids: Sequence[list[int]],
         scoring: Scoring,
         selected: Sequence[np.ndarray | None] | None = None,
+        *,
+        draws_at_last: bool = False,
     ) -> list[ScoredSequence]:
         """Score many sequences at once; the engine batches them."""
         selected = selected or [None] * len(token_ids)
         return list(
             await asyncio.gather(
-                *(self.score_one(i, t, scoring, s) for i, t, s in zip(ids, token_ids, selected))
+                *(
+                    self.score_one(i, t, scoring, s, draws_at_last)
+                    for i, t, s in zip(ids, token_ids, selected)
+                )
             )
         )
 

@@ -162,9 +162,9 @@ def json_chunks(obj: Any) -> list[bytes]:
             isinstance(x, list)
             and x
             and isinstance(x[0], dict)
-            and any(isinstance(v, (list, dict, np.ndarray)) for v in x[0].values())
+            and any(isinstance(v, (list, dict, np.ndarray, orjson.Fragment)) for v in x[0].values())
         ):
-            put(b"[")  # results or choices: one at a time
+            put(b"[")  # results or choices: one at a time (a Fragment is JSON encoded already)
             for i, item in enumerate(x):
                 if i:
                     put(b",")
@@ -338,13 +338,16 @@ async def score_admitted(
     settings: ServerSettings,
     answer_bytes: Callable[[int], int] | None = None,
     how: str = "send fewer inputs",
+    *,
+    draws_at_last: bool = False,
 ) -> tuple[list[ScoredSequence], int, Callable[[], None]]:
     """Check a request's limits, admit its tokens and answer bytes, and score it.
 
     Returns the results, their tokens and the admission's release, which the caller calls once the
     answer is sent (``AnswerResponse`` does). ``answer_bytes`` estimates the answer from its tokens
     (default: a ``/v1/topk`` JSON answer); over ``max_answer_bytes`` it is refused, saying ``how`` to
-    stay under. A client that disconnects while scored has its engine work aborted.
+    stay under. A client that disconnects while scored has its engine work aborted. ``draws_at_last``
+    draws the request's samples at each input's last position only (``Engine.score_one``).
     """
     if len(req.inputs) > settings.max_inputs_per_request:
         raise RequestTooLarge(
@@ -371,7 +374,12 @@ async def score_admitted(
     release = admission.acquire(total, settings.retry_after_s, estimate)
     try:
         with metrics.REQUESTS_IN_FLIGHT.track_inprogress(), metrics.REQUEST_LATENCY.time():
-            results = await _unless_disconnected(request, engine.score_request(req, token_ids))
+            scoring = (
+                engine.score_request(req, token_ids, draws_at_last=True)
+                if draws_at_last
+                else engine.score_request(req, token_ids)
+            )
+            results = await _unless_disconnected(request, scoring)
     except Exception as exc:
         release()
         # vLLM's EngineDeadError, or whatever a request in flight meets as its engine dies.

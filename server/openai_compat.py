@@ -3,9 +3,13 @@
 ``lm_eval --model local-completions --model_args base_url=http://host:8000/v1/completions,...``
 sends loglikelihood requests as ``POST /v1/completions`` with ``echo=true``, ``max_tokens`` 0 or 1,
 ``logprobs`` N and ``temperature`` 0, and reads ``token_logprobs`` / ``top_logprobs`` of the prompt.
-Those are exactly ``/v1/topk``'s ``target_logprobs`` and top-k rows, so this module only reshapes
-one ``Teacher.prepare`` / ``Teacher.score`` answer into the completions format. It scores prompts
-only: anything that asks for more than one generated token gets a 422.
+TRL's teacher client (trainers that reach a teacher as vLLM's server) sends ``prompt_logprobs`` K
+with ``max_tokens`` 1 and its temperature T, and reads vLLM's ``prompt_logprobs``
+(``server/prompt_logprobs.py``), here those of ``softmax(logits / T)``. Both are exactly
+``/v1/topk``'s ``target_logprobs`` and top-k rows at T, so this module only reshapes one
+``Teacher.prepare`` / ``Teacher.score`` answer into the completions format; the one generated token
+is drawn at the last position by the same reduction (seeded by ``seed``), or its argmax at T = 0. It
+scores prompts only: anything that asks for more than one generated token gets a 422.
 
 ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` are shaped like vLLM's own,
 so lm-eval's ``tokenizer_backend=remote`` works too; ``/tokenize`` also takes vLLM's chat form
@@ -13,13 +17,14 @@ so lm-eval's ``tokenizer_backend=remote`` works too; ``/tokenize`` also takes vL
 ``GET /v1/models`` and ``GET /v1/models/{id}`` let OpenAI clients discover the served model's name
 (``client.models.list()``).
 
-This is the ad-hoc compatibility path, not the hot path: per-token dicts are built here and only
-here, off the event loop.
+``logprobs``' per-token dicts are built here and only here, off the event loop; ``prompt_logprobs``
+are written as JSON from the arrays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -31,9 +36,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from pydantic_core import ErrorDetails
 
+from teacher_farm.schemas import __version__
 from teacher_farm.schemas.arrow import ScoredSequence
 from teacher_farm.schemas.errors import InputError, RequestTooLarge
-from teacher_farm.schemas.scoring import Scoring
+from teacher_farm.schemas.scoring import MAX_TEMPERATURE, MIN_TEMPERATURE, Scoring
 from teacher_farm.schemas.wire import ChatMessage, TopkInput, TopkRequest
 from teacher_farm.server import metrics
 from teacher_farm.server.intake import (
@@ -46,21 +52,22 @@ from teacher_farm.server.intake import (
     read_body,
     score_admitted,
 )
+from teacher_farm.server.prompt_logprobs import MIN_LOGPROB, prompt_logprobs_json, token_table
 from teacher_farm.server.settings import ServerSettings, get_settings
 
 router = APIRouter()
 
-#: What OpenAI and vLLM send instead of ``-inf`` (JSON has no infinities).
-MIN_LOGPROB = -9999.0
 #: When this server started (its routes were loaded): the ``created`` of its model card.
 STARTED = int(time.time())
 
 
 class CompletionRequest(BaseModel):
-    """The fields of an OpenAI completions request that matter for scoring a prompt.
+    """The fields of an OpenAI completions request that matter for scoring a prompt, with vLLM's
+    ``prompt_logprobs`` (what TRL's distillation trainers ask a teacher for).
 
-    Other sampling fields (``seed``, ``top_p``, ``stop``, ``user``, ...) are accepted and ignored:
-    prompt logprobs do not depend on them, and the one optional generated token is greedy.
+    Other sampling fields (``top_p``, ``stop``, ``user``, ...) are accepted and ignored: prompt
+    logprobs do not depend on them, and the one optional generated token is drawn at ``temperature``
+    (greedy at 0) from the full distribution.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -70,11 +77,34 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = 16  # OpenAI's default: a request that leaves it out asks to generate
     echo: bool = False
     logprobs: int | None = None
+    #: vLLM's extension: the actual token and the top N at every prompt position (-1: the vocabulary).
+    prompt_logprobs: int | None = None
     temperature: float | None = None
+    seed: int | None = None
     n: int = 1
     best_of: int | None = None
     stream: bool = False
     return_tokens_as_token_ids: bool = False  # vLLM's extension: tokens as "token_id:<id>"
+    return_token_ids: bool | None = None  # vLLM's extension: prompt_token_ids and token_ids in the choice
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_max_tokens(cls, data: Any) -> Any:
+        # vLLM reads an explicit null as its default (``normalize_null_max_tokens``).
+        if isinstance(data, dict) and "max_tokens" in data and data["max_tokens"] is None:
+            return {k: v for k, v in data.items() if k != "max_tokens"}
+        return data
+
+    @property
+    def draws(self) -> bool:
+        """Whether the one generated token is drawn (temperature above 0), not the argmax."""
+        return self.max_tokens == 1 and (self.temperature is None or self.temperature > 0)
+
+    @property
+    def scoring_temperature(self) -> float:
+        """The T of every logprob of the answer: vLLM's default 1 when unset, and 1 when greedy
+        (T = 0 asks for the argmax, not for a distribution at T = 0)."""
+        return 1.0 if not self.temperature else self.temperature
 
 
 class TokenizeRequest(BaseModel):
@@ -146,18 +176,36 @@ def check_completion(req: CompletionRequest, k_max: int) -> None:
             else ("max_tokens is not set (OpenAI's default is 16)")
         )
         raise InputError(
-            f"{given}: this server scores prompts only; send max_tokens=0 or 1 "
-            "with echo=true and logprobs=N (as lm-eval's loglikelihood requests do)"
+            f"{given}: this server scores prompts only; send max_tokens=0 or 1 with echo=true and "
+            "logprobs=N (as lm-eval's loglikelihood requests do) or with prompt_logprobs=N (as TRL's)"
         )
-    if req.max_tokens == 0 and not req.echo:
+    if req.max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
         raise InputError(
             "echo=false with max_tokens=0 asks for nothing: this server scores prompts only; "
-            "send echo=true to get the prompt's logprobs"
+            "send echo=true or prompt_logprobs=N to get the prompt's logprobs"
         )
-    if req.max_tokens == 1 and req.temperature not in (None, 0):
+    if (
+        req.temperature is not None
+        and req.temperature != 0
+        and not (MIN_TEMPERATURE <= req.temperature <= MAX_TEMPERATURE)
+    ):
         raise InputError(
-            f"temperature={req.temperature}: the one generated token is greedy; send temperature=0"
+            f"temperature={req.temperature}: send 0 (greedy) or a temperature from {MIN_TEMPERATURE} "
+            f"to {MAX_TEMPERATURE:g}"
         )
+    if req.prompt_logprobs is not None:
+        if req.prompt_logprobs == -1:
+            raise InputError(
+                f"prompt_logprobs=-1 asks for the whole vocabulary at every position; this server answers "
+                f"up to its k_max={k_max}: send prompt_logprobs={k_max} or less"
+            )
+        if req.prompt_logprobs < 0:
+            raise InputError(f"prompt_logprobs={req.prompt_logprobs} must be 0 or more (or -1)")
+        if req.prompt_logprobs > k_max:
+            raise InputError(
+                f"prompt_logprobs={req.prompt_logprobs} is over this server's k_max={k_max} "
+                "(serve --k-max raises it)"
+            )
     if req.stream:
         raise InputError("stream=true is not supported: this server scores prompts only")
     if req.n != 1 or req.best_of not in (None, 1):
@@ -234,15 +282,31 @@ def _top_dicts(keys: np.ndarray, lps: list[list[float]]) -> list[dict[str, float
     return out
 
 
+def generated_token(req: CompletionRequest, s: ScoredSequence) -> tuple[int, float]:
+    """The one generated token and its logprob: drawn at the last position at T, or its argmax."""
+    if req.draws:
+        assert s.sample_ids is not None and s.sample_logprobs is not None  # the request drew one
+        return int(s.sample_ids[-1]), float(s.sample_logprobs[-1])
+    return int(s.topk_ids[-1, 0]), float(s.topk_logprobs[-1, 0])
+
+
 def completion_choices(
-    req: CompletionRequest, tokenizer: Any, texts: list[str] | None, scored: list[ScoredSequence]
+    req: CompletionRequest,
+    tokenizer: Any,
+    texts: list[str] | None,
+    scored: list[ScoredSequence],
+    vocab_size: int = 0,
 ) -> list[dict[str, Any]]:
-    """The ``choices`` of a completions answer, one per prompt."""
+    """The ``choices`` of a completions answer, one per prompt, with vLLM's keys."""
     n_top = req.logprobs or 0
     gen = req.max_tokens == 1
+    nexts = [generated_token(req, s) for s in scored] if gen else []
     parts = [s.input_ids for s in scored] + [s.topk_ids[:, :n_top].reshape(-1) for s in scored]
-    parts += [s.topk_ids[-1:, 0] for s in scored]
+    parts += [np.asarray([i for i, _ in nexts], dtype=np.int64)]
     strings = _Strings(tokenizer, np.concatenate(parts), req.return_tokens_as_token_ids)
+    table = None
+    if req.prompt_logprobs is not None:
+        table = token_table(tokenizer, vocab_size or len(tokenizer))
 
     choices = []
     for index, s in enumerate(scored):
@@ -265,9 +329,9 @@ def completion_choices(
                 texts[index] if texts is not None else tokenizer.decode(token_ids, skip_special_tokens=False)
             )
         if gen:
-            next_id = int(s.topk_ids[-1, 0])
+            next_id, next_lp = nexts[index]
             token_ids.append(next_id)
-            token_lps.append(max(float(s.topk_logprobs[-1, 0]), MIN_LOGPROB))
+            token_lps.append(max(next_lp, MIN_LOGPROB))
             text += tokenizer.decode([next_id], skip_special_tokens=False)
 
         tokens = strings(np.asarray(token_ids, dtype=np.int64)).tolist() if token_ids else []
@@ -280,24 +344,42 @@ def completion_choices(
                 "text": text,
                 "logprobs": None
                 if req.logprobs is None
-                else {
-                    "tokens": tokens,
-                    "token_logprobs": token_lps,
-                    "top_logprobs": tops,
+                else {  # vLLM's CompletionLogProbs, in its order
                     "text_offset": offsets.tolist(),
+                    "token_logprobs": token_lps,
+                    "tokens": tokens,
+                    "top_logprobs": tops,
                 },
                 "finish_reason": "length",
                 "stop_reason": None,
+                "token_ids": (nexts[index][:1] if gen else ()) if req.return_token_ids else None,
+                "prompt_logprobs": None
+                if table is None
+                else orjson.Fragment(prompt_logprobs_json(s, req.prompt_logprobs or 0, table)),
+                "prompt_token_ids": s.input_ids if req.return_token_ids else None,
+                "routed_experts": None,
+                "weight_versions": None,
             }
         )
     return choices
+
+
+def completion_scoring(req: CompletionRequest) -> Scoring:
+    """What the pooled reduction computes for a completions request: the widest top-k it asks for, at
+    its temperature, with one token drawn (at the last position only) where it generates one at T > 0."""
+    k = max(req.logprobs or 0, req.prompt_logprobs or 0, 1)
+    if not req.draws:
+        return Scoring(k=k, temperature=req.scoring_temperature)
+    seed = secrets.randbelow(2**32) if req.seed is None else req.seed % 2**32
+    return Scoring(k=k, temperature=req.scoring_temperature, targets="both", samples=1, seed=seed)
 
 
 @router.post("/v1/completions")
 async def completions(
     request: Request, engine: Any = Depends(loaded_engine), settings: ServerSettings = Depends(get_settings)
 ) -> Response:
-    """OpenAI completions for scoring: the prompt's logprobs (``echo``) and at most one greedy token.
+    """OpenAI completions for scoring: the prompt's logprobs (``echo`` with ``logprobs``, lm-eval's form;
+    ``prompt_logprobs``, vLLM's, which TRL's teacher client asks for) and at most one generated token.
 
     Admitted by the size of its answer too (its ``top_logprobs`` dicts), built and encoded in a thread.
     """
@@ -319,32 +401,45 @@ async def completions(
 
     # The one scoring path: the same request model, limits, admission and engine call as /v1/topk.
     topk_req = TopkRequest(
-        scoring=Scoring(k=max(req.logprobs or 0, 1)), inputs=[TopkInput(token_ids=ids) for ids in token_ids]
+        scoring=completion_scoring(req), inputs=[TopkInput(token_ids=ids) for ids in token_ids]
     )
     del token_ids
+    entries = max(req.logprobs or 0, (req.prompt_logprobs or 0) + 1)
     scored, total, release = await score_admitted(
         request,
         engine,
         topk_req,
         settings,
-        lambda tokens: completion_answer_bytes(req.logprobs or 0, tokens, count),
-        "send fewer or shorter prompts, or a smaller logprobs",
+        lambda tokens: completion_answer_bytes(entries, tokens, count),
+        "send fewer or shorter prompts, or a smaller logprobs or prompt_logprobs",
+        draws_at_last=req.draws,
     )
     try:
-        choices = await asyncio.to_thread(completion_choices, req, engine.tokenizer, texts, scored)
+        choices = await asyncio.to_thread(
+            completion_choices, req, engine.tokenizer, texts, scored, engine.info.vocab_size
+        )
         del scored
         generated = count if req.max_tokens == 1 else 0
+        # vLLM's CompletionResponse, key for key (its optional fields unset).
         answer = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": engine.info.model,
             "choices": choices,
+            "service_tier": None,
+            # As vLLM's ("vllm-<version>-<config hash>"): this server's release and teacher.
+            "system_fingerprint": f"teacher-farm-{__version__}-{engine.info.model_fingerprint[:8]}",
             "usage": {
                 "prompt_tokens": total,
-                "completion_tokens": generated,
                 "total_tokens": total + generated,
+                "completion_tokens": generated,
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
             },
+            "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
         }
         del choices
         chunks = await asyncio.to_thread(json_chunks, answer)

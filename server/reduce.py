@@ -97,7 +97,8 @@ def reduce_rows(
     ignored); ``inv_temperature`` is 1/T per row (None: T = 1 everywhere, saving a pass);
     ``seeds`` and ``positions`` key the layout's draws. ``row_samples`` holds each row's own draw
     count where rows of one batch ask for fewer than ``layout.samples``: a row's own draws then come
-    first, sorted, whatever its neighbours asked for. A layout with ``entropy`` also carries the
+    first, sorted, whatever its neighbours asked for; a row of count 0 draws nothing (its draw
+    columns hold the last id). A layout with ``entropy`` also carries the
     entropy of ``softmax(logits / T)`` in nats (one more pass over the vocabulary, for the
     ``entropy:F`` position rule). ``count`` counts ranks (by default the way this process chose,
     ``server/kernels.py``).
@@ -119,17 +120,33 @@ def reduce_rows(
     samples = layout.samples
     if samples:
         assert seeds is not None and positions is not None
-        cdf = lp.exp().cumsum(dim=-1)
-        # Scaling by the row's own total makes the fp32 sum's last-bit error harmless.
-        u = uniforms(seeds, positions, samples) * cdf[:, -1:]
-        drawn = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=lp.shape[1] - 1)
-        del cdf
-        if row_samples is not None:
-            # Draws beyond a row's own count sort after its own (and are dropped by the caller).
-            beyond = torch.arange(samples, device=drawn.device)[None, :] >= row_samples[:, None]
-            drawn = drawn.masked_fill_(beyond, lp.shape[1]).sort(dim=-1).values.clamp_(max=lp.shape[1] - 1)
-        else:
-            drawn = drawn.sort(dim=-1).values
+        last = lp.shape[1] - 1
+        drawing = None
+        if row_samples is not None and not bool((row_samples > 0).all()):
+            # Rows that draw nothing (a top-k request beside a sampling one; every position but the
+            # last of a request that draws only there) skip the pass over their vocabulary.
+            drawing = (row_samples > 0).nonzero()[:, 0]
+        drawn = torch.full((lp.shape[0], samples), last, dtype=torch.int64, device=lp.device)
+        if drawing is None or len(drawing):
+            rows, row_seeds, row_positions = lp, seeds, positions
+            if drawing is not None:
+                rows, row_seeds, row_positions = lp[drawing], seeds[drawing], positions[drawing]
+            cdf = rows.exp().cumsum(dim=-1)
+            # Scaling by the row's own total makes the fp32 sum's last-bit error harmless.
+            u = uniforms(row_seeds, row_positions, samples) * cdf[:, -1:]
+            own = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=last)
+            del cdf, rows
+            if row_samples is not None:
+                # Draws beyond a row's own count sort after its own (and are dropped by the caller).
+                counts = row_samples if drawing is None else row_samples[drawing]
+                beyond = torch.arange(samples, device=own.device)[None, :] >= counts[:, None]
+                own = own.masked_fill_(beyond, lp.shape[1]).sort(dim=-1).values.clamp_(max=last)
+            else:
+                own = own.sort(dim=-1).values
+            if drawing is None:
+                drawn = own
+            else:
+                drawn[drawing] = own
         out[:, layout.sample_ids] = drawn.to(torch.int32)
         out[:, layout.sample_logprobs] = lp.gather(1, drawn).view(torch.int32)
     if layout.entropy:

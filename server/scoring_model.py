@@ -32,6 +32,9 @@ SCORING_SUFFIX = "ForTeacherScoring"
 #: Rows whose fp32 logits exist at once in the worker: the reduction's memory bound.
 DEFAULT_SLICE_ROWS = 1024
 
+#: The ``PoolingParams.extra_kwargs`` key of a request that draws at its last position only.
+DRAWS_AT_LAST: Final = "draws_at_last"
+
 #: The pooling task our requests name (a token-wise task: one output row per prompt position).
 TASK: Final = vllm_seam.TASK
 
@@ -165,10 +168,17 @@ class ReductionPooler(Pooler):
         if any(t != 1.0 for t in temperatures):
             inv_t = torch.tensor([1.0 / t for t in temperatures])[row_req].to(device, non_blocking=True)
         # Where requests ask for different sample counts, each row's draws beyond its own are
-        # masked before sorting, so a request's draws never depend on its batch neighbours.
+        # masked before sorting, so a request's draws never depend on its batch neighbours. A request
+        # that draws at its last position only (``DRAWS_AT_LAST``: the one token a completion
+        # generates) draws nothing elsewhere.
+        at_last = [bool((p.extra_kwargs or {}).get(DRAWS_AT_LAST)) for p in pooling_metadata.pooling_params]
         row_n = None
-        if wide.samples and any(req_n != wide.samples for req_n in ns):
-            row_n = torch.tensor(ns, dtype=torch.int64)[row_req].to(device, non_blocking=True)
+        if wide.samples and (any(at_last) or any(req_n != wide.samples for req_n in ns)):
+            row_n = torch.tensor(ns, dtype=torch.int64)[row_req]
+            if any(at_last):
+                last_row = positions == prompt_lens[row_req] - 1
+                row_n = torch.where(torch.tensor(at_last)[row_req] & ~last_row, 0, row_n)
+            row_n = row_n.to(device, non_blocking=True)
         rows = hidden_states.shape[0]
         out = torch.empty((rows, wide.width), dtype=torch.int32, device=device)
         for a in range(0, rows, self.slice_rows):

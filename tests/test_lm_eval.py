@@ -243,8 +243,8 @@ def test_compat_endpoints_need_the_key(server, path):
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "logprobs": 257}, "k_max=256"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "logprobs": -1}, "logprobs=-1"),
         (
-            {"prompt": [[1, 2]], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0.7},
-            "temperature=0",
+            {"prompt": [[1, 2]], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0.001},
+            "send 0 (greedy)",
         ),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "stream": True}, "stream"),
         ({"prompt": [[1, 2]], "max_tokens": 0, "echo": True, "n": 2}, "n and best_of"),

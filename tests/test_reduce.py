@@ -161,6 +161,30 @@ def test_a_rows_draws_do_not_depend_on_what_its_batch_neighbours_ask_for(logits)
     np.testing.assert_array_equal(mixed[1::2], full[1::2])
 
 
+def test_rows_that_draw_nothing_skip_the_draw_and_the_others_draw_as_alone(logits):
+    """A completion draws its one token at its last position only: rows of count 0 hold the last id
+    (and its logprob); the rows that draw get exactly what they would get alone."""
+    rows = len(logits)
+    t = torch.from_numpy(logits)
+    targets, seeds, positions = (
+        torch.zeros(rows, dtype=torch.int64),
+        torch.full((rows,), 5),
+        torch.arange(rows),
+    )
+    own = torch.zeros(rows, dtype=torch.int64)
+    own[-1] = 1
+    some = reduce_rows(t, targets, PackedLayout(2, 1), None, seeds, positions, row_samples=own).numpy()
+    alone = reduce_rows(t, targets, PackedLayout(2, 1), None, seeds, positions).numpy()
+    base = PackedLayout(2, 0).width
+    np.testing.assert_array_equal(some[-1], alone[-1])
+    np.testing.assert_array_equal(some[:-1, :base], alone[:-1, :base])
+    assert (some[:-1, base] == logits.shape[1] - 1).all()
+    lp = torch.log_softmax(t.float(), dim=-1)[:-1, -1].numpy()
+    np.testing.assert_array_equal(some[:-1, base + 1].view(np.float32), lp)
+    nothing = reduce_rows(t, targets, PackedLayout(2, 1), None, seeds, positions, row_samples=own * 0).numpy()
+    assert (nothing[:, base] == logits.shape[1] - 1).all()
+
+
 def test_compact_samples_counts_distinct_tokens_per_position():
     ids = np.array([[3, 3, 5, 9], [1, 1, 1, 1], [0, 2, 4, 6]], np.int32)
     lps = -ids.astype(np.float32)
