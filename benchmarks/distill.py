@@ -13,6 +13,16 @@
    per token for the targets each way needs.
 
     python benchmarks/distill.py --out /tmp/distill --seed 0   # about 10 minutes on 2 CPU cores
+
+With ``--teacher DIR`` (a pretrained teacher, e.g. ``teacher-farm make-smollm2``'s SmolLM2-135M-Instruct)
+the same arms run on the real teacher instead: the corpus is ``real_corpus.py``'s (every
+``--train-every``-th document cached, its held-out part evaluated), the caches are made once into
+``--data`` (through ``--server URL``, else an in-process engine) and reused by every later run, and
+full-distribution KD reads the teacher's whole distribution at every training position, computed once
+with transformers (float32, stored in float16) rather than asked of a server at every step: the teacher
+is frozen, so an online teacher would send the same values. The students share the teacher's
+tokenizer (a small Llama from scratch, ``--student-hidden`` / ``--student-layers``) and train on the
+first ``--train-rows`` cached documents, every arm on the same tokens.
 """
 
 from __future__ import annotations
@@ -670,7 +680,9 @@ def report(args, results: dict, per_token: dict, vocab: int, facts: dict) -> Non
     names = {
         "teacher": "the teacher itself",
         "no_kd": "no KD (cross-entropy on the text)",
-        "full_kd": "full-distribution KD, online (reference)",
+        "full_kd": "full-distribution KD, online (reference)"
+        if args.teacher is None
+        else "full-distribution KD (reference; the whole distribution, computed once)",
         "topk_tail": f"top-k k={args.k}, with tail",
         "topk_renorm": f"top-k k={args.k}, renormalised",
         "sampled": f"sampled N={args.samples}",
