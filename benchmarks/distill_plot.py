@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs", nargs="+", type=Path, help="--out directories of benchmarks/distill.py (one per seed)"
     )
     p.add_argument("--png", type=Path, required=True)
+    p.add_argument("--title", default="the distillation benchmark", help="what the picture's title names")
     a = p.parse_args(argv)
     runs = [json.loads((d / "results.json").read_text()) for d in a.runs]
     seeds = [r["args"]["seed"] for r in runs]
@@ -36,10 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     for key in ["no_kd", "full_kd", *rows]:
         cells = []
         for r in runs:
+            if key not in r["results"]:  # a seed run with fewer rows (--methods)
+                cells.append("-")
+                continue
             res = r["results"][key]
             closed = "" if key == "no_kd" or key == "full_kd" else f", {gap_closed(r['results'], key):.0%}"
             cells.append(f"{res['ce']:.3f}, {res['kl']:.3f}{closed}")
-        b = " / ".join(f"{r['results'][key]['bytes_per_token']:.1f}" for r in runs) if key in rows else "-"
+        b = (
+            " / ".join(f"{r['results'][key]['bytes_per_token']:.1f}" for r in runs if key in r["results"])
+            if key in rows
+            else "-"
+        )
         print(f"| {names[key]} | {' | '.join(cells)} | {b} |")
 
     import matplotlib
@@ -52,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     markers = "os^D"
     floor = -0.6  # rows far worse than no KD are drawn at the floor, their value written beside
     for i, key in enumerate(rows):
-        xs = [r["results"][key]["bytes_per_token"] for r in runs]
-        ys = [gap_closed(r["results"], key) for r in runs]
+        there = [r for r in runs if key in r["results"]]
+        xs = [r["results"][key]["bytes_per_token"] for r in there]
+        ys = [gap_closed(r["results"], key) for r in there]
         color = f"C{i}"
         for j, (x, y) in enumerate(zip(xs, ys)):
             shown = max(y, floor)
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'circle square triangle diamond'.split()[j % 4]}: seed {seed}" for j, seed in enumerate(seeds)
     )
     ax.set_title(
-        f"Quality for bytes: the distillation benchmark ({shapes}; a ▼ is below the axis, its value beside)",
+        f"Quality for bytes: {a.title} ({shapes}; a ▼ is below the axis, its value beside)",
         fontsize=9,
     )
     ax.legend(fontsize=8, loc="best")
