@@ -31,29 +31,46 @@ import pyarrow.parquet as pq
 
 from teacher_farm.client.shards import ShardWriter
 from teacher_farm.schemas.arrow import (
+    ID_ORDER_KEY,
+    SAMPLE_REFERENCE_KEY,
     cache_schema,
     cast_logprobs,
+    decode_rows,
     encode_rows,
     flat_values,
     list_lengths,
     topk_logprobs_of,
 )
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity
+from teacher_farm.schemas.formats import id_gaps
 from teacher_farm.training.reader import row_group_arrays
 
 #: Columns every kind of cache holds (the text and the target's logprob and rank).
 COMMON = ("id", "line", "source", "offset", "input_ids", "target_logprobs", "target_ranks")
-TOPK = ("topk_ids", "topk_logprobs", "topk_top1", "topk_gaps")
-SAMPLED = ("sample_ids", "sample_id_gaps", "sample_counts")
+TOPK = ("topk_ids", "id_order", "topk_id_codes", "topk_logprobs", "topk_top1", "topk_gaps")
+SAMPLED = ("sample_ids", "sample_id_gaps", "sample_id_codes", "sample_counts")
 
 
-def load(cache: Path) -> tuple[pa.Table, CacheIdentity]:
+def load(cache: Path, k: int | None = None) -> tuple[pa.Table, CacheIdentity]:
+    """The cache's rows and identity; with ``k``, only the first k of its top-k (a cache of that k's)."""
     c = CacheDir(cache)
     identity = c.identity
     if identity.logprob_dtype != "float32" or identity.scoring.targets != "both":
         raise SystemExit(f"{cache}: needs a float32 cache with --targets both, not {identity.entries()}")
-    table = pa.concat_tables(pq.read_table(p) for p in c.shard_paths())
-    return table.combine_chunks(), identity
+    table = pa.concat_tables(pq.read_table(p) for p in c.shard_paths()).combine_chunks()
+    if k is not None and k != identity.scoring.k:
+        if k > identity.scoring.k:
+            raise SystemExit(f"{cache} holds the top {identity.scoring.k}, not {k}")
+        for name in ("topk_ids", "topk_logprobs"):
+            col = table.column(name).combine_chunks()
+            values = flat_values(col).to_numpy(zero_copy_only=False)
+            values = values.reshape(-1, identity.scoring.k)[:, :k].reshape(-1)
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(values), k)
+            table = table.set_column(
+                table.schema.get_field_index(name), name, pa.ListArray.from_arrays(col.offsets, inner)
+            )
+        identity = identity.model_copy(update={"scoring": identity.scoring.model_copy(update={"k": k})})
+    return table, identity
 
 
 def respread(table: pa.Table, vocab: int, spread: str, seed: int = 0) -> pa.Table:
@@ -88,6 +105,25 @@ def respread(table: pa.Table, vocab: int, spread: str, seed: int = 0) -> pa.Tabl
     for name in ("input_ids", "topk_ids", "sample_ids"):
         table = remap(name)
     return table
+
+
+def as_schema_3(rows: pa.Table) -> pa.Table:
+    """Compact rows of schema 4 in schema 3's layout: plain ``topk_ids`` and ``sample_id_gaps``."""
+    decoded = decode_rows(rows)
+    if "topk_id_codes" in rows.column_names:
+        where = rows.schema.get_field_index("topk_id_codes")
+        rows = rows.set_column(where, "topk_ids", decoded.column("topk_ids"))
+    if "sample_id_codes" in rows.column_names:
+        outer = decoded.column("sample_ids").combine_chunks()
+        lengths = list_lengths(outer.flatten())
+        gaps = id_gaps(flat_values(outer).to_numpy(zero_copy_only=False), lengths).astype(np.int32)
+        column = pa.ListArray.from_arrays(
+            outer.offsets, pa.ListArray.from_arrays(outer.flatten().offsets, pa.array(gaps))
+        )
+        rows = rows.set_column(rows.schema.get_field_index("sample_id_codes"), "sample_id_gaps", column)
+    dropped = (ID_ORDER_KEY, SAMPLE_REFERENCE_KEY)
+    meta = {k: v for k, v in (rows.schema.metadata or {}).items() if k not in dropped}
+    return rows.drop_columns(["id_order"]).replace_schema_metadata(meta)
 
 
 def old_options() -> dict:
@@ -126,6 +162,12 @@ def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs:
         rows = cast_logprobs(table, "float16").select(schema.names).cast(schema)
         path = out / "v2.parquet"
         pq.write_table(rows, path, row_group_size=1 << 30, **old_options())
+    elif fmt == "v3":  # schema 3's uint8-gap: plain topk_ids, written the same way
+        ident = identity.model_copy(update={"logprob_dtype": "uint8-gap", "sample_logprobs": sample_logprobs})
+        rows = as_schema_3(encode_rows(cast_logprobs(table, "float32"), ident.schema()))
+        writer = ShardWriter(out, 0, rows.schema, row_group_bytes=1 << 40)
+        writer.write(rows)
+        path = out / writer.commit().file
     else:
         ident = identity.model_copy(update={"logprob_dtype": fmt, "sample_logprobs": sample_logprobs})
         # What the server would send: float32 for float32 and uint8-gap, float16 for float16.
@@ -170,13 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("cache", type=Path, help="a float32 cache with --targets both")
     p.add_argument("--vocab", type=int, default=None, help="measure ids spread over this vocabulary")
     p.add_argument("--spread", choices=["fixed", "drawn"], default="fixed")
+    p.add_argument("--k", type=int, help="measure the cache's first k top-k entries only")
     a = p.parse_args(argv)
-    table, identity = load(a.cache)
+    table, identity = load(a.cache, a.k)
     label = f"vocabulary {identity.vocab_size:,}"
     if a.vocab:
         table = respread(table, a.vocab, a.spread)
         label = f"vocabulary {a.vocab:,} ({a.spread} spread of {identity.vocab_size:,})"
-    runs = [("float16, schema 2 (before)", "v2", True)] + [
+    runs = [("float16, schema 2", "v2", True), ("uint8-gap, schema 3 (before)", "v3", False)] + [
         (f"{fmt}{'' if keep else ', no sample logprobs'}", fmt, keep)
         for fmt in ("float32", "float16", "uint8-gap")
         for keep in (True, False)
@@ -192,11 +235,14 @@ def main(argv: list[str] | None = None) -> None:
         "target_logprobs",
         "target_ranks",
         "topk_ids",
+        "id_order",
+        "topk_id_codes",
         "topk_logprobs",
         "topk_top1",
         "topk_gaps",
         "sample_ids",
         "sample_id_gaps",
+        "sample_id_codes",
         "sample_counts",
         "sample_logprobs",
     ]

@@ -22,6 +22,8 @@ schema 2's included (lists of any width, int16 counts, every column).
 
 from __future__ import annotations
 
+import base64
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,12 +34,23 @@ import pyarrow.compute as pc
 
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import (
+    SAMPLE_REFERENCES,
+    anchors,
     count_dtype,
+    decode_anchored_samples,
     decode_gaps,
+    decode_sample_ids,
+    decode_topk_ids,
     encode_gaps,
+    encode_sample_ids,
+    encode_topk_ids,
+    frequency_order,
     id_gaps,
     ids_from_gaps,
     logprob_format,
+    next_tokens,
+    padded,
+    references,
 )
 
 #: The wire's logprob dtypes (``TopkRequest.logprob_dtype``); a cache's formats are
@@ -53,6 +66,13 @@ LOGPROB_COLUMNS = ("topk_logprobs", "target_logprobs", "sample_logprobs")
 #: The top-k logprobs of a ``uint8-gap`` cache, in place of ``topk_logprobs``: the top-1 (n float16 per
 #: row) and the gaps from each entry to the next (n fixed-size lists of k - 1 uint8; absent when k is 1).
 GAP_COLUMNS = ("topk_top1", "topk_gaps")
+
+#: A compact (schema 4) shard's ids by frequency, in its Parquet metadata (``with_id_order``); every row's
+#: ``id_order`` column holds its checksum, so rows read with another shard's order are refused.
+ID_ORDER_KEY = b"teacher_farm.id_order"
+#: What a compact shard's sampled ids are coded against: ``topk`` (each position's own top-k) or ``anchor``
+#: (the draws of its anchor, in a cache of draws only).
+SAMPLE_REFERENCE_KEY = b"teacher_farm.sample_reference"
 
 
 @dataclass(frozen=True)
@@ -144,8 +164,12 @@ def cache_schema(
         raise ValueError(f"k must be at least 1, not {k}")
     value = LOGPROB_DTYPES[fmt.value_dtype]
     fields = [pa.field("id", pa.string()), *SOURCE_FIELDS, pa.field("input_ids", pa.list_(pa.int32()))]
+    if fmt.gaps:
+        fields.append(pa.field("id_order", pa.int64()))
     if targets != "sampled":
-        fields.append(pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), k))))
+        fields.append(
+            pa.field("topk_id_codes" if fmt.gaps else "topk_ids", pa.list_(pa.list_(pa.int32(), k)))
+        )
         if fmt.gaps:
             fields.append(pa.field("topk_top1", pa.list_(pa.float16())))
             if k > 1:
@@ -156,7 +180,7 @@ def cache_schema(
     if targets != "topk":
         counts = pa.from_numpy_dtype(np.dtype(count_dtype(samples))) if samples else pa.int16()
         fields += [
-            pa.field("sample_id_gaps" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
+            pa.field("sample_id_codes" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
             pa.field("sample_counts", pa.list_(pa.list_(counts))),
         ]
         if sample_logprobs:
@@ -198,6 +222,11 @@ def _list(lengths: np.ndarray, values: pa.Array) -> pa.Array:
 def _nested(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
     inner_offsets = pa.array(np.arange(0, flat.size + 1, k, dtype=np.int32))
     return _list(lengths, pa.ListArray.from_arrays(inner_offsets, pa.array(flat)))
+
+
+def _fixed(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
+    """n fixed-size lists of k per row (a schema 3+ top-k column) from the flat values."""
+    return _list(lengths, pa.FixedSizeListArray.from_arrays(pa.array(flat), k))
 
 
 def _ragged(n: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> pa.Array:
@@ -315,6 +344,27 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     table, kept = thicken(table)  # a position rule's dropped positions: encoded as placeholders, nulled after
     names = set(schema.names)
     made: dict[str, pa.Array] = {}
+    if "id_order" in names:
+        schema = with_id_order(schema, table)
+        order, checksum = id_order_of(schema)
+        made["id_order"] = pa.array(np.full(table.num_rows, checksum, np.int64))
+        n = list_lengths(combined(table, "input_ids"))
+        tokens = flat_values(combined(table, "input_ids")).to_numpy(zero_copy_only=False)
+        nxt, anchor = next_tokens(tokens, n), anchors(tokens, n, kept)
+        ids = None
+        if "topk_id_codes" in names:
+            _, ids = _topk_matrix(combined(table, "topk_ids"), "topk_ids")
+            codes = encode_topk_ids(ids, nxt, anchor, order)
+            made["topk_id_codes"] = _fixed(n, ids.shape[1], codes.reshape(-1))
+        if "sample_id_codes" in names:
+            lengths, drawn = sample_ids_of(table)
+            if (schema.metadata or {}).get(SAMPLE_REFERENCE_KEY) == b"topk":
+                assert ids is not None
+                ref = ids.astype(np.int64)
+            else:
+                ref = references(padded(drawn, lengths, SAMPLE_REFERENCES), anchor)
+            codes = encode_sample_ids(drawn, lengths, nxt, ref, order)
+            made["sample_id_codes"] = _ragged(n, lengths, codes)
     if names & set(GAP_COLUMNS):
         n, lp = _topk_matrix(combined(table, "topk_logprobs"), "topk_logprobs")
         top1, gaps = encode_gaps(lp) if lp.shape[1] else (np.empty(0, np.float16), np.empty((0, 0), np.uint8))
@@ -348,6 +398,32 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return encoded if kept is None else thin(encoded, kept)
 
 
+def with_id_order(schema: pa.Schema, table: pa.Table) -> pa.Schema:
+    """``schema`` (a compact cache's) with the id order of ``table``'s ids (result rows) in its metadata;
+    other schemas, and one that has an order already, unchanged."""
+    if "id_order" not in schema.names or ID_ORDER_KEY in (schema.metadata or {}):
+        return schema
+    sources = [c for c in ("topk_ids", "sample_ids") if c in table.column_names]
+    ids = np.concatenate([flat_values(combined(table, c)).to_numpy(zero_copy_only=False) for c in sources])
+    packed = base64.b64encode(zlib.compress(frequency_order(ids).astype("<i4").tobytes(), 9))
+    reference = b"topk" if "topk_id_codes" in schema.names else b"anchor"
+    return schema.with_metadata(
+        {**(schema.metadata or {}), ID_ORDER_KEY: packed, SAMPLE_REFERENCE_KEY: reference}
+    )
+
+
+def id_order_of(schema: pa.Schema) -> tuple[np.ndarray, int]:
+    """The id order in a compact shard's metadata and its checksum; ``InputError`` when absent."""
+    packed = (schema.metadata or {}).get(ID_ORDER_KEY)
+    if packed is None:
+        raise InputError(
+            "malformed cache rows: topk_id_codes without their shard's id order (read a shard's rows with "
+            "its Parquet metadata, one shard at a time)"
+        )
+    order = np.frombuffer(zlib.decompress(base64.b64decode(packed)), "<i4")
+    return order, zlib.crc32(packed)
+
+
 def topk_logprobs_of(table: pa.Table) -> np.ndarray:
     """The rows' top-k logprobs as one (positions, k) float32 array, whatever the layout stores.
 
@@ -367,14 +443,65 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
     return decode_gaps(top1, gaps)
 
 
-def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids`` or
-    ``sample_id_gaps``."""
-    name = "sample_id_gaps" if "sample_id_gaps" in table.column_names else "sample_ids"
+def _checked_order(table: pa.Table) -> tuple[np.ndarray, int]:
+    """The id order of compact rows, checked against every row's ``id_order``."""
+    order, checksum = id_order_of(table.schema)
+    if (
+        "id_order" not in table.column_names
+        or (combined(table, "id_order").to_numpy(zero_copy_only=False) != checksum).any()
+    ):
+        raise InputError("malformed cache rows: rows of a compact shard read with another shard's id order")
+    return order, checksum
+
+
+def topk_ids_of(table: pa.Table, kept: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row lengths and the rows' (positions, k) top-k ids, int64, from ``topk_ids`` or ``topk_id_codes``
+    (decoded with ``input_ids``: ``schemas.formats.decode_ids``). ``kept``: the positions that kept their
+    targets (``--positions``; the rest read as 0). ``InputError`` when the rows are malformed."""
+    if "topk_id_codes" not in table.column_names:
+        n, ids = _topk_matrix(combined(table, "topk_ids"), "topk_ids")
+        return n, ids.astype(np.int64)
+    n, codes = _topk_matrix(combined(table, "topk_id_codes"), "topk_id_codes")
+    tokens = combined(table, "input_ids")
+    if not np.array_equal(list_lengths(tokens), n):
+        raise InputError("malformed cache rows: topk_id_codes has not one list per input token")
+    order, _ = _checked_order(table)
+    flat = flat_values(tokens).to_numpy(zero_copy_only=False)
+    if kept is not None:
+        codes = np.where(kept[:, None], codes, codes.shape[1] + 1 + order.size)  # dropped: placeholders, id 0
+    try:
+        ids = decode_topk_ids(codes, next_tokens(flat, n), anchors(flat, n, kept), order)
+    except ValueError as exc:
+        raise InputError(f"malformed cache rows: {exc}") from None
+    return n, ids
+
+
+def sample_ids_of(table: pa.Table, kept: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids``,
+    ``sample_id_gaps`` (schema 3) or ``sample_id_codes`` (decoded with ``input_ids`` and, in a cache with
+    top-k targets, the top-k). ``kept``: the positions that kept their targets."""
+    names = table.column_names
+    name = next(c for c in ("sample_id_codes", "sample_id_gaps", "sample_ids") if c in names)
     inner = combined(table, name).flatten()
     lengths = list_lengths(inner)
     values = flat_values(inner).to_numpy(zero_copy_only=False)
-    return lengths, ids_from_gaps(values, lengths) if name == "sample_id_gaps" else values.astype(np.int64)
+    if name == "sample_ids":
+        return lengths, values.astype(np.int64)
+    if name == "sample_id_gaps":
+        return lengths, ids_from_gaps(values, lengths)
+    order, _ = _checked_order(table)
+    tokens = combined(table, "input_ids")
+    n = list_lengths(tokens)
+    flat = flat_values(tokens).to_numpy(zero_copy_only=False)
+    nxt, anchor = next_tokens(flat, n), anchors(flat, n, kept)
+    try:
+        if (table.schema.metadata or {}).get(SAMPLE_REFERENCE_KEY) == b"topk":
+            if not {"topk_id_codes", "topk_ids"} & set(names):
+                raise InputError("sample_id_codes of a cache with top-k targets read without topk_id_codes")
+            return lengths, decode_sample_ids(values, lengths, nxt, topk_ids_of(table, kept)[1], order)
+        return lengths, decode_anchored_samples(values, lengths, nxt, anchor, SAMPLE_REFERENCES, order)
+    except ValueError as exc:
+        raise InputError(f"malformed cache rows: {exc}") from None
 
 
 def decode_rows(table: pa.Table) -> pa.Table:
@@ -384,6 +511,11 @@ def decode_rows(table: pa.Table) -> pa.Table:
     from teacher_farm.schemas.positions import thicken, thin
 
     table, kept = thicken(table)
+    if "topk_id_codes" in table.column_names:
+        n, ids = topk_ids_of(table, kept)
+        column = _fixed(n, ids.shape[1], ids.reshape(-1).astype(np.int32))
+        where = table.schema.get_field_index("topk_id_codes")
+        table = table.drop_columns(["topk_id_codes"]).add_column(where, "topk_ids", column)
     if "topk_top1" in table.column_names:
         lp = topk_logprobs_of(table)
         n = list_lengths(table.column("topk_top1"))
@@ -391,9 +523,12 @@ def decode_rows(table: pa.Table) -> pa.Table:
         where = table.schema.get_field_index("topk_top1")
         table = table.drop_columns([c for c in GAP_COLUMNS if c in table.column_names])
         table = table.add_column(where, "topk_logprobs", column)
-    if "sample_id_gaps" in table.column_names:
-        lengths, ids = sample_ids_of(table)
-        column = _ragged(list_lengths(table.column("sample_id_gaps")), lengths, ids.astype(np.int32))
-        where = table.schema.get_field_index("sample_id_gaps")
-        table = table.drop_columns(["sample_id_gaps"]).add_column(where, "sample_ids", column)
+    for name in ("sample_id_gaps", "sample_id_codes"):
+        if name in table.column_names:
+            lengths, ids = sample_ids_of(table, kept)
+            column = _ragged(list_lengths(table.column(name)), lengths, ids.astype(np.int32))
+            where = table.schema.get_field_index(name)
+            table = table.drop_columns([name]).add_column(where, "sample_ids", column)
+    if "id_order" in table.column_names:
+        table = table.drop_columns(["id_order"])
     return table if kept is None else thin(table, kept)

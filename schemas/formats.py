@@ -176,3 +176,220 @@ def _starts(lengths: np.ndarray) -> npt.NDArray[np.int64]:
 def count_dtype(samples: int) -> str:
     """The smallest integer type that holds a count of ``samples`` draws: uint8 up to 255, else int16."""
     return "uint8" if samples <= np.iinfo(np.uint8).max else "int16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids as codes (``uint8-gap``, schema 4): what the row already knows, named by a small number
+
+
+def next_tokens(input_ids: np.ndarray, lengths: np.ndarray) -> npt.NDArray[np.int64]:
+    """The token after each position, within its row (``input_ids[p + 1]``); -1 at a row's last position."""
+    ids = np.asarray(input_ids, np.int64)
+    out = np.full(len(ids), -1, np.int64)
+    out[:-1] = ids[1:]
+    ends = np.cumsum(np.asarray(lengths, np.int64)) - 1
+    out[ends[ends >= 0]] = -1
+    return out
+
+
+def anchors(
+    input_ids: np.ndarray, lengths: np.ndarray, kept: np.ndarray | None = None
+) -> npt.NDArray[np.int64]:
+    """For each position, the first position of its row that reads the same token (and keeps its targets).
+
+    A position is its own anchor when it is the first (kept) one with its token in its row, or when its
+    targets were dropped (``kept`` False).
+    """
+    ids = np.asarray(input_ids, np.int64)
+    P = len(ids)
+    own = np.arange(P, dtype=np.int64)
+    if P == 0:
+        return own
+    row = np.repeat(np.arange(len(lengths), dtype=np.int64), np.asarray(lengths, np.int64))
+    keep = np.ones(P, bool) if kept is None else np.asarray(kept, bool)
+    # Sorted by row, then token, then kept first, then position: each group's first entry is its anchor.
+    order = np.lexsort((own, ~keep, ids, row))
+    key_row, key_id = row[order], ids[order]
+    start = np.ones(P, bool)
+    start[1:] = (key_row[1:] != key_row[:-1]) | (key_id[1:] != key_id[:-1])
+    first = order[np.maximum.accumulate(np.where(start, np.arange(P), 0))]
+    out = own.copy()
+    out[order] = first
+    return np.where(keep & keep[out], out, own)
+
+
+def references(ids: np.ndarray, anchor: np.ndarray) -> npt.NDArray[np.int64]:
+    """(P, k) ids' reference lists: the anchor's ids (``anchors``); -1 (none) at an anchor itself."""
+    ids = np.asarray(ids, np.int64)
+    anchor = np.asarray(anchor, np.int64)
+    return np.where((anchor != np.arange(len(anchor)))[:, None], ids[anchor], -1)
+
+
+def encode_ids(ids: np.ndarray, owner: np.ndarray, nxt: np.ndarray, ref: np.ndarray) -> npt.NDArray[np.int32]:
+    """Flat ids, each at position ``owner[i]``, as codes: 0 for its position's next token (``next_tokens``),
+    1 + j for the id its position's reference list ``ref`` (P, R; -1 pads) holds at j, else R + 1 + id (a
+    literal). Exact: ``decode_ids`` undoes it."""
+    ids = np.asarray(ids, np.int64)
+    owner = np.asarray(owner, np.int64)
+    ref = np.asarray(ref, np.int64)
+    R = ref.shape[1]
+    codes = ids + (R + 1)
+    if R and ids.size:
+        match = ids[:, None] == ref[owner]
+        hit = match.any(axis=1)
+        codes = np.where(hit, 1 + match.argmax(axis=1), codes)
+    codes[ids == np.asarray(nxt, np.int64)[owner]] = 0
+    out: npt.NDArray[np.int32] = codes.astype(np.int32)
+    return out
+
+
+def decode_ids(
+    codes: np.ndarray, owner: np.ndarray, nxt: np.ndarray, ref: np.ndarray
+) -> npt.NDArray[np.int64]:
+    """The ids of ``encode_ids``' codes, int64; ``ValueError`` for a code that cannot be (a next token after a
+    row's last position, a reference to nothing)."""
+    codes = np.asarray(codes, np.int64)
+    owner = np.asarray(owner, np.int64)
+    ref = np.asarray(ref, np.int64)
+    R = ref.shape[1]
+    nxt_of = np.asarray(nxt, np.int64)[owner]
+    marker, literal = codes == 0, codes > R
+    if (marker & (nxt_of < 0)).any():
+        raise ValueError("an id coded as the next token at a row's last position")
+    if (codes < 0).any():
+        raise ValueError("a negative id code")
+    ids = np.where(literal, codes - (R + 1), np.where(marker, nxt_of, 0))
+    refs = np.flatnonzero(~marker & ~literal)
+    if refs.size:
+        got = ref[owner[refs], codes[refs] - 1]
+        if (got < 0).any():
+            raise ValueError("an id coded as a reference to nothing")
+        ids[refs] = got
+    return ids
+
+
+def frequency_order(ids: np.ndarray) -> npt.NDArray[np.int32]:
+    """The distinct ``ids``, most frequent first (ties by id): a shard's ``id_order``."""
+    distinct, counts = np.unique(np.asarray(ids, np.int64), return_counts=True)
+    order: npt.NDArray[np.int32] = distinct[np.lexsort((distinct, -counts))].astype(np.int32)
+    return order
+
+
+def to_ranks(ids: np.ndarray, order: np.ndarray) -> npt.NDArray[np.int64]:
+    """Each id's place in ``order`` (``frequency_order``); an id it lacks: ``len(order) + id``."""
+    ids = np.asarray(ids, np.int64)
+    order = np.asarray(order, np.int64)
+    if not order.size:
+        same: npt.NDArray[np.int64] = ids.copy()
+        return same
+    lookup = np.full(max(int(order.max()), int(ids.max(initial=0))) + 1, -1, np.int64)
+    lookup[order] = np.arange(order.size)
+    ranks = lookup[np.maximum(ids, 0)]
+    return np.where(ranks >= 0, ranks, order.size + ids)
+
+
+def from_ranks(ranks: np.ndarray, order: np.ndarray) -> npt.NDArray[np.int64]:
+    """The ids of ``to_ranks``."""
+    ranks = np.asarray(ranks, np.int64)
+    order = np.asarray(order, np.int64)
+    ids: npt.NDArray[np.int64] = np.where(
+        ranks < order.size,
+        order[np.clip(ranks, 0, max(order.size - 1, 0))] if order.size else 0,
+        ranks - order.size,
+    )
+    return ids
+
+
+def encode_topk_ids(
+    ids: np.ndarray, nxt: np.ndarray, anchor: np.ndarray, order: np.ndarray | None = None
+) -> npt.NDArray[np.int32]:
+    """(P, k) top-k ids as (P, k) codes (``encode_ids``), each position's reference list its anchor's top-k;
+    a literal's id replaced by its place in ``order`` (``to_ranks``): frequent ids become small numbers."""
+    ids = np.asarray(ids, np.int64)
+    P, k = ids.shape
+    owner = np.repeat(np.arange(P), k)
+    codes = encode_ids(ids.reshape(-1), owner, nxt, references(ids, anchor)).reshape(P, k)
+    if order is not None:
+        literal = codes > k
+        codes[literal] = k + 1 + to_ranks(codes[literal] - (k + 1), order)
+    return codes
+
+
+def decode_topk_ids(
+    codes: np.ndarray, nxt: np.ndarray, anchor: np.ndarray, order: np.ndarray | None = None
+) -> npt.NDArray[np.int64]:
+    """The (P, k) top-k ids of ``encode_topk_ids``' codes: the anchors first (they hold no references)."""
+    codes = np.array(codes, np.int64)
+    if order is not None:
+        literal = codes > codes.shape[1]
+        codes[literal] = codes.shape[1] + 1 + from_ranks(codes[literal] - (codes.shape[1] + 1), order)
+    P, k = codes.shape
+    owner = np.repeat(np.arange(P), k)
+    anchor = np.asarray(anchor, np.int64)
+    is_anchor = anchor == np.arange(P)
+    if (~is_anchor & ~is_anchor[anchor]).any():
+        raise ValueError("an anchor that has an anchor of its own")
+    none = np.full((P, k), -1, np.int64)
+    if ((codes > 0) & (codes <= k) & is_anchor[:, None]).any():
+        raise ValueError("an id coded as a reference at a position with no anchor")
+    # Pass 1 reads the literals and next tokens; the references then point into the anchors' ids.
+    first = decode_ids(np.where((codes > 0) & (codes <= k), k + 1, codes).reshape(-1), owner, nxt, none)
+    return decode_ids(codes.reshape(-1), owner, nxt, references(first.reshape(P, k), anchor)).reshape(P, k)
+
+
+#: How many of its anchor's draws a position's sampled ids can refer to (a cache of draws only).
+SAMPLE_REFERENCES = 64
+
+
+def padded(ids: np.ndarray, lengths: np.ndarray, width: int) -> npt.NDArray[np.int64]:
+    """Ragged ids (``lengths[p]`` at position p) as a (P, width) block: the first ``width`` of each position,
+    -1 in the padding."""
+    lengths = np.asarray(lengths, np.int64)
+    block = np.full((len(lengths), width), -1, np.int64)
+    starts = np.cumsum(lengths) - lengths
+    slot = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    fits = slot < width
+    block[np.repeat(np.arange(len(lengths)), lengths)[fits], slot[fits]] = np.asarray(ids, np.int64)[fits]
+    return block
+
+
+def encode_sample_ids(
+    ids: np.ndarray, lengths: np.ndarray, nxt: np.ndarray, ref: np.ndarray, order: np.ndarray
+) -> npt.NDArray[np.int32]:
+    """Sampled ids (``lengths[p]`` at position p, in their stored order) as codes (``encode_ids``) against
+    each position's reference list ``ref`` (P, R): its own top-k, or (a cache of draws only) its anchor's
+    draws; literals as their place in ``order``."""
+    ids = np.asarray(ids, np.int64)
+    R = ref.shape[1]
+    codes = encode_ids(ids, np.repeat(np.arange(len(lengths)), lengths), nxt, ref).astype(np.int64)
+    literal = codes > R
+    codes[literal] = R + 1 + to_ranks(codes[literal] - (R + 1), order)
+    return codes.astype(np.int32)
+
+
+def decode_sample_ids(
+    codes: np.ndarray, lengths: np.ndarray, nxt: np.ndarray, ref: np.ndarray, order: np.ndarray
+) -> npt.NDArray[np.int64]:
+    """The ids of ``encode_sample_ids``' codes (``ref`` decoded already)."""
+    codes = np.array(codes, np.int64)
+    R = ref.shape[1]
+    literal = codes > R
+    codes[literal] = R + 1 + from_ranks(codes[literal] - (R + 1), order)
+    return decode_ids(codes, np.repeat(np.arange(len(lengths)), lengths), nxt, ref)
+
+
+def decode_anchored_samples(
+    codes: np.ndarray, lengths: np.ndarray, nxt: np.ndarray, anchor: np.ndarray, width: int, order: np.ndarray
+) -> npt.NDArray[np.int64]:
+    """``decode_sample_ids`` where each position's reference list is its anchor's draws (``width`` wide): the
+    anchors first (they hold no references)."""
+    codes = np.asarray(codes, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    anchor = np.asarray(anchor, np.int64)
+    is_ref = (codes > 0) & (codes <= width)
+    if (is_ref & np.repeat(anchor == np.arange(len(anchor)), lengths)).any():
+        raise ValueError("a sampled id coded as a reference at a position with no anchor")
+    none = np.full((len(lengths), width), -1, np.int64)
+    first = decode_sample_ids(np.where(is_ref, width + 1 + order.size, codes), lengths, nxt, none, order)
+    ref = references(padded(first, lengths, width), anchor)
+    return decode_sample_ids(codes, lengths, nxt, ref, order)
