@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import create_exclusive, fsync_dir, sha256_file
-from teacher_farm.schemas.arrow import ID_ORDER_KEY, SAMPLE_REFERENCE_KEY
+from teacher_farm.schemas.arrow import ID_ORDER_KEY
 
 
 def shard_name(index: int) -> str:
@@ -148,8 +148,7 @@ class ShardWriter:
         if ID_ORDER_KEY in theirs:
             mine = self.schema.metadata or {}
             if ID_ORDER_KEY not in mine and self._writer is None and not self._buffer:
-                adopted = {key: theirs[key] for key in (ID_ORDER_KEY, SAMPLE_REFERENCE_KEY) if key in theirs}
-                self.schema = self.schema.with_metadata({**mine, **adopted})
+                self.schema = self.schema.with_metadata({**mine, ID_ORDER_KEY: theirs[ID_ORDER_KEY]})
             elif mine.get(ID_ORDER_KEY) != theirs[ID_ORDER_KEY]:
                 raise ValueError(
                     "rows encoded with another id order than the shard's (schemas.arrow.with_id_order)"

@@ -34,23 +34,20 @@ import pyarrow.compute as pc
 
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import (
-    SAMPLE_REFERENCES,
     anchors,
     count_dtype,
-    decode_anchored_samples,
     decode_gaps,
-    decode_sample_ids,
     decode_topk_ids,
     encode_gaps,
-    encode_sample_ids,
     encode_topk_ids,
     frequency_order,
     id_gaps,
+    id_sorted,
     ids_from_gaps,
     logprob_format,
     next_tokens,
-    padded,
-    references,
+    rank_sorted,
+    unpack_order,
 )
 
 #: The wire's logprob dtypes (``TopkRequest.logprob_dtype``); a cache's formats are
@@ -70,9 +67,6 @@ GAP_COLUMNS = ("topk_top1", "topk_gaps")
 #: A compact (schema 4) shard's ids by frequency, in its Parquet metadata (``with_id_order``); every row's
 #: ``id_order`` column holds its checksum, so rows read with another shard's order are refused.
 ID_ORDER_KEY = b"teacher_farm.id_order"
-#: What a compact shard's sampled ids are coded against: ``topk`` (each position's own top-k) or ``anchor``
-#: (the draws of its anchor, in a cache of draws only).
-SAMPLE_REFERENCE_KEY = b"teacher_farm.sample_reference"
 
 
 @dataclass(frozen=True)
@@ -180,7 +174,7 @@ def cache_schema(
     if targets != "topk":
         counts = pa.from_numpy_dtype(np.dtype(count_dtype(samples))) if samples else pa.int16()
         fields += [
-            pa.field("sample_id_codes" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
+            pa.field("sample_rank_gaps" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
             pa.field("sample_counts", pa.list_(pa.list_(counts))),
         ]
         if sample_logprobs:
@@ -356,15 +350,19 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
             _, ids = _topk_matrix(combined(table, "topk_ids"), "topk_ids")
             codes = encode_topk_ids(ids, nxt, anchor, order)
             made["topk_id_codes"] = _fixed(n, ids.shape[1], codes.reshape(-1))
-        if "sample_id_codes" in names:
+        if "sample_rank_gaps" in names:
+            # Each position's draws in the order of their ranks, so that their gaps are small; the counts
+            # and logprobs stored beside them in the same order.
             lengths, drawn = sample_ids_of(table)
-            if (schema.metadata or {}).get(SAMPLE_REFERENCE_KEY) == b"topk":
-                assert ids is not None
-                ref = ids.astype(np.int64)
-            else:
-                ref = references(padded(drawn, lengths, SAMPLE_REFERENCES), anchor)
-            codes = encode_sample_ids(drawn, lengths, nxt, ref, order)
-            made["sample_id_codes"] = _ragged(n, lengths, codes)
+            ranks, perm = rank_sorted(drawn, lengths, order)
+            made["sample_rank_gaps"] = _ragged(n, lengths, id_gaps(ranks, lengths).astype(np.int32))
+            for name in ("sample_counts", "sample_logprobs"):
+                if name in names:
+                    values = flat_values(combined(table, name)).to_numpy(zero_copy_only=False)[perm]
+                    inner = schema.field(name).type.value_type.value_type
+                    made[name] = _ragged(
+                        n, lengths, pa.array(values).cast(inner).to_numpy(zero_copy_only=False)
+                    )
     if names & set(GAP_COLUMNS):
         n, lp = _topk_matrix(combined(table, "topk_logprobs"), "topk_logprobs")
         top1, gaps = encode_gaps(lp) if lp.shape[1] else (np.empty(0, np.float16), np.empty((0, 0), np.uint8))
@@ -405,11 +403,8 @@ def with_id_order(schema: pa.Schema, table: pa.Table) -> pa.Schema:
         return schema
     sources = [c for c in ("topk_ids", "sample_ids") if c in table.column_names]
     ids = np.concatenate([flat_values(combined(table, c)).to_numpy(zero_copy_only=False) for c in sources])
-    packed = base64.b64encode(zlib.compress(frequency_order(ids).astype("<i4").tobytes(), 9))
-    reference = b"topk" if "topk_id_codes" in schema.names else b"anchor"
-    return schema.with_metadata(
-        {**(schema.metadata or {}), ID_ORDER_KEY: packed, SAMPLE_REFERENCE_KEY: reference}
-    )
+    packed = base64.b64encode(frequency_order(ids))
+    return schema.with_metadata({**(schema.metadata or {}), ID_ORDER_KEY: packed})
 
 
 def id_order_of(schema: pa.Schema) -> tuple[np.ndarray, int]:
@@ -420,7 +415,10 @@ def id_order_of(schema: pa.Schema) -> tuple[np.ndarray, int]:
             "malformed cache rows: topk_id_codes without their shard's id order (read a shard's rows with "
             "its Parquet metadata, one shard at a time)"
         )
-    order = np.frombuffer(zlib.decompress(base64.b64decode(packed)), "<i4")
+    try:
+        order = unpack_order(base64.b64decode(packed))
+    except (ValueError, zlib.error) as exc:
+        raise InputError(f"malformed cache metadata: the shard's id order ({exc})") from None
     return order, zlib.crc32(packed)
 
 
@@ -476,32 +474,29 @@ def topk_ids_of(table: pa.Table, kept: np.ndarray | None = None) -> tuple[np.nda
     return n, ids
 
 
-def sample_ids_of(table: pa.Table, kept: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids``,
-    ``sample_id_gaps`` (schema 3) or ``sample_id_codes`` (decoded with ``input_ids`` and, in a cache with
-    top-k targets, the top-k). ``kept``: the positions that kept their targets."""
+def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids drawn at each position (per-position counts, flat int64 ids, ascending within each
+    position), from ``sample_ids``, ``sample_id_gaps`` (schema 3) or ``sample_rank_gaps`` (schema 4's compact
+    format; its counts and logprobs are stored in rank order: ``sample_order``)."""
+    lengths, ids, _ = sample_order(table)
+    return lengths, ids
+
+
+def sample_order(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``sample_ids_of``, and where each id's counts and logprobs are stored (``values[perm]`` reads them in
+    the ids' order); None when they are stored in that order already."""
     names = table.column_names
-    name = next(c for c in ("sample_id_codes", "sample_id_gaps", "sample_ids") if c in names)
+    name = next(c for c in ("sample_rank_gaps", "sample_id_gaps", "sample_ids") if c in names)
     inner = combined(table, name).flatten()
     lengths = list_lengths(inner)
     values = flat_values(inner).to_numpy(zero_copy_only=False)
     if name == "sample_ids":
-        return lengths, values.astype(np.int64)
+        return lengths, values.astype(np.int64), None
     if name == "sample_id_gaps":
-        return lengths, ids_from_gaps(values, lengths)
+        return lengths, ids_from_gaps(values, lengths), None
     order, _ = _checked_order(table)
-    tokens = combined(table, "input_ids")
-    n = list_lengths(tokens)
-    flat = flat_values(tokens).to_numpy(zero_copy_only=False)
-    nxt, anchor = next_tokens(flat, n), anchors(flat, n, kept)
-    try:
-        if (table.schema.metadata or {}).get(SAMPLE_REFERENCE_KEY) == b"topk":
-            if not {"topk_id_codes", "topk_ids"} & set(names):
-                raise InputError("sample_id_codes of a cache with top-k targets read without topk_id_codes")
-            return lengths, decode_sample_ids(values, lengths, nxt, topk_ids_of(table, kept)[1], order)
-        return lengths, decode_anchored_samples(values, lengths, nxt, anchor, SAMPLE_REFERENCES, order)
-    except ValueError as exc:
-        raise InputError(f"malformed cache rows: {exc}") from None
+    ids, perm = id_sorted(ids_from_gaps(values, lengths), lengths, order)
+    return lengths, ids, perm
 
 
 def decode_rows(table: pa.Table) -> pa.Table:
@@ -523,12 +518,22 @@ def decode_rows(table: pa.Table) -> pa.Table:
         where = table.schema.get_field_index("topk_top1")
         table = table.drop_columns([c for c in GAP_COLUMNS if c in table.column_names])
         table = table.add_column(where, "topk_logprobs", column)
-    for name in ("sample_id_gaps", "sample_id_codes"):
+    for name in ("sample_id_gaps", "sample_rank_gaps"):
         if name in table.column_names:
-            lengths, ids = sample_ids_of(table, kept)
-            column = _ragged(list_lengths(table.column(name)), lengths, ids.astype(np.int32))
+            lengths, ids, perm = sample_order(table)
+            n = list_lengths(table.column(name))
+            column = _ragged(n, lengths, ids.astype(np.int32))
             where = table.schema.get_field_index(name)
             table = table.drop_columns([name]).add_column(where, "sample_ids", column)
+            for other in ("sample_counts", "sample_logprobs"):
+                if perm is not None and other in table.column_names:
+                    values = flat_values(combined(table, other))
+                    i = table.schema.get_field_index(other)
+                    table = table.set_column(
+                        i,
+                        other,
+                        _ragged(n, lengths, values.take(pa.array(perm)).to_numpy(zero_copy_only=False)),
+                    )
     if "id_order" in table.column_names:
         table = table.drop_columns(["id_order"])
     return table if kept is None else thin(table, kept)

@@ -34,6 +34,7 @@ Everything here is numpy on whole arrays; ``schemas.arrow`` puts it into Arrow c
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,11 +269,72 @@ def decode_ids(
     return ids
 
 
-def frequency_order(ids: np.ndarray) -> npt.NDArray[np.int32]:
-    """The distinct ``ids``, most frequent first (ties by id): a shard's ``id_order``."""
+#: An id seen fewer times than this in a shard's first rows is left out of its order (``len(order) + id``):
+#: naming it in the shard's metadata would cost more than its smaller code saves.
+ORDER_MIN_COUNT = 2
+
+
+def frequency_order(ids: np.ndarray) -> bytes:
+    """A shard's ``id_order``, packed: the ids seen at least ``ORDER_MIN_COUNT`` times, most frequent first
+    (ties by id). Stored as zlib of varints: the number of count groups, their sizes, then each group's
+    ascending ids as differences (the first as it is)."""
     distinct, counts = np.unique(np.asarray(ids, np.int64), return_counts=True)
-    order: npt.NDArray[np.int32] = distinct[np.lexsort((distinct, -counts))].astype(np.int32)
+    keep = counts >= ORDER_MIN_COUNT
+    distinct, counts = distinct[keep], counts[keep]
+    order = np.lexsort((distinct, -counts))
+    distinct, counts = distinct[order], counts[order]
+    sizes = np.unique(-counts, return_counts=True)[1]
+    deltas = np.diff(distinct, prepend=0)
+    deltas[np.cumsum(sizes) - sizes] = distinct[np.cumsum(sizes) - sizes]
+    return zlib.compress(_varints(np.concatenate([[len(sizes)], sizes, deltas]).astype(np.uint64)), 9)
+
+
+def unpack_order(packed: bytes) -> npt.NDArray[np.int64]:
+    """The ids of a packed ``frequency_order``, most frequent first."""
+    values = _from_varints(zlib.decompress(packed))
+    groups = int(values[0]) if values.size else 0
+    sizes, deltas = values[1 : 1 + groups], values[1 + groups :]
+    if int(sizes.sum()) != deltas.size:
+        raise ValueError("a packed id order whose groups do not add up")
+    group = np.repeat(np.arange(groups), sizes)
+    total = np.cumsum(deltas)
+    starts = np.cumsum(sizes) - sizes
+    base = (total[starts] - deltas[starts])[group] if deltas.size else total
+    order: npt.NDArray[np.int64] = total - base
     return order
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 of non-negative integers, whole-array: 7 bits a byte, the high bit set on all but the last."""
+    values = np.asarray(values, np.uint64)
+    nbytes = np.maximum(
+        1, (np.floor(np.log2(np.maximum(values, 1).astype(np.float64))).astype(np.int64) // 7) + 1
+    )
+    nbytes[values == 0] = 1
+    index = np.repeat(np.arange(values.size), nbytes)
+    shift = (np.arange(int(nbytes.sum())) - np.repeat(np.cumsum(nbytes) - nbytes, nbytes)) * 7
+    out = ((values[index] >> shift.astype(np.uint64)) & np.uint64(127)).astype(np.uint8)
+    last = np.cumsum(nbytes) - 1
+    more = np.ones(out.size, bool)
+    more[last] = False
+    out[more] |= 128
+    packed: bytes = out.tobytes()
+    return packed
+
+
+def _from_varints(data: bytes) -> npt.NDArray[np.int64]:
+    raw = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(raw < 128)
+    if raw.size and (not ends.size or ends[-1] != raw.size - 1):
+        raise ValueError("a truncated varint")
+    value_of = np.repeat(np.arange(ends.size), np.diff(ends, prepend=-1))
+    shift = (
+        np.arange(raw.size) - np.repeat(ends - np.diff(ends, prepend=-1) + 1, np.diff(ends, prepend=-1))
+    ) * 7
+    parts = (raw & 127).astype(np.int64) << shift
+    out: npt.NDArray[np.int64] = np.bincount(value_of, weights=None, minlength=ends.size).astype(np.int64) * 0
+    np.add.at(out, value_of, parts)
+    return out
 
 
 def to_ranks(ids: np.ndarray, order: np.ndarray) -> npt.NDArray[np.int64]:
@@ -337,59 +399,20 @@ def decode_topk_ids(
     return decode_ids(codes.reshape(-1), owner, nxt, references(first.reshape(P, k), anchor)).reshape(P, k)
 
 
-#: How many of its anchor's draws a position's sampled ids can refer to (a cache of draws only).
-SAMPLE_REFERENCES = 64
+def rank_sorted(ids: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled ids (ascending within each position) by their place in ``order`` (``to_ranks``): the ranks
+    sorted ascending within each position, and where each came from (stored value j is ``ids[perm[j]]``)."""
+    owner = np.repeat(np.arange(len(lengths)), np.asarray(lengths, np.int64))
+    ranks = to_ranks(ids, order)
+    perm = np.lexsort((ranks, owner))
+    return ranks[perm], perm
 
 
-def padded(ids: np.ndarray, lengths: np.ndarray, width: int) -> npt.NDArray[np.int64]:
-    """Ragged ids (``lengths[p]`` at position p) as a (P, width) block: the first ``width`` of each position,
-    -1 in the padding."""
-    lengths = np.asarray(lengths, np.int64)
-    block = np.full((len(lengths), width), -1, np.int64)
-    starts = np.cumsum(lengths) - lengths
-    slot = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
-    fits = slot < width
-    block[np.repeat(np.arange(len(lengths)), lengths)[fits], slot[fits]] = np.asarray(ids, np.int64)[fits]
-    return block
-
-
-def encode_sample_ids(
-    ids: np.ndarray, lengths: np.ndarray, nxt: np.ndarray, ref: np.ndarray, order: np.ndarray
-) -> npt.NDArray[np.int32]:
-    """Sampled ids (``lengths[p]`` at position p, in their stored order) as codes (``encode_ids``) against
-    each position's reference list ``ref`` (P, R): its own top-k, or (a cache of draws only) its anchor's
-    draws; literals as their place in ``order``."""
-    ids = np.asarray(ids, np.int64)
-    R = ref.shape[1]
-    codes = encode_ids(ids, np.repeat(np.arange(len(lengths)), lengths), nxt, ref).astype(np.int64)
-    literal = codes > R
-    codes[literal] = R + 1 + to_ranks(codes[literal] - (R + 1), order)
-    return codes.astype(np.int32)
-
-
-def decode_sample_ids(
-    codes: np.ndarray, lengths: np.ndarray, nxt: np.ndarray, ref: np.ndarray, order: np.ndarray
-) -> npt.NDArray[np.int64]:
-    """The ids of ``encode_sample_ids``' codes (``ref`` decoded already)."""
-    codes = np.array(codes, np.int64)
-    R = ref.shape[1]
-    literal = codes > R
-    codes[literal] = R + 1 + from_ranks(codes[literal] - (R + 1), order)
-    return decode_ids(codes, np.repeat(np.arange(len(lengths)), lengths), nxt, ref)
-
-
-def decode_anchored_samples(
-    codes: np.ndarray, lengths: np.ndarray, nxt: np.ndarray, anchor: np.ndarray, width: int, order: np.ndarray
-) -> npt.NDArray[np.int64]:
-    """``decode_sample_ids`` where each position's reference list is its anchor's draws (``width`` wide): the
-    anchors first (they hold no references)."""
-    codes = np.asarray(codes, np.int64)
-    lengths = np.asarray(lengths, np.int64)
-    anchor = np.asarray(anchor, np.int64)
-    is_ref = (codes > 0) & (codes <= width)
-    if (is_ref & np.repeat(anchor == np.arange(len(anchor)), lengths)).any():
-        raise ValueError("a sampled id coded as a reference at a position with no anchor")
-    none = np.full((len(lengths), width), -1, np.int64)
-    first = decode_sample_ids(np.where(is_ref, width + 1 + order.size, codes), lengths, nxt, none, order)
-    ref = references(padded(first, lengths, width), anchor)
-    return decode_sample_ids(codes, lengths, nxt, ref, order)
+def id_sorted(ranks: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``rank_sorted``'s ranks, ascending within each position again, and where each came from
+    (id j is the stored value ``perm[j]``: counts and logprobs stored beside the ranks read back as
+    ``values[perm]``)."""
+    owner = np.repeat(np.arange(len(lengths)), np.asarray(lengths, np.int64))
+    ids = from_ranks(ranks, order)
+    perm = np.lexsort((ids, owner))
+    return ids[perm], perm

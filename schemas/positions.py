@@ -24,7 +24,7 @@ THINNED_COLUMNS = (
     "topk_gaps",
     "sample_ids",
     "sample_id_gaps",
-    "sample_id_codes",
+    "sample_rank_gaps",
     "sample_counts",
     "sample_logprobs",
 )

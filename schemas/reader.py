@@ -35,7 +35,7 @@ from teacher_farm.schemas.arrow import (
     combined,
     list_lengths,
     offsets,
-    sample_ids_of,
+    sample_order,
     topk_ids_of,
     topk_logprobs_of,
 )
@@ -62,7 +62,7 @@ COLUMNS = [
     "target_logprobs",
     "sample_ids",
     "sample_id_gaps",
-    "sample_id_codes",
+    "sample_rank_gaps",
     "sample_counts",
     "sample_logprobs",
 ]
@@ -153,14 +153,14 @@ def _topk_arrays(
     return topk_ids, lp.astype(np.float32), tail.astype(np.float32)
 
 
-def _sample_arrays(table: pa.Table, n: np.ndarray, kept: np.ndarray | None) -> dict[str, np.ndarray]:
+def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
     """The sampled targets of the rows, padded per position to the widest: (P,) and (P, S) each."""
     id_column = next(
-        c for c in ("sample_id_codes", "sample_id_gaps", "sample_ids") if c in table.column_names
+        c for c in ("sample_rank_gaps", "sample_id_gaps", "sample_ids") if c in table.column_names
     )
     if not np.array_equal(list_lengths(combined(table, id_column)), n):
         raise InputError(f"malformed cache rows: {id_column} has not one list per input token")
-    lengths, ids = sample_ids_of(table, kept)
+    lengths, ids, perm = sample_order(table)
     P, S = len(lengths), int(lengths.max()) if len(lengths) else 0
     # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
     dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - offsets(lengths)[:-1], lengths)
@@ -180,6 +180,8 @@ def _sample_arrays(table: pa.Table, n: np.ndarray, kept: np.ndarray | None) -> d
             if not np.array_equal(list_lengths(outer), n) or not np.array_equal(list_lengths(inner), lengths):
                 raise InputError(f"malformed cache rows: {name} does not match {id_column}")
             values = inner.flatten().to_numpy(zero_copy_only=False)
+            if perm is not None:  # stored in the ranks' order (schema 4's compact format)
+                values = values[perm]
         block = np.zeros(P * S, dtype=dtype)
         block[dest] = values
         out[name] = block.reshape(P, S)
@@ -208,14 +210,14 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False, ranks: bool 
     input_ids = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     names = set(table.column_names)
     has_topk = bool(names & {"topk_ids", "topk_id_codes"})
-    if not has_topk and not names & {"sample_ids", "sample_id_gaps", "sample_id_codes"}:
+    if not has_topk and not names & {"sample_ids", "sample_id_gaps", "sample_rank_gaps"}:
         raise InputError("cache rows with neither top-k (topk_ids) nor sampled (sample_ids) targets")
 
     topk_ids = topk_logprobs = tail = None
     if has_topk:
         topk_ids, topk_logprobs, tail = _topk_arrays(table, n, renormalize, kept)
-    sampled = {"sample_ids", "sample_id_gaps", "sample_id_codes"}
-    samples = _sample_arrays(table, n, kept) if names & sampled else {}
+    sampled = {"sample_ids", "sample_id_gaps", "sample_rank_gaps"}
+    samples = _sample_arrays(table, n) if names & sampled else {}
 
     targets = combined(table, "target_logprobs")
     tn = list_lengths(targets)
@@ -307,10 +309,8 @@ def stored_columns(columns: Sequence[str], names: Sequence[str]) -> list[str]:
             out += [g for g in GAP_COLUMNS if g in names]
         elif c == "sample_ids" and c not in names and "sample_id_gaps" in names:
             out.append("sample_id_gaps")
-        elif c == "sample_ids" and c not in names and "sample_id_codes" in names:
-            # What decodes them: the text, the top-k (when the cache has them) and the id order.
-            needed = ["id_order", "input_ids", "topk_id_codes", "sample_id_codes"]
-            out += [x for x in needed if x in names and x not in columns and x not in out]
+        elif c == "sample_ids" and c not in names and "sample_rank_gaps" in names:
+            out += [x for x in ("id_order", "sample_rank_gaps") if x not in out]
         elif c in names:
             out.append(c)
     return out

@@ -266,7 +266,7 @@ def test_schema_4_layout_per_format():
         assert schema.field("sample_counts").type.value_type.value_type == pa.uint8()
         assert "sample_logprobs" not in schema.names
         gaps = FORMATS[fmt].gaps
-        assert ("topk_logprobs" in schema.names) != gaps and ("sample_id_codes" in schema.names) == gaps
+        assert ("topk_logprobs" in schema.names) != gaps and ("sample_rank_gaps" in schema.names) == gaps
     schema = identity("uint8-gap").schema()
     assert schema.field("topk_gaps").type.value_type == pa.list_(pa.uint8(), K - 1)
     assert schema.field("topk_top1").type.value_type == pa.float16()

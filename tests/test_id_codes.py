@@ -26,10 +26,17 @@ from teacher_farm.schemas.cache_dir import Manifest, ShardRecord
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import (
     FORMATS,
+    ORDER_MIN_COUNT,
     anchors,
     decode_topk_ids,
     encode_topk_ids,
+    frequency_order,
+    from_ranks,
+    id_sorted,
     next_tokens,
+    rank_sorted,
+    to_ranks,
+    unpack_order,
 )
 from teacher_farm.schemas.positions import thin
 from teacher_farm.schemas.reader import read_rows, row_group_arrays
@@ -241,3 +248,48 @@ def test_rows_read_with_another_shards_id_order_are_refused(tmp_path):
         row_group_arrays(pa.concat_tables([a, b]))
     with pytest.raises(InputError, match="without their shard's id order"):
         row_group_arrays(b.replace_schema_metadata({}))
+
+
+def test_the_id_order_packs_exactly_and_leaves_out_ids_seen_once():
+    rng = np.random.default_rng(9)
+    ids = np.minimum(rng.zipf(1.3, 50_000), VOCAB - 1)
+    order = unpack_order(frequency_order(ids))
+    distinct, counts = np.unique(ids, return_counts=True)
+    often = counts >= ORDER_MIN_COUNT
+    np.testing.assert_array_equal(order, distinct[often][np.lexsort((distinct[often], -counts[often]))])
+    assert len(frequency_order(ids)) < 2 * len(order)  # about a byte an id
+    assert unpack_order(frequency_order(np.array([], np.int64))).size == 0
+    ranks = to_ranks(ids, order)
+    np.testing.assert_array_equal(from_ranks(ranks, order), ids)
+    assert ranks[ids == order[0]].max() == 0 and (ranks[~np.isin(ids, order)] >= order.size).all()
+
+
+def test_draws_stored_by_rank_read_back_ascending_with_their_counts():
+    rng = np.random.default_rng(10)
+    d = draws(rng, 50, 64)
+    lengths, ids = d["sample_lengths"], d["sample_ids"].astype(np.int64)
+    order = unpack_order(frequency_order(ids))
+    ranks, perm = rank_sorted(ids, lengths, order)
+    owner = np.repeat(np.arange(50), lengths)
+    assert (np.diff(ranks)[np.diff(owner) == 0] > 0).all()  # ascending within each position: small gaps
+    back, undo = id_sorted(ranks, lengths, order)
+    np.testing.assert_array_equal(back, ids)
+    np.testing.assert_array_equal(d["sample_counts"][perm][undo], d["sample_counts"])
+
+
+def test_a_cache_of_draws_only_reads_back_exactly(tmp_path):
+    rng = np.random.default_rng(11)
+    results = [peaked(rng, i, n) for i, n in enumerate([30, 1, 80])]
+    ident = identity("uint8-gap", targets="sampled", sample_logprobs=True)
+    stored = write_shard(tmp_path, results, ident)
+    assert "sample_rank_gaps" in stored.column_names and "topk_id_codes" not in stored.column_names
+    a = row_group_arrays(stored)
+    filled = np.arange(a.sample_ids.shape[1])[None, :] < a.sample_lengths[:, None]
+    np.testing.assert_array_equal(a.sample_ids[filled], np.concatenate([r.sample_ids for r in results]))
+    np.testing.assert_array_equal(a.sample_counts[filled], np.concatenate([r.sample_counts for r in results]))
+    want = np.concatenate([r.sample_logprobs for r in results])
+    np.testing.assert_array_equal(a.sample_logprobs[filled], want.astype(np.float16).astype(np.float32))
+    decoded = decode_rows(stored)
+    assert decoded.column("sample_counts").to_pylist()[2] == [
+        r.tolist() for r in np.split(results[2].sample_counts, np.cumsum(results[2].sample_lengths)[:-1])
+    ]
