@@ -12,9 +12,10 @@ One row per scored sequence. With ``n = len(input_ids)``:
 
 Logprobs are those of ``softmax(logits / T)`` at the cache's temperature T. That is what the server
 sends (``result_schema``). A cache stores it in a format of its own (``cache_schema`` with ``k``,
-schema 3): the top-k as fixed-size lists of k, the logprobs as ``--logprob-dtype`` says
+schema 3 and 4): the top-k as fixed-size lists of k, the logprobs as ``--logprob-dtype`` says
 (``schemas.formats``: ``uint8-gap`` replaces ``topk_logprobs`` with ``topk_top1`` and ``topk_gaps``,
-and ``sample_ids`` with ``sample_id_gaps``), counts in the smallest type that holds N and
+``topk_ids`` with ``topk_id_codes`` and ``sample_ids`` with ``sample_rank_gaps``, schema 4; schema 3 stored
+``topk_ids`` and ``sample_id_gaps``), counts in the smallest type that holds N and
 ``sample_logprobs`` only when asked. ``encode_rows``
 turns results into that layout; ``topk_logprobs_of`` and ``decode_rows`` read any layout back,
 schema 2's included (lists of any width, int16 counts, every column).

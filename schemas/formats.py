@@ -29,6 +29,19 @@ gaps are the differences of those distances, so their sums are exact. Reading it
     topk_logprobs[:, 1:] = topk_top1[:, None] - steps / 16           # -inf where steps reach 255
     sample_ids = cumsum(sample_id_gaps) within each position
 
+Schema 4 also codes the compact format's token ids (exact; schema 3's plain ``topk_ids`` and
+``sample_id_gaps`` still read). Every shard ranks the ids of its first rows by frequency (``frequency_order``,
+ids seen at least twice; packed into the shard's metadata, ``teacher_farm.id_order``, whose checksum every
+row holds in ``id_order``), so that frequent ids become small numbers, and:
+
+- ``topk_id_codes`` (in place of ``topk_ids``): per entry 0 when it is the position's next token
+  (``input_ids[i + 1]``, which the row holds anyway), 1 + j when the position's anchor (the first position
+  of the row that reads the same token) holds it at rank j, else k + 1 + its rank in the order (an id the
+  order lacks: k + 1 + len(order) + id);
+- ``sample_rank_gaps`` (in place of ``sample_ids``): a position's draws sorted by their rank in the order,
+  stored as differences of those ranks (the first as it is), with ``sample_counts`` and ``sample_logprobs``
+  in the same order; read back, the ids are ascending again and their counts and logprobs with them.
+
 Everything here is numpy on whole arrays; ``schemas.arrow`` puts it into Arrow columns.
 """
 
