@@ -47,7 +47,7 @@ from teacher_farm.training.reader import row_group_arrays
 #: Columns every kind of cache holds (the text and the target's logprob and rank).
 COMMON = ("id", "line", "source", "offset", "input_ids", "target_logprobs", "target_ranks")
 TOPK = ("topk_ids", "id_order", "topk_id_codes", "topk_logprobs", "topk_top1", "topk_gaps")
-SAMPLED = ("sample_ids", "sample_id_gaps", "sample_rank_gaps", "sample_counts")
+SAMPLED = ("sample_ids", "sample_id_gaps", "sample_rank_gaps", "sample_in_topk", "sample_counts")
 
 
 def load(cache: Path, k: int | None = None) -> tuple[pa.Table, CacheIdentity]:
@@ -123,6 +123,8 @@ def as_schema_3(rows: pa.Table) -> pa.Table:
             outer.offsets, pa.ListArray.from_arrays(outer.flatten().offsets, pa.array(gaps))
         )
         rows = rows.set_column(rows.schema.get_field_index("sample_rank_gaps"), "sample_id_gaps", column)
+        if "sample_in_topk" in rows.column_names:
+            rows = rows.drop_columns(["sample_in_topk"])
     meta = {k: v for k, v in (rows.schema.metadata or {}).items() if k != ID_ORDER_KEY}
     return rows.drop_columns(["id_order"]).replace_schema_metadata(meta)
 
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         "sample_ids",
         "sample_id_gaps",
         "sample_rank_gaps",
+        "sample_in_topk",
         "sample_counts",
         "sample_logprobs",
         "footer",

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import (
+    MASK_SLOTS,
     anchors,
     count_dtype,
     decode_gaps,
@@ -42,12 +43,14 @@ from teacher_farm.schemas.formats import (
     encode_gaps,
     encode_topk_ids,
     frequency_order,
+    from_mask,
+    from_ranks,
     id_gaps,
-    id_sorted,
     ids_from_gaps,
     logprob_format,
     next_tokens,
-    rank_sorted,
+    split_by_topk,
+    to_ranks,
     unpack_order,
 )
 
@@ -176,6 +179,7 @@ def cache_schema(
         counts = pa.from_numpy_dtype(np.dtype(count_dtype(samples))) if samples else pa.int16()
         fields += [
             pa.field("sample_rank_gaps" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
+            *([pa.field("sample_in_topk", pa.list_(pa.int64()))] if fmt.gaps and targets == "both" else []),
             pa.field("sample_counts", pa.list_(pa.list_(counts))),
         ]
         if sample_logprobs:
@@ -355,8 +359,22 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
             # Each position's draws in the order of their ranks, so that their gaps are small; the counts
             # and logprobs stored beside them in the same order.
             lengths, drawn = sample_ids_of(table)
-            ranks, perm = rank_sorted(drawn, lengths, order)
-            made["sample_rank_gaps"] = _ragged(n, lengths, id_gaps(ranks, lengths).astype(np.int32))
+            # With top-k targets, the draws among them are named by their slots (one bit mask a position)
+            # and stored first, in slot order; the others follow in the order of their ranks, as rank gaps.
+            owner = np.repeat(np.arange(len(lengths)), lengths)
+            ranks = to_ranks(drawn, order)
+            key = ranks + MASK_SLOTS + 1
+            inside = np.zeros(len(drawn), bool)
+            if "sample_in_topk" in names:
+                assert ids is not None
+                mask, inside, slot = split_by_topk(drawn, lengths, ids)
+                made["sample_in_topk"] = _list(n, pa.array(mask))
+                key = np.where(inside, slot, key)
+            perm = np.lexsort((key, owner))
+            rest = ~inside[perm]
+            rest_lengths = np.bincount(owner[perm][rest], minlength=len(lengths))
+            rank_gaps = id_gaps(ranks[perm][rest], rest_lengths).astype(np.int32)
+            made["sample_rank_gaps"] = _ragged(n, rest_lengths, rank_gaps)
             for name in ("sample_counts", "sample_logprobs"):
                 if name in names:
                     values = flat_values(combined(table, name)).to_numpy(zero_copy_only=False)[perm]
@@ -483,9 +501,12 @@ def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return lengths, ids
 
 
-def sample_order(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def sample_order(
+    table: pa.Table, topk_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``sample_ids_of``, and where each id's counts and logprobs are stored (``values[perm]`` reads them in
-    the ids' order); None when they are stored in that order already."""
+    the ids' order); None when they are stored in that order already. A compact cache with top-k targets
+    names the draws among them by ``sample_in_topk``, decoded against the top-k (``topk_ids`` if given)."""
     names = table.column_names
     name = next(c for c in ("sample_rank_gaps", "sample_id_gaps", "sample_ids") if c in names)
     inner = combined(table, name).flatten()
@@ -496,8 +517,27 @@ def sample_order(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     if name == "sample_id_gaps":
         return lengths, ids_from_gaps(values, lengths), None
     order, _ = _checked_order(table)
-    ids, perm = id_sorted(ids_from_gaps(values, lengths), lengths, order)
-    return lengths, ids, perm
+    rest = from_ranks(ids_from_gaps(values, lengths), order)
+    if "sample_in_topk" not in names:
+        if (table.schema.metadata or {}).get(b"teacher_farm.targets") == b"both":
+            raise InputError("sample_rank_gaps of a cache with top-k targets read without sample_in_topk")
+        named_lengths, named = np.zeros(len(lengths), np.int64), np.empty(0, np.int64)
+    else:
+        if topk_ids is None:
+            topk_ids = topk_ids_of(table)[1]
+        mask = flat_values(combined(table, "sample_in_topk")).to_numpy(zero_copy_only=False)
+        try:
+            named_lengths, named = from_mask(mask, topk_ids)
+        except ValueError as exc:
+            raise InputError(f"malformed cache rows: {exc}") from None
+    # The stored order: each position's named draws, then its ranked ones; the ids' order is ascending.
+    P = len(lengths)
+    owner = np.concatenate([np.repeat(np.arange(P), named_lengths), np.repeat(np.arange(P), lengths)])
+    group = np.concatenate([np.zeros(len(named), bool), np.ones(len(rest), bool)])
+    stored_order = np.lexsort((group, owner))
+    stored, owner = np.concatenate([named, rest])[stored_order], owner[stored_order]
+    perm = np.lexsort((stored, owner))
+    return named_lengths + lengths, stored[perm], perm
 
 
 def decode_rows(table: pa.Table) -> pa.Table:
@@ -535,6 +575,5 @@ def decode_rows(table: pa.Table) -> pa.Table:
                         other,
                         _ragged(n, lengths, values.take(pa.array(perm)).to_numpy(zero_copy_only=False)),
                     )
-    if "id_order" in table.column_names:
-        table = table.drop_columns(["id_order"])
+    table = table.drop_columns([c for c in ("id_order", "sample_in_topk") if c in table.column_names])
     return table if kept is None else thin(table, kept)

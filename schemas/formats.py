@@ -429,3 +429,33 @@ def id_sorted(ranks: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tupl
     ids = from_ranks(ranks, order)
     perm = np.lexsort((ids, owner))
     return ids[perm], perm
+
+
+#: The top-k slots a draw can be named by in ``sample_in_topk`` (bits of an int64).
+MASK_SLOTS = 63
+
+
+def split_by_topk(
+    ids: np.ndarray, lengths: np.ndarray, topk: np.ndarray
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Draws (``lengths[p]`` at position p) that are among the position's top-k (its first ``MASK_SLOTS``):
+    per position the bit mask of their slots, which draws they are, and each draw's slot (-1: none)."""
+    ids = np.asarray(ids, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    slots = np.asarray(topk, np.int64)[:, :MASK_SLOTS]
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    match = ids[:, None] == slots[owner]
+    inside = match.any(axis=1)
+    slot = np.where(inside, match.argmax(axis=1), -1)
+    mask = np.zeros(len(lengths), np.int64)
+    np.bitwise_or.at(mask, owner[inside], np.left_shift(np.int64(1), slot[inside]))
+    return mask, inside, slot
+
+
+def from_mask(mask: np.ndarray, topk: np.ndarray) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The draws a ``split_by_topk`` mask names: per position how many, and the ids (slot order)."""
+    slots = np.asarray(topk, np.int64)[:, :MASK_SLOTS]
+    bits = (np.asarray(mask, np.int64)[:, None] >> np.arange(slots.shape[1])) & 1 == 1
+    if (np.asarray(mask, np.int64) >> slots.shape[1]).any():
+        raise ValueError("a draw named by a top-k slot the position does not have")
+    return bits.sum(axis=1), slots[bits]

@@ -25,6 +25,7 @@ THINNED_COLUMNS = (
     "sample_ids",
     "sample_id_gaps",
     "sample_rank_gaps",
+    "sample_in_topk",
     "sample_counts",
     "sample_logprobs",
 )

@@ -63,6 +63,7 @@ COLUMNS = [
     "sample_ids",
     "sample_id_gaps",
     "sample_rank_gaps",
+    "sample_in_topk",
     "sample_counts",
     "sample_logprobs",
 ]
@@ -153,14 +154,14 @@ def _topk_arrays(
     return topk_ids, lp.astype(np.float32), tail.astype(np.float32)
 
 
-def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
+def _sample_arrays(table: pa.Table, n: np.ndarray, topk_ids: np.ndarray | None) -> dict[str, np.ndarray]:
     """The sampled targets of the rows, padded per position to the widest: (P,) and (P, S) each."""
     id_column = next(
         c for c in ("sample_rank_gaps", "sample_id_gaps", "sample_ids") if c in table.column_names
     )
     if not np.array_equal(list_lengths(combined(table, id_column)), n):
         raise InputError(f"malformed cache rows: {id_column} has not one list per input token")
-    lengths, ids, perm = sample_order(table)
+    lengths, ids, perm = sample_order(table, topk_ids)
     P, S = len(lengths), int(lengths.max()) if len(lengths) else 0
     # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
     dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - offsets(lengths)[:-1], lengths)
@@ -217,7 +218,7 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False, ranks: bool 
     if has_topk:
         topk_ids, topk_logprobs, tail = _topk_arrays(table, n, renormalize, kept)
     sampled = {"sample_ids", "sample_id_gaps", "sample_rank_gaps"}
-    samples = _sample_arrays(table, n) if names & sampled else {}
+    samples = _sample_arrays(table, n, topk_ids) if names & sampled else {}
 
     targets = combined(table, "target_logprobs")
     tn = list_lengths(targets)
@@ -310,7 +311,9 @@ def stored_columns(columns: Sequence[str], names: Sequence[str]) -> list[str]:
         elif c == "sample_ids" and c not in names and "sample_id_gaps" in names:
             out.append("sample_id_gaps")
         elif c == "sample_ids" and c not in names and "sample_rank_gaps" in names:
-            out += [x for x in ("id_order", "sample_rank_gaps") if x not in out]
+            # What decodes them: the id order and, in a cache with top-k targets, the top-k and the mask.
+            needed = ["id_order", "sample_rank_gaps", "sample_in_topk", "topk_id_codes", "input_ids"]
+            out += [x for x in needed if x in names and x not in out and x not in columns]
         elif c in names:
             out.append(c)
     return out

@@ -18,6 +18,7 @@ from teacher_farm.schemas.arrow import (
     cast_logprobs,
     decode_rows,
     encode_rows,
+    flat_values,
     results_to_table,
     topk_ids_of,
     with_source_columns,
@@ -293,3 +294,42 @@ def test_a_cache_of_draws_only_reads_back_exactly(tmp_path):
     assert decoded.column("sample_counts").to_pylist()[2] == [
         r.tolist() for r in np.split(results[2].sample_counts, np.cumsum(results[2].sample_lengths)[:-1])
     ]
+
+
+def test_draws_among_the_top_k_are_named_by_their_slots(tmp_path):
+    rng = np.random.default_rng(12)
+    results = [peaked(rng, i, n) for i, n in enumerate([25, 60])]
+    for r in results:  # every position's first draw is its top-1
+        starts = np.cumsum(r.sample_lengths) - r.sample_lengths
+        r.sample_ids[starts] = r.topk_ids[:, 0]
+    results = [ScoredSequence(**{**r.__dict__, **resort(r)}) for r in results]
+    stored = write_shard(tmp_path, results, identity("uint8-gap", targets="both", sample_logprobs=True))
+    mask = flat_values(stored.column("sample_in_topk")).to_numpy()
+    assert (mask & 1).all() and mask.dtype == np.int64
+    a = row_group_arrays(stored)
+    filled = np.arange(a.sample_ids.shape[1])[None, :] < a.sample_lengths[:, None]
+    np.testing.assert_array_equal(a.sample_ids[filled], np.concatenate([r.sample_ids for r in results]))
+    np.testing.assert_array_equal(a.sample_counts[filled], np.concatenate([r.sample_counts for r in results]))
+    with pytest.raises(InputError, match="without sample_in_topk"):
+        row_group_arrays(stored.drop_columns(["sample_in_topk"]))
+    picked, _ = read_rows(tmp_path / "part-000000.parquet", np.array([1]), ["sample_ids", "sample_counts"])
+    assert {"sample_in_topk", "topk_id_codes", "input_ids", "id_order"} <= set(picked.column_names)
+    want = np.split(results[1].sample_ids, np.cumsum(results[1].sample_lengths)[:-1])
+    assert decode_rows(picked).column("sample_ids").to_pylist()[0] == [w.tolist() for w in want]
+
+
+def resort(r: ScoredSequence) -> dict[str, np.ndarray]:
+    """Draws ascending and distinct within each position again, counts and logprobs beside them."""
+    owner = np.repeat(np.arange(len(r.sample_lengths)), r.sample_lengths)
+    key = owner * (VOCAB + 1) + r.sample_ids
+    _, first = np.unique(key, return_index=True)
+    keep = np.zeros(len(key), bool)
+    keep[first] = True
+    order = np.lexsort((r.sample_ids, owner))
+    order = order[keep[order]]
+    return {
+        "sample_lengths": np.bincount(owner[order], minlength=len(r.sample_lengths)).astype(np.int32),
+        "sample_ids": r.sample_ids[order],
+        "sample_counts": r.sample_counts[order],
+        "sample_logprobs": r.sample_logprobs[order],
+    }
