@@ -38,9 +38,11 @@ row holds in ``id_order``), so that frequent ids become small numbers, and:
   (``input_ids[i + 1]``, which the row holds anyway), 1 + j when the position's anchor (the first position
   of the row that reads the same token) holds it at rank j, else k + 1 + its rank in the order (an id the
   order lacks: k + 1 + len(order) + id);
-- ``sample_rank_gaps`` (in place of ``sample_ids``): a position's draws sorted by their rank in the order,
-  stored as differences of those ranks (the first as it is), with ``sample_counts`` and ``sample_logprobs``
-  in the same order; read back, the ids are ascending again and their counts and logprobs with them.
+- ``sample_in_topk`` (a cache with top-k targets): per position an int64 bit mask of the top-k slots (the
+  first ``MASK_SLOTS``) whose ids were drawn; those draws are stored first, in slot order;
+- ``sample_rank_gaps`` (in place of ``sample_ids``): the other draws, sorted by their rank in the order,
+  stored as differences of those ranks (the first as it is). ``sample_counts`` and ``sample_logprobs``
+  follow the stored order; read back, the ids are ascending again and their counts and logprobs with them.
 
 Everything here is numpy on whole arrays; ``schemas.arrow`` puts it into Arrow columns.
 """
