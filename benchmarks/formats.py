@@ -31,29 +31,45 @@ import pyarrow.parquet as pq
 
 from teacher_farm.client.shards import ShardWriter
 from teacher_farm.schemas.arrow import (
+    ID_ORDER_KEY,
     cache_schema,
     cast_logprobs,
+    decode_rows,
     encode_rows,
     flat_values,
     list_lengths,
     topk_logprobs_of,
 )
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity
+from teacher_farm.schemas.formats import id_gaps
 from teacher_farm.training.reader import row_group_arrays
 
 #: Columns every kind of cache holds (the text and the target's logprob and rank).
 COMMON = ("id", "line", "source", "offset", "input_ids", "target_logprobs", "target_ranks")
-TOPK = ("topk_ids", "topk_logprobs", "topk_top1", "topk_gaps")
-SAMPLED = ("sample_ids", "sample_id_gaps", "sample_counts")
+TOPK = ("topk_ids", "id_order", "topk_id_codes", "topk_logprobs", "topk_top1", "topk_gaps")
+SAMPLED = ("sample_ids", "sample_id_gaps", "sample_rank_gaps", "sample_in_topk", "sample_counts")
 
 
-def load(cache: Path) -> tuple[pa.Table, CacheIdentity]:
+def load(cache: Path, k: int | None = None) -> tuple[pa.Table, CacheIdentity]:
+    """The cache's rows and identity; with ``k``, only the first k of its top-k (a cache of that k's)."""
     c = CacheDir(cache)
     identity = c.identity
     if identity.logprob_dtype != "float32" or identity.scoring.targets != "both":
         raise SystemExit(f"{cache}: needs a float32 cache with --targets both, not {identity.entries()}")
-    table = pa.concat_tables(pq.read_table(p) for p in c.shard_paths())
-    return table.combine_chunks(), identity
+    table = pa.concat_tables(pq.read_table(p) for p in c.shard_paths()).combine_chunks()
+    if k is not None and k != identity.scoring.k:
+        if k > identity.scoring.k:
+            raise SystemExit(f"{cache} holds the top {identity.scoring.k}, not {k}")
+        for name in ("topk_ids", "topk_logprobs"):
+            col = table.column(name).combine_chunks()
+            values = flat_values(col).to_numpy(zero_copy_only=False)
+            values = values.reshape(-1, identity.scoring.k)[:, :k].reshape(-1)
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(values), k)
+            table = table.set_column(
+                table.schema.get_field_index(name), name, pa.ListArray.from_arrays(col.offsets, inner)
+            )
+        identity = identity.model_copy(update={"scoring": identity.scoring.model_copy(update={"k": k})})
+    return table, identity
 
 
 def respread(table: pa.Table, vocab: int, spread: str, seed: int = 0) -> pa.Table:
@@ -88,6 +104,29 @@ def respread(table: pa.Table, vocab: int, spread: str, seed: int = 0) -> pa.Tabl
     for name in ("input_ids", "topk_ids", "sample_ids"):
         table = remap(name)
     return table
+
+
+def as_schema_3(rows: pa.Table) -> pa.Table:
+    """Compact rows of schema 4 in schema 3's layout: plain ``topk_ids`` and ``sample_id_gaps``."""
+    decoded = decode_rows(rows)
+    if "topk_id_codes" in rows.column_names:
+        where = rows.schema.get_field_index("topk_id_codes")
+        rows = rows.set_column(where, "topk_ids", decoded.column("topk_ids"))
+    if "sample_rank_gaps" in rows.column_names:
+        for name in ("sample_counts", "sample_logprobs"):
+            if name in rows.column_names:
+                rows = rows.set_column(rows.schema.get_field_index(name), name, decoded.column(name))
+        outer = decoded.column("sample_ids").combine_chunks()
+        lengths = list_lengths(outer.flatten())
+        gaps = id_gaps(flat_values(outer).to_numpy(zero_copy_only=False), lengths).astype(np.int32)
+        column = pa.ListArray.from_arrays(
+            outer.offsets, pa.ListArray.from_arrays(outer.flatten().offsets, pa.array(gaps))
+        )
+        rows = rows.set_column(rows.schema.get_field_index("sample_rank_gaps"), "sample_id_gaps", column)
+        if "sample_in_topk" in rows.column_names:
+            rows = rows.drop_columns(["sample_in_topk"])
+    meta = {k: v for k, v in (rows.schema.metadata or {}).items() if k != ID_ORDER_KEY}
+    return rows.drop_columns(["id_order"]).replace_schema_metadata(meta)
 
 
 def old_options() -> dict:
@@ -126,6 +165,22 @@ def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs:
         rows = cast_logprobs(table, "float16").select(schema.names).cast(schema)
         path = out / "v2.parquet"
         pq.write_table(rows, path, row_group_size=1 << 30, **old_options())
+    elif fmt == "v3":  # schema 3's uint8-gap: plain topk_ids, written the same way
+        ident = identity.model_copy(update={"logprob_dtype": "uint8-gap", "sample_logprobs": sample_logprobs})
+        rows = as_schema_3(encode_rows(cast_logprobs(table, "float32"), ident.schema()))
+        writer = ShardWriter(out, 0, rows.schema, row_group_bytes=1 << 40)
+        writer.write(rows)
+        path = out / writer.commit().file
+    elif (
+        fmt == "draws"
+    ):  # a cache of draws only (--targets sampled): its ids coded against the anchors' draws
+        scoring = identity.scoring.model_copy(update={"targets": "sampled"})
+        ident = identity.model_copy(update={"logprob_dtype": "uint8-gap", "scoring": scoring})
+        ident = ident.model_copy(update={"sample_logprobs": sample_logprobs})
+        wire = cast_logprobs(table.drop_columns(["topk_ids", "topk_logprobs"]), "float32")
+        writer = ShardWriter(out, 0, ident.schema(), row_group_bytes=1 << 40)
+        writer.write(encode_rows(wire, ident.schema()))
+        path = out / writer.commit().file
     else:
         ident = identity.model_copy(update={"logprob_dtype": fmt, "sample_logprobs": sample_logprobs})
         # What the server would send: float32 for float32 and uint8-gap, float16 for float16.
@@ -138,14 +193,29 @@ def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs:
     pf = pq.ParquetFile(path)
     arrays = [row_group_arrays(pf.read_row_group(g)) for g in range(pf.num_row_groups)]
     read_s = time.perf_counter() - started
-    got = np.concatenate([a.topk_logprobs for a in arrays])
-    want = topk_logprobs_of(table)
-    finite = np.isfinite(want)
+    # Ids read back exactly, in every format.
+    want_drawn = flat_values(table.column("sample_ids")).to_numpy(zero_copy_only=False)
+    got_drawn = np.concatenate(
+        [a.sample_ids[np.arange(a.sample_ids.shape[1])[None, :] < a.sample_lengths[:, None]] for a in arrays]
+    )
+    if not np.array_equal(got_drawn, want_drawn):
+        raise SystemExit(f"{fmt}: sampled ids read back differ")
+    worst = float("nan")
+    if fmt != "draws":
+        got_ids = np.concatenate([a.topk_ids for a in arrays])
+        if not np.array_equal(got_ids.reshape(-1), flat_values(table.column("topk_ids")).to_numpy()):
+            raise SystemExit(f"{fmt}: top-k ids read back differ")
+        got = np.concatenate([a.topk_logprobs for a in arrays])
+        want = topk_logprobs_of(table)
+        finite = np.isfinite(want)
+        worst = float(np.abs(got[finite].astype(np.float64) - want[finite]).max())
     sizes = column_bytes(path)
+    # The footer: the schema, statistics and (compact) the shard's id order, per shard, not per token.
+    sizes["footer"] = path.stat().st_size - sum(sizes.values())
     path.unlink()
     return {
         "per_token": {name: b / tokens for name, b in sizes.items()},
-        "worst_error": float(np.abs(got[finite].astype(np.float64) - want[finite]).max()),
+        "worst_error": worst,
         "write_tokens_per_s": tokens / write_s,
         "read_tokens_per_s": tokens / read_s,
         "tokens": tokens,
@@ -154,7 +224,7 @@ def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs:
 
 def kinds(per_token: dict[str, float]) -> dict[str, float]:
     """Bytes per token of a top-k, a sampled and a both cache of these columns."""
-    common = sum(v for k, v in per_token.items() if k in COMMON)
+    common = sum(v for k, v in per_token.items() if k in COMMON or k == "footer")
     topk = sum(v for k, v in per_token.items() if k in TOPK)
     sampled = sum(v for k, v in per_token.items() if k in SAMPLED or k == "sample_logprobs")
     return {
@@ -170,13 +240,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("cache", type=Path, help="a float32 cache with --targets both")
     p.add_argument("--vocab", type=int, default=None, help="measure ids spread over this vocabulary")
     p.add_argument("--spread", choices=["fixed", "drawn"], default="fixed")
+    p.add_argument("--k", type=int, help="measure the cache's first k top-k entries only")
     a = p.parse_args(argv)
-    table, identity = load(a.cache)
+    table, identity = load(a.cache, a.k)
     label = f"vocabulary {identity.vocab_size:,}"
     if a.vocab:
         table = respread(table, a.vocab, a.spread)
         label = f"vocabulary {a.vocab:,} ({a.spread} spread of {identity.vocab_size:,})"
-    runs = [("float16, schema 2 (before)", "v2", True)] + [
+    runs = [("float16, schema 2", "v2", True), ("uint8-gap, schema 3 (before)", "v3", False)]
+    runs += [("uint8-gap, a cache of draws only", "draws", False)] + [
         (f"{fmt}{'' if keep else ', no sample logprobs'}", fmt, keep)
         for fmt in ("float32", "float16", "uint8-gap")
         for keep in (True, False)
@@ -192,13 +264,18 @@ def main(argv: list[str] | None = None) -> None:
         "target_logprobs",
         "target_ranks",
         "topk_ids",
+        "id_order",
+        "topk_id_codes",
         "topk_logprobs",
         "topk_top1",
         "topk_gaps",
         "sample_ids",
         "sample_id_gaps",
+        "sample_rank_gaps",
+        "sample_in_topk",
         "sample_counts",
         "sample_logprobs",
+        "footer",
     ]
     print(
         "| format | "

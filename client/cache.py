@@ -769,7 +769,8 @@ class CacheRun:
             written = 0
             if table is not None:
                 with self._writing(shard.tmp), shard.discard_on_error():
-                    written = await asyncio.to_thread(shard.write, encode_rows(table, schema))
+                    # shard.schema: a compact shard's id order, from its first rows, once they are written.
+                    written = await asyncio.to_thread(shard.write, encode_rows(table, shard.schema))
             self.progress.advance(0 if table is None else table.num_rows, written, batch.end_offset)
             rejects += batch.rejects + refused
             if batch.closes_shard:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import create_exclusive, fsync_dir, sha256_file
+from teacher_farm.schemas.arrow import ID_ORDER_KEY
 
 
 def shard_name(index: int) -> str:
@@ -138,7 +139,20 @@ class ShardWriter:
         self.encodings: dict[str, str] = {}
 
     def write(self, table: pa.Table) -> int:
-        """Add cache rows (``table`` must match the shard's schema); returns their token count."""
+        """Add cache rows (``table`` must match the shard's schema); returns their token count.
+
+        A compact shard's id order (``schemas.arrow.with_id_order``) is the first rows' when the schema
+        has none; rows encoded with another order are refused.
+        """
+        theirs = table.schema.metadata or {}
+        if ID_ORDER_KEY in theirs:
+            mine = self.schema.metadata or {}
+            if ID_ORDER_KEY not in mine and self._writer is None and not self._buffer:
+                self.schema = self.schema.with_metadata({**mine, ID_ORDER_KEY: theirs[ID_ORDER_KEY]})
+            elif mine.get(ID_ORDER_KEY) != theirs[ID_ORDER_KEY]:
+                raise ValueError(
+                    "rows encoded with another id order than the shard's (schemas.arrow.with_id_order)"
+                )
         tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
         self._buffer.append(table)
         self._buffered += table.nbytes

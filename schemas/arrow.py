@@ -12,9 +12,10 @@ One row per scored sequence. With ``n = len(input_ids)``:
 
 Logprobs are those of ``softmax(logits / T)`` at the cache's temperature T. That is what the server
 sends (``result_schema``). A cache stores it in a format of its own (``cache_schema`` with ``k``,
-schema 3): the top-k as fixed-size lists of k, the logprobs as ``--logprob-dtype`` says
+schema 3 and 4): the top-k as fixed-size lists of k, the logprobs as ``--logprob-dtype`` says
 (``schemas.formats``: ``uint8-gap`` replaces ``topk_logprobs`` with ``topk_top1`` and ``topk_gaps``,
-and ``sample_ids`` with ``sample_id_gaps``), counts in the smallest type that holds N and
+``topk_ids`` with ``topk_id_codes`` and ``sample_ids`` with ``sample_rank_gaps``, schema 4; schema 3 stored
+``topk_ids`` and ``sample_id_gaps``), counts in the smallest type that holds N and
 ``sample_logprobs`` only when asked. ``encode_rows``
 turns results into that layout; ``topk_logprobs_of`` and ``decode_rows`` read any layout back,
 schema 2's included (lists of any width, int16 counts, every column).
@@ -22,6 +23,8 @@ schema 2's included (lists of any width, int16 counts, every column).
 
 from __future__ import annotations
 
+import base64
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,12 +35,23 @@ import pyarrow.compute as pc
 
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import (
+    MASK_SLOTS,
+    anchors,
     count_dtype,
     decode_gaps,
+    decode_topk_ids,
     encode_gaps,
+    encode_topk_ids,
+    frequency_order,
+    from_mask,
+    from_ranks,
     id_gaps,
     ids_from_gaps,
     logprob_format,
+    next_tokens,
+    split_by_topk,
+    to_ranks,
+    unpack_order,
 )
 
 #: The wire's logprob dtypes (``TopkRequest.logprob_dtype``); a cache's formats are
@@ -53,6 +67,10 @@ LOGPROB_COLUMNS = ("topk_logprobs", "target_logprobs", "sample_logprobs")
 #: The top-k logprobs of a ``uint8-gap`` cache, in place of ``topk_logprobs``: the top-1 (n float16 per
 #: row) and the gaps from each entry to the next (n fixed-size lists of k - 1 uint8; absent when k is 1).
 GAP_COLUMNS = ("topk_top1", "topk_gaps")
+
+#: A compact (schema 4) shard's ids by frequency, in its Parquet metadata (``with_id_order``); every row's
+#: ``id_order`` column holds its checksum, so rows read with another shard's order are refused.
+ID_ORDER_KEY = b"teacher_farm.id_order"
 
 
 @dataclass(frozen=True)
@@ -144,8 +162,12 @@ def cache_schema(
         raise ValueError(f"k must be at least 1, not {k}")
     value = LOGPROB_DTYPES[fmt.value_dtype]
     fields = [pa.field("id", pa.string()), *SOURCE_FIELDS, pa.field("input_ids", pa.list_(pa.int32()))]
+    if fmt.gaps:
+        fields.append(pa.field("id_order", pa.int64()))
     if targets != "sampled":
-        fields.append(pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), k))))
+        fields.append(
+            pa.field("topk_id_codes" if fmt.gaps else "topk_ids", pa.list_(pa.list_(pa.int32(), k)))
+        )
         if fmt.gaps:
             fields.append(pa.field("topk_top1", pa.list_(pa.float16())))
             if k > 1:
@@ -156,7 +178,8 @@ def cache_schema(
     if targets != "topk":
         counts = pa.from_numpy_dtype(np.dtype(count_dtype(samples))) if samples else pa.int16()
         fields += [
-            pa.field("sample_id_gaps" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
+            pa.field("sample_rank_gaps" if fmt.gaps else "sample_ids", pa.list_(pa.list_(pa.int32()))),
+            *([pa.field("sample_in_topk", pa.list_(pa.int64()))] if fmt.gaps and targets == "both" else []),
             pa.field("sample_counts", pa.list_(pa.list_(counts))),
         ]
         if sample_logprobs:
@@ -198,6 +221,11 @@ def _list(lengths: np.ndarray, values: pa.Array) -> pa.Array:
 def _nested(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
     inner_offsets = pa.array(np.arange(0, flat.size + 1, k, dtype=np.int32))
     return _list(lengths, pa.ListArray.from_arrays(inner_offsets, pa.array(flat)))
+
+
+def _fixed(lengths: np.ndarray, k: int, flat: np.ndarray) -> pa.Array:
+    """n fixed-size lists of k per row (a schema 3+ top-k column) from the flat values."""
+    return _list(lengths, pa.FixedSizeListArray.from_arrays(pa.array(flat), k))
 
 
 def _ragged(n: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> pa.Array:
@@ -315,6 +343,45 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     table, kept = thicken(table)  # a position rule's dropped positions: encoded as placeholders, nulled after
     names = set(schema.names)
     made: dict[str, pa.Array] = {}
+    if "id_order" in names:
+        schema = with_id_order(schema, table)
+        order, checksum = id_order_of(schema)
+        made["id_order"] = pa.array(np.full(table.num_rows, checksum, np.int64))
+        n = list_lengths(combined(table, "input_ids"))
+        tokens = flat_values(combined(table, "input_ids")).to_numpy(zero_copy_only=False)
+        nxt, anchor = next_tokens(tokens, n), anchors(tokens, n, kept)
+        ids = None
+        if "topk_id_codes" in names:
+            _, ids = _topk_matrix(combined(table, "topk_ids"), "topk_ids")
+            codes = encode_topk_ids(ids, nxt, anchor, order)
+            made["topk_id_codes"] = _fixed(n, ids.shape[1], codes.reshape(-1))
+        if "sample_rank_gaps" in names:
+            # Each position's draws in the order of their ranks, so that their gaps are small; the counts
+            # and logprobs stored beside them in the same order.
+            lengths, drawn = sample_ids_of(table)
+            # With top-k targets, the draws among them are named by their slots (one bit mask a position)
+            # and stored first, in slot order; the others follow in the order of their ranks, as rank gaps.
+            owner = np.repeat(np.arange(len(lengths)), lengths)
+            ranks = to_ranks(drawn, order)
+            key = ranks + MASK_SLOTS + 1
+            inside = np.zeros(len(drawn), bool)
+            if "sample_in_topk" in names:
+                assert ids is not None
+                mask, inside, slot = split_by_topk(drawn, lengths, ids)
+                made["sample_in_topk"] = _list(n, pa.array(mask))
+                key = np.where(inside, slot, key)
+            perm = np.lexsort((key, owner))
+            rest = ~inside[perm]
+            rest_lengths = np.bincount(owner[perm][rest], minlength=len(lengths))
+            rank_gaps = id_gaps(ranks[perm][rest], rest_lengths).astype(np.int32)
+            made["sample_rank_gaps"] = _ragged(n, rest_lengths, rank_gaps)
+            for name in ("sample_counts", "sample_logprobs"):
+                if name in names:
+                    values = flat_values(combined(table, name)).to_numpy(zero_copy_only=False)[perm]
+                    inner = schema.field(name).type.value_type.value_type
+                    made[name] = _ragged(
+                        n, lengths, pa.array(values).cast(inner).to_numpy(zero_copy_only=False)
+                    )
     if names & set(GAP_COLUMNS):
         n, lp = _topk_matrix(combined(table, "topk_logprobs"), "topk_logprobs")
         top1, gaps = encode_gaps(lp) if lp.shape[1] else (np.empty(0, np.float16), np.empty((0, 0), np.uint8))
@@ -348,6 +415,32 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return encoded if kept is None else thin(encoded, kept)
 
 
+def with_id_order(schema: pa.Schema, table: pa.Table) -> pa.Schema:
+    """``schema`` (a compact cache's) with the id order of ``table``'s ids (result rows) in its metadata;
+    other schemas, and one that has an order already, unchanged."""
+    if "id_order" not in schema.names or ID_ORDER_KEY in (schema.metadata or {}):
+        return schema
+    sources = [c for c in ("topk_ids", "sample_ids") if c in table.column_names]
+    ids = np.concatenate([flat_values(combined(table, c)).to_numpy(zero_copy_only=False) for c in sources])
+    packed = base64.b64encode(frequency_order(ids))
+    return schema.with_metadata({**(schema.metadata or {}), ID_ORDER_KEY: packed})
+
+
+def id_order_of(schema: pa.Schema) -> tuple[np.ndarray, int]:
+    """The id order in a compact shard's metadata and its checksum; ``InputError`` when absent."""
+    packed = (schema.metadata or {}).get(ID_ORDER_KEY)
+    if packed is None:
+        raise InputError(
+            "malformed cache rows: topk_id_codes without their shard's id order (read a shard's rows with "
+            "its Parquet metadata, one shard at a time)"
+        )
+    try:
+        order = unpack_order(base64.b64decode(packed))
+    except (ValueError, zlib.error) as exc:
+        raise InputError(f"malformed cache metadata: the shard's id order ({exc})") from None
+    return order, zlib.crc32(packed)
+
+
 def topk_logprobs_of(table: pa.Table) -> np.ndarray:
     """The rows' top-k logprobs as one (positions, k) float32 array, whatever the layout stores.
 
@@ -367,14 +460,84 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
     return decode_gaps(top1, gaps)
 
 
+def _checked_order(table: pa.Table) -> tuple[np.ndarray, int]:
+    """The id order of compact rows, checked against every row's ``id_order``."""
+    order, checksum = id_order_of(table.schema)
+    if (
+        "id_order" not in table.column_names
+        or (combined(table, "id_order").to_numpy(zero_copy_only=False) != checksum).any()
+    ):
+        raise InputError("malformed cache rows: rows of a compact shard read with another shard's id order")
+    return order, checksum
+
+
+def topk_ids_of(table: pa.Table, kept: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row lengths and the rows' (positions, k) top-k ids, int64, from ``topk_ids`` or ``topk_id_codes``
+    (decoded with ``input_ids``: ``schemas.formats.decode_ids``). ``kept``: the positions that kept their
+    targets (``--positions``; the rest read as 0). ``InputError`` when the rows are malformed."""
+    if "topk_id_codes" not in table.column_names:
+        n, ids = _topk_matrix(combined(table, "topk_ids"), "topk_ids")
+        return n, ids.astype(np.int64)
+    n, codes = _topk_matrix(combined(table, "topk_id_codes"), "topk_id_codes")
+    tokens = combined(table, "input_ids")
+    if not np.array_equal(list_lengths(tokens), n):
+        raise InputError("malformed cache rows: topk_id_codes has not one list per input token")
+    order, _ = _checked_order(table)
+    flat = flat_values(tokens).to_numpy(zero_copy_only=False)
+    if kept is not None:
+        codes = np.where(kept[:, None], codes, codes.shape[1] + 1 + order.size)  # dropped: placeholders, id 0
+    try:
+        ids = decode_topk_ids(codes, next_tokens(flat, n), anchors(flat, n, kept), order)
+    except ValueError as exc:
+        raise InputError(f"malformed cache rows: {exc}") from None
+    return n, ids
+
+
 def sample_ids_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ids drawn at each position (per-position counts, flat int64 ids), from ``sample_ids`` or
-    ``sample_id_gaps``."""
-    name = "sample_id_gaps" if "sample_id_gaps" in table.column_names else "sample_ids"
+    """The distinct ids drawn at each position (per-position counts, flat int64 ids, ascending within each
+    position), from ``sample_ids``, ``sample_id_gaps`` (schema 3) or ``sample_rank_gaps`` (schema 4's compact
+    format; its counts and logprobs are stored in rank order: ``sample_order``)."""
+    lengths, ids, _ = sample_order(table)
+    return lengths, ids
+
+
+def sample_order(
+    table: pa.Table, topk_ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``sample_ids_of``, and where each id's counts and logprobs are stored (``values[perm]`` reads them in
+    the ids' order); None when they are stored in that order already. A compact cache with top-k targets
+    names the draws among them by ``sample_in_topk``, decoded against the top-k (``topk_ids`` if given)."""
+    names = table.column_names
+    name = next(c for c in ("sample_rank_gaps", "sample_id_gaps", "sample_ids") if c in names)
     inner = combined(table, name).flatten()
     lengths = list_lengths(inner)
     values = flat_values(inner).to_numpy(zero_copy_only=False)
-    return lengths, ids_from_gaps(values, lengths) if name == "sample_id_gaps" else values.astype(np.int64)
+    if name == "sample_ids":
+        return lengths, values.astype(np.int64), None
+    if name == "sample_id_gaps":
+        return lengths, ids_from_gaps(values, lengths), None
+    order, _ = _checked_order(table)
+    rest = from_ranks(ids_from_gaps(values, lengths), order)
+    if "sample_in_topk" not in names:
+        if (table.schema.metadata or {}).get(b"teacher_farm.targets") == b"both":
+            raise InputError("sample_rank_gaps of a cache with top-k targets read without sample_in_topk")
+        named_lengths, named = np.zeros(len(lengths), np.int64), np.empty(0, np.int64)
+    else:
+        if topk_ids is None:
+            topk_ids = topk_ids_of(table)[1]
+        mask = flat_values(combined(table, "sample_in_topk")).to_numpy(zero_copy_only=False)
+        try:
+            named_lengths, named = from_mask(mask, topk_ids)
+        except ValueError as exc:
+            raise InputError(f"malformed cache rows: {exc}") from None
+    # The stored order: each position's named draws, then its ranked ones; the ids' order is ascending.
+    P = len(lengths)
+    owner = np.concatenate([np.repeat(np.arange(P), named_lengths), np.repeat(np.arange(P), lengths)])
+    group = np.concatenate([np.zeros(len(named), bool), np.ones(len(rest), bool)])
+    stored_order = np.lexsort((group, owner))
+    stored, owner = np.concatenate([named, rest])[stored_order], owner[stored_order]
+    perm = np.lexsort((stored, owner))
+    return named_lengths + lengths, stored[perm], perm
 
 
 def decode_rows(table: pa.Table) -> pa.Table:
@@ -384,6 +547,11 @@ def decode_rows(table: pa.Table) -> pa.Table:
     from teacher_farm.schemas.positions import thicken, thin
 
     table, kept = thicken(table)
+    if "topk_id_codes" in table.column_names:
+        n, ids = topk_ids_of(table, kept)
+        column = _fixed(n, ids.shape[1], ids.reshape(-1).astype(np.int32))
+        where = table.schema.get_field_index("topk_id_codes")
+        table = table.drop_columns(["topk_id_codes"]).add_column(where, "topk_ids", column)
     if "topk_top1" in table.column_names:
         lp = topk_logprobs_of(table)
         n = list_lengths(table.column("topk_top1"))
@@ -391,9 +559,21 @@ def decode_rows(table: pa.Table) -> pa.Table:
         where = table.schema.get_field_index("topk_top1")
         table = table.drop_columns([c for c in GAP_COLUMNS if c in table.column_names])
         table = table.add_column(where, "topk_logprobs", column)
-    if "sample_id_gaps" in table.column_names:
-        lengths, ids = sample_ids_of(table)
-        column = _ragged(list_lengths(table.column("sample_id_gaps")), lengths, ids.astype(np.int32))
-        where = table.schema.get_field_index("sample_id_gaps")
-        table = table.drop_columns(["sample_id_gaps"]).add_column(where, "sample_ids", column)
+    for name in ("sample_id_gaps", "sample_rank_gaps"):
+        if name in table.column_names:
+            lengths, ids, perm = sample_order(table)
+            n = list_lengths(table.column(name))
+            column = _ragged(n, lengths, ids.astype(np.int32))
+            where = table.schema.get_field_index(name)
+            table = table.drop_columns([name]).add_column(where, "sample_ids", column)
+            for other in ("sample_counts", "sample_logprobs"):
+                if perm is not None and other in table.column_names:
+                    values = flat_values(combined(table, other))
+                    i = table.schema.get_field_index(other)
+                    table = table.set_column(
+                        i,
+                        other,
+                        _ragged(n, lengths, values.take(pa.array(perm)).to_numpy(zero_copy_only=False)),
+                    )
+    table = table.drop_columns([c for c in ("id_order", "sample_in_topk") if c in table.column_names])
     return table if kept is None else thin(table, kept)

@@ -29,11 +29,27 @@ gaps are the differences of those distances, so their sums are exact. Reading it
     topk_logprobs[:, 1:] = topk_top1[:, None] - steps / 16           # -inf where steps reach 255
     sample_ids = cumsum(sample_id_gaps) within each position
 
+Schema 4 also codes the compact format's token ids (exact; schema 3's plain ``topk_ids`` and
+``sample_id_gaps`` still read). Every shard ranks the ids of its first rows by frequency (``frequency_order``,
+ids seen at least twice; packed into the shard's metadata, ``teacher_farm.id_order``, whose checksum every
+row holds in ``id_order``), so that frequent ids become small numbers, and:
+
+- ``topk_id_codes`` (in place of ``topk_ids``): per entry 0 when it is the position's next token
+  (``input_ids[i + 1]``, which the row holds anyway), 1 + j when the position's anchor (the first position
+  of the row that reads the same token) holds it at rank j, else k + 1 + its rank in the order (an id the
+  order lacks: k + 1 + len(order) + id);
+- ``sample_in_topk`` (a cache with top-k targets): per position an int64 bit mask of the top-k slots (the
+  first ``MASK_SLOTS``) whose ids were drawn; those draws are stored first, in slot order;
+- ``sample_rank_gaps`` (in place of ``sample_ids``): the other draws, sorted by their rank in the order,
+  stored as differences of those ranks (the first as it is). ``sample_counts`` and ``sample_logprobs``
+  follow the stored order; read back, the ids are ascending again and their counts and logprobs with them.
+
 Everything here is numpy on whole arrays; ``schemas.arrow`` puts it into Arrow columns.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,3 +192,272 @@ def _starts(lengths: np.ndarray) -> npt.NDArray[np.int64]:
 def count_dtype(samples: int) -> str:
     """The smallest integer type that holds a count of ``samples`` draws: uint8 up to 255, else int16."""
     return "uint8" if samples <= np.iinfo(np.uint8).max else "int16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids as codes (``uint8-gap``, schema 4): what the row already knows, named by a small number
+
+
+def next_tokens(input_ids: np.ndarray, lengths: np.ndarray) -> npt.NDArray[np.int64]:
+    """The token after each position, within its row (``input_ids[p + 1]``); -1 at a row's last position."""
+    ids = np.asarray(input_ids, np.int64)
+    out = np.full(len(ids), -1, np.int64)
+    out[:-1] = ids[1:]
+    ends = np.cumsum(np.asarray(lengths, np.int64)) - 1
+    out[ends[ends >= 0]] = -1
+    return out
+
+
+def anchors(
+    input_ids: np.ndarray, lengths: np.ndarray, kept: np.ndarray | None = None
+) -> npt.NDArray[np.int64]:
+    """For each position, the first position of its row that reads the same token (and keeps its targets).
+
+    A position is its own anchor when it is the first (kept) one with its token in its row, or when its
+    targets were dropped (``kept`` False).
+    """
+    ids = np.asarray(input_ids, np.int64)
+    P = len(ids)
+    own = np.arange(P, dtype=np.int64)
+    if P == 0:
+        return own
+    row = np.repeat(np.arange(len(lengths), dtype=np.int64), np.asarray(lengths, np.int64))
+    keep = np.ones(P, bool) if kept is None else np.asarray(kept, bool)
+    # Sorted by row, then token, then kept first, then position: each group's first entry is its anchor.
+    order = np.lexsort((own, ~keep, ids, row))
+    key_row, key_id = row[order], ids[order]
+    start = np.ones(P, bool)
+    start[1:] = (key_row[1:] != key_row[:-1]) | (key_id[1:] != key_id[:-1])
+    first = order[np.maximum.accumulate(np.where(start, np.arange(P), 0))]
+    out = own.copy()
+    out[order] = first
+    return np.where(keep & keep[out], out, own)
+
+
+def references(ids: np.ndarray, anchor: np.ndarray) -> npt.NDArray[np.int64]:
+    """(P, k) ids' reference lists: the anchor's ids (``anchors``); -1 (none) at an anchor itself."""
+    ids = np.asarray(ids, np.int64)
+    anchor = np.asarray(anchor, np.int64)
+    return np.where((anchor != np.arange(len(anchor)))[:, None], ids[anchor], -1)
+
+
+def encode_ids(ids: np.ndarray, owner: np.ndarray, nxt: np.ndarray, ref: np.ndarray) -> npt.NDArray[np.int32]:
+    """Flat ids, each at position ``owner[i]``, as codes: 0 for its position's next token (``next_tokens``),
+    1 + j for the id its position's reference list ``ref`` (P, R; -1 pads) holds at j, else R + 1 + id (a
+    literal). Exact: ``decode_ids`` undoes it."""
+    ids = np.asarray(ids, np.int64)
+    owner = np.asarray(owner, np.int64)
+    ref = np.asarray(ref, np.int64)
+    R = ref.shape[1]
+    codes = ids + (R + 1)
+    if R and ids.size:
+        match = ids[:, None] == ref[owner]
+        hit = match.any(axis=1)
+        codes = np.where(hit, 1 + match.argmax(axis=1), codes)
+    codes[ids == np.asarray(nxt, np.int64)[owner]] = 0
+    out: npt.NDArray[np.int32] = codes.astype(np.int32)
+    return out
+
+
+def decode_ids(
+    codes: np.ndarray, owner: np.ndarray, nxt: np.ndarray, ref: np.ndarray
+) -> npt.NDArray[np.int64]:
+    """The ids of ``encode_ids``' codes, int64; ``ValueError`` for a code that cannot be (a next token after a
+    row's last position, a reference to nothing)."""
+    codes = np.asarray(codes, np.int64)
+    owner = np.asarray(owner, np.int64)
+    ref = np.asarray(ref, np.int64)
+    R = ref.shape[1]
+    nxt_of = np.asarray(nxt, np.int64)[owner]
+    marker, literal = codes == 0, codes > R
+    if (marker & (nxt_of < 0)).any():
+        raise ValueError("an id coded as the next token at a row's last position")
+    if (codes < 0).any():
+        raise ValueError("a negative id code")
+    ids = np.where(literal, codes - (R + 1), np.where(marker, nxt_of, 0))
+    refs = np.flatnonzero(~marker & ~literal)
+    if refs.size:
+        got = ref[owner[refs], codes[refs] - 1]
+        if (got < 0).any():
+            raise ValueError("an id coded as a reference to nothing")
+        ids[refs] = got
+    return ids
+
+
+#: An id seen fewer times than this in a shard's first rows is left out of its order (``len(order) + id``):
+#: naming it in the shard's metadata would cost more than its smaller code saves.
+ORDER_MIN_COUNT = 2
+
+
+def frequency_order(ids: np.ndarray) -> bytes:
+    """A shard's ``id_order``, packed: the ids seen at least ``ORDER_MIN_COUNT`` times, most frequent first
+    (ties by id). Stored as zlib of varints: the number of count groups, their sizes, then each group's
+    ascending ids as differences (the first as it is)."""
+    distinct, counts = np.unique(np.asarray(ids, np.int64), return_counts=True)
+    keep = counts >= ORDER_MIN_COUNT
+    distinct, counts = distinct[keep], counts[keep]
+    order = np.lexsort((distinct, -counts))
+    distinct, counts = distinct[order], counts[order]
+    sizes = np.unique(-counts, return_counts=True)[1]
+    deltas = np.diff(distinct, prepend=0)
+    deltas[np.cumsum(sizes) - sizes] = distinct[np.cumsum(sizes) - sizes]
+    return zlib.compress(_varints(np.concatenate([[len(sizes)], sizes, deltas]).astype(np.uint64)), 9)
+
+
+def unpack_order(packed: bytes) -> npt.NDArray[np.int64]:
+    """The ids of a packed ``frequency_order``, most frequent first."""
+    values = _from_varints(zlib.decompress(packed))
+    groups = int(values[0]) if values.size else 0
+    sizes, deltas = values[1 : 1 + groups], values[1 + groups :]
+    if int(sizes.sum()) != deltas.size:
+        raise ValueError("a packed id order whose groups do not add up")
+    group = np.repeat(np.arange(groups), sizes)
+    total = np.cumsum(deltas)
+    starts = np.cumsum(sizes) - sizes
+    base = (total[starts] - deltas[starts])[group] if deltas.size else total
+    order: npt.NDArray[np.int64] = total - base
+    return order
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 of non-negative integers, whole-array: 7 bits a byte, the high bit set on all but the last."""
+    values = np.asarray(values, np.uint64)
+    nbytes = np.maximum(
+        1, (np.floor(np.log2(np.maximum(values, 1).astype(np.float64))).astype(np.int64) // 7) + 1
+    )
+    nbytes[values == 0] = 1
+    index = np.repeat(np.arange(values.size), nbytes)
+    shift = (np.arange(int(nbytes.sum())) - np.repeat(np.cumsum(nbytes) - nbytes, nbytes)) * 7
+    out = ((values[index] >> shift.astype(np.uint64)) & np.uint64(127)).astype(np.uint8)
+    last = np.cumsum(nbytes) - 1
+    more = np.ones(out.size, bool)
+    more[last] = False
+    out[more] |= 128
+    packed: bytes = out.tobytes()
+    return packed
+
+
+def _from_varints(data: bytes) -> npt.NDArray[np.int64]:
+    raw = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(raw < 128)
+    if raw.size and (not ends.size or ends[-1] != raw.size - 1):
+        raise ValueError("a truncated varint")
+    value_of = np.repeat(np.arange(ends.size), np.diff(ends, prepend=-1))
+    shift = (
+        np.arange(raw.size) - np.repeat(ends - np.diff(ends, prepend=-1) + 1, np.diff(ends, prepend=-1))
+    ) * 7
+    parts = (raw & 127).astype(np.int64) << shift
+    out: npt.NDArray[np.int64] = np.bincount(value_of, weights=None, minlength=ends.size).astype(np.int64) * 0
+    np.add.at(out, value_of, parts)
+    return out
+
+
+def to_ranks(ids: np.ndarray, order: np.ndarray) -> npt.NDArray[np.int64]:
+    """Each id's place in ``order`` (``frequency_order``); an id it lacks: ``len(order) + id``."""
+    ids = np.asarray(ids, np.int64)
+    order = np.asarray(order, np.int64)
+    if not order.size:
+        same: npt.NDArray[np.int64] = ids.copy()
+        return same
+    lookup = np.full(max(int(order.max()), int(ids.max(initial=0))) + 1, -1, np.int64)
+    lookup[order] = np.arange(order.size)
+    ranks = lookup[np.maximum(ids, 0)]
+    return np.where(ranks >= 0, ranks, order.size + ids)
+
+
+def from_ranks(ranks: np.ndarray, order: np.ndarray) -> npt.NDArray[np.int64]:
+    """The ids of ``to_ranks``."""
+    ranks = np.asarray(ranks, np.int64)
+    order = np.asarray(order, np.int64)
+    ids: npt.NDArray[np.int64] = np.where(
+        ranks < order.size,
+        order[np.clip(ranks, 0, max(order.size - 1, 0))] if order.size else 0,
+        ranks - order.size,
+    )
+    return ids
+
+
+def encode_topk_ids(
+    ids: np.ndarray, nxt: np.ndarray, anchor: np.ndarray, order: np.ndarray | None = None
+) -> npt.NDArray[np.int32]:
+    """(P, k) top-k ids as (P, k) codes (``encode_ids``), each position's reference list its anchor's top-k;
+    a literal's id replaced by its place in ``order`` (``to_ranks``): frequent ids become small numbers."""
+    ids = np.asarray(ids, np.int64)
+    P, k = ids.shape
+    owner = np.repeat(np.arange(P), k)
+    codes = encode_ids(ids.reshape(-1), owner, nxt, references(ids, anchor)).reshape(P, k)
+    if order is not None:
+        literal = codes > k
+        codes[literal] = k + 1 + to_ranks(codes[literal] - (k + 1), order)
+    return codes
+
+
+def decode_topk_ids(
+    codes: np.ndarray, nxt: np.ndarray, anchor: np.ndarray, order: np.ndarray | None = None
+) -> npt.NDArray[np.int64]:
+    """The (P, k) top-k ids of ``encode_topk_ids``' codes: the anchors first (they hold no references)."""
+    codes = np.array(codes, np.int64)
+    if order is not None:
+        literal = codes > codes.shape[1]
+        codes[literal] = codes.shape[1] + 1 + from_ranks(codes[literal] - (codes.shape[1] + 1), order)
+    P, k = codes.shape
+    owner = np.repeat(np.arange(P), k)
+    anchor = np.asarray(anchor, np.int64)
+    is_anchor = anchor == np.arange(P)
+    if (~is_anchor & ~is_anchor[anchor]).any():
+        raise ValueError("an anchor that has an anchor of its own")
+    none = np.full((P, k), -1, np.int64)
+    if ((codes > 0) & (codes <= k) & is_anchor[:, None]).any():
+        raise ValueError("an id coded as a reference at a position with no anchor")
+    # Pass 1 reads the literals and next tokens; the references then point into the anchors' ids.
+    first = decode_ids(np.where((codes > 0) & (codes <= k), k + 1, codes).reshape(-1), owner, nxt, none)
+    return decode_ids(codes.reshape(-1), owner, nxt, references(first.reshape(P, k), anchor)).reshape(P, k)
+
+
+def rank_sorted(ids: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled ids (ascending within each position) by their place in ``order`` (``to_ranks``): the ranks
+    sorted ascending within each position, and where each came from (stored value j is ``ids[perm[j]]``)."""
+    owner = np.repeat(np.arange(len(lengths)), np.asarray(lengths, np.int64))
+    ranks = to_ranks(ids, order)
+    perm = np.lexsort((ranks, owner))
+    return ranks[perm], perm
+
+
+def id_sorted(ranks: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``rank_sorted``'s ranks, ascending within each position again, and where each came from
+    (id j is the stored value ``perm[j]``: counts and logprobs stored beside the ranks read back as
+    ``values[perm]``)."""
+    owner = np.repeat(np.arange(len(lengths)), np.asarray(lengths, np.int64))
+    ids = from_ranks(ranks, order)
+    perm = np.lexsort((ids, owner))
+    return ids[perm], perm
+
+
+#: The top-k slots a draw can be named by in ``sample_in_topk`` (bits of an int64).
+MASK_SLOTS = 63
+
+
+def split_by_topk(
+    ids: np.ndarray, lengths: np.ndarray, topk: np.ndarray
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Draws (``lengths[p]`` at position p) that are among the position's top-k (its first ``MASK_SLOTS``):
+    per position the bit mask of their slots, which draws they are, and each draw's slot (-1: none)."""
+    ids = np.asarray(ids, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    slots = np.asarray(topk, np.int64)[:, :MASK_SLOTS]
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    match = ids[:, None] == slots[owner]
+    inside = match.any(axis=1)
+    slot = np.where(inside, match.argmax(axis=1), -1)
+    mask = np.zeros(len(lengths), np.int64)
+    np.bitwise_or.at(mask, owner[inside], np.left_shift(np.int64(1), slot[inside]))
+    return mask, inside, slot
+
+
+def from_mask(mask: np.ndarray, topk: np.ndarray) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The draws a ``split_by_topk`` mask names: per position how many, and the ids (slot order)."""
+    slots = np.asarray(topk, np.int64)[:, :MASK_SLOTS]
+    bits = (np.asarray(mask, np.int64)[:, None] >> np.arange(slots.shape[1])) & 1 == 1
+    if (np.asarray(mask, np.int64) >> slots.shape[1]).any():
+        raise ValueError("a draw named by a top-k slot the position does not have")
+    return bits.sum(axis=1), slots[bits]

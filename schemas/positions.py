@@ -18,11 +18,14 @@ from teacher_farm.schemas.arrow import list_lengths, offsets, whole
 #: The per-position target columns a rule thins out (on the wire and in every stored format).
 THINNED_COLUMNS = (
     "topk_ids",
+    "topk_id_codes",
     "topk_logprobs",
     "topk_top1",
     "topk_gaps",
     "sample_ids",
     "sample_id_gaps",
+    "sample_rank_gaps",
+    "sample_in_topk",
     "sample_counts",
     "sample_logprobs",
 )

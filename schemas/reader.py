@@ -35,7 +35,8 @@ from teacher_farm.schemas.arrow import (
     combined,
     list_lengths,
     offsets,
-    sample_ids_of,
+    sample_order,
+    topk_ids_of,
     topk_logprobs_of,
 )
 from teacher_farm.schemas.cache_dir import CacheDir
@@ -53,12 +54,16 @@ COLUMNS = [
     "line",
     "input_ids",
     "topk_ids",
+    "id_order",
+    "topk_id_codes",
     "topk_logprobs",
     "topk_top1",
     "topk_gaps",
     "target_logprobs",
     "sample_ids",
     "sample_id_gaps",
+    "sample_rank_gaps",
+    "sample_in_topk",
     "sample_counts",
     "sample_logprobs",
 ]
@@ -122,19 +127,13 @@ class RowGroupArrays:
 
 
 def _topk_arrays(
-    table: pa.Table, n: np.ndarray, renormalize: bool
+    table: pa.Table, n: np.ndarray, renormalize: bool, kept: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(topk_ids, topk_logprobs, tail_logprob) of the rows, (P, k), (P, k), (P,)."""
-    outer = combined(table, "topk_ids")
-    if not np.array_equal(list_lengths(outer), n):
+    id_lengths, topk_ids = topk_ids_of(table, kept)
+    if not np.array_equal(id_lengths, n):
         raise InputError("malformed cache rows: topk_ids has not one list per input token")
-    inner = outer.flatten()
-    positions = len(inner)
-    klens = list_lengths(inner)
-    k = int(klens[0]) if positions else 0
-    if positions and (klens != k).any():
-        raise InputError("malformed cache rows: top-k lists of different lengths")
-    topk_ids = inner.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(positions, k)
+    positions, k = topk_ids.shape
 
     lp_column = "topk_top1" if "topk_top1" in table.column_names else "topk_logprobs"
     lp = topk_logprobs_of(table)
@@ -155,12 +154,14 @@ def _topk_arrays(
     return topk_ids, lp.astype(np.float32), tail.astype(np.float32)
 
 
-def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
+def _sample_arrays(table: pa.Table, n: np.ndarray, topk_ids: np.ndarray | None) -> dict[str, np.ndarray]:
     """The sampled targets of the rows, padded per position to the widest: (P,) and (P, S) each."""
-    id_column = "sample_id_gaps" if "sample_id_gaps" in table.column_names else "sample_ids"
+    id_column = next(
+        c for c in ("sample_rank_gaps", "sample_id_gaps", "sample_ids") if c in table.column_names
+    )
     if not np.array_equal(list_lengths(combined(table, id_column)), n):
         raise InputError(f"malformed cache rows: {id_column} has not one list per input token")
-    lengths, ids = sample_ids_of(table)
+    lengths, ids, perm = sample_order(table, topk_ids)
     P, S = len(lengths), int(lengths.max()) if len(lengths) else 0
     # Where each flat value goes in the (P, S) block, raveled: position * S + slot.
     dest = np.arange(int(lengths.sum())) + np.repeat(np.arange(P) * S - offsets(lengths)[:-1], lengths)
@@ -180,6 +181,8 @@ def _sample_arrays(table: pa.Table, n: np.ndarray) -> dict[str, np.ndarray]:
             if not np.array_equal(list_lengths(outer), n) or not np.array_equal(list_lengths(inner), lengths):
                 raise InputError(f"malformed cache rows: {name} does not match {id_column}")
             values = inner.flatten().to_numpy(zero_copy_only=False)
+            if perm is not None:  # stored in the ranks' order (schema 4's compact format)
+                values = values[perm]
         block = np.zeros(P * S, dtype=dtype)
         block[dest] = values
         out[name] = block.reshape(P, S)
@@ -207,13 +210,15 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False, ranks: bool 
     n = list_lengths(ids)
     input_ids = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     names = set(table.column_names)
-    if "topk_ids" not in names and not names & {"sample_ids", "sample_id_gaps"}:
+    has_topk = bool(names & {"topk_ids", "topk_id_codes"})
+    if not has_topk and not names & {"sample_ids", "sample_id_gaps", "sample_rank_gaps"}:
         raise InputError("cache rows with neither top-k (topk_ids) nor sampled (sample_ids) targets")
 
     topk_ids = topk_logprobs = tail = None
-    if "topk_ids" in names:
-        topk_ids, topk_logprobs, tail = _topk_arrays(table, n, renormalize)
-    samples = _sample_arrays(table, n) if names & {"sample_ids", "sample_id_gaps"} else {}
+    if has_topk:
+        topk_ids, topk_logprobs, tail = _topk_arrays(table, n, renormalize, kept)
+    sampled = {"sample_ids", "sample_id_gaps", "sample_rank_gaps"}
+    samples = _sample_arrays(table, n, topk_ids) if names & sampled else {}
 
     targets = combined(table, "target_logprobs")
     tn = list_lengths(targets)
@@ -295,14 +300,20 @@ def join_windows(a: RowGroupArrays, offset: np.ndarray) -> RowGroupArrays:
 
 def stored_columns(columns: Sequence[str], names: Sequence[str]) -> list[str]:
     """The columns of a shard (``names``) that hold ``columns`` in its layout: ``topk_top1`` / ``topk_gaps``
-    for ``topk_logprobs`` and ``sample_id_gaps`` for ``sample_ids`` in a ``uint8-gap`` cache; absent ones
-    left out."""
+    for ``topk_logprobs``, ``sample_id_gaps`` for ``sample_ids`` and ``topk_id_codes`` (and ``input_ids``,
+    which decodes them) for ``topk_ids`` in a ``uint8-gap`` cache; absent ones left out."""
     out = []
     for c in columns:
-        if c == "topk_logprobs" and c not in names and GAP_COLUMNS[0] in names:
+        if c == "topk_ids" and c not in names and "topk_id_codes" in names:
+            out += ["id_order", "topk_id_codes"] + ([] if "input_ids" in columns else ["input_ids"])
+        elif c == "topk_logprobs" and c not in names and GAP_COLUMNS[0] in names:
             out += [g for g in GAP_COLUMNS if g in names]
         elif c == "sample_ids" and c not in names and "sample_id_gaps" in names:
             out.append("sample_id_gaps")
+        elif c == "sample_ids" and c not in names and "sample_rank_gaps" in names:
+            # What decodes them: the id order and, in a cache with top-k targets, the top-k and the mask.
+            needed = ["id_order", "sample_rank_gaps", "sample_in_topk", "topk_id_codes", "input_ids"]
+            out += [x for x in needed if x in names and x not in out and x not in columns]
         elif c in names:
             out.append(c)
     return out

@@ -105,7 +105,7 @@ def cache_parser() -> argparse.ArgumentParser:
         choices=list(FORMATS),
         default=DEFAULT_FORMAT,
         help="how logprobs are stored: float32, float16 or uint8-gap (the top-1 in "
-        "float16 and 1/16-nat steps below it, worst error 1/32 nat; sampled ids as differences; "
+        "float16 and 1/16-nat steps below it, worst error 1/32 nat; token ids coded, exact; "
         "the smallest): see the README (default %(default)s)",
     )
     p.add_argument(

@@ -26,6 +26,7 @@ from teacher_farm.schemas.arrow import (
     cast_logprobs,
     encode_rows,
     results_to_table,
+    with_id_order,
     with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord
@@ -213,9 +214,13 @@ def write_cache(
             results.append(seq)
             cache.rows[line], cache.full[line] = seq, full
         tables = []
+        shard_schema = schema  # a compact shard's rows share one id order: its first rows'
         for i in range(0, len(results), 3):
             table = with_source_columns(results_to_table(results[i : i + 3], K, targets), lines[i : i + 3])
-            tables.append(encode_rows(table, schema) if fmt else cast_logprobs(table, dtype).cast(schema))
+            shard_schema = with_id_order(shard_schema, table)
+            tables.append(
+                encode_rows(table, shard_schema) if fmt else cast_logprobs(table, dtype).cast(schema)
+            )
         written[j] = (range(j * ROWS_PER_SHARD, (j + 1) * ROWS_PER_SHARD), tables)
     identity = {
         "model_fingerprint": "mf",

@@ -25,6 +25,7 @@ from teacher_farm.schemas.arrow import (  # noqa: E402
     cache_schema,
     encode_rows,
     results_to_table,
+    with_id_order,
     with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity  # noqa: E402
@@ -102,13 +103,15 @@ def write_cache(
         seqs = [scored(rng, n) for n in lengths]
         rows += [(source, s) for s in seqs]
         tables = []
+        shard_schema = schema  # a compact shard's rows share one id order: its first rows'
         for i in range(0, len(seqs), 2):
             table = with_source_columns(
                 results_to_table(seqs[i : i + 2], K, targets),
                 range(i, i + len(seqs[i : i + 2])),
                 [source] * len(seqs[i : i + 2]),
             )
-            tables.append(encode_rows(table, schema) if fmt else table.cast(schema))
+            shard_schema = with_id_order(shard_schema, table)
+            tables.append(encode_rows(table, shard_schema) if fmt else table.cast(schema))
         shards[j] = (range(100 * j, 100 * j + len(lengths)), tables)
     write_shards(out, schema, shards, identity.entries())
     return rows
