@@ -76,7 +76,7 @@ class StandInScoring(Engine):
         super().__init__(_LLM(), tokenizer, info)
         self.tokens_scored = 0
 
-    async def score(self, ids, token_ids, scoring, selected=None):
+    async def score(self, ids, token_ids, scoring, selected=None, *, draws_at_last=False):
         self.tokens_scored += sum(len(t) for t in token_ids)
         return [
             standin.score(i, np.asarray(t, np.int32), scoring.k, self.info.vocab_size)
