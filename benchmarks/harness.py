@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import free_port, stop_group  # noqa: E402
 
 
 def wait_health(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
@@ -57,16 +56,6 @@ def wait_health(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
             pass
         time.sleep(1)
     raise RuntimeError(f"{url} not healthy after {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def doc_lengths(kind: str, docs: int, doc_tokens: int, max_len: int, seed: int = 0) -> list[int]:
@@ -148,7 +137,7 @@ class OursServer:
         wait_health(self.url + "/health", self.proc)
 
     def close(self) -> None:
-        stop(self.proc)
+        stop_group(self.proc)
 
 
 def run_ours(a, server: OursServer, corpus: Path, work: Path, k: int, tag: str = "cache") -> dict:
@@ -322,7 +311,7 @@ def run_openai(a, model: Path, token_ids: list[list[int]], work: Path, k: int) -
         tokens = sum(len(x) for x in token_ids)
         return {"tokens": tokens, "seconds": seconds, "parquet": path.stat().st_size, "wire": wire}
     finally:
-        stop(server)
+        stop_group(server)
 
 
 #: Documents run once at each k, untimed, before every timed path.

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.real_corpus import documents  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
+from tests.helpers import free_port, stop_group  # noqa: E402
 
 
 def server_command(kind: str, model: str, port: int, args: argparse.Namespace) -> list[str]:
@@ -70,19 +68,8 @@ def start(kind: str, model: str, args: argparse.Namespace, log: Path) -> tuple[s
         except httpx.TransportError:
             pass
         time.sleep(1)
-    stop(proc)
+    stop_group(proc, timeout=90)
     raise RuntimeError(f"{kind} did not start within {args.start_timeout} s; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def measure(url: str, batches: list[list[list[int]]], k: int, temperature: float) -> float:
@@ -143,7 +130,7 @@ def main() -> None:
         try:
             rates[kind] = {k: measure(url, batches, k, args.temperature) for k in args.ks}
         finally:
-            stop(proc)
+            stop_group(proc, timeout=90)
         for k, rate in rates[kind].items():
             print(f"{kind:>13}  K={k:<3} {rate:9.1f} tokens/s")
     if {"vllm", "teacher-farm"} <= rates.keys():

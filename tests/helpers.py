@@ -1,15 +1,18 @@
-"""What the test modules share (and the benchmarks, for a free port): not a test module, no fixtures.
+"""What the test modules share (and the benchmarks: a free port, a process group stopped): not a test
+module, no fixtures.
 
-A free port, a command beside this Python, a one-line failure, and caches written through the client's
-own writer (``client.shards.ShardWriter`` and the manifest's save), so a test's cache cannot drift
-from what a run writes.
+A free port, a process group stopped, a command beside this Python, a one-line failure, and caches
+written through the client's own writer (``client.shards.ShardWriter`` and the manifest's save), so a
+test's cache cannot drift from what a run writes.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -39,6 +42,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Stop ``proc``'s process group (a server and the engine processes it started): SIGTERM, then
+    SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def tool(name: str) -> str | None:

@@ -16,8 +16,6 @@ shows vLLM's difference.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import API_KEY, MAX_MODEL_LEN, ROOT, engine_timeout, free_port
+from tests.helpers import stop_group
 
 pytestmark = pytest.mark.engine
 
@@ -88,12 +87,7 @@ def vllm_answers(tiny_model, tmp_path_factory):
         prompt_ids = [p + c["token_ids"] for p, c in zip(prefixes, cont["choices"])]
         return prompt_ids, {name: answer_of(url, body) for name, body in requests_for(prompt_ids).items()}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
 
 
