@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from teacher_farm.client import shards
 from teacher_farm.client.shards import ShardWriter, shard_name
 from teacher_farm.schemas.arrow import (
     ScoredSequence,
@@ -114,7 +116,64 @@ def test_tiny_row_group_bytes_flushes_each_write(tmp_path):
     assert stats.rows == meta.num_rows == 6
 
 
+class GatedFile:
+    """A shard's file whose writes wait for ``opened``; with ``fail`` set, each write fails instead."""
+
+    def __init__(self, path, fail: bool = False) -> None:
+        self.f, self.fail = open(path, "wb"), fail
+        self.opened, self.waiting = threading.Event(), threading.Event()
+
+    def write(self, data) -> int:
+        self.waiting.set()
+        if not self.opened.wait(10):
+            raise TimeoutError("the gate was never opened")
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def gated(monkeypatch, fail: bool = False) -> list[GatedFile]:
+    made: list[GatedFile] = []
+
+    def open_sink(path):
+        made.append(GatedFile(path, fail))
+        return pa.PythonFile(made[-1], mode="w")
+
+    monkeypatch.setattr(shards, "open_sink", open_sink)
+    monkeypatch.setattr(shards, "SINK_BUFFER", 1)  # every page reaches the file at once
+    return made
+
+
+def test_a_full_row_group_is_written_beside_the_caller(tmp_path, monkeypatch):
+    made = gated(monkeypatch)
+    writer = ShardWriter(tmp_path, 0, schema_for(), row_group_bytes=1)
+    first, second = cache_rows([5, 5], 0, seed=1), cache_rows([3], 2, seed=2)
+    writer.write(first)  # a full row group: handed to the shard's thread, which waits on the file
+    assert made[0].waiting.wait(10)  # this call returned while its row group is being written
+    made[0].opened.set()
+    writer.write(second)  # the next one waits for the first to be written, then hands its own over
+    writer.commit()
+    back = pq.read_table(tmp_path / shard_name(0))
+    assert back.equals(pa.concat_tables([first, second]))
+    assert pq.ParquetFile(tmp_path / shard_name(0)).metadata.num_row_groups == 2
+
+
+def test_a_failed_row_group_write_is_raised_by_the_writer_and_leaves_no_shard(tmp_path, monkeypatch):
+    made = gated(monkeypatch, fail=True)
+    writer = ShardWriter(tmp_path, 0, schema_for(), row_group_bytes=1)
+    writer.write(cache_rows([5, 5], 0))
+    made[0].opened.set()
+    with pytest.raises(OSError, match="No space left"), writer.discard_on_error():
+        writer.write(cache_rows([3], 2))
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_line_column_has_statistics(tmp_path):
+
     writer = ShardWriter(tmp_path, 0, schema_for())
     writer.write(cache_rows([2, 3, 4], first_line=40))
     writer.commit()
