@@ -52,10 +52,10 @@ bench: setup
 	$(BIN)/python benchmarks/harness.py $(BENCH_ARGS)
 
 # The README's CPU-proxy run, checked against the ratios the README claims from it: exits non-zero
-# below any of them (about 3 minutes on an idle 2-core machine; ratios, not rates, so any CPU will do).
+# below any of them (about 7 minutes on an idle 2-core machine; ratios, not rates, so any CPU will do).
 BENCH_CHECK_ARGS := --docs 384 --doc-tokens 485 --ks 16,64 --vocab 4096 --hidden 64 --layers 1 \
-	--paths c,e,p,a --enforce-eager
-BENCH_CLAIMS := --claim 'p/e@16>=1.2' --claim 'p/e@64>=1.5' --claim 'a/e@16>=0.85' --claim 'a/e@64>=1.05'
+	--paths c,e,p,a --enforce-eager --repeat 3
+BENCH_CLAIMS := --claim 'p/e@16>=1.2' --claim 'p/e@64>=0.8' --claim 'a/e@16>=0.9' --claim 'a/e@64>=1.1'
 bench-check: setup
 	$(BIN)/python benchmarks/harness.py $(BENCH_CHECK_ARGS) $(BENCH_CLAIMS)
 
