@@ -173,7 +173,6 @@ def test_a_failed_row_group_write_is_raised_by_the_writer_and_leaves_no_shard(tm
 
 
 def test_line_column_has_statistics(tmp_path):
-
     writer = ShardWriter(tmp_path, 0, schema_for())
     writer.write(cache_rows([2, 3, 4], first_line=40))
     writer.commit()
