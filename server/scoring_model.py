@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import torch
 
+from teacher_farm.memory import keep_freed_memory
 from teacher_farm.schemas.scoring import DEFAULT_K_MAX, PackedLayout, Scoring
 from teacher_farm.server import kernels, vllm_seam
 from teacher_farm.server.reduce import reduce_rows
@@ -121,6 +122,11 @@ class ReductionPooler(Pooler):
         # Where the kernels chosen on the first chunk are reported for the server (``server/kernels.py``).
         self.kernel_report = kernel_report
         self.kernels: kernels.Kernels | None = None
+        if reduces and vllm_seam.on_cpu():
+            # Every slice allocates and frees the same blocks of megabytes; with glibc's defaults they
+            # are faulted in anew each time (``teacher_farm/memory.py``), in whichever engine hosts
+            # this model, ours or not.
+            keep_freed_memory()
 
     def extra_repr(self) -> str:
         return f"slice_rows={self.slice_rows}, reduces={self.reduces}"

@@ -61,3 +61,22 @@ def test_the_plugin_is_registered_with_vllm():
     assert "teacher_farm.server.lifecycle:register" in declared.values()
     installed = {e.value for e in entry_points(group="vllm.general_plugins")}
     assert "teacher_farm.server.lifecycle:register" in installed, "reinstall: pip install -e ."
+
+
+def test_the_scoring_model_keeps_freed_memory_on_a_cpu_whoever_starts_its_engine(monkeypatch):
+    """An engine started outside teacher-farm (no owner mark) still hosts the reduction: without the
+    setting its worker faults every slice's blocks in anew, and halves the k=64 rate about every other run."""
+    from teacher_farm.schemas.scoring import Scoring
+    from teacher_farm.server import scoring_model, vllm_seam
+
+    monkeypatch.delenv(lifecycle.OWNER_ENV, raising=False)
+    calls: list[bool] = []
+    monkeypatch.setattr(scoring_model, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(vllm_seam, "on_cpu", lambda: True)
+    scoring_model.ReductionPooler(lambda h: h, 256, Scoring(k=16))
+    assert calls == [True]
+    # A rank whose rows are discarded reduces nothing; and off a CPU the setting does not apply.
+    scoring_model.ReductionPooler(lambda h: h, 256, Scoring(k=16), reduces=False)
+    monkeypatch.setattr(vllm_seam, "on_cpu", lambda: False)
+    scoring_model.ReductionPooler(lambda h: h, 256, Scoring(k=16))
+    assert calls == [True]
