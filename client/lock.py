@@ -6,9 +6,10 @@ time and heartbeat of the ``teacher-farm cache`` writing into the directory, und
 holder's name. Where ``flock`` is only node-local (Lustre ``localflock``, NFS ``local_lock=flock``)
 two hosts both get it: the holder then refreshes its heartbeat every ``HEARTBEAT_S``, and a lock of
 another host whose heartbeat is younger than ``STALE_S`` is never taken over (a lock of this host
-is, once its pid is gone). A holder that finds its lock file naming another writer stops
-(``check``). A lock file whose holder is gone (killed, crashed, its host rebooted) is stale: the
-next run takes it over and says so in its log.
+is, once its pid is gone). On such a filesystem (any but a disk of this host or memory) the new
+holder also waits ``SETTLE_S`` after writing itself in and reads the file back. A holder that finds
+its lock file naming another writer stops (``check``). A lock file whose holder is gone (killed,
+crashed, its host rebooted) is stale: the next run takes it over and says so in its log.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -35,6 +37,33 @@ STALE_S = 60.0
 #: After writing itself into the lock file, the new holder waits this long and reads it back: a writer
 #: of another host that took it in the same moment is then seen (the later write wins, the other stops).
 SETTLE_S = 0.2
+#: Filesystems of this host's own disks or memory, whose flock every writer that can open the file sees: no
+#: settle there. Any other (NFS, Lustre, GPFS, CIFS, FUSE, an unknown one) may grant flock node-locally.
+LOCAL_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "bcachefs", "jfs", "zfs", "tmpfs", "ramfs", "overlay"}
+)
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem ``path`` lies on (``/proc/self/mountinfo``); None where that is unknown."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    target = os.path.realpath(path)
+    best, kind = -1, None
+    for line in lines:
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not tail:
+            continue
+        # Mount points escape space, tab, newline and backslash as octal.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        # The deepest mount point holding the path wins; of equal ones, the last mounted (over the others).
+        if inside and len(point) >= best:
+            best, kind = len(point), tail.split()[0]
+    return kind
 
 
 def _alive(pid: int) -> bool:
@@ -112,9 +141,10 @@ class OutputLock:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             self._write()
-            time.sleep(SETTLE_S)
-            if (now := self._read()).get("pid") != self._me["pid"] or now.get("host") != self._me["host"]:
-                raise OutputLocked(self._refusal(now))
+            if filesystem_type(self.path) not in LOCAL_FILESYSTEMS:
+                time.sleep(SETTLE_S)
+                if (now := self._read()).get("pid") != self._me["pid"] or now.get("host") != self._me["host"]:
+                    raise OutputLocked(self._refusal(now))
         except BaseException:
             os.close(self._fd)
             self._fd = None

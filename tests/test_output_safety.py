@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from teacher_farm.client import cache as cache_module
+from teacher_farm.client import lock as lock_module
 from teacher_farm.client import shards
 from teacher_farm.client.cache import CacheOptions, CacheRun
 from teacher_farm.client.lock import OutputLock
@@ -113,6 +114,50 @@ def test_a_live_holder_on_this_host_wins_even_without_flock(tmp_path, monkeypatc
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_where_flock_may_be_node_local_a_writer_of_another_host_taking_it_at_once_wins(tmp_path, monkeypatch):
+    """On a network filesystem both hosts get the flock: the new holder waits, reads back, and stops when
+    the other's later write is there."""
+    path = tmp_path / "x.lock"
+    monkeypatch.setattr(lock_module, "filesystem_type", lambda p: "nfs4")
+    other = {"host": "node-17.other", "pid": 4242, "started": "2026-01-01T00:00:00Z", "heartbeat": 0}
+    monkeypatch.setattr(lock_module.time, "sleep", lambda s: path.write_text(json.dumps(other)))
+    with pytest.raises(OutputLocked, match="node-17.other"):
+        OutputLock(path).acquire()
+
+
+def test_on_a_local_disk_the_lock_is_taken_without_waiting(tmp_path, monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(lock_module.time, "sleep", waits.append)
+    assert lock_module.filesystem_type(tmp_path) in lock_module.LOCAL_FILESYSTEMS
+    with OutputLock(tmp_path / "x.lock"):
+        pass
+    assert waits == []
+    monkeypatch.setattr(lock_module, "filesystem_type", lambda p: None)  # not known: the settle stays
+    with OutputLock(tmp_path / "x.lock"):
+        pass
+    assert waits == [lock_module.SETTLE_S]
+
+
+def test_the_filesystem_type_is_that_of_the_deepest_mount_holding_the_path(tmp_path, monkeypatch):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "40 27 0:50 / /scratch\\040data rw - nfs4 server:/export rw\n"
+        "41 40 0:51 / /scratch\\040data/fast rw shared:1 - lustre mds@tcp:/fs rw\n"
+    )
+    real = lock_module.Path
+
+    def fake(p):
+        return real(info) if str(p) == "/proc/self/mountinfo" else real(p)
+
+    monkeypatch.setattr(lock_module, "Path", fake)
+    monkeypatch.setattr(lock_module.os.path, "realpath", lambda p: str(p))
+    assert lock_module.filesystem_type("/scratch data/out/x.lock") == "nfs4"
+    assert lock_module.filesystem_type("/scratch data/fast/x.lock") == "lustre"
+    assert lock_module.filesystem_type("/scratch datax/x.lock") == "ext4"
+    assert lock_module.filesystem_type("/home/x.lock") == "ext4"
 
 
 # --- a full disk --------------------------------------------------------------------------
