@@ -2,11 +2,13 @@
 
 Takes a cache written with ``--logprob-dtype float32 --targets both`` (``benchmarks/distill.py``'s, say:
 the float32 values are what the teacher sent, so every format is derived from them once) and writes
-its rows again through the client's own path (``encode_rows`` and ``ShardWriter``, encodings chosen
-as a run chooses them) in each format, with and without the logprobs of the draws, plus schema 2's
-float16 layout with the writer options it had (the old default). Prints, per format, the compressed
-bytes per token of each column and of the three kinds of cache (top-k, sampled, both), the worst
-error of the top-k logprobs read back, and the write and read (``row_group_arrays``) rates.
+its rows again as a run writes them (``ShardWriter.write_results``, answers of 32 lines: a compact
+shard's id order and models are its first answers') in each format, with and without the logprobs of
+the draws, plus schema 2's float16 layout with the writer options it had (the old default) and the
+compact format's schemas 3 and 4. Prints, per format, the compressed bytes per token of each column and
+of the three kinds of cache (top-k, sampled, both; schema 5's caches of one kind written on their own),
+the worst error of the top-k and target logprobs read back (ids and ranks must read back exactly), the
+write and read (``row_group_arrays``) rates, and schema 5's coded bytes split by what they hold.
 
 ``--vocab 131072`` measures a larger vocabulary from the same cache: every id i becomes an id of the
 block [128 i, 128 i + 128), ``--spread fixed`` the same one each time (ids merely need 17 bits) or
@@ -34,6 +36,7 @@ from teacher_farm.schemas.arrow import (
     ID_ORDER_KEY,
     cache_schema,
     cast_logprobs,
+    coded_values,
     decode_rows,
     encode_rows,
     flat_values,
@@ -41,13 +44,21 @@ from teacher_farm.schemas.arrow import (
     topk_logprobs_of,
 )
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity
+from teacher_farm.schemas.coding import split_bits
 from teacher_farm.schemas.formats import id_gaps
 from teacher_farm.training.reader import row_group_arrays
 
 #: Columns every kind of cache holds (the text and the target's logprob and rank).
 COMMON = ("id", "line", "source", "offset", "input_ids", "target_logprobs", "target_ranks")
-TOPK = ("topk_ids", "id_order", "topk_id_codes", "topk_logprobs", "topk_top1", "topk_gaps")
-SAMPLED = ("sample_ids", "sample_id_gaps", "sample_rank_gaps", "sample_in_topk", "sample_counts")
+TOPK = ("topk_ids", "id_order", "topk_id_codes", "topk_logprobs", "topk_top1", "topk_gaps", "coded")
+SAMPLED = (
+    "sample_ids",
+    "sample_id_gaps",
+    "sample_rank_gaps",
+    "sample_in_topk",
+    "sample_counts",
+    "sample_lengths",
+)
 
 
 def load(cache: Path, k: int | None = None) -> tuple[pa.Table, CacheIdentity]:
@@ -155,6 +166,19 @@ def column_bytes(path: Path) -> dict[str, int]:
     return sizes
 
 
+#: Lines a run's answers hold (``CacheOptions.batch_lines``): the rows reach the shard this many at a time.
+RUN_BATCH = 32
+
+
+def write_as_a_run(out: Path, wire: pa.Table, schema: pa.Schema) -> ShardWriter:
+    """A shard of ``wire``'s rows written as a cache run writes them: answers of ``RUN_BATCH`` lines, each
+    encoded by the shard (a compact shard's id order and models are its first answers')."""
+    writer = ShardWriter(out, 0, schema, row_group_bytes=1 << 40)
+    for start in range(0, wire.num_rows, RUN_BATCH):
+        writer.write_results(wire.slice(start, RUN_BATCH))
+    return writer
+
+
 def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs: bool, out: Path) -> dict:
     """Write ``table`` as a cache of ``fmt`` would (``fmt`` 'v2' for schema 2's float16);
     sizes, error, rates."""
@@ -165,41 +189,67 @@ def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs:
         rows = cast_logprobs(table, "float16").select(schema.names).cast(schema)
         path = out / "v2.parquet"
         pq.write_table(rows, path, row_group_size=1 << 30, **old_options())
-    elif fmt == "v3":  # schema 3's uint8-gap: plain topk_ids, written the same way
+    elif fmt in ("v3", "v4"):  # schema 3's uint8-gap (plain topk_ids) or 4's (id codes), written the same way
         ident = identity.model_copy(update={"logprob_dtype": "uint8-gap", "sample_logprobs": sample_logprobs})
-        rows = as_schema_3(encode_rows(cast_logprobs(table, "float32"), ident.schema()))
-        writer = ShardWriter(out, 0, rows.schema, row_group_bytes=1 << 40)
-        writer.write(rows)
+        s = ident.scoring
+        schema = cache_schema(
+            "uint8-gap", s.targets, k=s.k, samples=s.samples, sample_logprobs=sample_logprobs, version=4
+        ).with_metadata(ident.schema().metadata)
+        if fmt == "v3":
+            rows = as_schema_3(encode_rows(cast_logprobs(table, "float32"), schema))
+            writer = ShardWriter(out, 0, rows.schema, row_group_bytes=1 << 40)
+            writer.write(rows)
+        else:
+            writer = write_as_a_run(out, cast_logprobs(table, "float32"), schema)
         path = out / writer.commit().file
-    elif (
-        fmt == "draws"
-    ):  # a cache of draws only (--targets sampled): its ids coded against the anchors' draws
-        scoring = identity.scoring.model_copy(update={"targets": "sampled"})
+    elif fmt in ("draws", "topk"):  # a cache of draws only (--targets sampled) or of the top-k only
+        targets = "sampled" if fmt == "draws" else "topk"
+        scoring = identity.scoring.model_copy(update={"targets": targets})
         ident = identity.model_copy(update={"logprob_dtype": "uint8-gap", "scoring": scoring})
         ident = ident.model_copy(update={"sample_logprobs": sample_logprobs})
-        wire = cast_logprobs(table.drop_columns(["topk_ids", "topk_logprobs"]), "float32")
-        writer = ShardWriter(out, 0, ident.schema(), row_group_bytes=1 << 40)
-        writer.write(encode_rows(wire, ident.schema()))
+        drop = (
+            ["topk_ids", "topk_logprobs"]
+            if fmt == "draws"
+            else ["sample_ids", "sample_counts", "sample_logprobs"]
+        )
+        wire = cast_logprobs(table.drop_columns(drop), "float32")
+        writer = write_as_a_run(out, wire, ident.schema())
         path = out / writer.commit().file
     else:
         ident = identity.model_copy(update={"logprob_dtype": fmt, "sample_logprobs": sample_logprobs})
         # What the server would send: float32 for float32 and uint8-gap, float16 for float16.
         wire = cast_logprobs(table, "float16" if fmt == "float16" else "float32")
-        writer = ShardWriter(out, 0, ident.schema(), row_group_bytes=1 << 40)
-        writer.write(encode_rows(wire, ident.schema()))
+        writer = write_as_a_run(out, wire, ident.schema())
         path = out / writer.commit().file
     write_s = time.perf_counter() - started
     started = time.perf_counter()
     pf = pq.ParquetFile(path)
-    arrays = [row_group_arrays(pf.read_row_group(g)) for g in range(pf.num_row_groups)]
+    arrays = [row_group_arrays(pf.read_row_group(g), ranks=True) for g in range(pf.num_row_groups)]
     read_s = time.perf_counter() - started
+    # The targets: ranks exact, logprobs within float16's half step or (uint8-gap, a target among the top-k,
+    # read at its slot) the gaps' 1/32 nat.
+    got_ranks = np.concatenate([a.target_ranks for a in arrays])
+    if not np.array_equal(
+        got_ranks, flat_values(table.column("target_ranks")).to_numpy(zero_copy_only=False)
+    ):
+        raise SystemExit(f"{fmt}: target ranks read back differ")
+    want_t = flat_values(table.column("target_logprobs")).to_numpy(zero_copy_only=False).astype(np.float64)
+    got_t = np.concatenate([a.target_logprobs for a in arrays])
+    finite_t = np.isfinite(want_t)
+    target_error = float(np.abs(got_t[finite_t] - want_t[finite_t]).max()) if finite_t.any() else 0.0
+    if target_error > 1 / 32 + 0.004 + 1e-6:
+        raise SystemExit(f"{fmt}: target logprobs read back {target_error:.3g} from what was written")
     # Ids read back exactly, in every format.
-    want_drawn = flat_values(table.column("sample_ids")).to_numpy(zero_copy_only=False)
-    got_drawn = np.concatenate(
-        [a.sample_ids[np.arange(a.sample_ids.shape[1])[None, :] < a.sample_lengths[:, None]] for a in arrays]
-    )
-    if not np.array_equal(got_drawn, want_drawn):
-        raise SystemExit(f"{fmt}: sampled ids read back differ")
+    if fmt != "topk":
+        want_drawn = flat_values(table.column("sample_ids")).to_numpy(zero_copy_only=False)
+        got_drawn = np.concatenate(
+            [
+                a.sample_ids[np.arange(a.sample_ids.shape[1])[None, :] < a.sample_lengths[:, None]]
+                for a in arrays
+            ]
+        )
+        if not np.array_equal(got_drawn, want_drawn):
+            raise SystemExit(f"{fmt}: sampled ids read back differ")
     worst = float("nan")
     if fmt != "draws":
         got_ids = np.concatenate([a.topk_ids for a in arrays])
@@ -210,22 +260,49 @@ def measure(table: pa.Table, identity: CacheIdentity, fmt: str, sample_logprobs:
         finite = np.isfinite(want)
         worst = float(np.abs(got[finite].astype(np.float64) - want[finite]).max())
     sizes = column_bytes(path)
+    if "coded" in sizes:  # the blob's bytes split by what they hold, in proportion to their bits
+        bits = {}
+        for g in range(pf.num_row_groups):
+            models, values = coded_values(pf.read_row_group(g))
+            for name, b in split_bits(models, values).items():
+                bits[name] = bits.get(name, 0.0) + b
+        total = sum(bits.values())
+        coded_split = {f"coded: {name}": sizes["coded"] * b / total for name, b in bits.items()}
     # The footer: the schema, statistics and (compact) the shard's id order, per shard, not per token.
     sizes["footer"] = path.stat().st_size - sum(sizes.values())
     path.unlink()
     return {
         "per_token": {name: b / tokens for name, b in sizes.items()},
+        "coded_split": {name: b / tokens for name, b in coded_split.items()} if "coded" in sizes else {},
         "worst_error": worst,
+        "target_error": target_error,
         "write_tokens_per_s": tokens / write_s,
         "read_tokens_per_s": tokens / read_s,
         "tokens": tokens,
+        "targets": {"draws": "sampled", "topk": "topk"}.get(fmt, "both"),
     }
 
 
-def kinds(per_token: dict[str, float]) -> dict[str, float]:
-    """Bytes per token of a top-k, a sampled and a both cache of these columns."""
+def kinds(per_token: dict[str, float], targets: str = "both") -> dict[str, float]:
+    """Bytes per token of a top-k, a sampled and a both cache of these columns (of ``targets``: a cache whose
+    rows code their values together, schema 5's ``coded``, is only the kind it is)."""
+    if "coded" in per_token:
+        total = sum(per_token.values())
+        common = sum(v for k, v in per_token.items() if k in COMMON or k == "footer")
+        kind = {"topk": "topk", "sampled": "sampled", "both": "both"}[targets]
+        return {
+            "rest": common,
+            **{c: (total if c == kind else float("nan")) for c in ("topk", "sampled", "both")},
+        }
     common = sum(v for k, v in per_token.items() if k in COMMON or k == "footer")
     topk = sum(v for k, v in per_token.items() if k in TOPK)
+    if targets != "both":  # a cache of one kind of targets (schema 4's draws, say) is that kind only
+        sampled = sum(v for k, v in per_token.items() if k in SAMPLED or k == "sample_logprobs")
+        total = common + topk + sampled
+        return {
+            "rest": common,
+            **{c: (total if c == targets else float("nan")) for c in ("topk", "sampled", "both")},
+        }
     sampled = sum(v for k, v in per_token.items() if k in SAMPLED or k == "sample_logprobs")
     return {
         "rest": common,
@@ -247,8 +324,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.vocab:
         table = respread(table, a.vocab, a.spread)
         label = f"vocabulary {a.vocab:,} ({a.spread} spread of {identity.vocab_size:,})"
-    runs = [("float16, schema 2", "v2", True), ("uint8-gap, schema 3 (before)", "v3", False)]
-    runs += [("uint8-gap, a cache of draws only", "draws", False)] + [
+    runs = [("float16, schema 2", "v2", True), ("uint8-gap, schema 3", "v3", False)]
+    runs += [("uint8-gap, schema 4 (before)", "v4", False)]
+    runs += [
+        ("uint8-gap, a cache of top-k only", "topk", False),
+        ("uint8-gap, a cache of draws only", "draws", False),
+    ]
+    runs += [
         (f"{fmt}{'' if keep else ', no sample logprobs'}", fmt, keep)
         for fmt in ("float32", "float16", "uint8-gap")
         for keep in (True, False)
@@ -274,24 +356,30 @@ def main(argv: list[str] | None = None) -> None:
         "sample_rank_gaps",
         "sample_in_topk",
         "sample_counts",
+        "sample_lengths",
+        "coded",
         "sample_logprobs",
         "footer",
     ]
     print(
         "| format | "
         + " | ".join(columns)
-        + " | rest | top-k cache | sampled cache | both | worst error (nat) "
+        + " | rest | top-k cache | sampled cache | both | worst error (nat) | targets' worst error "
         "| write Mtok/s | read Mtok/s |"
     )
-    print("|---" * (len(columns) + 8) + "|")
+    print("|---" * (len(columns) + 9) + "|")
     for name, r in results.items():
         cells = [f"{r['per_token'][c]:.1f}" if c in r["per_token"] else "-" for c in columns]
-        k = kinds(r["per_token"])
+        k = kinds(r["per_token"], r["targets"])
         print(
             f"| {name} | " + " | ".join(cells) + f" | {k['rest']:.1f} | {k['topk']:.1f} | {k['sampled']:.1f} "
-            f"| {k['both']:.1f} | {r['worst_error']:.3g} | {r['write_tokens_per_s'] / 1e6:.2f} "
-            f"| {r['read_tokens_per_s'] / 1e6:.2f} |"
+            f"| {k['both']:.1f} | {r['worst_error']:.3g} | {r['target_error']:.3g} "
+            f"| {r['write_tokens_per_s'] / 1e6:.2f} | {r['read_tokens_per_s'] / 1e6:.2f} |"
         )
+    print("\nSchema 5's coded bytes per token by what they hold (in proportion to their bits):\n")
+    for name, r in results.items():
+        if r["coded_split"]:
+            print(f"- {name}: " + ", ".join(f"{c[7:]} {v:.2f}" for c, v in r["coded_split"].items()))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from teacher_farm.client.progress import Progress
 from teacher_farm.client.shards import ShardWriter, shard_name
 from teacher_farm.client.transport import Teacher
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.arrow import encode_rows, with_source_columns
+from teacher_farm.schemas.arrow import with_source_columns
 from teacher_farm.schemas.cache_dir import (
     CacheIdentity,
     InputFingerprint,
@@ -769,8 +769,8 @@ class CacheRun:
             written = 0
             if table is not None:
                 with self._writing(shard.tmp), shard.discard_on_error():
-                    # shard.schema: a compact shard's id order, from its first rows, once they are written.
-                    written = await asyncio.to_thread(shard.write, encode_rows(table, shard.schema))
+                    # Encoded by the shard: a compact shard's id order and models are its first answers'.
+                    written = await asyncio.to_thread(shard.write_results, table)
             self.progress.advance(0 if table is None else table.num_rows, written, batch.end_offset)
             rejects += batch.rejects + refused
             if batch.closes_shard:

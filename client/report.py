@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import atomic_write
 from teacher_farm.schemas import __version__
-from teacher_farm.schemas.arrow import combined, list_lengths, topk_logprobs_of
+from teacher_farm.schemas.arrow import combined, list_lengths, topk_logprobs_of, uncoded
 from teacher_farm.schemas.cache_dir import CacheDir, CacheIdentity, read_metadata
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.positions import thicken
@@ -98,7 +98,7 @@ class CacheStats:
 
     def add(self, table: pa.Table) -> None:
         """Fold one row group's rows into the statistics (of a ``--positions`` cache: its kept positions)."""
-        table, kept = thicken(table)
+        table, kept = thicken(uncoded(table))
         names = set(table.column_names)
         topk = "topk_top1" if "topk_top1" in names else "topk_logprobs" if "topk_logprobs" in names else None
         if topk is not None:

@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from teacher_farm.client.fsutil import create_exclusive, fsync_dir, sha256_file
-from teacher_farm.schemas.arrow import ID_ORDER_KEY
+from teacher_farm.schemas.arrow import ID_ORDER_KEY, encode_rows
+from teacher_farm.schemas.coding import CODING_KEY
 
 
 def shard_name(index: int) -> str:
@@ -38,6 +39,16 @@ def shard_name(index: int) -> str:
     return f"part-{index:06d}.parquet"
 
 
+#: A compact shard's metadata that its first rows set and every later row must share.
+SHARD_KEYS = (ID_ORDER_KEY, CODING_KEY)
+#: Tokens of a compact shard's first answers held back (``ShardWriter.write_results``) so that its id order
+#: and entropy models are counted on all of them. On the real teacher's cache of the reference manual (111k
+#: tokens, k=16, N=64; 2026-12-07) orders and models counted on the first 64k tokens gave 29.6 / 27.3 / 48.2
+#: bytes per token (top-k / draws / both) where the first 32-line answer alone (15k tokens) gave 30.0 / 27.6 /
+#: 48.9; all 111k, 29.6 / 27.2 / 48.4.
+FIT_TOKENS = 1 << 16
+#: ... or this many bytes of them, whichever comes first (k=256 answers are 2 KiB a token).
+FIT_BYTES = 64 << 20
 #: Encodings tried on the integer columns of a shard's first row group; the smallest is kept.
 INTEGER_ENCODINGS = ("RLE_DICTIONARY", "BYTE_STREAM_SPLIT", "PLAIN")
 #: Tokens of the first row group the encodings are tried on (its first rows holding that many). 16k
@@ -54,7 +65,13 @@ ROW_GROUP_BYTES = 16 << 20
 #: Bytes of Parquet gathered before each write to the shard's file.
 SINK_BUFFER = 8 << 20
 #: Columns (top-level names) and the encoding each always gets.
-FIXED_ENCODINGS = {"id": "RLE_DICTIONARY", "source": "RLE_DICTIONARY", "line": "PLAIN", "offset": "PLAIN"}
+FIXED_ENCODINGS = {
+    "id": "RLE_DICTIONARY",
+    "source": "RLE_DICTIONARY",
+    "line": "PLAIN",
+    "offset": "PLAIN",
+    "coded": "PLAIN",  # entropy-coded already (schemas.coding)
+}
 
 
 def _leaves(schema: pa.Schema) -> list[tuple[str, str, str]]:
@@ -107,6 +124,16 @@ def _size(table: pa.Table, options: dict[str, Any]) -> int:
     return sum(meta.row_group(g).column(0).total_compressed_size for g in range(meta.num_row_groups))
 
 
+def _plain_types(schema: pa.Schema) -> bool:
+    """Whether Parquet's own types read back as ``schema``'s, so that the Arrow schema is not stored.
+
+    A compact (schema 5) shard's are (no fixed-size lists), and its Arrow schema would hold the shard's id
+    order and models a second time (its metadata, base64 again): its metadata goes in the file's key-value
+    metadata alone, which every reader returns as the schema's.
+    """
+    return "coded" in schema.names and not any(pa.types.is_fixed_size_list(f.type) for f in schema)
+
+
 def open_sink(path: Path) -> pa.NativeFile:
     """The file a shard is written to, created exclusively (a seam: tests put a disk that fills up here)."""
     return pa.PythonFile(os.fdopen(create_exclusive(path), "wb"), mode="w")
@@ -142,6 +169,9 @@ class ShardWriter:
         self.compression_level = compression_level
         self._buffer: list[pa.Table] = []
         self._buffered = 0
+        #: Answers held back until a compact shard's order and models are counted (``write_results``).
+        self._held: list[pa.Table] = []
+        self._held_tokens = self._held_bytes = 0
         self.rows = 0
         self.tokens = 0
         # Buffered in Arrow's memory: the Python file is written (under the GIL) once per SINK_BUFFER
@@ -160,18 +190,22 @@ class ShardWriter:
 
         A full row group is handed to the shard's thread; a failure of its writing is raised here, by the
         next call, or by ``commit``. A compact shard's id order (``schemas.arrow.with_id_order``) is the
-        first rows' when the schema has none; rows encoded with another order are refused.
+        first rows' when the schema has none, and so are a schema 5 shard's entropy models
+        (``schemas.coding``); rows encoded with another order or models are refused.
         """
         if self._pending is not None and self._pending.done():
             self._wait()  # its failure, at once
         theirs = table.schema.metadata or {}
-        if ID_ORDER_KEY in theirs:
+        for key in SHARD_KEYS:
+            if key not in theirs:
+                continue
             mine = self.schema.metadata or {}
-            if ID_ORDER_KEY not in mine and self._writer is None and not self._buffer:
-                self.schema = self.schema.with_metadata({**mine, ID_ORDER_KEY: theirs[ID_ORDER_KEY]})
-            elif mine.get(ID_ORDER_KEY) != theirs[ID_ORDER_KEY]:
+            if key not in mine and self._writer is None and not self._buffer:
+                self.schema = self.schema.with_metadata({**mine, key: theirs[key]})
+            elif mine.get(key) != theirs[key]:
                 raise ValueError(
-                    "rows encoded with another id order than the shard's (schemas.arrow.with_id_order)"
+                    "rows encoded with another id order or models than the shard's "
+                    "(schemas.arrow.with_id_order, schemas.coding)"
                 )
         tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
         self._buffer.append(table)
@@ -182,12 +216,38 @@ class ShardWriter:
             self._flush()
         return tokens
 
+    def write_results(self, results: pa.Table) -> int:
+        """Add the server's answers (result rows with the source columns), encoded here (``encode_rows``);
+        returns their token count. A compact shard holds its first ``FIT_TOKENS`` tokens (``FIT_BYTES``) back,
+        so that its id order and entropy models are those of all of them (they are written with the rest)."""
+        if not self._fitting():
+            return self.write(encode_rows(results, self.schema))
+        tokens = int(pc.sum(pc.list_value_length(results.column("input_ids"))).as_py() or 0)
+        self._held.append(results)
+        self._held_tokens += tokens
+        self._held_bytes += results.nbytes
+        if self._held_tokens >= FIT_TOKENS or self._held_bytes >= FIT_BYTES:
+            self._release()
+        return tokens
+
+    def _fitting(self) -> bool:
+        """Whether this is a compact shard whose id order is not counted yet."""
+        meta = self.schema.metadata or {}
+        return "id_order" in self.schema.names and ID_ORDER_KEY not in meta and not self._buffer
+
+    def _release(self) -> None:
+        """Encode and add the answers held back (their order and models are the shard's)."""
+        if self._held:
+            held, self._held, self._held_tokens, self._held_bytes = self._held, [], 0, 0
+            self.write(encode_rows(pa.concat_tables(held), self.schema))
+
     def _open(self, first: pa.Table) -> pq.ParquetWriter:
         if self._writer is None:
             self.encodings = choose_encodings(first, self.compression_level)
             self._writer = pq.ParquetWriter(
                 self._sink,
                 self.schema,
+                store_schema=not _plain_types(self.schema),
                 **_writer_options(self.encodings, self.compression_level),
             )
         return self._writer
@@ -211,10 +271,14 @@ class ShardWriter:
 
     def commit(self) -> ShardStats:
         """Flush, fsync, rename into place; the shard is complete once this returns."""
+        self._release()
         self._flush()
         self._wait()
         self._pool.shutdown()
-        self._open(self.schema.empty_table()).close()
+        writer = self._open(self.schema.empty_table())
+        if _plain_types(self.schema) and self.schema.metadata:
+            writer.add_key_value_metadata(self.schema.metadata)  # no Arrow schema holds it (_plain_types)
+        writer.close()
         self._sink.close()
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -3,9 +3,10 @@
 __version__ = "0.1.0"
 
 #: Version of the cache row layout and its metadata; bumped on any incompatible change. Readers still
-#: read versions 2 (every column as the server sends it; ``schemas/arrow.py``) and 3 (``uint8-gap`` with
-#: plain ``topk_ids``; 4 stores them as ``topk_id_codes``: ``schemas/formats.py``).
-SCHEMA_VERSION = 4
+#: read versions 2 (every column as the server sends it; ``schemas/arrow.py``), 3 (``uint8-gap`` with
+#: plain ``topk_ids``) and 4 (its ids as ``topk_id_codes``: ``schemas/formats.py``); 5 entropy-codes them
+#: in one ``coded`` blob a row (``schemas/coding.py``).
+SCHEMA_VERSION = 5
 
 #: Media type of an Arrow IPC stream, the compact answer of ``POST /v1/topk``.
 ARROW_STREAM = "application/vnd.apache.arrow.stream"

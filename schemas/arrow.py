@@ -12,18 +12,21 @@ One row per scored sequence. With ``n = len(input_ids)``:
 
 Logprobs are those of ``softmax(logits / T)`` at the cache's temperature T. That is what the server
 sends (``result_schema``). A cache stores it in a format of its own (``cache_schema`` with ``k``,
-schema 3 and 4): the top-k as fixed-size lists of k, the logprobs as ``--logprob-dtype`` says
+schema 3 to 5): the top-k as fixed-size lists of k, the logprobs as ``--logprob-dtype`` says
 (``schemas.formats``: ``uint8-gap`` replaces ``topk_logprobs`` with ``topk_top1`` and ``topk_gaps``,
-``topk_ids`` with ``topk_id_codes`` and ``sample_ids`` with ``sample_rank_gaps``, schema 4; schema 3 stored
-``topk_ids`` and ``sample_id_gaps``), counts in the smallest type that holds N and
-``sample_logprobs`` only when asked. ``encode_rows``
-turns results into that layout; ``topk_logprobs_of`` and ``decode_rows`` read any layout back,
-schema 2's included (lists of any width, int16 counts, every column).
+``topk_ids`` with ``topk_id_codes`` and ``sample_ids`` with ``sample_rank_gaps``, schema 4; schema 5 codes
+those, ``sample_in_topk`` and ``sample_counts`` into one ``coded`` blob a row (``schemas.coding``) beside
+``sample_lengths``; schema 3 stored ``topk_ids`` and ``sample_id_gaps``), counts in the smallest type that
+holds N and ``sample_logprobs`` only when asked. ``encode_rows`` turns results into that layout (schema 5
+by way of schema 4's: ``_coded``); ``uncoded`` turns schema 5's rows back into schema 4's, and
+``topk_logprobs_of`` and ``decode_rows`` read any layout back, schema 2's included (lists of any width,
+int16 counts, every column).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,13 +36,18 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from teacher_farm.schemas import SCHEMA_VERSION, coding
 from teacher_farm.schemas.errors import InputError
 from teacher_farm.schemas.formats import (
+    GAP_CLIP,
     MASK_SLOTS,
+    StoredDraws,
     anchors,
     count_dtype,
     decode_gaps,
     decode_topk_ids,
+    draws_from_stored,
+    draws_to_stored,
     encode_gaps,
     encode_topk_ids,
     frequency_order,
@@ -49,6 +57,7 @@ from teacher_farm.schemas.formats import (
     ids_from_gaps,
     logprob_format,
     next_tokens,
+    place_in_position,
     split_by_topk,
     to_ranks,
     unpack_order,
@@ -140,6 +149,7 @@ def cache_schema(
     k: int | None = None,
     samples: int | None = None,
     sample_logprobs: bool = True,
+    version: int = SCHEMA_VERSION,
 ) -> pa.Schema:
     """Schema of one cache row: ``id``, ``line``, ``source``, ``offset``, then the stored result columns.
 
@@ -148,7 +158,10 @@ def cache_schema(
     in the smallest type that holds ``samples`` draws, and ``sample_logprobs`` only with
     ``sample_logprobs`` (``uint8-gap``: ``sample_id_gaps`` in place of ``sample_ids``). Without
     ``k``: the result columns as the server sends them (lists of any width, int16 counts, every
-    column), the layout of schema 2.
+    column), the layout of schema 2. ``uint8-gap`` at ``version`` 5 (the default; 4 for the layout
+    before it): one ``coded`` blob per row (``schemas.coding``) in place of ``topk_id_codes``,
+    ``topk_gaps``, ``sample_in_topk``, ``sample_rank_gaps`` and ``sample_counts``, and
+    ``sample_lengths``, the distinct draws per position.
     """
     fmt = logprob_format(logprob_dtype)
     if k is None:
@@ -160,6 +173,8 @@ def cache_schema(
         raise ValueError(f"targets must be one of {TARGET_KINDS}, not {targets!r}")
     if k < 1:
         raise ValueError(f"k must be at least 1, not {k}")
+    if fmt.gaps and version >= 5:
+        return _coded_schema(targets, k, samples, sample_logprobs)
     value = LOGPROB_DTYPES[fmt.value_dtype]
     fields = [pa.field("id", pa.string()), *SOURCE_FIELDS, pa.field("input_ids", pa.list_(pa.int32()))]
     if fmt.gaps:
@@ -185,6 +200,55 @@ def cache_schema(
         if sample_logprobs:
             fields.append(pa.field("sample_logprobs", pa.list_(pa.list_(value))))
     return pa.schema(fields)
+
+
+def _coded_schema(targets: str, k: int, samples: int | None, sample_logprobs: bool) -> pa.Schema:
+    """Schema 5's ``uint8-gap`` row; ``coded`` says in its field metadata what its blob holds."""
+    count = pa.from_numpy_dtype(np.dtype(count_dtype(samples))) if samples else pa.int16()
+    coded = {b"targets": targets.encode(), b"k": str(k).encode(), b"samples": str(samples or 0).encode()}
+    fields = [
+        pa.field("id", pa.string()),
+        *SOURCE_FIELDS,
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("id_order", pa.int64()),
+    ]
+    if targets != "sampled":
+        fields.append(pa.field("topk_top1", pa.list_(pa.float16())))
+    fields += [
+        pa.field("coded", pa.binary(), metadata=coded),
+        pa.field("target_logprobs", pa.list_(pa.float16())),
+        pa.field("target_ranks", pa.list_(pa.int32())),
+    ]
+    if targets != "topk":
+        fields.append(pa.field("sample_lengths", pa.list_(count)))
+        if sample_logprobs:
+            fields.append(pa.field("sample_logprobs", pa.list_(pa.list_(pa.float16()))))
+    return pa.schema(fields)
+
+
+def _coded_shape(schema: pa.Schema) -> tuple[str, int, int]:
+    """What a schema 5 schema's blobs hold: targets, k and draws, from ``coded``'s field metadata (a schema
+    ``cache_schema`` made) or the shard's models (a schema read from a file, which holds no Arrow schema)."""
+    meta = schema.field("coded").metadata or {}
+    if b"targets" in meta:
+        return meta[b"targets"].decode(), int(meta[b"k"]), int(meta[b"samples"])
+    models = models_of(schema)
+    targets = "both" if models.k and models.samples else "topk" if models.k else "sampled"
+    return targets, models.k or 1, models.samples
+
+
+def _uncoded_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema 4 layout of a schema 5 ``uint8-gap`` row (what ``coded`` and ``sample_lengths`` hold)."""
+    targets, k, samples = _coded_shape(schema)
+    out = cache_schema(
+        "uint8-gap",
+        targets,
+        k=k,
+        samples=samples or None,
+        sample_logprobs="sample_logprobs" in schema.names,
+        version=4,
+    )
+    return out.with_metadata(schema.metadata or {})
 
 
 def with_source_columns(
@@ -341,6 +405,15 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
     from teacher_farm.schemas.positions import thicken, thin
 
     table, kept = thicken(table)  # a position rule's dropped positions: encoded as placeholders, nulled after
+    if "coded" in schema.names:
+        encoded = _coded(_encoded(table, _uncoded_schema(schema), kept), schema, kept, table)
+    else:
+        encoded = _encoded(table, schema, kept)
+    return encoded if kept is None else thin(encoded, kept)
+
+
+def _encoded(table: pa.Table, schema: pa.Schema, kept: np.ndarray | None) -> pa.Table:
+    """``encode_rows`` of rows with every position filled (``thicken``; ``kept``: those with targets)."""
     names = set(schema.names)
     made: dict[str, pa.Array] = {}
     if "id_order" in names:
@@ -411,8 +484,329 @@ def encode_rows(table: pa.Table, schema: pa.Schema) -> pa.Table:
             continue
         col = table.column(field.name)
         columns.append(col if col.type == field.type else col.cast(field.type))
-    encoded = pa.Table.from_arrays(columns, schema=schema)
-    return encoded if kept is None else thin(encoded, kept)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _coded(rows: pa.Table, schema: pa.Schema, kept: np.ndarray | None, results: pa.Table) -> pa.Table:
+    """Schema 4 ``uint8-gap`` rows (every position filled; ``results`` what they were encoded from) as schema
+    5's: their integer values coded per row (``schemas.coding``) under the models of ``schema``'s metadata,
+    or of these rows when it has none."""
+    targets, k, samples = _coded_shape(schema)
+    n = list_lengths(combined(rows, "input_ids"))
+    sel = np.ones(int(n.sum()), bool) if kept is None else kept
+    values = coding.Values()
+    if targets != "sampled":
+        values.codes = _topk_matrix(combined(rows, "topk_id_codes"), "topk_id_codes")[1][sel]
+        if k > 1:
+            values.gaps = _topk_matrix(combined(rows, "topk_gaps"), "topk_gaps")[1][sel]
+    distinct = None
+    if targets != "topk":
+        counts = combined(rows, "sample_counts").flatten()
+        distinct = list_lengths(counts)
+        named = np.zeros(len(distinct), np.int64)
+        if targets == "both":
+            mask = flat_values(combined(rows, "sample_in_topk")).to_numpy(zero_copy_only=False)
+            drawn = (mask[:, None] >> np.arange(min(k, MASK_SLOTS))) & 1 == 1
+            named = drawn.sum(axis=1)
+            values.drawn = drawn[sel]
+        # Draws named by the anchor's draws or as the next token, the others by rank (draws_to_stored).
+        order, _ = id_order_of(rows.schema)
+        owner = np.repeat(np.arange(len(distinct)), distinct)
+        slot = np.full(len(owner), -1, np.int64)
+        ranks = np.empty(len(owner), np.int64)
+        is_named = place_in_position(distinct) < np.repeat(named, distinct)
+        if targets == "both":
+            where, slots = np.nonzero(drawn)
+            slot[is_named] = slots
+            ids = _topk_matrix(combined(results, "topk_ids"), "topk_ids")[1]
+            ranks[is_named] = to_ranks(ids[where, slots], order)
+        rank_gaps = flat_values(combined(rows, "sample_rank_gaps")).to_numpy(zero_copy_only=False)
+        ranks[~is_named] = ids_from_gaps(rank_gaps, distinct - named)
+        tokens = flat_values(combined(rows, "input_ids")).to_numpy(zero_copy_only=False)
+        stored, perm = draws_to_stored(owner, slot, ranks, anchors(tokens, n, kept), _next_ranks(rows, n))
+        values.distinct, values.next_drawn = distinct[sel], stored.next_drawn[sel]
+        values.anchor_slots, values.from_anchor = stored.anchor_slots[sel], stored.from_anchor
+        values.rank_gaps = id_gaps(stored.others, values.rest())
+        values.counts = flat_values(counts).to_numpy(zero_copy_only=False).astype(np.int64)[perm]
+        rows = _reordered_draws(rows, n, distinct, perm)
+    if targets != "sampled":
+        rows = _targets_by_slot(rows, sel)
+    shard = rows.schema.metadata or {}
+    packed = (schema.metadata or {}).get(coding.CODING_KEY)
+    if packed is None:
+        models = coding.Models.fit(
+            values, 0 if targets == "sampled" else k, 0 if targets == "topk" else samples
+        )
+        packed = models.pack()
+    schema = schema.with_metadata({**shard, **(schema.metadata or {}), coding.CODING_KEY: packed})
+    row = np.repeat(np.arange(len(n)), n)
+    blobs = coding.encode(models_of(schema), values, np.bincount(row[sel], minlength=len(n)))
+    made = {
+        "coded": pa.array(blobs, pa.binary()),
+        "id_order": pa.array(np.full(len(n), shard_checksum(schema), np.int64)),
+    }
+    if distinct is not None:
+        value_type = schema.field("sample_lengths").type.value_type
+        made["sample_lengths"] = _list(n, pa.array(distinct).cast(value_type))
+    columns = [made[f.name] if f.name in made else rows.column(f.name) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _next_ranks(rows: pa.Table, n: np.ndarray) -> npt.NDArray[np.int64]:
+    """Each position's next token as its rank in the shard's id order (``to_ranks``); -1 at a row's last."""
+    order, _ = id_order_of(rows.schema)
+    nxt = next_tokens(flat_values(combined(rows, "input_ids")).to_numpy(zero_copy_only=False), n)
+    out: npt.NDArray[np.int64] = np.where(nxt >= 0, to_ranks(np.maximum(nxt, 0), order), -1)
+    return out
+
+
+def _reordered_draws(rows: pa.Table, n: np.ndarray, distinct: np.ndarray, perm: np.ndarray) -> pa.Table:
+    """``rows`` with ``sample_logprobs`` (when stored) in the order ``perm`` (every position filled)."""
+    if "sample_logprobs" not in rows.column_names:
+        return rows
+    i = rows.schema.get_field_index("sample_logprobs")
+    values = flat_values(combined(rows, "sample_logprobs")).take(pa.array(perm))
+    return rows.set_column(
+        i, rows.schema.field(i), _ragged(n, distinct, values.to_numpy(zero_copy_only=False))
+    )
+
+
+#: ``target_ranks`` of schema 5 where the next token is among the position's top-k: its rank and logprob are
+#: those of its slot (``topk_id_codes`` 0), and ``target_logprobs`` holds 0 there.
+BY_SLOT = 0
+
+
+def _target_positions(n: np.ndarray) -> npt.NDArray[np.int64]:
+    """The position of each target (``target_logprobs`` value): every position of a row but its last."""
+    n = np.asarray(n, np.int64)
+    last = np.zeros(int(n.sum()), bool)
+    last[(np.cumsum(n) - 1)[n > 0]] = True
+    out: npt.NDArray[np.int64] = np.flatnonzero(~last)
+    return out
+
+
+def _slots_of_next(codes: np.ndarray) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Per position whether its next token is among its top-k (an id code 0), and its slot."""
+    is_next = np.asarray(codes) == 0
+    out: npt.NDArray[np.int64] = is_next.argmax(axis=1)
+    return is_next.any(axis=1), out
+
+
+def _set_targets(rows: pa.Table, ranks: np.ndarray, logprobs: np.ndarray) -> pa.Table:
+    n = np.maximum(list_lengths(combined(rows, "input_ids")) - 1, 0)
+    for name, values in (("target_ranks", ranks), ("target_logprobs", logprobs)):
+        if name in rows.column_names:
+            i = rows.schema.get_field_index(name)
+            value_type = rows.schema.field(i).type.value_type
+            rows = rows.set_column(i, rows.schema.field(i), _list(n, pa.array(values).cast(value_type)))
+    return rows
+
+
+def _targets_by_slot(rows: pa.Table, kept: np.ndarray) -> pa.Table:
+    """Schema 4 rows with ``target_ranks`` ``BY_SLOT`` (and ``target_logprobs`` 0) where a kept position's
+    next token is among its top-k at the slot of its rank, not clipped (what the top-k reads back for it)."""
+    n = list_lengths(combined(rows, "input_ids"))
+    pos = _target_positions(n)
+    ranks = flat_values(combined(rows, "target_ranks")).to_numpy(zero_copy_only=False).astype(np.int64)
+    logprobs = flat_values(combined(rows, "target_logprobs")).to_numpy(zero_copy_only=False).copy()
+    codes = _topk_matrix(combined(rows, "topk_id_codes"), "topk_id_codes")[1][pos]
+    inside, slot = _slots_of_next(codes)
+    ok = inside & kept[pos] & (ranks == slot + 1)
+    if "topk_gaps" in rows.column_names:
+        steps = np.cumsum(
+            _topk_matrix(combined(rows, "topk_gaps"), "topk_gaps")[1][pos], axis=1, dtype=np.int32
+        )
+        below = np.take_along_axis(np.pad(steps, ((0, 0), (1, 0))), slot[:, None], axis=1)[:, 0]
+        ok &= below < GAP_CLIP
+    ranks[ok] = BY_SLOT
+    logprobs[ok] = 0
+    return _set_targets(rows, ranks, logprobs)
+
+
+def _targets_from_slot(rows: pa.Table) -> pa.Table:
+    """Rows read from schema 5: each ``target_ranks`` ``BY_SLOT`` replaced by its slot's rank and logprob."""
+    if "target_ranks" not in rows.column_names:
+        if "target_logprobs" in rows.column_names and "topk_id_codes" in rows.column_names:
+            raise InputError("malformed cache rows: schema 5's target_logprobs read without target_ranks")
+        return rows
+    n = list_lengths(combined(rows, "input_ids" if "input_ids" in rows.column_names else "topk_top1"))
+    ranks = flat_values(combined(rows, "target_ranks")).to_numpy(zero_copy_only=False).astype(np.int64)
+    marked = ranks == BY_SLOT
+    if not marked.any():
+        return rows
+    if "topk_id_codes" not in rows.column_names:
+        raise InputError("malformed cache rows: targets read by their top-k slot without the top-k")
+    pos = _target_positions(n)[marked]
+    inside, slot = _slots_of_next(_topk_matrix(combined(rows, "topk_id_codes"), "topk_id_codes")[1][pos])
+    if not inside.all():
+        raise InputError(
+            "malformed cache rows: a target read by its top-k slot whose token is not among them"
+        )
+    ranks[marked] = slot + 1
+    logprobs = np.zeros(len(ranks), np.float32)
+    if "target_logprobs" in rows.column_names:
+        logprobs = (
+            flat_values(combined(rows, "target_logprobs")).to_numpy(zero_copy_only=False).astype(np.float32)
+        )
+        logprobs[marked] = np.take_along_axis(topk_logprobs_of(rows)[pos], slot[:, None], axis=1)[:, 0]
+    return _set_targets(rows, ranks, logprobs)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """What a schema 5 table's blobs hold, and the shape they were read with (``_decode_coded``)."""
+
+    models: coding.Models
+    values: coding.Values
+    n: np.ndarray
+    kept: np.ndarray
+    distinct: np.ndarray | None
+    anchor: np.ndarray | None
+    tokens: np.ndarray | None
+
+
+def _decode_coded(table: pa.Table) -> _Decoded:
+    """Decode a schema 5 table's ``coded`` blobs; ``InputError`` when the rows are malformed."""
+    models = models_of(table.schema)  # what the blobs hold (a shard may have no Arrow schema)
+    names = table.column_names
+    shape = "topk_top1" if models.k else "sample_lengths"
+    if shape not in names:
+        raise InputError(f"malformed cache rows: coded rows read without {shape}")
+    outer = combined(table, shape)
+    n = list_lengths(outer)
+    kept = outer.flatten().is_valid().to_numpy(zero_copy_only=False)
+    row = np.repeat(np.arange(len(n)), n)
+    per_row = np.bincount(row[kept], minlength=len(n))
+    distinct = None
+    if "sample_lengths" in names:
+        lengths = combined(table, "sample_lengths")
+        if not np.array_equal(list_lengths(lengths), n):
+            raise InputError("malformed cache rows: sample_lengths does not match the rows' positions")
+        distinct = lengths.flatten().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if (combined(table, "id_order").to_numpy(zero_copy_only=False) != shard_checksum(table.schema)).any():
+        raise InputError("malformed cache rows: rows of a compact shard read with another shard's id order")
+    blobs = combined(table, "coded").to_pylist()
+    anchor = slots = tokens = None
+    if distinct is not None:  # the draws name those of the position's anchor: how many it has
+        if "input_ids" not in names:
+            raise InputError("malformed cache rows: coded draws read without input_ids")
+        tokens = flat_values(combined(table, "input_ids")).to_numpy(zero_copy_only=False)
+        anchor = anchors(tokens, n, kept)
+        slots = np.where(anchor != np.arange(len(anchor)), distinct[anchor], 0)[kept]
+    try:
+        values = coding.decode(models, blobs, per_row, None if distinct is None else distinct[kept], slots)
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise InputError(f"malformed cache rows: a coded row ({exc})") from None
+    return _Decoded(models, values, n, kept, distinct, anchor, tokens)
+
+
+def coded_values(table: pa.Table) -> tuple[coding.Models, coding.Values]:
+    """The models and values of a schema 5 table's blobs (what ``benchmarks/formats.py`` splits by kind)."""
+    d = _decode_coded(table)
+    return d.models, d.values
+
+
+def uncoded(table: pa.Table) -> pa.Table:
+    """Schema 5 ``uint8-gap`` rows in schema 4's layout (``coded`` and ``sample_lengths`` decoded into
+    ``topk_id_codes``, ``topk_gaps``, ``sample_in_topk``, ``sample_rank_gaps`` and ``sample_counts``);
+    other rows as they are. Without ``sample_lengths`` only the top-k is decoded. ``InputError`` when the
+    rows are malformed."""
+    if "coded" not in table.column_names:
+        return table
+    from teacher_farm.schemas.positions import thin
+
+    d = _decode_coded(table)
+    models, values, n, kept, distinct, anchor, tokens = (
+        d.models,
+        d.values,
+        d.n,
+        d.kept,
+        d.distinct,
+        d.anchor,
+        d.tokens,
+    )
+    k = models.k
+    P = len(kept)
+    made: dict[str, pa.Array] = {}
+    if values.codes is not None:
+        codes = np.zeros((P, k), np.int32)
+        codes[kept] = values.codes
+        made["topk_id_codes"] = _fixed(n, k, codes.reshape(-1))
+        if values.gaps is not None:
+            gaps = np.zeros((P, k - 1), np.uint8)
+            gaps[kept] = values.gaps
+            made["topk_gaps"] = _list(n, pa.FixedSizeListArray.from_arrays(pa.array(gaps.reshape(-1)), k - 1))
+    if values.counts is not None:
+        assert distinct is not None and values.rank_gaps is not None and values.next_drawn is not None
+        assert anchor is not None and values.from_anchor is not None and values.anchor_slots is not None
+        flags, slots = np.zeros(P, bool), np.zeros(P, np.int64)
+        flags[kept], slots[kept] = values.next_drawn, values.anchor_slots
+        named_owner, named_slots = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        named_ranks = np.zeros(0, np.int64)
+        order, _ = id_order_of(table.schema)
+        try:
+            if values.drawn is not None:
+                drawn = np.zeros((P, values.drawn.shape[1]), bool)
+                drawn[kept] = values.drawn
+                made["sample_in_topk"] = _list(
+                    n, pa.array((drawn.astype(np.int64) << np.arange(drawn.shape[1])).sum(1))
+                )
+                named_owner, named_slots = np.nonzero(drawn)
+                placeholder = np.where(kept[:, None], codes, k + 1 + order.size)  # dropped: id 0
+                assert tokens is not None
+                ids = decode_topk_ids(placeholder, next_tokens(tokens, n), anchor, order)
+                named_ranks = to_ranks(ids[named_owner, named_slots], order)
+            stored = StoredDraws(
+                slots, values.from_anchor, flags, ids_from_gaps(values.rank_gaps, values.rest())
+            )
+            rest, ranks, perm = draws_from_stored(
+                stored, distinct, named_owner, named_ranks, anchor, _next_ranks(table, n)
+            )
+        except ValueError as exc:
+            raise InputError(f"malformed cache rows: {exc}") from None
+        made["sample_rank_gaps"] = _ragged(n, rest, id_gaps(ranks, rest).astype(np.int32))
+        count_type = table.schema.field("sample_lengths").type.value_type
+        counts = pa.array(values.counts[perm]).cast(count_type).to_numpy()
+        made["sample_counts"] = _ragged(n, distinct, counts)
+        table = _reordered_draws(table, n, distinct, perm)
+    columns, fields = [], []
+    for f in table.schema:
+        if f.name == "coded":
+            for name in ("topk_id_codes", "topk_gaps", "sample_in_topk", "sample_rank_gaps", "sample_counts"):
+                if name in made:
+                    columns.append(made[name])
+                    fields.append(pa.field(name, made[name].type))
+        elif f.name != "sample_lengths":
+            columns.append(table.column(f.name))
+            fields.append(f)
+    out = pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=table.schema.metadata))
+    out = _targets_from_slot(out)
+    return out if kept.all() else thin(out, kept)
+
+
+def models_of(schema: pa.Schema) -> coding.Models:
+    """The entropy models in a schema 5 shard's metadata; ``InputError`` when absent or malformed."""
+    packed = (schema.metadata or {}).get(coding.CODING_KEY)
+    if packed is None:
+        raise InputError(
+            "malformed cache rows: coded rows without their shard's models (read a shard's rows with its "
+            "Parquet metadata, one shard at a time)"
+        )
+    try:
+        return _models(packed)
+    except (ValueError, zlib.error) as exc:
+        raise InputError(f"malformed cache metadata: the shard's entropy models ({exc})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _models(packed: bytes) -> coding.Models:
+    return coding.Models.unpack(packed)
+
+
+def shard_checksum(schema: pa.Schema) -> int:
+    """What every row of a compact shard holds in ``id_order``: the checksum of its id order (and models)."""
+    meta = schema.metadata or {}
+    return zlib.crc32(meta.get(ID_ORDER_KEY, b"") + meta.get(coding.CODING_KEY, b""))
 
 
 def with_id_order(schema: pa.Schema, table: pa.Table) -> pa.Schema:
@@ -447,6 +841,7 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
     ``topk_logprobs`` (lists of any width, or fixed-size) as they are; ``topk_top1`` / ``topk_gaps``
     decoded (``schemas.formats.decode_gaps``). ``InputError`` when the rows are malformed.
     """
+    table = uncoded(table)
     if "topk_top1" not in table.column_names:
         return _topk_matrix(combined(table, "topk_logprobs"), "topk_logprobs")[1].astype(np.float32)
     outer = combined(table, "topk_top1")
@@ -463,6 +858,8 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
 def _checked_order(table: pa.Table) -> tuple[np.ndarray, int]:
     """The id order of compact rows, checked against every row's ``id_order``."""
     order, checksum = id_order_of(table.schema)
+    if coding.CODING_KEY in (table.schema.metadata or {}):
+        checksum = shard_checksum(table.schema)
     if (
         "id_order" not in table.column_names
         or (combined(table, "id_order").to_numpy(zero_copy_only=False) != checksum).any()
@@ -475,6 +872,7 @@ def topk_ids_of(table: pa.Table, kept: np.ndarray | None = None) -> tuple[np.nda
     """Per-row lengths and the rows' (positions, k) top-k ids, int64, from ``topk_ids`` or ``topk_id_codes``
     (decoded with ``input_ids``: ``schemas.formats.decode_ids``). ``kept``: the positions that kept their
     targets (``--positions``; the rest read as 0). ``InputError`` when the rows are malformed."""
+    table = uncoded(table)
     if "topk_id_codes" not in table.column_names:
         n, ids = _topk_matrix(combined(table, "topk_ids"), "topk_ids")
         return n, ids.astype(np.int64)
@@ -507,6 +905,7 @@ def sample_order(
     """``sample_ids_of``, and where each id's counts and logprobs are stored (``values[perm]`` reads them in
     the ids' order); None when they are stored in that order already. A compact cache with top-k targets
     names the draws among them by ``sample_in_topk``, decoded against the top-k (``topk_ids`` if given)."""
+    table = uncoded(table)
     names = table.column_names
     name = next(c for c in ("sample_rank_gaps", "sample_id_gaps", "sample_ids") if c in names)
     inner = combined(table, name).flatten()
@@ -546,7 +945,7 @@ def decode_rows(table: pa.Table) -> pa.Table:
     cache's dropped positions stay null."""
     from teacher_farm.schemas.positions import thicken, thin
 
-    table, kept = thicken(table)
+    table, kept = thicken(uncoded(table))
     if "topk_id_codes" in table.column_names:
         n, ids = topk_ids_of(table, kept)
         column = _fixed(n, ids.shape[1], ids.reshape(-1).astype(np.int32))

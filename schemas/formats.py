@@ -44,6 +44,11 @@ row holds in ``id_order``), so that frequent ids become small numbers, and:
   stored as differences of those ranks (the first as it is). ``sample_counts`` and ``sample_logprobs``
   follow the stored order; read back, the ids are ascending again and their counts and logprobs with them.
 
+Schema 5 keeps those codes and entropy-codes them with the gaps and the draws in one ``coded`` blob a row
+(``schemas.coding``); its draws are named in their own order (``draws_to_stored``: by top-k slot, by the
+anchor's draws, the next token, then by rank), and a target among the top-k at its rank's slot reads its
+rank and logprob there (``schemas.arrow``).
+
 Everything here is numpy on whole arrays; ``schemas.arrow`` puts it into Arrow columns.
 """
 
@@ -284,8 +289,9 @@ def decode_ids(
     return ids
 
 
-#: An id seen fewer times than this in a shard's first rows is left out of its order (``len(order) + id``):
-#: naming it in the shard's metadata would cost more than its smaller code saves.
+#: An id seen fewer times than this in a shard's first rows is left out of its order (``len(order) + id``).
+#: On the real teacher's cache of the reference manual (k=16, N=64, the order counted on the first 64k tokens;
+#: 2026-12-07) 2, 4 and 8 wrote within 0.1 byte a token of each other, and 2 the smallest for draws and both.
 ORDER_MIN_COUNT = 2
 
 
@@ -461,3 +467,135 @@ def from_mask(mask: np.ndarray, topk: np.ndarray) -> tuple[npt.NDArray[np.int64]
     if (np.asarray(mask, np.int64) >> slots.shape[1]).any():
         raise ValueError("a draw named by a top-k slot the position does not have")
     return bits.sum(axis=1), slots[bits]
+
+
+def place_in_position(lengths: np.ndarray) -> npt.NDArray[np.int64]:
+    """Each value's index within its position (``lengths[p]`` values a position)."""
+    lengths = np.asarray(lengths, np.int64)
+    out: npt.NDArray[np.int64] = np.arange(int(lengths.sum())) - np.repeat(
+        np.cumsum(lengths) - lengths, lengths
+    )
+    return out
+
+
+#: Schema 5's groups of a position's draws, in their stored order (``draws_to_stored``).
+BY_SLOT, BY_ANCHOR, BY_NEXT, BY_RANK = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class StoredDraws:
+    """A cache's draws as schema 5 names them (``draws_to_stored``): per position, those named by a top-k
+    slot, then those among its anchor's draws (``from_anchor``: a flag per draw of the anchor, its draws by
+    rank; ``anchor_slots`` of them a position, 0 at an anchor), then its next token (``next_drawn``), then the
+    others by rank (``others``, ascending within each position)."""
+
+    anchor_slots: npt.NDArray[np.int64]
+    from_anchor: npt.NDArray[np.bool_]
+    next_drawn: npt.NDArray[np.bool_]
+    others: npt.NDArray[np.int64]
+
+
+def _anchor_lists(
+    owner: np.ndarray, ranks: np.ndarray, anchor: np.ndarray
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The draws of the positions that are their own anchor, by rank: (position * big + rank) sorted, where
+    each position's list starts, and ``big``."""
+    P = len(anchor)
+    is_anchor = anchor == np.arange(P)
+    own = is_anchor[owner]
+    big = int(ranks.max(initial=0)) + 1
+    keys = np.sort(owner[own].astype(np.int64) * big + ranks[own])
+    sizes = np.bincount(owner[own], minlength=P)
+    return keys, np.cumsum(sizes) - sizes, np.int64(big)
+
+
+def draws_to_stored(
+    owner: np.ndarray, named: np.ndarray, ranks: np.ndarray, anchor: np.ndarray, next_rank: np.ndarray
+) -> tuple[StoredDraws, npt.NDArray[np.int64]]:
+    """Draws in schema 4's order (each position's named by a top-k slot first, then the others by rank) in
+    schema 5's (``StoredDraws``), and where each value comes from (``values[perm]`` is the new order).
+
+    ``owner``: each draw's position; ``named``: its top-k slot (-1: none); ``ranks``: its rank in the
+    shard's id order; ``anchor``: each position's (``anchors``); ``next_rank``: the rank of each position's
+    next token (-1: none).
+    """
+    owner, named, ranks = (np.asarray(a, np.int64) for a in (owner, named, ranks))
+    anchor, next_rank = np.asarray(anchor, np.int64), np.asarray(next_rank, np.int64)
+    P = len(anchor)
+    distinct = np.bincount(owner, minlength=P)
+    keys, starts, big = _anchor_lists(owner, ranks, anchor)
+    of = anchor[owner]
+    wanted = of * big + ranks
+    at = np.searchsorted(keys, wanted)
+    found = (of != owner) & (named < 0) & (at < len(keys))
+    if len(keys):
+        found &= keys[np.minimum(at, len(keys) - 1)] == wanted
+    place = at - starts[of]
+    group = np.where(named >= 0, BY_SLOT, np.where(found, BY_ANCHOR, BY_RANK))
+    is_next = (group == BY_RANK) & (ranks == next_rank[owner])
+    group[is_next] = BY_NEXT
+    key = np.select([group == BY_SLOT, group == BY_ANCHOR], [named, place], ranks)
+    span = max(int(big), MASK_SLOTS, int(distinct.max(initial=0))) + 1  # above every key
+    perm = np.argsort((owner * 4 + group) * span + key)
+    slots = np.where(anchor != np.arange(P), distinct[anchor], 0)
+    bits = np.zeros(int(slots.sum()), bool)
+    bits[(np.cumsum(slots) - slots)[owner[found]] + place[found]] = True
+    flags = np.zeros(P, bool)
+    flags[owner[is_next]] = True
+    others = ranks[perm][group[perm] == BY_RANK]
+    return StoredDraws(slots, bits, flags, others), perm
+
+
+def draws_from_stored(
+    stored: StoredDraws,
+    distinct: np.ndarray,
+    named_owner: np.ndarray,
+    named_ranks: np.ndarray,
+    anchor: np.ndarray,
+    next_rank: np.ndarray,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The inverse of ``draws_to_stored``, given the draws per position (``distinct``) and those named by a
+    top-k slot (their positions and ranks, in slot order): per position the draws not named by a slot, by
+    rank (how many, and their ranks), and where each value of schema 4's order comes from (``values[perm]``).
+    ``ValueError`` for draws that cannot be."""
+    anchor, next_rank = np.asarray(anchor, np.int64), np.asarray(next_rank, np.int64)
+    named_owner, named_ranks = np.asarray(named_owner, np.int64), np.asarray(named_ranks, np.int64)
+    P = len(anchor)
+    is_anchor = anchor == np.arange(P)
+    flags = np.asarray(stored.next_drawn, bool)
+    if (next_rank[flags] < 0).any():
+        raise ValueError("a draw named as the next token at a row's last position")
+    slots, bits = np.asarray(stored.anchor_slots, np.int64), np.asarray(stored.from_anchor, bool)
+    if (slots[is_anchor] != 0).any() or (slots[~is_anchor] != np.asarray(distinct)[anchor[~is_anchor]]).any():
+        raise ValueError("flags for the draws of an anchor that has other draws")
+    slot_owner = np.repeat(np.arange(P), slots)
+    anchor_owner = slot_owner[bits]
+    named = np.bincount(named_owner, minlength=P)
+    other_counts = np.asarray(distinct, np.int64) - named - np.bincount(anchor_owner, minlength=P) - flags
+    others = np.asarray(stored.others, np.int64)
+    if (other_counts < 0).any() or other_counts.sum() != others.size:
+        raise ValueError("draws that do not add up to the position's")
+    other_owner = np.repeat(np.arange(P), other_counts)
+    flag_owner = np.flatnonzero(flags)
+    # The anchors' draws (they name none by an anchor) by rank: the lists the others' flags point into.
+    own_owner = np.concatenate([named_owner, flag_owner, other_owner])
+    own_ranks = np.concatenate([named_ranks, next_rank[flag_owner], others])
+    keys, starts, big = _anchor_lists(own_owner, own_ranks, anchor)
+    anchor_ranks = (keys % big)[(starts[anchor[slot_owner]] + place_in_position(slots))[bits]]
+    # Schema 5's order of the values: by slot, by anchor, the next token, the others; schema 4's: the slots'
+    # (as they are), then the rest by rank.
+    parts = [named_owner, anchor_owner, flag_owner, other_owner]
+    owner5 = np.concatenate(parts)
+    group5 = np.concatenate(
+        [np.full(len(x), g) for g, x in zip((BY_SLOT, BY_ANCHOR, BY_NEXT, BY_RANK), parts)]
+    )
+    ranks5 = np.concatenate([named_ranks, anchor_ranks, next_rank[flag_owner], others])
+    order5 = np.argsort(owner5 * 4 + group5, kind="stable")  # each group in the order listed
+    owner5, group5, ranks5 = owner5[order5], group5[order5], ranks5[order5]
+    span = max(int(ranks5.max(initial=0)), MASK_SLOTS) + 1
+    if (np.diff(np.sort(owner5 * span + ranks5)) == 0).any():
+        raise ValueError("a draw named twice at one position")
+    key4 = np.where(group5 == BY_SLOT, place_in_position(np.bincount(owner5, minlength=P)), ranks5)
+    perm = np.argsort((owner5 * 2 + (group5 != BY_SLOT)) * span + key4)
+    rest = group5[perm] != BY_SLOT
+    return np.bincount(owner5[perm][rest], minlength=P), ranks5[perm][rest], perm

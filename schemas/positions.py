@@ -27,6 +27,7 @@ THINNED_COLUMNS = (
     "sample_rank_gaps",
     "sample_in_topk",
     "sample_counts",
+    "sample_lengths",
     "sample_logprobs",
 )
 

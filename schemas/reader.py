@@ -38,6 +38,7 @@ from teacher_farm.schemas.arrow import (
     sample_order,
     topk_ids_of,
     topk_logprobs_of,
+    uncoded,
 )
 from teacher_farm.schemas.cache_dir import CacheDir
 from teacher_farm.schemas.errors import InputError
@@ -65,6 +66,8 @@ COLUMNS = [
     "sample_rank_gaps",
     "sample_in_topk",
     "sample_counts",
+    "coded",
+    "sample_lengths",
     "sample_logprobs",
 ]
 
@@ -201,7 +204,7 @@ def row_group_arrays(table: pa.Table, *, renormalize: bool = False, ranks: bool 
     A cache written with ``--positions`` gives ``kept``; its dropped positions read as zeros. With
     ``ranks``, ``target_ranks`` too. A table without ``line`` (a teacher's answer) reads as line -1.
     """
-    table, kept = thicken(table)
+    table, kept = thicken(uncoded(table))
     if "line" in table.column_names:
         lines = combined(table, "line").to_numpy(zero_copy_only=False).astype(np.int64)
     else:
@@ -302,7 +305,42 @@ def stored_columns(columns: Sequence[str], names: Sequence[str]) -> list[str]:
     """The columns of a shard (``names``) that hold ``columns`` in its layout: ``topk_top1`` / ``topk_gaps``
     for ``topk_logprobs``, ``sample_id_gaps`` for ``sample_ids`` and ``topk_id_codes`` (and ``input_ids``,
     which decodes them) for ``topk_ids`` in a ``uint8-gap`` cache; absent ones left out."""
-    out = []
+    out: list[str] = []
+    if (
+        "coded" in names
+    ):  # schema 5: one blob a row decodes the top-k with input_ids, the draws with their lengths
+        needs = {
+            "topk_ids": ["id_order", "coded", "topk_top1", "input_ids"],
+            "topk_logprobs": ["id_order", "coded", "topk_top1"],
+            "sample_ids": ["id_order", "coded", "topk_top1", "input_ids", "sample_lengths"],
+            "sample_counts": ["id_order", "coded", "topk_top1", "input_ids", "sample_lengths"],
+            "sample_logprobs": [
+                "sample_logprobs",
+                "id_order",
+                "coded",
+                "topk_top1",
+                "input_ids",
+                "sample_lengths",
+            ],
+            # A target whose token is among the top-k reads its rank and logprob there (BY_SLOT).
+            "target_ranks": ["target_ranks", "id_order", "coded", "topk_top1", "input_ids", "sample_lengths"],
+            "target_logprobs": [
+                *(
+                    "target_logprobs",
+                    "target_ranks",
+                    "id_order",
+                    "coded",
+                    "topk_top1",
+                    "input_ids",
+                    "sample_lengths",
+                )
+            ],
+        }
+        for c in columns:
+            for x in needs.get(c, [c]):
+                if x in names and x not in out:
+                    out.append(x)
+        return out
     for c in columns:
         if c == "topk_ids" and c not in names and "topk_id_codes" in names:
             out += ["id_order", "topk_id_codes"] + ([] if "input_ids" in columns else ["input_ids"])

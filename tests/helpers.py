@@ -29,7 +29,6 @@ from teacher_farm.schemas.arrow import (
     cast_logprobs,
     encode_rows,
     results_to_table,
-    with_id_order,
     with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity, Manifest, ShardRecord
@@ -232,13 +231,14 @@ def write_cache(
             results.append(seq)
             cache.rows[line], cache.full[line] = seq, full
         tables = []
-        shard_schema = schema  # a compact shard's rows share one id order: its first rows'
+        shard_schema = schema  # a compact shard's rows share one id order and models: its first rows'
         for i in range(0, len(results), 3):
             table = with_source_columns(results_to_table(results[i : i + 3], K, targets), lines[i : i + 3])
-            shard_schema = with_id_order(shard_schema, table)
-            tables.append(
-                encode_rows(table, shard_schema) if fmt else cast_logprobs(table, dtype).cast(schema)
-            )
+            if fmt:
+                tables.append(encode_rows(table, shard_schema))
+                shard_schema = shard_schema.with_metadata(tables[-1].schema.metadata)
+            else:
+                tables.append(cast_logprobs(table, dtype).cast(schema))
         written[j] = (range(j * ROWS_PER_SHARD, (j + 1) * ROWS_PER_SHARD), tables)
     identity = {
         "model_fingerprint": "mf",

@@ -258,20 +258,29 @@ def test_sampled_ids_as_gaps_are_exact():
     np.testing.assert_array_equal(ids_from_gaps(gaps, lengths), ids)
 
 
-def test_schema_4_layout_per_format():
+def test_layout_per_format():
     for fmt in FORMATS:
-        schema = identity(fmt, sample_logprobs=False).schema()
+        schema = cache_schema(fmt, "both", k=K, samples=64, sample_logprobs=False, version=4)
         ids = "topk_id_codes" if FORMATS[fmt].gaps else "topk_ids"
         assert schema.field(ids).type.value_type == pa.list_(pa.int32(), K)
         assert schema.field("sample_counts").type.value_type.value_type == pa.uint8()
         assert "sample_logprobs" not in schema.names
         gaps = FORMATS[fmt].gaps
         assert ("topk_logprobs" in schema.names) != gaps and ("sample_rank_gaps" in schema.names) == gaps
-    schema = identity("uint8-gap").schema()
+    schema = cache_schema("uint8-gap", "both", k=K, samples=64, version=4)
     assert schema.field("topk_gaps").type.value_type == pa.list_(pa.uint8(), K - 1)
     assert schema.field("topk_top1").type.value_type == pa.float16()
     assert schema.field("sample_logprobs").type.value_type.value_type == pa.float16()
-    assert json.loads(schema.metadata[b"teacher_farm.schema_version"]) == 4
+    # Schema 5 (what a run writes): the compact format's integers in one coded blob a row.
+    schema = identity("uint8-gap").schema()
+    assert json.loads(schema.metadata[b"teacher_farm.schema_version"]) == 5
+    assert (
+        schema.field("coded").type == pa.binary() and schema.field("coded").metadata[b"k"] == str(K).encode()
+    )
+    assert not {"topk_id_codes", "topk_gaps", "sample_rank_gaps", "sample_counts"} & set(schema.names)
+    assert schema.field("sample_lengths").type.value_type == pa.uint8()
+    assert schema.field("topk_top1").type.value_type == pa.float16()
+    assert identity("float16").schema().field("topk_ids").type.value_type == pa.list_(pa.int32(), K)
     with pytest.raises(ValueError, match="give k"):
         cache_schema("uint8-gap", "topk")
     with pytest.raises(ValueError, match="float64"):
@@ -301,7 +310,8 @@ def compact_sizes(tmp_path, fmt: str) -> dict[str, float]:
 
 def test_the_compact_format_is_smaller_than_float16(tmp_path):
     half, compact = compact_sizes(tmp_path, "float16"), compact_sizes(tmp_path, "uint8-gap")
-    assert compact["topk_top1"] + compact["topk_gaps"] < 0.6 * half["topk_logprobs"]
+    values = ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts")  # what the blob codes, and top-1
+    assert compact["topk_top1"] + compact["coded"] < 0.8 * sum(half[c] for c in values)
     # Sampled ids: these draws are unrelated to the top-k and the text, so their codes gain nothing here; on
     # a real teacher they do (benchmarks/formats.py, README).
     assert sum(compact.values()) < 0.9 * sum(half.values())
@@ -403,8 +413,9 @@ def test_inspect_names_the_format_and_what_the_draws_keep(tmp_path):
     assert problems == [] and stats.num_rows == 1
     assert "logprobs uint8-gap, 64 draws (without their logprobs)" in summary
     assert (
-        "schema:     v4" in summary
-        and "topk_gaps: list<element: fixed_size_list<element: uint8>[15]>" in summary
+        "schema:     v5" in summary
+        and "coded: binary" in summary
+        and "sample_lengths: list<element: uint8>" in summary
     )
 
 

@@ -374,7 +374,12 @@ def test_every_format_stores_only_the_kept_positions_and_reads_them_back(tmp_pat
             np.ones(n - 1, np.int32),
             lengths,
             ids,
-            rng.integers(1, 9, lengths.sum()).astype(np.int16),
+            np.concatenate(
+                [
+                    np.diff([0, *np.sort(rng.choice(np.arange(1, 8), m - 1, replace=False)), 8])
+                    for m in lengths
+                ]
+            ).astype(np.int16),  # positive counts summing to the 8 draws
             rng.normal(-2, 1, lengths.sum()).astype(np.float32),
             selected=selected,
         )

@@ -25,7 +25,6 @@ from teacher_farm.schemas.arrow import (  # noqa: E402
     cache_schema,
     encode_rows,
     results_to_table,
-    with_id_order,
     with_source_columns,
 )
 from teacher_farm.schemas.cache_dir import CacheIdentity  # noqa: E402
@@ -103,15 +102,19 @@ def write_cache(
         seqs = [scored(rng, n) for n in lengths]
         rows += [(source, s) for s in seqs]
         tables = []
-        shard_schema = schema  # a compact shard's rows share one id order: its first rows'
+        shard_schema = schema  # a compact shard's rows share one id order and models: its first rows'
         for i in range(0, len(seqs), 2):
             table = with_source_columns(
                 results_to_table(seqs[i : i + 2], K, targets),
                 range(i, i + len(seqs[i : i + 2])),
                 [source] * len(seqs[i : i + 2]),
             )
-            shard_schema = with_id_order(shard_schema, table)
-            tables.append(encode_rows(table, shard_schema) if fmt else table.cast(schema))
+            if fmt:
+                tables.append(encode_rows(table, shard_schema))
+                # The next rows share the first rows' id order and models (a ShardWriter's schema).
+                shard_schema = shard_schema.with_metadata(tables[-1].schema.metadata)
+            else:
+                tables.append(table.cast(schema))
         shards[j] = (range(100 * j, 100 * j + len(lengths)), tables)
     write_shards(out, schema, shards, identity.entries())
     return rows

@@ -12,7 +12,9 @@ import pytest
 from teacher_farm.client.fsutil import sha256_file
 from teacher_farm.client.manifest import save_manifest
 from teacher_farm.client.verify import CACHE_COLUMNS, compare_row, read_rows, sample_positions, table_rows
+from teacher_farm.schemas.arrow import cast_logprobs, decode_rows, encode_rows
 from teacher_farm.schemas.cache_dir import RunIdentity, ShardRecord
+from teacher_farm.schemas.formats import GAP_STEP
 from tests.conftest import API_KEY, SAMPLE, load_manifest, read_lines, teacher_farm
 
 pytestmark = pytest.mark.engine
@@ -83,6 +85,14 @@ def rewrite_column(path, table, name: str, values: list) -> None:
     index = table.schema.get_field_index(name)
     field = table.schema.field(index)
     pq.write_table(table.set_column(index, field, pa.array(values, type=field.type)), path)
+
+
+def rewrite_values(table: pa.Table, name: str, values: list) -> pa.Table:
+    """``table`` with column ``name`` replaced by ``values`` (its type kept)."""
+    index = table.schema.get_field_index(name)
+    return table.set_column(
+        index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type)
+    )
 
 
 def recommit(out, path) -> None:
@@ -161,16 +171,19 @@ def test_a_uint8_gap_cache_verifies_and_a_value_moved_beyond_its_step_is_caught(
     )
     assert proc.returncode == 0, proc.stderr
     (path,) = out.glob("part-*.parquet")
-    assert {"topk_top1", "topk_gaps"} <= set(pq.read_schema(path).names)
+    assert {"topk_top1", "coded"} <= set(pq.read_schema(path).names)
     proc = verify(server, out, "--sample", "3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "atol 0.01, uint8-gap logprobs" in proc.stdout and "3 rows checked" in proc.stdout
-    # Two steps (1/8 nat) more between candidates 1 and 2 of line 1's position 4, behind a matching checksum.
+    # Two steps (1/8 nat) more between candidates 1 and 2 of line 1's position 4, behind a matching checksum:
+    # the rows decoded, the values moved and coded again with the shard's own models.
     table = pq.read_table(path)
-    gaps = table.column("topk_gaps").to_pylist()
+    plain = decode_rows(table)
+    lp = plain.column("topk_logprobs").to_pylist()
     row = table.column("line").to_pylist().index(1)
-    gaps[row][4][0] += 2
-    rewrite_column(path, table, "topk_gaps", gaps)
+    lp[row][4][1:] = [v - 2 * GAP_STEP for v in lp[row][4][1:]]
+    moved = rewrite_values(plain, "topk_logprobs", lp)
+    pq.write_table(encode_rows(cast_logprobs(moved, "float32"), table.schema), path)
     recommit(out, path)
     proc = verify(server, out, "--sample", "3")
     assert proc.returncode == 1, proc.stdout + proc.stderr

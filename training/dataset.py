@@ -171,6 +171,8 @@ class TopkDataset(IterableDataset):
         self.targets = self.identity.scoring.targets
         present = set(pq.read_schema(self.paths[0]).names) if self.paths else set(COLUMNS)
         self.columns = [c for c in COLUMNS if c in present]
+        if "coded" in present:  # schema 5: a target among the top-k is read from there, by its rank
+            self.columns.append("target_ranks")
         self.renormalize = renormalize
         self.shuffle_shards = shuffle_shards
         self.seed = seed
