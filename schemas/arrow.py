@@ -55,6 +55,7 @@ from teacher_farm.schemas.formats import (
     from_ranks,
     id_gaps,
     ids_from_gaps,
+    last_in_position,
     logprob_format,
     next_tokens,
     place_in_position,
@@ -523,7 +524,8 @@ def _coded(rows: pa.Table, schema: pa.Schema, kept: np.ndarray | None, results: 
         rank_gaps = flat_values(combined(rows, "sample_rank_gaps")).to_numpy(zero_copy_only=False)
         ranks[~is_named] = ids_from_gaps(rank_gaps, distinct - named)
         tokens = flat_values(combined(rows, "input_ids")).to_numpy(zero_copy_only=False)
-        stored, perm = draws_to_stored(owner, slot, ranks, anchors(tokens, n, kept), _next_ranks(rows, n))
+        next_rank = _next_ranks(next_tokens(tokens, n), order)
+        stored, perm = draws_to_stored(owner, slot, ranks, anchors(tokens, n, kept), next_rank)
         values.distinct, values.next_drawn = distinct[sel], stored.next_drawn[sel]
         values.anchor_slots, values.from_anchor = stored.anchor_slots[sel], stored.from_anchor
         values.rank_gaps = id_gaps(stored.others, values.rest())
@@ -552,10 +554,9 @@ def _coded(rows: pa.Table, schema: pa.Schema, kept: np.ndarray | None, results: 
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _next_ranks(rows: pa.Table, n: np.ndarray) -> npt.NDArray[np.int64]:
-    """Each position's next token as its rank in the shard's id order (``to_ranks``); -1 at a row's last."""
-    order, _ = id_order_of(rows.schema)
-    nxt = next_tokens(flat_values(combined(rows, "input_ids")).to_numpy(zero_copy_only=False), n)
+def _next_ranks(nxt: np.ndarray, order: np.ndarray) -> npt.NDArray[np.int64]:
+    """Each position's next token (``next_tokens``) as its rank in the shard's id order (``to_ranks``); -1 at
+    a row's last."""
     out: npt.NDArray[np.int64] = np.where(nxt >= 0, to_ranks(np.maximum(nxt, 0), order), -1)
     return out
 
@@ -578,10 +579,7 @@ BY_SLOT = 0
 
 def _target_positions(n: np.ndarray) -> npt.NDArray[np.int64]:
     """The position of each target (``target_logprobs`` value): every position of a row but its last."""
-    n = np.asarray(n, np.int64)
-    last = np.zeros(int(n.sum()), bool)
-    last[(np.cumsum(n) - 1)[n > 0]] = True
-    out: npt.NDArray[np.int64] = np.flatnonzero(~last)
+    out: npt.NDArray[np.int64] = np.flatnonzero(~last_in_position(n))
     return out
 
 
@@ -744,6 +742,8 @@ def uncoded(table: pa.Table) -> pa.Table:
         named_owner, named_slots = np.zeros(0, np.int64), np.zeros(0, np.int64)
         named_ranks = np.zeros(0, np.int64)
         order, _ = id_order_of(table.schema)
+        assert tokens is not None
+        nxt = next_tokens(tokens, n)
         try:
             if values.drawn is not None:
                 drawn = np.zeros((P, values.drawn.shape[1]), bool)
@@ -753,14 +753,13 @@ def uncoded(table: pa.Table) -> pa.Table:
                 )
                 named_owner, named_slots = np.nonzero(drawn)
                 placeholder = np.where(kept[:, None], codes, k + 1 + order.size)  # dropped: id 0
-                assert tokens is not None
-                ids = decode_topk_ids(placeholder, next_tokens(tokens, n), anchor, order)
+                ids = decode_topk_ids(placeholder, nxt, anchor, order)
                 named_ranks = to_ranks(ids[named_owner, named_slots], order)
             stored = StoredDraws(
                 slots, values.from_anchor, flags, ids_from_gaps(values.rank_gaps, values.rest())
             )
             rest, ranks, perm = draws_from_stored(
-                stored, distinct, named_owner, named_ranks, anchor, _next_ranks(table, n)
+                stored, distinct, named_owner, named_ranks, anchor, _next_ranks(nxt, order)
             )
         except ValueError as exc:
             raise InputError(f"malformed cache rows: {exc}") from None
@@ -857,9 +856,8 @@ def topk_logprobs_of(table: pa.Table) -> np.ndarray:
 
 def _checked_order(table: pa.Table) -> tuple[np.ndarray, int]:
     """The id order of compact rows, checked against every row's ``id_order``."""
-    order, checksum = id_order_of(table.schema)
-    if coding.CODING_KEY in (table.schema.metadata or {}):
-        checksum = shard_checksum(table.schema)
+    order, _ = id_order_of(table.schema)
+    checksum = shard_checksum(table.schema)  # of the order (and, schema 5, the models)
     if (
         "id_order" not in table.column_names
         or (combined(table, "id_order").to_numpy(zero_copy_only=False) != checksum).any()

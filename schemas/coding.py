@@ -35,7 +35,13 @@ import constriction
 import numpy as np
 import numpy.typing as npt
 
-from teacher_farm.schemas.formats import MASK_SLOTS, _from_varints, _varints
+from teacher_farm.schemas.formats import (
+    MASK_SLOTS,
+    _from_varints,
+    _varints,
+    last_in_position,
+    place_in_position,
+)
 
 #: A compact shard's entropy models (``Models.pack``), in its Parquet metadata beside the id order.
 CODING_KEY = b"teacher_farm.coding"
@@ -157,7 +163,7 @@ class Values:
         bucket."""
         assert self.distinct is not None and self.next_drawn is not None
         distinct = np.asarray(self.distinct, np.int64)
-        place = _places(distinct, cap=False)
+        place = place_in_position(distinct)
         named = np.repeat(self.named(), distinct)
         anchored = named + np.repeat(self.anchored(), distinct)
         flagged = anchored + np.repeat(np.asarray(self.next_drawn, np.int64), distinct)
@@ -172,20 +178,9 @@ def _bucket(edges: np.ndarray, values: np.ndarray) -> npt.NDArray[np.int64]:
     return out
 
 
-def _last_of_each(lengths: np.ndarray) -> npt.NDArray[np.bool_]:
-    """Over values, ``lengths[p]`` a position: the last one of each non-empty position."""
-    lengths = np.asarray(lengths, np.int64)
-    out = np.zeros(int(lengths.sum()), bool)
-    out[(np.cumsum(lengths) - 1)[lengths > 0]] = True
-    return out
-
-
-def _places(lengths: np.ndarray, cap: bool = True) -> npt.NDArray[np.int64]:
+def _places(lengths: np.ndarray) -> npt.NDArray[np.int64]:
     """Each value's place in its position's list (``lengths`` a position), capped at ``RANK_PLACES - 1``."""
-    lengths = np.asarray(lengths, np.int64)
-    starts = np.cumsum(lengths) - lengths
-    place = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
-    out: npt.NDArray[np.int64] = np.minimum(place, RANK_PLACES - 1) if cap else place
+    out: npt.NDArray[np.int64] = np.minimum(place_in_position(lengths), RANK_PLACES - 1)
     return out
 
 
@@ -273,11 +268,11 @@ def _symbols(values: Values, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]
     if values.rank_gaps is not None and values.counts is not None and values.next_drawn is not None:
         flags = np.asarray(values.next_drawn, np.int64)
         assert values.anchor_slots is not None and values.from_anchor is not None
-        anchor_places = _places(values.anchor_slots, cap=False).clip(max=ANCHOR_PLACES - 1)
+        anchor_places = place_in_position(values.anchor_slots).clip(max=ANCHOR_PLACES - 1)
         out["anchor"] = (anchor_places, np.asarray(values.from_anchor, np.int64))
         out["next"] = (np.zeros(len(flags), np.int64), flags)
         out["rank_gaps"] = (values.rank_models(), to_classes(values.rank_gaps)[0].astype(np.int64))
-        stored = ~_last_of_each(np.asarray(values.distinct))
+        stored = ~last_in_position(np.asarray(values.distinct))
         out["counts"] = (values.count_models()[stored], np.asarray(values.counts, np.int64)[stored])
     return out
 
@@ -310,34 +305,15 @@ def _low_bits(nbits: np.ndarray, low: np.ndarray) -> list[Segment]:
 
 
 def _row_segments(models: Models, row: Values) -> list[Segment]:
-    """One row's symbols as coder segments (symbols, model, uniform sizes), in the order they are read."""
+    """One row's symbols as coder segments (symbols, model, uniform sizes), in the order they are read: each
+    table's (``_symbols``) model by model, the codes' and rank gaps' low bits after their classes."""
     segments: list[Segment] = []
-    k = models.k
-    if row.codes is not None and k:
-        cls, nbits, low = to_classes(row.codes)
-        for j in range(k):
-            segments.append((cls[:, j], models.model("codes", j), None))
-        segments += _low_bits(nbits.reshape(-1), low.reshape(-1))
-        if k > 1:
-            assert row.gaps is not None
-            gaps = np.asarray(row.gaps, np.int32)
-            segments += [(gaps[:, j], models.model("gaps", j), None) for j in range(k - 1)]
-    if models.samples and row.distinct is not None:
-        if k:
-            assert row.drawn is not None
-            drawn = np.asarray(row.drawn, np.int32)
-            segments += [(drawn[:, j], models.model("drawn", j), None) for j in range(drawn.shape[1])]
-        assert row.rank_gaps is not None and row.counts is not None and row.next_drawn is not None
-        assert row.anchor_slots is not None and row.from_anchor is not None
-        anchor_places = _places(row.anchor_slots, cap=False).clip(max=ANCHOR_PLACES - 1)
-        segments += _by_model(models, "anchor", anchor_places, np.asarray(row.from_anchor, np.int32))
-        segments.append((np.asarray(row.next_drawn, np.int32), models.model("next", 0), None))
-        cls, nbits, low = to_classes(row.rank_gaps)
-        segments += _by_model(models, "rank_gaps", row.rank_models(), cls)
-        segments += _low_bits(nbits, low)
-        # A position's last count is what its others leave of the draws: not stored.
-        stored = ~_last_of_each(np.asarray(row.distinct))
-        segments += _by_model(models, "counts", row.count_models()[stored], np.asarray(row.counts)[stored])
+    for name, (which, symbols) in _symbols(row, models.k).items():
+        segments += _by_model(models, name, which, symbols)
+        classed = {"codes": row.codes, "rank_gaps": row.rank_gaps}.get(name)
+        if classed is not None:
+            _, nbits, low = to_classes(classed)
+            segments += _low_bits(nbits.reshape(-1), low.reshape(-1))
     return segments
 
 
@@ -457,7 +433,7 @@ def decode(
                     np.stack([reader.read(models.model("drawn", j), p) for j in range(slots)], axis=1) > 0
                 )
                 drawn.append(row.drawn)
-            anchor_places = _places(row.anchor_slots, cap=False).clip(max=ANCHOR_PLACES - 1)
+            anchor_places = place_in_position(row.anchor_slots).clip(max=ANCHOR_PLACES - 1)
             row.from_anchor = reader.by_model(models, "anchor", anchor_places) > 0
             from_anchor.append(row.from_anchor)
             row.next_drawn = reader.read(models.model("next", 0), p) > 0
@@ -466,7 +442,7 @@ def decode(
                 raise ValueError("a coded row with more draws named than at the position")
             cls = reader.by_model(models, "rank_gaps", row.rank_models())
             rank_gaps.append(from_classes(cls, reader.low(class_bits(cls))))
-            last = _last_of_each(row_distinct)
+            last = last_in_position(row_distinct)
             row_counts = np.zeros(len(last), np.int64)
             row_counts[~last] = reader.by_model(models, "counts", row.count_models()[~last])
             if last.any():

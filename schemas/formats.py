@@ -478,6 +478,14 @@ def place_in_position(lengths: np.ndarray) -> npt.NDArray[np.int64]:
     return out
 
 
+def last_in_position(lengths: np.ndarray) -> npt.NDArray[np.bool_]:
+    """Over values, ``lengths[p]`` a position: whether each is its position's last."""
+    lengths = np.asarray(lengths, np.int64)
+    out = np.zeros(int(lengths.sum()), bool)
+    out[(np.cumsum(lengths) - 1)[lengths > 0]] = True
+    return out
+
+
 #: Schema 5's groups of a position's draws, in their stored order (``draws_to_stored``).
 BY_SLOT, BY_ANCHOR, BY_NEXT, BY_RANK = 0, 1, 2, 3
 
